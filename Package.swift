@@ -1,0 +1,42 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "ublk-http",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "ublk-http", targets: ["ublk-http"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // ABI only: liburing plus the project's own ublk UAPI (the system header is from 6.1).
+        .target(
+            name: "CUring",
+            linkerSettings: [.linkedLibrary("uring")]
+        ),
+        // The engine (control ring, queues, lifecycle) and the targets.
+        .target(
+            name: "UblkTarget",
+            dependencies: ["CUring"]
+        ),
+        // The command line: argument parsing, JSON output, daemonizing. Nothing else.
+        .target(
+            name: "UblkCLI",
+            dependencies: [
+                "UblkTarget",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .executableTarget(
+            name: "ublk-http",
+            dependencies: ["UblkCLI"]
+        ),
+        .testTarget(
+            name: "UblkTargetTests",
+            dependencies: ["UblkTarget", "UblkCLI", "CUring"]
+        ),
+    ],
+    swiftLanguageModes: [.v5]
+)

@@ -1,0 +1,381 @@
+/*
+ * CUring: ABI only. liburing, plus the project's own copy of the ublk UAPI
+ * (Debian 12's <linux/ublk_cmd.h> is from 6.1 and lacks most of what 6.12
+ * offers), plus small inline helpers for what Swift cannot reach: the
+ * anonymous unions of `struct io_uring_sqe`, `sqe->cmd`, and batched reaping.
+ * No policy lives here: no retries, no error strings, no defaults.
+ */
+#ifndef CURING_H
+#define CURING_H
+
+#include <errno.h>
+#include <poll.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <linux/fs.h>
+#include <linux/falloc.h>
+#include <liburing.h>
+
+/* ---------------------------------------------------------------------------
+ * ublk UAPI (include/uapi/linux/ublk_cmd.h), as of Linux 6.12 and later.
+ * Own names (`ublk_*`/`UBLK_*`) identical to the kernel's; the system header
+ * is deliberately never included.
+ * ------------------------------------------------------------------------- */
+
+struct ublksrv_ctrl_cmd {
+    __u32 dev_id;
+    __u16 queue_id;
+    __u16 len;
+    __u64 addr;
+    __u64 data[1];
+    __u16 dev_path_len;
+    __u16 pad;
+    __u32 reserved;
+};
+
+struct ublksrv_ctrl_dev_info {
+    __u16 nr_hw_queues;
+    __u16 queue_depth;
+    __u16 state;
+    __u16 pad0;
+    __u32 max_io_buf_bytes;
+    __u32 dev_id;
+    __s32 ublksrv_pid;
+    __u32 pad1;
+    __u64 flags;
+    __u64 ublksrv_flags;
+    __u32 owner_uid;
+    __u32 owner_gid;
+    __u64 reserved1;
+    __u64 reserved2;
+};
+
+struct ublksrv_io_desc {
+    __u32 op_flags;      /* op: bits 0-7, flags: bits 8-31 */
+    __u32 nr_sectors;    /* union with nr_zones */
+    __u64 start_sector;
+    __u64 addr;
+};
+
+struct ublksrv_io_cmd {
+    __u16 q_id;
+    __u16 tag;
+    __s32 result;
+    __u64 addr;          /* union with zone_append_lba */
+};
+
+struct ublk_param_basic {
+    __u32 attrs;
+    __u8 logical_bs_shift;
+    __u8 physical_bs_shift;
+    __u8 io_opt_shift;
+    __u8 io_min_shift;
+    __u32 max_sectors;
+    __u32 chunk_sectors;
+    __u64 dev_sectors;
+    __u64 virt_boundary_mask;
+};
+
+struct ublk_param_discard {
+    __u32 discard_alignment;
+    __u32 discard_granularity;
+    __u32 max_discard_sectors;
+    __u32 max_write_zeroes_sectors;
+    __u16 max_discard_segments;
+    __u16 reserved0;
+};
+
+struct ublk_param_devt {
+    __u32 char_major;
+    __u32 char_minor;
+    __u32 disk_major;
+    __u32 disk_minor;
+};
+
+struct ublk_param_zoned {
+    __u32 max_open_zones;
+    __u32 max_active_zones;
+    __u32 max_zone_append_sectors;
+    __u8 reserved[20];
+};
+
+/* The 6.12 layout: later kernels append dma_align, segment and integrity
+ * parameters; `len` tells the kernel how much of the struct we know. */
+struct ublk_params {
+    __u32 len;
+    __u32 types;
+    struct ublk_param_basic basic;
+    struct ublk_param_discard discard;
+    struct ublk_param_devt devt;
+    struct ublk_param_zoned zoned;
+};
+
+_Static_assert(sizeof(struct ublksrv_ctrl_cmd) == 32, "ctrl cmd");
+_Static_assert(sizeof(struct ublksrv_ctrl_dev_info) == 64, "dev info");
+_Static_assert(sizeof(struct ublksrv_io_desc) == 24, "io desc");
+_Static_assert(sizeof(struct ublksrv_io_cmd) == 16, "io cmd");
+_Static_assert(sizeof(struct ublk_param_basic) == 32, "basic");
+_Static_assert(sizeof(struct ublk_param_discard) == 20, "discard");
+_Static_assert(sizeof(struct ublk_params) == 112, "params");
+
+/* Command numbers (the _IOC_NR part). */
+#define UBLK_CMD_GET_QUEUE_AFFINITY 0x01
+#define UBLK_CMD_GET_DEV_INFO 0x02
+#define UBLK_CMD_ADD_DEV 0x04
+#define UBLK_CMD_DEL_DEV 0x05
+#define UBLK_CMD_START_DEV 0x06
+#define UBLK_CMD_STOP_DEV 0x07
+#define UBLK_CMD_SET_PARAMS 0x08
+#define UBLK_CMD_GET_PARAMS 0x09
+#define UBLK_CMD_START_USER_RECOVERY 0x10
+#define UBLK_CMD_END_USER_RECOVERY 0x11
+#define UBLK_CMD_GET_DEV_INFO2 0x12
+#define UBLK_CMD_GET_FEATURES 0x13
+#define UBLK_CMD_DEL_DEV_ASYNC 0x14
+#define UBLK_CMD_UPDATE_SIZE 0x15
+#define UBLK_CMD_QUIESCE_DEV 0x16
+
+#define UBLK_IO_FETCH_REQ 0x20
+#define UBLK_IO_COMMIT_AND_FETCH_REQ 0x21
+#define UBLK_IO_NEED_GET_DATA 0x22
+
+/* ioctl-encoded opcodes, written out as plain constants (Swift cannot
+ * import function-like macros) and checked against the encoding below. */
+#define UBLK_U_CMD_GET_QUEUE_AFFINITY 0x80207501u
+#define UBLK_U_CMD_GET_DEV_INFO 0x80207502u
+#define UBLK_U_CMD_ADD_DEV 0xc0207504u
+#define UBLK_U_CMD_DEL_DEV 0xc0207505u
+#define UBLK_U_CMD_START_DEV 0xc0207506u
+#define UBLK_U_CMD_STOP_DEV 0xc0207507u
+#define UBLK_U_CMD_SET_PARAMS 0xc0207508u
+#define UBLK_U_CMD_GET_PARAMS 0x80207509u
+#define UBLK_U_CMD_START_USER_RECOVERY 0xc0207510u
+#define UBLK_U_CMD_END_USER_RECOVERY 0xc0207511u
+#define UBLK_U_CMD_GET_DEV_INFO2 0x80207512u
+#define UBLK_U_CMD_GET_FEATURES 0x80087513u
+#define UBLK_U_CMD_DEL_DEV_ASYNC 0x80207514u
+#define UBLK_U_IO_FETCH_REQ 0xc0107520u
+#define UBLK_U_IO_COMMIT_AND_FETCH_REQ 0xc0107521u
+#define UBLK_U_IO_NEED_GET_DATA 0xc0107522u
+
+_Static_assert(UBLK_U_CMD_GET_DEV_INFO == _IOR('u', UBLK_CMD_GET_DEV_INFO, struct ublksrv_ctrl_cmd), "op");
+_Static_assert(UBLK_U_CMD_GET_QUEUE_AFFINITY == _IOR('u', UBLK_CMD_GET_QUEUE_AFFINITY, struct ublksrv_ctrl_cmd), "op");
+_Static_assert(UBLK_U_CMD_ADD_DEV == _IOWR('u', UBLK_CMD_ADD_DEV, struct ublksrv_ctrl_cmd), "op");
+_Static_assert(UBLK_U_CMD_DEL_DEV == _IOWR('u', UBLK_CMD_DEL_DEV, struct ublksrv_ctrl_cmd), "op");
+_Static_assert(UBLK_U_CMD_START_DEV == _IOWR('u', UBLK_CMD_START_DEV, struct ublksrv_ctrl_cmd), "op");
+_Static_assert(UBLK_U_CMD_STOP_DEV == _IOWR('u', UBLK_CMD_STOP_DEV, struct ublksrv_ctrl_cmd), "op");
+_Static_assert(UBLK_U_CMD_SET_PARAMS == _IOWR('u', UBLK_CMD_SET_PARAMS, struct ublksrv_ctrl_cmd), "op");
+_Static_assert(UBLK_U_CMD_GET_PARAMS == _IOR('u', UBLK_CMD_GET_PARAMS, struct ublksrv_ctrl_cmd), "op");
+_Static_assert(UBLK_U_CMD_START_USER_RECOVERY == _IOWR('u', UBLK_CMD_START_USER_RECOVERY, struct ublksrv_ctrl_cmd), "op");
+_Static_assert(UBLK_U_CMD_END_USER_RECOVERY == _IOWR('u', UBLK_CMD_END_USER_RECOVERY, struct ublksrv_ctrl_cmd), "op");
+_Static_assert(UBLK_U_CMD_GET_DEV_INFO2 == _IOR('u', UBLK_CMD_GET_DEV_INFO2, struct ublksrv_ctrl_cmd), "op");
+_Static_assert(UBLK_U_CMD_GET_FEATURES == _IOR('u', UBLK_CMD_GET_FEATURES, __u64), "op");
+_Static_assert(UBLK_U_CMD_DEL_DEV_ASYNC == _IOR('u', UBLK_CMD_DEL_DEV_ASYNC, struct ublksrv_ctrl_cmd), "op");
+_Static_assert(UBLK_U_IO_FETCH_REQ == _IOWR('u', UBLK_IO_FETCH_REQ, struct ublksrv_io_cmd), "op");
+_Static_assert(UBLK_U_IO_COMMIT_AND_FETCH_REQ == _IOWR('u', UBLK_IO_COMMIT_AND_FETCH_REQ, struct ublksrv_io_cmd), "op");
+_Static_assert(UBLK_U_IO_NEED_GET_DATA == _IOWR('u', UBLK_IO_NEED_GET_DATA, struct ublksrv_io_cmd), "op");
+
+#define UBLK_IO_RES_OK 0
+#define UBLK_IO_RES_NEED_GET_DATA 1
+#define UBLK_IO_RES_ABORT (-ENODEV)
+
+#define UBLKSRV_CMD_BUF_OFFSET 0
+#define UBLKSRV_IO_BUF_OFFSET 0x80000000
+#define UBLK_MAX_QUEUE_DEPTH 4096
+#define UBLK_MAX_NR_QUEUES 4096
+#define UBLK_FEATURES_LEN 8
+
+/* Feature bits (ublksrv_ctrl_dev_info.flags and GET_FEATURES). */
+#define UBLK_F_SUPPORT_ZERO_COPY (1ULL << 0)
+#define UBLK_F_URING_CMD_COMP_IN_TASK (1ULL << 1)
+#define UBLK_F_NEED_GET_DATA (1ULL << 2)
+#define UBLK_F_USER_RECOVERY (1ULL << 3)
+#define UBLK_F_USER_RECOVERY_REISSUE (1ULL << 4)
+#define UBLK_F_UNPRIVILEGED_DEV (1ULL << 5)
+#define UBLK_F_CMD_IOCTL_ENCODE (1ULL << 6)
+#define UBLK_F_USER_COPY (1ULL << 7)
+#define UBLK_F_ZONED (1ULL << 8)
+#define UBLK_F_USER_RECOVERY_FAIL_IO (1ULL << 9)
+#define UBLK_F_UPDATE_SIZE (1ULL << 10)
+#define UBLK_F_AUTO_BUF_REG (1ULL << 11)
+#define UBLK_F_QUIESCE (1ULL << 12)
+#define UBLK_F_PER_IO_DAEMON (1ULL << 13)
+#define UBLK_F_BUF_REG_OFF_DAEMON (1ULL << 14)
+#define UBLK_F_BATCH_IO (1ULL << 15)
+#define UBLK_F_INTEGRITY (1ULL << 16)
+#define UBLK_F_SAFE_STOP_DEV (1ULL << 17)
+
+/* Device states. */
+#define UBLK_S_DEV_DEAD 0
+#define UBLK_S_DEV_LIVE 1
+#define UBLK_S_DEV_QUIESCED 2
+#define UBLK_S_DEV_FAIL_IO 3
+
+/* I/O ops and flags (ublksrv_io_desc.op_flags). */
+#define UBLK_IO_OP_READ 0
+#define UBLK_IO_OP_WRITE 1
+#define UBLK_IO_OP_FLUSH 2
+#define UBLK_IO_OP_DISCARD 3
+#define UBLK_IO_OP_WRITE_SAME 4
+#define UBLK_IO_OP_WRITE_ZEROES 5
+#define UBLK_IO_F_FAILFAST_DEV (1U << 8)
+#define UBLK_IO_F_FAILFAST_TRANSPORT (1U << 9)
+#define UBLK_IO_F_FAILFAST_DRIVER (1U << 10)
+#define UBLK_IO_F_META (1U << 11)
+#define UBLK_IO_F_FUA (1U << 13)
+#define UBLK_IO_F_NOUNMAP (1U << 15)
+#define UBLK_IO_F_SWAP (1U << 16)
+
+/* Parameter attributes and types. */
+#define UBLK_ATTR_READ_ONLY (1 << 0)
+#define UBLK_ATTR_ROTATIONAL (1 << 1)
+#define UBLK_ATTR_VOLATILE_CACHE (1 << 2)
+#define UBLK_ATTR_FUA (1 << 3)
+#define UBLK_PARAM_TYPE_BASIC (1 << 0)
+#define UBLK_PARAM_TYPE_DISCARD (1 << 1)
+#define UBLK_PARAM_TYPE_DEVT (1 << 2)
+#define UBLK_PARAM_TYPE_ZONED (1 << 3)
+
+/* ---------------------------------------------------------------------------
+ * Constants Swift cannot see through macros.
+ * ------------------------------------------------------------------------- */
+static const unsigned cu_fsync_datasync = IORING_FSYNC_DATASYNC;
+static const int cu_rwf_dsync = RWF_DSYNC;
+static const int cu_falloc_punch = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
+static const int cu_falloc_zero = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
+static const unsigned cu_setup_sqe128 = IORING_SETUP_SQE128;
+static const unsigned cu_setup_coop = IORING_SETUP_COOP_TASKRUN;
+static const unsigned cu_setup_single_issuer = IORING_SETUP_SINGLE_ISSUER;
+static const unsigned cu_setup_defer_taskrun = IORING_SETUP_DEFER_TASKRUN;
+static const unsigned cu_iosqe_fixed_file = IOSQE_FIXED_FILE;
+static const unsigned cu_poll_in = POLLIN;
+static const int cu_o_direct = __O_DIRECT;
+static const int cu_io_res_abort = UBLK_IO_RES_ABORT;
+static const int cu_efd_cloexec = EFD_CLOEXEC;
+
+/* ---------------------------------------------------------------------------
+ * Inline helpers.
+ * ------------------------------------------------------------------------- */
+
+/* One reaped completion, copied out so the CQ slot can be released at once. */
+struct cu_cqe {
+    __u64 user_data;
+    __s32 res;
+    __u32 flags;
+};
+
+static inline int cu_queue_init(unsigned entries, struct io_uring *ring, unsigned flags) {
+    struct io_uring_params p;
+    memset(&p, 0, sizeof(p));
+    p.flags = flags;
+    return io_uring_queue_init_params(entries, ring, &p);
+}
+
+static inline struct io_uring_sqe *cu_get_sqe(struct io_uring *ring) {
+    return io_uring_get_sqe(ring);
+}
+
+static inline unsigned cu_sq_space_left(struct io_uring *ring) {
+    return io_uring_sq_space_left(ring);
+}
+
+/* A URING_CMD SQE: `cmd` (len bytes) is copied into sqe->cmd. A 64-byte SQE
+ * holds 16 bytes of command, a 128-byte one (IORING_SETUP_SQE128) 80. */
+static inline void cu_prep_uring_cmd(struct io_uring_sqe *sqe, int fd, __u32 cmd_op,
+                                     const void *cmd, size_t len, __u64 user_data) {
+    memset(sqe, 0, sizeof(*sqe));
+    sqe->opcode = IORING_OP_URING_CMD;
+    sqe->fd = fd;
+    sqe->cmd_op = cmd_op;
+    memcpy(sqe->cmd, cmd, len);
+    sqe->user_data = user_data;
+}
+
+static inline void cu_prep_io_cmd(struct io_uring_sqe *sqe, int fd, unsigned sqe_flags, __u32 cmd_op,
+                                  __u16 q_id, __u16 tag, __s32 result, __u64 addr, __u64 user_data) {
+    struct ublksrv_io_cmd c = { .q_id = q_id, .tag = tag, .result = result, .addr = addr };
+    cu_prep_uring_cmd(sqe, fd, cmd_op, &c, sizeof(c), user_data);
+    sqe->flags = (__u8)sqe_flags;
+}
+
+static inline void cu_prep_read(struct io_uring_sqe *sqe, int fd, unsigned sqe_flags, void *buf,
+                                unsigned len, __u64 off, __u64 user_data) {
+    io_uring_prep_read(sqe, fd, buf, len, off);
+    sqe->flags = (__u8)sqe_flags;
+    sqe->user_data = user_data;
+}
+
+static inline void cu_prep_write(struct io_uring_sqe *sqe, int fd, unsigned sqe_flags, const void *buf,
+                                 unsigned len, __u64 off, int rw_flags, __u64 user_data) {
+    io_uring_prep_write(sqe, fd, buf, len, off);
+    sqe->rw_flags = rw_flags;
+    sqe->flags = (__u8)sqe_flags;
+    sqe->user_data = user_data;
+}
+
+static inline void cu_prep_fsync(struct io_uring_sqe *sqe, int fd, unsigned sqe_flags, unsigned fsync_flags,
+                                 __u64 user_data) {
+    io_uring_prep_fsync(sqe, fd, fsync_flags);
+    sqe->flags = (__u8)sqe_flags;
+    sqe->user_data = user_data;
+}
+
+static inline void cu_prep_fallocate(struct io_uring_sqe *sqe, int fd, unsigned sqe_flags, int mode,
+                                     __u64 off, __u64 len, __u64 user_data) {
+    io_uring_prep_fallocate(sqe, fd, mode, off, len);
+    sqe->flags = (__u8)sqe_flags;
+    sqe->user_data = user_data;
+}
+
+static inline void cu_prep_poll_add(struct io_uring_sqe *sqe, int fd, unsigned mask, __u64 user_data) {
+    io_uring_prep_poll_add(sqe, fd, mask);
+    sqe->user_data = user_data;
+}
+
+static inline void cu_prep_nop(struct io_uring_sqe *sqe, __u64 user_data) {
+    io_uring_prep_nop(sqe);
+    sqe->user_data = user_data;
+}
+
+/* Copy up to `max` completions out of the CQ and release their slots. */
+static inline unsigned cu_reap(struct io_uring *ring, struct cu_cqe *out, unsigned max) {
+    unsigned head, n = 0;
+    struct io_uring_cqe *cqe;
+    io_uring_for_each_cqe(ring, head, cqe) {
+        if (n == max) break;
+        out[n].user_data = cqe->user_data;
+        out[n].res = cqe->res;
+        out[n].flags = cqe->flags;
+        n++;
+    }
+    io_uring_cq_advance(ring, n);
+    return n;
+}
+
+/* Submit, and wait for at least one completion, at most `timeout_ns`
+ * (0: no limit). Returns the number submitted or -errno (-ETIME on timeout). */
+static inline int cu_submit_and_wait(struct io_uring *ring, unsigned wait_nr, long long timeout_ns) {
+    if (timeout_ns <= 0)
+        return io_uring_submit_and_wait(ring, wait_nr);
+    struct __kernel_timespec ts = { .tv_sec = timeout_ns / 1000000000LL, .tv_nsec = timeout_ns % 1000000000LL };
+    struct io_uring_cqe *cqe = NULL;
+    return io_uring_submit_and_wait_timeout(ring, &cqe, wait_nr, &ts, NULL);
+}
+
+static inline int cu_blkgetsize64(int fd, __u64 *size) {
+    return ioctl(fd, BLKGETSIZE64, size) < 0 ? -errno : 0;
+}
+
+static inline int cu_errno(void) { return errno; }
+
+/* In shim.c (they need _GNU_SOURCE). */
+extern const short cu_posix_spawn_setsid;
+int cu_pipe_cloexec(int fds[2]);
+
+static inline int cu_eventfd(unsigned initval, int flags) { return eventfd(initval, flags); }
+
+#endif

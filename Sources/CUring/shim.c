@@ -1,0 +1,13 @@
+/* Most of CUring is `static inline` in the header. This file holds the few
+ * things that need _GNU_SOURCE, which the header must not define (it would
+ * make its view of glibc differ from Swift's Glibc module), and it makes a
+ * real C compile check the header's _Static_asserts. */
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <spawn.h>
+#include <unistd.h>
+#include "CUring.h"
+
+const short cu_posix_spawn_setsid = POSIX_SPAWN_SETSID;
+
+int cu_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }

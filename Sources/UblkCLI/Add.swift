@@ -1,0 +1,127 @@
+import ArgumentParser
+import Foundation
+import Glibc
+import UblkTarget
+
+struct Add: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Create a ublk block device served by this program.",
+        discussion: """
+            Targets:
+              null   reads zeros, accepts and drops writes.   --size (default 250G)
+              loop   a file or block device.                   -f FILE [--buffered]
+
+            Prints one JSON object (dev_id, block_device, char_device, pid, target, ...)
+            once /dev/ublkbN is live. Without --foreground the server detaches and runs
+            until `ublk-http del -n ID`, SIGTERM or SIGINT.
+            """)
+
+    @Option(name: [.short, .customLong("type")], help: "Target type: null or loop.")
+    var type: String
+
+    @Option(name: [.short, .customLong("number")], help: "Device id N for /dev/ublkbN (default: the first free one).")
+    var number: Int?
+
+    @Option(name: [.short, .customLong("queues")], help: "Number of hardware queues, each with its own thread (1-64).")
+    var queues: Int = 1
+
+    @Option(name: [.short, .customLong("depth")], help: "Queue depth (1-4096).")
+    var depth: Int = 128
+
+    @Option(name: .customLong("size"), help: "null: device size, with K/M/G/T suffixes (default 250G).")
+    var size: String?
+
+    @Option(name: [.short, .customLong("file")], help: "loop: the backing file or block device.")
+    var file: String?
+
+    @Flag(name: .customLong("buffered"), help: "loop: use the page cache instead of O_DIRECT.")
+    var buffered = false
+
+    @Flag(name: .customLong("read-only"), help: "Expose the device read-only.")
+    var readOnly = false
+
+    @Flag(name: .customLong("foreground"), help: "Serve in this process; print the JSON and block until stopped.")
+    var foreground = false
+
+    @Option(name: .customLong("ready-fd"), help: .hidden)
+    var readyFD: Int32?
+
+    func validate() throws {
+        guard ["null", "loop"].contains(type) else {
+            throw Failure("unknown target type '\(type)' (known: null, loop)")
+        }
+        if let n = number, n < 0 || n >= Int(Int32.max) { throw Failure("bad device id \(n)") }
+        guard (1...64).contains(queues) else { throw Failure("--queues must be between 1 and 64, not \(queues)") }
+        guard (1...4096).contains(depth) else { throw Failure("--depth must be between 1 and 4096, not \(depth)") }
+        if type != "null" && size != nil { throw Failure("--size applies to the null target only") }
+        if type != "loop" && (file != nil || buffered) { throw Failure("-f/--file and --buffered apply to the loop target only") }
+        if type == "loop" && file == nil { throw Failure("the loop target needs a backing file: -f FILE") }
+    }
+
+    func makeTarget() throws -> Target {
+        switch type {
+        case "null":
+            var bytes = NullTarget.defaultSize
+            if let s = size {
+                guard let v = Size.parse(s), v >= 512 else {
+                    throw Failure("bad size '\(s)': expected a number of bytes of at least 512, with an optional K, M, G or T suffix")
+                }
+                bytes = v & ~511
+            }
+            return NullTarget(size: bytes, readOnly: readOnly)
+        case "loop":
+            do { return try LoopTarget(path: file!, buffered: buffered, readOnly: readOnly) } catch { throw Failure(error) }
+        default:
+            throw Failure("unknown target type '\(type)'")
+        }
+    }
+
+    var serverOptions: ServerOptions {
+        var o = ServerOptions()
+        o.deviceID = number.map { UInt32($0) }
+        o.queues = queues
+        o.depth = depth
+        return o
+    }
+
+    func run() throws {
+        if foreground {
+            try serve()
+        } else {
+            // Check what can be checked here, so that errors need no round trip.
+            _ = try makeTarget()
+            try requireRoot()
+            _ = try openControl()
+            let line = try Daemon.spawnServer(arguments: Array(CommandLine.arguments.dropFirst()))
+            print(line)
+        }
+    }
+
+    /// The server: bring the device up, report, serve until stopped.
+    func serve() throws {
+        let report = readyFD.map { ReadyPipe(fd: $0) }
+        do {
+            let target = try makeTarget()
+            try requireRoot()
+            let server: Server
+            do { server = try Server(target: target, options: serverOptions) } catch { throw Failure(error) }
+            let state: DeviceState
+            do { state = try server.start() } catch { throw Failure(error) }
+            if let r = report {
+                r.send(jsonLine(state))
+                Daemon.redirectOutput(toLogFor: state.devID)
+            } else {
+                print(jsonLine(state))
+                fflush(stdout)
+            }
+            server.wait()
+            server.shutdown()
+        } catch {
+            if let r = report {
+                r.send("error: \(error)")
+                throw ExitCode.failure
+            }
+            throw error
+        }
+    }
+}

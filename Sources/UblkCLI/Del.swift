@@ -1,0 +1,99 @@
+import ArgumentParser
+import CUring
+import Foundation
+import Glibc
+import UblkTarget
+
+struct Del: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Stop and remove ublk devices; returns once the block device is gone.",
+        discussion: """
+            Works for devices whose server still runs (it is told to stop and exits) and for
+            stale ones left by a server that crashed or was killed.
+            """)
+
+    @Option(name: [.short, .customLong("number")], help: "Device id N (/dev/ublkbN).")
+    var number: Int?
+
+    @Flag(name: [.short, .customLong("all")], help: "Remove every ublk device.")
+    var all = false
+
+    func validate() throws {
+        if all == (number != nil) { throw Failure("give either -n ID or -a") }
+        if let n = number, n < 0 || n > Int(UInt32.max - 1) { throw Failure("bad device id \(n)") }
+    }
+
+    func run() throws {
+        let control = try openControl()
+        let ids = all ? Devices.existing() : [UInt32(number!)]
+        var failures: [String] = []
+        for id in ids {
+            do { try Devices.remove(id, control: control, mustExist: !all) } catch let f as Failure {
+                failures.append(f.description)
+            }
+        }
+        if !failures.isEmpty { throw Failure(failures.joined(separator: "; ")) }
+    }
+}
+
+enum Devices {
+    /// Ids the kernel knows (char devices) plus those with a state file.
+    static func existing() -> [UInt32] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: "/dev")) ?? []
+        var ids = Set(names.compactMap { n -> UInt32? in n.hasPrefix("ublkc") ? UInt32(n.dropFirst(5)) : nil })
+        ids.formUnion(DeviceState.knownIDs())
+        return ids.sorted()
+    }
+
+    static func processAlive(_ pid: Int32) -> Bool {
+        guard pid > 0 else { return false }
+        if kill(pid, 0) != 0 && errno == ESRCH { return false }
+        // A zombie is as good as gone.
+        if let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+           let close = stat.lastIndex(of: ")") {
+            let rest = stat[stat.index(after: close)...].trimmingCharacters(in: .whitespaces)
+            if rest.hasPrefix("Z") || rest.hasPrefix("X") { return false }
+        }
+        return true
+    }
+
+    static func waitGone(_ pid: Int32, seconds: Double) -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        while processAlive(pid) {
+            if Date() > deadline { return false }
+            usleep(20_000)
+        }
+        return true
+    }
+
+    static func remove(_ id: UInt32, control: Control, mustExist: Bool) throws {
+        let info: ublksrv_ctrl_dev_info
+        do { info = try control.info(id) } catch {
+            DeviceState.remove(id)
+            if error == .noDevice {
+                if mustExist { throw Failure("no such device: ublk\(id)") }
+                return
+            }
+            throw Failure("ublk\(id): GET_DEV_INFO failed: \(error)")
+        }
+        let pid = info.ublksrv_pid
+        // STOP_DEV makes the server's queues end; the server then deletes the device itself.
+        try? control.stop(id)
+        if processAlive(pid) && !waitGone(pid, seconds: 15) {
+            let comm = (try? String(contentsOfFile: "/proc/\(pid)/comm", encoding: .utf8)) ?? ""
+            if comm.hasPrefix("ublk-http") {
+                kill(pid, SIGKILL)
+                _ = waitGone(pid, seconds: 5)
+            }
+        }
+        do { try control.delete(id) } catch where error != .noDevice {
+            throw Failure("ublk\(id): DEL_DEV failed: \(error)")
+        } catch {}
+        DeviceState.remove(id)
+        let deadline = Date().addingTimeInterval(10)
+        while access("/dev/ublkb\(id)", F_OK) == 0 || access("/dev/ublkc\(id)", F_OK) == 0 {
+            if Date() > deadline { throw Failure("ublk\(id) was deleted but its device nodes remain") }
+            usleep(20_000)
+        }
+    }
+}

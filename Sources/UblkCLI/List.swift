@@ -1,0 +1,62 @@
+import ArgumentParser
+import CUring
+import Foundation
+import UblkTarget
+
+struct List: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "List ublk devices as a JSON array (state, queues, depth, size, target, pid).")
+
+    @Option(name: [.short, .customLong("number")], help: "Only device id N.")
+    var number: Int?
+
+    struct Entry: Encodable {
+        var devID: UInt32
+        var state: String
+        var queues: Int
+        var depth: Int
+        var size: UInt64
+        var target: String?
+        var targetOptions: [String: String]?
+        var pid: Int32
+        var serverRunning: Bool
+        var blockDevice: String
+        var charDevice: String
+        var readOnly: Bool?
+        enum CodingKeys: String, CodingKey {
+            case devID = "dev_id", state, queues, depth, size, target, targetOptions = "target_options", pid
+            case serverRunning = "server_running", blockDevice = "block_device", charDevice = "char_device"
+            case readOnly = "read_only"
+        }
+    }
+
+    static func stateName(_ s: UInt16) -> String {
+        switch Int32(s) {
+        case UBLK_S_DEV_DEAD: return "DEAD"
+        case UBLK_S_DEV_LIVE: return "LIVE"
+        case UBLK_S_DEV_QUIESCED: return "QUIESCED"
+        case UBLK_S_DEV_FAIL_IO: return "FAIL_IO"
+        default: return "UNKNOWN(\(s))"
+        }
+    }
+
+    func run() throws {
+        let control = try openControl()
+        let ids = number.map { [UInt32($0)] } ?? Devices.existing()
+        var out: [Entry] = []
+        for id in ids {
+            guard let info = try? control.info(id) else {
+                if number != nil { throw Failure("no such device: ublk\(id)") }
+                continue
+            }
+            let saved = DeviceState.load(id)
+            let size = (try? control.params(id)).map { $0.basic.dev_sectors << 9 } ?? saved?.size ?? 0
+            out.append(Entry(devID: id, state: List.stateName(info.state), queues: Int(info.nr_hw_queues),
+                             depth: Int(info.queue_depth), size: size, target: saved?.target,
+                             targetOptions: saved?.targetOptions, pid: info.ublksrv_pid,
+                             serverRunning: Devices.processAlive(info.ublksrv_pid),
+                             blockDevice: "/dev/ublkb\(id)", charDevice: "/dev/ublkc\(id)", readOnly: saved?.readOnly))
+        }
+        print(jsonLine(out))
+    }
+}

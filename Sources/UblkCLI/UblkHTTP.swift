@@ -1,0 +1,86 @@
+// The `ublk-http` command line: verbs and flags in the shape of ublksrv's `ublk`.
+import ArgumentParser
+import Foundation
+import Glibc
+import UblkTarget
+
+public struct UblkHTTP: ParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "ublk-http",
+        abstract: "Userspace block devices through the kernel's ublk driver.",
+        discussion: """
+            Examples:
+              ublk-http add -t null --size 1G          a 1 GiB device that reads zeros
+              ublk-http add -t loop -f disk.img        disk.img as /dev/ublkbN
+              ublk-http list                           devices, as JSON
+              ublk-http del -n 0                       stop and remove /dev/ublkb0
+              ublk-http features                       what the kernel's driver supports
+
+            `add` returns once /dev/ublkbN is live and prints one JSON object; the server
+            keeps running in the background until `del`, SIGTERM or SIGINT.
+            Needs root and the ublk_drv module (modprobe ublk_drv).
+            """,
+        subcommands: [Add.self, Del.self, List.self, Features.self]
+    )
+    public init() {}
+}
+
+/// A failure the CLI reports as one line and exit status 1.
+struct Failure: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+    init(_ error: UblkError) { self.description = error.description }
+}
+
+func requireRoot() throws {
+    if geteuid() != 0 {
+        throw Failure("must be run as root: the ublk control device (/dev/ublk-control) is root-only")
+    }
+}
+
+func openControl() throws -> Control {
+    try requireRoot()
+    do { return try Control() } catch { throw Failure(error) }
+}
+
+func jsonLine<T: Encodable>(_ value: T) -> String {
+    let enc = JSONEncoder()
+    enc.outputFormatting = [.sortedKeys]
+    let data = (try? enc.encode(value)) ?? Data("null".utf8)
+    return String(decoding: data, as: UTF8.self)
+}
+
+struct Features: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Print the kernel ublk driver's feature bits, by name, as JSON.")
+
+    static let names: [(UInt64, String)] = [
+        (1 << 0, "UBLK_F_SUPPORT_ZERO_COPY"), (1 << 1, "UBLK_F_URING_CMD_COMP_IN_TASK"),
+        (1 << 2, "UBLK_F_NEED_GET_DATA"), (1 << 3, "UBLK_F_USER_RECOVERY"),
+        (1 << 4, "UBLK_F_USER_RECOVERY_REISSUE"), (1 << 5, "UBLK_F_UNPRIVILEGED_DEV"),
+        (1 << 6, "UBLK_F_CMD_IOCTL_ENCODE"), (1 << 7, "UBLK_F_USER_COPY"), (1 << 8, "UBLK_F_ZONED"),
+        (1 << 9, "UBLK_F_USER_RECOVERY_FAIL_IO"), (1 << 10, "UBLK_F_UPDATE_SIZE"),
+        (1 << 11, "UBLK_F_AUTO_BUF_REG"), (1 << 12, "UBLK_F_QUIESCE"), (1 << 13, "UBLK_F_PER_IO_DAEMON"),
+        (1 << 14, "UBLK_F_BUF_REG_OFF_DAEMON"), (1 << 15, "UBLK_F_BATCH_IO"), (1 << 16, "UBLK_F_INTEGRITY"),
+        (1 << 17, "UBLK_F_SAFE_STOP_DEV"),
+    ]
+
+    static func describe(_ bits: UInt64) -> [String] {
+        var out: [String] = []
+        for i in 0..<64 where bits & (1 << UInt64(i)) != 0 {
+            out.append(names.first { $0.0 == 1 << UInt64(i) }?.1 ?? "bit \(i)")
+        }
+        return out
+    }
+
+    struct Output: Encodable { var raw: String; var features: [String] }
+
+    func run() throws {
+        let control = try openControl()
+        let bits: UInt64
+        do { bits = try control.features() } catch {
+            throw Failure("GET_FEATURES failed: \(error) (the driver predates Linux 6.1?)")
+        }
+        print(jsonLine(Output(raw: "0x" + String(bits, radix: 16), features: Features.describe(bits))))
+    }
+}

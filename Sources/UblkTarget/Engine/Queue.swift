@@ -1,0 +1,206 @@
+// Queue: one ublk hardware queue = one pthread, one io_uring, one event loop.
+//
+// Contract:
+// - Every FETCH and COMMIT_AND_FETCH of this queue is issued from its own
+//   thread (6.12 rejects commands from any other task with -EINVAL and the
+//   device then hangs until reboot). Nothing here may run inside a Swift Task.
+// - The loop never blocks except in io_uring_enter: target I/O, ublk commands
+//   and foreign readiness (polls) all complete on the same ring.
+// - Reaping copies completions out first; callbacks run afterwards, so a
+//   callback that queues more work never recurses into the reaper.
+// - The loop ends when every tag has been aborted by the kernel (-ENODEV,
+//   device stopped) or a stop was requested through `wake`, and no target I/O
+//   is outstanding. Closing the ring then cancels whatever the kernel holds.
+import CUring
+import Dispatch
+import Glibc
+
+public final class Queue {
+    public let id: UInt16
+    public let depth: Int
+    public let bufferSize: Int
+    public let deviceID: UInt32
+
+    let charFD: Int32
+    private(set) var ring: Ring!
+    private var descriptors: UnsafePointer<ublksrv_io_desc>!
+    private var descriptorsLength = 0
+    private var buffers: UnsafeMutableRawPointer!
+    private var handler: QueueHandler!
+
+    /// Eventfd another thread writes to ask the loop to stop.
+    let wakeFD: Int32
+    private static let wakeData = UInt32.max
+
+    private var liveTags = 0
+    private var targetInflight = 0
+    private var stopRequested = false
+
+    init(device: UInt32, id: UInt16, depth: Int, bufferSize: Int, charFD: Int32) {
+        self.deviceID = device
+        self.id = id
+        self.depth = depth
+        self.bufferSize = bufferSize
+        self.charFD = charFD
+        self.wakeFD = cu_eventfd(0, cu_efd_cloexec)
+    }
+
+    deinit {
+        if let d = descriptors { munmap(UnsafeMutableRawPointer(mutating: d), descriptorsLength) }
+        if let b = buffers { munmap(b, depth * bufferSize) }
+        close(wakeFD)
+    }
+
+    /// The tag's I/O buffer (page aligned, `bufferSize` bytes).
+    @inline(__always)
+    public func buffer(_ tag: UInt16) -> UnsafeMutableRawPointer {
+        buffers + Int(tag) * bufferSize
+    }
+
+    // MARK: Setup (on the queue's thread)
+
+    func setUp(target: Target) throws(UblkError) {
+        if wakeFD < 0 { throw UblkError("eventfd", errno: .current) }
+        // Try the cheapest completion mode first; older kernels lack DEFER_TASKRUN.
+        let entries = UInt32(max(64, depth * 2))
+        let preferred = cu_setup_coop | cu_setup_single_issuer | cu_setup_defer_taskrun
+        if let r = try? Ring(entries: entries, flags: preferred) {
+            ring = r
+        } else {
+            do { ring = try Ring(entries: entries, flags: 0) } catch {
+                throw UblkError("queue \(id): cannot create io_uring", errno: error)
+            }
+        }
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        let stride = MemoryLayout<ublksrv_io_desc>.stride
+        descriptorsLength = (depth * stride + page - 1) / page * page
+        let offset = off_t(UBLKSRV_CMD_BUF_OFFSET) + off_t(id) * off_t(UBLK_MAX_QUEUE_DEPTH * Int32(stride))
+        let d = mmap(nil, descriptorsLength, PROT_READ, MAP_SHARED | MAP_POPULATE, charFD, offset)
+        if d == MAP_FAILED { throw UblkError("queue \(id): cannot map the I/O descriptors", errno: .current) }
+        descriptors = UnsafePointer(d!.assumingMemoryBound(to: ublksrv_io_desc.self))
+        let b = mmap(nil, depth * bufferSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        if b == MAP_FAILED { throw UblkError("queue \(id): cannot allocate I/O buffers", errno: .current) }
+        buffers = b
+        handler = try target.makeHandler(for: self)
+    }
+
+    // MARK: The loop
+
+    func run() {
+        for t in 0..<depth { issue(UBLK_U_IO_FETCH_REQ, tag: UInt16(t), result: -1) }
+        liveTags = depth
+        armWake()
+        let batch = 256
+        let cqes = UnsafeMutablePointer<cu_cqe>.allocate(capacity: batch)
+        defer { cqes.deallocate() }
+        while (liveTags > 0 && !stopRequested) || targetInflight > 0 {
+            let r = ring.submitAndWait(1)
+            if r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY && r != -ETIME {
+                log("queue \(id): io_uring_enter failed: \(Errno(returned: r)); stopping")
+                break
+            }
+            while true {
+                let n = ring.reap(into: cqes, max: UInt32(batch))
+                if n == 0 { break }
+                for i in 0..<n { dispatch(cqes[i]) }
+            }
+            handler.idle(queue: self)
+        }
+        ring.submit()
+    }
+
+    @inline(__always)
+    private func dispatch(_ cqe: cu_cqe) {
+        guard let ud = UserData(encoded: cqe.user_data) else { return }
+        switch ud.kind {
+        case .ublk:
+            if cqe.res == UBLK_IO_RES_OK {
+                let d = descriptors[Int(ud.tag)]
+                let op = UInt8(truncatingIfNeeded: d.op_flags)
+                let req = Request(tag: ud.tag, op: op, flags: d.op_flags & ~0xff,
+                                  offset: d.start_sector << 9, length: d.nr_sectors << 9,
+                                  buffer: buffer(ud.tag))
+                handler.handle(req, queue: self)
+            } else {
+                // -ENODEV: the device is stopping and the kernel gave the tag back.
+                if cqe.res != cu_io_res_abort {
+                    log("queue \(id) tag \(ud.tag): ublk command failed: \(Errno(returned: cqe.res))")
+                }
+                liveTags -= 1
+            }
+        case .target:
+            targetInflight -= 1
+            handler.ioCompleted(tag: ud.tag, sub: ud.sub, data: ud.data, result: cqe.res, queue: self)
+        case .event:
+            if ud.data == Queue.wakeData {
+                var v: UInt64 = 0
+                _ = Glibc.read(wakeFD, &v, 8)
+                stopRequested = true
+            } else {
+                handler.eventFired(data: ud.data, result: cqe.res, queue: self)
+            }
+        }
+    }
+
+    private func armWake() {
+        cu_prep_poll_add(ring.sqe(), wakeFD, cu_poll_in, UserData(kind: .event, data: Queue.wakeData).encoded)
+    }
+
+    /// Asks the loop to end (from any thread).
+    func wake() {
+        var one: UInt64 = 1
+        _ = Glibc.write(wakeFD, &one, 8)
+    }
+
+    @inline(__always)
+    private func issue(_ op: UInt32, tag: UInt16, result: Int32) {
+        cu_prep_io_cmd(ring.sqe(), charFD, 0, op, id, tag, result,
+                       UInt64(UInt(bitPattern: buffer(tag))), UserData(kind: .ublk, tag: tag).encoded)
+    }
+
+    // MARK: What handlers call
+
+    /// Completes `tag`'s request with `result` (bytes transferred, 0, or -errno) and fetches its next one.
+    @inline(__always)
+    public func complete(tag: UInt16, result: Int32) {
+        issue(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag: tag, result: result)
+    }
+
+    @inline(__always)
+    public func read(fd: Int32, into buf: UnsafeMutableRawPointer, length: UInt32, offset: UInt64,
+                     tag: UInt16, sub: UInt8 = 0, data: UInt32 = 0) {
+        targetInflight += 1
+        cu_prep_read(ring.sqe(), fd, 0, buf, length, offset, UserData(kind: .target, tag: tag, sub: sub, data: data).encoded)
+    }
+
+    @inline(__always)
+    public func write(fd: Int32, from buf: UnsafeRawPointer, length: UInt32, offset: UInt64, flags: Int32 = 0,
+                      tag: UInt16, sub: UInt8 = 0, data: UInt32 = 0) {
+        targetInflight += 1
+        cu_prep_write(ring.sqe(), fd, 0, buf, length, offset, flags, UserData(kind: .target, tag: tag, sub: sub, data: data).encoded)
+    }
+
+    public func fsync(fd: Int32, dataOnly: Bool = true, tag: UInt16, sub: UInt8 = 0, data: UInt32 = 0) {
+        targetInflight += 1
+        cu_prep_fsync(ring.sqe(), fd, 0, dataOnly ? cu_fsync_datasync : 0, UserData(kind: .target, tag: tag, sub: sub, data: data).encoded)
+    }
+
+    public func fallocate(fd: Int32, mode: Int32, offset: UInt64, length: UInt64,
+                          tag: UInt16, sub: UInt8 = 0, data: UInt32 = 0) {
+        targetInflight += 1
+        cu_prep_fallocate(ring.sqe(), fd, 0, mode, offset, length, UserData(kind: .target, tag: tag, sub: sub, data: data).encoded)
+    }
+
+    /// Arms a one-shot poll for readability of `fd`; `eventFired(data:)` follows.
+    public func poll(fd: Int32, data: UInt32) {
+        precondition(data != Queue.wakeData)
+        cu_prep_poll_add(ring.sqe(), fd, cu_poll_in, UserData(kind: .event, data: data).encoded)
+    }
+}
+
+/// Log lines from the server go to stderr (a log file once daemonized).
+public func log(_ message: String) {
+    var line = message
+    line += "\n"
+    _ = line.withCString { Glibc.write(2, $0, strlen($0)) }
+}

@@ -1,0 +1,214 @@
+// Server: one ublk device's lifecycle in the server process.
+//
+//   start():  GET_FEATURES → ADD_DEV → SET_PARAMS → open /dev/ublkcN →
+//             one thread per queue (ring, descriptor mmap, FETCH every tag) →
+//             START_DEV from this thread → wait for /dev/ublkbN → state file.
+//   wait():   SIGINT, SIGTERM, SIGHUP, or SIGUSR1 (a queue loop ended because
+//             the device was stopped from outside).
+//   shutdown(): STOP_DEV → wake and join the queues → unmap and close the char
+//             device → DEL_DEV → remove the state file.
+//
+// Contract: start() either returns a live device or throws with nothing left
+// behind (the half-made device is deleted). The calling thread must be the
+// process's main thread; start() blocks the stop signals in it before any
+// queue thread exists, so only wait() ever receives them.
+import CUring
+import Dispatch
+import Foundation
+import Glibc
+
+public struct ServerOptions: Sendable {
+    public var deviceID: UInt32?
+    public var queues = 1
+    public var depth = 128
+    public var bufferSize = 512 * 1024
+    public var recovery = false
+    public init() {}
+}
+
+public final class Server {
+    public let target: Target
+    public let options: ServerOptions
+    let control: Control
+    public private(set) var deviceID: UInt32 = Control.anyDevice
+    private var added = false
+    private var charFD: Int32 = -1
+    private var queues: [Queue] = []
+    private var threads: [pthread_t] = []
+
+    public init(target: Target, options: ServerOptions) throws(UblkError) {
+        self.target = target
+        self.options = options
+        self.control = try Control()
+    }
+
+    static var stopSignals: sigset_t {
+        var set = sigset_t()
+        sigemptyset(&set)
+        for s in [SIGINT, SIGTERM, SIGHUP, SIGUSR1] { sigaddset(&set, s) }
+        return set
+    }
+
+    public func start() throws(UblkError) -> DeviceState {
+        var set = Server.stopSignals
+        pthread_sigmask(SIG_BLOCK, &set, nil)
+        do {
+            return try bringUp()
+        } catch {
+            shutdown()
+            throw error
+        }
+    }
+
+    private func bringUp() throws(UblkError) -> DeviceState {
+        let features: UInt64
+        do { features = try control.features() } catch {
+            throw UblkError("the kernel's ublk driver does not answer GET_FEATURES (Linux 6.1 or older?)", errno: error)
+        }
+        guard features & UBLK_F_CMD_IOCTL_ENCODE != 0 else {
+            throw UblkError("the kernel's ublk driver lacks UBLK_F_CMD_IOCTL_ENCODE; Linux 6.1 or newer with ioctl-encoded commands is required")
+        }
+        if options.recovery && features & UBLK_F_USER_RECOVERY == 0 {
+            throw UblkError("the kernel's ublk driver does not support user recovery")
+        }
+        let params = target.params
+        guard params.size >= 512 else { throw UblkError("device size must be at least 512 bytes") }
+
+        var info = ublksrv_ctrl_dev_info()
+        info.nr_hw_queues = UInt16(options.queues)
+        info.queue_depth = UInt16(options.depth)
+        info.max_io_buf_bytes = UInt32(options.bufferSize)
+        info.dev_id = options.deviceID ?? Control.anyDevice
+        info.flags = UBLK_F_CMD_IOCTL_ENCODE | (options.recovery ? UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE : 0)
+        do { try control.add(&info) } catch {
+            if error == .exists, let id = options.deviceID {
+                throw UblkError("device id \(id) is taken: /dev/ublkc\(id) already exists")
+            }
+            throw UblkError("ADD_DEV failed", errno: error)
+        }
+        added = true
+        deviceID = info.dev_id
+
+        var p = ublk_params()
+        p.types = UInt32(UBLK_PARAM_TYPE_BASIC)
+        p.basic.attrs = UInt32(params.readOnly ? UBLK_ATTR_READ_ONLY : 0)
+            | UInt32(params.writeCache ? UBLK_ATTR_VOLATILE_CACHE | UBLK_ATTR_FUA : 0)
+            | UInt32(params.rotational ? UBLK_ATTR_ROTATIONAL : 0)
+        p.basic.logical_bs_shift = params.logicalBlockShift
+        p.basic.physical_bs_shift = params.physicalBlockShift
+        p.basic.io_opt_shift = params.physicalBlockShift
+        p.basic.io_min_shift = params.logicalBlockShift
+        p.basic.max_sectors = UInt32(info.max_io_buf_bytes >> 9)
+        p.basic.dev_sectors = params.size >> 9
+        if params.discard {
+            p.types |= UInt32(UBLK_PARAM_TYPE_DISCARD)
+            p.discard.discard_granularity = 4096
+            p.discard.max_discard_sectors = UInt32.max >> 9
+            p.discard.max_write_zeroes_sectors = p.basic.max_sectors
+            p.discard.max_discard_segments = 1
+        }
+        do { try control.setParams(deviceID, p) } catch {
+            throw UblkError("SET_PARAMS failed for ublk\(deviceID)", errno: error)
+        }
+
+        let charPath = "/dev/ublkc\(deviceID)"
+        for attempt in 0..<200 {
+            charFD = open(charPath, O_RDWR | O_CLOEXEC)
+            if charFD >= 0 || errno != ENOENT || attempt == 199 { break }
+            usleep(10_000)
+        }
+        if charFD < 0 { throw UblkError("cannot open \(charPath)", errno: .current) }
+
+        try startQueues(depth: Int(info.queue_depth), bufferSize: Int(info.max_io_buf_bytes))
+
+        do { try control.start(deviceID, pid: getpid()) } catch {
+            throw UblkError("START_DEV failed for ublk\(deviceID)", errno: error)
+        }
+        let blockPath = "/dev/ublkb\(deviceID)"
+        var st = stat()
+        for _ in 0..<500 where stat(blockPath, &st) != 0 { usleep(10_000) }
+        if stat(blockPath, &st) != 0 { throw UblkError("\(blockPath) did not appear after START_DEV") }
+
+        let state = DeviceState(id: deviceID, pid: getpid(), target: target.name, options: target.options,
+                                queues: options.queues, depth: Int(info.queue_depth),
+                                bufferSize: Int(info.max_io_buf_bytes), size: params.size,
+                                readOnly: params.readOnly, recovery: options.recovery)
+        do { try state.save() } catch {
+            throw UblkError("cannot write \(DeviceState.path(deviceID))", errno: error)
+        }
+        return state
+    }
+
+    private final class QueueStart {
+        let queue: Queue
+        let target: Target
+        let ready = DispatchSemaphore(value: 0)
+        var error: UblkError?
+        init(queue: Queue, target: Target) { self.queue = queue; self.target = target }
+    }
+
+    private func startQueues(depth: Int, bufferSize: Int) throws(UblkError) {
+        var starts: [QueueStart] = []
+        for q in 0..<options.queues {
+            let queue = Queue(device: deviceID, id: UInt16(q), depth: depth, bufferSize: bufferSize, charFD: charFD)
+            let s = QueueStart(queue: queue, target: target)
+            queues.append(queue)
+            starts.append(s)
+            var thread = pthread_t()
+            let arg = Unmanaged.passRetained(s).toOpaque()
+            let r = pthread_create(&thread, nil, { raw in
+                let s = Unmanaged<QueueStart>.fromOpaque(raw!).takeRetainedValue()
+                do { try s.queue.setUp(target: s.target) } catch let e as UblkError {
+                    s.error = e
+                    s.ready.signal()
+                    return nil
+                } catch {
+                    s.error = UblkError("queue setup: \(error)")
+                    s.ready.signal()
+                    return nil
+                }
+                s.ready.signal()
+                s.queue.run()
+                // The loop ended: tell the main thread (it may be the device stopping by itself).
+                kill(getpid(), SIGUSR1)
+                return nil
+            }, arg)
+            if r != 0 {
+                Unmanaged<QueueStart>.fromOpaque(arg).release()
+                queues.removeLast()
+                throw UblkError("cannot start queue thread \(q)", errno: Errno(rawValue: r))
+            }
+            threads.append(thread)
+        }
+        for s in starts {
+            s.ready.wait()
+            if let e = s.error { throw e }
+        }
+    }
+
+    /// Blocks until a stop signal arrives or a queue ends; returns the signal.
+    @discardableResult
+    public func wait() -> Int32 {
+        var set = Server.stopSignals
+        var sig: Int32 = 0
+        while sigwait(&set, &sig) != 0 {}
+        return sig
+    }
+
+    /// Stops and deletes the device; idempotent, never throws (best effort, logged).
+    public func shutdown() {
+        if added { try? control.stop(deviceID) }
+        for q in queues { q.wake() }
+        for t in threads { pthread_join(t, nil) }
+        threads.removeAll()
+        queues.removeAll()
+        if charFD >= 0 { close(charFD); charFD = -1 }
+        if added {
+            do { try control.delete(deviceID) } catch where error != .noDevice {
+                log("ublk\(deviceID): DEL_DEV failed: \(error)")
+            } catch {}
+            added = false
+            DeviceState.remove(deviceID)
+        }
+    }
+}

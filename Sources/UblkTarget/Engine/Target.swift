@@ -1,0 +1,88 @@
+// Target: what a block device target implements. The engine owns the kernel
+// protocol (control commands, FETCH/COMMIT, threads, lifecycle); a target is
+// only its own logic, in the shape of ublksrv's targets/:
+//
+//   - `params`: size and the block-layer parameters it wants.
+//   - `makeHandler(for:)`: per-queue state, created on the queue's own thread.
+//   - the handler's `handle(_:queue:)`: start a request; finish it with
+//     `queue.complete(tag:result:)`, at once or from a later completion.
+//
+// Contract (every target): every request handed to `handle` is completed
+// exactly once, with a byte count (READ/WRITE), 0, or a negative errno. A
+// request that never completes hangs `del` and the kernel.
+import CUring
+
+/// The block-layer parameters a target asks for.
+public struct DeviceParams: Sendable {
+    public var size: UInt64
+    public var readOnly = false
+    public var logicalBlockShift: UInt8 = 9
+    public var physicalBlockShift: UInt8 = 12
+    /// FLUSH requests are sent (the target has a volatile write cache) and FUA honoured.
+    public var writeCache = false
+    public var discard = false
+    public var rotational = false
+
+    public init(size: UInt64) { self.size = size }
+}
+
+/// One ublk I/O request, decoded from its descriptor.
+public struct Request {
+    public var tag: UInt16
+    public var op: UInt8
+    public var flags: UInt32
+    /// Byte offset into the device.
+    public var offset: UInt64
+    /// Byte length (0 for FLUSH).
+    public var length: UInt32
+    /// The tag's buffer: data to write, or where read data goes.
+    public var buffer: UnsafeMutableRawPointer
+
+    public var fua: Bool { flags & UInt32(UBLK_IO_F_FUA) != 0 }
+    public var noUnmap: Bool { flags & UInt32(UBLK_IO_F_NOUNMAP) != 0 }
+
+    public init(tag: UInt16, op: UInt8, flags: UInt32, offset: UInt64, length: UInt32, buffer: UnsafeMutableRawPointer) {
+        self.tag = tag
+        self.op = op
+        self.flags = flags
+        self.offset = offset
+        self.length = length
+        self.buffer = buffer
+    }
+}
+
+public enum Op {
+    public static let read = UInt8(UBLK_IO_OP_READ)
+    public static let write = UInt8(UBLK_IO_OP_WRITE)
+    public static let flush = UInt8(UBLK_IO_OP_FLUSH)
+    public static let discard = UInt8(UBLK_IO_OP_DISCARD)
+    public static let writeSame = UInt8(UBLK_IO_OP_WRITE_SAME)
+    public static let writeZeroes = UInt8(UBLK_IO_OP_WRITE_ZEROES)
+}
+
+public protocol Target: AnyObject {
+    /// The target's type name (`null`, `loop`, ...).
+    var name: String { get }
+    var params: DeviceParams { get }
+    /// The target's options, for `list` and the state file.
+    var options: [String: String] { get }
+    /// Per-queue request handling, created on the queue's thread before its first FETCH.
+    func makeHandler(for queue: Queue) throws(UblkError) -> QueueHandler
+}
+
+public protocol QueueHandler: AnyObject {
+    /// A new request. Complete it with `queue.complete(tag:result:)`, now or later.
+    func handle(_ request: Request, queue: Queue)
+    /// A target I/O submitted through the queue for `tag` finished with `result` (bytes or -errno).
+    func ioCompleted(tag: UInt16, sub: UInt8, data: UInt32, result: Int32, queue: Queue)
+    /// A poll armed with `queue.poll(fd:data:)` fired.
+    func eventFired(data: UInt32, result: Int32, queue: Queue)
+    /// After each batch of completions, before the queue sleeps: the place to flush batched work.
+    func idle(queue: Queue)
+}
+
+extension QueueHandler {
+    public func ioCompleted(tag: UInt16, sub: UInt8, data: UInt32, result: Int32, queue: Queue) {}
+    public func eventFired(data: UInt32, result: Int32, queue: Queue) {}
+    public func idle(queue: Queue) {}
+}

@@ -1,0 +1,151 @@
+// loop: a file or block device exposed as a ublk device, as the kernel's loop
+// driver does. O_DIRECT by default (the page cache stays out of the way, as
+// with `losetup --direct-io`); `buffered` opens it normally.
+//
+// FLUSH → fdatasync; FUA → the write carries RWF_DSYNC; DISCARD → punch a
+// hole; WRITE_ZEROES → zero the range (punch unless NOUNMAP), falling back to
+// writing zeros where the file system cannot. Short reads and writes are
+// continued until done; a read past the end of the file reads zeros.
+import CUring
+import Glibc
+
+public final class LoopTarget: Target {
+    public let name = "loop"
+    public let params: DeviceParams
+    public let path: String
+    public let direct: Bool
+    let fd: Int32
+
+    public var options: [String: String] {
+        ["file": path, "direct_io": direct ? "true" : "false"]
+    }
+
+    public init(path: String, buffered: Bool = false, readOnly: Bool = false) throws(UblkError) {
+        self.path = path
+        var st = stat()
+        if stat(path, &st) != 0 {
+            throw UblkError("cannot use \(path) as a backing file", errno: .current)
+        }
+        let isBlock = (st.st_mode & S_IFMT) == S_IFBLK
+        guard isBlock || (st.st_mode & S_IFMT) == S_IFREG else {
+            throw UblkError("\(path) is neither a regular file nor a block device")
+        }
+        let access = readOnly ? O_RDONLY : O_RDWR
+        var fd = open(path, access | O_CLOEXEC | (buffered ? 0 : cu_o_direct))
+        if fd < 0 && errno == EINVAL && !buffered {
+            throw UblkError("\(path) does not support direct I/O (O_DIRECT); use --buffered")
+        }
+        if fd < 0 { throw UblkError("cannot open \(path)", errno: .current) }
+        var size = UInt64(st.st_size)
+        if isBlock {
+            var s: UInt64 = 0
+            let r = cu_blkgetsize64(fd, &s)
+            if r < 0 {
+                close(fd)
+                throw UblkError("cannot get the size of \(path)", errno: Errno(returned: r))
+            }
+            size = s
+        }
+        size &= ~511
+        if size == 0 {
+            close(fd)
+            fd = -1
+            throw UblkError("\(path) is empty (a loop device needs at least 512 bytes)")
+        }
+        self.fd = fd
+        self.direct = !buffered
+        var p = DeviceParams(size: size)
+        p.readOnly = readOnly
+        p.writeCache = true
+        p.discard = !readOnly
+        params = p
+    }
+
+    deinit { if fd >= 0 { close(fd) } }
+
+    public func makeHandler(for queue: Queue) throws(UblkError) -> QueueHandler {
+        Handler(fd: fd, depth: queue.depth)
+    }
+
+    final class Handler: QueueHandler {
+        let fd: Int32
+        /// The request each tag is working on, and how many bytes of it are done.
+        var requests: [Request?]
+        var done: [UInt32]
+
+        // Sub-operations, carried in user_data.
+        static let subRead: UInt8 = 0, subWrite: UInt8 = 1, subSync: UInt8 = 2
+        static let subFallocate: UInt8 = 3, subZeroWrite: UInt8 = 4
+
+        init(fd: Int32, depth: Int) {
+            self.fd = fd
+            requests = Array(repeating: nil, count: depth)
+            done = Array(repeating: 0, count: depth)
+        }
+
+        func handle(_ r: Request, queue: Queue) {
+            let t = Int(r.tag)
+            requests[t] = r
+            done[t] = 0
+            switch r.op {
+            case Op.read:
+                queue.read(fd: fd, into: r.buffer, length: r.length, offset: r.offset, tag: r.tag, sub: Handler.subRead)
+            case Op.write:
+                queue.write(fd: fd, from: r.buffer, length: r.length, offset: r.offset,
+                            flags: r.fua ? cu_rwf_dsync : 0, tag: r.tag, sub: Handler.subWrite)
+            case Op.flush:
+                queue.fsync(fd: fd, tag: r.tag, sub: Handler.subSync)
+            case Op.discard:
+                queue.fallocate(fd: fd, mode: cu_falloc_punch, offset: r.offset, length: UInt64(r.length),
+                                tag: r.tag, sub: Handler.subFallocate)
+            case Op.writeZeroes:
+                queue.fallocate(fd: fd, mode: r.noUnmap ? cu_falloc_zero : cu_falloc_punch, offset: r.offset,
+                                length: UInt64(r.length), tag: r.tag, sub: Handler.subFallocate)
+            default:
+                finish(r.tag, -EOPNOTSUPP, queue)
+            }
+        }
+
+        @inline(__always)
+        func finish(_ tag: UInt16, _ result: Int32, _ queue: Queue) {
+            requests[Int(tag)] = nil
+            queue.complete(tag: tag, result: result)
+        }
+
+        func ioCompleted(tag: UInt16, sub: UInt8, data: UInt32, result: Int32, queue: Queue) {
+            let t = Int(tag)
+            guard let r = requests[t] else { return }
+            switch sub {
+            case Handler.subRead:
+                if result < 0 { return finish(tag, result, queue) }
+                if result == 0 {
+                    // End of file: the rest of the device reads as zeros.
+                    memset(r.buffer + Int(done[t]), 0, Int(r.length - done[t]))
+                    return finish(tag, Int32(r.length), queue)
+                }
+                done[t] += UInt32(result)
+                if done[t] >= r.length { return finish(tag, Int32(r.length), queue) }
+                queue.read(fd: fd, into: r.buffer + Int(done[t]), length: r.length - done[t],
+                           offset: r.offset + UInt64(done[t]), tag: tag, sub: sub)
+            case Handler.subWrite, Handler.subZeroWrite:
+                if result < 0 { return finish(tag, result, queue) }
+                if result == 0 { return finish(tag, -EIO, queue) }
+                done[t] += UInt32(result)
+                if done[t] >= r.length { return finish(tag, sub == Handler.subWrite ? Int32(r.length) : 0, queue) }
+                queue.write(fd: fd, from: r.buffer + Int(done[t]), length: r.length - done[t],
+                            offset: r.offset + UInt64(done[t]), flags: r.fua ? cu_rwf_dsync : 0, tag: tag, sub: sub)
+            case Handler.subFallocate:
+                if result == -EOPNOTSUPP || result == -EINVAL {
+                    if r.op == Op.discard { return finish(tag, 0, queue) }  // advisory
+                    // WRITE_ZEROES where the file system cannot: write zeros from the tag's buffer.
+                    memset(r.buffer, 0, Int(r.length))
+                    return queue.write(fd: fd, from: r.buffer, length: r.length, offset: r.offset,
+                                       flags: r.fua ? cu_rwf_dsync : 0, tag: tag, sub: Handler.subZeroWrite)
+                }
+                finish(tag, result < 0 ? result : 0, queue)
+            default:
+                finish(tag, result < 0 ? result : 0, queue)
+            }
+        }
+    }
+}

@@ -1,0 +1,3 @@
+import UblkCLI
+
+UblkHTTP.main()
