@@ -4,7 +4,7 @@
 // ("error: ..."); the parent prints it and exits. No fork() of a Swift
 // process: posix_spawn of /proc/self/exe.
 import CUring
-import Foundation
+import FoundationEssentials
 import Glibc
 import UblkTarget
 
@@ -58,7 +58,7 @@ enum Daemon {
             else { break }
         }
         close(fds[0])
-        let line = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        let line = String(decoding: data, as: UTF8.self).trimmed
         if line.hasPrefix("{") { return line }
         var status: Int32 = 0
         waitpid(pid, &status, 0)

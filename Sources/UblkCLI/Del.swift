@@ -1,6 +1,6 @@
 import ArgumentParser
 import CUring
-import Foundation
+import FoundationEssentials
 import Glibc
 import UblkTarget
 
@@ -51,7 +51,7 @@ enum Devices {
         // A zombie is as good as gone.
         if let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
            let close = stat.lastIndex(of: ")") {
-            let rest = stat[stat.index(after: close)...].trimmingCharacters(in: .whitespaces)
+            let rest = stat[stat.index(after: close)...].trimmed
             if rest.hasPrefix("Z") || rest.hasPrefix("X") { return false }
         }
         return true

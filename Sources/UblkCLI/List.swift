@@ -1,6 +1,6 @@
 import ArgumentParser
 import CUring
-import Foundation
+import FoundationEssentials
 import UblkTarget
 
 struct List: ParsableCommand {

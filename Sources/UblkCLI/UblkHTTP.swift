@@ -1,6 +1,6 @@
 // The `ublk-http` command line: verbs and flags in the shape of ublksrv's `ublk`.
 import ArgumentParser
-import Foundation
+import FoundationEssentials
 import Glibc
 import UblkTarget
 

@@ -156,7 +156,7 @@ _Static_assert(sizeof(struct ublk_params) == 112, "params");
 #define UBLK_U_CMD_START_USER_RECOVERY 0xc0207510u
 #define UBLK_U_CMD_END_USER_RECOVERY 0xc0207511u
 #define UBLK_U_CMD_GET_DEV_INFO2 0x80207512u
-#define UBLK_U_CMD_GET_FEATURES 0x80087513u
+#define UBLK_U_CMD_GET_FEATURES 0x80207513u
 #define UBLK_U_CMD_DEL_DEV_ASYNC 0x80207514u
 #define UBLK_U_IO_FETCH_REQ 0xc0107520u
 #define UBLK_U_IO_COMMIT_AND_FETCH_REQ 0xc0107521u
@@ -173,7 +173,7 @@ _Static_assert(UBLK_U_CMD_GET_PARAMS == _IOR('u', UBLK_CMD_GET_PARAMS, struct ub
 _Static_assert(UBLK_U_CMD_START_USER_RECOVERY == _IOWR('u', UBLK_CMD_START_USER_RECOVERY, struct ublksrv_ctrl_cmd), "op");
 _Static_assert(UBLK_U_CMD_END_USER_RECOVERY == _IOWR('u', UBLK_CMD_END_USER_RECOVERY, struct ublksrv_ctrl_cmd), "op");
 _Static_assert(UBLK_U_CMD_GET_DEV_INFO2 == _IOR('u', UBLK_CMD_GET_DEV_INFO2, struct ublksrv_ctrl_cmd), "op");
-_Static_assert(UBLK_U_CMD_GET_FEATURES == _IOR('u', UBLK_CMD_GET_FEATURES, __u64), "op");
+_Static_assert(UBLK_U_CMD_GET_FEATURES == _IOR('u', UBLK_CMD_GET_FEATURES, struct ublksrv_ctrl_cmd), "op");
 _Static_assert(UBLK_U_CMD_DEL_DEV_ASYNC == _IOR('u', UBLK_CMD_DEL_DEV_ASYNC, struct ublksrv_ctrl_cmd), "op");
 _Static_assert(UBLK_U_IO_FETCH_REQ == _IOWR('u', UBLK_IO_FETCH_REQ, struct ublksrv_io_cmd), "op");
 _Static_assert(UBLK_U_IO_COMMIT_AND_FETCH_REQ == _IOWR('u', UBLK_IO_COMMIT_AND_FETCH_REQ, struct ublksrv_io_cmd), "op");

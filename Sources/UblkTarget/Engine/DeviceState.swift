@@ -1,6 +1,6 @@
 // DeviceState: what `add` reports and `list` shows, persisted by the server
 // under /run/ublk-http/ublkN.json (written atomically, removed on shutdown).
-import Foundation
+import FoundationEssentials
 import Glibc
 
 public struct DeviceState: Codable, Sendable {

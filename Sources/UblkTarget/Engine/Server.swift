@@ -14,7 +14,7 @@
 // queue thread exists, so only wait() ever receives them.
 import CUring
 import Dispatch
-import Foundation
+import FoundationEssentials
 import Glibc
 
 public struct ServerOptions: Sendable {

@@ -1,9 +1,9 @@
 // Sizes as people write them: 512, 4K, 250G, 1.5T (binary units, B optional).
-import Foundation
+import FoundationEssentials
 
 public enum Size {
     public static func parse(_ text: String) -> UInt64? {
-        var s = text.trimmingCharacters(in: .whitespaces).uppercased()
+        var s = text.trimmed.uppercased()
         if s.hasSuffix("IB") { s.removeLast(2) } else if s.hasSuffix("B") && s.count > 1 { s.removeLast() }
         var shift: UInt64 = 0
         if let last = s.last, let i = "KMGTP".firstIndex(of: last) {
@@ -25,6 +25,15 @@ public enum Size {
         let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
         var v = Double(bytes), i = 0
         while v >= 1024 && i < units.count - 1 { v /= 1024; i += 1 }
-        return i == 0 ? "\(bytes) B" : String(format: "%.1f %@", v, units[i])
+        if i == 0 { return "\(bytes) B" }
+        let tenths = Int((v * 10).rounded())
+        return "\(tenths / 10).\(tenths % 10) \(units[i])"
+    }
+}
+
+extension StringProtocol {
+    /// Without leading and trailing whitespace (FoundationEssentials has no trimmingCharacters).
+    public var trimmed: String {
+        String(drop(while: \.isWhitespace).reversed().drop(while: \.isWhitespace).reversed())
     }
 }

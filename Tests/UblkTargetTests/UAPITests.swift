@@ -1,0 +1,91 @@
+import CUring
+import XCTest
+@testable import UblkTarget
+
+/// The kernel ABI as Swift sees it: sizes and offsets must match the C layout
+/// the kernel reads (the C side checks itself with _Static_assert).
+final class UAPITests: XCTestCase {
+    func testStructSizes() {
+        XCTAssertEqual(MemoryLayout<ublksrv_ctrl_cmd>.size, 32)
+        XCTAssertEqual(MemoryLayout<ublksrv_ctrl_dev_info>.size, 64)
+        XCTAssertEqual(MemoryLayout<ublksrv_io_desc>.size, 24)
+        XCTAssertEqual(MemoryLayout<ublksrv_io_desc>.stride, 24)
+        XCTAssertEqual(MemoryLayout<ublksrv_io_cmd>.size, 16)
+        XCTAssertEqual(MemoryLayout<ublk_param_basic>.size, 32)
+        XCTAssertEqual(MemoryLayout<ublk_params>.size, 112)
+        XCTAssertEqual(MemoryLayout<cu_cqe>.size, 16)
+    }
+
+    func testFieldOffsets() {
+        XCTAssertEqual(MemoryLayout<ublksrv_ctrl_cmd>.offset(of: \.addr), 8)
+        XCTAssertEqual(MemoryLayout<ublksrv_ctrl_cmd>.offset(of: \.data), 16)
+        XCTAssertEqual(MemoryLayout<ublksrv_ctrl_dev_info>.offset(of: \.max_io_buf_bytes), 8)
+        XCTAssertEqual(MemoryLayout<ublksrv_ctrl_dev_info>.offset(of: \.ublksrv_pid), 16)
+        XCTAssertEqual(MemoryLayout<ublksrv_ctrl_dev_info>.offset(of: \.flags), 24)
+        XCTAssertEqual(MemoryLayout<ublksrv_io_desc>.offset(of: \.start_sector), 8)
+        XCTAssertEqual(MemoryLayout<ublk_params>.offset(of: \.basic), 8)
+        XCTAssertEqual(MemoryLayout<ublk_params>.offset(of: \.discard), 40)
+        XCTAssertEqual(MemoryLayout<ublk_params>.offset(of: \.devt), 60)
+    }
+
+    /// The opcodes the kernel's _IOR/_IOWR('u', nr, type) produce, computed independently here.
+    func testOpcodeEncoding() {
+        func ioc(_ dir: UInt32, _ nr: UInt32, _ size: UInt32) -> UInt32 {
+            dir << 30 | size << 16 | UInt32(UInt8(ascii: "u")) << 8 | nr
+        }
+        let r: UInt32 = 2, wr: UInt32 = 3
+        XCTAssertEqual(UBLK_U_CMD_GET_FEATURES, ioc(r, 0x13, 32))
+        XCTAssertEqual(UBLK_U_CMD_GET_DEV_INFO, ioc(r, 0x02, 32))
+        XCTAssertEqual(UBLK_U_CMD_ADD_DEV, ioc(wr, 0x04, 32))
+        XCTAssertEqual(UBLK_U_CMD_DEL_DEV, ioc(wr, 0x05, 32))
+        XCTAssertEqual(UBLK_U_CMD_START_DEV, ioc(wr, 0x06, 32))
+        XCTAssertEqual(UBLK_U_CMD_STOP_DEV, ioc(wr, 0x07, 32))
+        XCTAssertEqual(UBLK_U_CMD_SET_PARAMS, ioc(wr, 0x08, 32))
+        XCTAssertEqual(UBLK_U_CMD_GET_PARAMS, ioc(r, 0x09, 32))
+        XCTAssertEqual(UBLK_U_CMD_START_USER_RECOVERY, ioc(wr, 0x10, 32))
+        XCTAssertEqual(UBLK_U_CMD_END_USER_RECOVERY, ioc(wr, 0x11, 32))
+        XCTAssertEqual(UBLK_U_IO_FETCH_REQ, ioc(wr, 0x20, 16))
+        XCTAssertEqual(UBLK_U_IO_COMMIT_AND_FETCH_REQ, ioc(wr, 0x21, 16))
+    }
+
+    func testFeatureBits() {
+        XCTAssertEqual(UBLK_F_CMD_IOCTL_ENCODE, 1 << 6)
+        XCTAssertEqual(UBLK_F_USER_RECOVERY, 1 << 3)
+        XCTAssertEqual(UBLK_F_USER_COPY, 1 << 7)
+        XCTAssertEqual(UBLK_F_BUF_REG_OFF_DAEMON, 1 << 14)
+        XCTAssertEqual(cu_io_res_abort, -ENODEV)
+    }
+
+    func testUserDataRoundTrip() {
+        let cases: [UserData] = [
+            UserData(kind: .ublk, tag: 0),
+            UserData(kind: .ublk, tag: 4095),
+            UserData(kind: .target, tag: 17, sub: 3, data: 0xdead_beef),
+            UserData(kind: .event, tag: 0xffff, sub: 0xff, data: .max),
+        ]
+        for c in cases {
+            XCTAssertEqual(UserData(encoded: c.encoded), c)
+        }
+        XCTAssertEqual(UserData(kind: .ublk, tag: 5).encoded, 5)
+        XCTAssertEqual(UserData(kind: .target).encoded >> 60, 1)
+        // An unknown kind is not silently routed somewhere.
+        XCTAssertNil(UserData(encoded: 0xF << 60))
+    }
+
+    func testSizeParsing() {
+        XCTAssertEqual(Size.parse("512"), 512)
+        XCTAssertEqual(Size.parse("4K"), 4096)
+        XCTAssertEqual(Size.parse("4k"), 4096)
+        XCTAssertEqual(Size.parse("1M"), 1 << 20)
+        XCTAssertEqual(Size.parse("250G"), 250 << 30)
+        XCTAssertEqual(Size.parse("2T"), 2 << 40)
+        XCTAssertEqual(Size.parse("1.5G"), 3 << 29)
+        XCTAssertEqual(Size.parse("64MiB"), 64 << 20)
+        XCTAssertEqual(Size.parse("10MB"), 10 << 20)
+        XCTAssertNil(Size.parse(""))
+        XCTAssertNil(Size.parse("G"))
+        XCTAssertNil(Size.parse("12Q"))
+        XCTAssertNil(Size.parse("-1G"))
+        XCTAssertNil(Size.parse("99999999999P"))
+    }
+}
