@@ -45,7 +45,7 @@ func openControl() throws -> Control {
 
 func jsonLine<T: Encodable>(_ value: T) -> String {
     let enc = JSONEncoder()
-    enc.outputFormatting = [.sortedKeys]
+    enc.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
     let data = (try? enc.encode(value)) ?? Data("null".utf8)
     return String(decoding: data, as: UTF8.self)
 }

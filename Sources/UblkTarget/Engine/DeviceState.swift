@@ -46,7 +46,7 @@ public struct DeviceState: Codable, Sendable {
     public func save() throws(Errno) {
         mkdir(DeviceState.directory, 0o755)
         let enc = JSONEncoder()
-        enc.outputFormatting = [.sortedKeys]
+        enc.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         guard let data = try? enc.encode(self) else { throw Errno.invalid }
         let tmp = DeviceState.path(devID) + ".tmp"
         do {

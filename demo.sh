@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The demo: builds ublk-http, makes the built-in sample ext4 image, attaches it
+# as a ublk block device, mounts it read-only, lists and verifies its files and
+# prints the device's state. Runs natively where the kernel has ublk_drv
+# (modprobe ublk_drv), otherwise inside a qemu VM with a 6.12 kernel.
+#   ./demo.sh          natively if possible, else in the VM
+#   ./demo.sh --vm     always in the VM
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+source scripts/deps.sh
+BIN=$(tests/build-static.sh)
+WORK=$(mktemp -d /tmp/ublk-http-demo.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+demo/sample-image.sh "$WORK/sample.img"
+native=0
+if [[ "${1:-}" != --vm && $(id -u) -eq 0 ]]; then
+    [[ -e /dev/ublk-control ]] || modprobe ublk_drv 2>/dev/null || true
+    [[ -e /dev/ublk-control ]] && native=1
+fi
+if [[ $native == 1 ]]; then
+    echo "== running natively (this kernel has ublk_drv)"
+    demo/steps.sh "$WORK/sample.img" "$BIN"
+else
+    echo "== this kernel has no ublk driver: running the demo inside a qemu VM (Linux 6.12)"
+    INITRD=${UBLK_VM_CACHE:-/var/cache/ublk-http-vm}/initramfs-demo.cpio.gz
+    vm/initramfs.sh "$INITRD" --bin "$BIN:/usr/local/bin/ublk-http" >/dev/null
+    vm/run.sh --initrd "$INITRD" --timeout 600 --file "$WORK/sample.img:/demo/sample.img" \
+        --file "$PWD/demo/steps.sh:/demo/steps.sh" demo/vm-main.sh 2>&1 \
+        | grep -vE '^\[ *[0-9]+\.[0-9]+\]|^@@'
+fi
