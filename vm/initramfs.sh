@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # Usage: vm/initramfs.sh OUT.cpio[.gz] [--bin SRC[:DST]]... [--file SRC:DST]...
 #                        [--module NAME]... [--boot-modules "NAME..."]
-#   Builds the base initramfs for the test VM (see vm/run.sh):
-#   busybox-static, bash, fio, nginx, curl, e2fsprogs (mke2fs/mkfs.ext4/e2fsck...),
-#   util-linux (losetup, taskset, blkdiscard, blockdev, lsblk), every library
-#   ldd lists, the kernel modules ublk_drv loop nbd brd virtio_blk (+deps,
-#   decompressed) and the guest scripts from vm/guest/.
+#   Builds the base initramfs for the test VM (see vm/run.sh and vm/README.md):
+#   busybox-static (applets in /bin), bash, fio, nginx, curl, jq, e2fsprogs
+#   (mke2fs/mkfs.ext4/e2fsck/...), the executables of coreutils diffutils grep
+#   sed findutils procps psmisc util-linux mount mawk (in /usr/{s,}bin, ahead
+#   of busybox in $PATH), every library ldd lists, the kernel modules ublk_drv
+#   loop nbd brd virtio_blk (+deps, decompressed) and vm/guest/ scripts.
 #   --bin SRC[:DST]  add an executable plus its ldd libraries (libraries keep
 #                    their host paths, e.g. /opt/swift/usr/lib/swift/linux/...).
 #                    DST defaults to /usr/local/bin/<basename SRC>.
 #   --file SRC:DST   add a file or directory (recursively) at guest path DST.
 #   --module NAME    add another kernel module (and its dependencies).
 #   --boot-modules   modules /init loads at boot (default "ublk_drv").
-#   OUT ending in .gz is gzip-compressed, otherwise a plain newc cpio.
-#   Example: vm/initramfs.sh /tmp/base.cpio.gz --bin .build/release/ublk-http
+#   OUT ending in .gz is gzip-compressed, otherwise a plain newc cpio (boots
+#   faster under TCG).  Also writes OUT.manifest (guest paths) and OUT.kver.
+#   Example: vm/initramfs.sh /tmp/base.cpio --bin .build/release/ublk-http
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -38,8 +40,9 @@ done
 static_busybox() { [[ -x /usr/bin/busybox ]] && ! ldd /usr/bin/busybox >/dev/null 2>&1; }
 static_busybox || vm_ensure /nonexistent/force:busybox-static
 vm_ensure fio:fio nginx:nginx-light curl:curl mke2fs:e2fsprogs e2fsck:e2fsprogs \
-    losetup:util-linux taskset:util-linux blkdiscard:util-linux lsblk:util-linux \
-    cpio:cpio xz:xz-utils gzip:gzip bash:bash ldconfig:libc-bin
+    losetup:mount taskset:util-linux blkdiscard:util-linux lsblk:util-linux \
+    cpio:cpio xz:xz-utils gzip:gzip bash:bash ldconfig:libc-bin jq:jq pgrep:procps \
+    cmp:diffutils killall:psmisc mawk:mawk
 static_busybox || vm_die "/usr/bin/busybox is not the static busybox"
 
 KDIR="$("$VM_DIR/kernel.sh")"
@@ -48,48 +51,9 @@ KMOD="$KDIR/lib/modules/$KVER"
 
 STAGE="$(mktemp -d /tmp/ublk-vm-initramfs.XXXXXX)"
 trap 'rm -rf "$STAGE"' EXIT
-declare -A HAVE=() LIBDIRS=()
-
-add_file() { # SRC DST
-    local src="$1" dst="$2"
-    [[ -n "${HAVE[$dst]:-}" ]] && return 0
-    HAVE[$dst]=1
-    mkdir -p "$STAGE$(dirname "$dst")"
-    if [[ -d "$src" ]]; then
-        mkdir -p "$STAGE$dst"
-        cp -a "$src/." "$STAGE$dst/"
-    else
-        cp -L --preserve=mode "$src" "$STAGE$dst"
-    fi
-}
-
-add_libs() { # BINARY: copy every library ldd lists, at the path ldd prints
-    local bin="$1" out line lib
-    if ! out="$(ldd "$bin" 2>&1)"; then
-        [[ "$out" == *"not a dynamic executable"* || "$out" == *"statically linked"* ]] && return 0
-        vm_die "ldd $bin failed: $out"
-    fi
-    if grep -q "not found" <<<"$out"; then vm_die "ldd $bin: missing libraries:"$'\n'"$out"; fi
-    while read -r line; do
-        lib=""
-        if [[ "$line" == *" => /"* ]]; then lib="${line#* => }"; lib="${lib%% (*}"
-        elif [[ "$line" == /* ]]; then lib="${line%% (*}"
-        fi
-        [[ -n "$lib" ]] || continue
-        add_file "$lib" "$lib"
-        LIBDIRS[$(dirname "$lib")]=1
-        # Also make the library findable at its resolved location (ld.so.cache
-        # built below uses the directories of both).
-    done <<<"$out"
-}
-
-add_bin() { # SRC DST
-    local src="$1" dst="$2"
-    [[ -e "$src" ]] || vm_die "no such binary: $src"
-    add_file "$src" "$dst"
-    chmod 0755 "$STAGE$dst"
-    add_libs "$src"
-}
+VM_STAGE="$STAGE"
+add_file() { vm_stage_file "$@"; }
+add_bin() { vm_stage_bin "$@"; }
 
 # ---- skeleton --------------------------------------------------------------
 for d in bin usr/bin usr/sbin usr/local/bin usr/local/sbin lib etc root proc sys dev run tmp mnt \
@@ -97,7 +61,7 @@ for d in bin usr/bin usr/sbin usr/local/bin usr/local/sbin lib etc root proc sys
     mkdir -p "$STAGE/$d"
 done
 chmod 1777 "$STAGE/tmp" "$STAGE/var/tmp"
-ln -s bin "$STAGE/sbin"
+vm_stage_link bin /sbin
 mknod -m 600 "$STAGE/dev/console" c 5 1 2>/dev/null || true
 mknod -m 666 "$STAGE/dev/null" c 1 3 2>/dev/null || true
 
@@ -107,22 +71,36 @@ cp /usr/bin/busybox "$STAGE/bin/busybox"
 for a in $(/usr/bin/busybox --list); do
     [[ "$a" == busybox ]] || ln -sf busybox "$STAGE/bin/$a"
 done
-ln -s /bin/busybox "$STAGE/usr/bin/env"
 
 # ---- real tools --------------------------------------------------------------
 add_bin /usr/bin/bash /usr/bin/bash
-ln -s /usr/bin/bash "$STAGE/bin/bash"
+vm_stage_link /usr/bin/bash /bin/bash
 add_bin "$(command -v fio)" /usr/bin/fio
 add_bin "$(command -v nginx)" /usr/sbin/nginx
 add_bin "$(command -v curl)" /usr/bin/curl
 for t in mke2fs e2fsck tune2fs dumpe2fs resize2fs debugfs; do
     p="$(command -v $t || true)"; [[ -n "$p" ]] && add_bin "$p" "/usr/sbin/$t"
 done
-ln -s mke2fs "$STAGE/usr/sbin/mkfs.ext4"
-ln -s mke2fs "$STAGE/usr/sbin/mkfs.ext2"
-ln -s e2fsck "$STAGE/usr/sbin/fsck.ext4"
-for t in losetup blkdiscard blockdev wipefs; do add_bin "$(command -v $t)" "/usr/sbin/$t"; done
-for t in taskset lsblk; do add_bin "$(command -v $t)" "/usr/bin/$t"; done
+vm_stage_link mke2fs /usr/sbin/mkfs.ext4
+vm_stage_link mke2fs /usr/sbin/mkfs.ext2
+vm_stage_link e2fsck /usr/sbin/fsck.ext4
+# Whole packages' executables, so bash scripts get GNU/util-linux behaviour
+# (busybox's `head -c 1M` fails, for one).  /bin and /sbin map to /usr/bin
+# and /usr/sbin, which come before busybox's /bin in $PATH.
+add_pkg_bins() { # PKG...
+    local pkg f dst
+    for pkg in "$@"; do
+        while read -r f; do
+            [[ "$f" =~ ^(/usr)?/s?bin/[^/]+$ && -f "$f" && -x "$f" ]] || continue
+            dst="/usr${f#/usr}"
+            add_bin "$f" "$dst"
+        done < <(dpkg -L "$pkg")
+    done
+}
+add_pkg_bins coreutils diffutils grep sed findutils procps psmisc util-linux mount mawk jq
+vm_stage_link mawk /usr/bin/awk
+# ldconfig (static) lets /init refresh ld.so.cache for libraries run.sh --bin adds.
+add_file "$(command -v ldconfig)" /usr/sbin/ldconfig
 
 # ---- config ----------------------------------------------------------------------
 cat > "$STAGE/etc/passwd" <<'P'
@@ -150,7 +128,7 @@ services: files
 N
 printf '127.0.0.1\tlocalhost ublkvm\n::1\tlocalhost ip6-localhost\n' > "$STAGE/etc/hosts"
 echo ublkvm > "$STAGE/etc/hostname"
-ln -s /proc/self/mounts "$STAGE/etc/mtab"
+vm_stage_link /proc/self/mounts /etc/mtab
 [[ -f /etc/mke2fs.conf ]] && add_file /etc/mke2fs.conf /etc/mke2fs.conf
 [[ -f /usr/share/zoneinfo/Etc/UTC ]] && add_file /usr/share/zoneinfo/Etc/UTC /etc/localtime
 add_file /etc/nginx/mime.types /etc/nginx/mime.types
@@ -183,7 +161,7 @@ add_module() { # NAME
     if is_builtin "$n"; then return 0; fi
     f="$(mod_file "$n")"
     [[ -n "$f" ]] || vm_die "kernel module $n not found in $KMOD"
-    rel="${f#$KMOD/}"; rel="${rel%.xz}"; rel="${rel%.zst}"
+    rel="${f#"$KMOD"/}"; rel="${rel%.xz}"; rel="${rel%.zst}"
     mkdir -p "$(dirname "$GMOD/$rel")"
     case "$f" in
         *.xz) xz -dc "$f" > "$GMOD/$rel" ;;
@@ -194,7 +172,7 @@ add_module() { # NAME
     for d in $deps; do
         add_module "$d"
         is_builtin "$(tr - _ <<<"$d")" && continue
-        f="$(mod_file "$d")"; f="${f#$KMOD/}"; f="${f%.xz}"; f="${f%.zst}"
+        f="$(mod_file "$d")"; f="${f#"$KMOD"/}"; f="${f%.xz}"; f="${f%.zst}"
         drel+=" $f"
     done
     echo "$rel:$drel" >> "$GMOD/modules.dep"
@@ -203,20 +181,22 @@ for m in "${MODULES[@]}"; do add_module "$m"; done
 
 # ---- extra binaries and files -------------------------------------------------------
 for spec in "${BINS[@]}"; do
-    src="${spec%%:*}"; dst="${spec#*:}"
-    [[ "$spec" == *:* ]] || dst="/usr/local/bin/$(basename "$src")"
-    add_bin "$(realpath "$src")" "$dst"
+    add_bin "$(vm_bin_src "$spec")" "$(vm_bin_dst "$spec")"
 done
 for spec in "${FILES[@]}"; do
     [[ "$spec" == *:/* ]] || vm_die "--file wants SRC:/ABS/DST, got $spec"
-    src="${spec%%:*}"; dst="${spec#*:}"
+    src="${spec%%:/*}"; dst="/${spec#*:/}"
     [[ -e "$src" ]] || vm_die "no such file: $src"
     add_file "$src" "$dst"
 done
 
 # ---- ld.so.cache (covers libraries only reachable via RUNPATH, e.g. ceph) ----------------------
-printf '%s\n' "${!LIBDIRS[@]}" | sort > "$STAGE/etc/ld.so.conf"
-ldconfig -r "$STAGE" 2>/dev/null || ldconfig -r "$STAGE"
+{
+    printf '%s\n' "${!VM_LIBDIRS[@]}" | sort
+    echo "include /etc/ld.so.conf.d/*.conf"
+} > "$STAGE/etc/ld.so.conf"
+mkdir -p "$STAGE/etc/ld.so.conf.d"
+ldconfig -r "$STAGE"
 
 # ---- pack ---------------------------------------------------------------------------------
 mkdir -p "$(dirname "$OUT")"
@@ -225,6 +205,7 @@ tmp="$OUT.tmp.$$"
     cd "$STAGE"
     find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet
 ) | if [[ "$OUT" == *.gz ]]; then gzip -1; else cat; fi > "$tmp"
-mv -f "$tmp" "$OUT"
+( cd "$STAGE" && find . -mindepth 1 | sed 's/^\.//' | LC_ALL=C sort ) > "$OUT.manifest"
 echo "$KVER" > "$OUT.kver"
+mv -f "$tmp" "$OUT"
 vm_log "initramfs $OUT ($(du -h "$OUT" | cut -f1), kernel $KVER, $(find "$STAGE" | wc -l) entries)"

@@ -35,3 +35,81 @@ vm_ensure() {
         apt-get update -q && apt-get install -y -q --no-install-recommends "${missing[@]}"
     } >"$log" 2>&1 || { tail -n 60 "$log" >&2; vm_die "apt-get install ${missing[*]} failed"; }
 }
+
+# ---- staging a guest root (used by initramfs.sh and run.sh) -----------------
+# Set VM_STAGE to the staging root first.  VM_HAVE holds the guest paths
+# staged so far; VM_BASE the paths a base initramfs already has (libraries
+# there are not staged again; pre-load it from the base's .manifest);
+# VM_LIBDIRS collects the directories of staged libraries.
+declare -gA VM_HAVE=() VM_BASE=() VM_LIBDIRS=()
+
+vm_stage_file() { # SRC DST: copy a file (dereferenced) or a directory tree
+    local src="$1" dst="$2"
+    [[ -n "${VM_HAVE[$dst]:-}" ]] && return 0
+    VM_HAVE[$dst]=1
+    vm_stage_safe "$dst"
+    mkdir -p "$VM_STAGE$(dirname "$dst")"
+    if [[ -d "$src" ]]; then
+        mkdir -p "$VM_STAGE$dst"
+        cp -a "$src/." "$VM_STAGE$dst/"
+    else
+        # Never write through a symlink already staged at DST (it may point
+        # at a host path): replace it.
+        rm -f "$VM_STAGE$dst"
+        cp -L --preserve=mode "$src" "$VM_STAGE$dst"
+    fi
+}
+
+vm_stage_safe() { # DST: refuse a staging target that resolves outside the stage
+    local stage
+    [[ -n "${VM_STAGE:-}" && "$VM_STAGE" == /*/* ]] || vm_die "VM_STAGE not set"
+    stage="$(realpath "$VM_STAGE")"
+    [[ "$(realpath -m "$VM_STAGE$(dirname "$1")")/" == "$stage/"* ]] \
+        || vm_die "staging $1 would escape $VM_STAGE (via $(realpath -m "$VM_STAGE$(dirname "$1")"))"
+    if [[ -d "$VM_STAGE$1" ]]; then
+        [[ "$(realpath "$VM_STAGE$1")/" == "$stage/"* ]] || vm_die "staging $1 would escape $VM_STAGE"
+    fi
+}
+
+vm_stage_link() { # TARGET DST: create a symlink in the stage
+    local target="$1" dst="$2"
+    VM_HAVE[$dst]=1
+    vm_stage_safe "$dst"
+    mkdir -p "$VM_STAGE$(dirname "$dst")"
+    ln -sfn "$target" "$VM_STAGE$dst"
+}
+
+vm_stage_libs() { # BINARY: stage every library ldd lists, at the path ldd prints
+    local bin="$1" out line lib
+    if ! out="$(ldd "$bin" 2>&1)"; then
+        [[ "$out" == *"not a dynamic executable"* || "$out" == *"statically linked"* ]] && return 0
+        vm_die "ldd $bin failed: $out"
+    fi
+    if grep -q "not found" <<<"$out"; then vm_die "ldd $bin: missing libraries:"$'\n'"$out"; fi
+    while read -r line; do
+        lib=""
+        if [[ "$line" == *" => /"* ]]; then lib="${line#* => }"; lib="${lib%% (*}"
+        elif [[ "$line" == /* ]]; then lib="${line%% (*}"
+        fi
+        [[ -n "$lib" ]] || continue
+        [[ -n "${VM_HAVE[$lib]:-}" || -n "${VM_BASE[$lib]:-}" ]] && continue
+        vm_stage_file "$lib" "$lib"
+        VM_LIBDIRS[$(dirname "$lib")]=1
+    done <<<"$out"
+}
+
+vm_stage_bin() { # SRC DST: stage an executable and its libraries
+    local src="$1" dst="$2"
+    [[ -e "$src" ]] || vm_die "no such binary: $src"
+    src="$(realpath "$src")"
+    vm_stage_file "$src" "$dst"
+    chmod 0755 "$VM_STAGE$dst"
+    vm_stage_libs "$src"
+}
+
+# vm_bin_spec SPEC -> "SRC DST": SRC[:DST], DST defaulting to /usr/local/bin/NAME
+vm_bin_dst() {
+    local spec="$1"
+    if [[ "$spec" == *:/* ]]; then echo "${spec#*:}"; else echo "/usr/local/bin/$(basename "$spec")"; fi
+}
+vm_bin_src() { local spec="$1"; if [[ "$spec" == *:/* ]]; then echo "${spec%%:/*}"; else echo "$spec"; fi; }

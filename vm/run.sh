@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Usage: vm/run.sh [--initrd FILE] [--mem MB] [--smp N] [--timeout SECONDS]
-#                  [--file SRC:DST]... [--env NAME=VALUE]... [--append ARGS]
-#                  [--allow-kernel-issues] [--log FILE] SCRIPT [ARGS...]
+#                  [--bin SRC[:DST]]... [--file SRC:DST]... [--env NAME=VALUE]...
+#                  [--append KERNEL-ARGS] [--allow-kernel-issues] [--log FILE]
+#                  SCRIPT [ARGS...]
 #   Boots the Debian 6.12 cloud kernel in a qemu TCG VM with the base initramfs
-#   (--initrd, default: $UBLK_VM_CACHE/initramfs-base.cpio.gz, rebuilt with
-#   vm/initramfs.sh when missing or older than vm/) plus a small per-run cpio
+#   (--initrd, default: $UBLK_VM_CACHE/initramfs-base.cpio, rebuilt with
+#   vm/initramfs.sh when missing or older than its sources) plus a per-run cpio
 #   holding SCRIPT (run by /usr/bin/bash in the guest, cwd /tmp, stdin
-#   /dev/null), its ARGS, --env variables and --file SRC:DST extras.
+#   /dev/null), its ARGS, --env variables, --file SRC:DST extras and --bin
+#   executables (DST default /usr/local/bin/NAME) with those of their ldd
+#   libraries the base initramfs lacks (per its .manifest).
 #   Guest output streams to stdout. Exit status:
 #     the script's own exit status, when the guest reports it and the kernel
 #       log is clean;
@@ -22,7 +25,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//' >&2; exit 2; }
-INITRD="" MEM=2048 SMP=2 TIMEOUT=1200 FILES=() ENVS=() APPEND="" ALLOW_ISSUES=0 LOG=""
+INITRD="" MEM=2048 SMP=2 TIMEOUT=1200 FILES=() BINS=() ENVS=() APPEND="" ALLOW_ISSUES=0 LOG=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --initrd) INITRD="$2"; shift 2 ;;
@@ -30,6 +33,7 @@ while [[ $# -gt 0 ]]; do
         --smp) SMP="$2"; shift 2 ;;
         --timeout) TIMEOUT="$2"; shift 2 ;;
         --file) FILES+=("$2"); shift 2 ;;
+        --bin) BINS+=("$2"); shift 2 ;;
         --env) ENVS+=("$2"); shift 2 ;;
         --append) APPEND="$2"; shift 2 ;;
         --allow-kernel-issues) ALLOW_ISSUES=1; shift ;;
@@ -51,12 +55,16 @@ KDIR="$("$VM_DIR/kernel.sh")"
 KVER="$(cat "$KDIR/version")"
 
 if [[ -z "$INITRD" ]]; then
-    INITRD="$VM_CACHE/initramfs-base.cpio.gz"
+    INITRD="$VM_CACHE/initramfs-base.cpio"
+    mkdir -p "$VM_CACHE"
+    exec 8>"$VM_CACHE/.initramfs-base.lock"
+    flock 8
     if [[ ! -f "$INITRD" || "$(cat "$INITRD.kver" 2>/dev/null)" != "$KVER" ]] \
-       || [[ -n "$(find "$VM_DIR" -type f -newer "$INITRD" -print -quit)" ]]; then
+       || [[ -n "$(find "$VM_DIR/guest" "$VM_DIR/initramfs.sh" "$VM_DIR/lib.sh" -type f -newer "$INITRD" -print -quit)" ]]; then
         vm_log "building base initramfs $INITRD"
         "$VM_DIR/initramfs.sh" "$INITRD"
     fi
+    exec 8>&-
 fi
 [[ -f "$INITRD" ]] || { echo "run.sh: no such initrd: $INITRD" >&2; exit 2; }
 if [[ -f "$INITRD.kver" && "$(cat "$INITRD.kver")" != "$KVER" ]]; then
@@ -90,25 +98,41 @@ echo "$GTO" > "$R/test/timeout"
     for a in "$@"; do printf ' %q' "$a"; done
     printf '\n'
 } > "$R/test/main"
+VM_STAGE="$R"
 for spec in "${FILES[@]}"; do
     [[ "$spec" == *:/* ]] || { echo "run.sh: --file wants SRC:/ABS/DST, got $spec" >&2; exit 2; }
-    src="${spec%%:*}"; dst="${spec#*:}"
-    case "$dst" in /tmp|/tmp/*|/run|/run/*|/dev|/dev/*|/proc|/proc/*|/sys|/sys/*)
-        echo "run.sh: --file destination $dst would be hidden by a guest mount" >&2; exit 2 ;;
+    src="${spec%%:/*}"; dst="/${spec#*:/}"
+    case "$dst" in /tmp|/tmp/*|/run|/run/*|/dev|/dev/*|/proc|/proc/*|/sys|/sys/*|/test|/test/*)
+        echo "run.sh: --file destination $dst would be hidden by a guest mount or clash with /test" >&2; exit 2 ;;
     esac
     [[ -e "$src" ]] || { echo "run.sh: no such file: $src" >&2; exit 2; }
-    mkdir -p "$R$(dirname "$dst")"
-    if [[ -d "$src" ]]; then mkdir -p "$R$dst"; cp -a "$src/." "$R$dst/"; else cp -L --preserve=mode "$src" "$R$dst"; fi
+    vm_stage_file "$src" "$dst"
 done
-# The base archive is gzip'd: appending another gzip member needs no alignment.
+if [[ ${#BINS[@]} -gt 0 ]]; then
+    if [[ -f "$INITRD.manifest" ]]; then
+        while read -r p; do VM_BASE[$p]=1; done < "$INITRD.manifest"
+    fi
+    for spec in "${BINS[@]}"; do
+        vm_stage_bin "$(vm_bin_src "$spec")" "$(vm_bin_dst "$spec")"
+    done
+    if [[ ${#VM_LIBDIRS[@]} -gt 0 ]]; then
+        mkdir -p "$R/etc/ld.so.conf.d"
+        printf '%s\n' "${!VM_LIBDIRS[@]}" > "$R/etc/ld.so.conf.d/ublk-vm-run.conf"
+    fi
+fi
+# Concatenated initramfs: the base, zero padding to a 4-byte boundary (the
+# kernel skips zeros between archives), then the uncompressed per-run cpio.
 cp "$INITRD" "$WORK/initrd"
-( cd "$R" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet ) \
-    | gzip -1 >> "$WORK/initrd"
+pad=$(( (4 - $(stat -c %s "$WORK/initrd") % 4) % 4 ))
+head -c "$pad" /dev/zero >> "$WORK/initrd"
+( cd "$R" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet ) >> "$WORK/initrd"
 
 # ---- boot ---------------------------------------------------------------------------------------
 OUTLOG="$WORK/console.log"
 # clearcpuid=cx16: without it the guest oopses at random under TCG here.
-CMDLINE="console=ttyS0 quiet panic=-1 clearcpuid=cx16 rdinit=/init $APPEND"
+# mitigations=off: retpolines etc. cost ~1/3 of the syscall speed under TCG.
+# log_buf_len: keep the whole kernel log for the final oops/hung-task scan.
+CMDLINE="console=ttyS0 quiet panic=-1 clearcpuid=cx16 mitigations=off log_buf_len=8M rdinit=/init $APPEND"
 # shellcheck disable=SC2206
 QEMU=(qemu-system-x86_64 -accel tcg,thread=multi -cpu max,la57=off -m "$MEM" -smp "$SMP"
       -nodefaults -no-user-config -display none -serial stdio -no-reboot
@@ -131,21 +155,21 @@ T2=$(date +%s.%N)
 [[ -n "$LOG" ]] && cp "$OUTLOG" "$LOG"
 
 if [[ -s "$WORK/qemu.err" ]]; then echo "---- qemu stderr ----" >&2; cat "$WORK/qemu.err" >&2; fi
-boot=$(sed -n 's/^@@BOOTED uptime=\([0-9.]*\)s.*/\1/p' "$OUTLOG" | head -n 1)
+boot=$(grep -ao '@@BOOTED uptime=[0-9.]*' "$OUTLOG" | head -n 1 | sed 's/.*=//' || true)
 summary() { printf '[vm] %s (guest boot %ss, qemu %.1fs, total %.1fs)\n' "$1" "${boot:-?}" \
     "$(awk "BEGIN{print $T2 - $T1}")" "$(awk "BEGIN{print $T2 - $T0}")" >&2; }
 
 # Kernel problems: reported by the guest's final dmesg scan, or visible on the
 # console (timestamped kernel lines) when the guest never got that far.
 KPAT='blocked for more than|BUG:|kernel BUG|Oops|WARNING:|general protection fault|soft lockup|hard LOCKUP|rcu_.*stall|RCU stall|Kernel panic|UBSAN:|KASAN:|refcount_t:|list_add corruption|list_del corruption'
-issues=$(sed -n 's/^@@KERNEL-ISSUES=\([0-9]*\)@@$/\1/p' "$OUTLOG" | tail -n 1)
-console_issues=$(grep -cE "^\[ *[0-9]+\.[0-9]+\] .*($KPAT)" "$OUTLOG" || true)
-rc=$(sed -n 's/^@@EXIT=\([0-9]*\)@@$/\1/p' "$OUTLOG" | tail -n 1)
+issues=$(grep -ao '@@KERNEL-ISSUES=[0-9]*@@' "$OUTLOG" | tail -n 1 | tr -dc 0-9 || true)
+console_issues=$(grep -acE "^\[ *[0-9]+\.[0-9]+\] .*($KPAT)" "$OUTLOG" || true)
+rc=$(grep -ao '@@EXIT=[0-9]*@@' "$OUTLOG" | tail -n 1 | tr -dc 0-9 || true)
 
 if [[ "$QRC" == 124 || "$QRC" == 137 ]]; then
     summary "TIMEOUT: qemu killed after ${TIMEOUT}s"; exit 124
 fi
-if grep -q '^@@GUEST-TIMEOUT' "$OUTLOG"; then
+if grep -aq '@@GUEST-TIMEOUT' "$OUTLOG"; then
     summary "TIMEOUT: the test script ran longer than ${GTO}s"; exit 124
 fi
 if [[ -z "$rc" ]]; then
