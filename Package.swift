@@ -19,7 +19,7 @@ let package = Package(
         // The engine (control ring, queues, lifecycle) and the targets.
         .target(
             name: "UblkTarget",
-            dependencies: ["CUring"]
+            dependencies: ["CUring", "PageCache"]
         ),
         // The command line: argument parsing, JSON output, daemonizing. Nothing else.
         .target(
@@ -33,9 +33,24 @@ let package = Package(
             name: "ublk-http",
             dependencies: ["UblkCLI"]
         ),
+        // ABI only: non-variadic wrappers for libcurl's variadic calls.
+        .target(
+            name: "CCurl",
+            linkerSettings: [.linkedLibrary("curl")]
+        ),
+        // The cache engine: page bitmap, cache file, fetch planner, HTTP range source.
+        // No kernel, no io_uring: fully host-testable.
+        .target(
+            name: "PageCache",
+            dependencies: ["CCurl"]
+        ),
+        .testTarget(
+            name: "PageCacheTests",
+            dependencies: ["PageCache"]
+        ),
         .testTarget(
             name: "UblkTargetTests",
-            dependencies: ["UblkTarget", "UblkCLI", "CUring"]
+            dependencies: ["UblkTarget", "UblkCLI", "CUring", "PageCache"]
         ),
     ],
     swiftLanguageModes: [.v5]

@@ -13,6 +13,8 @@ rc=0
 if [[ $mode != vm ]]; then
     echo "== host tests (swift test)"
     swift test 2>&1 | tee /tmp/ublk-http-swift-test.log | grep -vE "^Test Case .* (started|passed)" || rc=1
+    echo "== host tests of prefetch/status (nginx, moto S3)"
+    tests/host/cli.sh .build/debug/ublk-http || rc=1
 fi
 if [[ $mode != host ]]; then
     echo "== VM tests on the real ublk driver"

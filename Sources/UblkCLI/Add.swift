@@ -10,13 +10,24 @@ struct Add: ParsableCommand {
             Targets:
               null   reads zeros, accepts and drops writes.   --size (default 250G)
               loop   a file or block device.                   -f FILE [--buffered]
+              http   a disk image on an HTTP(S) server or in S3, read-only, fetched
+                     on demand into a persistent page cache.   --url URL [--cache FILE
+                     --bitmap FILE] [--header 'K: V']... [--user NAME --password-file F]
+                     [--cacert FILE | --insecure] [--timeout S] [--connections N]
+                     [--readahead SIZE] [--page-size 4096] [--s3-endpoint URL --region R]
+
+            http: the cache and bitmap default to /var/cache/ublk-http/NAME-HASH.{cache,bitmap},
+            keyed by the URL; the next `add` of the same URL reuses what was fetched, unless
+            the remote changed (ETag, Last-Modified, size): then the cache starts afresh.
+            S3 credentials come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
+            AWS_SESSION_TOKEN, or ~/.aws/credentials.
 
             Prints one JSON object (dev_id, block_device, char_device, pid, target, ...)
             once /dev/ublkbN is live. Without --foreground the server detaches and runs
             until `ublk-http del -n ID`, SIGTERM or SIGINT.
             """)
 
-    @Option(name: [.short, .customLong("type")], help: "Target type: null or loop.")
+    @Option(name: [.short, .customLong("type")], help: "Target type: null, loop or http.")
     var type: String
 
     @Option(name: [.short, .customLong("number")], help: "Device id N for /dev/ublkbN (default: the first free one).")
@@ -37,6 +48,9 @@ struct Add: ParsableCommand {
     @Flag(name: .customLong("buffered"), help: "loop: use the page cache instead of O_DIRECT.")
     var buffered = false
 
+    @OptionGroup(title: "http target")
+    var http: HTTPOptions
+
     @Flag(name: .customLong("read-only"), help: "Expose the device read-only.")
     var readOnly = false
 
@@ -47,8 +61,8 @@ struct Add: ParsableCommand {
     var readyFD: Int32?
 
     func validate() throws {
-        guard ["null", "loop"].contains(type) else {
-            throw Failure("unknown target type '\(type)' (known: null, loop)")
+        guard ["null", "loop", "http"].contains(type) else {
+            throw Failure("unknown target type '\(type)' (known: null, loop, http)")
         }
         if let n = number, n < 0 || n >= Int(Int32.max) { throw Failure("bad device id \(n)") }
         guard (1...64).contains(queues) else { throw Failure("--queues must be between 1 and 64, not \(queues)") }
@@ -56,6 +70,12 @@ struct Add: ParsableCommand {
         if type != "null" && size != nil { throw Failure("--size applies to the null target only") }
         if type != "loop" && (file != nil || buffered) { throw Failure("-f/--file and --buffered apply to the loop target only") }
         if type == "loop" && file == nil { throw Failure("the loop target needs a backing file: -f FILE") }
+        if type == "http" {
+            try http.check()
+            if queues != 1 { throw Failure("the http target serves one queue: drop -q") }
+        } else if http.given {
+            throw Failure("--url and the other http options apply to the http target only")
+        }
     }
 
     func makeTarget() throws -> Target {
@@ -71,6 +91,9 @@ struct Add: ParsableCommand {
             return NullTarget(size: bytes, readOnly: readOnly)
         case "loop":
             do { return try LoopTarget(path: file!, buffered: buffered, readOnly: readOnly) } catch { throw Failure(error) }
+        case "http":
+            let options = try http.targetOptions()
+            do { return try HTTPTarget(options) } catch { throw Failure(error) }
         default:
             throw Failure("unknown target type '\(type)'")
         }
@@ -88,8 +111,9 @@ struct Add: ParsableCommand {
         if foreground {
             try serve()
         } else {
-            // Check what can be checked here, so that errors need no round trip.
-            _ = try makeTarget()
+            // Check what can be checked here, so that errors need no round trip
+            // (http probes the network and locks its bitmap: the server does that).
+            if type != "http" { _ = try makeTarget() }
             try requireRoot()
             _ = try openControl()
             let line = try Daemon.spawnServer(arguments: Array(CommandLine.arguments.dropFirst()))

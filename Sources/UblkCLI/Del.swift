@@ -77,14 +77,19 @@ enum Devices {
             throw Failure("ublk\(id): GET_DEV_INFO failed: \(error)")
         }
         let pid = info.ublksrv_pid
-        // STOP_DEV makes the server's queues end; the server then deletes the device itself.
+        let comm = (try? String(contentsOfFile: "/proc/\(pid)/comm", encoding: .utf8)) ?? ""
+        let ours = processAlive(pid) && comm.hasPrefix("ublk-http")
+        if ours {
+            // Our server stops cleanly on SIGTERM: it fails what waits on slow
+            // sources, persists its cache state, stops and deletes the device.
+            kill(pid, SIGTERM)
+            _ = waitGone(pid, seconds: 20)
+        }
+        // Whoever serves it (or nobody, after a crash): STOP_DEV ends its queues.
         try? control.stop(id)
-        if processAlive(pid) && !waitGone(pid, seconds: 15) {
-            let comm = (try? String(contentsOfFile: "/proc/\(pid)/comm", encoding: .utf8)) ?? ""
-            if comm.hasPrefix("ublk-http") {
-                kill(pid, SIGKILL)
-                _ = waitGone(pid, seconds: 5)
-            }
+        if processAlive(pid) && !waitGone(pid, seconds: 15) && ours {
+            kill(pid, SIGKILL)
+            _ = waitGone(pid, seconds: 5)
         }
         do { try control.delete(id) } catch where error != .noDevice {
             throw Failure("ublk\(id): DEL_DEV failed: \(error)")

@@ -23,10 +23,11 @@ struct List: ParsableCommand {
         var blockDevice: String
         var charDevice: String
         var readOnly: Bool?
+        var stats: HTTPStats?
         enum CodingKeys: String, CodingKey {
             case devID = "dev_id", state, queues, depth, size, target, targetOptions = "target_options", pid
             case serverRunning = "server_running", blockDevice = "block_device", charDevice = "char_device"
-            case readOnly = "read_only"
+            case readOnly = "read_only", stats
         }
     }
 
@@ -55,8 +56,30 @@ struct List: ParsableCommand {
                              depth: Int(info.queue_depth), size: size, target: saved?.target,
                              targetOptions: saved?.targetOptions, pid: info.ublksrv_pid,
                              serverRunning: Devices.processAlive(info.ublksrv_pid),
-                             blockDevice: "/dev/ublkb\(id)", charDevice: "/dev/ublkc\(id)", readOnly: saved?.readOnly))
+                             blockDevice: "/dev/ublkb\(id)", charDevice: "/dev/ublkc\(id)", readOnly: saved?.readOnly,
+                             stats: HTTPStats.load(id)))
         }
         print(jsonLine(out))
+    }
+}
+
+struct Stats: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Print a device's cache statistics in Prometheus text format (--json: as JSON).",
+        discussion: "The server publishes them once a second while they change.")
+
+    @Option(name: [.short, .customLong("number")], help: "Device id N (/dev/ublkbN).")
+    var number: Int
+
+    @Flag(name: .customLong("json"), help: "JSON instead of Prometheus text.")
+    var json = false
+
+    func run() throws {
+        let id = UInt32(clamping: number)
+        guard let stats = HTTPStats.load(id) else {
+            if DeviceState.load(id) == nil { throw Failure("no such device: ublk\(id)") }
+            throw Failure("ublk\(id) has no cache statistics (only the http target keeps them)")
+        }
+        print(json ? jsonLine(stats) : stats.prometheus(device: id), terminator: json ? "\n" : "")
     }
 }

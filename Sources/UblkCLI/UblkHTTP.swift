@@ -12,6 +12,8 @@ public struct UblkHTTP: ParsableCommand {
             Examples:
               ublk-http add -t null --size 1G          a 1 GiB device that reads zeros
               ublk-http add -t loop -f disk.img        disk.img as /dev/ublkbN
+              ublk-http add -t http --url URL          a remote disk image, fetched on demand
+              ublk-http stats -n 0                     cache statistics (Prometheus text)
               ublk-http list                           devices, as JSON
               ublk-http del -n 0                       stop and remove /dev/ublkb0
               ublk-http features                       what the kernel's driver supports
@@ -20,7 +22,7 @@ public struct UblkHTTP: ParsableCommand {
             keeps running in the background until `del`, SIGTERM or SIGINT.
             Needs root and the ublk_drv module (modprobe ublk_drv).
             """,
-        subcommands: [Add.self, Del.self, List.self, Features.self]
+        subcommands: [Add.self, Del.self, List.self, Stats.self, Prefetch.self, Status.self, Features.self]
     )
     public init() {}
 }

@@ -65,6 +65,15 @@ final class CLITests: XCTestCase {
             (["add", "-t", "loop", "-f", "/x", "--size", "1G"], "applies to the null target only"),
             (["del"], "give either -n ID or -a"),
             (["del", "-n", "1", "-a"], "give either -n ID or -a"),
+            (["add", "-t", "http"], "needs --url URL"),
+            (["add", "-t", "http", "--url", "ftp://h/x"], "bad --url 'ftp://h/x'"),
+            (["add", "-t", "http", "--url", "http://h/x", "-q", "2"], "serves one queue"),
+            (["add", "-t", "http", "--url", "http://h/x", "--insecure", "--cacert", "/etc/hosts"], "contradict"),
+            (["add", "-t", "http", "--url", "http://h/x", "--user", "u"], "--user and --password-file go together"),
+            (["add", "-t", "http", "--url", "http://h/x", "--header", "nocolon"], "bad --header"),
+            (["add", "-t", "http", "--url", "http://h/x", "--readahead", "lots"], "bad --readahead"),
+            (["add", "-t", "null", "--url", "http://h/x"], "apply to the http target only"),
+            (["prefetch", "--url", "http://h/x", "--connections", "0"], "--connections must be"),
         ]
         for (args, expected) in cases {
             let msg = failure(args)
@@ -82,6 +91,37 @@ final class CLITests: XCTestCase {
             XCTAssertTrue("\($0)".contains("/nonexistent/x.img"))
             XCTAssertTrue("\($0)".contains("No such file"))
         }
+    }
+
+    func testHTTPDefaultsAndPaths() throws {
+        let a = try parseAdd(["-t", "http", "--url", "https://example.org/images/disk.img?sig=1", "--header", "X-A: b",
+                              "--timeout", "5", "--connections", "4", "--readahead", "2M"])
+        let o = try a.http.targetOptions()
+        XCTAssertEqual(o.http.url, "https://example.org/images/disk.img?sig=1")
+        XCTAssertEqual(o.http.headers, ["X-A: b"])
+        XCTAssertEqual(o.http.requestTimeout, 5)
+        XCTAssertEqual(o.http.maxConnections, 4)
+        XCTAssertEqual(o.readaheadBytes, 2 << 20)
+        XCTAssertEqual(o.pageSize, 4096)
+        XCTAssertTrue(o.cachePath.hasPrefix("/var/cache/ublk-http/disk.img-"), o.cachePath)
+        XCTAssertTrue(o.cachePath.hasSuffix(".cache"))
+        XCTAssertEqual(o.bitmapPath, String(o.cachePath.dropLast(6)) + ".bitmap")
+        // Another URL, another cache.
+        let b = try parseAdd(["-t", "http", "--url", "https://example.org/other/disk.img"])
+        XCTAssertNotEqual(try b.http.targetOptions().cachePath, o.cachePath)
+        // An explicit cache puts the bitmap beside it.
+        let c = try parseAdd(["-t", "http", "--url", "http://h/x", "--cache", "/tmp/x.cache"])
+        XCTAssertEqual(try c.http.targetOptions().bitmapPath, "/tmp/x.cache.bitmap")
+    }
+
+    func testPasswordComesFromAFile() throws {
+        let path = NSTemporaryDirectory() + "/ublk-pw-\(getpid())"
+        FileManager.default.createFile(atPath: path, contents: Data("s3cret\n".utf8))
+        defer { unlink(path) }
+        let a = try parseAdd(["-t", "http", "--url", "http://h/x", "--user", "me", "--password-file", path])
+        let o = try a.http.targetOptions()
+        XCTAssertEqual(o.http.username, "me")
+        XCTAssertEqual(o.http.password, "s3cret")
     }
 
     func testFeatureNames() {

@@ -49,7 +49,11 @@ dead() { ! kill -0 "$1" 2>/dev/null || grep -q '^State:.*Z' "/proc/$1/status" 2>
 # add ARGS...: runs `ublk-http add`, stores its JSON in $DEV_JSON and its fields
 # in DEV_ID, DEV_B (block device), DEV_PID.
 add() {
-    DEV_JSON=$(timeout 60 "$UBLK" add "$@") || { echo "add $* failed: $DEV_JSON" >&2; return 1; }
+    DEV_JSON=$(timeout 60 "$UBLK" add "$@") || {
+        echo "add $* failed: $DEV_JSON" >&2
+        tail -n 30 /run/ublk-http/server.log >&2 2>/dev/null
+        return 1
+    }
     DEV_ID=$(echo "$DEV_JSON" | jq -r .dev_id)
     DEV_B=$(echo "$DEV_JSON" | jq -r .block_device)
     DEV_PID=$(echo "$DEV_JSON" | jq -r .pid)

@@ -15,6 +15,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/timerfd.h>
 #include <sys/mman.h>
 #include <linux/fs.h>
 #include <linux/falloc.h>
@@ -375,6 +376,16 @@ static inline int cu_errno(void) { return errno; }
 /* In shim.c (they need _GNU_SOURCE). */
 extern const short cu_posix_spawn_setsid;
 int cu_pipe_cloexec(int fds[2]);
+
+/* A non-blocking monotonic timerfd, and arming it once, `nanos` from now (0 disarms). */
+static inline int cu_timerfd(void) { return timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK); }
+static inline int cu_timerfd_arm(int fd, __u64 nanos) {
+    struct itimerspec spec;
+    memset(&spec, 0, sizeof(spec));
+    spec.it_value.tv_sec = (time_t)(nanos / 1000000000ULL);
+    spec.it_value.tv_nsec = (long)(nanos % 1000000000ULL);
+    return timerfd_settime(fd, 0, &spec, NULL);
+}
 
 static inline int cu_eventfd(unsigned initval, int flags) { return eventfd(initval, flags); }
 

@@ -64,6 +64,7 @@ public struct DeviceState: Codable, Sendable {
 
     public static func remove(_ id: UInt32) {
         unlink(path(id))
+        unlink("\(directory)/ublk\(id).stats.json")
     }
 
     /// Ids with a state file.

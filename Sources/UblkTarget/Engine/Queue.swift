@@ -28,9 +28,11 @@ public final class Queue {
     private var buffers: UnsafeMutableRawPointer!
     private var handler: QueueHandler!
 
-    /// Eventfd another thread writes to ask the loop to stop.
+    /// Eventfds other threads write to: drain (device about to stop), then stop.
+    let drainFD: Int32
     let wakeFD: Int32
     private static let wakeData = UInt32.max
+    private static let drainData = UInt32.max - 1
 
     private var liveTags = 0
     private var targetInflight = 0
@@ -43,12 +45,14 @@ public final class Queue {
         self.bufferSize = bufferSize
         self.charFD = charFD
         self.wakeFD = cu_eventfd(0, cu_efd_cloexec)
+        self.drainFD = cu_eventfd(0, cu_efd_cloexec)
     }
 
     deinit {
         if let d = descriptors { munmap(UnsafeMutableRawPointer(mutating: d), descriptorsLength) }
         if let b = buffers { munmap(b, depth * bufferSize) }
         close(wakeFD)
+        close(drainFD)
     }
 
     /// The tag's I/O buffer (page aligned, `bufferSize` bytes).
@@ -60,7 +64,7 @@ public final class Queue {
     // MARK: Setup (on the queue's thread)
 
     func setUp(target: Target) throws(UblkError) {
-        if wakeFD < 0 { throw UblkError("eventfd", errno: .current) }
+        if wakeFD < 0 || drainFD < 0 { throw UblkError("eventfd", errno: .current) }
         // Try the cheapest completion mode first; older kernels lack DEFER_TASKRUN.
         let entries = UInt32(max(64, depth * 2))
         let preferred = cu_setup_coop | cu_setup_single_issuer | cu_setup_defer_taskrun
@@ -107,7 +111,11 @@ public final class Queue {
             handler.idle(queue: self)
         }
         ring.submit()
+        handler.shutdown(queue: self)
     }
+
+    /// The tag a target uses for its own I/O that belongs to no request (flushes, timers).
+    public static let internalTag = UInt16.max
 
     @inline(__always)
     private func dispatch(_ cqe: cu_cqe) {
@@ -136,6 +144,10 @@ public final class Queue {
                 var v: UInt64 = 0
                 _ = Glibc.read(wakeFD, &v, 8)
                 stopRequested = true
+            } else if ud.data == Queue.drainData {
+                var v: UInt64 = 0
+                _ = Glibc.read(drainFD, &v, 8)
+                handler.drain(queue: self)
             } else {
                 handler.eventFired(data: ud.data, result: cqe.res, queue: self)
             }
@@ -144,6 +156,13 @@ public final class Queue {
 
     private func armWake() {
         cu_prep_poll_add(ring.sqe(), wakeFD, cu_poll_in, UserData(kind: .event, data: Queue.wakeData).encoded)
+        cu_prep_poll_add(ring.sqe(), drainFD, cu_poll_in, UserData(kind: .event, data: Queue.drainData).encoded)
+    }
+
+    /// Asks the handler to finish what waits on slow sources (from any thread).
+    func requestDrain() {
+        var one: UInt64 = 1
+        _ = Glibc.write(drainFD, &one, 8)
     }
 
     /// Asks the loop to end (from any thread).
@@ -193,7 +212,7 @@ public final class Queue {
 
     /// Arms a one-shot poll for readability of `fd`; `eventFired(data:)` follows.
     public func poll(fd: Int32, data: UInt32) {
-        precondition(data != Queue.wakeData)
+        precondition(data < Queue.drainData)
         cu_prep_poll_add(ring.sqe(), fd, cu_poll_in, UserData(kind: .event, data: data).encoded)
     }
 }

@@ -197,6 +197,7 @@ public final class Server {
 
     /// Stops and deletes the device; idempotent, never throws (best effort, logged).
     public func shutdown() {
+        for q in queues { q.requestDrain() }
         if added { try? control.stop(deviceID) }
         for q in queues { q.wake() }
         for t in threads { pthread_join(t, nil) }

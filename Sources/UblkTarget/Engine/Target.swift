@@ -79,10 +79,16 @@ public protocol QueueHandler: AnyObject {
     func eventFired(data: UInt32, result: Int32, queue: Queue)
     /// After each batch of completions, before the queue sleeps: the place to flush batched work.
     func idle(queue: Queue)
+    /// The device is about to stop: fail or finish what waits on slow sources, promptly.
+    func drain(queue: Queue)
+    /// The loop has ended (device stopping); last chance to persist state. Blocking is allowed here.
+    func shutdown(queue: Queue)
 }
 
 extension QueueHandler {
     public func ioCompleted(tag: UInt16, sub: UInt8, data: UInt32, result: Int32, queue: Queue) {}
     public func eventFired(data: UInt32, result: Int32, queue: Queue) {}
     public func idle(queue: Queue) {}
+    public func drain(queue: Queue) {}
+    public func shutdown(queue: Queue) {}
 }

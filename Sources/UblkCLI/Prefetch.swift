@@ -1,0 +1,197 @@
+import ArgumentParser
+import FoundationEssentials
+import Glibc
+import PageCache
+import UblkTarget
+
+/// Hydrates a cache without a device: what `add -t http` would fetch on reads,
+/// fetched ahead, in the same files. Works without ublk_drv.
+struct Prefetch: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Fetch (part of) a remote image into the cache, without a device.",
+        discussion: """
+            Uses the same --cache/--bitmap files (and defaults) as `add -t http`, so a
+            later `add` finds the pages present. Shows a progress bar on a terminal,
+            plain lines otherwise. Needs neither root nor ublk_drv.
+            """)
+
+    @OptionGroup var http: HTTPOptions
+
+    @Option(name: .customLong("range"), help: "Only bytes A-B of the image (K/M/G suffixes; B inclusive, or empty for the end).")
+    var range: String?
+
+    func validate() throws { try http.check() }
+
+    func parseRange(size: UInt64) throws -> Range<UInt64> {
+        guard let r = range else { return 0..<size }
+        let parts = r.split(separator: "-", maxSplits: 1, omittingEmptySubsequences: false)
+        guard parts.count == 2, let a = Size.parse(String(parts[0])) else { throw Failure("bad --range '\(r)': expected A-B") }
+        let b = parts[1].isEmpty ? size : (Size.parse(String(parts[1])).map { $0 + 1 })
+        guard let end = b, a < end else { throw Failure("bad --range '\(r)': expected A-B with A <= B") }
+        return min(a, size)..<min(end, size)
+    }
+
+    func run() throws {
+        let o = try http.targetOptions()
+        let source: HTTPSource
+        let remote: RemoteImage
+        do {
+            source = try HTTPSource(config: o.http)
+            remote = try source.probeBlocking()
+        } catch { throw Failure("\(error)") }
+        let identity = BitmapIdentity(kind: .present, pageSize: o.pageSize, imageSize: remote.size,
+                                      url: o.http.url, etag: remote.etag, lastModified: remote.lastModified)
+        let bitmap: Bitmap
+        let cache: CacheFile
+        do {
+            let opened = try Bitmap.open(path: o.bitmapPath, identity: identity)
+            bitmap = opened.bitmap
+            cache = try CacheFile(path: o.cachePath, size: remote.size)
+            if case .invalidated(let why) = opened.outcome {
+                try bitmap.startAfresh()
+                try cache.discardAll()
+                printError("ublk-http: the remote image changed (\(why)); the cache starts afresh\n")
+            }
+        } catch { throw Failure("\(error)") }
+
+        let bytes = try parseRange(size: remote.size)
+        let ps = UInt64(o.pageSize)
+        let pages = bytes.lowerBound / ps..<(bytes.upperBound + ps - 1) / ps
+        // The missing runs, cut into requests of at most 4 MiB.
+        var runs: [Range<UInt64>] = []
+        var p = pages.lowerBound
+        let maxPages = UInt64(4 << 20) / ps
+        while p < pages.upperBound, let m = bitmap.bits.nextClear(in: p..<pages.upperBound) {
+            let e = bitmap.bits.nextSet(in: m..<pages.upperBound) ?? pages.upperBound
+            var s = m
+            while s < e { runs.append(s..<min(e, s + maxPages)); s = min(e, s + maxPages) }
+            p = e
+        }
+        let total = runs.reduce(UInt64(0)) { $0 + min($1.upperBound * ps, remote.size) - $1.lowerBound * ps }
+        let progress = Progress(total: total)
+        var next = 0, active = 0
+        var failure: HTTPError?
+        var lastCommit = monotonicNanos()
+        func startMore() {
+            while active < o.http.maxConnections && next < runs.count && failure == nil {
+                let run = runs[next]
+                next += 1
+                active += 1
+                let offset = run.lowerBound * ps
+                let length = Int(min(run.upperBound * ps, remote.size) - offset)
+                source.fetch(offset: offset, length: length, onData: { off, data in
+                    guard (try? cache.write(data, at: off)) != nil else { return false }
+                    progress.add(UInt64(data.count))
+                    return true
+                }, completion: { result in
+                    active -= 1
+                    switch result {
+                    case .success: bitmap.markPresent(run)
+                    case .failure(let e): failure = failure ?? e
+                    }
+                    if monotonicNanos() &- lastCommit > 2_000_000_000 {
+                        try? bitmap.commit(syncing: cache)
+                        lastCommit = monotonicNanos()
+                    }
+                    startMore()
+                })
+            }
+        }
+        startMore()
+        while !source.isIdle { source.runUntilIdle(timeout: 0.25); progress.show() }
+        progress.finish()
+        do { try bitmap.commit(syncing: cache) } catch { throw Failure("cannot persist the bitmap: \(error)") }
+        if let failure { throw Failure("\(failure)") }
+    }
+}
+
+/// A progress bar on a terminal (bytes, rate, ETA); a line every few seconds otherwise.
+final class Progress {
+    let total: UInt64
+    var done: UInt64 = 0
+    let start = monotonicNanos()
+    var lastShown: UInt64 = 0
+    let tty = isatty(2) != 0
+
+    init(total: UInt64) { self.total = total }
+    func add(_ n: UInt64) { done += n }
+
+    func line() -> String {
+        let secs = max(Double(monotonicNanos() - start) / 1e9, 0.001)
+        let rate = Double(done) / secs
+        let eta = rate > 0 ? Double(total - min(done, total)) / rate : 0
+        let pct = total == 0 ? 100 : Int(Double(done) * 100 / Double(total))
+        return "\(Size.format(done)) / \(Size.format(total)) (\(pct)%)  \(Size.format(UInt64(rate)))/s  ETA \(Int(eta))s"
+    }
+
+    func show() {
+        let now = monotonicNanos()
+        if tty {
+            guard now - lastShown > 100_000_000 else { return }
+            let width = 30
+            let filled = total == 0 ? width : Int(Double(done) / Double(total) * Double(width))
+            let bar = String(repeating: "#", count: min(filled, width)) + String(repeating: "-", count: max(0, width - filled))
+            printError("\r[\(bar)] \(line())\u{1b}[K")
+        } else {
+            guard now - lastShown > 5_000_000_000 else { return }
+            printError("prefetch: \(line())\n")
+        }
+        lastShown = now
+    }
+
+    func finish() {
+        lastShown = 0
+        if tty { show(); printError("\n") } else { printError("prefetch: \(line())\n") }
+    }
+}
+
+/// Writes to stderr as is (no newline added).
+func printError(_ s: String) {
+    _ = s.withCString { Glibc.write(2, $0, strlen($0)) }
+}
+
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Print a cache's state as JSON: pages present, percent, validators, URL.",
+        discussion: "Reads only the bitmap file; needs neither the network, root nor ublk_drv.")
+
+    @Option(name: .customLong("bitmap"), help: "The page bitmap file.")
+    var bitmap: String
+
+    @Option(name: .customLong("cache"), help: "The cache file (its allocated size is reported).")
+    var cache: String?
+
+    struct Output: Encodable {
+        var url: String
+        var etag: String?
+        var lastModified: String?
+        var pageSize: Int
+        var imageSize: UInt64
+        var pagesPresent: UInt64
+        var pagesTotal: UInt64
+        var percent: Double
+        var cacheAllocatedBytes: UInt64?
+        enum CodingKeys: String, CodingKey {
+            case url, etag, lastModified = "last_modified", pageSize = "page_size", imageSize = "image_size"
+            case pagesPresent = "pages_present", pagesTotal = "pages_total", percent
+            case cacheAllocatedBytes = "cache_allocated_bytes"
+        }
+    }
+
+    func run() throws {
+        let info: BitmapInfo
+        do { info = try Bitmap.inspect(path: bitmap) } catch { throw Failure("\(error)") }
+        var allocated: UInt64?
+        if let cache {
+            var st = stat()
+            guard stat(cache, &st) == 0 else { throw Failure("cannot read \(cache): \(Errno.current)") }
+            allocated = UInt64(st.st_blocks) * 512
+        }
+        let total = info.identity.pageCount
+        let pct = total == 0 ? 100 : (Double(info.present) * 10000 / Double(total)).rounded() / 100
+        print(jsonLine(Output(url: info.identity.url, etag: info.identity.etag, lastModified: info.identity.lastModified,
+                              pageSize: info.identity.pageSize, imageSize: info.identity.imageSize,
+                              pagesPresent: info.present, pagesTotal: total, percent: pct,
+                              cacheAllocatedBytes: allocated)))
+    }
+}

@@ -1,0 +1,62 @@
+// HTTPStats: the http target's counters as the server publishes them, once a
+// second while they change, to /run/ublk-http/ublkN.stats.json (atomically),
+// for `list` and `stats` to read from another process.
+import FoundationEssentials
+import Glibc
+
+public struct HTTPStats: Codable, Sendable {
+    public var hits: UInt64
+    public var misses: UInt64
+    public var bytesFetched: UInt64
+    public var requests: UInt64
+    public var retries: UInt64
+    public var errors: UInt64
+    public var missLatencyP50Ms: Double?
+    public var missLatencyP99Ms: Double?
+    public var pagesPresent: UInt64
+    public var pagesTotal: UInt64
+    public var pageSize: Int
+
+    enum CodingKeys: String, CodingKey {
+        case hits, misses, bytesFetched = "bytes_fetched", requests, retries, errors
+        case missLatencyP50Ms = "miss_latency_p50_ms", missLatencyP99Ms = "miss_latency_p99_ms"
+        case pagesPresent = "pages_present", pagesTotal = "pages_total", pageSize = "page_size"
+    }
+
+    public static func path(_ id: UInt32) -> String { "\(DeviceState.directory)/ublk\(id).stats.json" }
+
+    public func save(device id: UInt32) {
+        let enc = JSONEncoder()
+        enc.outputFormatting = [.sortedKeys]
+        guard let data = try? enc.encode(self) else { return }
+        let tmp = HTTPStats.path(id) + ".tmp"
+        guard (try? data.write(to: URL(fileURLWithPath: tmp))) != nil else { return }
+        rename(tmp, HTTPStats.path(id))
+    }
+
+    public static func load(_ id: UInt32) -> HTTPStats? {
+        guard let data = FileManager.default.contents(atPath: path(id)) else { return nil }
+        return try? JSONDecoder().decode(HTTPStats.self, from: data)
+    }
+
+    /// Prometheus text exposition format.
+    public func prometheus(device id: UInt32) -> String {
+        let l = "{device=\"ublkb\(id)\"}"
+        var out = ""
+        func metric(_ name: String, _ type: String, _ help: String, _ value: String) {
+            out += "# HELP ublk_http_\(name) \(help)\n# TYPE ublk_http_\(name) \(type)\n"
+            out += "ublk_http_\(name)\(l) \(value)\n"
+        }
+        metric("cache_hits_total", "counter", "Reads served entirely from the cache file.", "\(hits)")
+        metric("cache_misses_total", "counter", "Reads that waited for a fetch.", "\(misses)")
+        metric("fetched_bytes_total", "counter", "Body bytes received from the remote.", "\(bytesFetched)")
+        metric("requests_total", "counter", "HTTP requests sent, retries included.", "\(requests)")
+        metric("retries_total", "counter", "Requests retried.", "\(retries)")
+        metric("errors_total", "counter", "Fetches that finally failed.", "\(errors)")
+        metric("cache_pages_present", "gauge", "Pages held by the cache file.", "\(pagesPresent)")
+        metric("cache_pages_total", "gauge", "Pages in the image.", "\(pagesTotal)")
+        if let p = missLatencyP50Ms { metric("miss_latency_p50_seconds", "gauge", "Median miss latency.", "\(p / 1000)") }
+        if let p = missLatencyP99Ms { metric("miss_latency_p99_seconds", "gauge", "99th percentile miss latency.", "\(p / 1000)") }
+        return out
+    }
+}

@@ -1,0 +1,214 @@
+import XCTest
+@testable import PageCache
+
+final class FetchPlannerTests: XCTestCase {
+    let ps = 4096
+    func planner(pages: UInt64 = 4096, maxRun: Int = 4 << 20, initialRA: Int = 0, maxRA: Int = 0,
+                 active: Int = 8) -> (FetchPlanner, PageBits) {
+        let p = FetchPlanner(imageSize: pages * UInt64(ps), pageSize: ps, maxRunBytes: maxRun,
+                             initialReadaheadBytes: initialRA, maxReadaheadBytes: maxRA, maxActiveRuns: active)
+        return (p, PageBits(pageCount: pages))
+    }
+    func off(_ page: UInt64) -> UInt64 { page * UInt64(ps) }
+    func len(_ pages: Int) -> Int { pages * ps }
+
+    func testHitNeedsNothing() {
+        let (p, bits) = planner()
+        bits.set(0..<100)
+        let plan = p.plan(offset: off(10), length: len(20), context: 1, present: bits)
+        XCTAssertTrue(plan.isHit)
+        XCTAssertEqual(plan.presentPages, 20)
+        XCTAssertEqual(p.startableRuns(), [])
+        XCTAssertEqual(p.waiterCount, 0)
+        // Zero-length and past-the-end reads are hits too.
+        XCTAssertTrue(p.plan(offset: 0, length: 0, context: 2, present: bits).isHit)
+        XCTAssertTrue(p.plan(offset: off(5000), length: 4096, context: 3, present: bits).isHit)
+    }
+
+    func testUnalignedReadTouchesEveryPageItOverlaps() {
+        let (p, bits) = planner()
+        let plan = p.plan(offset: off(3) + 100, length: ps, context: 1, present: bits)
+        XCTAssertEqual(plan.newPages, 2)
+        let runs = p.startableRuns()
+        XCTAssertEqual(runs.map { [$0.firstPage, $0.pageCount] }, [[3, 2]])
+        XCTAssertEqual(runs[0].offset, off(3))
+        XCTAssertEqual(runs[0].length, len(2))
+    }
+
+    func testMissesCoalesceAroundPresentPages() {
+        let (p, bits) = planner()
+        bits.set(10..<12)
+        bits.set(20..<21)
+        let plan = p.plan(offset: off(0), length: len(32), context: 7, present: bits)
+        XCTAssertEqual(plan.presentPages, 3)
+        XCTAssertEqual(plan.newPages, 29)
+        XCTAssertEqual(plan.runsWaitedOn, 3)
+        let runs = p.startableRuns()
+        XCTAssertEqual(runs.map { [$0.firstPage, $0.pageCount] }, [[0, 10], [12, 8], [21, 11]])
+        XCTAssertEqual(p.complete(run: runs[0].id, success: true), RunOutcome())
+        XCTAssertEqual(p.complete(run: runs[2].id, success: true), RunOutcome())
+        XCTAssertEqual(p.complete(run: runs[1].id, success: true), RunOutcome(satisfied: [7]))
+        XCTAssertEqual(p.waiterCount, 0)
+        XCTAssertEqual(p.runCount, 0)
+    }
+
+    func testRunsAreCappedAtMaxRunBytes() {
+        let (p, bits) = planner(pages: 4096, maxRun: 4 << 20) // 1024 pages per run
+        let plan = p.plan(offset: 0, length: 5 << 20, context: 1, present: bits)
+        XCTAssertEqual(plan.newPages, 1280)
+        let runs = p.startableRuns()
+        XCTAssertEqual(runs.map { [$0.firstPage, $0.pageCount] }, [[0, 1024], [1024, 256]])
+        XCTAssertEqual(runs.map(\.length), [4 << 20, 1 << 20])
+    }
+
+    func testPagesInFlightAreNeverFetchedTwice() {
+        let (p, bits) = planner()
+        let a = p.plan(offset: 0, length: len(16), context: 1, present: bits)
+        XCTAssertEqual(a.newPages, 16)
+        let started = p.startableRuns()
+        XCTAssertEqual(started.count, 1)
+        // Overlaps the started run on pages 8..<16, new on 16..<24.
+        let b = p.plan(offset: off(8), length: len(16), context: 2, present: bits)
+        XCTAssertEqual(b.inFlightPages, 8)
+        XCTAssertEqual(b.newPages, 8)
+        XCTAssertEqual(b.runsWaitedOn, 2)
+        // Entirely inside the started run: waits, fetches nothing.
+        let c = p.plan(offset: off(2), length: len(2), context: 3, present: bits)
+        XCTAssertEqual(c.inFlightPages, 2)
+        XCTAssertEqual(c.newPages, 0)
+        let more = p.startableRuns()
+        XCTAssertEqual(more.map { [$0.firstPage, $0.pageCount] }, [[16, 8]], "a started run is not extended")
+        bits.set(0..<16)
+        XCTAssertEqual(p.complete(run: started[0].id, success: true), RunOutcome(satisfied: [1, 3]))
+        bits.set(16..<24)
+        XCTAssertEqual(p.complete(run: more[0].id, success: true), RunOutcome(satisfied: [2]))
+    }
+
+    func testAdjacentMissesExtendAPlannedRun() {
+        let (p, bits) = planner()
+        _ = p.plan(offset: off(8), length: len(4), context: 1, present: bits)   // 8..<12
+        _ = p.plan(offset: off(12), length: len(4), context: 2, present: bits)  // extends right
+        _ = p.plan(offset: off(4), length: len(4), context: 3, present: bits)   // extends left
+        _ = p.plan(offset: off(6), length: len(8), context: 4, present: bits)   // inside
+        XCTAssertEqual(p.plannedRunCount, 1)
+        let runs = p.startableRuns()
+        XCTAssertEqual(runs.map { [$0.firstPage, $0.pageCount] }, [[4, 12]])
+        bits.set(4..<16)
+        XCTAssertEqual(p.complete(run: runs[0].id, success: true), RunOutcome(satisfied: [1, 2, 3, 4]))
+    }
+
+    func testExtensionRespectsTheCap() {
+        let (p, bits) = planner(maxRun: 8 * 4096)
+        _ = p.plan(offset: 0, length: len(6), context: 1, present: bits)
+        _ = p.plan(offset: off(6), length: len(6), context: 2, present: bits)
+        let runs = p.startableRuns()
+        XCTAssertEqual(runs.map { [$0.firstPage, $0.pageCount] }, [[0, 8], [8, 4]])
+    }
+
+    func testActiveRunLimit() {
+        let (p, bits) = planner(active: 2)
+        for i in 0..<5 { _ = p.plan(offset: off(UInt64(i) * 100), length: ps, context: UInt64(i), present: bits) }
+        let first = p.startableRuns()
+        XCTAssertEqual(first.map(\.firstPage), [0, 100])
+        XCTAssertEqual(p.startableRuns(), [])
+        bits.set(0..<1)
+        XCTAssertEqual(p.complete(run: first[0].id, success: true).satisfied, [0])
+        XCTAssertEqual(p.startableRuns().map(\.firstPage), [200])
+    }
+
+    func testFailureFailsEachWaiterOnce() {
+        let (p, bits) = planner()
+        bits.set(8..<9)
+        _ = p.plan(offset: 0, length: len(16), context: 1, present: bits)       // runs 0..<8, 9..<16
+        _ = p.plan(offset: off(10), length: len(2), context: 2, present: bits)  // inside 9..<16
+        let runs = p.startableRuns()
+        XCTAssertEqual(runs.count, 2)
+        XCTAssertEqual(p.complete(run: runs[0].id, success: false), RunOutcome(failed: [1]))
+        XCTAssertEqual(p.complete(run: runs[1].id, success: true), RunOutcome(satisfied: [2]),
+                       "waiter 1 already failed: not reported again")
+        XCTAssertEqual(p.waiterCount, 0)
+        // After a failure the pages are missing again and planned afresh.
+        let again = p.plan(offset: 0, length: len(4), context: 3, present: bits)
+        XCTAssertEqual(again.newPages, 4)
+    }
+
+    func testProgressReleasesWaitersEarly() {
+        let (p, bits) = planner()
+        _ = p.plan(offset: 0, length: len(64), context: 1, present: bits)
+        let run = p.startableRuns()[0]
+        let early = p.plan(offset: off(2), length: len(2), context: 2, present: bits)
+        XCTAssertEqual(early.inFlightPages, 2)
+        bits.set(0..<3)
+        XCTAssertEqual(p.progress(run: run.id, pagesDone: 3), RunOutcome())
+        bits.set(3..<4)
+        XCTAssertEqual(p.progress(run: run.id, pagesDone: 4), RunOutcome(satisfied: [2]))
+        bits.set(4..<64)
+        XCTAssertEqual(p.complete(run: run.id, success: true), RunOutcome(satisfied: [1]))
+    }
+
+    func testReadaheadGrowsOnSequentialAndResetsOnRandom() {
+        // 128 KiB initial, 1 MiB max: 32 → 64 → 128 → 256 pages.
+        let (p, bits) = planner(pages: 100_000, initialRA: 128 << 10, maxRA: 1 << 20)
+        func read(_ page: UInt64, _ pages: Int = 8) -> ReadPlan {
+            let plan = p.plan(offset: off(page), length: len(pages), context: page, present: bits)
+            // Everything planned completes at once.
+            for run in p.startableRuns() {
+                bits.set(run.firstPage..<run.firstPage + run.pageCount)
+                _ = p.complete(run: run.id, success: true)
+            }
+            return plan
+        }
+        let r0 = read(0)
+        XCTAssertEqual(r0.readaheadPages, 0, "the first read is not known to be sequential")
+        let r1 = read(8)
+        XCTAssertEqual(p.readaheadWindowPages, 32)
+        XCTAssertEqual(r1.newPages, 8)
+        XCTAssertEqual(r1.readaheadPages, 32)           // 16..<48
+        let r2 = read(16)                                // a hit; lead 24..<48 is below 64/2: refill
+        XCTAssertEqual(p.readaheadWindowPages, 64)
+        XCTAssertTrue(r2.isHit)
+        XCTAssertEqual(r2.readaheadPages, 40)            // 48..<88 (24 + 64)
+        _ = read(24); _ = read(32); _ = read(40)
+        XCTAssertEqual(p.readaheadWindowPages, 256, "capped at 1 MiB")
+        // Random access resets the window and plans no readahead.
+        let r = read(50_000)
+        XCTAssertEqual(p.readaheadWindowPages, 0)
+        XCTAssertEqual(r.readaheadPages, 0)
+        XCTAssertEqual(r.newPages, 8)
+    }
+
+    func testReadaheadStopsAtTheImageEnd() {
+        let (p, bits) = planner(pages: 100, initialRA: 1 << 20, maxRA: 4 << 20)
+        _ = p.plan(offset: off(80), length: len(4), context: 1, present: bits)
+        let plan = p.plan(offset: off(84), length: len(4), context: 2, present: bits)
+        XCTAssertEqual(plan.newPages, 4)
+        XCTAssertEqual(plan.readaheadPages, 12)
+        let runs = p.startableRuns()
+        XCTAssertEqual(runs.map { [$0.firstPage, $0.pageCount] }, [[80, 20]], "one run, demand and readahead merged")
+        XCTAssertEqual(runs[0].offset + UInt64(runs[0].length), off(100))
+    }
+
+    func testPartialLastPageLength() {
+        let p = FetchPlanner(imageSize: 10_000, pageSize: 4096)
+        let bits = PageBits(pageCount: p.pageCount)
+        XCTAssertEqual(p.pageCount, 3)
+        _ = p.plan(offset: 8000, length: 2000, context: 1, present: bits)
+        let runs = p.startableRuns()
+        XCTAssertEqual(runs.map { [$0.firstPage, $0.pageCount] }, [[1, 2]])
+        XCTAssertEqual(runs[0].length, 10_000 - 4096)
+    }
+
+    func testHugeReadIsPlannedPerRunNotPerPage() {
+        // 64 GiB image, a 1 GiB read with every other 4 MiB chunk present.
+        let pages: UInt64 = 16 << 20
+        let (p, bits) = planner(pages: pages)
+        for chunk in stride(from: UInt64(0), to: 262_144, by: 2048) { bits.set(chunk..<chunk + 1024) }
+        let start = monotonicNanos()
+        let plan = p.plan(offset: 0, length: 1 << 30, context: 1, present: bits)
+        let elapsed = monotonicNanos() - start
+        XCTAssertEqual(plan.presentPages, 131_072)
+        XCTAssertEqual(plan.newPages, 131_072)
+        XCTAssertEqual(p.plannedRunCount, 128)
+        XCTAssertLessThan(elapsed, 50_000_000, "planning took \(elapsed / 1000) µs")
+    }
+}

@@ -1,0 +1,135 @@
+# Issue 3 on the real driver: the http target against nginx in the guest.
+source /tests/lib.sh
+set -o pipefail
+
+WWW=/srv/www; CACHE=/var/tmp/ublk-cache
+mkdir -p $WWW $CACHE /mnt/h
+LOG=/var/log/nginx/access.log
+# Range GETs of the image logged so far (nginx logs 206 for each).
+ranges() { grep -c "GET /$1 HTTP/1.1\" 206" $LOG || true; }
+
+section "an ext4 image made by the test, served by nginx"
+src=$(mktemp -d)
+mkdir -p $src/d
+for i in 1 2 3 4 5 6; do head -c $(( i * 1500000 + 4096 * i + 7 )) /dev/urandom > $src/d/blob$i; done
+seq 1 100000 > $src/numbers.txt
+(cd $src && sha256sum d/* numbers.txt) > /tmp/sums
+truncate -s 96M $WWW/disk.img
+check "mkfs.ext4 -d" mkfs.ext4 -q -F -d $src $WWW/disk.img
+# An object whose size is not a multiple of 512.
+head -c 1000003 /dev/urandom > $WWW/odd.bin
+check "nginx" nginx-start $WWW 8080
+URL=http://127.0.0.1:8080/disk.img
+
+section "add -t http, mount, checksums, cmp"
+if add -t http --url $URL --cache $CACHE/disk.cache --bitmap $CACHE/disk.bitmap; then
+    ok "add -t http"
+    eq "read-only device" 1 "$(blockdev --getro $DEV_B)"
+    eq "device size is the object's" $((96 << 20)) "$(blockdev --getsize64 $DEV_B)"
+    eq "cache state fresh" fresh "$(echo "$DEV_JSON" | jq -r .target_options.cache_state)"
+    check "mount -o ro" mount -t ext4 -o ro $DEV_B /mnt/h
+    check "every file's checksum matches" bash -c "cd /mnt/h && sha256sum -c /tmp/sums"
+    check "umount" umount /mnt/h
+    check "cmp of the whole device against the object" cmp $DEV_B $WWW/disk.img
+    check "cache file is 0600" bash -c "[ \"\$(stat -c %a $CACHE/disk.cache)\" = 600 ] && [ \"\$(stat -c %a $CACHE/disk.bitmap)\" = 600 ]"
+    check "writes are refused" bash -c "! dd if=/dev/zero of=$DEV_B bs=4k count=1 oflag=direct 2>/dev/null"
+    sleep 1.5  # stats are published once a second
+    S=$("$UBLK" list -n $DEV_ID)
+    eq "list shows the http target" http "$(echo "$S" | jq -r '.[0].target')"
+    check "list shows cache statistics" bash -c "echo '$S' | jq -e '.[0].stats.misses > 0 and .[0].stats.bytes_fetched > 0'"
+    check "stats -n prints Prometheus text" bash -c "$UBLK stats -n $DEV_ID | grep -q '^ublk_http_cache_hits_total{device=\"ublkb$DEV_ID\"} '"
+    check "del" del $DEV_ID
+else
+    fail "add -t http" "$DEV_JSON"
+fi
+R1=$(ranges disk.img)
+echo "# range requests for the cold run: $R1"
+
+section "add again with the same cache: nothing fetched again"
+if add -t http --url $URL --cache $CACHE/disk.cache --bitmap $CACHE/disk.bitmap; then
+    eq "cache state reused" reused "$(echo "$DEV_JSON" | jq -r .target_options.cache_state)"
+    check "cmp again" cmp $DEV_B $WWW/disk.img
+    check "mount and checksums again" bash -c "mount -t ext4 -o ro $DEV_B /mnt/h && cd /mnt/h && sha256sum -c /tmp/sums && cd / && umount /mnt/h"
+    eq "zero new range requests" "$R1" "$(ranges disk.img)"
+    del $DEV_ID >/dev/null
+else
+    fail "add again" "$DEV_JSON"
+fi
+
+section "cold sequential read: few, large range requests"
+rm -f $CACHE/seq.*
+if add -t http --url $URL --cache $CACHE/seq.cache --bitmap $CACHE/seq.bitmap; then
+    sleep 1; B=$(ranges disk.img)  # after the kernel's partition scan
+    check "read 64 MiB sequentially" dd if=$DEV_B of=/dev/null bs=1M count=64 iflag=direct
+    N=$(( $(ranges disk.img) - B ))
+    echo "# 64 MiB cold sequential: $N range requests"
+    check "at most 64M/4M + 4 = 20 range requests" test $N -le 20
+    del $DEV_ID >/dev/null
+else
+    fail "add for sequential" "$DEV_JSON"
+fi
+
+section "concurrent readers of the same pages: one fetch"
+rm -f $CACHE/dup.*
+if add -t http --url $URL --cache $CACHE/dup.cache --bitmap $CACHE/dup.bitmap --readahead 0; then
+    sleep 1; B=$(ranges disk.img)  # after the kernel's partition scan
+    for i in 1 2 3 4; do dd if=$DEV_B of=/dev/null bs=64k skip=800 count=1 iflag=direct 2>/dev/null & done
+    wait
+    eq "four concurrent reads of one 64k block fetch it once" 1 "$(( $(ranges disk.img) - B ))"
+    del $DEV_ID >/dev/null
+else
+    fail "add for dedup" "$DEV_JSON"
+fi
+
+section "object size not a multiple of 512"
+if add -t http --url http://127.0.0.1:8080/odd.bin --cache $CACHE/odd.cache --bitmap $CACHE/odd.bitmap; then
+    eq "size rounded up to 512" 1000448 "$(blockdev --getsize64 $DEV_B)"
+    check "the object's bytes, then zeros" bash -c "cmp <(head -c 1000003 $DEV_B) $WWW/odd.bin && cmp <(tail -c 445 $DEV_B) <(head -c 445 /dev/zero)"
+    del $DEV_ID >/dev/null
+else
+    fail "add odd" "$DEV_JSON"
+fi
+
+section "kill -9 in the middle of a cold read"
+rm -f $CACHE/k.*
+if add -t http --url $URL --cache $CACHE/k.cache --bitmap $CACHE/k.bitmap --readahead 256K; then
+    dd if=$DEV_B of=/dev/null bs=64k iflag=direct 2>/dev/null &
+    DD=$!
+    sleep 2
+    kill -9 $DEV_PID
+    wait_for 30 dead $DD; kill -9 $DD 2>/dev/null; wait $DD 2>/dev/null
+    check "del the dead device" del $DEV_ID
+    if add -t http --url $URL --cache $CACHE/k.cache --bitmap $CACHE/k.bitmap; then
+        check "after kill -9 and add: identical to the object" cmp $DEV_B $WWW/disk.img
+        del $DEV_ID >/dev/null
+    else
+        fail "add after kill -9" "$DEV_JSON"
+    fi
+else
+    fail "add for kill -9" "$DEV_JSON"
+fi
+
+section "the object changes on the server"
+cp $WWW/disk.img /tmp/old.img
+dd if=/dev/urandom of=$WWW/disk.img bs=1M seek=90 count=2 conv=notrunc 2>/dev/null
+touch -d '2030-01-01 00:00:00' $WWW/disk.img
+if add -t http --url $URL --cache $CACHE/disk.cache --bitmap $CACHE/disk.bitmap; then
+    check "cache started afresh, and says so" bash -c "echo '$DEV_JSON' | jq -r .target_options.cache_state | grep -q 'afresh'"
+    check "the device shows the new bytes" cmp $DEV_B $WWW/disk.img
+    check "not the old ones" bash -c "! cmp -s $DEV_B /tmp/old.img"
+    del $DEV_ID >/dev/null
+else
+    fail "add after change" "$DEV_JSON"
+fi
+
+section "bad remotes: refused at add, one line"
+expect_error "server without Range" "ignores Range" "$UBLK" add -t http --url http://127.0.0.1:8080/norange/disk.img --cache $CACHE/n.cache --bitmap $CACHE/n.bitmap
+expect_error "404" "404" "$UBLK" add -t http --url http://127.0.0.1:8080/missing.img --cache $CACHE/m.cache --bitmap $CACHE/m.bitmap
+expect_error "connection refused" "connect" "$UBLK" add -t http --url http://127.0.0.1:8099/disk.img --cache $CACHE/r.cache --bitmap $CACHE/r.bitmap
+expect_error "bad url" "bad --url" "$UBLK" add -t http --url ftp://x/y
+truncate -s 8M /tmp/other.bitmap.src
+expect_error "a bitmap of another image is refused" "bitmap" "$UBLK" add -t http --url http://127.0.0.1:8080/odd.bin --cache $CACHE/disk.cache --bitmap $CACHE/disk.bitmap
+eq "nothing left" "[]" "$("$UBLK" list)"
+nginx-stop
+
+finish
