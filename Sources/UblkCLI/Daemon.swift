@@ -37,7 +37,10 @@ enum Daemon {
         defer { posix_spawnattr_destroy(&attr) }
         posix_spawnattr_setflags(&attr, cu_posix_spawn_setsid)
 
-        let exe = "/proc/self/exe"
+        // The binary's real path (not /proc/self/exe, which would name the process "exe").
+        var pathBuf = [CChar](repeating: 0, count: 4096)
+        let n = readlink("/proc/self/exe", &pathBuf, pathBuf.count - 1)
+        let exe = n > 0 ? String(decoding: pathBuf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : "/proc/self/exe"
         let argv = ["ublk-http"] + arguments + ["--foreground", "--ready-fd", "3"]
         var cargs = argv.map { strdup($0) } + [nil]
         defer { cargs.forEach { free($0) } }
