@@ -5,9 +5,21 @@
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <spawn.h>
+#include <sys/uio.h>
 #include <unistd.h>
 #include "CUring.h"
 
 const short cu_posix_spawn_setsid = POSIX_SPAWN_SETSID;
 
 int cu_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
+
+long cu_pwrite_flags(int fd, const void *buf, size_t len, long long off, int flags) {
+    struct iovec v = { .iov_base = (void *)buf, .iov_len = len };
+    return pwritev2(fd, &v, 1, off, flags);
+}
+
+int cu_fallocate(int fd, int mode, long long off, long long len) {
+    return fallocate(fd, mode, off, len) == 0 ? 0 : -errno;
+}
+
+

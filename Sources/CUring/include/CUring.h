@@ -16,6 +16,8 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/timerfd.h>
+#include <sys/uio.h>
+#include <sys/vfs.h>
 #include <sys/mman.h>
 #include <linux/fs.h>
 #include <linux/falloc.h>
@@ -188,6 +190,15 @@ _Static_assert(UBLK_U_IO_NEED_GET_DATA == _IOWR('u', UBLK_IO_NEED_GET_DATA, stru
 #define UBLKSRV_IO_BUF_OFFSET 0x80000000
 #define UBLK_MAX_QUEUE_DEPTH 4096
 #define UBLK_MAX_NR_QUEUES 4096
+
+/* UBLK_F_USER_COPY: request data is read and written at these offsets of /dev/ublkcN. */
+#define UBLK_IO_BUF_BITS 25
+#define UBLK_TAG_OFF UBLK_IO_BUF_BITS
+#define UBLK_TAG_BITS 16
+#define UBLK_QID_OFF (UBLK_TAG_OFF + UBLK_TAG_BITS)
+static inline long long cu_user_copy_pos(__u16 q_id, __u16 tag, __u32 offset) {
+    return (long long)UBLKSRV_IO_BUF_OFFSET + ((((long long)q_id) << UBLK_QID_OFF) | (((long long)tag) << UBLK_TAG_OFF) | offset);
+}
 #define UBLK_FEATURES_LEN 8
 
 /* Feature bits (ublksrv_ctrl_dev_info.flags and GET_FEATURES). */
@@ -373,9 +384,19 @@ static inline int cu_blkgetsize64(int fd, __u64 *size) {
 
 static inline int cu_errno(void) { return errno; }
 
+/* The file system type of fd (statfs f_type), or -errno. */
+static inline long long cu_fs_type(int fd) {
+    struct statfs fs;
+    return fstatfs(fd, &fs) == 0 ? (long long)fs.f_type : -errno;
+}
+
 /* In shim.c (they need _GNU_SOURCE). */
 extern const short cu_posix_spawn_setsid;
 int cu_pipe_cloexec(int fds[2]);
+/* fallocate(2), which glibc declares only under _GNU_SOURCE; 0 or -errno. */
+int cu_fallocate(int fd, int mode, long long off, long long len);
+/* pwrite with RWF_* flags (pwritev2 of one buffer). */
+long cu_pwrite_flags(int fd, const void *buf, size_t len, long long off, int flags);
 
 /* A non-blocking monotonic timerfd, and arming it once, `nanos` from now (0 disarms). */
 static inline int cu_timerfd(void) { return timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK); }

@@ -21,7 +21,10 @@ public final class Queue {
     public let bufferSize: Int
     public let deviceID: UInt32
 
-    let charFD: Int32
+    /// /dev/ublkcN, for targets in user-copy mode.
+    public let charFD: Int32
+    /// UBLK_F_USER_COPY: FETCH/COMMIT carry no buffer; data moves through `charFD`.
+    public let userCopy: Bool
     private(set) var ring: Ring!
     private var descriptors: UnsafePointer<ublksrv_io_desc>!
     private var descriptorsLength = 0
@@ -38,7 +41,8 @@ public final class Queue {
     private var targetInflight = 0
     private var stopRequested = false
 
-    init(device: UInt32, id: UInt16, depth: Int, bufferSize: Int, charFD: Int32) {
+    init(device: UInt32, id: UInt16, depth: Int, bufferSize: Int, charFD: Int32, userCopy: Bool) {
+        self.userCopy = userCopy
         self.deviceID = device
         self.id = id
         self.depth = depth
@@ -53,6 +57,12 @@ public final class Queue {
         if let b = buffers { munmap(b, depth * bufferSize) }
         close(wakeFD)
         close(drainFD)
+    }
+
+    /// Where `tag`'s request data starts in /dev/ublkcN (user-copy mode).
+    @inline(__always)
+    public func userCopyOffset(_ tag: UInt16) -> Int64 {
+        cu_user_copy_pos(id, tag, 0)
     }
 
     /// The tag's I/O buffer (page aligned, `bufferSize` bytes).
@@ -174,7 +184,7 @@ public final class Queue {
     @inline(__always)
     private func issue(_ op: UInt32, tag: UInt16, result: Int32) {
         cu_prep_io_cmd(ring.sqe(), charFD, 0, op, id, tag, result,
-                       UInt64(UInt(bitPattern: buffer(tag))), UserData(kind: .ublk, tag: tag).encoded)
+                       userCopy ? 0 : UInt64(UInt(bitPattern: buffer(tag))), UserData(kind: .ublk, tag: tag).encoded)
     }
 
     // MARK: What handlers call

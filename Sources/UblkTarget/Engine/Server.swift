@@ -33,6 +33,7 @@ public final class Server {
     public private(set) var deviceID: UInt32 = Control.anyDevice
     private var added = false
     private var charFD: Int32 = -1
+    private var userCopy = false
     private var queues: [Queue] = []
     private var threads: [pthread_t] = []
 
@@ -80,6 +81,8 @@ public final class Server {
         info.max_io_buf_bytes = UInt32(options.bufferSize)
         info.dev_id = options.deviceID ?? Control.anyDevice
         info.flags = UBLK_F_CMD_IOCTL_ENCODE | (options.recovery ? UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE : 0)
+        userCopy = params.userCopy && features & UBLK_F_USER_COPY != 0
+        if userCopy { info.flags |= UBLK_F_USER_COPY }
         do { try control.add(&info) } catch {
             if error == .exists, let id = options.deviceID {
                 throw UblkError("device id \(id) is taken: /dev/ublkc\(id) already exists")
@@ -150,7 +153,7 @@ public final class Server {
     private func startQueues(depth: Int, bufferSize: Int) throws(UblkError) {
         var starts: [QueueStart] = []
         for q in 0..<options.queues {
-            let queue = Queue(device: deviceID, id: UInt16(q), depth: depth, bufferSize: bufferSize, charFD: charFD)
+            let queue = Queue(device: deviceID, id: UInt16(q), depth: depth, bufferSize: bufferSize, charFD: charFD, userCopy: userCopy)
             let s = QueueStart(queue: queue, target: target)
             queues.append(queue)
             starts.append(s)

@@ -22,6 +22,10 @@ public struct DeviceParams: Sendable {
     public var writeCache = false
     public var discard = false
     public var rotational = false
+    /// UBLK_F_USER_COPY: the target moves request data itself with pread/pwrite/splice
+    /// on /dev/ublkcN at `Queue.userCopyOffset` (the tag buffers stay unused by the
+    /// kernel). Used only where the kernel supports it.
+    public var userCopy = false
 
     public init(size: UInt64) { self.size = size }
 }
