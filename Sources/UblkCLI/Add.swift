@@ -54,8 +54,14 @@ struct Add: ParsableCommand {
     @Flag(name: .customLong("read-only"), help: "Expose the device read-only.")
     var readOnly = false
 
+    @Flag(name: .customLong("recovery"), help: "If the server dies, keep the device and hold its I/O until `ublk-http recover -n ID`.")
+    var recovery = false
+
     @Flag(name: .customLong("foreground"), help: "Serve in this process; print the JSON and block until stopped.")
     var foreground = false
+
+    @Option(name: .customLong("recover-id"), help: .hidden)
+    var recoverID: Int?
 
     @Option(name: .customLong("ready-fd"), help: .hidden)
     var readyFD: Int32?
@@ -104,7 +110,23 @@ struct Add: ParsableCommand {
         o.deviceID = number.map { UInt32($0) }
         o.queues = queues
         o.depth = depth
+        o.recovery = recovery
+        o.recoverID = recoverID.map { UInt32($0) }
+        o.arguments = Add.savedArguments(Array(CommandLine.arguments.dropFirst()))
         return o
+    }
+
+    /// The arguments that recreate this server: without the daemon plumbing.
+    static func savedArguments(_ args: [String]) -> [String] {
+        var out: [String] = []
+        var skip = false
+        for a in args {
+            if skip { skip = false; continue }
+            if a == "--ready-fd" || a == "--recover-id" { skip = true; continue }
+            if a == "--foreground" || a.hasPrefix("--ready-fd=") || a.hasPrefix("--recover-id=") { continue }
+            out.append(a)
+        }
+        return out
     }
 
     func run() throws {

@@ -102,3 +102,33 @@ enum Devices {
         }
     }
 }
+
+struct Recover: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Start a new server for a device added with --recovery whose server died.",
+        discussion: """
+            The device kept its I/O waiting; the new server is started with the arguments
+            saved at `add` (in /run/ublk-http/ublkN.json) and the waiting I/O completes.
+            Prints the device's JSON, like `add`.
+            """)
+
+    @Option(name: [.short, .customLong("number")], help: "Device id N (/dev/ublkbN).")
+    var number: Int
+
+    func run() throws {
+        let control = try openControl()
+        let id = UInt32(clamping: number)
+        let info: ublksrv_ctrl_dev_info
+        do { info = try control.info(id) } catch {
+            throw Failure(error == .noDevice ? "no such device: ublk\(id)" : "ublk\(id): GET_DEV_INFO failed: \(error)")
+        }
+        if Devices.processAlive(info.ublksrv_pid) && info.state == UInt16(UBLK_S_DEV_LIVE) {
+            throw Failure("ublk\(id) is live: its server (pid \(info.ublksrv_pid)) is running")
+        }
+        guard let saved = DeviceState.load(id), let args = saved.arguments, args.first == "add" else {
+            throw Failure("ublk\(id) has no saved state in \(DeviceState.path(id)): cannot tell how to serve it")
+        }
+        let line = try Daemon.spawnServer(arguments: args + ["--recover-id", String(id)])
+        print(line)
+    }
+}

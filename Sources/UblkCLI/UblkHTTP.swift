@@ -16,13 +16,14 @@ public struct UblkHTTP: ParsableCommand {
               ublk-http stats -n 0                     cache statistics (Prometheus text)
               ublk-http list                           devices, as JSON
               ublk-http del -n 0                       stop and remove /dev/ublkb0
+              ublk-http recover -n 0                   a new server for a --recovery device
               ublk-http features                       what the kernel's driver supports
 
             `add` returns once /dev/ublkbN is live and prints one JSON object; the server
             keeps running in the background until `del`, SIGTERM or SIGINT.
             Needs root and the ublk_drv module (modprobe ublk_drv).
             """,
-        subcommands: [Add.self, Del.self, List.self, Stats.self, Prefetch.self, Status.self, Features.self]
+        subcommands: [Add.self, Del.self, List.self, Recover.self, Stats.self, Prefetch.self, Status.self, Features.self]
     )
     public init() {}
 }

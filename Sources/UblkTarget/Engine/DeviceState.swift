@@ -16,11 +16,13 @@ public struct DeviceState: Codable, Sendable {
     public var recovery: Bool
     public var blockDevice: String
     public var charDevice: String
+    /// The `add` arguments that started the server (for `recover`).
+    public var arguments: [String]?
 
     enum CodingKeys: String, CodingKey {
         case devID = "dev_id", pid, target, targetOptions = "target_options", queues, depth
         case bufferSize = "buffer_size", size, readOnly = "read_only", recovery
-        case blockDevice = "block_device", charDevice = "char_device"
+        case blockDevice = "block_device", charDevice = "char_device", arguments
     }
 
     public init(id: UInt32, pid: Int32, target: String, options: [String: String], queues: Int, depth: Int,

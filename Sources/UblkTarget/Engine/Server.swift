@@ -3,6 +3,9 @@
 //   start():  GET_FEATURES → ADD_DEV → SET_PARAMS → open /dev/ublkcN →
 //             one thread per queue (ring, descriptor mmap, FETCH every tag) →
 //             START_DEV from this thread → wait for /dev/ublkbN → state file.
+//             Recovering a device whose server died (UBLK_F_USER_RECOVERY):
+//             GET_DEV_INFO → START_USER_RECOVERY → open /dev/ublkcN → queues →
+//             END_USER_RECOVERY; the kernel then reissues the waiting I/O.
 //   wait():   SIGINT, SIGTERM, SIGHUP, or SIGUSR1 (a queue loop ended because
 //             the device was stopped from outside).
 //   shutdown(): STOP_DEV → wake and join the queues → unmap and close the char
@@ -23,6 +26,10 @@ public struct ServerOptions: Sendable {
     public var depth = 128
     public var bufferSize = 512 * 1024
     public var recovery = false
+    /// Recover this device (its server died) instead of adding one.
+    public var recoverID: UInt32?
+    /// The `add` arguments, saved in the state file so that `recover` can start the same server.
+    public var arguments: [String] = []
     public init() {}
 }
 
@@ -75,14 +82,59 @@ public final class Server {
         let params = target.params
         guard params.size >= 512 else { throw UblkError("device size must be at least 512 bytes") }
 
+        let info: ublksrv_ctrl_dev_info
+        if let id = options.recoverID {
+            info = try reattach(id, params: params)
+        } else {
+            info = try create(params, features: features)
+        }
+        userCopy = info.flags & UBLK_F_USER_COPY != 0
+
+        let charPath = "/dev/ublkc\(deviceID)"
+        for attempt in 0..<200 {
+            charFD = open(charPath, O_RDWR | O_CLOEXEC)
+            if charFD >= 0 || errno != ENOENT || attempt == 199 { break }
+            usleep(10_000)
+        }
+        if charFD < 0 { throw UblkError("cannot open \(charPath)", errno: .current) }
+
+        try startQueues(count: Int(info.nr_hw_queues), depth: Int(info.queue_depth), bufferSize: Int(info.max_io_buf_bytes))
+
+        if options.recoverID != nil {
+            do { try control.endRecovery(deviceID, pid: getpid()) } catch {
+                throw UblkError("END_USER_RECOVERY failed for ublk\(deviceID)", errno: error)
+            }
+            added = true
+        } else {
+            do { try control.start(deviceID, pid: getpid()) } catch {
+                throw UblkError("START_DEV failed for ublk\(deviceID)", errno: error)
+            }
+        }
+        let blockPath = "/dev/ublkb\(deviceID)"
+        var st = stat()
+        for _ in 0..<500 where stat(blockPath, &st) != 0 { usleep(10_000) }
+        if stat(blockPath, &st) != 0 { throw UblkError("\(blockPath) did not appear after START_DEV") }
+
+        var state = DeviceState(id: deviceID, pid: getpid(), target: target.name, options: target.options,
+                                queues: Int(info.nr_hw_queues), depth: Int(info.queue_depth),
+                                bufferSize: Int(info.max_io_buf_bytes), size: params.size,
+                                readOnly: params.readOnly, recovery: info.flags & UBLK_F_USER_RECOVERY != 0)
+        state.arguments = options.arguments
+        do { try state.save() } catch {
+            throw UblkError("cannot write \(DeviceState.path(deviceID))", errno: error)
+        }
+        return state
+    }
+
+    /// ADD_DEV and SET_PARAMS.
+    private func create(_ params: DeviceParams, features: UInt64) throws(UblkError) -> ublksrv_ctrl_dev_info {
         var info = ublksrv_ctrl_dev_info()
         info.nr_hw_queues = UInt16(options.queues)
         info.queue_depth = UInt16(options.depth)
         info.max_io_buf_bytes = UInt32(options.bufferSize)
         info.dev_id = options.deviceID ?? Control.anyDevice
         info.flags = UBLK_F_CMD_IOCTL_ENCODE | (options.recovery ? UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE : 0)
-        userCopy = params.userCopy && features & UBLK_F_USER_COPY != 0
-        if userCopy { info.flags |= UBLK_F_USER_COPY }
+        if params.userCopy && features & UBLK_F_USER_COPY != 0 { info.flags |= UBLK_F_USER_COPY }
         do { try control.add(&info) } catch {
             if error == .exists, let id = options.deviceID {
                 throw UblkError("device id \(id) is taken: /dev/ublkc\(id) already exists")
@@ -113,33 +165,32 @@ public final class Server {
         do { try control.setParams(deviceID, p) } catch {
             throw UblkError("SET_PARAMS failed for ublk\(deviceID)", errno: error)
         }
+        return info
+    }
 
-        let charPath = "/dev/ublkc\(deviceID)"
-        for attempt in 0..<200 {
-            charFD = open(charPath, O_RDWR | O_CLOEXEC)
-            if charFD >= 0 || errno != ENOENT || attempt == 199 { break }
-            usleep(10_000)
+    /// START_USER_RECOVERY of a device whose server died. The device is not
+    /// ours to delete until recovery completes: a failure leaves it waiting.
+    private func reattach(_ id: UInt32, params: DeviceParams) throws(UblkError) -> ublksrv_ctrl_dev_info {
+        let info: ublksrv_ctrl_dev_info
+        do { info = try control.info(id) } catch {
+            throw UblkError(error == .noDevice ? "no such device: ublk\(id)" : "GET_DEV_INFO failed for ublk\(id)",
+                            errno: error == .noDevice ? nil : error)
         }
-        if charFD < 0 { throw UblkError("cannot open \(charPath)", errno: .current) }
-
-        try startQueues(depth: Int(info.queue_depth), bufferSize: Int(info.max_io_buf_bytes))
-
-        do { try control.start(deviceID, pid: getpid()) } catch {
-            throw UblkError("START_DEV failed for ublk\(deviceID)", errno: error)
+        guard info.flags & UBLK_F_USER_RECOVERY != 0 else {
+            throw UblkError("ublk\(id) was not added with --recovery: it cannot be recovered")
         }
-        let blockPath = "/dev/ublkb\(deviceID)"
-        var st = stat()
-        for _ in 0..<500 where stat(blockPath, &st) != 0 { usleep(10_000) }
-        if stat(blockPath, &st) != 0 { throw UblkError("\(blockPath) did not appear after START_DEV") }
-
-        let state = DeviceState(id: deviceID, pid: getpid(), target: target.name, options: target.options,
-                                queues: options.queues, depth: Int(info.queue_depth),
-                                bufferSize: Int(info.max_io_buf_bytes), size: params.size,
-                                readOnly: params.readOnly, recovery: options.recovery)
-        do { try state.save() } catch {
-            throw UblkError("cannot write \(DeviceState.path(deviceID))", errno: error)
+        let size = (try? control.params(id)).map { $0.basic.dev_sectors << 9 } ?? 0
+        guard size == params.size else {
+            throw UblkError("ublk\(id) has \(size) bytes but the target now has \(params.size): not recovering")
         }
-        return state
+        deviceID = id
+        do { try control.startRecovery(id) } catch {
+            if error == .busy {
+                throw UblkError("ublk\(id) cannot be recovered now: its server is still running (state \(info.state))")
+            }
+            throw UblkError("START_USER_RECOVERY failed for ublk\(id)", errno: error)
+        }
+        return info
     }
 
     private final class QueueStart {
@@ -150,9 +201,9 @@ public final class Server {
         init(queue: Queue, target: Target) { self.queue = queue; self.target = target }
     }
 
-    private func startQueues(depth: Int, bufferSize: Int) throws(UblkError) {
+    private func startQueues(count: Int, depth: Int, bufferSize: Int) throws(UblkError) {
         var starts: [QueueStart] = []
-        for q in 0..<options.queues {
+        for q in 0..<count {
             let queue = Queue(device: deviceID, id: UInt16(q), depth: depth, bufferSize: bufferSize, charFD: charFD, userCopy: userCopy)
             let s = QueueStart(queue: queue, target: target)
             queues.append(queue)
