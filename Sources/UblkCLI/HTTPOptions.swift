@@ -42,6 +42,9 @@ struct HTTPOptions: ParsableArguments {
     @Option(name: .customLong("readahead"), help: "Largest readahead window on sequential reads (K/M suffixes; 0 disables).")
     var readahead: String = "8M"
 
+    @Flag(name: .customLong("writable"), help: "Make the cache a local overlay: writes stay local (tracked as dirty), the remote is never modified.")
+    var writable = false
+
     @Option(name: .customLong("s3-endpoint"), help: "S3 endpoint URL for s3:// (default: AWS for --region).")
     var s3Endpoint: String?
 
@@ -50,7 +53,7 @@ struct HTTPOptions: ParsableArguments {
 
     var given: Bool {
         url != nil || cache != nil || bitmap != nil || !headers.isEmpty || user != nil || passwordFile != nil
-            || cacert != nil || insecure || s3Endpoint != nil || region != nil
+            || cacert != nil || insecure || s3Endpoint != nil || region != nil || writable
     }
 
     /// Checks for the http target (not `validate()`: ArgumentParser would run that for every target).
@@ -111,6 +114,7 @@ struct HTTPOptions: ParsableArguments {
         var o = HTTPTargetOptions(http: config, cachePath: cachePath, bitmapPath: bitmapPath)
         o.pageSize = pageSize
         o.readaheadBytes = Int(Size.parse(readahead) ?? 0)
+        o.writable = writable
         return o
     }
 }

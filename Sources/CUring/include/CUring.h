@@ -395,6 +395,8 @@ extern const short cu_posix_spawn_setsid;
 int cu_pipe_cloexec(int fds[2]);
 /* fallocate(2), which glibc declares only under _GNU_SOURCE; 0 or -errno. */
 int cu_fallocate(int fd, int mode, long long off, long long len);
+/* accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC); fd or -errno. */
+int cu_accept_nonblock(int fd);
 /* pwrite with RWF_* flags (pwritev2 of one buffer). */
 long cu_pwrite_flags(int fd, const void *buf, size_t len, long long off, int flags);
 

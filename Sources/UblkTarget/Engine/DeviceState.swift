@@ -67,6 +67,7 @@ public struct DeviceState: Codable, Sendable {
     public static func remove(_ id: UInt32) {
         unlink(path(id))
         unlink("\(directory)/ublk\(id).stats.json")
+        unlink("\(directory)/ublk\(id).sock")
     }
 
     /// Ids with a state file.

@@ -36,6 +36,11 @@ public final class Queue {
     let wakeFD: Int32
     private static let wakeData = UInt32.max
     private static let drainData = UInt32.max - 1
+    private static let listenData = UInt32.max - 2
+    /// Event data from here up is the engine's own; `poll(fd:data:)` takes less.
+    public static let reservedData: UInt32 = 0xF000_0000
+    /// The control socket, on queue 0 only.
+    var control: ControlChannel?
 
     private var liveTags = 0
     private var targetInflight = 0
@@ -104,6 +109,7 @@ public final class Queue {
         for t in 0..<depth { issue(UBLK_U_IO_FETCH_REQ, tag: UInt16(t), result: -1) }
         liveTags = depth
         armWake()
+        if let c = control { cu_prep_poll_add(ring.sqe(), c.listenFD, cu_poll_in, UserData(kind: .event, data: Queue.listenData).encoded) }
         let batch = 256
         let cqes = UnsafeMutablePointer<cu_cqe>.allocate(capacity: batch)
         defer { cqes.deallocate() }
@@ -158,6 +164,8 @@ public final class Queue {
                 var v: UInt64 = 0
                 _ = Glibc.read(drainFD, &v, 8)
                 handler.drain(queue: self)
+            } else if ud.data >= Queue.reservedData {
+                controlEvent(ud.data)
             } else {
                 handler.eventFired(data: ud.data, result: cqe.res, queue: self)
             }
@@ -167,6 +175,26 @@ public final class Queue {
     private func armWake() {
         cu_prep_poll_add(ring.sqe(), wakeFD, cu_poll_in, UserData(kind: .event, data: Queue.wakeData).encoded)
         cu_prep_poll_add(ring.sqe(), drainFD, cu_poll_in, UserData(kind: .event, data: Queue.drainData).encoded)
+    }
+
+    private func controlEvent(_ data: UInt32) {
+        guard let c = control, !stopRequested else { return }
+        if data == Queue.listenData {
+            for fd in c.acceptAll() {
+                cu_prep_poll_add(ring.sqe(), fd, cu_poll_in, UserData(kind: .event, data: Queue.reservedData + UInt32(fd)).encoded)
+            }
+            cu_prep_poll_add(ring.sqe(), c.listenFD, cu_poll_in, UserData(kind: .event, data: Queue.listenData).encoded)
+            return
+        }
+        let fd = Int32(data - Queue.reservedData)
+        switch c.receive(fd) {
+        case .none:
+            cu_prep_poll_add(ring.sqe(), fd, cu_poll_in, UserData(kind: .event, data: data).encoded)
+        case .some(.none):
+            break  // answered with an error already
+        case .some(.some(let request)):
+            c.reply(fd, handler.control(request, queue: self))
+        }
     }
 
     /// Asks the handler to finish what waits on slow sources (from any thread).
@@ -222,7 +250,7 @@ public final class Queue {
 
     /// Arms a one-shot poll for readability of `fd`; `eventFired(data:)` follows.
     public func poll(fd: Int32, data: UInt32) {
-        precondition(data < Queue.drainData)
+        precondition(data < Queue.reservedData)
         cu_prep_poll_add(ring.sqe(), fd, cu_poll_in, UserData(kind: .event, data: data).encoded)
     }
 }

@@ -205,6 +205,7 @@ public final class Server {
         var starts: [QueueStart] = []
         for q in 0..<count {
             let queue = Queue(device: deviceID, id: UInt16(q), depth: depth, bufferSize: bufferSize, charFD: charFD, userCopy: userCopy)
+            if q == 0 { queue.control = try ControlChannel(device: deviceID) }
             let s = QueueStart(queue: queue, target: target)
             queues.append(queue)
             starts.append(s)

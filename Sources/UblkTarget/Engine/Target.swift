@@ -83,6 +83,8 @@ public protocol QueueHandler: AnyObject {
     func eventFired(data: UInt32, result: Int32, queue: Queue)
     /// After each batch of completions, before the queue sleeps: the place to flush batched work.
     func idle(queue: Queue)
+    /// A request from the control socket (queue 0): returns one JSON object.
+    func control(_ request: ControlRequest, queue: Queue) -> String
     /// The device is about to stop: fail or finish what waits on slow sources, promptly.
     func drain(queue: Queue)
     /// The loop has ended (device stopping); last chance to persist state. Blocking is allowed here.
@@ -93,6 +95,9 @@ extension QueueHandler {
     public func ioCompleted(tag: UInt16, sub: UInt8, data: UInt32, result: Int32, queue: Queue) {}
     public func eventFired(data: UInt32, result: Int32, queue: Queue) {}
     public func idle(queue: Queue) {}
+    public func control(_ request: ControlRequest, queue: Queue) -> String {
+        controlError("the \(request.op) command is not supported by this target")
+    }
     public func drain(queue: Queue) {}
     public func shutdown(queue: Queue) {}
 }

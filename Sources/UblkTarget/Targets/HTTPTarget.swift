@@ -15,6 +15,15 @@
 // and the bitmap fdatasync'ed. After `kill -9` the cache may have pages the
 // bitmap does not claim (fetched again), never the reverse.
 //
+// Writable (`writable`): the cache file becomes a persistent local overlay. A
+// WRITE, DISCARD or WRITE_ZEROES first makes every page it touches present
+// (fetching what is missing, so partial pages are merged correctly and no
+// fetch still in flight can land on top of it), then writes (or punches) the
+// cache file and marks the pages present and dirty. The remote object is
+// never modified. A FLUSH (and a FUA write) completes only after a sync
+// cycle: stage both bitmaps, fdatasync the cache file, persist them. So a
+// dirty bit is on disk before the write that set it is acknowledged by a FLUSH.
+//
 // Contract: one queue (the page bitmap and planner are single-threaded); every
 // request completes: with data, -EIO when its fetch finally failed, or -EIO
 // at drain (device stopping).
@@ -29,6 +38,9 @@ public struct HTTPTargetOptions {
     public var pageSize = 4096
     public var readaheadBytes = 8 << 20
     public var maxRunBytes = 4 << 20
+    /// A local overlay: writes go to the cache file and are tracked in `dirtyPath`.
+    public var writable = false
+    public var dirtyPath: String { bitmapPath + ".dirty" }
 
     public init(http: HTTPConfig, cachePath: String, bitmapPath: String) {
         self.http = http
@@ -46,6 +58,8 @@ public final class HTTPTarget: Target {
     public let cacheState: String
     let cache: CacheFile
     let bitmap: Bitmap
+    /// Pages written locally since the last clear (writable only).
+    let dirty: Bitmap?
     public let stats = CacheStats()
 
     public var options: [String: String] {
@@ -53,7 +67,8 @@ public final class HTTPTarget: Target {
             "url": settings.http.url, "cache": settings.cachePath, "bitmap": settings.bitmapPath,
             "page_size": String(settings.pageSize), "image_size": String(remote.size),
             "etag": remote.etag ?? "", "last_modified": remote.lastModified ?? "", "cache_state": cacheState,
-        ]
+            "writable": settings.writable ? "true" : "false",
+        ].merging(settings.writable ? ["dirty_bitmap": settings.dirtyPath] : [:]) { a, _ in a }
     }
 
     public init(_ o: HTTPTargetOptions) throws(UblkError) {
@@ -78,24 +93,60 @@ public final class HTTPTarget: Target {
         do { cache = try CacheFile(path: o.cachePath, size: remote.size) } catch {
             throw UblkError("cache file: \(error)")
         }
+        // Local writes (the dirty bitmap) must never be dropped or served unasked.
+        var dirtyBitmap: Bitmap?
+        var dirtyOutcome: BitmapOutcome = .fresh
+        if o.writable {
+            var id = identity
+            id.kind = .dirty
+            do {
+                let d = try Bitmap.open(path: o.dirtyPath, identity: id)
+                dirtyBitmap = d.bitmap
+                dirtyOutcome = d.outcome
+            } catch {
+                throw UblkError("dirty bitmap \(o.dirtyPath): \(error)")
+            }
+        } else if let info = try? Bitmap.inspect(path: o.dirtyPath), info.present > 0 {
+            throw UblkError("the cache \(o.cachePath) holds \(info.present) locally written pages: add it with --writable")
+        }
+        dirty = dirtyBitmap
         switch opened.outcome {
         case .fresh:
             cacheState = "fresh"
         case .reused:
             cacheState = "reused"
         case .invalidated(let why):
+            if let d = dirtyBitmap, d.count > 0 {
+                throw UblkError("the remote image changed (\(HTTPTarget.describe(why))) but the local overlay holds \(d.count) written pages; refusing to drop them (remove \(o.cachePath), \(o.bitmapPath) and \(o.dirtyPath) to start afresh)")
+            }
             do {
                 try bitmap.startAfresh()
                 try cache.discardAll()
             } catch {
                 throw UblkError("cannot start the cache afresh: \(error)")
             }
-            cacheState = "started afresh: \(why)"
-            log("ublk-http: \(o.http.url): the remote image changed (\(why)); the cache starts afresh")
+            cacheState = "started afresh: \(HTTPTarget.describe(why))"
+            log("ublk-http: \(o.http.url): the remote image changed (\(HTTPTarget.describe(why))); the cache starts afresh")
+        }
+        if case .invalidated = dirtyOutcome, let d = dirtyBitmap {
+            // No written pages (checked above, or the present bitmap still matched): record the new identity.
+            do { if d.count == 0 { try d.startAfresh() } else { try d.adoptIdentity() } } catch {
+                throw UblkError("dirty bitmap \(o.dirtyPath): \(error)")
+            }
         }
         var p = DeviceParams(size: (remote.size + 511) & ~511)
-        p.readOnly = true
+        p.readOnly = !o.writable
+        p.writeCache = o.writable
+        p.discard = o.writable
         params = p
+    }
+
+    static func describe(_ why: InvalidationReason) -> String {
+        switch why {
+        case .urlChanged(let old, let new): return "URL \(old) is now \(new)"
+        case .etagChanged(let old, let new): return "ETag \(old ?? "none") is now \(new ?? "none")"
+        case .lastModifiedChanged(let old, let new): return "Last-Modified \(old ?? "none") is now \(new ?? "none")"
+        }
     }
 
     /// Counters for `list` and `stats`.
@@ -142,13 +193,20 @@ public final class HTTPTarget: Target {
         var runBytes: [RunID: UInt64] = [:]
 
         var pollArmed = false
-        var persistStaged: BitmapCommit?
+        /// A sync cycle in flight: what it staged, and the FLUSH tags it completes.
+        var cycle: (present: BitmapCommit, dirty: BitmapCommit?, waiters: [UInt16])?
+        /// FLUSHes (and FUA writes) waiting for the next cycle.
+        var flushWaiters: [UInt16] = []
         var lastPersist: UInt64 = 0
+        let dirty: Bitmap?
+        /// `sync` snapshots handed out and not yet confirmed: token → page runs.
+        var syncSnapshots: [UInt64: [Range<UInt64>]] = [:]
+        var nextToken: UInt64 = 1
         let timerFD: Int32
         var timerArmed = false
         var draining = false
 
-        static let subRead: UInt8 = 0, subSync: UInt8 = 1
+        static let subRead: UInt8 = 0, subSync: UInt8 = 1, subWrite: UInt8 = 2, subPunch: UInt8 = 3
         static let sourceEvent: UInt32 = 1, timerEvent: UInt32 = 2
         static let persistInterval: UInt64 = 1_000_000_000
 
@@ -156,6 +214,7 @@ public final class HTTPTarget: Target {
             self.target = target
             self.source = source
             self.bitmap = target.bitmap
+            self.dirty = target.dirty
             self.cacheFD = target.cache.fd
             self.imageSize = target.remote.size
             self.pageSize = UInt64(target.settings.pageSize)
@@ -174,23 +233,61 @@ public final class HTTPTarget: Target {
 
         func handle(_ r: Request, queue: Queue) {
             switch r.op {
-            case Op.read:
+            case Op.read, Op.write, Op.discard, Op.writeZeroes:
+                if r.op != Op.read && dirty == nil { return queue.complete(tag: r.tag, result: -EROFS) }
                 if draining { return queue.complete(tag: r.tag, result: -EIO) }
+                // A write needs every page it touches present first (see the header).
                 let plan = planner.plan(offset: r.offset, length: Int(r.length), context: UInt64(r.tag), present: bitmap.bits)
                 if plan.isHit {
-                    target.stats.hits += 1
-                    readFromCache(r, queue: queue)
+                    if r.op == Op.read { target.stats.hits += 1 }
+                    proceed(r, queue: queue)
                 } else {
-                    target.stats.misses += 1
+                    if r.op == Op.read { target.stats.misses += 1 }
                     requests[Int(r.tag)] = r
                     waiting[Int(r.tag)] = true
                     missStart[Int(r.tag)] = monotonicNanos()
                 }
                 if planner.plannedRunCount > 0 { startRuns(queue) }
             case Op.flush:
-                queue.complete(tag: r.tag, result: 0)
+                if dirty == nil { return queue.complete(tag: r.tag, result: 0) }
+                flushWaiters.append(r.tag)
+                startCycle(queue)
             default:
-                queue.complete(tag: r.tag, result: -EROFS)
+                queue.complete(tag: r.tag, result: -EOPNOTSUPP)
+            }
+        }
+
+        /// Every page of `r` is present: read it, or write it.
+        func proceed(_ r: Request, queue: Queue) {
+            switch r.op {
+            case Op.read:
+                readFromCache(r, queue: queue)
+            case Op.write:
+                requests[Int(r.tag)] = r
+                waiting[Int(r.tag)] = false
+                done[Int(r.tag)] = 0
+                queue.write(fd: cacheFD, from: r.buffer, length: r.length, offset: r.offset, tag: r.tag, sub: Handler.subWrite)
+            default:
+                // DISCARD / WRITE_ZEROES: a hole reads as zeros; partial pages are zeroed by the punch.
+                requests[Int(r.tag)] = r
+                waiting[Int(r.tag)] = false
+                let end = min(r.offset + UInt64(r.length), imageSize)
+                if r.offset >= end { return written(r, queue: queue) }
+                queue.fallocate(fd: cacheFD, mode: cu_falloc_punch, offset: r.offset, length: end - r.offset,
+                                tag: r.tag, sub: Handler.subPunch)
+            }
+        }
+
+        /// A write's data is in the cache file: its pages are present (they were) and dirty.
+        func written(_ r: Request, queue: Queue) {
+            let pages = planner.pages(offset: r.offset, length: Int(r.length))
+            dirty?.markPresent(pages)
+            if r.fua {
+                requests[Int(r.tag)] = nil
+                flushWaiters.append(r.tag)
+                startCycle(queue)
+            } else {
+                finish(r.tag, r.op == Op.write ? Int32(r.length) : 0, queue)
             }
         }
 
@@ -213,10 +310,18 @@ public final class HTTPTarget: Target {
         }
 
         func ioCompleted(tag: UInt16, sub: UInt8, data: UInt32, result: Int32, queue: Queue) {
-            if sub == Handler.subSync { return persistAfterSync(result) }
+            if sub == Handler.subSync { return cycleSynced(result, queue: queue) }
             let t = Int(tag)
             guard let r = requests[t] else { return }
             if result < 0 { return finish(tag, result, queue) }
+            if sub == Handler.subPunch { return written(r, queue: queue) }
+            if sub == Handler.subWrite {
+                if result == 0 { return finish(tag, -EIO, queue) }
+                done[t] += UInt32(result)
+                if done[t] >= r.length { return written(r, queue: queue) }
+                return queue.write(fd: cacheFD, from: r.buffer + Int(done[t]), length: r.length - done[t],
+                                   offset: r.offset + UInt64(done[t]), tag: tag, sub: Handler.subWrite)
+            }
             if result == 0 {
                 // Past the end of the object (the device is rounded up to 512 bytes): zeros.
                 memset(r.buffer + Int(done[t]), 0, Int(r.length - done[t]))
@@ -287,8 +392,8 @@ public final class HTTPTarget: Target {
             for ctx in outcome.satisfied {
                 let tag = UInt16(ctx)
                 guard waiting[Int(tag)], let r = requests[Int(tag)] else { continue }
-                target.stats.missLatency.record(nanoseconds: now &- missStart[Int(tag)])
-                readFromCache(r, queue: queue)
+                if r.op == Op.read { target.stats.missLatency.record(nanoseconds: now &- missStart[Int(tag)]) }
+                proceed(r, queue: queue)
             }
             for ctx in outcome.failed {
                 let tag = UInt16(ctx)
@@ -323,22 +428,52 @@ public final class HTTPTarget: Target {
         func idle(queue: Queue) {
             if !source.isIdle { armPoll(queue) }
             let statsDirty = statsSignature != writtenStatsSignature
-            let bitsDirty = bitmap.bits.hasDirty && persistStaged == nil
-            guard statsDirty || bitsDirty else { return }
+            let bitsDirty = bitmap.bits.hasDirty || (dirty?.bits.hasDirty ?? false)
+            guard statsDirty || (bitsDirty && cycle == nil) else { return }
             let now = monotonicNanos()
             if now &- lastPersist >= Handler.persistInterval {
                 lastPersist = now
                 if statsDirty { publishStats(queue) }
-                if bitsDirty {
-                    // Stage the words set so far, make their pages' data durable, then persist them.
-                    persistStaged = bitmap.stage()
-                    queue.fsync(fd: cacheFD, tag: Queue.internalTag, sub: Handler.subSync)
-                }
+                if bitsDirty { startCycle(queue) }
             } else if !timerArmed {
                 _ = cu_timerfd_arm(timerFD, max(1, Handler.persistInterval - (now &- lastPersist)))
                 timerArmed = true
                 queue.poll(fd: timerFD, data: Handler.timerEvent)
             }
+        }
+
+        /// A sync cycle: stage both bitmaps, fdatasync the cache file through the
+        /// ring, then persist them and complete the FLUSHes that were waiting.
+        /// One at a time, so commits are persisted in the order they were staged.
+        func startCycle(_ queue: Queue) {
+            guard cycle == nil else { return }
+            cycle = (bitmap.stage(), dirty?.stage(), flushWaiters)
+            flushWaiters = []
+            lastPersist = monotonicNanos()
+            queue.fsync(fd: cacheFD, tag: Queue.internalTag, sub: Handler.subSync)
+        }
+
+        func cycleSynced(_ result: Int32, queue: Queue) {
+            guard let c = cycle else { return }
+            cycle = nil
+            var status: Int32 = 0
+            if result < 0 {
+                // The data is not known to be durable: the staged words wait for the next cycle.
+                log("ublk-http: fdatasync of the cache file failed: \(Errno(returned: result))")
+                bitmap.abandon(c.present)
+                if let d = c.dirty { dirty?.abandon(d) }
+                status = -EIO
+            } else {
+                do {
+                    try bitmap.persist(c.present)
+                    if let d = c.dirty { try dirty?.persist(d) }
+                } catch {
+                    log("ublk-http: cannot persist the bitmaps: \(error)")
+                    status = -EIO
+                }
+            }
+            for tag in c.waiters { queue.complete(tag: tag, result: status) }
+            if !flushWaiters.isEmpty { startCycle(queue) }
         }
 
         var writtenStatsSignature: UInt64 = .max
@@ -352,21 +487,42 @@ public final class HTTPTarget: Target {
             target.snapshot().save(device: queue.deviceID)
         }
 
-        func persistAfterSync(_ result: Int32) {
-            guard let c = persistStaged else { return }
-            persistStaged = nil
-            if result < 0 {
-                // The data is not known to be durable: the staged words wait for the next sync.
-                log("ublk-http: fdatasync of the cache file failed: \(Errno(returned: result)); bitmap not persisted")
-                bitmap.abandon(c)
-                return
-            }
-            do { try bitmap.persist(c) } catch {
-                log("ublk-http: cannot persist the bitmap: \(error)")
+        // MARK: Control (dirty tracking)
+
+        func control(_ request: ControlRequest, queue: Queue) -> String {
+            guard let dirty else { return controlError("ublk\(queue.deviceID) is not writable: no dirty tracking") }
+            switch request.op {
+            case "dirty":
+                let runs = DirtyExtents.runs(dirty.bits)
+                let reply = DirtyExtents(runs: runs, pageSize: pageSize, imageSize: imageSize, token: nil)
+                if request.clear == true {
+                    dirty.markAbsent(0..<dirty.pageCount)
+                    startCycle(queue)
+                }
+                return controlJSON(reply)
+            case "sync-begin":
+                // Hand out the dirty pages and clear them: a page written from now on is dirty again.
+                let runs = DirtyExtents.runs(dirty.bits)
+                for r in runs { dirty.markAbsent(r) }
+                let token = nextToken
+                nextToken += 1
+                syncSnapshots[token] = runs
+                return controlJSON(DirtyExtents(runs: runs, pageSize: pageSize, imageSize: imageSize, token: token))
+            case "sync-end":
+                guard let token = request.token, let runs = syncSnapshots.removeValue(forKey: token) else {
+                    return controlError("unknown sync token")
+                }
+                // Copied: the cleared bits may reach the disk. Failed: they are dirty again.
+                if request.ok != true { for r in runs { dirty.markPresent(r) } }
+                startCycle(queue)
+                return controlJSON(["ok": true])
+            default:
+                return controlError("unknown command \(request.op)")
             }
         }
 
         func drain(queue: Queue) {
+            if !flushWaiters.isEmpty { startCycle(queue) }
             draining = true
             source.cancelAll()
             source.perform()
@@ -378,8 +534,11 @@ public final class HTTPTarget: Target {
         func shutdown(queue: Queue) {
             publishStats(queue)
             // The loop ended with no target I/O outstanding: no staged commit is waiting for its sync.
-            do { try bitmap.commit(syncing: target.cache) } catch {
-                log("ublk-http: cannot persist the bitmap at shutdown: \(error)")
+            do {
+                try bitmap.commit(syncing: target.cache)
+                if let d = dirty { try d.commit(syncing: target.cache) }
+            } catch {
+                log("ublk-http: cannot persist the bitmaps at shutdown: \(error)")
             }
         }
     }

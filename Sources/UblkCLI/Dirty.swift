@@ -1,0 +1,171 @@
+import ArgumentParser
+import CUring
+import FoundationEssentials
+import Glibc
+import PageCache
+import UblkTarget
+
+/// Where dirty pages are read from: a live device (its server), or the files of a stopped one.
+struct DirtySource: ParsableArguments {
+    @Option(name: [.short, .customLong("number")], help: "A live device: id N (/dev/ublkbN).")
+    var number: Int?
+
+    @Option(name: .customLong("dirty-bitmap"), help: "A stopped device: its dirty bitmap file (the --bitmap file + .dirty).")
+    var dirtyBitmap: String?
+
+    func check() throws {
+        if (number == nil) == (dirtyBitmap == nil) { throw Failure("give either -n ID (a live device) or --dirty-bitmap FILE (a stopped one)") }
+    }
+
+    /// A stopped device's dirty bitmap, opened for update.
+    func openFile() throws -> Bitmap {
+        guard let path = dirtyBitmap else { throw Failure("no --dirty-bitmap") }
+        do {
+            let info = try Bitmap.inspect(path: path)
+            guard info.identity.kind == .dirty else { throw Failure("\(path) is not a dirty bitmap") }
+            return try Bitmap.open(path: path, identity: info.identity).bitmap
+        } catch let f as Failure {
+            throw f
+        } catch {
+            throw Failure("\(path): \(error)")
+        }
+    }
+}
+
+struct Dirty: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "List the pages written since the last clear, as merged extents (JSON).",
+        discussion: """
+            Output: {"extents":[{"offset":…,"length":…}], "pages":…, "bytes":…, "page_size":…}.
+            --clear empties the list (atomically: a page written after it is listed again).
+            Works on a live writable device (-n) or on a stopped one's files (--dirty-bitmap).
+            """)
+
+    @OptionGroup var source: DirtySource
+
+    @Flag(name: .customLong("clear"), help: "Clear the list after printing it.")
+    var clear = false
+
+    func validate() throws { try source.check() }
+
+    func run() throws {
+        if let n = source.number {
+            try requireRoot()
+            do {
+                let data = try ControlClient.send(ControlRequest(op: "dirty", clear: clear), device: UInt32(clamping: n))
+                print(String(decoding: data, as: UTF8.self))
+            } catch { throw Failure(error) }
+            return
+        }
+        let bitmap = try source.openFile()
+        let out = DirtyExtents(runs: DirtyExtents.runs(bitmap.bits), pageSize: UInt64(bitmap.pageSize),
+                               imageSize: bitmap.identity.imageSize, token: nil)
+        if clear {
+            bitmap.markAbsent(0..<bitmap.pageCount)
+            do { try bitmap.persist(bitmap.stage()) } catch { throw Failure("\(error)") }
+        }
+        print(jsonLine(out))
+    }
+}
+
+struct Sync: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Copy exactly the dirty extents into a replica image, then clear them.",
+        discussion: """
+            Live device (-n): the dirty pages are taken from the server (and cleared there at
+            once), read from /dev/ublkbN and written to REPLICA, which is then fdatasync'ed;
+            only then is the clear made durable. A page written during the copy stays dirty;
+            if the copy fails, every taken page is dirty again.
+            Stopped device: --dirty-bitmap FILE --cache FILE copies from the cache file.
+            The replica is created (0600) or grown to the device size when needed.
+            """)
+
+    @OptionGroup var source: DirtySource
+
+    @Option(name: .customLong("to"), help: "The replica image to bring up to date.")
+    var to: String
+
+    @Option(name: .customLong("cache"), help: "A stopped device: its cache file (the data to copy).")
+    var cache: String?
+
+    func validate() throws {
+        try source.check()
+        if source.dirtyBitmap != nil && cache == nil { throw Failure("a stopped device needs --cache FILE too") }
+    }
+
+    struct Output: Encodable {
+        var extents: Int
+        var bytes: UInt64
+        var replica: String
+    }
+
+    func run() throws {
+        if let n = source.number {
+            try requireRoot()
+            let id = UInt32(clamping: n)
+            let taken: DirtyExtents
+            do {
+                let data = try ControlClient.send(ControlRequest(op: "sync-begin"), device: id)
+                taken = try JSONDecoder().decode(DirtyExtents.self, from: data)
+            } catch let e as UblkError { throw Failure(e) }
+            guard let token = taken.token else { throw Failure("ublk\(id): the server gave no sync token") }
+            var size = UInt64(0)
+            if let st = DeviceState.load(id) { size = st.size }
+            do {
+                try copy(taken.extents, from: "/dev/ublkb\(id)", direct: true, size: size)
+            } catch {
+                _ = try? ControlClient.send(ControlRequest(op: "sync-end", token: token, ok: false), device: id)
+                throw error
+            }
+            do { _ = try ControlClient.send(ControlRequest(op: "sync-end", token: token, ok: true), device: id) } catch {
+                throw Failure(error)
+            }
+            print(jsonLine(Output(extents: taken.extents.count, bytes: taken.bytes, replica: to)))
+            return
+        }
+        let bitmap = try source.openFile()
+        let runs = DirtyExtents.runs(bitmap.bits)
+        let out = DirtyExtents(runs: runs, pageSize: UInt64(bitmap.pageSize), imageSize: bitmap.identity.imageSize, token: nil)
+        try copy(out.extents, from: cache!, direct: false, size: bitmap.identity.imageSize)
+        for r in runs { bitmap.markAbsent(r) }
+        do { try bitmap.persist(bitmap.stage()) } catch { throw Failure("\(error)") }
+        print(jsonLine(Output(extents: out.extents.count, bytes: out.bytes, replica: to)))
+    }
+
+    func copy(_ extents: [DirtyExtents.Extent], from path: String, direct: Bool, size: UInt64) throws {
+        let src = open(path, O_RDONLY | O_CLOEXEC | (direct ? cu_o_direct : 0))
+        if src < 0 { throw Failure("cannot open \(path): \(Errno.current)") }
+        defer { close(src) }
+        let dst = open(to, O_WRONLY | O_CREAT | O_CLOEXEC, 0o600)
+        if dst < 0 { throw Failure("cannot open the replica \(to): \(Errno.current)") }
+        defer { close(dst) }
+        var st = stat()
+        if fstat(dst, &st) == 0 && (st.st_mode & S_IFMT) == S_IFREG && UInt64(st.st_size) < size {
+            if ftruncate(dst, off_t(size)) != 0 { throw Failure("cannot grow the replica \(to): \(Errno.current)") }
+        }
+        let chunk = 1 << 20
+        var raw: UnsafeMutableRawPointer?
+        guard posix_memalign(&raw, 4096, chunk) == 0, let buf = raw else { throw Failure("out of memory") }
+        defer { free(buf) }
+        for e in extents {
+            var off = e.offset
+            let end = e.offset + e.length
+            while off < end {
+                // O_DIRECT wants whole sectors: the tail of an odd-sized image is read as a full one.
+                let want = Int(min(UInt64(chunk), end - off))
+                let readLen = direct ? (want + 511) & ~511 : want
+                let n = pread(src, buf, readLen, off_t(off))
+                if n < want { throw Failure("reading \(path) at \(off): \(n < 0 ? "\(Errno.current)" : "short read")") }
+                var w = 0
+                while w < want {
+                    let m = pwrite(dst, buf + w, want - w, off_t(off) + off_t(w))
+                    if m < 0 && errno == EINTR { continue }
+                    if m <= 0 { throw Failure("writing the replica \(to) at \(off): \(Errno.current)") }
+                    w += m
+                }
+                off += UInt64(want)
+            }
+        }
+        if fdatasync(dst) != 0 { throw Failure("fdatasync of the replica \(to): \(Errno.current)") }
+    }
+}
