@@ -10,6 +10,8 @@ struct Add: ParsableCommand {
             Targets:
               null   reads zeros, accepts and drops writes.   --size (default 250G)
               loop   a file or block device.                   -f FILE [--buffered]
+              cache  a slow file or block device cached on fast storage, page by page.
+                     --backing PATH --cache FILE --bitmap FILE [--write-mode through|back]
               http   a disk image on an HTTP(S) server or in S3, read-only, fetched
                      on demand into a persistent page cache.   --url URL [--cache FILE
                      --bitmap FILE] [--header 'K: V']... [--user NAME --password-file F]
@@ -48,7 +50,13 @@ struct Add: ParsableCommand {
     @Flag(name: .customLong("buffered"), help: "loop: use the page cache instead of O_DIRECT.")
     var buffered = false
 
-    @OptionGroup(title: "http target")
+    @Option(name: .customLong("backing"), help: "cache: the slow file or block device to cache.")
+    var backing: String?
+
+    @Option(name: .customLong("write-mode"), help: "cache: through (writes reach both before completing) or back (cache first, written back in the background).")
+    var writeMode: String = "through"
+
+    @OptionGroup(title: "http target (--cache, --bitmap and --page-size also for cache)")
     var http: HTTPOptions
 
     @Flag(name: .customLong("read-only"), help: "Expose the device read-only.")
@@ -67,8 +75,8 @@ struct Add: ParsableCommand {
     var readyFD: Int32?
 
     func validate() throws {
-        guard ["null", "loop", "http"].contains(type) else {
-            throw Failure("unknown target type '\(type)' (known: null, loop, http)")
+        guard ["null", "loop", "http", "cache"].contains(type) else {
+            throw Failure("unknown target type '\(type)' (known: null, loop, http, cache)")
         }
         if let n = number, n < 0 || n >= Int(Int32.max) { throw Failure("bad device id \(n)") }
         guard (1...64).contains(queues) else { throw Failure("--queues must be between 1 and 64, not \(queues)") }
@@ -79,9 +87,16 @@ struct Add: ParsableCommand {
         if type == "http" {
             try http.check()
             if queues != 1 { throw Failure("the http target serves one queue: drop -q") }
+        } else if type == "cache" {
+            guard backing != nil else { throw Failure("the cache target needs --backing FILE_OR_DEVICE") }
+            guard http.cache != nil, http.bitmap != nil else { throw Failure("the cache target needs --cache FILE and --bitmap FILE") }
+            guard ["through", "back"].contains(writeMode) else { throw Failure("--write-mode must be through or back, not '\(writeMode)'") }
+            if queues != 1 { throw Failure("the cache target serves one queue: drop -q") }
+            if http.httpOnlyGiven { throw Failure("--url and the other http options apply to the http target only") }
         } else if http.given {
             throw Failure("--url and the other http options apply to the http target only")
         }
+        if type != "cache" && backing != nil { throw Failure("--backing applies to the cache target only") }
     }
 
     func makeTarget() throws -> Target {
@@ -100,6 +115,12 @@ struct Add: ParsableCommand {
         case "http":
             let options = try http.targetOptions()
             do { return try HTTPTarget(options) } catch { throw Failure(error) }
+        case "cache":
+            var o = CacheTargetOptions(backing: backing!, cachePath: http.cache!, bitmapPath: http.bitmap!)
+            o.writeBack = writeMode == "back"
+            o.pageSize = http.pageSize
+            o.readOnly = readOnly
+            do { return try CacheTarget(o) } catch { throw Failure(error) }
         default:
             throw Failure("unknown target type '\(type)'")
         }
@@ -135,7 +156,7 @@ struct Add: ParsableCommand {
         } else {
             // Check what can be checked here, so that errors need no round trip
             // (http probes the network and locks its bitmap: the server does that).
-            if type != "http" { _ = try makeTarget() }
+            if type != "http" && type != "cache" { _ = try makeTarget() }
             try requireRoot()
             _ = try openControl()
             let line = try Daemon.spawnServer(arguments: Array(CommandLine.arguments.dropFirst()))

@@ -169,3 +169,42 @@ struct Sync: ParsableCommand {
         if fdatasync(dst) != 0 { throw Failure("fdatasync of the replica \(to): \(Errno.current)") }
     }
 }
+
+struct Flush: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Write every write-back page of a cache device to its backing store; returns when none is left.",
+        discussion: "For `add -t cache --write-mode back`. The backing store is fdatasync'ed before this returns.")
+
+    @Option(name: [.short, .customLong("number")], help: "Device id N (/dev/ublkbN).")
+    var number: Int
+
+    struct Status: Decodable {
+        var writebackPages: UInt64
+        var inFlight: Bool
+        var unpersisted: Bool
+        enum CodingKeys: String, CodingKey {
+            case writebackPages = "writeback_pages", inFlight = "in_flight", unpersisted
+        }
+    }
+
+    func run() throws {
+        try requireRoot()
+        let id = UInt32(clamping: number)
+        var last = UInt64.max
+        while true {
+            let status: Status
+            do {
+                let data = try ControlClient.send(ControlRequest(op: "flush"), device: id)
+                status = try JSONDecoder().decode(Status.self, from: data)
+            } catch let e as UblkError { throw Failure(e) } catch { throw Failure("ublk\(id): bad reply: \(error)") }
+            if status.writebackPages == 0 && !status.inFlight && !status.unpersisted { break }
+            if isatty(2) != 0 && status.writebackPages != last {
+                printError("\rwriting back: \(status.writebackPages) pages left\u{1b}[K")
+                last = status.writebackPages
+            }
+            usleep(100_000)
+        }
+        if isatty(2) != 0 && last != .max { printError("\n") }
+        print(jsonLine(["writeback_pages": 0]))
+    }
+}

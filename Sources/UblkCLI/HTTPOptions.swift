@@ -51,6 +51,12 @@ struct HTTPOptions: ParsableArguments {
     @Option(name: .customLong("region"), help: "S3 region.")
     var region: String?
 
+    /// Options only the http target takes (--cache, --bitmap and --page-size serve `cache` too).
+    var httpOnlyGiven: Bool {
+        url != nil || !headers.isEmpty || user != nil || passwordFile != nil
+            || cacert != nil || insecure || s3Endpoint != nil || region != nil || writable
+    }
+
     var given: Bool {
         url != nil || cache != nil || bitmap != nil || !headers.isEmpty || user != nil || passwordFile != nil
             || cacert != nil || insecure || s3Endpoint != nil || region != nil || writable

@@ -17,6 +17,8 @@ public struct UblkHTTP: ParsableCommand {
               ublk-http list                           devices, as JSON
               ublk-http del -n 0                       stop and remove /dev/ublkb0
               ublk-http recover -n 0                   a new server for a --recovery device
+              ublk-http add -t cache --backing /dev/sdb --cache /nvme/c --bitmap /nvme/b --write-mode back
+              ublk-http flush -n 0                     write every cached write back
               ublk-http dirty -n 0                     pages written since the last clear
               ublk-http sync -n 0 --to replica.img     copy just those to a replica
               ublk-http features                       what the kernel's driver supports
@@ -25,7 +27,7 @@ public struct UblkHTTP: ParsableCommand {
             keeps running in the background until `del`, SIGTERM or SIGINT.
             Needs root and the ublk_drv module (modprobe ublk_drv).
             """,
-        subcommands: [Add.self, Del.self, List.self, Recover.self, Stats.self, Prefetch.self, Status.self, Dirty.self, Sync.self, Features.self]
+        subcommands: [Add.self, Del.self, List.self, Recover.self, Stats.self, Prefetch.self, Status.self, Dirty.self, Sync.self, Flush.self, Features.self]
     )
     public init() {}
 }

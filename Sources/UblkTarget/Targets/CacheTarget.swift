@@ -1,0 +1,138 @@
+// cache: a slow block device or file (the backing store) cached page by page
+// in a cache file on fast storage, with the same engine as `http`: reads hit
+// the cache file or fetch missing pages from the backing store (io_uring
+// reads) into it; the page bitmap gates them and persists with the same
+// crash rule. Writes are tracked as dirty (for `dirty` and `sync`) and:
+//   through: reach the cache and the backing store before they complete;
+//   back:    complete once in the cache; a write-back bitmap records the pages
+//            the backing store lacks, and one run at a time (the throttle) is
+//            copied out in the background; `ublk-http flush -n ID` returns
+//            when none are left. A FLUSH persists the write-back bitmap, so
+//            after kill -9 and `add` again every acknowledged write still
+//            reaches the backing store.
+import CUring
+import Glibc
+import PageCache
+
+public struct CacheTargetOptions {
+    public var backing: String
+    public var cachePath: String
+    public var bitmapPath: String
+    public var writeBack = false
+    public var pageSize = 4096
+    public var readOnly = false
+
+    public init(backing: String, cachePath: String, bitmapPath: String) {
+        self.backing = backing
+        self.cachePath = cachePath
+        self.bitmapPath = bitmapPath
+    }
+}
+
+public final class CacheTarget: Target {
+    public let name = "cache"
+    public let params: DeviceParams
+    public let settings: CacheTargetOptions
+    let backingFD: Int32
+    let cache: CacheFile
+    let bitmap: Bitmap
+    let dirty: Bitmap
+    let writeback: Bitmap?
+    public let stats = CacheStats()
+    let cacheState: String
+
+    public var options: [String: String] {
+        ["backing": settings.backing, "cache": settings.cachePath, "bitmap": settings.bitmapPath,
+         "write_mode": settings.writeBack ? "back" : "through", "page_size": String(settings.pageSize),
+         "cache_state": cacheState, "dirty_bitmap": settings.bitmapPath + ".dirty"]
+    }
+
+    public init(_ o: CacheTargetOptions) throws(UblkError) {
+        settings = o
+        guard o.pageSize >= 512, o.pageSize.nonzeroBitCount == 1, o.pageSize <= 1 << 20 else {
+            throw UblkError("--page-size must be a power of two between 512 and 1M, not \(o.pageSize)")
+        }
+        var st = stat()
+        if stat(o.backing, &st) != 0 { throw UblkError("cannot use \(o.backing) as the backing store", errno: .current) }
+        let isBlock = (st.st_mode & S_IFMT) == S_IFBLK
+        guard isBlock || (st.st_mode & S_IFMT) == S_IFREG else {
+            throw UblkError("\(o.backing) is neither a regular file nor a block device")
+        }
+        let fd = open(o.backing, (o.readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC)
+        if fd < 0 { throw UblkError("cannot open \(o.backing)", errno: .current) }
+        var size = UInt64(st.st_size)
+        if isBlock {
+            var s: UInt64 = 0
+            let r = cu_blkgetsize64(fd, &s)
+            if r < 0 { close(fd); throw UblkError("cannot get the size of \(o.backing)", errno: Errno(returned: r)) }
+            size = s
+        }
+        size &= ~511
+        guard size > 0 else { close(fd); throw UblkError("\(o.backing) is empty") }
+        backingFD = fd
+
+        var real = [CChar](repeating: 0, count: Int(PATH_MAX))
+        let url = "file://" + (realpath(o.backing, &real) != nil ? String(cString: real) : o.backing)
+        let identity = BitmapIdentity(kind: .present, pageSize: o.pageSize, imageSize: size, url: url)
+        var dirtyID = identity
+        dirtyID.kind = .dirty
+        do {
+            let opened = try Bitmap.open(path: o.bitmapPath, identity: identity)
+            bitmap = opened.bitmap
+            cache = try CacheFile(path: o.cachePath, size: size)
+            let d = try Bitmap.open(path: o.bitmapPath + ".dirty", identity: dirtyID)
+            dirty = d.bitmap
+            writeback = o.writeBack ? try Bitmap.open(path: o.bitmapPath + ".writeback", identity: dirtyID).bitmap : nil
+            if !o.writeBack, let info = try? Bitmap.inspect(path: o.bitmapPath + ".writeback"), info.present > 0 {
+                throw UblkError("the cache holds \(info.present) pages not yet written back to \(o.backing): add it with --write-mode back and run `ublk-http flush`")
+            }
+            switch opened.outcome {
+            case .fresh: cacheState = "fresh"
+            case .reused: cacheState = "reused"
+            case .invalidated:
+                let pending = writeback?.count ?? 0
+                if pending > 0 {
+                    throw UblkError("this cache belongs to another backing store and holds \(pending) pages not written back; refusing")
+                }
+                try bitmap.startAfresh()
+                try cache.discardAll()
+                cacheState = "started afresh: another backing store"
+            }
+            if case .invalidated = d.outcome { try d.bitmap.startAfresh() }
+        } catch let e as UblkError {
+            close(fd)
+            throw e
+        } catch {
+            close(fd)
+            throw UblkError("\(error)")
+        }
+        var p = DeviceParams(size: size)
+        p.readOnly = o.readOnly
+        p.writeCache = true
+        p.discard = !o.readOnly
+        params = p
+    }
+
+    deinit { close(backingFD) }
+
+    public func snapshot() -> HTTPStats {
+        HTTPStats(hits: stats.hits, misses: stats.misses, bytesFetched: stats.bytesFetched, requests: stats.requests,
+                  retries: 0, errors: stats.errors,
+                  missLatencyP50Ms: stats.missLatency.percentile(50).map { Double($0) / 1e6 },
+                  missLatencyP99Ms: stats.missLatency.percentile(99).map { Double($0) / 1e6 },
+                  pagesPresent: bitmap.count, pagesTotal: bitmap.pageCount, pageSize: settings.pageSize)
+    }
+
+    public func makeHandler(for queue: Queue) throws(UblkError) -> QueueHandler {
+        guard queue.id == 0 else { throw UblkError("the cache target serves one queue (-q 1)") }
+        let context = CacheContext(cache: cache, bitmap: bitmap, dirty: dirty, imageSize: params.size,
+                                   pageSize: settings.pageSize, stats: stats) { [unowned self] in self.snapshot() }
+        context.backingFD = backingFD
+        context.writeThrough = !settings.writeBack
+        context.writeback = writeback
+        // Local reads: runs of up to 1 MiB, modest readahead, a few in flight.
+        let planner = FetchPlanner(imageSize: params.size, pageSize: settings.pageSize, maxRunBytes: 1 << 20,
+                                   initialReadaheadBytes: 128 << 10, maxReadaheadBytes: 1 << 20, maxActiveRuns: 8)
+        return CachingHandler(context: context, fetcher: FileFetcher(fd: backingFD), planner: planner, depth: queue.depth)
+    }
+}

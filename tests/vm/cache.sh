@@ -1,0 +1,78 @@
+# Issue 4, the cache target on the real driver: write-through and write-back,
+# kill -9 under writes in back mode, flush, a block device as backing store.
+source /tests/lib.sh
+set -o pipefail
+C=/var/tmp/cache; mkdir -p $C
+FIO="fio --ioengine=io_uring --direct=1 --bs=4k --iodepth=16 --randrepeat=1 --randseed=42"
+
+section "write-through: fio --verify=crc32c over 256 MiB; backing equals the device after a FLUSH"
+truncate -s 256M /tmp/back1.img
+if add -t cache --backing /tmp/back1.img --cache $C/t.cache --bitmap $C/t.bitmap --write-mode through; then
+    eq "target cache, through" through "$(echo "$DEV_JSON" | jq -r .target_options.write_mode)"
+    check "fio randwrite verify 256M" $FIO --name=t --filename=$DEV_B --rw=randwrite --size=256M \
+        --verify=crc32c --do_verify=1 --verify_fatal=1 --output=/tmp/fio-t.txt
+    check "a FLUSH" dd if=/dev/urandom of=$DEV_B bs=4k count=1 seek=7 oflag=direct conv=fsync
+    check "backing equals the device" cmp $DEV_B /tmp/back1.img
+    check "dirty tracking lists the writes" bash -c "$UBLK dirty -n $DEV_ID | jq -e '.pages > 0'"
+    check "del" del $DEV_ID
+else
+    fail "add -t cache through" "$DEV_JSON"
+fi
+
+section "reads are cached: a second pass reads nothing from the backing store"
+if add -t cache --backing /tmp/back1.img --cache $C/t.cache --bitmap $C/t.bitmap; then
+    eq "cache reused" reused "$(echo "$DEV_JSON" | jq -r .target_options.cache_state)"
+    check "read it all" cmp $DEV_B /tmp/back1.img
+    sleep 1.2
+    B=$("$UBLK" stats -n $DEV_ID --json | jq -r .bytes_fetched)
+    check "read it all again" cmp $DEV_B /tmp/back1.img
+    sleep 1.2
+    eq "nothing more fetched from the backing store" "$B" "$("$UBLK" stats -n $DEV_ID --json | jq -r .bytes_fetched)"
+    del $DEV_ID >/dev/null
+fi
+
+section "write-back: kill -9 under writes, add again, flush, the backing alone verifies"
+truncate -s 256M /tmp/back2.img
+if add -t cache --backing /tmp/back2.img --cache $C/b.cache --bitmap $C/b.bitmap --write-mode back; then
+    check "fio randwrite 128M, verified, fsync at the end" $FIO --name=b --filename=$DEV_B --rw=randwrite --size=128M \
+        --verify=crc32c --do_verify=1 --verify_fatal=1 --end_fsync=1 --output=/tmp/fio-b.txt
+    $FIO --name=more --filename=$DEV_B --rw=randwrite --offset=128M --size=128M --time_based --runtime=60 \
+        --output=/tmp/fio-more.txt >/dev/null 2>&1 &
+    MORE=$!
+    sleep 3
+    kill -9 $DEV_PID
+    wait_for 30 dead $MORE; kill -9 $MORE 2>/dev/null; wait $MORE 2>/dev/null
+    del $DEV_ID >/dev/null 2>&1
+    expect_error "the cache is refused in through mode while pages await write-back" "not yet written back" \
+        "$UBLK" add -t cache --backing /tmp/back2.img --cache $C/b.cache --bitmap $C/b.bitmap
+    if add -t cache --backing /tmp/back2.img --cache $C/b.cache --bitmap $C/b.bitmap --write-mode back; then
+        F=$(timeout 300 "$UBLK" flush -n $DEV_ID)
+        eq "flush returns when nothing is left" 0 "$(echo "$F" | jq -r .writeback_pages)"
+        check "del" del $DEV_ID
+        check "the backing store alone verifies" $FIO --name=b --filename=/tmp/back2.img --rw=randwrite --size=128M \
+            --verify=crc32c --verify_only=1 --verify_fatal=1 --direct=0 --output=/tmp/fio-verify.txt
+    else
+        fail "add back again" "$DEV_JSON"
+    fi
+else
+    fail "add -t cache back" "$DEV_JSON"
+fi
+
+section "a block device as the backing store"
+kmod-load brd rd_nr=1 rd_size=65536
+if add -t cache --backing /dev/ram0 --cache $C/r.cache --bitmap $C/r.bitmap; then
+    eq "size of the ramdisk" 67108864 "$(blockdev --getsize64 $DEV_B)"
+    check "write and read back" bash -c "head -c 1048576 /dev/urandom > /tmp/r1 && dd if=/tmp/r1 of=$DEV_B bs=1M seek=3 oflag=direct conv=fsync 2>/dev/null && cmp <(dd if=/dev/ram0 bs=1M skip=3 count=1 iflag=direct 2>/dev/null) /tmp/r1"
+    del $DEV_ID >/dev/null
+else
+    fail "add -t cache on /dev/ram0" "$DEV_JSON"
+fi
+
+section "bad inputs"
+expect_error "cache needs --backing" "needs --backing" "$UBLK" add -t cache --cache $C/x --bitmap $C/y
+expect_error "cache needs --cache" "needs --cache FILE and --bitmap" "$UBLK" add -t cache --backing /tmp/back1.img
+expect_error "bad write mode" "write-mode must be" "$UBLK" add -t cache --backing /tmp/back1.img --cache $C/x --bitmap $C/y --write-mode sideways
+expect_error "missing backing" "No such file" "$UBLK" add -t cache --backing /nope --cache $C/x --bitmap $C/y
+expect_error "flush of a missing device" "no running server" "$UBLK" flush -n 7
+eq "nothing left" "[]" "$("$UBLK" list)"
+finish
