@@ -56,6 +56,9 @@ struct Add: ParsableCommand {
     @Option(name: .customLong("write-mode"), help: "cache: through (writes reach both before completing) or back (cache first, written back in the background).")
     var writeMode: String = "through"
 
+    @Option(name: .customLong("cache-max-size"), help: "http, cache: keep the cache file under SIZE (K/M/G/T) by evicting clean pages, least recently used first.")
+    var cacheMaxSize: String?
+
     @OptionGroup(title: "http target (--cache, --bitmap and --page-size also for cache)")
     var http: HTTPOptions
 
@@ -97,6 +100,10 @@ struct Add: ParsableCommand {
             throw Failure("--url and the other http options apply to the http target only")
         }
         if type != "cache" && backing != nil { throw Failure("--backing applies to the cache target only") }
+        if let m = cacheMaxSize {
+            guard type == "http" || type == "cache" else { throw Failure("--cache-max-size applies to the http and cache targets only") }
+            guard let v = Size.parse(m), v >= 1 << 20 else { throw Failure("bad --cache-max-size '\(m)': at least 1M") }
+        }
     }
 
     func makeTarget() throws -> Target {
@@ -113,13 +120,15 @@ struct Add: ParsableCommand {
         case "loop":
             do { return try LoopTarget(path: file!, buffered: buffered, readOnly: readOnly) } catch { throw Failure(error) }
         case "http":
-            let options = try http.targetOptions()
+            var options = try http.targetOptions()
+            options.maxCacheBytes = cacheMaxSize.flatMap { Size.parse($0) } ?? 0
             do { return try HTTPTarget(options) } catch { throw Failure(error) }
         case "cache":
             var o = CacheTargetOptions(backing: backing!, cachePath: http.cache!, bitmapPath: http.bitmap!)
             o.writeBack = writeMode == "back"
             o.pageSize = http.pageSize
             o.readOnly = readOnly
+            o.maxCacheBytes = cacheMaxSize.flatMap { Size.parse($0) } ?? 0
             do { return try CacheTarget(o) } catch { throw Failure(error) }
         default:
             throw Failure("unknown target type '\(type)'")

@@ -122,6 +122,22 @@ else
     fail "add after change" "$DEV_JSON"
 fi
 
+section "eviction: --cache-max-size keeps the cache under the bound, data stays correct"
+rm -f $CACHE/ev.*
+if add -t http --url $URL --cache $CACHE/ev.cache --bitmap $CACHE/ev.bitmap --cache-max-size 8M; then
+    check "cmp of the whole 96 MiB device against the object" cmp $DEV_B $WWW/disk.img
+    sleep 2.5  # eviction runs when idle, behind a sync cycle
+    KB=$(du -k $CACHE/ev.cache | cut -f1)
+    echo "# cache file allocated: $KB KiB"
+    check "allocated size under 8 MiB" test "$KB" -le 8192
+    check "cmp again after eviction" cmp $DEV_B $WWW/disk.img
+    sleep 2.5
+    check "still under 8 MiB" test "$(du -k $CACHE/ev.cache | cut -f1)" -le 8192
+    del $DEV_ID >/dev/null
+else
+    fail "add --cache-max-size" "$DEV_JSON"
+fi
+
 section "bad remotes: refused at add, one line"
 expect_error "server without Range" "ignores Range" "$UBLK" add -t http --url http://127.0.0.1:8080/norange/disk.img --cache $CACHE/n.cache --bitmap $CACHE/n.bitmap
 expect_error "404" "404" "$UBLK" add -t http --url http://127.0.0.1:8080/missing.img --cache $CACHE/m.cache --bitmap $CACHE/m.bitmap

@@ -21,6 +21,8 @@ public struct CacheTargetOptions {
     public var writeBack = false
     public var pageSize = 4096
     public var readOnly = false
+    /// Keep the cache file under this many bytes (0: unbounded).
+    public var maxCacheBytes: UInt64 = 0
 
     public init(backing: String, cachePath: String, bitmapPath: String) {
         self.backing = backing
@@ -130,6 +132,7 @@ public final class CacheTarget: Target {
         context.backingFD = backingFD
         context.writeThrough = !settings.writeBack
         context.writeback = writeback
+        context.maxCacheBytes = settings.maxCacheBytes
         // Local reads: runs of up to 1 MiB, modest readahead, a few in flight.
         let planner = FetchPlanner(imageSize: params.size, pageSize: settings.pageSize, maxRunBytes: 1 << 20,
                                    initialReadaheadBytes: 128 << 10, maxReadaheadBytes: 1 << 20, maxActiveRuns: 8)

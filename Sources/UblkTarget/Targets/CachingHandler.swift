@@ -27,6 +27,8 @@ final class CacheContext {
     var writeThrough = false
     /// Write-back: pages written to the cache and not yet to the backing store.
     var writeback: Bitmap?
+    /// Evict clean pages, least recently used first, to keep the cache under this many bytes (0: no bound).
+    var maxCacheBytes: UInt64 = 0
 
     init(cache: CacheFile, bitmap: Bitmap, dirty: Bitmap?, imageSize: UInt64, pageSize: Int, stats: CacheStats,
          snapshot: @escaping () -> HTTPStats) {
@@ -181,6 +183,14 @@ final class CachingHandler: QueueHandler {
     var writebackRun: (pages: Range<UInt64>, buffer: UnsafeMutableRawPointer, done: Int, dirtied: Bool)?
     var writebackCursor: UInt64 = 0
     static let writebackRunPages: UInt64 = 256
+
+    /// Eviction: the last use of each 1 MiB chunk (a request counter), and the
+    /// ranges whose bits were cleared and go out (punched) once that is durable.
+    var chunkUse: [UInt32] = []
+    var useClock: UInt32 = 0
+    var evicting: [Range<UInt64>] = []
+    var punchAfterCycle: [Range<UInt64>] = []
+    static let chunkShift: UInt64 = 20
     static let sourceEvent: UInt32 = 1, timerEvent: UInt32 = 2
     static let persistInterval: UInt64 = 1_000_000_000
 
@@ -195,6 +205,9 @@ final class CachingHandler: QueueHandler {
         self.pageSize = UInt64(context.pageSize)
         requests = Array(repeating: nil, count: depth)
         parts = Array(repeating: 0, count: depth)
+        if context.maxCacheBytes > 0 {
+            chunkUse = Array(repeating: 0, count: Int((context.imageSize >> CachingHandler.chunkShift) + 1))
+        }
         backingDone = Array(repeating: 0, count: depth)
         partFailed = Array(repeating: 0, count: depth)
         missStart = Array(repeating: 0, count: depth)
@@ -213,6 +226,7 @@ final class CachingHandler: QueueHandler {
         case Op.read, Op.write, Op.discard, Op.writeZeroes:
             if r.op != Op.read && dirty == nil { return queue.complete(tag: r.tag, result: -EROFS) }
             if draining { return queue.complete(tag: r.tag, result: -EIO) }
+            if !chunkUse.isEmpty { touch(r) }
             // A write needs every page it touches present first (see the header).
             let plan = planner.plan(offset: r.offset, length: Int(r.length), context: UInt64(r.tag), present: bitmap.bits)
             if plan.isHit {
@@ -448,6 +462,7 @@ final class CachingHandler: QueueHandler {
         if !fetcher.isIdle { armPoll(queue) }
         let statsDirty = statsSignature != writtenStatsSignature
         if context.writeback != nil && !draining { startWriteback(queue) }
+        if context.maxCacheBytes > 0 && cycle == nil { evictIfNeeded(queue) }
         let bitsDirty = bitmap.bits.hasDirty || (dirty?.bits.hasDirty ?? false) || (context.writeback?.bits.hasDirty ?? false)
         guard statsDirty || (bitsDirty && cycle == nil) else { return }
         let now = monotonicNanos()
@@ -467,6 +482,8 @@ final class CachingHandler: QueueHandler {
     /// One at a time, so commits are persisted in the order they were staged.
     func startCycle(_ queue: Queue) {
         guard cycle == nil else { return }
+        punchAfterCycle = evicting
+        evicting = []
         cycle = (bitmap.stage(), dirty?.stage(), context.writeback?.stage(), flushWaiters)
         flushWaiters = []
         lastPersist = monotonicNanos()
@@ -505,6 +522,8 @@ final class CachingHandler: QueueHandler {
                 status = -EIO
             }
         }
+        if status == 0 { punchEvicted() } else { evicting += punchAfterCycle }
+        punchAfterCycle = []
         for tag in c.waiters { queue.complete(tag: tag, result: status) }
         if !flushWaiters.isEmpty { startCycle(queue) }
     }
@@ -518,6 +537,68 @@ final class CachingHandler: QueueHandler {
     func publishStats(_ queue: Queue) {
         writtenStatsSignature = statsSignature
         context.snapshot().save(device: queue.deviceID)
+    }
+
+    // MARK: Eviction
+
+    @inline(__always)
+    func touch(_ r: Request) {
+        useClock &+= 1
+        let first = Int(r.offset >> CachingHandler.chunkShift)
+        let last = Int((r.offset + UInt64(max(r.length, 1)) - 1) >> CachingHandler.chunkShift)
+        for c in first...min(last, chunkUse.count - 1) { chunkUse[c] = useClock }
+    }
+
+    /// Over the bound: clear the bits of clean pages in the least recently used
+    /// chunks (never dirty or write-back pages, nor pages a fetch is filling),
+    /// persist that through a cycle, and only then punch the pages out.
+    func evictIfNeeded(_ queue: Queue) {
+        let ps = UInt64(context.pageSize)
+        var present = bitmap.count * ps
+        guard present > context.maxCacheBytes else { return }
+        let target = context.maxCacheBytes - context.maxCacheBytes / 8  // some slack
+        let perChunk = UInt64(1) << CachingHandler.chunkShift / ps
+        let order = chunkUse.indices.sorted { chunkUse[$0] < chunkUse[$1] }
+        for c in order where present > target {
+            let chunk = UInt64(c) * perChunk..<min(UInt64(c + 1) * perChunk, bitmap.pageCount)
+            if chunk.isEmpty || bitmap.bits.count(in: chunk) == 0 { continue }
+            var p = chunk.lowerBound
+            while p < chunk.upperBound, let s = bitmap.bits.nextSet(in: p..<chunk.upperBound) {
+                let e = bitmap.bits.nextClear(in: s..<chunk.upperBound) ?? chunk.upperBound
+                var q = s
+                while q < e {
+                    // Split around pages that must stay: dirty, awaiting write-back, or being filled.
+                    let keep = { (page: UInt64) -> Bool in
+                        (self.dirty?.test(page) ?? false) || (self.context.writeback?.test(page) ?? false)
+                            || self.planner.run(covering: page) != nil
+                    }
+                    if keep(q) { q += 1; continue }
+                    var r = q
+                    while r < e && !keep(r) { r += 1 }
+                    bitmap.markAbsent(q..<r)
+                    evicting.append(q..<r)
+                    present -= UInt64(r - q) * ps
+                    q = r
+                }
+                p = e
+            }
+        }
+        if !evicting.isEmpty { startCycle(queue) }
+    }
+
+    /// The cleared bits are durable: punch out what is still absent and not being fetched.
+    func punchEvicted() {
+        let ps = UInt64(context.pageSize)
+        for range in punchAfterCycle {
+            var p = range.lowerBound
+            while p < range.upperBound {
+                if bitmap.test(p) || planner.run(covering: p) != nil { p += 1; continue }
+                var e = p
+                while e < range.upperBound && !bitmap.test(e) && planner.run(covering: e) == nil { e += 1 }
+                _ = cu_fallocate(cacheFD, cu_falloc_punch, Int64(p * ps), Int64(min(e * ps, imageSize) - p * ps))
+                p = e
+            }
+        }
     }
 
     // MARK: Write-back

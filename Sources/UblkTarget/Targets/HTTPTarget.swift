@@ -40,6 +40,8 @@ public struct HTTPTargetOptions {
     public var maxRunBytes = 4 << 20
     /// A local overlay: writes go to the cache file and are tracked in `dirtyPath`.
     public var writable = false
+    /// Keep the cache file under this many bytes (0: unbounded).
+    public var maxCacheBytes: UInt64 = 0
     public var dirtyPath: String { bitmapPath + ".dirty" }
 
     public init(http: HTTPConfig, cachePath: String, bitmapPath: String) {
@@ -175,6 +177,7 @@ public final class HTTPTarget: Target {
         source.expected = remote
         let context = CacheContext(cache: cache, bitmap: bitmap, dirty: dirty, imageSize: remote.size,
                                    pageSize: settings.pageSize, stats: stats) { [unowned self] in self.snapshot() }
+        context.maxCacheBytes = settings.maxCacheBytes
         return CachingHandler(context: context, fetcher: HTTPFetcher(source),
                               planner: HTTPTarget.makePlanner(settings, imageSize: remote.size), depth: queue.depth)
     }
