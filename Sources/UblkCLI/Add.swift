@@ -56,6 +56,9 @@ struct Add: ParsableCommand {
     @Option(name: .customLong("write-mode"), help: "cache: through (writes reach both before completing) or back (cache first, written back in the background).")
     var writeMode: String = "through"
 
+    @Flag(name: .customLong("no-dirty-tracking"), help: "cache: do not track written pages (no `dirty`/`sync`; for measuring what tracking costs).")
+    var noDirtyTracking = false
+
     @Option(name: .customLong("cache-max-size"), help: "http, cache: keep the cache file under SIZE (K/M/G/T) by evicting clean pages, least recently used first.")
     var cacheMaxSize: String?
 
@@ -99,7 +102,7 @@ struct Add: ParsableCommand {
         } else if http.given {
             throw Failure("--url and the other http options apply to the http target only")
         }
-        if type != "cache" && backing != nil { throw Failure("--backing applies to the cache target only") }
+        if type != "cache" && (backing != nil || noDirtyTracking) { throw Failure("--backing and --no-dirty-tracking apply to the cache target only") }
         if let m = cacheMaxSize {
             guard type == "http" || type == "cache" else { throw Failure("--cache-max-size applies to the http and cache targets only") }
             guard let v = Size.parse(m), v >= 1 << 20 else { throw Failure("bad --cache-max-size '\(m)': at least 1M") }
@@ -129,6 +132,7 @@ struct Add: ParsableCommand {
             o.pageSize = http.pageSize
             o.readOnly = readOnly
             o.maxCacheBytes = cacheMaxSize.flatMap { Size.parse($0) } ?? 0
+            o.trackDirty = !noDirtyTracking
             do { return try CacheTarget(o) } catch { throw Failure(error) }
         default:
             throw Failure("unknown target type '\(type)'")

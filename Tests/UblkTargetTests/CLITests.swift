@@ -74,6 +74,15 @@ final class CLITests: XCTestCase {
             (["add", "-t", "http", "--url", "http://h/x", "--readahead", "lots"], "bad --readahead"),
             (["add", "-t", "null", "--url", "http://h/x"], "apply to the http target only"),
             (["prefetch", "--url", "http://h/x", "--connections", "0"], "--connections must be"),
+            (["add", "-t", "cache", "--cache", "/c", "--bitmap", "/b"], "needs --backing"),
+            (["add", "-t", "cache", "--backing", "/x"], "needs --cache FILE and --bitmap FILE"),
+            (["add", "-t", "cache", "--backing", "/x", "--cache", "/c", "--bitmap", "/b", "--write-mode", "x"], "--write-mode must be through or back"),
+            (["add", "-t", "cache", "--backing", "/x", "--cache", "/c", "--bitmap", "/b", "--url", "http://h/x"], "apply to the http target only"),
+            (["add", "-t", "loop", "-f", "/x", "--backing", "/y"], "apply to the cache target only"),
+            (["add", "-t", "loop", "-f", "/x", "--cache-max-size", "1G"], "--cache-max-size applies to the http and cache targets only"),
+            (["add", "-t", "http", "--url", "http://h/x", "--cache-max-size", "10K"], "bad --cache-max-size"),
+            (["dirty"], "give either -n ID"),
+            (["sync", "--to", "/r", "--dirty-bitmap", "/d"], "needs --cache FILE too"),
         ]
         for (args, expected) in cases {
             let msg = failure(args)

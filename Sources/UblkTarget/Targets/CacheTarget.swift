@@ -23,6 +23,8 @@ public struct CacheTargetOptions {
     public var readOnly = false
     /// Keep the cache file under this many bytes (0: unbounded).
     public var maxCacheBytes: UInt64 = 0
+    /// Track written pages for `dirty` and `sync` (off: measure what tracking costs).
+    public var trackDirty = true
 
     public init(backing: String, cachePath: String, bitmapPath: String) {
         self.backing = backing
@@ -38,7 +40,7 @@ public final class CacheTarget: Target {
     let backingFD: Int32
     let cache: CacheFile
     let bitmap: Bitmap
-    let dirty: Bitmap
+    let dirty: Bitmap?
     let writeback: Bitmap?
     public let stats = CacheStats()
     let cacheState: String
@@ -46,7 +48,7 @@ public final class CacheTarget: Target {
     public var options: [String: String] {
         ["backing": settings.backing, "cache": settings.cachePath, "bitmap": settings.bitmapPath,
          "write_mode": settings.writeBack ? "back" : "through", "page_size": String(settings.pageSize),
-         "cache_state": cacheState, "dirty_bitmap": settings.bitmapPath + ".dirty"]
+         "cache_state": cacheState, "dirty_bitmap": settings.trackDirty ? settings.bitmapPath + ".dirty" : ""]
     }
 
     public init(_ o: CacheTargetOptions) throws(UblkError) {
@@ -82,8 +84,8 @@ public final class CacheTarget: Target {
             let opened = try Bitmap.open(path: o.bitmapPath, identity: identity)
             bitmap = opened.bitmap
             cache = try CacheFile(path: o.cachePath, size: size)
-            let d = try Bitmap.open(path: o.bitmapPath + ".dirty", identity: dirtyID)
-            dirty = d.bitmap
+            let d = o.trackDirty ? try Bitmap.open(path: o.bitmapPath + ".dirty", identity: dirtyID) : nil
+            dirty = d?.bitmap
             writeback = o.writeBack ? try Bitmap.open(path: o.bitmapPath + ".writeback", identity: dirtyID).bitmap : nil
             if !o.writeBack, let info = try? Bitmap.inspect(path: o.bitmapPath + ".writeback"), info.present > 0 {
                 throw UblkError("the cache holds \(info.present) pages not yet written back to \(o.backing): add it with --write-mode back and run `ublk-http flush`")
@@ -100,7 +102,7 @@ public final class CacheTarget: Target {
                 try cache.discardAll()
                 cacheState = "started afresh: another backing store"
             }
-            if case .invalidated = d.outcome { try d.bitmap.startAfresh() }
+            if let d, case .invalidated = d.outcome { try d.bitmap.startAfresh() }
         } catch let e as UblkError {
             close(fd)
             throw e
@@ -131,6 +133,7 @@ public final class CacheTarget: Target {
                                    pageSize: settings.pageSize, stats: stats) { [unowned self] in self.snapshot() }
         context.backingFD = backingFD
         context.writeThrough = !settings.writeBack
+        context.writable = !settings.readOnly
         context.writeback = writeback
         context.maxCacheBytes = settings.maxCacheBytes
         // Local reads: runs of up to 1 MiB, modest readahead, a few in flight.

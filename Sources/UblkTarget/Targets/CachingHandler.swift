@@ -21,6 +21,8 @@ final class CacheContext {
     let pageSize: Int
     let stats: CacheStats
     let snapshot: () -> HTTPStats
+    /// Writes are taken (into the cache file); `dirty` tracks them when not nil.
+    var writable = false
     /// The `cache` target's backing store (-1: none, the source is read-only).
     var backingFD: Int32 = -1
     /// Write-through: writes reach the backing store before they complete.
@@ -224,7 +226,7 @@ final class CachingHandler: QueueHandler {
     func handle(_ r: Request, queue: Queue) {
         switch r.op {
         case Op.read, Op.write, Op.discard, Op.writeZeroes:
-            if r.op != Op.read && dirty == nil { return queue.complete(tag: r.tag, result: -EROFS) }
+            if r.op != Op.read && !context.writable { return queue.complete(tag: r.tag, result: -EROFS) }
             if draining { return queue.complete(tag: r.tag, result: -EIO) }
             if !chunkUse.isEmpty { touch(r) }
             // A write needs every page it touches present first (see the header).
@@ -240,7 +242,7 @@ final class CachingHandler: QueueHandler {
             }
             if planner.plannedRunCount > 0 { startRuns(queue) }
         case Op.flush:
-            if dirty == nil { return queue.complete(tag: r.tag, result: 0) }
+            if !context.writable { return queue.complete(tag: r.tag, result: 0) }
             flushWaiters.append(r.tag)
             startCycle(queue)
         default:
@@ -671,7 +673,7 @@ final class CachingHandler: QueueHandler {
             return controlJSON(WritebackStatus(writebackPages: wb.count, inFlight: writebackRun != nil || cycle != nil,
                                                unpersisted: wb.bits.hasDirty))
         }
-        guard let dirty else { return controlError("ublk\(queue.deviceID) is not writable: no dirty tracking") }
+        guard let dirty else { return controlError("ublk\(queue.deviceID) does not track written pages") }
         switch request.op {
         case "dirty":
             let runs = DirtyExtents.runs(dirty.bits)

@@ -178,6 +178,7 @@ public final class HTTPTarget: Target {
         let context = CacheContext(cache: cache, bitmap: bitmap, dirty: dirty, imageSize: remote.size,
                                    pageSize: settings.pageSize, stats: stats) { [unowned self] in self.snapshot() }
         context.maxCacheBytes = settings.maxCacheBytes
+        context.writable = settings.writable
         return CachingHandler(context: context, fetcher: HTTPFetcher(source),
                               planner: HTTPTarget.makePlanner(settings, imageSize: remote.size), depth: queue.depth)
     }
