@@ -89,3 +89,25 @@ final class UAPITests: XCTestCase {
         XCTAssertNil(Size.parse("99999999999P"))
     }
 }
+
+final class RequestTests: XCTestCase {
+    func testReadProgressContinuesShortReadsAndZeroFillsAtEOF() {
+        let buf = UnsafeMutableRawPointer.allocate(byteCount: 8192, alignment: 4096)
+        defer { buf.deallocate() }
+        memset(buf, 0xAB, 8192)
+        let r = Request(tag: 1, op: Op.read, flags: 0, offset: 0, length: 8192, buffer: buf)
+        var done: UInt32 = 0
+        XCTAssertNil(r.readProgress(4096, done: &done))
+        XCTAssertEqual(done, 4096)
+        XCTAssertNil(r.readProgress(1000, done: &done))
+        // End of file: the rest reads as zeros, and the request completes whole.
+        XCTAssertEqual(r.readProgress(0, done: &done), 8192)
+        XCTAssertEqual(buf.load(fromByteOffset: 5095, as: UInt8.self), 0xAB)
+        XCTAssertEqual(buf.load(fromByteOffset: 5096, as: UInt8.self), 0)
+        XCTAssertEqual(buf.load(fromByteOffset: 8191, as: UInt8.self), 0)
+        var d2: UInt32 = 0
+        XCTAssertEqual(r.readProgress(8192, done: &d2), 8192)
+        var d3: UInt32 = 0
+        XCTAssertEqual(r.readProgress(-5, done: &d3), -5)
+    }
+}

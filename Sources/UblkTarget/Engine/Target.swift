@@ -11,6 +11,7 @@
 // exactly once, with a byte count (READ/WRITE), 0, or a negative errno. A
 // request that never completes hangs `del` and the kernel.
 import CUring
+import Glibc
 
 /// The block-layer parameters a target asks for.
 public struct DeviceParams: Sendable {
@@ -52,6 +53,22 @@ public struct Request {
         self.offset = offset
         self.length = length
         self.buffer = buffer
+    }
+}
+
+extension Request {
+    /// One completion of a read that must fill the whole buffer: the request's
+    /// final result, or nil when the rest (from `done` on) must still be read.
+    /// A read that reaches the end of its file (0 bytes) reads zeros for the rest.
+    @inline(__always)
+    public func readProgress(_ result: Int32, done: inout UInt32) -> Int32? {
+        if result < 0 { return result }
+        if result == 0 {
+            memset(buffer + Int(done), 0, Int(length - done))
+            return Int32(length)
+        }
+        done += UInt32(result)
+        return done >= length ? Int32(length) : nil
     }
 }
 

@@ -360,14 +360,8 @@ final class CachingHandler: QueueHandler {
         default:
             break
         }
-        if result < 0 { return finish(tag, result, queue) }
-        if result == 0 {
-            // Past the end of the object (the device is rounded up to 512 bytes): zeros.
-            memset(r.buffer + Int(done[t]), 0, Int(r.length - done[t]))
-            return finish(tag, Int32(r.length), queue)
-        }
-        done[t] += UInt32(result)
-        if done[t] >= r.length { return finish(tag, Int32(r.length), queue) }
+        // Past the end of the object (the device is rounded up to 512 bytes): zeros.
+        if let final = r.readProgress(result, done: &done[t]) { return finish(tag, final, queue) }
         queue.read(fd: cacheFD, into: r.buffer + Int(done[t]), length: r.length - done[t],
                    offset: r.offset + UInt64(done[t]), tag: tag, sub: CachingHandler.subRead)
     }

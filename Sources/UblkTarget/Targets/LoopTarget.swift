@@ -212,14 +212,8 @@ public final class LoopTarget: Target {
             guard let r = requests[t] else { return }
             switch sub {
             case Handler.subRead:
-                if result < 0 { return finish(tag, result, queue) }
-                if result == 0 {
-                    // End of file: the rest of the device reads as zeros.
-                    memset(r.buffer + Int(done[t]), 0, Int(r.length - done[t]))
-                    return finish(tag, Int32(r.length), queue)
-                }
-                done[t] += UInt32(result)
-                if done[t] >= r.length { return finish(tag, Int32(r.length), queue) }
+                // End of file: the rest of the device reads as zeros.
+                if let final = r.readProgress(result, done: &done[t]) { return finish(tag, final, queue) }
                 queue.read(fd: fd, into: r.buffer + Int(done[t]), length: r.length - done[t],
                            offset: r.offset + UInt64(done[t]), tag: tag, sub: sub)
             case Handler.subWrite, Handler.subZeroWrite:
