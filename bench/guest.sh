@@ -1,0 +1,384 @@
+#!/usr/bin/bash
+# bench/guest.sh -- the guest side of bench/run.sh (runs inside the qemu VM as
+# /test/script; see vm/run.sh).  Sets up every device, then runs fio for
+# every (rep, case, device), interleaving the devices within each rep, and
+# prints machine-readable lines on the console for the host to collect:
+#   @@META {json}@@            once: settings, kernel, fio version
+#   @@DEVICE {json}@@          per device: path, server pid, affinity, notes
+#   @@START {case,device,rep}@@  when a fio run starts (the host times it)
+#   @@RESULT {json}@@          per fio run (or {..., "error": "..."})
+#   @@DONE@@                   at the end
+# Everything else is human-readable progress.
+#
+# Settings (environment, set by bench/run.sh through vm/run.sh --env):
+#   BENCH_REPS (3)  BENCH_RUNTIME (10 s)  BENCH_RAMP (2 s)
+#   BENCH_WARMUP (2 s of unrecorded 4k random reads per device before rep 1)
+#   BENCH_CASES     (default: all cases below, in this order)
+#   BENCH_DEVICES   (default: kloop ublk-loop ublk-null)
+#   BENCH_SCHED     I/O scheduler forced on every device ("none" by default;
+#                   "keep" leaves the kernel's choice)
+#   BENCH_FIO_CPU (0)  BENCH_SERVER_CPU (1)
+#   BENCH_WQ_PIN (1)  confine the kernel's unbound workqueues (the loop
+#                   driver's workers) to the server vCPU, like the server
+#   BENCH_HOSTCHAN  a serial port to bench/hostmon.py on the host (/dev/ttyS1,
+#                   set by run.sh): before each run the guest waits for the
+#                   host to be quiet (at most BENCH_WAIT_BUDGET s in all, 150),
+#                   after it asks how much CPU other host processes used, and
+#                   repeats a run they disturbed (> BENCH_DISTURBED % of a
+#                   core, 25; at most 2 repeats per run and BENCH_RETRY_BUDGET
+#                   repeats in all, 8).  Without it runs are never repeated.
+#
+# Adding a case: write case_NAME (dashes in NAME become underscores) setting
+#   CASE_ARGS  -- fio arguments (rw, bs, iodepth, ...)
+#   CASE_DIR   -- read or write: which side of fio's JSON to report
+# and add NAME to ALL_CASES.
+# Adding a device: write dev_NAME_setup, which sets DEV_PATH (the block device),
+#   DEV_PID (the userspace server's pid, or empty), DEV_RO=1 if the device
+#   cannot take writes (write cases are then skipped on it), DEV_NOTE (free
+#   text for the results) and may set DEV_EXTRA to a JSON object merged into
+#   its @@DEVICE line; and dev_NAME_teardown.  Add NAME to ALL_DEVICES.  Start
+#   servers with `srv_taskset CMD...` so that they run on the server vCPU.
+set -u -o pipefail
+
+UBLK=${UBLK:-/usr/local/bin/ublk-http}
+LOSETUP=/usr/sbin/losetup
+REPS=${BENCH_REPS:-3}
+RUNTIME=${BENCH_RUNTIME:-10}
+RAMP=${BENCH_RAMP:-2}
+WARMUP=${BENCH_WARMUP:-2}
+SCHED=${BENCH_SCHED:-none}
+FIO_CPU=${BENCH_FIO_CPU:-0}
+SERVER_CPU=${BENCH_SERVER_CPU:-1}
+WQ_PIN=${BENCH_WQ_PIN:-1}
+HOSTCHAN=${BENCH_HOSTCHAN:-}
+WAIT_BUDGET=${BENCH_WAIT_BUDGET:-150}
+RETRY_BUDGET=${BENCH_RETRY_BUDGET:-8}
+DISTURBED=${BENCH_DISTURBED:-25}
+IMG=/tmp/bench.img
+IMG_MB=256
+
+ALL_CASES=(randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd32 seqread-1m-qd8)
+ALL_DEVICES=(kloop ublk-loop ublk-null)
+read -r -a CASES <<<"${BENCH_CASES:-${ALL_CASES[*]}}"
+read -r -a DEVICES <<<"${BENCH_DEVICES:-${ALL_DEVICES[*]}}"
+
+log() { echo "[bench] $*"; }
+die() { echo "[bench] ERROR: $*"; exit 1; }
+fn() { echo "${1//-/_}"; }   # a case or device name -> function name part
+
+# ---- cases --------------------------------------------------------------------------------------
+case_randread_4k_qd1()   { CASE_ARGS="--rw=randread --bs=4k --iodepth=1";   CASE_DIR=read; }
+case_randread_4k_qd32()  { CASE_ARGS="--rw=randread --bs=4k --iodepth=32";  CASE_DIR=read; }
+case_randwrite_4k_qd32() { CASE_ARGS="--rw=randwrite --bs=4k --iodepth=32"; CASE_DIR=write; }
+case_seqread_1m_qd8()    { CASE_ARGS="--rw=read --bs=1M --iodepth=8";       CASE_DIR=read; }
+
+# ---- devices ------------------------------------------------------------------------------------
+srv_taskset() { taskset -c "$SERVER_CPU" "$@"; }
+
+# fill_image: the backing file of the loop devices, on tmpfs, full of data
+# (no holes, so every read copies real pages).
+fill_image() {
+    [[ -f $IMG ]] && return 0
+    local t0=$SECONDS
+    dd if=/dev/urandom of="$IMG" bs=1M count=$IMG_MB status=none || die "cannot fill $IMG"
+    log "filled $IMG ($IMG_MB MiB of random data, $((SECONDS - t0)) s)"
+}
+
+# (a) the kernel loop driver with direct I/O: the baseline.
+dev_kloop_setup() {
+    fill_image
+    kmod-load loop || die "cannot load the loop module"
+    DEV_PATH=$("$LOSETUP" --direct-io=on -f --show "$IMG") || die "losetup failed"
+    local dio
+    dio=$(cat "/sys/block/$(basename "$DEV_PATH")/loop/dio" 2>/dev/null || echo "?")
+    DEV_PID=""
+    DEV_NOTE="kernel loop, losetup --direct-io=on, dio=$dio"
+    DEV_EXTRA="{\"dio\":\"$dio\"}"
+}
+dev_kloop_teardown() { "$LOSETUP" -d "$DEV_PATH"; }
+
+# ublk_add ARGS...: `ublk-http add` on the server vCPU; sets DEV_PATH, DEV_PID,
+# DEV_ID, or UBLK_ERR and returns 1.
+ublk_add() {
+    local out
+    out=$(srv_taskset timeout 60 "$UBLK" add "$@" 2>&1) || { UBLK_ERR=$out; return 1; }
+    DEV_PATH=$(jq -r .block_device <<<"$out")
+    DEV_PID=$(jq -r .pid <<<"$out")
+    DEV_ID=$(jq -r .dev_id <<<"$out")
+    DEV_ADD_JSON=$out
+}
+
+# (b) ublk-http's loop target over the same file (O_DIRECT, else --buffered).
+dev_ublk_loop_setup() {
+    fill_image
+    if ublk_add -t loop -f "$IMG"; then
+        DEV_NOTE="ublk-http loop, O_DIRECT"
+    else
+        local err=$UBLK_ERR
+        ublk_add -t loop -f "$IMG" --buffered || die "ublk-http add -t loop failed: $err / $UBLK_ERR"
+        DEV_NOTE="ublk-http loop, --buffered (O_DIRECT refused: $err)"
+        log "WARNING: $DEV_NOTE"
+    fi
+    DEV_EXTRA=$("$UBLK" list -n "$DEV_ID" | jq -c '.[0].target_options // {}')
+}
+dev_ublk_loop_teardown() { timeout 60 "$UBLK" del -n "$DEV_ID"; }
+
+# (c) ublk-http's null target.
+dev_ublk_null_setup() {
+    ublk_add -t null --size ${IMG_MB}M || die "ublk-http add -t null failed: $UBLK_ERR"
+    DEV_NOTE="ublk-http null"
+    DEV_EXTRA="{}"
+}
+dev_ublk_null_teardown() { timeout 60 "$UBLK" del -n "$DEV_ID"; }
+
+# ---- measurement helpers ------------------------------------------------------------------------
+# affinity PID: the affinity lists of the threads of PID, de-duplicated ("1").
+affinity() {
+    local t
+    for t in /proc/"$1"/task/*; do taskset -cp "${t##*/}" 2>/dev/null | sed 's/.*: //'; done | sort -u | paste -sd' '
+}
+
+# snap PREFIX PID: a fork-free snapshot (bash builtins only, so that sampling
+# does not disturb the run) into PREFIX_t (µs), PREFIX_c0b/_c0t (busy/total
+# ticks of the fio vCPU), PREFIX_c1b/_c1t (of the server vCPU), PREFIX_srv
+# (utime+stime ticks of the server process, all threads, dead ones included),
+# PREFIX_iowq (ns run by its io_uring io-wq workers, "iou-wrk-*", alive ones),
+# PREFIX_iowqn (how many), PREFIX_iowqcpus (the CPUs they last ran on).
+# Busy = all ticks but idle and iowait.
+snap() {
+    local p=$1 pid=$2 name u n sy idle iow rest t comm run f cpus=""
+    local -i srv=0 iowq=0 iowqn=0
+    printf -v "${p}_t" '%s' "${EPOCHREALTIME/./}"
+    while read -r name u n sy idle iow rest; do
+        [[ $name == cpu[0-9]* ]] || continue
+        local -a r=($rest)
+        local -i tot=$((u + n + sy + idle + iow + r[0] + r[1] + r[2]))
+        if [[ $name == "cpu$FIO_CPU" ]]; then printf -v "${p}_c0b" '%s' $((tot - idle - iow)); printf -v "${p}_c0t" '%s' $tot; fi
+        if [[ $name == "cpu$SERVER_CPU" ]]; then printf -v "${p}_c1b" '%s' $((tot - idle - iow)); printf -v "${p}_c1t" '%s' $tot; fi
+    done < /proc/stat
+    if [[ -n $pid && -r /proc/$pid/stat ]]; then
+        read -r -a f < "/proc/$pid/stat" 2>/dev/null && srv=$((f[13] + f[14]))
+        for t in /proc/"$pid"/task/*; do
+            read -r comm < "$t/comm" 2>/dev/null || continue
+            [[ $comm == iou-wrk* ]] || continue
+            read -r run rest < "$t/schedstat" 2>/dev/null || continue
+            read -r -a f < "$t/stat" 2>/dev/null || continue
+            iowq+=run; iowqn+=1
+            [[ " $cpus " == *" ${f[38]} "* ]] || cpus+="${cpus:+ }${f[38]}"
+        done
+    fi
+    printf -v "${p}_srv" '%s' $srv
+    printf -v "${p}_iowq" '%s' $iowq
+    printf -v "${p}_iowqn" '%s' $iowqn
+    printf -v "${p}_iowqcpus" '%s' "$cpus"
+}
+pct() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.1f", 100 * a / b; else print "null" }'; }
+
+# ---- the channel to the host (bench/hostmon.py) -----------------------------------------------
+CHAN=0
+# chan_ask LINE TIMEOUT: sends LINE, reads one reply line into CHAN_REPLY.  A
+# lost reply would shift every later one, so the channel is given up then.
+chan_ask() {
+    [[ $CHAN == 1 ]] || return 1
+    local reply
+    printf '%s\n' "$1" >&7
+    if ! IFS= read -r -t "$2" reply <&7; then
+        log "host channel: no answer to '$1'; giving it up"
+        CHAN=0
+        return 1
+    fi
+    CHAN_REPLY=${reply%$'\r'}
+}
+chan_open() {
+    [[ -n $HOSTCHAN && -c $HOSTCHAN ]] || return 0
+    stty -F "$HOSTCHAN" raw -echo 2>/dev/null || return 0
+    exec 7<>"$HOSTCHAN"
+    local i reply
+    for i in $(seq 1 20); do
+        printf 'PING\n' >&7
+        if IFS= read -r -t 1 reply <&7 && [[ ${reply%$'\r'} == PONG ]]; then
+            while IFS= read -r -t 0.5 reply <&7; do :; done    # late PONGs
+            CHAN=1
+            log "host channel up ($HOSTCHAN)"
+            return 0
+        fi
+    done
+    log "host channel $HOSTCHAN does not answer; runs will not be repeated"
+}
+# host_quiet: waits (within the budget) for the host to be quiet.
+host_quiet() {
+    [[ $CHAN == 1 && $WAIT_BUDGET -gt 0 ]] || return 0
+    local t0=$SECONDS max=$(( WAIT_BUDGET < 30 ? WAIT_BUDGET : 30 ))
+    chan_ask "WAIT $max" $((max + 15)) || return 0
+    WAIT_BUDGET=$((WAIT_BUDGET - (SECONDS - t0)))
+    [[ $CHAN_REPLY == OK* ]] || log "host still busy (${CHAN_REPLY#* }% of a core) after ${max} s; running anyway (wait budget left: ${WAIT_BUDGET} s)"
+}
+
+# run_one REP CASE DEVICE ATTEMPT: one fio run; prints @@RESULT and sets
+# RUN_DISTURBED=1 when the host says other processes disturbed it.
+run_one() {
+    local rep=$1 cname=$2 dname=$3 attempt=${4:-0}
+    RUN_DISTURBED=0
+    local path=${DEV_PATHS[$dname]} pid=${DEV_PIDS[$dname]}
+    "case_$(fn "$cname")"
+    local out=/tmp/fio-$cname-$dname-$rep.json size
+    size=$(blockdev --getsize64 "$path")
+    echo "@@START {\"case\":\"$cname\",\"device\":\"$dname\",\"rep\":$rep,\"attempt\":$attempt}@@"
+    chan_ask MARK 5 >/dev/null
+    # shellcheck disable=SC2086
+    taskset -c "$FIO_CPU" fio --name=bench --filename="$path" --ioengine=io_uring --direct=1 --numjobs=1 \
+        --size="$size" --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" --randrepeat=0 --norandommap \
+        --lat_percentiles=1 --percentile_list=50:99:99.9 --eta=never --disk_util=0 \
+        --output-format=json --output="$out" \
+        $CASE_ARGS >/tmp/fio.stderr 2>&1 &
+    local fpid=$!
+    # CPU usage over the steady part of the run (after the ramp, before the end).
+    sleep "$WIN_START"
+    snap A "$pid"
+    sleep "$WIN_LEN"
+    snap B "$pid"
+    wait "$fpid"
+    local rc=$?
+    local hother=null hmax=null dist=null
+    if chan_ask STAT 5; then
+        hother=${CHAN_REPLY% *} hmax=${CHAN_REPLY#* }
+        dist=$(awk -v o="$hother" -v t="$DISTURBED" 'BEGIN { print (o > t) ? "true" : "false" }')
+        [[ $dist == true ]] && RUN_DISTURBED=1
+    fi
+    local -i wall_us=$((B_t - A_t))
+    local srv=null iowq=null
+    if [[ -n $pid ]]; then
+        srv=$(pct "$((B_srv - A_srv))" "$((wall_us / 10000))")          # USER_HZ = 100
+        iowq=$(pct "$(( (B_iowq - A_iowq) / 1000 ))" "$wall_us")
+    fi
+    local meta
+    meta=$(jq -cn --arg case "$cname" --arg device "$dname" --argjson rep "$rep" --arg dir "$CASE_DIR" \
+        --arg args "$CASE_ARGS" --argjson srv "$srv" --argjson iowq "$iowq" --argjson iowqn "${B_iowqn:-0}" \
+        --arg iowqcpus "$B_iowqcpus" --argjson win "$wall_us" --argjson attempt "$attempt" \
+        --argjson hother "$hother" --argjson hmax "$hmax" --argjson dist "$dist" \
+        --argjson c0 "$(pct "$((B_c0b - A_c0b))" "$((B_c0t - A_c0t))")" \
+        --argjson c1 "$(pct "$((B_c1b - A_c1b))" "$((B_c1t - A_c1t))")" \
+        '{case: $case, device: $device, rep: $rep, attempt: $attempt, dir: $dir, fio_args: $args,
+          host_other_cpu_pct: $hother, host_other_cpu_max_pct: $hmax, disturbed: $dist,
+          server_cpu_pct: $srv, server_iowq_cpu_pct: $iowq, server_iowq_threads: $iowqn,
+          server_iowq_cpus: $iowqcpus, cpu_window_s: ($win / 1e6),
+          cpu_fio_busy_pct: $c0, cpu_server_busy_pct: $c1}')
+    local res
+    if [[ $rc -ne 0 ]] || ! res=$(jq -c --argjson m "$meta" '
+            .jobs[0] as $j | $j[$m.dir] as $s |
+            $m + {iops: $s.iops, bw_bytes: $s.bw_bytes, lat_mean_ns: $s.lat_ns.mean,
+                  lat_p50_ns: $s.lat_ns.percentile["50.000000"], lat_p99_ns: $s.lat_ns.percentile["99.000000"],
+                  lat_p999_ns: $s.lat_ns.percentile["99.900000"], ios: $s.total_ios, runtime_ms: $s.runtime,
+                  fio_errors: $j.error, fio_usr_cpu: $j.usr_cpu, fio_sys_cpu: $j.sys_cpu}' "$out" 2>/dev/null); then
+        local msg
+        msg=$(tail -n 3 /tmp/fio.stderr | tr '\n"' ' \047')
+        res=$(jq -c --arg e "fio exit $rc: $msg" '. + {error: $e}' <<<"$meta")
+        log "rep $rep $cname $dname: FAILED ($msg)"
+    else
+        jq -r '"[bench] rep \(.rep) \(.case) \(.device): \(.iops|floor) IOPS, \(.bw_bytes/1048576*10|floor/10) MiB/s, mean \(.lat_mean_ns/1000|floor) us, p99 \(.lat_p99_ns/1000|floor) us; cpu0 \(.cpu_fio_busy_pct)% cpu1 \(.cpu_server_busy_pct)% busy, server \(.server_cpu_pct // "-")% (io-wq \(.server_iowq_cpu_pct // "-")%, \(.server_iowq_threads) thr on cpu [\(.server_iowq_cpus)]); host others \(.host_other_cpu_pct // "?")%"' <<<"$res"
+    fi
+    echo "@@RESULT $res@@"
+}
+
+# ---- main -----------------------------------------------------------------------------------------
+for c in "${CASES[@]}"; do declare -F "case_$(fn "$c")" >/dev/null || die "unknown case $c"; done
+for d in "${DEVICES[@]}"; do declare -F "dev_$(fn "$d")_setup" >/dev/null || die "unknown device $d"; done
+[[ $(nproc) -gt $SERVER_CPU && $(nproc) -gt $FIO_CPU ]] || die "needs at least $((SERVER_CPU + 1)) vCPUs (vm/run.sh --smp 2)"
+# This script (and what it starts, unless told otherwise) stays off the server vCPU.
+taskset -cp "$FIO_CPU" $$ >/dev/null
+# The kernel loop driver works in unbound workqueue workers: keep them on the
+# server vCPU too, so that every device's back end has vCPU 1 and fio vCPU 0.
+WQ_MASK=/sys/devices/virtual/workqueue/cpumask
+if [[ $WQ_PIN == 1 ]]; then
+    printf '%x\n' $((1 << SERVER_CPU)) > "$WQ_MASK" || die "cannot restrict $WQ_MASK"
+fi
+WQ_CPUMASK=$(cat "$WQ_MASK" 2>/dev/null || echo "?")
+# The CPU-usage window of each run: from 1 s after the ramp to 0.5 s before the end.
+WIN_START=$((RAMP + 1))
+WIN_LEN=$(awk -v t="$RUNTIME" 'BEGIN { w = t - 1.5; if (w < 0.5) w = 0.5; print w }')
+
+jq -cn --arg kernel "$(uname -r)" --arg fio "$(fio --version)" --argjson reps "$REPS" --argjson runtime "$RUNTIME" \
+    --argjson ramp "$RAMP" --argjson warmup "$WARMUP" --arg wqmask "$WQ_CPUMASK" --arg sched "$SCHED" --argjson fio_cpu "$FIO_CPU" --argjson server_cpu "$SERVER_CPU" \
+    --argjson ncpu "$(nproc --all)" --argjson mem_mb "$(awk '/MemTotal/ { print int($2 / 1024) }' /proc/meminfo)" \
+    --argjson image_mb "$IMG_MB" --arg cases "${CASES[*]}" --arg devices "${DEVICES[*]}" \
+    '{kernel: $kernel, fio: $fio, reps: $reps, runtime_s: $runtime, ramp_s: $ramp, warmup_s: $warmup, unbound_wq_cpumask: $wqmask, scheduler: $sched,
+      fio_cpu: $fio_cpu, server_cpu: $server_cpu, guest_cpus: $ncpu, guest_mem_mb: $mem_mb, image_mb: $image_mb,
+      cases: ($cases | split(" ")), devices: ($devices | split(" "))}' | sed 's/^/@@META /; s/$/@@/'
+
+declare -A DEV_PATHS=() DEV_PIDS=() DEV_ROS=() DEV_IDS=()
+SET_UP=()
+teardown_all() {
+    local d
+    for d in "${SET_UP[@]}"; do
+        DEV_PATH=${DEV_PATHS[$d]} DEV_ID=${DEV_IDS[$d]}
+        "dev_$(fn "$d")_teardown" >/dev/null 2>&1 || log "teardown of $d failed"
+    done
+    SET_UP=()
+}
+trap teardown_all EXIT
+
+for d in "${DEVICES[@]}"; do
+    DEV_PATH="" DEV_PID="" DEV_ID="" DEV_RO=0 DEV_NOTE="" DEV_EXTRA="{}"
+    "dev_$(fn "$d")_setup"
+    [[ -b "$DEV_PATH" ]] || die "device $d: $DEV_PATH is not a block device"
+    DEV_PATHS[$d]=$DEV_PATH DEV_PIDS[$d]=$DEV_PID DEV_ROS[$d]=$DEV_RO DEV_IDS[$d]=$DEV_ID
+    SET_UP+=("$d")
+    bdev=$(basename "$(realpath "$DEV_PATH")")
+    if [[ "$SCHED" != keep && -w /sys/block/$bdev/queue/scheduler ]]; then
+        echo "$SCHED" > "/sys/block/$bdev/queue/scheduler" || log "cannot set scheduler $SCHED on $bdev"
+    fi
+    sched=$(sed 's/.*\[\(.*\)\].*/\1/' "/sys/block/$bdev/queue/scheduler" 2>/dev/null)
+    aff=""
+    if [[ -n "$DEV_PID" ]]; then
+        aff=$(affinity "$DEV_PID")
+        [[ "$aff" == "$SERVER_CPU" ]] || log "WARNING: server of $d (pid $DEV_PID) has affinity '$aff', not $SERVER_CPU"
+        log "$d: server pid $DEV_PID, $(taskset -p "$DEV_PID"), threads on CPUs: $aff"
+    fi
+    jq -cn --arg name "$d" --arg path "$DEV_PATH" --arg pid "$DEV_PID" --arg aff "$aff" --arg note "$DEV_NOTE" \
+        --arg sched "$sched" --argjson ro "$DEV_RO" --argjson extra "$DEV_EXTRA" \
+        --argjson size "$(blockdev --getsize64 "$DEV_PATH")" \
+        '{name: $name, path: $path, server_pid: (if $pid == "" then null else ($pid | tonumber) end),
+          server_affinity: (if $aff == "" then null else $aff end), note: $note, scheduler: $sched,
+          read_only: ($ro == 1), size: $size, extra: $extra}' | sed 's/^/@@DEVICE /; s/$/@@/'
+    log "device $d: $DEV_PATH ($DEV_NOTE, scheduler $sched)"
+done
+
+chan_open
+
+# Warm-up, not recorded: the first I/O on a device pays for page faults in fio
+# and the server, io-wq thread creation and the like.
+if [[ $WARMUP -gt 0 ]]; then
+    for d in "${DEVICES[@]}"; do
+        taskset -c "$FIO_CPU" fio --name=warmup --filename="${DEV_PATHS[$d]}" --ioengine=io_uring --direct=1 \
+            --rw=randread --bs=4k --iodepth=32 --time_based --runtime="$WARMUP" --eta=never --disk_util=0 --output=/dev/null >/dev/null 2>&1 \
+            || log "warm-up on $d failed"
+    done
+    log "warm-up done (${WARMUP} s per device)"
+fi
+
+t_start=$SECONDS
+for rep in $(seq 1 "$REPS"); do
+    for c in "${CASES[@]}"; do
+        for d in "${DEVICES[@]}"; do
+            "case_$(fn "$c")"
+            if [[ $CASE_DIR == write && ${DEV_ROS[$d]} == 1 ]]; then continue; fi
+            if [[ -n "${DEV_PIDS[$d]}" ]] && ! kill -0 "${DEV_PIDS[$d]}" 2>/dev/null; then
+                echo "@@RESULT {\"case\":\"$c\",\"device\":\"$d\",\"rep\":$rep,\"error\":\"server died\"}@@"
+                continue
+            fi
+            attempt=0
+            while :; do
+                host_quiet
+                run_one "$rep" "$c" "$d" "$attempt"
+                [[ $RUN_DISTURBED == 1 && $attempt -lt 2 && $RETRY_BUDGET -gt 0 ]] || break
+                attempt=$((attempt + 1)) RETRY_BUDGET=$((RETRY_BUDGET - 1))
+                log "rep $rep $c $d was disturbed by other host processes: repeating it (repeats left: $RETRY_BUDGET)"
+            done
+        done
+    done
+    log "rep $rep/$REPS done ($((SECONDS - t_start)) s)"
+done
+
+teardown_all
+trap - EXIT
+echo "@@DONE@@"

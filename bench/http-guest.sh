@@ -1,0 +1,467 @@
+#!/usr/bin/bash
+# bench/http-guest.sh -- the guest side of bench/http.sh (runs inside the qemu
+# VM as /test/script, see vm/run.sh): the http target against nginx in the
+# guest, with the raw curl download, the kernel loop device and nbdkit's curl
+# plugin (through the kernel nbd client) as baselines.  Prints
+# machine-readable lines on the console for the host to collect:
+#   @@HTTPMETA {json}@@      once: settings, kernel and tool versions
+#   @@HTTPRESULT {json}@@    one per measured run (or {..., "error": "..."}),
+#                            and "info" records (prefetch, memory, devices)
+#   @@HTTPDONE@@             at the end
+# Everything else is human-readable progress.
+#
+# Cases (every rep runs every case on every device in turn: interleaved):
+#   cold-seq     whole-image sequential read, fio 1 MiB QD8 (size-based), MiB/s:
+#                ublk-http (fresh cache files every run), nbdkit-curl, curl
+#                (curl -o /dev/null of the whole object, pinned like a server)
+#   cold-rand4k  fio 4k random reads QD32, time-based, no ramp, IOPS:
+#                ublk-http (fresh cache every run), nbdkit-curl
+#   reqcount     ublk-http, fresh cache: Range requests nginx logged for a cold
+#                64 MiB sequential read (dd bs=1M iflag=direct)
+#   warm-rand4k  fio 4k random reads QD32, IOPS          } ublk-http (prefetched),
+#   warm-seq1m   fio 1 MiB sequential reads QD8, MiB/s   } kloop, nbdkit-cache
+# The server RSS (VmRSS/VmHWM) is taken right after each cold-seq run.
+#
+# Pinning: this script, fio and nginx run on vCPU 0 (FIO_CPU); every "server"
+# (ublk-http via `taskset -c 1 ublk-http add`, nbdkit, curl for the download
+# baseline) on vCPU 1 (SRV_CPU); with HB_WQ_PIN=1 (default) the kernel's
+# unbound workqueues (loop's and nbd's workers) are restricted to vCPU 1 too.
+#
+# Settings (environment, from bench/http.sh through vm/run.sh --env):
+#   HB_REPS (3)  HB_RUNTIME (10 s: cold random)  HB_WARM_RUNTIME (10 s)
+#   HB_WARM_RAMP (2 s)  HB_IMG_MB (256)  HB_REQ_MB (64)  HB_WQ_PIN (1)
+#   HB_CASES ("cold-seq cold-rand4k reqcount warm-rand4k warm-seq1m")
+#   HB_NBD (1: include the nbdkit devices)
+set -u -o pipefail
+
+UBLK=/usr/local/bin/ublk-http
+LOSETUP=/usr/sbin/losetup
+REPS=${HB_REPS:-3}
+RUNTIME=${HB_RUNTIME:-10}
+WRUNTIME=${HB_WARM_RUNTIME:-10}
+WRAMP=${HB_WARM_RAMP:-2}
+IMG_MB=${HB_IMG_MB:-256}
+REQ_MB=${HB_REQ_MB:-64}
+WQ_PIN=${HB_WQ_PIN:-1}
+NBD=${HB_NBD:-1}
+read -r -a CASES <<<"${HB_CASES:-cold-seq cold-rand4k reqcount warm-rand4k warm-seq1m}"
+FIO_CPU=0 SRV_CPU=1
+WWW=/tmp/www IMG=/tmp/www/img URL=http://127.0.0.1:8080/img
+CDIR=/tmp/ublk-cache COPY=/tmp/copy.img
+NGINX_LOG=/var/log/nginx/access.log
+NBDKIT_PLUGIN=/usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-curl-plugin.so
+NBD_COLD=/dev/nbd0 NBD_WARM=/dev/nbd1
+IMG_BYTES=$((IMG_MB << 20))
+
+log() { echo "[http-bench] $*"; }
+die() { echo "[http-bench] ERROR: $*"; echo "@@HTTPRESULT $(jq -cn --arg e "$*" '{case:"setup",device:"-",rep:0,error:$e}')@@"; exit 1; }
+emit() { echo "@@HTTPRESULT $1@@"; }
+# start_mark CASE DEVICE REP: the host times each run from this line to its result.
+start_mark() { echo "@@HTTPSTART {\"case\":\"$1\",\"device\":\"$2\",\"rep\":$3}@@"; }
+# err CASE DEVICE REP MESSAGE: an error record
+err() {
+    log "rep $3 $1 $2: FAILED: $4"
+    emit "$(jq -cn --arg c "$1" --arg d "$2" --argjson r "$3" --arg e "$4" '{case:$c,device:$d,rep:$r,error:$e}')"
+}
+now_us() { echo "${EPOCHREALTIME/./}"; }
+
+# ---- CPU accounting (fork-free, as in bench/guest.sh) -------------------------------------
+# snap PREFIX PID: PREFIX_t (µs), PREFIX_c0b/_c0t, PREFIX_c1b/_c1t (busy/total
+# ticks of vCPU 0 / 1; busy = all but idle and iowait), PREFIX_su/_ss (utime /
+# stime ticks of PID, all its threads).
+snap() {
+    local p=$1 pid=${2:-} name u n sy idle iow rest
+    local -a f
+    printf -v "${p}_t" '%s' "${EPOCHREALTIME/./}"
+    while read -r name u n sy idle iow rest; do
+        [[ $name == cpu[0-9]* ]] || continue
+        local -a r=($rest)
+        local -i tot=$((u + n + sy + idle + iow + r[0] + r[1] + r[2]))
+        if [[ $name == "cpu$FIO_CPU" ]]; then printf -v "${p}_c0b" '%s' $((tot - idle - iow)); printf -v "${p}_c0t" '%s' $tot; fi
+        if [[ $name == "cpu$SRV_CPU" ]]; then printf -v "${p}_c1b" '%s' $((tot - idle - iow)); printf -v "${p}_c1t" '%s' $tot; fi
+    done < /proc/stat
+    printf -v "${p}_su" '%s' 0; printf -v "${p}_ss" '%s' 0
+    if [[ -n $pid && -r /proc/$pid/stat ]] && read -r -a f < "/proc/$pid/stat" 2>/dev/null; then
+        printf -v "${p}_su" '%s' "${f[13]}"; printf -v "${p}_ss" '%s' "${f[14]}"
+    fi
+}
+pct() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.1f", 100 * a / b; else print "null" }'; }
+# cpu_json: the CPU use between snapshots A and B as a JSON object.
+cpu_json() {
+    local -i wall=$(((B_t - A_t) / 10000))   # USER_HZ = 100 ticks per second
+    jq -cn --argjson c0 "$(pct $((B_c0b - A_c0b)) $((B_c0t - A_c0t)))" \
+        --argjson c1 "$(pct $((B_c1b - A_c1b)) $((B_c1t - A_c1t)))" \
+        --argjson su "$(pct $((B_su - A_su)) $wall)" --argjson ss "$(pct $((B_ss - A_ss)) $wall)" \
+        --argjson wall "$(awk -v t=$((B_t - A_t)) 'BEGIN { printf "%.3f", t / 1e6 }')" \
+        '{cpu0_busy_pct: $c0, cpu1_busy_pct: $c1, server_user_pct: $su, server_sys_pct: $ss, wall_s: $wall}'
+}
+
+# ---- fio ------------------------------------------------------------------------------------------
+FIO_COMMON=(--ioengine=io_uring --direct=1 --numjobs=1 --randrepeat=0 --norandommap --lat_percentiles=1
+            --percentile_list=50:99 --eta=never --disk_util=0 --output-format=json)
+# fio_dev OUT DEV PID ARGS...: pinned fio on DEV with CPU snapshots A/B around it.
+fio_dev() {
+    local out=$1 dev=$2 pid=$3; shift 3
+    snap A "$pid"
+    taskset -c "$FIO_CPU" timeout 180 fio --name=b --filename="$dev" "${FIO_COMMON[@]}" --output="$out" "$@" \
+        >/tmp/fio.stderr 2>&1
+    local rc=$?
+    snap B "$pid"
+    return $rc
+}
+# fio_json OUT: the read side of fio's JSON as a compact object.
+fio_json() {
+    jq -c '.jobs[0] as $j | $j.read as $s |
+        {iops: $s.iops, mib_s: ($s.bw_bytes / 1048576), lat_mean_us: ($s.lat_ns.mean / 1000),
+         lat_p50_us: (($s.lat_ns.percentile["50.000000"] // 0) / 1000),
+         lat_p99_us: (($s.lat_ns.percentile["99.000000"] // 0) / 1000),
+         ios: $s.total_ios, bytes: $s.io_bytes, runtime_s: ($s.runtime / 1000), fio_errors: $j.error}' "$1"
+}
+# record CASE DEVICE REP METRIC FIOOUT EXTRA_JSON: a result line from a fio run.
+record() {
+    local c=$1 d=$2 rep=$3 metric=$4 out=$5 extra=${6:-"{}"} f
+    f=$(fio_json "$out" 2>/dev/null) || { err "$c" "$d" "$rep" "fio output unreadable: $(tail -n 2 /tmp/fio.stderr | tr '\n' ' ')"; return 1; }
+    local res
+    res=$(jq -cn --arg c "$c" --arg d "$d" --argjson r "$rep" --arg m "$metric" --argjson f "$f" \
+        --argjson cpu "$(cpu_json)" --argjson x "$extra" \
+        '{case: $c, device: $d, rep: $r, metric: $m, value: (if $m == "IOPS" then $f.iops else $f.mib_s end)} + $f + {cpu: $cpu} + $x')
+    emit "$res"
+    jq -r '"[http-bench] rep \(.rep) \(.case) \(.device): \(.value * 10 | floor / 10) \(.metric) (\(.iops | floor) IOPS, \(.mib_s * 10 | floor / 10) MiB/s, mean \(.lat_mean_us | floor) us, p99 \(.lat_p99_us | floor) us); cpu0 \(.cpu.cpu0_busy_pct)% cpu1 \(.cpu.cpu1_busy_pct)%, server usr \(.cpu.server_user_pct // "-")% sys \(.cpu.server_sys_pct // "-")%"' <<<"$res"
+}
+
+# ---- ublk-http -------------------------------------------------------------------------------------
+# ublk_add CACHEBASE ARGS...: `ublk-http add -t http` on the server vCPU; sets
+# U_ID, U_DEV, U_PID, U_JSON (or U_ERR and returns 1).
+ublk_add() {
+    local base=$1; shift
+    U_JSON=$(taskset -c "$SRV_CPU" timeout 60 "$UBLK" add -t http --url "$URL" --cache "$base.cache" \
+        --bitmap "$base.bitmap" "$@" 2>&1) || { U_ERR=$(echo "$U_JSON" | tail -n 3 | tr '\n' ' '); return 1; }
+    U_ID=$(jq -r .dev_id <<<"$U_JSON") U_DEV=$(jq -r .block_device <<<"$U_JSON") U_PID=$(jq -r .pid <<<"$U_JSON")
+}
+ublk_del() { timeout 60 "$UBLK" del -n "$1" >/dev/null 2>&1 || log "del -n $1 failed"; }
+# ublk_stats ID: the server's statistics (published once a second) as JSON.
+ublk_stats() { sleep 1.2; timeout 10 "$UBLK" stats -n "$1" --json 2>/dev/null || echo '{}'; }
+# rss_json PID: memory of the server from /proc/PID/status, in KiB.
+rss_json() {
+    [[ -r /proc/$1/status ]] || { echo '{}'; return; }
+    awk '/^(VmRSS|VmHWM|RssAnon|RssFile|RssShmem|VmSize|Threads):/ { sub(":", "", $1); printf "%s\"%s\":%d", (n++ ? "," : "{"), $1, $2 }
+         END { print (n ? "}" : "{}") }' "/proc/$1/status"
+}
+threads_cpus() { # PID: the CPUs the threads of PID may run on
+    local t
+    for t in /proc/"$1"/task/*; do taskset -cp "${t##*/}" 2>/dev/null | sed 's/.*: //'; done | sort -u | paste -sd' '
+}
+# qinfo DEV: the block queue limits that shape large reads.
+qinfo() {
+    local q=/sys/block/$(basename "$(realpath "$1")")/queue
+    echo "max_sectors_kb=$(cat $q/max_sectors_kb 2>/dev/null) max_hw_sectors_kb=$(cat $q/max_hw_sectors_kb 2>/dev/null) nr_requests=$(cat $q/nr_requests 2>/dev/null) lbs=$(cat $q/logical_block_size 2>/dev/null)"
+}
+ranges() { grep -c 'GET /img HTTP/1.1" 206' "$NGINX_LOG" || true; }
+
+# ---- nbdkit + nbd-client -----------------------------------------------------------------------
+NBD_MODE=unix
+# nbd_up NAME DEV NBDKIT-ARGS...: nbdkit on the server vCPU behind a unix
+# socket (TCP 127.0.0.1:10809+ if nbd-client refuses -unix), attached to DEV.
+# Sets N_PID.
+nbd_up() {
+    local name=$1 dev=$2 sock=/tmp/nbd-$1.sock pidf=/tmp/nbdkit-$1.pid port i
+    shift 2
+    rm -f "$sock" "$pidf"
+    port=$((10809 + ${dev#/dev/nbd}))
+    if [[ $NBD_MODE == unix ]]; then
+        TMPDIR=/tmp taskset -c "$SRV_CPU" nbdkit -U "$sock" -P "$pidf" "$@" >/tmp/nbdkit-$name.log 2>&1 \
+            || { log "nbdkit failed: $(cat /tmp/nbdkit-$name.log)"; return 1; }
+    else
+        TMPDIR=/tmp taskset -c "$SRV_CPU" nbdkit -i 127.0.0.1 -p "$port" -P "$pidf" "$@" >/tmp/nbdkit-$name.log 2>&1 \
+            || { log "nbdkit failed: $(cat /tmp/nbdkit-$name.log)"; return 1; }
+    fi
+    for i in $(seq 50); do [[ -s $pidf ]] && break; sleep 0.1; done
+    N_PID=$(cat "$pidf" 2>/dev/null)
+    [[ -n $N_PID ]] || { log "nbdkit wrote no pid file"; return 1; }
+    if [[ $NBD_MODE == unix ]]; then
+        if ! timeout 30 nbd-client -unix "$sock" "$dev" >/tmp/nbd-client.log 2>&1; then
+            log "nbd-client -unix failed ($(tr '\n' ' ' </tmp/nbd-client.log)); switching to TCP"
+            nbd_kill; NBD_MODE=tcp; nbd_up "$name" "$dev" "$@"; return
+        fi
+    else
+        timeout 30 nbd-client 127.0.0.1 "$port" "$dev" >/tmp/nbd-client.log 2>&1 \
+            || { log "nbd-client failed: $(tr '\n' ' ' </tmp/nbd-client.log)"; nbd_kill; return 1; }
+    fi
+    for i in $(seq 100); do
+        [[ "$(blockdev --getsize64 "$dev" 2>/dev/null)" == "$IMG_BYTES" ]] && return 0
+        sleep 0.1
+    done
+    log "$dev has size $(blockdev --getsize64 "$dev" 2>/dev/null), not $IMG_BYTES"; return 1
+}
+nbd_kill() {
+    [[ -n ${N_PID:-} ]] || return 0
+    kill "$N_PID" 2>/dev/null
+    local i; for i in $(seq 50); do kill -0 "$N_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$N_PID" 2>/dev/null; N_PID=""
+}
+nbd_down() { # DEV PID
+    timeout 30 nbd-client -d "$1" >/dev/null 2>&1 || log "nbd-client -d $1 failed"
+    N_PID=$2 nbd_kill
+}
+
+# ---- cases -------------------------------------------------------------------------------------------
+SEQ_ARGS=(--rw=read --bs=1M --iodepth=8 --size="$IMG_BYTES" --runtime=150)
+RAND_ARGS=(--rw=randread --bs=4k --iodepth=32 --time_based --runtime="$RUNTIME" --ramp_time=0)
+WRAND_ARGS=(--rw=randread --bs=4k --iodepth=32 --time_based --runtime="$WRUNTIME" --ramp_time="$WRAMP")
+WSEQ_ARGS=(--rw=read --bs=1M --iodepth=8 --time_based --runtime="$WRUNTIME" --ramp_time="$WRAMP")
+
+# cold_ublk CASE REP FIOARGS...: fresh cache files, add, fio, stats (+ RSS), del.
+cold_ublk() {
+    local c=$1 rep=$2; shift 2
+    start_mark "$c" ublk-http "$rep"
+    rm -f "$CDIR"/cold.*
+    ublk_add "$CDIR/cold" || { err "$c" ublk-http "$rep" "add: $U_ERR"; return; }
+    local out=/tmp/fio-$c-ublk-$rep.json rss stats
+    if ! fio_dev "$out" "$U_DEV" "$U_PID" "$@"; then
+        err "$c" ublk-http "$rep" "fio: $(tail -n 3 /tmp/fio.stderr | tr '\n' ' ')"
+        ublk_del "$U_ID"; return
+    fi
+    rss=$(rss_json "$U_PID")
+    stats=$(ublk_stats "$U_ID")
+    record "$c" ublk-http "$rep" "$([[ $c == cold-seq ]] && echo MiB/s || echo IOPS)" "$out" \
+        "$(jq -cn --argjson rss "$rss" --argjson st "$stats" --arg cpus "$(threads_cpus "$U_PID")" \
+            '{rss_kb: $rss, stats: $st, server_threads_cpus: $cpus}')"
+    [[ $c == cold-seq ]] && log "  server RSS: $(jq -r '"VmRSS \(.VmRSS) KiB, VmHWM \(.VmHWM) KiB (anon \(.RssAnon), file \(.RssFile), shmem \(.RssShmem))"' <<<"$rss"); stats: $stats"
+    ublk_del "$U_ID"
+    rm -f "$CDIR"/cold.*
+}
+# cold_nbd CASE REP FIOARGS...: a fresh nbdkit curl plugin (no cache) each run.
+cold_nbd() {
+    local c=$1 rep=$2; shift 2
+    start_mark "$c" nbdkit-curl "$rep"
+    nbd_up cold "$NBD_COLD" curl "url=$URL" || { err "$c" nbdkit-curl "$rep" "nbdkit/nbd-client setup failed"; nbd_down "$NBD_COLD" "${N_PID:-}"; return; }
+    local pid=$N_PID out=/tmp/fio-$c-nbd-$rep.json
+    if fio_dev "$out" "$NBD_COLD" "$pid" "$@"; then
+        record "$c" nbdkit-curl "$rep" "$([[ $c == cold-seq ]] && echo MiB/s || echo IOPS)" "$out" \
+            "$(jq -cn --arg mode "$NBD_MODE" '{nbd_transport: $mode}')"
+    else
+        err "$c" nbdkit-curl "$rep" "fio: $(tail -n 3 /tmp/fio.stderr | tr '\n' ' ')"
+    fi
+    nbd_down "$NBD_COLD" "$pid"
+}
+curl_download() { # REP
+    local rep=$1 o
+    start_mark cold-seq curl "$rep"
+    snap A ""
+    o=$(taskset -c "$SRV_CPU" timeout 120 curl -s -S -o /dev/null -w '%{size_download} %{time_total} %{http_code}' "$URL" 2>&1)
+    local rc=$?
+    snap B ""
+    local size t code
+    read -r size t code <<<"$o"
+    if [[ $rc -ne 0 || $code != 200 || $size != "$IMG_BYTES" ]]; then err cold-seq curl "$rep" "curl: rc $rc: $o"; return; fi
+    local res
+    res=$(jq -cn --argjson r "$rep" --argjson size "$size" --argjson t "$t" --argjson cpu "$(cpu_json)" \
+        '{case: "cold-seq", device: "curl", rep: $r, metric: "MiB/s", value: ($size / 1048576 / $t), mib_s: ($size / 1048576 / $t),
+          bytes: $size, runtime_s: $t, cpu: $cpu}')
+    emit "$res"
+    jq -r '"[http-bench] rep \(.rep) cold-seq curl: \(.value * 10 | floor / 10) MiB/s (\(.runtime_s) s); cpu0 \(.cpu.cpu0_busy_pct)% cpu1 \(.cpu.cpu1_busy_pct)%"' <<<"$res"
+}
+
+case_cold_seq() {
+    local rep=$1
+    cold_ublk cold-seq "$rep" "${SEQ_ARGS[@]}"
+    [[ $NBD == 1 ]] && cold_nbd cold-seq "$rep" "${SEQ_ARGS[@]}"
+    curl_download "$rep"
+}
+case_cold_rand4k() {
+    local rep=$1
+    cold_ublk cold-rand4k "$rep" "${RAND_ARGS[@]}"
+    [[ $NBD == 1 ]] && cold_nbd cold-rand4k "$rep" "${RAND_ARGS[@]}"
+}
+case_reqcount() {
+    local rep=$1 b n stats
+    start_mark reqcount ublk-http "$rep"
+    rm -f "$CDIR"/req.*
+    ublk_add "$CDIR/req" || { err reqcount ublk-http "$rep" "add: $U_ERR"; return; }
+    sleep 1                                  # after the kernel's partition scan
+    b=$(ranges)
+    if ! taskset -c "$FIO_CPU" dd if="$U_DEV" of=/dev/null bs=1M count="$REQ_MB" iflag=direct status=none; then
+        err reqcount ublk-http "$rep" "dd failed"; ublk_del "$U_ID"; return
+    fi
+    local n0=$(( $(ranges) - b ))             # right after dd, as tests/vm/http.sh counts
+    stats=$(ublk_stats "$U_ID")               # 1.2 s later: readahead still in flight has landed
+    n=$(( $(ranges) - b ))
+    local goal=$(( REQ_MB / 4 + 4 ))
+    emit "$(jq -cn --argjson r "$rep" --argjson n "$n" --argjson n0 "$n0" --argjson goal "$goal" --argjson mb "$REQ_MB" --argjson st "$stats" \
+        '{case: "reqcount", device: "ublk-http", rep: $r, metric: "requests", value: $n, requests_at_dd_end: $n0,
+          read_mib: $mb, goal_max: $goal, stats: $st}')"
+    log "rep $rep reqcount ublk-http: $n Range requests for a cold $REQ_MB MiB sequential read ($n0 when dd ended; goal <= $goal); fetched $(jq -r '.bytes_fetched // "?"' <<<"$stats") bytes"
+    ublk_del "$U_ID"
+    rm -f "$CDIR"/req.*
+}
+
+# ---- warm devices (set up once, before the first warm case) -------------------------------------
+WARM_UP=0
+declare -A W_DEV=() W_PID=()
+warm_setup() {
+    [[ $WARM_UP == 1 ]] && return 0
+    WARM_UP=1
+    local t0 o
+    # ublk-http: prefetch everything, then add on the filled cache.
+    rm -f "$CDIR"/warm.*
+    t0=$(now_us)
+    if o=$(taskset -c "$SRV_CPU" timeout 300 "$UBLK" prefetch --url "$URL" --cache "$CDIR/warm.cache" --bitmap "$CDIR/warm.bitmap" 2>&1); then
+        local dt=$(( $(now_us) - t0 ))
+        emit "$(jq -cn --argjson us "$dt" --argjson b "$IMG_BYTES" '{case: "info", device: "ublk-http", what: "prefetch", rep: 0, seconds: ($us / 1e6), mib_s: ($b / 1048576 / ($us / 1e6))}')"
+        log "prefetch of $IMG_MB MiB: $(awk -v t=$dt -v m=$IMG_MB 'BEGIN { printf "%.2f s, %.1f MiB/s", t / 1e6, m / (t / 1e6) }')"
+        if ublk_add "$CDIR/warm"; then
+            W_DEV[ublk-http]=$U_DEV W_PID[ublk-http]=$U_PID W_ID=$U_ID
+            log "warm ublk-http: $U_DEV, pid $U_PID, cache_state $(jq -r .target_options.cache_state <<<"$U_JSON"), threads on CPUs $(threads_cpus "$U_PID")"
+        else
+            log "warm ublk-http add failed: $U_ERR"
+        fi
+    else
+        log "prefetch failed: $o"
+    fi
+    # kloop: a fully downloaded copy on tmpfs, losetup --direct-io=on.
+    t0=$(now_us)
+    if taskset -c "$SRV_CPU" curl -s -S -f -o "$COPY" "$URL" && [[ $(stat -c %s "$COPY") == "$IMG_BYTES" ]]; then
+        local dtc=$(( $(now_us) - t0 ))
+        emit "$(jq -cn --argjson us "$dtc" --argjson b "$IMG_BYTES" '{case: "info", device: "curl", what: "download_to_tmpfs", rep: 0, seconds: ($us / 1e6), mib_s: ($b / 1048576 / ($us / 1e6))}')"
+        log "curl download to a tmpfs file (the copy for kloop): $(awk -v t=$dtc -v m=$IMG_MB 'BEGIN { printf "%.2f s, %.1f MiB/s", t / 1e6, m / (t / 1e6) }')"
+        local d dio
+        if d=$("$LOSETUP" --direct-io=on -r -f --show "$COPY"); then
+            dio=$(cat "/sys/block/${d#/dev/}/loop/dio" 2>/dev/null || echo "?")
+            W_DEV[kloop]=$d W_PID[kloop]=""
+            emit "$(jq -cn --arg d "$d" --arg dio "$dio" '{case: "info", device: "kloop", what: "device", rep: 0, path: $d, dio: $dio}')"
+            log "kloop: $d over $COPY, dio=$dio"
+        else
+            log "losetup failed"
+        fi
+    else
+        log "downloading the copy for kloop failed"
+    fi
+    # nbdkit-cache: the curl plugin behind the cache filter, filled by one whole read.
+    if [[ $NBD == 1 ]]; then
+        if nbd_up warm "$NBD_WARM" --filter=cache curl "url=$URL" cache-on-read=true; then
+            W_DEV[nbdkit-cache]=$NBD_WARM W_PID[nbdkit-cache]=$N_PID
+            t0=$(now_us)
+            taskset -c "$FIO_CPU" dd if="$NBD_WARM" of=/dev/null bs=1M iflag=direct status=none || log "filling the nbdkit cache failed"
+            log "nbdkit-cache: $NBD_WARM, nbdkit pid $N_PID, filled by one whole read in $(awk -v t=$(( $(now_us) - t0 )) 'BEGIN { printf "%.2f s", t / 1e6 }')"
+        else
+            log "nbdkit-cache setup failed"
+            nbd_down "$NBD_WARM" "${N_PID:-}"
+        fi
+    fi
+    # Unrecorded warm-up of each warm device (page faults, io-wq threads, ...).
+    local d
+    for d in "${!W_DEV[@]}"; do
+        log "$d queue: $(qinfo "${W_DEV[$d]}")"
+        taskset -c "$FIO_CPU" fio --name=warmup --filename="${W_DEV[$d]}" "${FIO_COMMON[@]}" --output=/dev/null \
+            --rw=randread --bs=4k --iodepth=32 --time_based --runtime=2 >/dev/null 2>&1 || log "warm-up of $d failed"
+    done
+    emit "$(jq -cn --arg m "$(free -m | awk '/^Mem:/ { print $3 " used, " $7 " available" }')" '{case: "info", device: "-", what: "memory_mib", rep: 0, text: $m}')"
+    log "memory with every warm device up: $(free -m | awk '/^Mem:/ { print $3 " MiB used, " $7 " MiB available" }')"
+}
+warm_case() { # CASE REP METRIC FIOARGS...
+    local c=$1 rep=$2 metric=$3 d; shift 3
+    warm_setup
+    for d in ublk-http kloop nbdkit-cache; do
+        [[ $d == nbdkit-cache && $NBD != 1 ]] && continue
+        if [[ -z ${W_DEV[$d]:-} ]]; then err "$c" "$d" "$rep" "device not set up"; continue; fi
+        if [[ -n ${W_PID[$d]} ]] && ! kill -0 "${W_PID[$d]}" 2>/dev/null; then err "$c" "$d" "$rep" "server died"; continue; fi
+        local out=/tmp/fio-$c-$d-$rep.json extra="{}"
+        start_mark "$c" "$d" "$rep"
+        if ! fio_dev "$out" "${W_DEV[$d]}" "${W_PID[$d]}" "$@"; then
+            err "$c" "$d" "$rep" "fio: $(tail -n 3 /tmp/fio.stderr | tr '\n' ' ')"; continue
+        fi
+        if [[ $d == ublk-http ]]; then
+            extra=$(jq -cn --argjson st "$(ublk_stats "$W_ID")" '{stats: $st}')
+            [[ "$(jq -r '.stats.misses // 0' <<<"$extra")" == 0 ]] || log "WARNING: the warm ublk-http device had misses: $extra"
+        fi
+        record "$c" "$d" "$rep" "$metric" "$out" "$extra"
+    done
+}
+case_warm_rand4k() { warm_case warm-rand4k "$1" IOPS "${WRAND_ARGS[@]}"; }
+case_warm_seq1m() { warm_case warm-seq1m "$1" MiB/s "${WSEQ_ARGS[@]}"; }
+
+warm_teardown() {
+    [[ -n ${W_ID:-} ]] && ublk_del "$W_ID"
+    [[ -n ${W_DEV[kloop]:-} ]] && "$LOSETUP" -d "${W_DEV[kloop]}"
+    [[ -n ${W_DEV[nbdkit-cache]:-} ]] && nbd_down "$NBD_WARM" "${W_PID[nbdkit-cache]}"
+    W_ID="" W_DEV=()
+}
+
+# ---- main --------------------------------------------------------------------------------------------
+[[ $(nproc) -ge 2 ]] || die "needs 2 vCPUs (vm/run.sh --smp 2)"
+taskset -cp "$FIO_CPU" $$ >/dev/null      # this script, fio and nginx: vCPU 0
+for c in "${CASES[@]}"; do declare -F "case_${c//-/_}" >/dev/null || die "unknown case $c"; done
+kmod-load loop || die "cannot load loop"
+if [[ $NBD == 1 ]]; then
+    if ! kmod-load nbd nbds_max=4 || ! command -v nbdkit >/dev/null || ! command -v nbd-client >/dev/null || [[ ! -f $NBDKIT_PLUGIN ]]; then
+        log "WARNING: nbd, nbdkit, nbd-client or the curl plugin missing: no nbdkit devices"
+        NBD=0
+    fi
+fi
+WQ_MASK=""
+if [[ $WQ_PIN == 1 ]]; then
+    if printf '%x' $((1 << SRV_CPU)) > /sys/devices/virtual/workqueue/cpumask 2>/dev/null; then
+        WQ_MASK=$(cat /sys/devices/virtual/workqueue/cpumask)
+        log "unbound workqueues (loop, nbd workers) restricted to vCPU $SRV_CPU (mask $WQ_MASK)"
+    else
+        log "WARNING: cannot restrict the unbound workqueues"
+    fi
+fi
+mkdir -p "$WWW" "$CDIR"
+t0=$SECONDS
+dd if=/dev/urandom of="$IMG" bs=1M count="$IMG_MB" status=none || die "cannot write $IMG"
+log "image: $IMG_MB MiB of random data in $((SECONDS - t0)) s"
+nginx-start "$WWW" 8080 || die "nginx-start failed"
+NGINX_PIDS=$(pgrep -x nginx | paste -sd' ')
+log "nginx pids $NGINX_PIDS on CPUs $(for p in $NGINX_PIDS; do taskset -cp "$p" | sed 's/.*: //'; done | sort -u | paste -sd' ')"
+
+jq -cn --arg kernel "$(uname -r)" --arg fio "$(fio --version)" --arg curl "$(curl --version | head -n 1)" \
+    --arg nbdkit "$(nbdkit --version 2>/dev/null)" --arg nbdtm "$(nbdkit --dump-plugin curl 2>/dev/null | sed -n 's/^thread_model=//p')" \
+    --arg nbdc "$(nbd-client -V 2>&1 | head -n 1)" --arg nginx "$(nginx -v 2>&1)" \
+    --argjson reps "$REPS" --argjson runtime "$RUNTIME" --argjson wruntime "$WRUNTIME" --argjson wramp "$WRAMP" \
+    --argjson img "$IMG_MB" --argjson req "$REQ_MB" --arg wq "$WQ_MASK" --argjson nbd "$NBD" \
+    --argjson mem "$(awk '/MemTotal/ { print int($2 / 1024) }' /proc/meminfo)" --argjson ncpu "$(nproc --all)" \
+    --arg cases "${CASES[*]}" --argjson fcpu "$FIO_CPU" --argjson scpu "$SRV_CPU" \
+    '{kernel: $kernel, fio: $fio, curl: $curl, nbdkit: $nbdkit, nbdkit_curl_thread_model: $nbdtm, nbd_client: $nbdc, nginx: $nginx,
+      reps: $reps, cold_rand_runtime_s: $runtime, warm_runtime_s: $wruntime, warm_ramp_s: $wramp, image_mib: $img,
+      reqcount_mib: $req, unbound_wq_cpumask: $wq, nbd: ($nbd == 1), guest_mem_mib: $mem, guest_cpus: $ncpu,
+      cases: ($cases | split(" ")), fio_cpu: $fcpu, server_cpu: $scpu, nginx_cpu: $fcpu}' | sed 's/^/@@HTTPMETA /; s/$/@@/'
+
+# Unrecorded warm-up: one small cold read through each cold path (binaries
+# paged in, first-connection costs), so that rep 1 is not special.
+rm -f "$CDIR"/wu.*
+if ublk_add "$CDIR/wu"; then
+    log "ublk-http server pid $U_PID: $(taskset -p "$U_PID"), threads on CPUs $(threads_cpus "$U_PID")"
+    log "ublk-http device: $(timeout 10 "$UBLK" list -n "$U_ID" | jq -c '.[0] | {queues, depth, size, target_options}'); queue: $(qinfo "$U_DEV")"
+    taskset -c "$FIO_CPU" dd if="$U_DEV" of=/dev/null bs=1M count=16 iflag=direct status=none
+    ublk_del "$U_ID"
+else
+    log "WARNING: warm-up add failed: $U_ERR"
+fi
+rm -f "$CDIR"/wu.*
+if [[ $NBD == 1 ]]; then
+    if nbd_up cold "$NBD_COLD" curl "url=$URL"; then
+        log "nbdkit pid $N_PID ($NBD_MODE socket): $(taskset -p "$N_PID"); $NBD_COLD queue: $(qinfo "$NBD_COLD")"
+        taskset -c "$FIO_CPU" dd if="$NBD_COLD" of=/dev/null bs=1M count=16 iflag=direct status=none
+        nbd_down "$NBD_COLD" "$N_PID"
+    else
+        log "WARNING: nbdkit/nbd-client do not work here: $(cat /tmp/nbdkit-cold.log /tmp/nbd-client.log 2>/dev/null | tr '\n' ' ')"
+        emit "$(jq -cn --arg e "$(cat /tmp/nbdkit-cold.log /tmp/nbd-client.log 2>/dev/null | tail -n 5)" '{case: "info", device: "nbdkit", what: "unavailable", rep: 0, error: $e}')"
+        nbd_down "$NBD_COLD" "${N_PID:-}"
+        NBD=0
+    fi
+fi
+taskset -c "$SRV_CPU" curl -s -o /dev/null "$URL"
+
+trap 'warm_teardown; nginx-stop' EXIT
+t_start=$SECONDS
+for rep in $(seq 1 "$REPS"); do
+    for c in "${CASES[@]}"; do
+        "case_${c//-/_}" "$rep"
+    done
+    log "rep $rep/$REPS done ($((SECONDS - t_start)) s)"
+done
+warm_teardown
+trap - EXIT
+nginx-stop
+echo "@@HTTPDONE@@"
