@@ -323,8 +323,20 @@ final class CachingHandler: QueueHandler {
             memset(r.buffer, 0, Int(r.length))
             return finish(r.tag, Int32(r.length), queue)
         }
+        if cacheInMemory {
+            // As for loop: io_uring would punt a tmpfs read to an io-wq worker; the copy is cheaper.
+            var got: UInt32 = 0
+            while true {
+                let n = pread(cacheFD, r.buffer + Int(got), Int(r.length - got), off_t(r.offset) + off_t(got))
+                if n < 0 && errno == EINTR { continue }
+                if let final = r.readProgress(n < 0 ? -errno : Int32(n), done: &got) { return finish(r.tag, final, queue) }
+            }
+        }
         queue.read(fd: cacheFD, into: r.buffer, length: r.length, offset: r.offset, tag: r.tag, sub: CachingHandler.subRead)
     }
+
+    /// The cache file lives in memory (tmpfs, ramfs).
+    lazy var cacheInMemory: Bool = [0x0102_1994, 0x8584_58f6].contains(cu_fs_type(cacheFD))
 
     @inline(__always)
     func finish(_ tag: UInt16, _ result: Int32, _ queue: Queue) {
