@@ -114,6 +114,7 @@ public final class CacheTarget: Target {
         p.readOnly = o.readOnly
         p.writeCache = true
         p.discard = !o.readOnly
+        p.userCopy = CachingHandler.wantsUserCopy(cacheFD: cache.fd)
         params = p
     }
 
@@ -139,6 +140,7 @@ public final class CacheTarget: Target {
         // Local reads: runs of up to 1 MiB, modest readahead, a few in flight.
         let planner = FetchPlanner(imageSize: params.size, pageSize: settings.pageSize, maxRunBytes: 1 << 20,
                                    initialReadaheadBytes: 128 << 10, maxReadaheadBytes: 1 << 20, maxActiveRuns: 8)
-        return CachingHandler(context: context, fetcher: FileFetcher(fd: backingFD), planner: planner, depth: queue.depth)
+        return try CachingHandler.make(context: context, fetcher: FileFetcher(fd: backingFD), planner: planner,
+                                       queue: queue, deviceSize: params.size)
     }
 }

@@ -196,6 +196,39 @@ final class CachingHandler: QueueHandler {
     static let sourceEvent: UInt32 = 1, timerEvent: UInt32 = 2
     static let persistInterval: UInt64 = 1_000_000_000
 
+    /// User-copy mode (the cache file lives in memory and the device has
+    /// UBLK_F_USER_COPY): the cache file mapped, and the queue's char device.
+    /// Request data then moves with one copy between the cache's pages and the
+    /// kernel's request pages (pwrite/pread on /dev/ublkcN), like the loop
+    /// target's; the tag buffers are unused.
+    var mapping: UnsafeMutableRawPointer?
+    var mappingSize = 0
+    var charFD: Int32 = -1
+    unowned(unsafe) var userCopyQueue: Queue?
+
+    /// Whether a caching target over `cacheFD` asks for UBLK_F_USER_COPY.
+    static func wantsUserCopy(cacheFD: Int32) -> Bool { memoryFS.contains(cu_fs_type(cacheFD)) }
+    static let memoryFS: [Int64] = [0x0102_1994 /* tmpfs */, 0x8584_58f6 /* ramfs */]
+
+    /// A handler for `queue`; maps the cache file when the queue copies data itself.
+    static func make(context: CacheContext, fetcher: RunFetcher, planner: FetchPlanner, queue: Queue,
+                     deviceSize: UInt64) throws(UblkError) -> CachingHandler {
+        let h = CachingHandler(context: context, fetcher: fetcher, planner: planner, depth: queue.depth)
+        if queue.userCopy {
+            // The mapping covers the device (the image rounded up to 512 bytes,
+            // so never past the cache file's last page): bytes past the end read as zeros.
+            guard deviceSize > 0, let m = mmap(nil, Int(deviceSize), PROT_READ | PROT_WRITE, MAP_SHARED, context.cache.fd, 0),
+                  m != MAP_FAILED else {
+                throw UblkError("cannot map the cache file \(context.cache.path)", errno: .current)
+            }
+            h.mapping = m
+            h.mappingSize = Int(deviceSize)
+            h.charFD = queue.charFD
+            h.userCopyQueue = queue
+        }
+        return h
+    }
+
     init(context: CacheContext, fetcher: RunFetcher, planner: FetchPlanner, depth: Int) {
         self.context = context
         self.fetcher = fetcher
@@ -219,7 +252,37 @@ final class CachingHandler: QueueHandler {
         lastPersist = monotonicNanos()
     }
 
-    deinit { close(timerFD) }
+    deinit {
+        close(timerFD)
+        if let m = mapping { munmap(m, mappingSize) }
+    }
+
+    /// User-copy mode: moves `r`'s data between the mapped cache file and the
+    /// kernel's request pages (read: to the request; write: from it). One copy.
+    func copyMapped(_ r: Request, queue: Queue, mapping: UnsafeMutableRawPointer) -> Int32 {
+        let len = Int(r.length)
+        guard Int(r.offset) + len <= mappingSize else { return -EIO }
+        let at = mapping + Int(r.offset)
+        let pos = off_t(queue.userCopyOffset(r.tag))
+        var done = 0
+        while done < len {
+            let n = r.op == Op.read
+                ? pwrite(charFD, at + done, len - done, pos + off_t(done))
+                : pread(charFD, at + done, len - done, pos + off_t(done))
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { return n < 0 ? -errno : -EIO }
+            done += n
+        }
+        return Int32(len)
+    }
+
+    /// Where a write's data is (for the backing store's copy): the cache's mapped
+    /// pages in user-copy mode, else the tag's buffer.
+    @inline(__always)
+    func writeSource(_ r: Request) -> UnsafeMutableRawPointer {
+        if let m = mapping { return m + Int(r.offset) }
+        return r.buffer
+    }
 
     // MARK: Requests
 
@@ -263,11 +326,21 @@ final class CachingHandler: QueueHandler {
             backingDone[t] = 0
             partFailed[t] = 0
             parts[t] = through ? 2 : 1
-            queue.write(fd: cacheFD, from: r.buffer, length: r.length, offset: r.offset, tag: r.tag, sub: CachingHandler.subWrite)
+            if let m = mapping {
+                // The data lands in the cache's pages straight from the request.
+                let copied = copyMapped(r, queue: queue, mapping: m)
+                if copied < 0 {
+                    parts[t] = 1
+                    return partDone(r, copied, queue: queue)
+                }
+            } else {
+                queue.write(fd: cacheFD, from: r.buffer, length: r.length, offset: r.offset, tag: r.tag, sub: CachingHandler.subWrite)
+            }
             if through {
-                queue.write(fd: context.backingFD, from: r.buffer, length: r.length, offset: r.offset,
+                queue.write(fd: context.backingFD, from: writeSource(r), length: r.length, offset: r.offset,
                             flags: r.fua ? cu_rwf_dsync : 0, tag: r.tag, sub: CachingHandler.subBackingWrite)
             }
+            if mapping != nil { partDone(r, 0, queue: queue) }
         default:
             // DISCARD / WRITE_ZEROES: a hole reads as zeros; partial pages are zeroed by the punch.
             let t = Int(r.tag)
@@ -319,6 +392,7 @@ final class CachingHandler: QueueHandler {
         requests[Int(r.tag)] = r
         waiting[Int(r.tag)] = false
         done[Int(r.tag)] = 0
+        if let m = mapping { return finish(r.tag, copyMapped(r, queue: queue, mapping: m), queue) }
         if r.offset >= imageSize {
             memset(r.buffer, 0, Int(r.length))
             return finish(r.tag, Int32(r.length), queue)
@@ -366,7 +440,7 @@ final class CachingHandler: QueueHandler {
             if result <= 0 { return partDone(r, result < 0 ? result : -EIO, queue: queue) }
             backingDone[t] += UInt32(result)
             if backingDone[t] >= r.length { return partDone(r, 0, queue: queue) }
-            return queue.write(fd: context.backingFD, from: r.buffer + Int(backingDone[t]), length: r.length - backingDone[t],
+            return queue.write(fd: context.backingFD, from: writeSource(r) + Int(backingDone[t]), length: r.length - backingDone[t],
                                offset: r.offset + UInt64(backingDone[t]), flags: r.fua ? cu_rwf_dsync : 0,
                                tag: tag, sub: CachingHandler.subBackingWrite)
         default:

@@ -140,6 +140,7 @@ public final class HTTPTarget: Target {
         p.readOnly = !o.writable
         p.writeCache = o.writable
         p.discard = o.writable
+        p.userCopy = CachingHandler.wantsUserCopy(cacheFD: cache.fd)
         params = p
     }
 
@@ -179,7 +180,8 @@ public final class HTTPTarget: Target {
                                    pageSize: settings.pageSize, stats: stats) { [unowned self] in self.snapshot() }
         context.maxCacheBytes = settings.maxCacheBytes
         context.writable = settings.writable
-        return CachingHandler(context: context, fetcher: HTTPFetcher(source),
-                              planner: HTTPTarget.makePlanner(settings, imageSize: remote.size), depth: queue.depth)
+        return try CachingHandler.make(context: context, fetcher: HTTPFetcher(source),
+                                       planner: HTTPTarget.makePlanner(settings, imageSize: remote.size),
+                                       queue: queue, deviceSize: params.size)
     }
 }
