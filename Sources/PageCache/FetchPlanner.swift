@@ -76,6 +76,8 @@ public final class FetchPlanner {
         var first: UInt64
         var end: UInt64
         var started = false
+        /// Claimed by a write (`claimForWrite`): never fetched, not counted as active.
+        var claimed = false
         var waiters: [UInt64] = []
         init(id: RunID, first: UInt64, end: UInt64) {
             self.id = id
@@ -164,6 +166,42 @@ public final class FetchPlanner {
         return plan
     }
 
+    /// A write of bytes [offset, offset + length) needs no fetch when every page
+    /// of it that `present` lacks is covered whole by the write (its old content
+    /// is overwritten) and no run covers it (no fetch can land on top of it).
+    /// Then those pages are claimed: reads of them wait for the claim as for a
+    /// fetch, until the caller, the write done and the pages marked present,
+    /// ends each claim with `complete(run:success:)`. Returns the claims ([]
+    /// when nothing is missing), or nil when a page must be fetched (the write
+    /// covers part of it) or waited for first (then `plan` the write as a read).
+    public func claimForWrite(offset: UInt64, length: Int, present: PageBits) -> [RunID]? {
+        let r = pages(offset: offset, length: length)
+        if r.isEmpty || present.allSet(r) { return [] }
+        let ps = UInt64(pageSize)
+        let end = offset + UInt64(length)
+        let headPartial = offset % ps != 0
+        let tailPartial = end % ps != 0 && end < imageSize
+        var gaps: [Range<UInt64>] = []
+        var p = r.lowerBound
+        while p < r.upperBound, let m = present.nextClear(in: p..<r.upperBound) {
+            let e = present.nextSet(in: m..<r.upperBound) ?? r.upperBound
+            if (m == r.lowerBound && headPartial) || (e == r.upperBound && tailPartial) { return nil }
+            let i = firstRunIndex(endingAfter: m)
+            if i < ordered.count && ordered[i].first < e { return nil }
+            gaps.append(m..<e)
+            p = e
+        }
+        return gaps.map { g in
+            let run = Run(id: RunID(raw: nextRunID), first: g.lowerBound, end: g.upperBound)
+            nextRunID += 1
+            run.started = true
+            run.claimed = true
+            ordered.insert(run, at: firstRunIndex(endingAfter: g.lowerBound))
+            byID[run.id.raw] = run
+            return run.id
+        }
+    }
+
     /// Runs to start now (marked started), FIFO, up to the active limit.
     public func startableRuns() -> [FetchRun] {
         var out: [FetchRun] = []
@@ -205,7 +243,7 @@ public final class FetchPlanner {
         var out = RunOutcome()
         guard let run = byID.removeValue(forKey: id.raw) else { return out }
         if let i = index(ofRunStarting: run.first) { ordered.remove(at: i) }
-        if run.started { activeRunCount -= 1 }
+        if run.started && !run.claimed { activeRunCount -= 1 }
         for key in run.waiters {
             guard var w = waiters[key] else { continue }
             w.remaining -= 1

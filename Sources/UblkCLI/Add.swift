@@ -29,7 +29,7 @@ struct Add: ParsableCommand {
             until `ublk-http del -n ID`, SIGTERM or SIGINT.
             """)
 
-    @Option(name: [.short, .customLong("type")], help: "Target type: null, loop or http.")
+    @Option(name: [.short, .customLong("type")], help: "Target type: null, loop, http or cache.")
     var type: String
 
     @Option(name: [.short, .customLong("number")], help: "Device id N for /dev/ublkbN (default: the first free one).")

@@ -211,4 +211,58 @@ final class FetchPlannerTests: XCTestCase {
         XCTAssertEqual(p.plannedRunCount, 128)
         XCTAssertLessThan(elapsed, 50_000_000, "planning took \(elapsed / 1000) µs")
     }
+
+    // MARK: Writes that cover pages whole
+
+    func testWholePageWritesClaimInsteadOfFetching() {
+        let (p, bits) = planner()
+        bits.set(4..<5)
+        // Pages 2..<8, page 4 present: two claims, no run to fetch.
+        let claims = p.claimForWrite(offset: off(2), length: len(6), present: bits)
+        XCTAssertEqual(claims?.count, 2)
+        XCTAssertEqual(p.plannedRunCount, 0)
+        XCTAssertEqual(p.startableRuns(), [])
+        XCTAssertEqual(p.activeRunCount, 0, "claims do not take fetch slots")
+        // A read of a claimed page waits for the claim and fetches nothing.
+        let plan = p.plan(offset: off(3), length: len(1), context: 9, present: bits)
+        XCTAssertFalse(plan.isHit)
+        XCTAssertEqual(plan.inFlightPages, 1)
+        XCTAssertEqual(p.plannedRunCount, 0)
+        // Another write of a claimed page must wait too (no second claim).
+        XCTAssertNil(p.claimForWrite(offset: off(3), length: len(1), present: bits))
+        bits.set(2..<8)
+        XCTAssertEqual(p.complete(run: claims![1], success: true), RunOutcome())
+        XCTAssertEqual(p.complete(run: claims![0], success: true), RunOutcome(satisfied: [9]))
+        XCTAssertEqual(p.runCount, 0)
+        XCTAssertEqual(p.activeRunCount, 0)
+    }
+
+    func testPartialPagesAndInFlightPagesAreNotClaimed() {
+        let (p, bits) = planner(pages: 64)
+        // Unaligned head or tail on a missing page: fetch first.
+        XCTAssertNil(p.claimForWrite(offset: off(1) + 512, length: len(2), present: bits))
+        XCTAssertNil(p.claimForWrite(offset: off(1), length: len(2) - 512, present: bits))
+        // ...but not when that page is present.
+        bits.set(1..<2)
+        bits.set(3..<4)
+        XCTAssertEqual(p.claimForWrite(offset: off(1) + 512, length: len(3) - 1024, present: bits)?.count, 1)
+        // A page a fetch is filling is never claimed.
+        _ = p.plan(offset: off(10), length: len(4), context: 1, present: bits)
+        XCTAssertNil(p.claimForWrite(offset: off(8), length: len(4), present: bits))
+        // Fully present: nothing to claim.
+        bits.set(20..<30)
+        XCTAssertEqual(p.claimForWrite(offset: off(20) + 7, length: 100, present: bits), [])
+        // The image's last page may be short: a write to the image's end covers it.
+        let q = FetchPlanner(imageSize: off(4) + 1000, pageSize: ps, maxRunBytes: 1 << 20)
+        let qb = PageBits(pageCount: 5)
+        XCTAssertEqual(q.claimForWrite(offset: off(4), length: 1024, present: qb)?.count, 1)
+    }
+
+    func testAFailedClaimFailsItsWaiters() {
+        let (p, bits) = planner()
+        let claims = p.claimForWrite(offset: off(0), length: len(4), present: bits)!
+        _ = p.plan(offset: off(1), length: len(1), context: 5, present: bits)
+        XCTAssertEqual(p.complete(run: claims[0], success: false), RunOutcome(failed: [5]))
+        XCTAssertEqual(p.waiterCount, 0)
+    }
 }

@@ -11,6 +11,10 @@ if add -t cache --backing /tmp/back1.img --cache $C/t.cache --bitmap $C/t.bitmap
     eq "target cache, through" through "$(echo "$DEV_JSON" | jq -r .target_options.write_mode)"
     check "fio randwrite verify 256M" $FIO --name=t --filename=$DEV_B --rw=randwrite --size=256M \
         --verify=crc32c --do_verify=1 --verify_fatal=1 --output=/tmp/fio-t.txt
+    sleep 1.2
+    F=$("$UBLK" stats -n $DEV_ID --json | jq -r .bytes_fetched)
+    echo "# read from the backing store while writing 256 MiB of whole pages: $F bytes"
+    check "whole-page writes read (almost) nothing from the backing store" test "$F" -lt $((1 << 20))
     check "a FLUSH" dd if=/dev/urandom of=$DEV_B bs=4k count=1 seek=7 oflag=direct conv=fsync
     check "backing equals the device" cmp $DEV_B /tmp/back1.img
     check "dirty tracking lists the writes" bash -c "$UBLK dirty -n $DEV_ID | jq -e '.pages > 0'"
@@ -59,13 +63,32 @@ else
 fi
 
 section "a block device as the backing store"
-kmod-load brd rd_nr=1 rd_size=65536
+kmod-load brd rd_nr=2 rd_size=65536
 if add -t cache --backing /dev/ram0 --cache $C/r.cache --bitmap $C/r.bitmap; then
     eq "size of the ramdisk" 67108864 "$(blockdev --getsize64 $DEV_B)"
     check "write and read back" bash -c "head -c 1048576 /dev/urandom > /tmp/r1 && dd if=/tmp/r1 of=$DEV_B bs=1M seek=3 oflag=direct conv=fsync 2>/dev/null && cmp <(dd if=/dev/ram0 bs=1M skip=3 count=1 iflag=direct 2>/dev/null) /tmp/r1"
     del $DEV_ID >/dev/null
 else
     fail "add -t cache on /dev/ram0" "$DEV_JSON"
+fi
+
+section "the cache on a disk filesystem (ext4): the io_uring path, not the in-memory one"
+mkdir -p /mnt/c
+if check "ext4 on /dev/ram1 for the cache" bash -c "mkfs.ext4 -q -F /dev/ram1 && mount -t ext4 /dev/ram1 /mnt/c"; then
+    head -c $((32 << 20)) /dev/urandom > /tmp/back3.img
+    if add -t cache --backing /tmp/back3.img --cache /mnt/c/e.cache --bitmap /mnt/c/e.bitmap --write-mode back; then
+        check "read half of it cold" cmp -n $((16 << 20)) $DEV_B /tmp/back3.img
+        check "fio randwrite 512 B-128 KiB, partial and whole pages, verify" $FIO --name=e --filename=$DEV_B \
+            --rw=randwrite --bsrange=512-128k --blockalign=512 --size=32M --verify=crc32c --do_verify=1 --verify_fatal=1 \
+            --output=/tmp/fio-e.txt
+        check "a 1 MiB write that half covers cached pages reads back" bash -c "head -c 1048576 /dev/urandom > /tmp/e1 && dd if=/tmp/e1 of=$DEV_B bs=1M seek=15 oflag=direct 2>/dev/null && cmp <(dd if=$DEV_B bs=1M skip=15 count=1 iflag=direct 2>/dev/null) /tmp/e1"
+        check "flush" "$UBLK" flush -n $DEV_ID
+        check "the backing store equals the device" cmp $DEV_B /tmp/back3.img
+        check "del" del $DEV_ID
+    else
+        fail "add -t cache with the cache on ext4" "$DEV_JSON"
+    fi
+    umount /mnt/c
 fi
 
 section "bad inputs"

@@ -12,6 +12,8 @@ cp $WWW/disk.img /var/tmp/replica.img
 check "nginx" nginx-start $WWW 8080
 URL=http://127.0.0.1:8080/disk.img
 OPTS="--url $URL --cache $C/d.cache --bitmap $C/d.bitmap --writable"
+LOG=/var/log/nginx/access.log
+ranges() { grep -c "GET /disk.img HTTP/1.1\" 206" $LOG || true; }
 dirty_json() { "$UBLK" dirty "$@" | jq -c '[.extents[] | [.offset, .length]]'; }
 
 section "writes at known offsets are listed exactly"
@@ -49,7 +51,9 @@ if add -t http $OPTS; then
     eq "nothing dirty after sync" "[]" "$(dirty_json -n $DEV_ID)"
 
     section "writes racing a sync stay dirty"
+    B=$(ranges)
     check "dirty 16 MiB" dd if=/dev/urandom of=$DEV_B bs=1M seek=12 count=16 oflag=direct
+    eq "whole-page writes fetch nothing" "$B" "$(ranges)"
     "$UBLK" sync -n $DEV_ID --to /var/tmp/replica.img > /tmp/sync.json 2>&1 &
     SP=$!
     n=0

@@ -180,6 +180,8 @@ final class CachingHandler: QueueHandler {
     var parts: [UInt8] = []
     var backingDone: [UInt32] = []
     var partFailed: [Int32] = []
+    /// Pages a write covers whole and claimed instead of fetching (FetchPlanner.claimForWrite).
+    var claimed: [[RunID]] = []
     /// Write-back: the one run being copied to the backing store (the throttle), and
     /// whether a write touched it meanwhile (then its bits stay set).
     var writebackRun: (pages: Range<UInt64>, buffer: UnsafeMutableRawPointer, done: Int, dirtied: Bool)?
@@ -245,6 +247,7 @@ final class CachingHandler: QueueHandler {
         }
         backingDone = Array(repeating: 0, count: depth)
         partFailed = Array(repeating: 0, count: depth)
+        claimed = Array(repeating: [], count: depth)
         missStart = Array(repeating: 0, count: depth)
         waiting = Array(repeating: false, count: depth)
         done = Array(repeating: 0, count: depth)
@@ -292,7 +295,13 @@ final class CachingHandler: QueueHandler {
             if r.op != Op.read && !context.writable { return queue.complete(tag: r.tag, result: -EROFS) }
             if draining { return queue.complete(tag: r.tag, result: -EIO) }
             if !chunkUse.isEmpty { touch(r) }
-            // A write needs every page it touches present first (see the header).
+            // A write needs every page it touches present first (see the header),
+            // except pages it covers whole: those it claims (reads of them wait).
+            if r.op != Op.read,
+               let claims = planner.claimForWrite(offset: r.offset, length: Int(r.length), present: bitmap.bits) {
+                claimed[Int(r.tag)] = claims
+                return proceed(r, queue: queue)
+            }
             let plan = planner.plan(offset: r.offset, length: Int(r.length), context: UInt64(r.tag), present: bitmap.bits)
             if plan.isHit {
                 if r.op == Op.read { context.stats.hits += 1 }
@@ -367,6 +376,13 @@ final class CachingHandler: QueueHandler {
         if result < 0 && partFailed[t] == 0 { partFailed[t] = result }
         parts[t] -= 1
         guard parts[t] == 0 else { return }
+        if !claimed[t].isEmpty {
+            // Pages the write covered whole: present now that their data is in the cache.
+            let claims = claimed[t]
+            claimed[t] = []
+            if partFailed[t] == 0 { bitmap.markPresent(planner.pages(offset: r.offset, length: Int(r.length))) }
+            for id in claims { serve(planner.complete(run: id, success: partFailed[t] == 0), queue) }
+        }
         if partFailed[t] < 0 { return finish(r.tag, partFailed[t], queue) }
         written(r, queue: queue)
     }
