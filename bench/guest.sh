@@ -14,7 +14,11 @@
 #   BENCH_REPS (3)  BENCH_RUNTIME (10 s)  BENCH_RAMP (2 s)
 #   BENCH_WARMUP (2 s of unrecorded 4k random reads per device before rep 1)
 #   BENCH_CASES     (default: all cases below, in this order)
-#   BENCH_DEVICES   (default: kloop ublk-loop ublk-null)
+#   BENCH_DEVICES   (default: kloop ublk-loop ublk-null; the cache suite of
+#                   issue 4: kloop ublk-cache-through ublk-cache-through-notrack
+#                   ublk-cache-back ublk-cache-back-notrack)
+#   BENCH_ALTERNATE (0)  1: every other rep runs the devices in reverse order,
+#                   so that no device always follows the same one
 #   BENCH_SCHED     I/O scheduler forced on every device ("none" by default;
 #                   "keep" leaves the kernel's choice)
 #   BENCH_FIO_CPU (0)  BENCH_SERVER_CPU (1)
@@ -38,6 +42,9 @@
 #   text for the results) and may set DEV_EXTRA to a JSON object merged into
 #   its @@DEVICE line; and dev_NAME_teardown.  Add NAME to ALL_DEVICES.  Start
 #   servers with `srv_taskset CMD...` so that they run on the server vCPU.
+#   Optional: dev_NAME_after, run after each fio run on the device (outside the
+#   measurement; write-back devices flush there, so that no run inherits the
+#   previous one's backlog).
 set -u -o pipefail
 
 UBLK=${UBLK:-/usr/local/bin/ublk-http}
@@ -58,7 +65,8 @@ IMG=/tmp/bench.img
 IMG_MB=256
 
 ALL_CASES=(randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd32 seqread-1m-qd8)
-ALL_DEVICES=(kloop ublk-loop ublk-null)
+ALL_DEVICES=(kloop ublk-loop ublk-null ublk-cache-through ublk-cache-through-notrack ublk-cache-back ublk-cache-back-notrack)
+ALTERNATE=${BENCH_ALTERNATE:-0}
 read -r -a CASES <<<"${BENCH_CASES:-${ALL_CASES[*]}}"
 read -r -a DEVICES <<<"${BENCH_DEVICES:-${ALL_DEVICES[*]}}"
 
@@ -130,6 +138,44 @@ dev_ublk_null_setup() {
     DEV_EXTRA="{}"
 }
 dev_ublk_null_teardown() { timeout 60 "$UBLK" del -n "$DEV_ID"; }
+
+# (d) issue 4: ublk-http's cache target.  The flash side (cache file, bitmaps)
+# is on tmpfs like the loop devices' file, so the comparison with kloop is
+# "the same fast medium, with and without the cache engine"; the slow side
+# (backing) is a tmpfs copy of the image too, so that write-through is
+# measured against memory speed, not against a slow disk it would wait for.
+# The cache is filled by one full read before the runs (reads are hits).
+# MODE through|back, TRACK 1|0 (--no-dirty-tracking).
+cache_setup() {
+    local name=$1 mode=$2 track=$3 t0=$SECONDS
+    fill_image
+    local dir=/tmp/$name
+    rm -rf "$dir" && mkdir -p "$dir"
+    cp "$IMG" "$dir/backing.img" || die "cannot copy $IMG (is the guest's memory big enough? run.sh --mem)"
+    local args=(-t cache --backing "$dir/backing.img" --cache "$dir/cache" --bitmap "$dir/bitmap" --write-mode "$mode")
+    [[ $track == 1 ]] || args+=(--no-dirty-tracking)
+    ublk_add "${args[@]}" || die "ublk-http add ${args[*]} failed: $UBLK_ERR"
+    taskset -c "$FIO_CPU" dd if="$DEV_PATH" of=/dev/null bs=1M iflag=direct status=none || die "cannot read $DEV_PATH"
+    DEV_NOTE="ublk-http cache, write-$mode, dirty tracking $([[ $track == 1 ]] && echo on || echo off), cache filled ($((SECONDS - t0)) s)"
+    DEV_EXTRA=$("$UBLK" list -n "$DEV_ID" | jq -c '.[0].target_options // {}')
+}
+cache_teardown() { timeout 60 "$UBLK" del -n "$DEV_ID"; rm -rf "/tmp/$1"; }
+# A write-back device's dirty pages are written back after each run.
+cache_flush() {
+    local t0=$EPOCHREALTIME
+    timeout 300 "$UBLK" flush -n "$DEV_ID" >/dev/null || log "flush of ublk$DEV_ID failed"
+    log "flushed ublk$DEV_ID (write-back backlog): $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }') s"
+}
+dev_ublk_cache_through_setup()          { cache_setup ublk-cache-through through 1; }
+dev_ublk_cache_through_teardown()       { cache_teardown ublk-cache-through; }
+dev_ublk_cache_through_notrack_setup()  { cache_setup ublk-cache-through-notrack through 0; }
+dev_ublk_cache_through_notrack_teardown() { cache_teardown ublk-cache-through-notrack; }
+dev_ublk_cache_back_setup()             { cache_setup ublk-cache-back back 1; }
+dev_ublk_cache_back_teardown()          { cache_teardown ublk-cache-back; }
+dev_ublk_cache_back_after()             { cache_flush; }
+dev_ublk_cache_back_notrack_setup()     { cache_setup ublk-cache-back-notrack back 0; }
+dev_ublk_cache_back_notrack_teardown()  { cache_teardown ublk-cache-back-notrack; }
+dev_ublk_cache_back_notrack_after()     { cache_flush; }
 
 # ---- measurement helpers ------------------------------------------------------------------------
 # affinity PID: the affinity lists of the threads of PID, de-duplicated ("1").
@@ -300,8 +346,8 @@ WIN_LEN=$(awk -v t="$RUNTIME" 'BEGIN { w = t - 1.5; if (w < 0.5) w = 0.5; print 
 jq -cn --arg kernel "$(uname -r)" --arg fio "$(fio --version)" --argjson reps "$REPS" --argjson runtime "$RUNTIME" \
     --argjson ramp "$RAMP" --argjson warmup "$WARMUP" --arg wqmask "$WQ_CPUMASK" --arg sched "$SCHED" --argjson fio_cpu "$FIO_CPU" --argjson server_cpu "$SERVER_CPU" \
     --argjson ncpu "$(nproc --all)" --argjson mem_mb "$(awk '/MemTotal/ { print int($2 / 1024) }' /proc/meminfo)" \
-    --argjson image_mb "$IMG_MB" --arg cases "${CASES[*]}" --arg devices "${DEVICES[*]}" \
-    '{kernel: $kernel, fio: $fio, reps: $reps, runtime_s: $runtime, ramp_s: $ramp, warmup_s: $warmup, unbound_wq_cpumask: $wqmask, scheduler: $sched,
+    --argjson image_mb "$IMG_MB" --arg cases "${CASES[*]}" --arg devices "${DEVICES[*]}" --argjson alternate "$ALTERNATE" \
+    '{alternate: ($alternate == 1), kernel: $kernel, fio: $fio, reps: $reps, runtime_s: $runtime, ramp_s: $ramp, warmup_s: $warmup, unbound_wq_cpumask: $wqmask, scheduler: $sched,
       fio_cpu: $fio_cpu, server_cpu: $server_cpu, guest_cpus: $ncpu, guest_mem_mb: $mem_mb, image_mb: $image_mb,
       cases: ($cases | split(" ")), devices: ($devices | split(" "))}' | sed 's/^/@@META /; s/$/@@/'
 
@@ -358,8 +404,12 @@ fi
 
 t_start=$SECONDS
 for rep in $(seq 1 "$REPS"); do
+    order=("${DEVICES[@]}")
+    if [[ $ALTERNATE == 1 && $((rep % 2)) == 0 ]]; then
+        order=(); for ((i = ${#DEVICES[@]} - 1; i >= 0; i--)); do order+=("${DEVICES[$i]}"); done
+    fi
     for c in "${CASES[@]}"; do
-        for d in "${DEVICES[@]}"; do
+        for d in "${order[@]}"; do
             "case_$(fn "$c")"
             if [[ $CASE_DIR == write && ${DEV_ROS[$d]} == 1 ]]; then continue; fi
             if [[ -n "${DEV_PIDS[$d]}" ]] && ! kill -0 "${DEV_PIDS[$d]}" 2>/dev/null; then
@@ -370,6 +420,10 @@ for rep in $(seq 1 "$REPS"); do
             while :; do
                 host_quiet
                 run_one "$rep" "$c" "$d" "$attempt"
+                if declare -F "dev_$(fn "$d")_after" >/dev/null; then
+                    DEV_PATH=${DEV_PATHS[$d]} DEV_ID=${DEV_IDS[$d]}
+                    "dev_$(fn "$d")_after"
+                fi
                 [[ $RUN_DISTURBED == 1 && $attempt -lt 2 && $RETRY_BUDGET -gt 0 ]] || break
                 attempt=$((attempt + 1)) RETRY_BUDGET=$((RETRY_BUDGET - 1))
                 log "rep $rep $c $d was disturbed by other host processes: repeating it (repeats left: $RETRY_BUDGET)"

@@ -38,6 +38,13 @@ UBLKSRV_REF = {
     ("ublk-null", "seqread-1m-qd8"): 1.42,
 }
 
+# Issue 4: what dirty tracking costs, 4k random writes QD32, per write mode:
+# (label, device with tracking, device without, case, maximum cost).
+TRACKING = [
+    ("write-through", "ublk-cache-through", "ublk-cache-through-notrack", "randwrite-4k-qd32", 0.05),
+    ("write-back", "ublk-cache-back", "ublk-cache-back-notrack", "randwrite-4k-qd32", 0.05),
+]
+
 LINE = re.compile(r"@@(META|DEVICE|RESULT) (\{.*?\})@@")
 
 
@@ -170,10 +177,37 @@ def goals(rows):
     out = []
     for d, c, want in GOALS:
         row = next((r for r in rows if r["device"] == d and r["case"] == c), None)
+        if row is None:
+            continue        # not in this suite
         got = row.get("ratio_vs_baseline") if row else None
         out.append({"device": d, "case": c, "goal": want, "ratio": got,
                     "met": None if got is None else got >= want,
                     "ublksrv_ref": UBLKSRV_REF.get((d, c))})
+    return out
+
+
+def tracking(runs):
+    """The cost of dirty tracking: 1 - IOPS with / IOPS without, from the
+    medians, and per rep (the two devices' runs of one rep are neighbours in
+    time, so a rep's pair shares its disturbances).  Conclusive when every
+    rep's cost is on the same side of the goal."""
+    out = []
+    for label, on, off, c, most in TRACKING:
+        a = {r["rep"]: r["iops"] for r in usable([r for r in runs if r["device"] == on and r["case"] == c])}
+        b = {r["rep"]: r["iops"] for r in usable([r for r in runs if r["device"] == off and r["case"] == c])}
+        if not a or not b:
+            continue
+        ma, mb = med(list(a.values())), med(list(b.values()))
+        cost = 1 - ma / mb
+        per_rep = sorted(1 - a[k] / b[k] for k in a if k in b)
+        if per_rep and all(x < most for x in per_rep):
+            verdict = "MET"
+        elif per_rep and all(x >= most for x in per_rep):
+            verdict = "NOT MET"
+        else:
+            verdict = "MET (median; reps straddle the goal)" if cost < most else "NOT MET (median; reps straddle the goal)"
+        out.append({"mode": label, "device": on, "without": off, "case": c, "iops_with": ma, "iops_without": mb,
+                    "cost": cost, "cost_per_rep": per_rep, "goal_max": most, "verdict": verdict})
     return out
 
 
@@ -243,8 +277,10 @@ def chart(outdir, cases, devs, rows, title):
                 f.write(f"{x - w / 2:.4f} {g} {w:.4f}\n")
                 wrote = True
         if not wrote:
-            f.write("NaN NaN NaN\n")
+            f.write("0 NaN 0\n")
     xtics = ", ".join(f"{gp_quote(c)} {i}" for i, c in enumerate(cases))
+    goal_plot = ((", \\\n     " + gp_quote(dat) + f" index {n} using 1:2:3:(0) with vectors nohead lw 3 "
+                  'lc rgb "#d62728" title "goal (issue 2)"') if wrote else "")
     colors = ["#4d4d4d", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
     gp = os.path.join(outdir, "chart.gp")
     png = os.path.join(outdir, "chart.png")
@@ -272,8 +308,7 @@ plot for [j=0:{n - 1}] {gp_quote(dat)} index j using 1:2 with boxes lt j+1 title
      for [j=0:{n - 1}] {gp_quote(dat)} index j using 1:3:(0):($4-$3) with vectors nohead lc rgb "black" notitle, \\
      for [j=0:{n - 1}] {gp_quote(dat)} index j using ($1-cw):3:(2*cw):(0) with vectors nohead lc rgb "black" notitle, \\
      for [j=0:{n - 1}] {gp_quote(dat)} index j using ($1-cw):4:(2*cw):(0) with vectors nohead lc rgb "black" notitle, \\
-     for [j=0:{n - 1}] {gp_quote(dat)} index j using 1:4:8 with labels offset 0,0.8 font "sans,10" notitle, \\
-     {gp_quote(dat)} index {n} using 1:2:3:(0) with vectors nohead lw 3 lc rgb "#d62728" title "goal (issue 2)"
+     for [j=0:{n - 1}] {gp_quote(dat)} index j using 1:4:8 with labels offset 0,0.8 font "sans,10" notitle{goal_plot}
 unset arrow 1
 set title "p99 latency (median; whiskers: min-max), log scale"
 set ylabel "p99 completion latency (µs)"
@@ -327,7 +362,9 @@ def main():
         host["disturbed_runs"] = sum(1 for r in runs if r.get("disturbed"))
     cases, devs, rows = summarize(meta, devices, runs)
     gl = goals(rows)
-    doc = {"host": host, "meta": meta, "devices": devices, "summary": rows, "goals": gl, "runs": runs}
+    tr = tracking(runs)
+    doc = {"host": host, "meta": meta, "devices": devices, "summary": rows, "goals": gl,
+           "tracking_cost": tr, "runs": runs}
     with open(res_path, "w") as f:
         json.dump(doc, f, indent=1)
 
@@ -354,12 +391,19 @@ def main():
     print()
     print(table(rows))
     print()
-    print("Goals (issue 2), ratio of median IOPS vs the kernel loop device:")
+    if gl:
+        print("Goals (issue 2), ratio of median IOPS vs the kernel loop device:")
     for g in gl:
         ref = f"; ublksrv reached {g['ublksrv_ref']:.2f}" if g["ublksrv_ref"] else ""
         got = "n/a" if g["ratio"] is None else f"{g['ratio']:.2f}"
         verdict = "n/a" if g["met"] is None else ("MET" if g["met"] else "NOT MET")
         print(f"  {g['device']:<10} {g['case']:<18} >= {g['goal']:.1f}: {got:>5}  {verdict}{ref}")
+    if tr:
+        print("Goal (issue 4): dirty tracking costs < 5% (1 - IOPS with tracking / without):")
+    for t in tr:
+        reps = ", ".join(f"{100 * x:+.1f}%" for x in t["cost_per_rep"])
+        print(f"  {t['mode']:<13} {t['case']}: {fmt_k(t['iops_with'])} vs {fmt_k(t['iops_without'])} IOPS, "
+              f"cost {100 * t['cost']:+.1f}% (per rep: {reps})  {t['verdict']}")
     title = (f"ublk-http vs kernel loop, qemu TCG guest, {host.get('date')} (git {host.get('git')}), "
              f"{meta.get('reps')} reps x {meta.get('runtime_s')} s, fio CPU {meta.get('fio_cpu')} / server CPU {meta.get('server_cpu')}")
     png = chart(a.dir, cases, devs, rows, title)

@@ -2,7 +2,7 @@
 # Usage: bench/run.sh [--quick] [--reps N] [--runtime S] [--ramp S] [--out DIR]
 #                     [--cases "C1 C2..."] [--devices "D1 D2..."] [--sched NAME|keep]
 #                     [--bin PATH] [--no-build] [--label TEXT] [--wait-idle MIN]
-#                     [--no-wq-pin]
+#                     [--no-wq-pin] [--suite loop|cache] [--mem MIB] [--alternate]
 #   Benchmarks ublk-http against the kernel loop driver inside the qemu TCG
 #   VM (see bench/README.md): builds the static binary (tests/build-static.sh),
 #   packs $UBLK_VM_CACHE/initramfs-bench.cpio, boots the VM once (--smp 2) and
@@ -23,6 +23,14 @@
 #     --no-wq-pin   let the kernel's unbound workqueues (the loop driver's
 #                   workers) run on any vCPU; by default they are confined to
 #                   the server vCPU, like the ublk-http server
+#     --suite cache the issue-4 suite: the kernel loop device and the cache
+#                   target in write-through and write-back mode, each with and
+#                   without dirty tracking (--devices defaults to those five,
+#                   --mem to 4096, --out to bench/results-cache; ~17 min);
+#                   the report adds what dirty tracking costs (4k randwrite)
+#                   (default suite: loop, the issue-2 devices)
+#     --mem MIB     guest memory (default 2048; 4096 for --suite cache)
+#     --alternate   every other rep runs the devices in reverse order
 #     --label TEXT  what was measured, for the report (default: the git
 #                   revision, +dirty when Sources/ has uncommitted changes)
 #   Exit status: 0 when every run produced a result, 1 otherwise.
@@ -32,13 +40,17 @@ cd "$ROOT"
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//' >&2; exit 2; }
 
 QUICK=0 REPS="" RUNTIME="" RAMP="" OUT="$ROOT/bench/results" CASES="" DEVICES="" SCHED="none" BIN="" BUILD=1 LABEL="" WAIT_IDLE=0 WQ_PIN=1
+SUITE=loop MEM="" ALTERNATE=0 OUT_SET=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) QUICK=1; shift ;;
         --reps) REPS="$2"; shift 2 ;;
         --runtime) RUNTIME="$2"; shift 2 ;;
         --ramp) RAMP="$2"; shift 2 ;;
-        --out) OUT="$2"; shift 2 ;;
+        --out) OUT="$2"; OUT_SET=1; shift 2 ;;
+        --suite) SUITE="$2"; shift 2 ;;
+        --mem) MEM="$2"; shift 2 ;;
+        --alternate) ALTERNATE=1; shift ;;
         --cases) CASES="$2"; shift 2 ;;
         --devices) DEVICES="$2"; shift 2 ;;
         --sched) SCHED="$2"; shift 2 ;;
@@ -51,6 +63,14 @@ while [[ $# -gt 0 ]]; do
         *) echo "bench/run.sh: unknown argument $1" >&2; usage ;;
     esac
 done
+case "$SUITE" in
+    loop) MEM=${MEM:-2048} ;;
+    cache) MEM=${MEM:-4096}
+           DEVICES=${DEVICES:-kloop ublk-cache-through ublk-cache-through-notrack ublk-cache-back ublk-cache-back-notrack}
+           [[ $OUT_SET == 1 ]] || OUT="$ROOT/bench/results-cache" ;;
+    *) echo "bench/run.sh: --suite is loop or cache, not '$SUITE'" >&2; exit 2 ;;
+esac
+[[ "$MEM" =~ ^[0-9]+$ && "$MEM" -ge 512 ]] || { echo "bench/run.sh: bad --mem '$MEM' (MiB, >= 512)" >&2; exit 2; }
 if [[ $QUICK == 1 ]]; then
     REPS=${REPS:-1} RUNTIME=${RUNTIME:-3} RAMP=${RAMP:-1} WARMUP=1 WAITB=45 RETRYB=4
 else
@@ -134,11 +154,12 @@ fi
 mkdir -p "$OUT"
 ncase=$(wc -w <<<"${CASES:-x x x x}") ndev=$(wc -w <<<"${DEVICES:-x x x}")
 # Plus WAITB s of waiting for a quiet host and RETRYB repeats of disturbed runs at most (guest.sh).
-TIMEOUT=$(( 300 + WAITB + (REPS * ncase * ndev + RETRYB) * (RUNTIME + RAMP + 10) ))
+# Plus a minute per device for its setup (the cache devices copy and read the image).
+TIMEOUT=$(( 300 + WAITB + 60 * ndev + (REPS * ncase * ndev + RETRYB) * (RUNTIME + RAMP + 10) ))
 HOST_BEFORE="$(cat /proc/loadavg)"
 top -b -n1 -w 200 2>/dev/null | head -n 15 > "$OUT/bench-host-top-before.txt" || true
 ENVS=(--env "BENCH_REPS=$REPS" --env "BENCH_RUNTIME=$RUNTIME" --env "BENCH_RAMP=$RAMP" --env "BENCH_SCHED=$SCHED" --env "BENCH_WARMUP=$WARMUP" --env "BENCH_WQ_PIN=$WQ_PIN"
-      --env "BENCH_WAIT_BUDGET=$WAITB" --env "BENCH_RETRY_BUDGET=$RETRYB")
+      --env "BENCH_WAIT_BUDGET=$WAITB" --env "BENCH_RETRY_BUDGET=$RETRYB" --env "BENCH_ALTERNATE=$ALTERNATE")
 [[ -n "$CASES" ]] && ENVS+=(--env "BENCH_CASES=$CASES")
 [[ -n "$DEVICES" ]] && ENVS+=(--env "BENCH_DEVICES=$DEVICES")
 blog "booting the VM: $REPS rep(s) x ${CASES:-4 cases} x ${DEVICES:-3 devices}, ${RUNTIME}s + ${RAMP}s ramp per run (timeout ${TIMEOUT}s); host load $HOST_BEFORE"
@@ -157,7 +178,7 @@ for attempt in 1 2 3; do
     # the guest on a second serial port (its /dev/ttyS1, a unix socket here).
     rm -f "$SOCK"
     UBLK_VM_QEMU_ARGS="${UBLK_VM_QEMU_ARGS:-} -chardev socket,id=hostmon,path=$SOCK,server=on,wait=off -device isa-serial,chardev=hostmon" \
-    vm/run.sh --initrd "$INITRD" --mem 2048 --smp 2 --timeout "$TIMEOUT" --log "$OUT/bench-console.log" \
+    vm/run.sh --initrd "$INITRD" --mem "$MEM" --smp 2 --timeout "$TIMEOUT" --log "$OUT/bench-console.log" \
         "${ENVS[@]}" --env BENCH_HOSTCHAN=/dev/ttyS1 bench/guest.sh \
         | "$PY" "$ROOT/bench/hostmon.py" --root $$ --out "$OUT/bench-hostmon.json" --chan "$SOCK"
     VRC=${PIPESTATUS[0]}
