@@ -244,22 +244,48 @@ cold_nbd() {
     fi
     nbd_down "$NBD_COLD" "$pid"
 }
-curl_download() { # REP
-    local rep=$1 o
-    start_mark cold-seq curl "$rep"
+# curl_download REP [DEVICE OUTPUT]: the whole object with curl, pinned like a
+# server: to /dev/null ("curl", the limit of the transfer alone), or to a file
+# on the cache's filesystem ("curl-file": download first, what the http target
+# replaces; the transfer plus storing it).
+curl_download() {
+    local rep=$1 dev=${2:-curl} dst=${3:-/dev/null} o
+    start_mark cold-seq "$dev" "$rep"
     snap A ""
-    o=$(taskset -c "$SRV_CPU" timeout 120 curl -s -S -o /dev/null -w '%{size_download} %{time_total} %{http_code}' "$URL" 2>&1)
+    o=$(taskset -c "$SRV_CPU" timeout 120 curl -s -S -o "$dst" -w '%{size_download} %{time_total} %{http_code}' "$URL" 2>&1)
     local rc=$?
     snap B ""
+    [[ $dst == /dev/null ]] || rm -f "$dst"
     local size t code
     read -r size t code <<<"$o"
-    if [[ $rc -ne 0 || $code != 200 || $size != "$IMG_BYTES" ]]; then err cold-seq curl "$rep" "curl: rc $rc: $o"; return; fi
+    if [[ $rc -ne 0 || $code != 200 || $size != "$IMG_BYTES" ]]; then err cold-seq "$dev" "$rep" "curl: rc $rc: $o"; return; fi
     local res
-    res=$(jq -cn --argjson r "$rep" --argjson size "$size" --argjson t "$t" --argjson cpu "$(cpu_json)" \
-        '{case: "cold-seq", device: "curl", rep: $r, metric: "MiB/s", value: ($size / 1048576 / $t), mib_s: ($size / 1048576 / $t),
+    res=$(jq -cn --argjson r "$rep" --arg d "$dev" --argjson size "$size" --argjson t "$t" --argjson cpu "$(cpu_json)" \
+        '{case: "cold-seq", device: $d, rep: $r, metric: "MiB/s", value: ($size / 1048576 / $t), mib_s: ($size / 1048576 / $t),
           bytes: $size, runtime_s: $t, cpu: $cpu}')
     emit "$res"
-    jq -r '"[http-bench] rep \(.rep) cold-seq curl: \(.value * 10 | floor / 10) MiB/s (\(.runtime_s) s); cpu0 \(.cpu.cpu0_busy_pct)% cpu1 \(.cpu.cpu1_busy_pct)%"' <<<"$res"
+    jq -r '"[http-bench] rep \(.rep) cold-seq \(.device): \(.value * 10 | floor / 10) MiB/s (\(.runtime_s) s); cpu0 \(.cpu.cpu0_busy_pct)% cpu1 \(.cpu.cpu1_busy_pct)%"' <<<"$res"
+}
+# store_only REP: writing the image's size into a file on the cache's
+# filesystem with no network at all (dd from /dev/zero, 1 MiB writes), pinned
+# like a server: what storing the bytes alone costs in this VM ("store").
+store_only() {
+    local rep=$1 f=$CDIR/store.tmp
+    start_mark cold-seq store "$rep"
+    snap A ""
+    local t0=$EPOCHREALTIME
+    if ! taskset -c "$SRV_CPU" dd if=/dev/zero of="$f" bs=1M count="$IMG_MB" status=none; then
+        rm -f "$f"; err cold-seq store "$rep" "dd failed"; return
+    fi
+    local t1=$EPOCHREALTIME
+    snap B ""
+    rm -f "$f"
+    local res
+    res=$(jq -cn --argjson r "$rep" --argjson size "$IMG_BYTES" --argjson us "$(( ${t1/./} - ${t0/./} ))" --argjson cpu "$(cpu_json)" \
+        '($us / 1e6) as $t | {case: "cold-seq", device: "store", rep: $r, metric: "MiB/s", value: ($size / 1048576 / $t),
+          mib_s: ($size / 1048576 / $t), bytes: $size, runtime_s: $t, cpu: $cpu}')
+    emit "$res"
+    jq -r '"[http-bench] rep \(.rep) cold-seq store: \(.value * 10 | floor / 10) MiB/s (\(.runtime_s) s)"' <<<"$res"
 }
 
 case_cold_seq() {
@@ -267,6 +293,8 @@ case_cold_seq() {
     cold_ublk cold-seq "$rep" "${SEQ_ARGS[@]}"
     [[ $NBD == 1 ]] && cold_nbd cold-seq "$rep" "${SEQ_ARGS[@]}"
     curl_download "$rep"
+    curl_download "$rep" curl-file "$CDIR/download.img"
+    store_only "$rep"
 }
 case_cold_rand4k() {
     local rep=$1

@@ -176,7 +176,7 @@ if os.path.exists(mon_path):
                 r["disturbed"] = r["host_other_cpu_pct"] > DISTURBED or r["host_other_qemu"] > 0
 
 CASES = [  # case, unit, baseline, devices (baseline last), nbdkit device
-    ("cold-seq", "MiB/s", "curl", ["ublk-http", "nbdkit-curl", "curl"], "nbdkit-curl"),
+    ("cold-seq", "MiB/s", "curl", ["ublk-http", "nbdkit-curl", "curl-file", "store", "curl"], "nbdkit-curl"),
     ("cold-rand4k", "IOPS", "nbdkit-curl", ["ublk-http", "nbdkit-curl"], "nbdkit-curl"),
     ("warm-rand4k", "IOPS", "kloop", ["ublk-http", "nbdkit-cache", "kloop"], "nbdkit-cache"),
     ("warm-seq1m", "MiB/s", "kloop", ["ublk-http", "nbdkit-cache", "kloop"], "nbdkit-cache"),
@@ -285,7 +285,7 @@ for c, unit, base, devs, nbd in CASES:
         if d == nbd:
             rn = "1.00"
         busy = f"{s['cpu0_busy_pct'] or 0:.0f}% / {s['cpu1_busy_pct'] or 0:.0f}%"
-        srv = "-" if d in ("kloop", "curl") else f"{s['server_user_pct'] or 0:.0f}% / {s['server_sys_pct'] or 0:.0f}%"
+        srv = "-" if d in ("kloop", "curl", "curl-file", "store") else f"{s['server_user_pct'] or 0:.0f}% / {s['server_sys_pct'] or 0:.0f}%"
         used = f"{s['runs']}/{s['runs_total']}" + (f" ({s['disturbed_runs']} disturbed)" if s["disturbed_runs"] else "")
         rows.append([c, d, f"{fmt(s['median'], unit)} {unit}",
                      f"{fmt(s['min'], unit)}–{fmt(s['max'], unit)} ({100 * (s['rel_spread'] or 0):.0f}%)",
@@ -306,7 +306,7 @@ json.dump(res, open(os.path.join(out_dir, "http-results.json"), "w"), indent=1)
 # ---- chart: medians relative to each case's baseline, min–max whiskers, goals -----------
 chart = os.path.join(out_dir, "http-chart.png")
 if shutil.which("gnuplot"):
-    colors = {"ublk-http": "#1f77b4", "nbdkit-curl": "#ff7f0e", "nbdkit-cache": "#ff7f0e", "curl": "#7f7f7f", "kloop": "#7f7f7f"}
+    colors = {"ublk-http": "#1f77b4", "nbdkit-curl": "#ff7f0e", "nbdkit-cache": "#ff7f0e", "curl": "#7f7f7f", "curl-file": "#bbbbbb", "store": "#dddddd", "kloop": "#7f7f7f"}
     import math
     dat, x, xt, groups, goal_lines, ymax, ymin = [], 0, [], [], [], 1.0, 1.0
     for c, unit, base, devs, nbd in CASES:
@@ -398,6 +398,10 @@ for x in goals:
     st = "n/a" if x["met"] is None else ("MET" if x["met"] else "NOT MET")
     v = "-" if x["value"] is None else (f"{x['value']:.2f}" if isinstance(x["value"], float) else str(x["value"]))
     print(f"  {st:7} {x['goal']}: {v} (goal {x['target']}; {x['note']})")
+u, cf, so = (summary.get(("cold-seq", d), {}).get("median") for d in ("ublk-http", "curl-file", "store"))
+if u and cf:
+    print(f"context: cold sequential ublk-http / curl downloading to a file on the cache's filesystem = {u / cf:.2f}x"
+          + (f"; storing {image_mib} MiB alone (dd from /dev/zero, no network) runs at {so:.1f} MiB/s" if so else ""))
 for e in errors:
     print(f"setup error: {e.get('error')}")
 nfail = sum(len(s["failed"]) for s in summary.values()) + sum(1 for r in runs if r["case"] == "reqcount" and "error" in r)
