@@ -8,25 +8,30 @@ struct Add: ParsableCommand {
         abstract: "Create a ublk block device served by this program.",
         discussion: """
             Targets:
-              null   reads zeros, accepts and drops writes.   --size (default 250G)
-              loop   a file or block device.                   -f FILE [--buffered]
-              cache  a slow file or block device cached on fast storage, page by page.
-                     --backing PATH --cache FILE --bitmap FILE [--write-mode through|back]
-              http   a disk image on an HTTP(S) server or in S3, read-only, fetched
-                     on demand into a persistent page cache.   --url URL [--cache FILE
-                     --bitmap FILE] [--header 'K: V']... [--user NAME --password-file F]
-                     [--cacert FILE | --insecure] [--timeout S] [--connections N]
-                     [--readahead SIZE] [--page-size 4096] [--s3-endpoint URL --region R]
+              null   reads zeros, accepts and drops writes.  --size (default 250G)
+              loop   a file or block device.                  -f FILE [--buffered]
+              cache  a slow file or block device cached on fast storage, page
+                     by page.  --backing PATH --cache FILE --bitmap FILE
+                     [--write-mode through|back] [--no-dirty-tracking]
+              http   a disk image on an HTTP(S) server or in S3, fetched on
+                     demand into a persistent page cache; read-only unless
+                     --writable.  --url URL [--cache FILE --bitmap FILE]
+                     [--header 'K: V']... [--user NAME --password-file F]
+                     [--cacert FILE | --insecure] [--timeout S]
+                     [--connections N] [--readahead SIZE] [--page-size 4096]
+                     [--s3-endpoint URL --region R]
 
-            http: the cache and bitmap default to /var/cache/ublk-http/NAME-HASH.{cache,bitmap},
-            keyed by the URL; the next `add` of the same URL reuses what was fetched, unless
-            the remote changed (ETag, Last-Modified, size): then the cache starts afresh.
-            S3 credentials come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
-            AWS_SESSION_TOKEN, or ~/.aws/credentials.
+            http: the cache and bitmap default to
+            /var/cache/ublk-http/NAME-HASH.{cache,bitmap}, keyed by the URL;
+            the next `add` of the same URL reuses what was fetched, unless the
+            remote changed (ETag, Last-Modified, size): then the cache starts
+            afresh. S3 credentials come from AWS_ACCESS_KEY_ID,
+            AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN, or ~/.aws/credentials.
 
-            Prints one JSON object (dev_id, block_device, char_device, pid, target, ...)
-            once /dev/ublkbN is live. Without --foreground the server detaches and runs
-            until `ublk-http del -n ID`, SIGTERM or SIGINT.
+            Prints one JSON object (dev_id, block_device, char_device, pid,
+            target, ...) once /dev/ublkbN is live. Without --foreground the
+            server detaches and runs until `ublk-http del -n ID`, SIGTERM or
+            SIGINT.
             """)
 
     @Option(name: [.short, .customLong("type")], help: "Target type: null, loop, http or cache.")

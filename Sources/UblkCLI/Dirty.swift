@@ -36,9 +36,10 @@ struct Dirty: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "List the pages written since the last clear, as merged extents (JSON).",
         discussion: """
-            Output: {"extents":[{"offset":…,"length":…}], "pages":…, "bytes":…, "page_size":…}.
-            --clear empties the list (atomically: a page written after it is listed again).
-            Works on a live writable device (-n) or on a stopped one's files (--dirty-bitmap).
+            Output: {"extents":[{"offset":…,"length":…}], "pages":…, "bytes":…,
+            "page_size":…}. --clear empties the list (atomically: a page written
+            after it is listed again). Works on a live writable device (-n) or
+            on a stopped one's files (--dirty-bitmap).
             """)
 
     @OptionGroup var source: DirtySource
@@ -72,12 +73,14 @@ struct Sync: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Copy exactly the dirty extents into a replica image, then clear them.",
         discussion: """
-            Live device (-n): the dirty pages are taken from the server (and cleared there at
-            once), read from /dev/ublkbN and written to REPLICA, which is then fdatasync'ed;
-            only then is the clear made durable. A page written during the copy stays dirty;
-            if the copy fails, every taken page is dirty again.
-            Stopped device: --dirty-bitmap FILE --cache FILE copies from the cache file.
-            The replica is created (0600) or grown to the device size when needed.
+            Live device (-n): the dirty pages are taken from the server (and
+            cleared there at once), read from /dev/ublkbN and written to
+            REPLICA, which is then fdatasync'ed; only then is the clear made
+            durable. A page written during the copy stays dirty; if the copy
+            fails, every taken page is dirty again.
+            Stopped device: --dirty-bitmap FILE --cache FILE copies from the
+            cache file. The replica is created (0600) or grown to the device
+            size when needed.
             """)
 
     @OptionGroup var source: DirtySource

@@ -12,12 +12,13 @@ public struct UblkHTTP: ParsableCommand {
             Examples:
               ublk-http add -t null --size 1G          a 1 GiB device that reads zeros
               ublk-http add -t loop -f disk.img        disk.img as /dev/ublkbN
-              ublk-http add -t http --url URL          a remote disk image, fetched on demand
+              ublk-http add -t http --url URL          a remote image, fetched on demand
               ublk-http stats -n 0                     cache statistics (Prometheus text)
               ublk-http list                           devices, as JSON
               ublk-http del -n 0                       stop and remove /dev/ublkb0
               ublk-http recover -n 0                   a new server for a --recovery device
-              ublk-http add -t cache --backing /dev/sdb --cache /nvme/c --bitmap /nvme/b --write-mode back
+              ublk-http add -t cache --backing /dev/sdb --cache /nvme/c --bitmap /nvme/b \\
+                  --write-mode back                    /dev/sdb cached on flash
               ublk-http flush -n 0                     write every cached write back
               ublk-http dirty -n 0                     pages written since the last clear
               ublk-http sync -n 0 --to replica.img     copy just those to a replica
