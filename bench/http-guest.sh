@@ -141,11 +141,19 @@ ublk_add() {
 ublk_del() { timeout 60 "$UBLK" del -n "$1" >/dev/null 2>&1 || log "del -n $1 failed"; }
 # ublk_stats ID: the server's statistics (published once a second) as JSON.
 ublk_stats() { sleep 1.2; timeout 10 "$UBLK" stats -n "$1" --json 2>/dev/null || echo '{}'; }
-# rss_json PID: memory of the server from /proc/PID/status, in KiB.
+# rss_json PID: memory of the server from /proc/PID/status, in KiB, plus
+# CacheMapRss: the resident part of its mapping of the cache file (under
+# $CDIR; user-copy mode maps the cache file when it is on tmpfs). Those pages
+# are the cache itself, in memory whether mapped or not, and count in VmRSS
+# (as RssShmem) only because they are mapped: VmRSS - CacheMapRss is what
+# the server itself holds.
 rss_json() {
     [[ -r /proc/$1/status ]] || { echo '{}'; return; }
-    awk '/^(VmRSS|VmHWM|RssAnon|RssFile|RssShmem|VmSize|Threads):/ { sub(":", "", $1); printf "%s\"%s\":%d", (n++ ? "," : "{"), $1, $2 }
-         END { print (n ? "}" : "{}") }' "/proc/$1/status"
+    local map
+    map=$(awk -v dir="$CDIR/" '/^[0-9a-f]+-[0-9a-f]+ / { inmap = index($0, dir) > 0; next }
+                              inmap && /^Rss:/ { n += $2 } END { print n + 0 }' "/proc/$1/smaps" 2>/dev/null)
+    awk -v map="${map:-0}" '/^(VmRSS|VmHWM|RssAnon|RssFile|RssShmem|VmSize|Threads):/ { sub(":", "", $1); printf "%s\"%s\":%d", (n++ ? "," : "{"), $1, $2 }
+         END { printf "%s\"CacheMapRss\":%d}\n", (n ? "," : "{"), map }' "/proc/$1/status"
 }
 threads_cpus() { # PID: the CPUs the threads of PID may run on
     local t
@@ -226,7 +234,7 @@ cold_ublk() {
     record "$c" ublk-http "$rep" "$([[ $c == cold-seq ]] && echo MiB/s || echo IOPS)" "$out" \
         "$(jq -cn --argjson rss "$rss" --argjson st "$stats" --arg cpus "$(threads_cpus "$U_PID")" \
             '{rss_kb: $rss, stats: $st, server_threads_cpus: $cpus}')"
-    [[ $c == cold-seq ]] && log "  server RSS: $(jq -r '"VmRSS \(.VmRSS) KiB, VmHWM \(.VmHWM) KiB (anon \(.RssAnon), file \(.RssFile), shmem \(.RssShmem))"' <<<"$rss"); stats: $stats"
+    [[ $c == cold-seq ]] && log "  server RSS: $(jq -r '"VmRSS \(.VmRSS) KiB, VmHWM \(.VmHWM) KiB (anon \(.RssAnon), file \(.RssFile), shmem \(.RssShmem)), of which the mapped cache file \(.CacheMapRss)"' <<<"$rss"); stats: $stats"
     ublk_del "$U_ID"
     rm -f "$CDIR"/cold.*
 }

@@ -245,6 +245,10 @@ rss_runs = [r.get("rss_kb") for r in runs if r["case"] == "cold-seq" and r["devi
 image_mib = meta.get("image_mib", 256)
 bitmap_kib = image_mib * 1024 / 4 / 8 / 1024         # one bit per 4 KiB page
 rss_limit_kib = 64 * 1024 + bitmap_kib
+# With the cache file on tmpfs the server maps it (user-copy mode): its pages
+# are the cache, in memory whether mapped or not, but count in VmRSS once
+# mapped. The server's own memory is VmRSS less that mapping's resident part.
+own_rss = max(x.get("VmRSS", 0) - x.get("CacheMapRss", 0) for x in rss_runs) if rss_runs else None
 
 def g(name, got, want, cmp, note):
     met = None if got is None else (got >= want if cmp == ">=" else got <= want if cmp == "<=" else got < want)
@@ -258,10 +262,11 @@ goals = [
     g("warm 1 MiB sequential QD8 vs kernel loop", ratio("warm-seq1m", "ublk-http"), 0.8, ">=", "median MiB/s ratio"),
     g(f"Range requests for a cold {reqcount['read_mib'] or 64} MiB sequential read",
       max(reqcount["values"]) if reqcount["values"] else None, reqcount["goal_max"] or 20, "<=", "worst rep"),
-    g("server RSS after the cold sequential read (VmHWM, KiB)",
-      max(x.get("VmHWM", 0) for x in rss_runs) if rss_runs else None, rss_limit_kib, "<",
-      f"64 MiB + the {bitmap_kib:g} KiB bitmap; worst rep; VmRSS max "
-      f"{max(x.get('VmRSS', 0) for x in rss_runs) if rss_runs else '-'} KiB"),
+    g("server RSS after the cold sequential read, without its mapping of the cache file (VmRSS - CacheMapRss, KiB)",
+      own_rss, rss_limit_kib, "<",
+      f"64 MiB + the {bitmap_kib:g} KiB bitmap; worst rep; with the mapped cache file: VmRSS max "
+      f"{max(x.get('VmRSS', 0) for x in rss_runs) if rss_runs else '-'} KiB, VmHWM max "
+      f"{max(x.get('VmHWM', 0) for x in rss_runs) if rss_runs else '-'} KiB"),
 ]
 
 def fmt(v, unit):
@@ -337,7 +342,7 @@ if shutil.which("gnuplot"):
     yhi = 10 ** math.ceil(math.log10(max(ymax, 2.0) * 2.5))
     rq = reqcount["values"]
     sub = (f"cold {reqcount['read_mib'] or 64} MiB sequential read: {max(rq) if rq else '-'} Range requests (goal <= {reqcount['goal_max'] or 20}); "
-           "server VmHWM after the cold sequential read " + (f"{max(x.get('VmHWM', 0) for x in rss_runs) / 1024:.1f} MiB" if rss_runs else "-") + " (goal < 64 MiB + bitmap)")
+           "server RSS after the cold sequential read " + (f"{own_rss / 1024:.1f} MiB" if rss_runs else "-") + " without the mapped cache file (goal < 64 MiB + bitmap)")
     title = (f"ublk-http http target, qemu TCG, {meta.get('reps', '?')} rep(s): medians relative to each case's baseline, min–max whiskers; "
              f"{host.get('date', '')} {host.get('label', '')}")
     gp = [
@@ -389,7 +394,8 @@ if cs_st:
     print(f"cold-seq ublk-http server stats (median): {cs_st}")
 if rss_runs:
     print("cold-seq ublk-http RSS per rep (KiB): " + "; ".join(
-        f"VmRSS {x.get('VmRSS')} VmHWM {x.get('VmHWM')} (anon {x.get('RssAnon')}, file {x.get('RssFile')}, shmem {x.get('RssShmem')})" for x in rss_runs))
+        f"VmRSS {x.get('VmRSS')} VmHWM {x.get('VmHWM')} (anon {x.get('RssAnon')}, file {x.get('RssFile')}, shmem {x.get('RssShmem')}; "
+        f"mapped cache file {x.get('CacheMapRss', '?')})" for x in rss_runs))
 if reqcount["values"]:
     print(f"reqcount per rep: {reqcount['values']} (when dd ended: {reqcount['at_dd_end']}), bytes fetched {reqcount['bytes_fetched']}")
 print()
