@@ -13,7 +13,7 @@
 #   DIR/http-monitor.json (host disturbance), DIR/http-results.json,
 #   DIR/http-chart.png and prints the table and the goals.
 #     --quick          1 rep, 3 s timed runs (ramp 1 s): a smoke test, ~4 min + build
-#                      (the full run: 3 reps, 10 s runs, ~12 min + build)
+#                      (the full run: 3 reps, 10 s runs, ~16 min + build)
 #     --reps N         interleaved repetitions (default 3)
 #     --runtime S      seconds of each cold 4k random run (default 10)
 #     --warm-runtime S seconds of each warm run (default 10, after a 2 s ramp)
