@@ -16,9 +16,11 @@
 // bitmap does not claim (fetched again), never the reverse.
 //
 // Writable (`writable`): the cache file becomes a persistent local overlay. A
-// WRITE, DISCARD or WRITE_ZEROES first makes every page it touches present
-// (fetching what is missing, so partial pages are merged correctly and no
-// fetch still in flight can land on top of it), then writes (or punches) the
+// WRITE, DISCARD or WRITE_ZEROES first makes every page it covers only in part
+// present (fetching what is missing, so partial pages are merged correctly) and
+// waits for fetches in flight on its pages (so none lands on top of it); the
+// missing pages it covers whole it claims instead (FetchPlanner.claimForWrite:
+// no fetch, reads of them wait for the write). Then it writes (or punches) the
 // cache file and marks the pages present and dirty. The remote object is
 // never modified. A FLUSH (and a FUA write) completes only after a sync
 // cycle: stage both bitmaps, fdatasync the cache file, persist them. So a
