@@ -78,7 +78,18 @@ if add -t http $OPTS; then
     if add -t http $OPTS; then
         check "the flushed write is there" bash -c "cmp <(dd if=$DEV_B bs=512 skip=800 count=12 iflag=direct 2>/dev/null) /tmp/p2"
         check "and listed dirty" bash -c "$UBLK dirty -n $DEV_ID | jq -e '.extents | map(select(.offset <= 409600 and .offset + .length >= 415744)) | length == 1'"
-        del $DEV_ID >/dev/null
+        section "an unflushed write's dirty bit is persisted within seconds (no FLUSH)"
+        check "page 2 is clean before" bash -c "$UBLK dirty -n $DEV_ID | jq -e '.extents | map(select(.offset <= 8192 and .offset + .length >= 12288)) | length == 0'"
+        check "rewrite a present, clean page" dd if=/tmp/p1 of=$DEV_B bs=4096 seek=2 oflag=direct
+        sleep 2.5
+        kill -9 $DEV_PID; wait_for 10 dead $DEV_PID
+        del $DEV_ID >/dev/null 2>&1
+        if add -t http $OPTS; then
+            check "listed dirty after kill -9" bash -c "$UBLK dirty -n $DEV_ID | jq -e '.extents | map(select(.offset <= 8192 and .offset + .length >= 12288)) | length == 1'"
+            del $DEV_ID >/dev/null
+        else
+            fail "add after the second kill -9" "$DEV_JSON"
+        fi
     else
         fail "add after kill -9" "$DEV_JSON"
     fi

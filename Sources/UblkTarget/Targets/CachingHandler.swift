@@ -575,11 +575,27 @@ final class CachingHandler: QueueHandler {
         }
     }
 
-    /// A sync cycle: stage both bitmaps, fdatasync the cache file through the
-    /// ring, then persist them and complete the FLUSHes that were waiting.
+    /// A sync cycle: stage the bitmaps, fdatasync the cache file through the
+    /// ring, then persist them and complete the FLUSHes that were waiting
+    /// (dirty bits alone, with no FLUSH waiting, are persisted at once).
     /// One at a time, so commits are persisted in the order they were staged.
     func startCycle(_ queue: Queue) {
         guard cycle == nil else { return }
+        // Only dirty bits changed, and no FLUSH waits: those go out without an
+        // fdatasync of the cache file first. A dirty bit on disk before its data
+        // lists a page whose write a crash lost (it costs a copy in `sync`, never
+        // wrong data), and a FLUSH still takes the full cycle. Without this, dirty
+        // tracking forced the cache file's writeback every second.
+        if flushWaiters.isEmpty && evicting.isEmpty && !bitmap.bits.hasDirty
+            && !(context.writeback?.bits.hasDirty ?? false), let d = dirty, d.bits.hasDirty {
+            lastPersist = monotonicNanos()
+            let staged = d.stage()
+            do { try d.persist(staged) } catch {
+                log("ublk-http: cannot persist the dirty bitmap: \(error)")
+                d.abandon(staged)
+            }
+            return
+        }
         punchAfterCycle = evicting
         evicting = []
         cycle = (bitmap.stage(), dirty?.stage(), context.writeback?.stage(), flushWaiters)
