@@ -17,6 +17,11 @@
 #   BENCH_DEVICES   (default: kloop ublk-loop ublk-null; the cache suite of
 #                   issue 4: kloop ublk-cache-through ublk-cache-through-notrack
 #                   ublk-cache-back ublk-cache-back-notrack)
+#   BENCH_FLASH (tmpfs)  where the flash side lives for the cache suite: tmpfs,
+#                   or ext4: an ext4 file system on a brd RAM disk, for kloop's
+#                   file and the cache files (the cache target then uses its
+#                   io_uring path, as on a real flash disk, not its in-memory
+#                   mapping)
 #   BENCH_ALTERNATE (0)  1: every other rep runs the devices in reverse order,
 #                   so that no device always follows the same one
 #   BENCH_SCHED     I/O scheduler forced on every device ("none" by default;
@@ -67,6 +72,8 @@ IMG_MB=256
 ALL_CASES=(randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd32 seqread-1m-qd8)
 ALL_DEVICES=(kloop ublk-loop ublk-null ublk-cache-through ublk-cache-through-notrack ublk-cache-back ublk-cache-back-notrack)
 ALTERNATE=${BENCH_ALTERNATE:-0}
+FLASH=${BENCH_FLASH:-tmpfs}
+FLASH_DIR=/tmp
 read -r -a CASES <<<"${BENCH_CASES:-${ALL_CASES[*]}}"
 read -r -a DEVICES <<<"${BENCH_DEVICES:-${ALL_DEVICES[*]}}"
 
@@ -92,15 +99,33 @@ fill_image() {
     log "filled $IMG ($IMG_MB MiB of random data, $((SECONDS - t0)) s)"
 }
 
+# flash_setup: with BENCH_FLASH=ext4, an ext4 file system on a RAM disk
+# (brd) at /mnt/flash, big enough for kloop's file and four caches.
+flash_setup() {
+    [[ $FLASH == ext4 ]] || return 0
+    FLASH_DIR=/mnt/flash
+    grep -q " /mnt/flash " /proc/mounts && return 0
+    kmod-load brd rd_nr=1 rd_size=$(( (IMG_MB * 5 + 256) * 1024 )) || die "cannot load brd"
+    mkdir -p /mnt/flash
+    mkfs.ext4 -q -F /dev/ram0 && mount -t ext4 /dev/ram0 /mnt/flash || die "cannot make ext4 on /dev/ram0"
+    log "flash side: ext4 on /dev/ram0 ($(( IMG_MB * 5 + 256 )) MiB) at /mnt/flash"
+}
+
 # (a) the kernel loop driver with direct I/O: the baseline.
 dev_kloop_setup() {
     fill_image
+    flash_setup
+    local file=$IMG
+    if [[ $FLASH == ext4 ]]; then
+        file=$FLASH_DIR/bench.img
+        cp "$IMG" "$file" || die "cannot copy $IMG to $file"
+    fi
     kmod-load loop || die "cannot load the loop module"
-    DEV_PATH=$("$LOSETUP" --direct-io=on -f --show "$IMG") || die "losetup failed"
+    DEV_PATH=$("$LOSETUP" --direct-io=on -f --show "$file") || die "losetup failed"
     local dio
     dio=$(cat "/sys/block/$(basename "$DEV_PATH")/loop/dio" 2>/dev/null || echo "?")
     DEV_PID=""
-    DEV_NOTE="kernel loop, losetup --direct-io=on, dio=$dio"
+    DEV_NOTE="kernel loop, losetup --direct-io=on, dio=$dio, file on $FLASH"
     DEV_EXTRA="{\"dio\":\"$dio\"}"
 }
 dev_kloop_teardown() { "$LOSETUP" -d "$DEV_PATH"; }
@@ -149,17 +174,18 @@ dev_ublk_null_teardown() { timeout 60 "$UBLK" del -n "$DEV_ID"; }
 cache_setup() {
     local name=$1 mode=$2 track=$3 t0=$SECONDS
     fill_image
-    local dir=/tmp/$name
-    rm -rf "$dir" && mkdir -p "$dir"
+    flash_setup
+    local dir=/tmp/$name cdir=$FLASH_DIR/$name-cache
+    rm -rf "$dir" "$cdir" && mkdir -p "$dir" "$cdir"
     cp "$IMG" "$dir/backing.img" || die "cannot copy $IMG (is the guest's memory big enough? run.sh --mem)"
-    local args=(-t cache --backing "$dir/backing.img" --cache "$dir/cache" --bitmap "$dir/bitmap" --write-mode "$mode")
+    local args=(-t cache --backing "$dir/backing.img" --cache "$cdir/cache" --bitmap "$cdir/bitmap" --write-mode "$mode")
     [[ $track == 1 ]] || args+=(--no-dirty-tracking)
     ublk_add "${args[@]}" || die "ublk-http add ${args[*]} failed: $UBLK_ERR"
     taskset -c "$FIO_CPU" dd if="$DEV_PATH" of=/dev/null bs=1M iflag=direct status=none || die "cannot read $DEV_PATH"
-    DEV_NOTE="ublk-http cache, write-$mode, dirty tracking $([[ $track == 1 ]] && echo on || echo off), cache filled ($((SECONDS - t0)) s)"
+    DEV_NOTE="ublk-http cache, write-$mode, dirty tracking $([[ $track == 1 ]] && echo on || echo off), cache on $FLASH, filled ($((SECONDS - t0)) s)"
     DEV_EXTRA=$("$UBLK" list -n "$DEV_ID" | jq -c '.[0].target_options // {}')
 }
-cache_teardown() { timeout 60 "$UBLK" del -n "$DEV_ID"; rm -rf "/tmp/$1"; }
+cache_teardown() { timeout 60 "$UBLK" del -n "$DEV_ID"; rm -rf "/tmp/$1" "$FLASH_DIR/$1-cache"; }
 # A write-back device's dirty pages are written back after each run.
 cache_flush() {
     local t0=$EPOCHREALTIME
@@ -346,8 +372,8 @@ WIN_LEN=$(awk -v t="$RUNTIME" 'BEGIN { w = t - 1.5; if (w < 0.5) w = 0.5; print 
 jq -cn --arg kernel "$(uname -r)" --arg fio "$(fio --version)" --argjson reps "$REPS" --argjson runtime "$RUNTIME" \
     --argjson ramp "$RAMP" --argjson warmup "$WARMUP" --arg wqmask "$WQ_CPUMASK" --arg sched "$SCHED" --argjson fio_cpu "$FIO_CPU" --argjson server_cpu "$SERVER_CPU" \
     --argjson ncpu "$(nproc --all)" --argjson mem_mb "$(awk '/MemTotal/ { print int($2 / 1024) }' /proc/meminfo)" \
-    --argjson image_mb "$IMG_MB" --arg cases "${CASES[*]}" --arg devices "${DEVICES[*]}" --argjson alternate "$ALTERNATE" \
-    '{alternate: ($alternate == 1), kernel: $kernel, fio: $fio, reps: $reps, runtime_s: $runtime, ramp_s: $ramp, warmup_s: $warmup, unbound_wq_cpumask: $wqmask, scheduler: $sched,
+    --argjson image_mb "$IMG_MB" --arg cases "${CASES[*]}" --arg devices "${DEVICES[*]}" --argjson alternate "$ALTERNATE" --arg flash "$FLASH" \
+    '{alternate: ($alternate == 1), flash: $flash, kernel: $kernel, fio: $fio, reps: $reps, runtime_s: $runtime, ramp_s: $ramp, warmup_s: $warmup, unbound_wq_cpumask: $wqmask, scheduler: $sched,
       fio_cpu: $fio_cpu, server_cpu: $server_cpu, guest_cpus: $ncpu, guest_mem_mb: $mem_mb, image_mb: $image_mb,
       cases: ($cases | split(" ")), devices: ($devices | split(" "))}' | sed 's/^/@@META /; s/$/@@/'
 

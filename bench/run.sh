@@ -3,6 +3,7 @@
 #                     [--cases "C1 C2..."] [--devices "D1 D2..."] [--sched NAME|keep]
 #                     [--bin PATH] [--no-build] [--label TEXT] [--wait-idle MIN]
 #                     [--no-wq-pin] [--suite loop|cache] [--mem MIB] [--alternate]
+#                     [--flash tmpfs|ext4]
 #   Benchmarks ublk-http against the kernel loop driver inside the qemu TCG
 #   VM (see bench/README.md): builds the static binary (tests/build-static.sh),
 #   packs $UBLK_VM_CACHE/initramfs-bench.cpio, boots the VM once (--smp 2) and
@@ -29,7 +30,12 @@
 #                   --mem to 4096, --out to bench/results-cache; ~17 min);
 #                   the report adds what dirty tracking costs (4k randwrite)
 #                   (default suite: loop, the issue-2 devices)
-#     --mem MIB     guest memory (default 2048; 4096 for --suite cache)
+#     --mem MIB     guest memory (default 2048; 4096 for --suite cache,
+#                   6144 with --flash ext4)
+#     --flash ext4  cache suite: kloop's file and the cache files on ext4 on a
+#                   RAM disk (brd) instead of tmpfs, so the cache target runs
+#                   its io_uring path as on a flash disk (--out default
+#                   bench/results-cache-ext4)
 #     --alternate   every other rep runs the devices in reverse order
 #     --label TEXT  what was measured, for the report (default: the git
 #                   revision, +dirty when Sources/ has uncommitted changes)
@@ -40,7 +46,7 @@ cd "$ROOT"
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//' >&2; exit 2; }
 
 QUICK=0 REPS="" RUNTIME="" RAMP="" OUT="$ROOT/bench/results" CASES="" DEVICES="" SCHED="none" BIN="" BUILD=1 LABEL="" WAIT_IDLE=0 WQ_PIN=1
-SUITE=loop MEM="" ALTERNATE=0 OUT_SET=0
+SUITE=loop MEM="" ALTERNATE=0 OUT_SET=0 FLASH=tmpfs
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) QUICK=1; shift ;;
@@ -51,6 +57,7 @@ while [[ $# -gt 0 ]]; do
         --suite) SUITE="$2"; shift 2 ;;
         --mem) MEM="$2"; shift 2 ;;
         --alternate) ALTERNATE=1; shift ;;
+        --flash) FLASH="$2"; shift 2 ;;
         --cases) CASES="$2"; shift 2 ;;
         --devices) DEVICES="$2"; shift 2 ;;
         --sched) SCHED="$2"; shift 2 ;;
@@ -65,11 +72,13 @@ while [[ $# -gt 0 ]]; do
 done
 case "$SUITE" in
     loop) MEM=${MEM:-2048} ;;
-    cache) MEM=${MEM:-4096}
+    cache) if [[ $FLASH == ext4 ]]; then MEM=${MEM:-6144}; else MEM=${MEM:-4096}; fi
            DEVICES=${DEVICES:-kloop ublk-cache-through ublk-cache-through-notrack ublk-cache-back ublk-cache-back-notrack}
-           [[ $OUT_SET == 1 ]] || OUT="$ROOT/bench/results-cache" ;;
+           if [[ $OUT_SET == 0 ]]; then OUT="$ROOT/bench/results-cache"; [[ $FLASH == tmpfs ]] || OUT+="-$FLASH"; fi ;;
     *) echo "bench/run.sh: --suite is loop or cache, not '$SUITE'" >&2; exit 2 ;;
 esac
+[[ $FLASH == tmpfs || $FLASH == ext4 ]] || { echo "bench/run.sh: --flash is tmpfs or ext4, not '$FLASH'" >&2; exit 2; }
+[[ $FLASH == tmpfs || $SUITE == cache ]] || { echo "bench/run.sh: --flash applies to --suite cache only" >&2; exit 2; }
 [[ "$MEM" =~ ^[0-9]+$ && "$MEM" -ge 512 ]] || { echo "bench/run.sh: bad --mem '$MEM' (MiB, >= 512)" >&2; exit 2; }
 if [[ $QUICK == 1 ]]; then
     REPS=${REPS:-1} RUNTIME=${RUNTIME:-3} RAMP=${RAMP:-1} WARMUP=1 WAITB=45 RETRYB=4
@@ -159,7 +168,7 @@ TIMEOUT=$(( 300 + WAITB + 60 * ndev + (REPS * ncase * ndev + RETRYB) * (RUNTIME 
 HOST_BEFORE="$(cat /proc/loadavg)"
 top -b -n1 -w 200 2>/dev/null | head -n 15 > "$OUT/bench-host-top-before.txt" || true
 ENVS=(--env "BENCH_REPS=$REPS" --env "BENCH_RUNTIME=$RUNTIME" --env "BENCH_RAMP=$RAMP" --env "BENCH_SCHED=$SCHED" --env "BENCH_WARMUP=$WARMUP" --env "BENCH_WQ_PIN=$WQ_PIN"
-      --env "BENCH_WAIT_BUDGET=$WAITB" --env "BENCH_RETRY_BUDGET=$RETRYB" --env "BENCH_ALTERNATE=$ALTERNATE")
+      --env "BENCH_WAIT_BUDGET=$WAITB" --env "BENCH_RETRY_BUDGET=$RETRYB" --env "BENCH_ALTERNATE=$ALTERNATE" --env "BENCH_FLASH=$FLASH")
 [[ -n "$CASES" ]] && ENVS+=(--env "BENCH_CASES=$CASES")
 [[ -n "$DEVICES" ]] && ENVS+=(--env "BENCH_DEVICES=$DEVICES")
 blog "booting the VM: $REPS rep(s) x ${CASES:-4 cases} x ${DEVICES:-3 devices}, ${RUNTIME}s + ${RAMP}s ramp per run (timeout ${TIMEOUT}s); host load $HOST_BEFORE"
