@@ -15,12 +15,13 @@ vm/kernel.sh >/dev/null
 BIN="$(tests/build-static.sh)"
 VM_CACHE="${UBLK_VM_CACHE:-/var/cache/ublk-http-vm}"
 mkdir -p "$VM_CACHE"
-INITRD="$VM_CACHE/initramfs-tests.cpio.gz"
+# One initramfs per run: several checkouts may run their suites at once.
+INITRD="$(mktemp "$VM_CACHE/initramfs-tests.XXXXXX.cpio.gz")"
 echo "[tests] building $INITRD"
 vm/initramfs.sh "$INITRD" --bin "$BIN:/usr/local/bin/ublk-http" --bin /usr/bin/jq --bin /usr/bin/setpriv >/dev/null
 failed=()
 LOG=$(mktemp /tmp/ublk-http-vm-suite.XXXXXX)
-trap 'rm -f "$LOG"' EXIT
+trap 'rm -f "$LOG" "$INITRD"' EXIT
 for s in "${SUITES[@]}"; do
     echo "[tests] suite $s"
     # Under TCG the guest kernel now and then oopses while booting, before
