@@ -15,7 +15,7 @@ import CUring
 import Dispatch
 import Glibc
 
-public final class Queue {
+public final class Queue: IOQueue {
     public let id: UInt16
     public let depth: Int
     public let bufferSize: Int
@@ -225,25 +225,25 @@ public final class Queue {
 
     @inline(__always)
     public func read(fd: Int32, into buf: UnsafeMutableRawPointer, length: UInt32, offset: UInt64,
-                     tag: UInt16, sub: UInt8 = 0, data: UInt32 = 0) {
+                     tag: UInt16, sub: UInt8, data: UInt32) {
         targetInflight += 1
         cu_prep_read(ring.sqe(), fd, 0, buf, length, offset, UserData(kind: .target, tag: tag, sub: sub, data: data).encoded)
     }
 
     @inline(__always)
-    public func write(fd: Int32, from buf: UnsafeRawPointer, length: UInt32, offset: UInt64, flags: Int32 = 0,
-                      tag: UInt16, sub: UInt8 = 0, data: UInt32 = 0) {
+    public func write(fd: Int32, from buf: UnsafeRawPointer, length: UInt32, offset: UInt64, flags: Int32,
+                      tag: UInt16, sub: UInt8, data: UInt32) {
         targetInflight += 1
         cu_prep_write(ring.sqe(), fd, 0, buf, length, offset, flags, UserData(kind: .target, tag: tag, sub: sub, data: data).encoded)
     }
 
-    public func fsync(fd: Int32, dataOnly: Bool = true, tag: UInt16, sub: UInt8 = 0, data: UInt32 = 0) {
+    public func fsync(fd: Int32, dataOnly: Bool, tag: UInt16, sub: UInt8, data: UInt32) {
         targetInflight += 1
         cu_prep_fsync(ring.sqe(), fd, 0, dataOnly ? cu_fsync_datasync : 0, UserData(kind: .target, tag: tag, sub: sub, data: data).encoded)
     }
 
     public func fallocate(fd: Int32, mode: Int32, offset: UInt64, length: UInt64,
-                          tag: UInt16, sub: UInt8 = 0, data: UInt32 = 0) {
+                          tag: UInt16, sub: UInt8, data: UInt32) {
         targetInflight += 1
         cu_prep_fallocate(ring.sqe(), fd, 0, mode, offset, length, UserData(kind: .target, tag: tag, sub: sub, data: data).encoded)
     }

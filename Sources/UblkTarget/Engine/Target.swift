@@ -91,30 +91,79 @@ public protocol Target: AnyObject {
     func makeHandler(for queue: Queue) throws(UblkError) -> QueueHandler
 }
 
+/// What a handler may ask of its queue. `Queue` is the real one (one io_uring);
+/// the host tests drive handlers through a fake one with fault-injecting file
+/// I/O (Tests/UblkTargetTests/FakeQueue.swift), so every state machine of a
+/// target runs without a kernel.
+///
+/// Contract: target I/O (`read`, `write`, `fsync`, `fallocate`) completes later,
+/// exactly once, through `QueueHandler.ioCompleted` with the same tag/sub/data;
+/// `poll` fires `QueueHandler.eventFired` once; `complete` ends a request.
+public protocol IOQueue: AnyObject {
+    var id: UInt16 { get }
+    var depth: Int { get }
+    var deviceID: UInt32 { get }
+    /// /dev/ublkcN, for targets in user-copy mode (-1 in a fake queue).
+    var charFD: Int32 { get }
+    var userCopy: Bool { get }
+    func userCopyOffset(_ tag: UInt16) -> Int64
+    /// Completes `tag`'s request with `result` (bytes transferred, 0, or -errno).
+    func complete(tag: UInt16, result: Int32)
+    func read(fd: Int32, into buf: UnsafeMutableRawPointer, length: UInt32, offset: UInt64,
+              tag: UInt16, sub: UInt8, data: UInt32)
+    func write(fd: Int32, from buf: UnsafeRawPointer, length: UInt32, offset: UInt64, flags: Int32,
+               tag: UInt16, sub: UInt8, data: UInt32)
+    func fsync(fd: Int32, dataOnly: Bool, tag: UInt16, sub: UInt8, data: UInt32)
+    func fallocate(fd: Int32, mode: Int32, offset: UInt64, length: UInt64, tag: UInt16, sub: UInt8, data: UInt32)
+    /// Arms a one-shot poll for readability of `fd`; `eventFired(data:)` follows.
+    func poll(fd: Int32, data: UInt32)
+}
+
+extension IOQueue {
+    @inline(__always)
+    public func read(fd: Int32, into buf: UnsafeMutableRawPointer, length: UInt32, offset: UInt64,
+                     tag: UInt16, sub: UInt8 = 0) {
+        read(fd: fd, into: buf, length: length, offset: offset, tag: tag, sub: sub, data: 0)
+    }
+    @inline(__always)
+    public func write(fd: Int32, from buf: UnsafeRawPointer, length: UInt32, offset: UInt64, flags: Int32 = 0,
+                      tag: UInt16, sub: UInt8 = 0, data: UInt32 = 0) {
+        write(fd: fd, from: buf, length: length, offset: offset, flags: flags, tag: tag, sub: sub, data: data)
+    }
+    @inline(__always)
+    public func fsync(fd: Int32, tag: UInt16, sub: UInt8 = 0, data: UInt32 = 0) {
+        fsync(fd: fd, dataOnly: true, tag: tag, sub: sub, data: data)
+    }
+    @inline(__always)
+    public func fallocate(fd: Int32, mode: Int32, offset: UInt64, length: UInt64, tag: UInt16, sub: UInt8 = 0) {
+        fallocate(fd: fd, mode: mode, offset: offset, length: length, tag: tag, sub: sub, data: 0)
+    }
+}
+
 public protocol QueueHandler: AnyObject {
     /// A new request. Complete it with `queue.complete(tag:result:)`, now or later.
-    func handle(_ request: Request, queue: Queue)
+    func handle(_ request: Request, queue: IOQueue)
     /// A target I/O submitted through the queue for `tag` finished with `result` (bytes or -errno).
-    func ioCompleted(tag: UInt16, sub: UInt8, data: UInt32, result: Int32, queue: Queue)
+    func ioCompleted(tag: UInt16, sub: UInt8, data: UInt32, result: Int32, queue: IOQueue)
     /// A poll armed with `queue.poll(fd:data:)` fired.
-    func eventFired(data: UInt32, result: Int32, queue: Queue)
+    func eventFired(data: UInt32, result: Int32, queue: IOQueue)
     /// After each batch of completions, before the queue sleeps: the place to flush batched work.
-    func idle(queue: Queue)
+    func idle(queue: IOQueue)
     /// A request from the control socket (queue 0): returns one JSON object.
-    func control(_ request: ControlRequest, queue: Queue) -> String
+    func control(_ request: ControlRequest, queue: IOQueue) -> String
     /// The device is about to stop: fail or finish what waits on slow sources, promptly.
-    func drain(queue: Queue)
+    func drain(queue: IOQueue)
     /// The loop has ended (device stopping); last chance to persist state. Blocking is allowed here.
-    func shutdown(queue: Queue)
+    func shutdown(queue: IOQueue)
 }
 
 extension QueueHandler {
-    public func ioCompleted(tag: UInt16, sub: UInt8, data: UInt32, result: Int32, queue: Queue) {}
-    public func eventFired(data: UInt32, result: Int32, queue: Queue) {}
-    public func idle(queue: Queue) {}
-    public func control(_ request: ControlRequest, queue: Queue) -> String {
+    public func ioCompleted(tag: UInt16, sub: UInt8, data: UInt32, result: Int32, queue: IOQueue) {}
+    public func eventFired(data: UInt32, result: Int32, queue: IOQueue) {}
+    public func idle(queue: IOQueue) {}
+    public func control(_ request: ControlRequest, queue: IOQueue) -> String {
         controlError("the \(request.op) command is not supported by this target")
     }
-    public func drain(queue: Queue) {}
-    public func shutdown(queue: Queue) {}
+    public func drain(queue: IOQueue) {}
+    public func shutdown(queue: IOQueue) {}
 }

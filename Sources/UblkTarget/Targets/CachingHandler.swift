@@ -17,6 +17,9 @@ final class CacheContext {
     let bitmap: Bitmap
     /// Pages written since the last clear (writable targets).
     let dirty: Bitmap?
+    /// Pages whose content is local data (an http overlay's writes): never
+    /// evicted, never replaced by remote bytes, whatever their dirty bit says.
+    var local: Bitmap?
     let imageSize: UInt64
     let pageSize: Int
     let stats: CacheStats
@@ -47,15 +50,15 @@ final class CacheContext {
 /// Moves planned runs from the source into the cache file.
 protocol RunFetcher: AnyObject {
     /// Starts `run`; the fetcher calls `handler.received` for its bytes and `handler.runEnded` once.
-    func start(_ run: FetchRun, handler: CachingHandler, queue: Queue)
+    func start(_ run: FetchRun, handler: CachingHandler, queue: IOQueue)
     var isIdle: Bool { get }
     /// An fd the queue polls for the fetcher's progress (then `perform()`), if it has one.
     var pollFD: Int32? { get }
     func perform()
     /// A target I/O the fetcher submitted with `CachingHandler.subFetch` completed.
-    func ioCompleted(data: UInt32, result: Int32, handler: CachingHandler, queue: Queue)
+    func ioCompleted(data: UInt32, result: Int32, handler: CachingHandler, queue: IOQueue)
     /// Ends every run now (device stopping); each still gets its `runEnded`.
-    func cancelAll(handler: CachingHandler, queue: Queue)
+    func cancelAll(handler: CachingHandler, queue: IOQueue)
 }
 
 /// Runs as HTTP Range GETs through libcurl multi.
@@ -63,7 +66,7 @@ final class HTTPFetcher: RunFetcher {
     let source: HTTPSource
     init(_ source: HTTPSource) { self.source = source }
 
-    func start(_ run: FetchRun, handler: CachingHandler, queue: Queue) {
+    func start(_ run: FetchRun, handler: CachingHandler, queue: IOQueue) {
         source.fetch(offset: run.offset, length: run.length, onData: { [unowned handler] offset, bytes in
             handler.received(run, offset: offset, bytes: bytes, queue: queue)
         }, completion: { [unowned handler] result in
@@ -76,8 +79,8 @@ final class HTTPFetcher: RunFetcher {
     var isIdle: Bool { source.isIdle }
     var pollFD: Int32? { source.fd }
     func perform() { source.perform() }
-    func ioCompleted(data: UInt32, result: Int32, handler: CachingHandler, queue: Queue) {}
-    func cancelAll(handler: CachingHandler, queue: Queue) {
+    func ioCompleted(data: UInt32, result: Int32, handler: CachingHandler, queue: IOQueue) {}
+    func cancelAll(handler: CachingHandler, queue: IOQueue) {
         source.cancelAll()
         source.perform()
     }
@@ -94,7 +97,7 @@ final class FileFetcher: RunFetcher {
     init(fd: Int32) { self.fd = fd }
     deinit { for s in slots.values { free(s.buffer) } }
 
-    func start(_ run: FetchRun, handler: CachingHandler, queue: Queue) {
+    func start(_ run: FetchRun, handler: CachingHandler, queue: IOQueue) {
         var raw: UnsafeMutableRawPointer?
         guard posix_memalign(&raw, 4096, (run.length + 4095) & ~4095) == 0, let buf = raw else {
             return handler.runEnded(run, error: "out of memory", queue: queue)
@@ -111,7 +114,7 @@ final class FileFetcher: RunFetcher {
     var pollFD: Int32? { nil }
     func perform() {}
 
-    func ioCompleted(data: UInt32, result: Int32, handler: CachingHandler, queue: Queue) {
+    func ioCompleted(data: UInt32, result: Int32, handler: CachingHandler, queue: IOQueue) {
         guard var s = slots[data] else { return }
         func end(_ error: String?) {
             slots[data] = nil
@@ -133,7 +136,7 @@ final class FileFetcher: RunFetcher {
                    offset: s.run.offset + UInt64(s.done), tag: Queue.internalTag, sub: CachingHandler.subFetch, data: data)
     }
 
-    func cancelAll(handler: CachingHandler, queue: Queue) {
+    func cancelAll(handler: CachingHandler, queue: IOQueue) {
         // Reads in flight finish on their own (a local read ends soon); they end their runs as cancelled.
         cancelled = true
     }
@@ -165,9 +168,8 @@ final class CachingHandler: QueueHandler {
     var flushWaiters: [UInt16] = []
     var lastPersist: UInt64 = 0
     let dirty: Bitmap?
-    /// `sync` snapshots handed out and not yet confirmed: token → page runs.
-    var syncSnapshots: [UInt64: [Range<UInt64>]] = [:]
-    var nextToken: UInt64 = 1
+    /// `sync` snapshots handed out and not yet confirmed (CachingControl.swift).
+    var syncs = SyncTracker()
     let timerFD: Int32
     var timerArmed = false
     var draining = false
@@ -206,14 +208,14 @@ final class CachingHandler: QueueHandler {
     var mapping: UnsafeMutableRawPointer?
     var mappingSize = 0
     var charFD: Int32 = -1
-    unowned(unsafe) var userCopyQueue: Queue?
+    unowned(unsafe) var userCopyQueue: IOQueue?
 
     /// Whether a caching target over `cacheFD` asks for UBLK_F_USER_COPY.
     static func wantsUserCopy(cacheFD: Int32) -> Bool { memoryFS.contains(cu_fs_type(cacheFD)) }
     static let memoryFS: [Int64] = [0x0102_1994 /* tmpfs */, 0x8584_58f6 /* ramfs */]
 
     /// A handler for `queue`; maps the cache file when the queue copies data itself.
-    static func make(context: CacheContext, fetcher: RunFetcher, planner: FetchPlanner, queue: Queue,
+    static func make(context: CacheContext, fetcher: RunFetcher, planner: FetchPlanner, queue: IOQueue,
                      deviceSize: UInt64) throws(UblkError) -> CachingHandler {
         let h = CachingHandler(context: context, fetcher: fetcher, planner: planner, depth: queue.depth)
         if queue.userCopy {
@@ -262,7 +264,7 @@ final class CachingHandler: QueueHandler {
 
     /// User-copy mode: moves `r`'s data between the mapped cache file and the
     /// kernel's request pages (read: to the request; write: from it). One copy.
-    func copyMapped(_ r: Request, queue: Queue, mapping: UnsafeMutableRawPointer) -> Int32 {
+    func copyMapped(_ r: Request, queue: IOQueue, mapping: UnsafeMutableRawPointer) -> Int32 {
         let len = Int(r.length)
         guard Int(r.offset) + len <= mappingSize else { return -EIO }
         let at = mapping + Int(r.offset)
@@ -289,7 +291,7 @@ final class CachingHandler: QueueHandler {
 
     // MARK: Requests
 
-    func handle(_ r: Request, queue: Queue) {
+    func handle(_ r: Request, queue: IOQueue) {
         switch r.op {
         case Op.read, Op.write, Op.discard, Op.writeZeroes:
             if r.op != Op.read && !context.writable { return queue.complete(tag: r.tag, result: -EROFS) }
@@ -323,7 +325,7 @@ final class CachingHandler: QueueHandler {
     }
 
     /// Every page of `r` is present: read it, or write it.
-    func proceed(_ r: Request, queue: Queue) {
+    func proceed(_ r: Request, queue: IOQueue) {
         switch r.op {
         case Op.read:
             readFromCache(r, queue: queue)
@@ -371,7 +373,7 @@ final class CachingHandler: QueueHandler {
     var through: Bool { context.writeThrough && context.backingFD >= 0 }
 
     /// One part of a write is done (or failed); the write completes when all are.
-    func partDone(_ r: Request, _ result: Int32, queue: Queue) {
+    func partDone(_ r: Request, _ result: Int32, queue: IOQueue) {
         let t = Int(r.tag)
         if result < 0 && partFailed[t] == 0 { partFailed[t] = result }
         parts[t] -= 1
@@ -388,9 +390,10 @@ final class CachingHandler: QueueHandler {
     }
 
     /// A write's data is in the cache file: its pages are present (they were) and dirty.
-    func written(_ r: Request, queue: Queue) {
+    func written(_ r: Request, queue: IOQueue) {
         let pages = planner.pages(offset: r.offset, length: Int(r.length))
         dirty?.markPresent(pages)
+        syncs.written(pages)
         if let wb = context.writeback {
             wb.markPresent(pages)
             if let run = writebackRun, run.pages.overlaps(pages) { writebackRun!.dirtied = true }
@@ -404,7 +407,7 @@ final class CachingHandler: QueueHandler {
         }
     }
 
-    func readFromCache(_ r: Request, queue: Queue) {
+    func readFromCache(_ r: Request, queue: IOQueue) {
         requests[Int(r.tag)] = r
         waiting[Int(r.tag)] = false
         done[Int(r.tag)] = 0
@@ -429,13 +432,13 @@ final class CachingHandler: QueueHandler {
     lazy var cacheInMemory: Bool = [0x0102_1994, 0x8584_58f6].contains(cu_fs_type(cacheFD))
 
     @inline(__always)
-    func finish(_ tag: UInt16, _ result: Int32, _ queue: Queue) {
+    func finish(_ tag: UInt16, _ result: Int32, _ queue: IOQueue) {
         requests[Int(tag)] = nil
         waiting[Int(tag)] = false
         queue.complete(tag: tag, result: result)
     }
 
-    func ioCompleted(tag: UInt16, sub: UInt8, data: UInt32, result: Int32, queue: Queue) {
+    func ioCompleted(tag: UInt16, sub: UInt8, data: UInt32, result: Int32, queue: IOQueue) {
         if sub == CachingHandler.subSync || sub == CachingHandler.subBackingSync { return cycleSynced(result, queue: queue) }
         if sub == CachingHandler.subWritebackRead || sub == CachingHandler.subWritebackWrite {
             return writebackProgress(sub, result, queue: queue)
@@ -470,7 +473,7 @@ final class CachingHandler: QueueHandler {
 
     // MARK: Fetching
 
-    func startRuns(_ queue: Queue) {
+    func startRuns(_ queue: IOQueue) {
         for run in planner.startableRuns() {
             runBytes[run.id] = 0
             fetcher.start(run, handler: self, queue: queue)
@@ -479,7 +482,7 @@ final class CachingHandler: QueueHandler {
     }
 
     /// Body bytes of `run` at `offset`: into the cache file; completed pages become present.
-    func received(_ run: FetchRun, offset: UInt64, bytes: UnsafeRawBufferPointer, queue: Queue) -> Bool {
+    func received(_ run: FetchRun, offset: UInt64, bytes: UnsafeRawBufferPointer, queue: IOQueue) -> Bool {
         guard let base = bytes.baseAddress else { return true }
         var written = 0
         while written < bytes.count {
@@ -506,7 +509,7 @@ final class CachingHandler: QueueHandler {
     }
 
     /// `error`: nil on success, else what failed (logged).
-    func runEnded(_ run: FetchRun, error: String?, queue: Queue) {
+    func runEnded(_ run: FetchRun, error: String?, queue: IOQueue) {
         runBytes[run.id] = nil
         if let e = error {
             log("ublk-http: fetch of bytes \(run.offset)-\(run.offset + UInt64(run.length) - 1) failed: \(e)")
@@ -518,7 +521,7 @@ final class CachingHandler: QueueHandler {
         if planner.plannedRunCount > 0 && !draining { startRuns(queue) }
     }
 
-    func serve(_ outcome: RunOutcome, _ queue: Queue) {
+    func serve(_ outcome: RunOutcome, _ queue: IOQueue) {
         let now = monotonicNanos()
         for ctx in outcome.satisfied {
             let tag = UInt16(ctx)
@@ -534,14 +537,14 @@ final class CachingHandler: QueueHandler {
 
     // MARK: Events
 
-    func armPoll(_ queue: Queue) {
+    func armPoll(_ queue: IOQueue) {
         if !pollArmed, let fd = fetcher.pollFD {
             pollArmed = true
             queue.poll(fd: fd, data: CachingHandler.sourceEvent)
         }
     }
 
-    func eventFired(data: UInt32, result: Int32, queue: Queue) {
+    func eventFired(data: UInt32, result: Int32, queue: IOQueue) {
         switch data {
         case CachingHandler.sourceEvent:
             pollArmed = false
@@ -556,7 +559,7 @@ final class CachingHandler: QueueHandler {
         }
     }
 
-    func idle(queue: Queue) {
+    func idle(queue: IOQueue) {
         if !fetcher.isIdle { armPoll(queue) }
         let statsDirty = statsSignature != writtenStatsSignature
         if context.writeback != nil && !draining { startWriteback(queue) }
@@ -579,7 +582,7 @@ final class CachingHandler: QueueHandler {
     /// ring, then persist them and complete the FLUSHes that were waiting
     /// (dirty bits alone, with no FLUSH waiting, are persisted at once).
     /// One at a time, so commits are persisted in the order they were staged.
-    func startCycle(_ queue: Queue) {
+    func startCycle(_ queue: IOQueue) {
         guard cycle == nil else { return }
         // Only dirty bits changed, and no FLUSH waits: those go out without an
         // fdatasync of the cache file first. A dirty bit on disk before its data
@@ -612,7 +615,7 @@ final class CachingHandler: QueueHandler {
         }
     }
 
-    func cycleSynced(_ result: Int32, queue: Queue) {
+    func cycleSynced(_ result: Int32, queue: IOQueue) {
         guard let c = cycle else { return }
         if result < 0 && cycleFailure == 0 { cycleFailure = result }
         cycleSyncs -= 1
@@ -648,7 +651,7 @@ final class CachingHandler: QueueHandler {
         return s.hits &+ s.misses &* 3 &+ s.requests &* 7 &+ s.errors &* 11 &+ bitmap.count &* 13
     }
 
-    func publishStats(_ queue: Queue) {
+    func publishStats(_ queue: IOQueue) {
         writtenStatsSignature = statsSignature
         context.snapshot().save(device: queue.deviceID)
     }
@@ -666,7 +669,7 @@ final class CachingHandler: QueueHandler {
     /// Over the bound: clear the bits of clean pages in the least recently used
     /// chunks (never dirty or write-back pages, nor pages a fetch is filling),
     /// persist that through a cycle, and only then punch the pages out.
-    func evictIfNeeded(_ queue: Queue) {
+    func evictIfNeeded(_ queue: IOQueue) {
         let ps = UInt64(context.pageSize)
         var present = bitmap.count * ps
         guard present > context.maxCacheBytes else { return }
@@ -719,7 +722,7 @@ final class CachingHandler: QueueHandler {
 
     /// Copies the next run of write-back pages (at most 1 MiB, one at a time:
     /// the throttle) from the cache file to the backing store.
-    func startWriteback(_ queue: Queue) {
+    func startWriteback(_ queue: IOQueue) {
         guard writebackRun == nil, let wb = context.writeback, wb.count > 0 else { return }
         let all = 0..<wb.pageCount
         guard let first = wb.bits.nextSet(in: writebackCursor..<all.upperBound) ?? wb.bits.nextSet(in: all) else { return }
@@ -735,7 +738,7 @@ final class CachingHandler: QueueHandler {
                    tag: Queue.internalTag, sub: CachingHandler.subWritebackRead)
     }
 
-    func writebackProgress(_ sub: UInt8, _ result: Int32, queue: Queue) {
+    func writebackProgress(_ sub: UInt8, _ result: Int32, queue: IOQueue) {
         guard var run = writebackRun else { return }
         let ps = UInt64(context.pageSize)
         let offset = run.pages.lowerBound * ps
@@ -766,57 +769,7 @@ final class CachingHandler: QueueHandler {
         startWriteback(queue)
     }
 
-    struct WritebackStatus: Encodable {
-        var writebackPages: UInt64
-        var inFlight: Bool
-        var unpersisted: Bool
-        enum CodingKeys: String, CodingKey {
-            case writebackPages = "writeback_pages", inFlight = "in_flight", unpersisted
-        }
-    }
-
-    // MARK: Control (dirty tracking)
-
-    func control(_ request: ControlRequest, queue: Queue) -> String {
-        if request.op == "flush" {
-            guard let wb = context.writeback else { return controlJSON(WritebackStatus(writebackPages: 0, inFlight: false, unpersisted: false)) }
-            startWriteback(queue)
-            if wb.bits.hasDirty { startCycle(queue) }
-            return controlJSON(WritebackStatus(writebackPages: wb.count, inFlight: writebackRun != nil || cycle != nil,
-                                               unpersisted: wb.bits.hasDirty))
-        }
-        guard let dirty else { return controlError("ublk\(queue.deviceID) does not track written pages") }
-        switch request.op {
-        case "dirty":
-            let runs = DirtyExtents.runs(dirty.bits)
-            let reply = DirtyExtents(runs: runs, pageSize: pageSize, imageSize: imageSize, token: nil)
-            if request.clear == true {
-                dirty.markAbsent(0..<dirty.pageCount)
-                startCycle(queue)
-            }
-            return controlJSON(reply)
-        case "sync-begin":
-            // Hand out the dirty pages and clear them: a page written from now on is dirty again.
-            let runs = DirtyExtents.runs(dirty.bits)
-            for r in runs { dirty.markAbsent(r) }
-            let token = nextToken
-            nextToken += 1
-            syncSnapshots[token] = runs
-            return controlJSON(DirtyExtents(runs: runs, pageSize: pageSize, imageSize: imageSize, token: token))
-        case "sync-end":
-            guard let token = request.token, let runs = syncSnapshots.removeValue(forKey: token) else {
-                return controlError("unknown sync token")
-            }
-            // Copied: the cleared bits may reach the disk. Failed: they are dirty again.
-            if request.ok != true { for r in runs { dirty.markPresent(r) } }
-            startCycle(queue)
-            return controlJSON(["ok": true])
-        default:
-            return controlError("unknown command \(request.op)")
-        }
-    }
-
-    func drain(queue: Queue) {
+    func drain(queue: IOQueue) {
         if !flushWaiters.isEmpty { startCycle(queue) }
         draining = true
         fetcher.cancelAll(handler: self, queue: queue)
@@ -825,7 +778,7 @@ final class CachingHandler: QueueHandler {
         }
     }
 
-    func shutdown(queue: Queue) {
+    func shutdown(queue: IOQueue) {
         publishStats(queue)
         // The loop ended with no target I/O outstanding: no staged commit is waiting for its sync.
         do {

@@ -99,7 +99,7 @@ public final class LoopTarget: Target {
         /// User-copy mode: the file mapped, and the queue (for the char device).
         var mapping: UnsafeMutableRawPointer?
         var mappingSize = 0
-        unowned(unsafe) var queue: Queue?
+        unowned(unsafe) var queue: IOQueue?
         /// The request each tag is working on, and how many bytes of it are done.
         var requests: [Request?]
         var done: [UInt32]
@@ -115,7 +115,7 @@ public final class LoopTarget: Target {
             done = Array(repeating: 0, count: depth)
         }
 
-        func handle(_ r: Request, queue: Queue) {
+        func handle(_ r: Request, queue: IOQueue) {
             if inline { return queue.complete(tag: r.tag, result: handleInline(r)) }
             let t = Int(r.tag)
             requests[t] = r
@@ -144,7 +144,7 @@ public final class LoopTarget: Target {
         }
 
         /// User copy through the mapping: one copy between the file's pages and the request.
-        func copyMapped(_ r: Request, queue: Queue, mapping: UnsafeMutableRawPointer) -> Int32 {
+        func copyMapped(_ r: Request, queue: IOQueue, mapping: UnsafeMutableRawPointer) -> Int32 {
             let len = Int(r.length)
             guard Int(r.offset) + len <= mappingSize else { return -EIO }
             let at = mapping + Int(r.offset)
@@ -202,12 +202,12 @@ public final class LoopTarget: Target {
         }
 
         @inline(__always)
-        func finish(_ tag: UInt16, _ result: Int32, _ queue: Queue) {
+        func finish(_ tag: UInt16, _ result: Int32, _ queue: IOQueue) {
             requests[Int(tag)] = nil
             queue.complete(tag: tag, result: result)
         }
 
-        func ioCompleted(tag: UInt16, sub: UInt8, data: UInt32, result: Int32, queue: Queue) {
+        func ioCompleted(tag: UInt16, sub: UInt8, data: UInt32, result: Int32, queue: IOQueue) {
             let t = Int(tag)
             guard let r = requests[t] else { return }
             switch sub {

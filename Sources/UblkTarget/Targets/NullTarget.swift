@@ -24,7 +24,7 @@ public final class NullTarget: Target {
         var dirty: [UInt32]
         init(depth: Int) { dirty = Array(repeating: 0, count: depth) }
 
-        func handle(_ r: Request, queue: Queue) {
+        func handle(_ r: Request, queue: IOQueue) {
             switch r.op {
             case Op.read:
                 let t = Int(r.tag)
