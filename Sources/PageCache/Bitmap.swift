@@ -54,6 +54,8 @@ import Glibc
 public enum BitmapKind: UInt32, Sendable {
     case present = 1
     case dirty = 2
+    /// Pages holding data written here (an overlay's own), never replaced by remote bytes.
+    case local = 3
 }
 
 /// What a bitmap describes: checked on open.
@@ -130,6 +132,19 @@ public struct BitmapCommit: Sendable {
     let values: [UInt64]
     public var isEmpty: Bool { indices.isEmpty }
     public var wordCount: Int { indices.count }
+
+    /// Whether this commit carries a word that holds one of `pages`.
+    public func touches(_ pages: Range<UInt64>) -> Bool {
+        guard !pages.isEmpty, !indices.isEmpty else { return false }
+        let lo = Int(pages.lowerBound >> 6), hi = Int((pages.upperBound - 1) >> 6)
+        // First index >= lo (indices are sorted).
+        var a = 0, b = indices.count
+        while a < b {
+            let m = (a + b) / 2
+            if indices[m] < lo { a = m + 1 } else { b = m }
+        }
+        return a < indices.count && indices[a] <= hi
+    }
 }
 
 /// A bitmap file's header and how many pages it marks (`Bitmap.inspect`).
@@ -271,6 +286,55 @@ public final class Bitmap {
             throw .io(failure)
         }
     }
+
+    /// A staged commit laid out for writing through someone else's I/O (the
+    /// queue's io_uring): the words, little-endian, in one buffer, and the
+    /// file ranges they go to. The buffer lives as long as this object; the
+    /// caller writes every run, fdatasyncs `fd`, then calls `persisted(_:)`
+    /// (or `abandon(_:)` when any of it failed).
+    public final class PendingWrite {
+        public let commit: BitmapCommit
+        public let fd: Int32
+        public let buffer: UnsafeMutableRawPointer
+        /// (file offset, offset in `buffer`, byte count), one per run of contiguous words.
+        public let runs: [(fileOffset: UInt64, bufferOffset: Int, count: Int)]
+
+        init(commit: BitmapCommit, fd: Int32) {
+            self.commit = commit
+            self.fd = fd
+            let n = commit.indices.count
+            buffer = .allocate(byteCount: max(n, 1) * 8, alignment: 8)
+            let words = buffer.bindMemory(to: UInt64.self, capacity: max(n, 1))
+            var runs: [(UInt64, Int, Int)] = []
+            var i = 0
+            while i < n {
+                var j = i + 1
+                while j < n && commit.indices[j] == commit.indices[j - 1] + 1 { j += 1 }
+                for k in i..<j { words[k] = commit.values[k].littleEndian }
+                runs.append((UInt64(Bitmap.headerSize) + UInt64(commit.indices[i]) * 8, i * 8, (j - i) * 8))
+                i = j
+            }
+            self.runs = runs
+        }
+
+        deinit { buffer.deallocate() }
+    }
+
+    /// Step 5 without doing the I/O: what to write for `commit`.
+    public func pendingWrite(_ commit: BitmapCommit) -> PendingWrite {
+        precondition(commit.sequence >= nextToPersist, "bitmap commits must be persisted in the order staged")
+        return PendingWrite(commit: commit, fd: fd)
+    }
+
+    /// The words of `commit` were written and the file fdatasync'ed by the caller.
+    public func persisted(_ commit: BitmapCommit) {
+        precondition(commit.sequence >= nextToPersist, "bitmap commits must be persisted in the order staged")
+        nextToPersist = commit.sequence + 1
+    }
+
+    /// Whether any word holding `pages` changed since the last `stage()`
+    /// (its new value is not on its way to the disk yet).
+    public func hasUnstaged(_ pages: Range<UInt64>) -> Bool { bits.hasPendingWords(pages) }
 
     /// Gives up on a staged commit (its data sync failed or will not happen):
     /// its words become dirty again, for a later stage.

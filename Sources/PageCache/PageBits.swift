@@ -115,6 +115,15 @@ public final class PageBits {
 
     public var hasDirty: Bool { !dirtyList.isEmpty }
 
+    /// Whether a word overlapping `pages` is in the dirty list (changed and not taken yet).
+    public func hasPendingWords(_ pages: Range<UInt64>) -> Bool {
+        var found = false
+        forEachWord(pages) { w, _ in
+            if dirtyMarks[w >> 6] & (1 &<< UInt64(w & 63)) != 0 { found = true }
+        }
+        return found
+    }
+
     /// A word's value (for persistence).
     @inline(__always)
     public func word(_ index: Int) -> UInt64 { words[index] }

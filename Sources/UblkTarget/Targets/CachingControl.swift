@@ -38,14 +38,13 @@ extension CachingHandler {
             let runs = DirtyExtents.runs(dirty.bits)
             let reply = DirtyExtents(runs: runs, pageSize: pageSize, imageSize: imageSize, token: nil)
             if request.clear == true {
-                dirty.markAbsent(0..<dirty.pageCount)
-                startCycle(queue)
+                clearDirty([0..<dirty.pageCount], queue: queue)
             }
             return controlJSON(reply)
         case "sync-begin":
             // Hand out the dirty pages and clear them: a page written from now on is dirty again.
             let runs = DirtyExtents.runs(dirty.bits)
-            for r in runs { dirty.markAbsent(r) }
+            clearDirty(runs, queue: queue)
             let token = syncs.nextToken
             syncs.nextToken += 1
             syncs.snapshots[token] = runs
