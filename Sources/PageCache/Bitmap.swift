@@ -56,6 +56,8 @@ public enum BitmapKind: UInt32, Sendable {
     case dirty = 2
     /// Pages holding data written here (an overlay's own), never replaced by remote bytes.
     case local = 3
+    /// Write-through: pages a write may have reached in only one of cache and backing store.
+    case unsettled = 4
 }
 
 /// What a bitmap describes: checked on open.

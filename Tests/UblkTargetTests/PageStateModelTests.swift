@@ -23,6 +23,7 @@ import Glibc
 import PageCache
 import XCTest
 @testable import UblkTarget
+@testable import UblkCLI
 
 final class PageStateModelTests: XCTestCase {
     static let page = 4096
@@ -66,15 +67,22 @@ final class PageStateModelTests: XCTestCase {
         let description: String
     }
 
+    /// Which target the world runs: the http overlay, or the cache target over a backing file.
+    enum Mode: String { case overlay, cacheThrough = "cache-through", cacheBack = "cache-back" }
+
     final class World {
+        let mode: Mode
         let dir: String
         let seed: UInt64
         var rng: SplitMix
         var trace: [String] = []
+        let traceLimit = ProcessInfo.processInfo.environment["MODEL_TRACE"].flatMap { Int($0) } ?? 400
         let remote = PageStateModelTests.remoteImage()
         let files = FaultFiles()
         var queue: FakeQueue!
-        var fetcher: FakeFetcher!
+        var fetcher: RunFetcher!
+        var fake: FakeFetcher?
+        var backingFD: Int32 = -1
         var handler: CachingHandler!
         var bitmaps: [Bitmap] = []
         let depth = 8
@@ -100,6 +108,7 @@ final class PageStateModelTests: XCTestCase {
         init(seed: UInt64) throws {
             self.seed = seed
             rng = SplitMix(seed: seed)
+            mode = [Mode.overlay, .cacheThrough, .cacheBack][Int(seed % 3)]
             dir = NSTemporaryDirectory() + "ublk-model-\(getpid())-\(seed)"
             mkdir(dir, 0o700)
             buffers = (0..<8).map { _ in UnsafeMutableRawPointer.allocate(byteCount: 16 * 1024, alignment: 4096) }
@@ -118,13 +127,14 @@ final class PageStateModelTests: XCTestCase {
             handler = nil
             bitmaps = []
             for b in buffers { b.deallocate() }
-            for f in ["c", "b", "b.dirty", "b.local"] { unlink(dir + "/" + f) }
+            if backingFD >= 0 { close(backingFD) }
+            for f in ["c", "b", "b.dirty", "b.local", "b.writeback", "b.unsettled", "backing"] { unlink(dir + "/" + f) }
             rmdir(dir)
         }
 
         func note(_ s: String) {
             trace.append(s)
-            if trace.count > 400 { trace.removeFirst(trace.count - 400) }
+            if trace.count > traceLimit { trace.removeFirst(trace.count - traceLimit) }
         }
 
         /// Opens the files as the http target does, and a handler over them.
@@ -136,11 +146,29 @@ final class PageStateModelTests: XCTestCase {
             localID.kind = .local
             let bitmap = try Bitmap.open(path: dir + "/b", identity: id).bitmap
             let dirty = try Bitmap.open(path: dir + "/b.dirty", identity: dirtyID).bitmap
-            let local = try Bitmap.open(path: dir + "/b.local", identity: localID).bitmap
+            let local = mode == .overlay ? try Bitmap.open(path: dir + "/b.local", identity: localID).bitmap : nil
+            let writeback = mode == .cacheBack ? try Bitmap.open(path: dir + "/b.writeback", identity: dirtyID).bitmap : nil
+            var unsettledID = id
+            unsettledID.kind = .unsettled
+            let unsettled = mode == .cacheThrough ? try Bitmap.open(path: dir + "/b.unsettled", identity: unsettledID).bitmap : nil
             let cache = try CacheFile(path: dir + "/c", size: UInt64(PageStateModelTests.imageSize))
-            bitmaps = [bitmap, dirty, local]
-            for (b, p) in [(bitmap, "b"), (dirty, "b.dirty"), (local, "b.local")] { files.track(b.fd, path: dir + "/" + p) }
+            bitmaps = [bitmap, dirty] + [local, writeback, unsettled].compactMap { $0 }
+            for (b, p) in [(bitmap, "b"), (dirty, "b.dirty"), (local, "b.local"), (writeback, "b.writeback"), (unsettled, "b.unsettled")] {
+                if let b { files.track(b.fd, path: dir + "/" + p) }
+            }
             files.track(cache.fd, path: dir + "/c")
+            if mode != .overlay {
+                // The backing store starts as the "remote" image; it is durable as made.
+                if backingFD < 0 {
+                    let path = dir + "/backing"
+                    let fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0o600)
+                    _ = remote.withUnsafeBytes { pwrite(fd, $0.baseAddress!, $0.count, 0) }
+                    close(fd)
+                }
+                if backingFD >= 0 { close(backingFD) }
+                backingFD = open(dir + "/backing", O_RDWR)
+                files.track(backingFD, path: dir + "/backing")
+            }
             let context = CacheContext(cache: cache, bitmap: bitmap, dirty: dirty, imageSize: UInt64(PageStateModelTests.imageSize),
                                        pageSize: PageStateModelTests.page, stats: CacheStats()) {
                 HTTPStats(hits: 0, misses: 0, bytesFetched: 0, requests: 0, retries: 0, errors: 0, missLatencyP50Ms: nil,
@@ -148,6 +176,10 @@ final class PageStateModelTests: XCTestCase {
             }
             context.writable = true
             context.local = local
+            context.writeback = writeback
+            context.unsettled = unsettled
+            context.backingFD = backingFD
+            context.writeThrough = mode == .cacheThrough
             context.publishStats = false
             context.maxCacheBytes = evictBound
             queue = FakeQueue(depth: depth, files: files)
@@ -157,8 +189,14 @@ final class PageStateModelTests: XCTestCase {
                 queue.fsyncFailPermille = 40
                 queue.writeFailPermille = 10
             }
-            fetcher = FakeFetcher(remote: remote)
-            fetcher.failPermille = faulty ? 30 : 0
+            if mode == .overlay {
+                fake = FakeFetcher(remote: remote)
+                fake!.failPermille = faulty ? 30 : 0
+                fetcher = fake
+            } else {
+                fake = nil
+                fetcher = FileFetcher(fd: backingFD)
+            }
             let planner = FetchPlanner(imageSize: UInt64(PageStateModelTests.imageSize), pageSize: PageStateModelTests.page,
                                        maxRunBytes: 16 << 10, initialReadaheadBytes: 8 << 10, maxReadaheadBytes: 16 << 10,
                                        maxActiveRuns: 3)
@@ -261,7 +299,7 @@ final class PageStateModelTests: XCTestCase {
         func pump() throws {
             switch rng.next() % 10 {
             case 0..<5: queue.runOne()
-            case 5..<8: fetcher.step(&rng, handler: handler, queue: queue)
+            case 5..<8: fake?.step(&rng, handler: handler, queue: queue)
             default: handler.idle(queue: queue)
             }
             try collect()
@@ -335,6 +373,7 @@ final class PageStateModelTests: XCTestCase {
             queue.handler = nil
             handler = nil
             fetcher = nil
+            fake = nil
             bitmaps = []
             files.powerLoss()
             inFlight = [:]
@@ -348,7 +387,7 @@ final class PageStateModelTests: XCTestCase {
             // Check every sector once, without faults, then carry on.
             queue.fsyncFailPermille = 0
             queue.writeFailPermille = 0
-            fetcher.failPermille = 0
+            fake?.failPermille = 0
             faulty = false
             let device = try readAll()
             for s in 0..<PageStateModelTests.sectors {
@@ -373,8 +412,42 @@ final class PageStateModelTests: XCTestCase {
             if faulty {
                 queue.fsyncFailPermille = 40
                 queue.writeFailPermille = 10
-                fetcher.failPermille = 30
+                fake?.failPermille = 30
             }
+        }
+
+        /// The cache target: after a FLUSH and `ublk-http flush` (write-back
+        /// drained), the backing store alone holds exactly what the device reads.
+        func backingMatches() throws {
+            guard mode != .overlay else { return }
+            let was = (queue.fsyncFailPermille, queue.writeFailPermille)
+            queue.fsyncFailPermille = 0
+            queue.writeFailPermille = 0
+            defer { (queue.fsyncFailPermille, queue.writeFailPermille) = was }
+            var rounds = 0
+            while true {
+                submit(op: Op.flush, sector: 0, count: 0)
+                try quiesce()
+                let reply = handler.control(ControlRequest(op: "flush"), queue: queue)
+                try quiesce()
+                let st = try JSONDecoder().decode(Flush.Status.self, from: Data(reply.utf8))
+                if st.writebackPages == 0 && !st.inFlight && !st.unpersisted && handler.cycle == nil
+                    && handler.writebackCopied.isEmpty { break }
+                handler.idle(queue: queue)
+                try quiesce()
+                rounds += 1
+                if rounds > 500 { throw Failure(description: "write-back never drained: \(reply)") }
+            }
+            let device = try readAll()
+            let backing = FaultFiles.contents(dir + "/backing")
+            if device != Array(backing.prefix(device.count)) {
+                let first = (0..<device.count).first { device[$0] != backing[$0] }!
+                let sec = first / PageStateModelTests.sector
+                let dev = device.withUnsafeBytes { PageStateModelTests.decode($0.baseAddress! + sec * PageStateModelTests.sector, sector: sec) }
+                let back = backing.withUnsafeBytes { PageStateModelTests.decode($0.baseAddress! + sec * PageStateModelTests.sector, sector: sec) }
+                throw Failure(description: "after flush the backing store differs from the device at sector \(sec): device \(dev), backing \(back)")
+            }
+            note("backing matches the device")
         }
 
         func step() throws {
@@ -419,6 +492,7 @@ final class PageStateModelTests: XCTestCase {
                 return """
                     seed \(seed) failed at step \(i): \(error)
                     (faulty \(world.faulty), evict bound \(world.evictBound), persist interval \(world.persistInterval))
+                    target: \(world.mode.rawValue)
                     replay: MODEL_SEED=\(seed) MODEL_STEPS=\(i + 1) swift test --filter PageStateModelTests
                     last actions:
                       \(world.trace.joined(separator: "\n  "))
@@ -427,9 +501,10 @@ final class PageStateModelTests: XCTestCase {
         }
         do {
             try world.quiesce()
+            try world.backingMatches()
             try world.powerLoss()
         } catch {
-            return "seed \(seed) failed in its final power loss: \(error)\n  \(world.trace.suffix(30).joined(separator: "\n  "))"
+            return "seed \(seed) (\(world.mode.rawValue)) failed in its final power loss: \(error)\n  \(world.trace.joined(separator: "\n  "))"
         }
         return nil
     }

@@ -22,6 +22,9 @@
 //   writeback (cache,back) the backing store lacks the page:        set before a write's data is
 //                         never evicted                             issued; cleared after the copy to
 //                                                                   the backing store and its fdatasync
+//   unsettled (cache,thr) cache and backing store may differ: a     set before a write's data is
+//                         crash drops the cache's copy              issued; cleared once both copies
+//                                                                   are durable
 //   dirty                 written since the last `dirty --clear` /  set before a write's data is
 //                         `sync` (reporting only)                   issued; cleared by those commands
 //
@@ -72,6 +75,10 @@ final class CacheContext {
     var writeThrough = false
     /// Write-back: pages written to the cache and not yet to the backing store.
     var writeback: Bitmap?
+    /// Write-through: pages a write may have reached in one of cache and backing
+    /// store and not in the other (set before the write is issued, cleared once
+    /// both are durable). A crash leaves them unknown: the cache drops them.
+    var unsettled: Bitmap?
     /// Evict clean pages, least recently used first, to keep the cache under this many bytes (0: no bound).
     var maxCacheBytes: UInt64 = 0
     /// Publish statistics to /run/ublk-http/ublkN.stats.json (off in host tests).
@@ -195,6 +202,7 @@ final class CachingHandler: QueueHandler {
     let dirty: Bitmap?
     let local: Bitmap?
     let writeback: Bitmap?
+    let unsettled: Bitmap?
     /// The bitmaps a write sets before its data is issued (see ORDER ON DISK, 1).
     let intentBitmaps: [Bitmap]
 
@@ -242,6 +250,8 @@ final class CachingHandler: QueueHandler {
         var writebackCleared: [Range<UInt64>] = []
         /// Pages written before this cycle's fdatasync.
         var writtenPages: [Range<UInt64>] = []
+        /// Unsettled bits cleared by this cycle (set again if a data sync fails).
+        var settledCleared: [Range<UInt64>] = []
     }
     var cycle: Cycle?
     var flushWaiters: [UInt16] = []
@@ -278,6 +288,8 @@ final class CachingHandler: QueueHandler {
     var writebackCursor: UInt64 = 0
     /// Copied to the backing store, bits to clear at the next full cycle (after the backing's fdatasync).
     var writebackCopied: [Range<UInt64>] = []
+    /// Write-through: written to both, unsettled bits to clear at the next full cycle.
+    var settledWrites: [Range<UInt64>] = []
     static let writebackRunPages: UInt64 = 256
 
     /// Eviction: the last use of each 1 MiB chunk (a request counter), and the
@@ -338,7 +350,8 @@ final class CachingHandler: QueueHandler {
         self.dirty = context.dirty
         self.local = context.local
         self.writeback = context.writeback
-        intentBitmaps = [context.local, context.dirty, context.writeback].compactMap { $0 }
+        self.unsettled = context.unsettled
+        intentBitmaps = [context.local, context.dirty, context.writeback, context.unsettled].compactMap { $0 }
         self.cacheFD = context.cache.fd
         self.imageSize = context.imageSize
         self.pageSize = UInt64(context.pageSize)
@@ -355,9 +368,11 @@ final class CachingHandler: QueueHandler {
         done = Array(repeating: 0, count: depth)
         timerFD = cu_timerfd()
         lastPersist = monotonicNanos()
-        // A local bit without a present one is a write whose data never became
-        // durable (its present bit comes after the data): the page is the remote's.
-        if let l = local {
+        settleAfterCrash()
+        // A local or write-back bit without a present one is a write whose data
+        // never became durable (its present bit comes after the data): the page
+        // is still the remote's (the backing store's).
+        for l in [local, writeback].compactMap({ $0 }) {
             var p: UInt64 = 0
             while p < l.pageCount, let s = l.bits.nextSet(in: p..<l.pageCount) {
                 let e = l.bits.nextClear(in: s..<l.pageCount) ?? l.pageCount
@@ -371,6 +386,21 @@ final class CachingHandler: QueueHandler {
                 }
                 p = e
             }
+        }
+    }
+
+    /// Write-through after a crash: a page whose write may have reached only
+    /// one of cache and backing store is dropped from the cache (the backing
+    /// store's copy is what the device reads from now on).
+    func settleAfterCrash() {
+        guard let u = unsettled, u.count > 0 else { return }
+        var p: UInt64 = 0
+        while p < u.pageCount, let s = u.bits.nextSet(in: p..<u.pageCount) {
+            let e = u.bits.nextClear(in: s..<u.pageCount) ?? u.pageCount
+            bitmap.markAbsent(s..<e)
+            evicting.append(s..<e)
+            u.markAbsent(s..<e)
+            p = e
         }
     }
 
@@ -457,6 +487,7 @@ final class CachingHandler: QueueHandler {
     func setIntent(_ pages: Range<UInt64>) -> Bool {
         if let run = writebackRun, run.pages.overlaps(pages) { writebackRun!.dirtied = true }
         if !writebackCopied.isEmpty { writebackCopied = writebackCopied.flatMap { $0.subtracting(pages) } }
+        if !settledWrites.isEmpty { settledWrites = settledWrites.flatMap { $0.subtracting(pages) } }
         var wait = false
         for b in intentBitmaps {
             b.markPresent(pages)
@@ -531,13 +562,21 @@ final class CachingHandler: QueueHandler {
             claimed[t] = []
             if !failed {
                 markPresent(pages)
-            } else if let l = local {
-                // Never present, and no local data landed: the page is still the remote's.
-                for p in pages where !bitmap.test(p) { l.markAbsent(p..<p + 1) }
+            } else {
+                // Never present, and no data of it counts: the page is still the remote's.
+                for b in [local, writeback].compactMap({ $0 }) {
+                    for p in pages where !bitmap.test(p) { b.markAbsent(p..<p + 1) }
+                }
             }
             for id in claims { serve(planner.complete(run: id, success: !failed), queue) }
         }
-        if failed { return finish(r.tag, partFailed[t], queue) }
+        if failed {
+            // Write-through: one copy may have it and the other not. The cache's
+            // goes (the page is read from the backing store again); the
+            // unsettled bit stays until a write of the page succeeds.
+            if through { for p in pages where bitmap.test(p) { bitmap.markAbsent(p..<p + 1); evicting.append(p..<p + 1) } }
+            return finish(r.tag, partFailed[t], queue)
+        }
         written(r, pages, queue: queue)
     }
 
@@ -547,6 +586,7 @@ final class CachingHandler: QueueHandler {
     func written(_ r: Request, _ pages: Range<UInt64>, queue: IOQueue) {
         syncs.written(pages)
         unsyncedWrites.append(pages)
+        if unsettled != nil { settledWrites.append(pages) }
         var newly = false
         for b in intentBitmaps where b.markPresent(pages) > 0 { newly = true }
         let t = Int(r.tag)
@@ -739,7 +779,7 @@ final class CachingHandler: QueueHandler {
         let statsDirty = context.publishStats && statsSignature != writtenStatsSignature
         if writeback != nil && !draining { startWriteback(queue) }
         if context.maxCacheBytes > 0 && cycle == nil && punchesInFlight == 0 { evictIfNeeded(queue) }
-        let presentDirty = bitmap.bits.hasDirty || !writebackCopied.isEmpty || !evicting.isEmpty
+        let presentDirty = bitmap.bits.hasDirty || !writebackCopied.isEmpty || !evicting.isEmpty || !settledWrites.isEmpty
         let bitsDirty = presentDirty || intentBitmaps.contains { $0.bits.hasDirty }
         guard statsDirty || (bitsDirty && cycle == nil) else { return }
         let now = monotonicNanos()
@@ -770,6 +810,15 @@ final class CachingHandler: QueueHandler {
                 for r in writebackCopied { wb.markAbsent(r) }
                 c.writebackCleared = writebackCopied
                 writebackCopied = []
+            }
+            // Written to both: the fdatasyncs below make both copies durable. Not
+            // where another write is still in flight (it keeps its bit).
+            if let u = unsettled, !settledWrites.isEmpty {
+                var keep: [Range<UInt64>] = []
+                for r in settledWrites {
+                    if writeInFlight(overlapping: r) { keep.append(r) } else { u.markAbsent(r); c.settledCleared.append(r) }
+                }
+                settledWrites = keep
             }
             c.unsynced = unsyncedPresent
             unsyncedPresent = []
@@ -912,6 +961,7 @@ final class CachingHandler: QueueHandler {
         for r in lost { dirty?.markPresent(r) }
         lostPages += lost
         if let wb = writeback { for r in c.writebackCleared { wb.markPresent(r) } }
+        if let u = unsettled { for r in c.settledCleared { u.markPresent(r) } }
         evicting += c.punch
         for range in c.unsynced + unsyncedPresent {
             for p in range where bitmap.test(p) {
@@ -1062,6 +1112,13 @@ final class CachingHandler: QueueHandler {
         let limit = min(first + CachingHandler.writebackRunPages, all.upperBound)
         var end = wb.bits.nextClear(in: first..<limit) ?? limit
         if let c = writebackCopied.first(where: { $0.lowerBound > first && $0.lowerBound < end }) { end = c.lowerBound }
+        // Only what the cache file holds, and no page a write is still filling:
+        // the backing store never gets bytes that are not the data.
+        end = bitmap.bits.nextClear(in: first..<end) ?? end
+        if end == first || writeInFlight(overlapping: first..<end) {
+            writebackCursor = max(first + 1, end)
+            return
+        }
         let ps = UInt64(context.pageSize)
         let length = Int(min(end * ps, imageSize) - first * ps)
         var raw: UnsafeMutableRawPointer?
@@ -1098,9 +1155,17 @@ final class CachingHandler: QueueHandler {
                                offset: offset + UInt64(run.done), tag: Queue.internalTag, sub: CachingHandler.subWritebackWrite)
         }
         // On the backing store now; the bits are cleared by the next full cycle, after its fdatasync.
-        if !run.dirtied { writebackCopied.append(run.pages) }
+        if !run.dirtied && !writeInFlight(overlapping: run.pages) { writebackCopied.append(run.pages) }
         end()
         startWriteback(queue)
+    }
+
+    /// Whether a write (or discard) in flight, or waiting for its intent bits, covers one of `pages`.
+    func writeInFlight(overlapping pages: Range<UInt64>) -> Bool {
+        for (t, s) in stage.enumerated() where s == .writing || s == .waitingIntent || s == .waitingAck {
+            if let r = requests[t], planner.pages(offset: r.offset, length: Int(r.length)).overlaps(pages) { return true }
+        }
+        return false
     }
 
     func drain(queue: IOQueue) {
@@ -1124,6 +1189,11 @@ final class CachingHandler: QueueHandler {
             if let wb = writeback, !writebackCopied.isEmpty, context.backingFD >= 0, fdatasync(context.backingFD) == 0 {
                 for r in writebackCopied { wb.markAbsent(r) }
                 writebackCopied = []
+            }
+            if let u = unsettled, !settledWrites.isEmpty, context.backingFD >= 0, fdatasync(context.backingFD) == 0 {
+                try context.cache.sync()
+                for r in settledWrites { u.markAbsent(r) }
+                settledWrites = []
             }
             if !durabilityLost { try bitmap.commit(syncing: context.cache) }
             for b in intentBitmaps { try b.commit(syncing: context.cache) }
