@@ -15,6 +15,8 @@ final class FaultFiles {
     static let page = 4096
     struct File {
         let path: String
+        /// What the page cache holds (every write goes through this layer).
+        var current: [UInt8]
         var durable: [UInt8]
         /// Pages lost by a failed fdatasync and not written since.
         var lost: Set<Int> = []
@@ -39,20 +41,50 @@ final class FaultFiles {
         return out
     }
 
-    /// `fd` (of `path`) as it is now counts as durable: a file just opened or created.
+    /// Files of a process that died: the page cache keeps them as they are, durable or not.
+    var orphans: [String: File] = [:]
+
+    /// `fd` (of `path`) as it is now counts as durable: a file just opened or
+    /// created. A file the dead process had open keeps what was durable then.
     func track(_ fd: Int32, path: String) {
-        files[fd] = File(path: path, durable: FaultFiles.contents(path))
+        let now = FaultFiles.contents(path)
+        if var f = orphans.removeValue(forKey: path) {
+            f.current = now
+            files[fd] = f
+        } else {
+            files[fd] = File(path: path, current: now, durable: now)
+        }
     }
 
-    func wrote(_ fd: Int32, offset: UInt64, length: Int) {
-        guard length > 0, var f = files[fd], !f.lost.isEmpty else { return }
-        for p in Int(offset) / FaultFiles.page...(Int(offset) + length - 1) / FaultFiles.page { f.lost.remove(p) }
+    /// The server process died (kill -9): nothing is lost, the files stay as they are.
+    func processDied() {
+        for f in files.values { orphans[f.path] = f }
+        files = [:]
+    }
+
+    /// `length` bytes at `offset` were written (from `bytes`; nil: punched to zeros).
+    func wrote(_ fd: Int32, offset: UInt64, length: Int, bytes: UnsafeRawPointer?) {
+        guard length > 0, var f = files[fd] else { return }
+        files[fd] = nil  // no copy on write of the arrays below
+        let o = Int(offset)
+        if let bytes {
+            if f.current.count < o + length { f.current += [UInt8](repeating: 0, count: o + length - f.current.count) }
+            f.current.withUnsafeMutableBytes { _ = memcpy($0.baseAddress! + o, bytes, length) }
+        } else if o < f.current.count {
+            let e = min(o + length, f.current.count)
+            f.current.withUnsafeMutableBytes { _ = memset($0.baseAddress! + o, 0, e - o) }
+        }
+        if !f.lost.isEmpty {
+            for p in o / FaultFiles.page...(o + length - 1) / FaultFiles.page { f.lost.remove(p) }
+        }
         files[fd] = f
     }
 
     func fdatasync(_ fd: Int32, fail: Bool) -> Int32 {
         guard var f = files[fd] else { return Glibc.fdatasync(fd) == 0 ? 0 : -errno }
-        let now = FaultFiles.contents(f.path)
+        files[fd] = nil
+        defer { files[fd] = f }
+        let now = f.current
         if fail {
             fsyncFailures += 1
             let n = max(now.count, f.durable.count)
@@ -61,7 +93,6 @@ final class FaultFiles {
                 let a = r.clamped(to: 0..<now.count), b = r.clamped(to: 0..<f.durable.count)
                 if now[a] != f.durable[b] { f.lost.insert(p) }
             }
-            files[fd] = f
             return -EIO
         }
         var next = now
@@ -71,13 +102,12 @@ final class FaultFiles {
         }
         f.durable = next
         f.lost = []
-        files[fd] = f
         return 0
     }
 
     /// Power loss: every file goes back to what its last good fdatasync kept.
     func powerLoss() {
-        for f in files.values {
+        for f in Array(files.values) + Array(orphans.values) {
             let fd = open(f.path, O_WRONLY | O_TRUNC)
             precondition(fd >= 0)
             var w = 0
@@ -89,6 +119,7 @@ final class FaultFiles {
             close(fd)
         }
         files = [:]
+        orphans = [:]
     }
 }
 
@@ -153,7 +184,7 @@ final class FakeQueue: IOQueue {
         if fd == cacheFD && roll(writeFailPermille) { files.writeFailures += 1; return -ENOSPC }
         let n = pwrite(fd, buf, length, off_t(offset))
         if n != length { return -EIO }
-        files.wrote(fd, offset: offset, length: length)
+        files.wrote(fd, offset: offset, length: length, bytes: buf)
         return 0
     }
 
@@ -166,6 +197,21 @@ final class FakeQueue: IOQueue {
         guard !pending.isEmpty else { return false }
         let i = Int(rng.next() % UInt64(pending.count))
         let p = pending.remove(at: i)
+        let result = perform(p)
+        handler?.ioCompleted(tag: p.tag, sub: p.sub, data: p.data, result: result, queue: self)
+        return true
+    }
+
+    /// The server died: the kernel still carries out what was submitted, in any order, or some of it.
+    func processDied() {
+        while !pending.isEmpty {
+            let p = pending.remove(at: Int(rng.next() % UInt64(pending.count)))
+            if rng.next() % 2 == 0 { _ = perform(p) }
+        }
+        handler = nil
+    }
+
+    func perform(_ p: Pending) -> Int32 {
         let result: Int32
         switch p.op {
         case .read(let fd, let buf, let len, let off):
@@ -178,17 +224,16 @@ final class FakeQueue: IOQueue {
             } else {
                 let n = pwrite(fd, buf, Int(len), off_t(off))
                 result = n < 0 ? -errno : Int32(n)
-                if n > 0 { files.wrote(fd, offset: off, length: n) }
+                if n > 0 { files.wrote(fd, offset: off, length: n, bytes: buf) }
             }
         case .fsync(let fd):
             result = files.fdatasync(fd, fail: fd == cacheFD && roll(fsyncFailPermille))
         case .fallocate(let fd, let mode, let off, let len):
             let r = cu_fallocate(fd, mode, Int64(off), Int64(len))
             result = r < 0 ? r : 0
-            if r >= 0 { files.wrote(fd, offset: off, length: Int(len)) }
+            if r >= 0 { files.wrote(fd, offset: off, length: Int(len), bytes: nil) }
         }
-        handler?.ioCompleted(tag: p.tag, sub: p.sub, data: p.data, result: result, queue: self)
-        return true
+        return result
     }
 }
 

@@ -108,7 +108,8 @@ final class PageStateModelTests: XCTestCase {
         init(seed: UInt64) throws {
             self.seed = seed
             rng = SplitMix(seed: seed)
-            mode = [Mode.overlay, .cacheThrough, .cacheBack][Int(seed % 3)]
+            mode = ProcessInfo.processInfo.environment["MODEL_MODE"].flatMap { Mode(rawValue: $0) }
+                ?? [Mode.overlay, .cacheThrough, .cacheBack][Int(seed % 3)]
             dir = NSTemporaryDirectory() + "ublk-model-\(getpid())-\(seed)"
             mkdir(dir, 0o700)
             buffers = (0..<8).map { _ in UnsafeMutableRawPointer.allocate(byteCount: 16 * 1024, alignment: 4096) }
@@ -365,17 +366,19 @@ final class PageStateModelTests: XCTestCase {
             try quiesce()
         }
 
-        /// Power loss at this very point: in-flight I/O is gone, files keep what was durable.
-        func powerLoss() throws {
-            note("POWER LOSS")
+        /// Power loss at this very point: in-flight I/O is gone, files keep what
+        /// was durable. `processOnly`: the server was killed (kill -9); the
+        /// machine goes on, and the files keep everything written.
+        func powerLoss(processOnly: Bool = false) throws {
+            note(processOnly ? "KILL -9" : "POWER LOSS")
             crashes += 1
-            queue.pending = []
+            if processOnly { queue.processDied() } else { queue.pending = [] }
             queue.handler = nil
             handler = nil
             fetcher = nil
             fake = nil
             bitmaps = []
-            files.powerLoss()
+            if processOnly { files.processDied() } else { files.powerLoss() }
             inFlight = [:]
             flushSnapshots = [:]
             for s in 0..<PageStateModelTests.sectors {
@@ -478,6 +481,8 @@ final class PageStateModelTests: XCTestCase {
                 }
             case 988..<994:
                 try sync()
+            case 994..<997:
+                try powerLoss(processOnly: true)
             default:
                 try powerLoss()
             }
