@@ -39,7 +39,7 @@ struct HTTPOptions: ParsableArguments {
     @Flag(name: .customLong("insecure"), help: "Do not verify the server's TLS certificate.")
     var insecure = false
 
-    @Option(name: .customLong("timeout"), parsing: .unconditional, help: "Seconds one request attempt may take (0.1-86400). Failed attempts are retried with backoff, 5 attempts in all.")
+    @Option(name: .customLong("timeout"), parsing: .unconditional, help: "Seconds one request attempt may take (0.1-86400). Failed attempts (5xx, resets, timeouts, DNS and TLS handshake failures) are retried with backoff, 5 attempts in all.")
     var timeout: Double = 60
 
     @Option(name: .customLong("connections"), parsing: .unconditional, help: "Connections (and fetches in flight) at most (1-64).")
