@@ -65,7 +65,7 @@ final class FaultServerTests: XCTestCase {
     var image: [UInt8] { Self.image }
 
     override func setUpWithError() throws {
-        guard let s = Self.server else { throw XCTSkip("the fault server (python3 Tests/tools/faultserver.py) did not start") }
+        guard let s = Self.server else { throw missingTool("the fault server (python3 Tests/tools/faultserver.py) did not start") }
         server = s
     }
 
@@ -280,7 +280,7 @@ final class ResettingListener {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 && getsockname(fd, $0, &len) == 0 }
         }
         port = UInt16(bigEndian: addr.sin_port)
-        guard bound, listen(fd, 16) == 0 else { close(fd); throw XCTSkip("cannot listen on 127.0.0.1") }
+        guard bound, listen(fd, 16) == 0 else { close(fd); throw missingTool("cannot listen on 127.0.0.1") }
         let listener = fd
         let counter = self.counter
         Thread.detachNewThread {
