@@ -203,6 +203,7 @@ final class PageStateModelTests: XCTestCase {
                                        maxActiveRuns: 3)
             handler = CachingHandler(context: context, fetcher: fetcher, planner: planner, depth: depth)
             handler.persistInterval = persistInterval
+            handler.trace = { [unowned self] in self.note("  handler: " + $0) }
             queue.handler = handler
         }
 
@@ -269,7 +270,7 @@ final class PageStateModelTests: XCTestCase {
                     for s in range {
                         let got = PageStateModelTests.decode(buffers[Int(tag)] + (s - f.offset) * PageStateModelTests.sector, sector: s)
                         if !current[s].contains(got) && !inflight[s].contains(got) {
-                            throw Failure(description: "sector \(s) read as \(got); expected one of \(current[s].union(inflight[s]).sorted())")
+                            throw Failure(description: "sector \(s) read as \(got); expected one of \(current[s].union(inflight[s]).sorted()); \(describePage(UInt64(s / 8)))")
                         }
                     }
                 case Op.write, Op.discard:
@@ -294,6 +295,11 @@ final class PageStateModelTests: XCTestCase {
                     break
                 }
             }
+        }
+
+        func describePage(_ p: UInt64) -> String {
+            let h = handler!
+            return "page \(p): present \(h.bitmap.test(p)) local \(h.local?.test(p) ?? false) dirty \(h.dirty?.test(p) ?? false) writeback \(h.writeback?.test(p) ?? false) unsettled \(h.unsettled?.test(p) ?? false) lost \(h.lostPages) fsync failures \(files.fsyncFailures) write failures \(files.writeFailures)"
         }
 
         /// Lets the handler and its I/O move on: one random action.

@@ -266,7 +266,10 @@ final class CachingHandler: QueueHandler {
     /// Pages whose written data a failed fdatasync may have lost and that were
     /// not written (and synced) again since: they stay dirty, and FLUSH fails.
     var lostPages: [Range<UInt64>] = []
-    var durabilityLost: Bool { !lostPages.isEmpty }
+    /// A data sync failed: present bits no longer go to the disk (nor does
+    /// eviction run) until the device is restarted, and every FLUSH fails.
+    var presentFrozen = false
+    var durabilityLost: Bool { presentFrozen || !lostPages.isEmpty }
     var lastPersist: UInt64 = 0
     var persistInterval: UInt64 = 1_000_000_000
     static let metaRunShift: UInt32 = 26
@@ -276,6 +279,8 @@ final class CachingHandler: QueueHandler {
     let timerFD: Int32
     var timerArmed = false
     var draining = false
+    /// Host tests: a line per state change, for a failing seed's replay.
+    var trace: ((String) -> Void)?
 
     static let subRead: UInt8 = 0, subSync: UInt8 = 1, subWrite: UInt8 = 2, subPunch: UInt8 = 3, subFetch: UInt8 = 4
     static let subBackingWrite: UInt8 = 5, subBackingPunch: UInt8 = 6, subBackingSync: UInt8 = 7
@@ -510,6 +515,7 @@ final class CachingHandler: QueueHandler {
 
     /// The write's intent bits are durable: its data goes to the cache file (and the backing store).
     func issueWrite(_ r: Request, queue: IOQueue) {
+        trace?("issue tag \(r.tag) op \(r.op) at \(r.offset)+\(r.length)")
         let t = Int(r.tag)
         requests[t] = r
         stage[t] = .writing
@@ -687,6 +693,7 @@ final class CachingHandler: QueueHandler {
 
     func startRuns(_ queue: IOQueue) {
         for run in planner.startableRuns() {
+            trace?("fetch \(run.firstPage)+\(run.pageCount)")
             runBytes[run.id] = 0
             fetcher.start(run, handler: self, queue: queue)
         }
@@ -696,6 +703,7 @@ final class CachingHandler: QueueHandler {
     /// Pages whose data was just written into the cache file: present (in memory;
     /// on disk after the next full cycle's data sync).
     func markPresent(_ pages: Range<UInt64>) {
+        trace?("present \(pages)")
         if bitmap.markPresent(pages) > 0 { unsyncedPresent.append(pages) }
     }
 
@@ -778,7 +786,7 @@ final class CachingHandler: QueueHandler {
         if !fetcher.isIdle { armPoll(queue) }
         let statsDirty = context.publishStats && statsSignature != writtenStatsSignature
         if writeback != nil && !draining { startWriteback(queue) }
-        if context.maxCacheBytes > 0 && cycle == nil && punchesInFlight == 0 { evictIfNeeded(queue) }
+        if context.maxCacheBytes > 0 && cycle == nil && punchesInFlight == 0 && !presentFrozen { evictIfNeeded(queue) }
         let presentDirty = bitmap.bits.hasDirty || !writebackCopied.isEmpty || !evicting.isEmpty || !settledWrites.isEmpty
         let bitsDirty = presentDirty || intentBitmaps.contains { $0.bits.hasDirty }
         guard statsDirty || (bitsDirty && cycle == nil) else { return }
@@ -829,7 +837,7 @@ final class CachingHandler: QueueHandler {
             c.flushes = flushWaiters
             flushWaiters = []
         }
-        for b in (full ? [bitmap] : []) + intentBitmaps {
+        for b in (full && !presentFrozen ? [bitmap] : []) + intentBitmaps {
             let staged = b.stage()
             if staged.isEmpty {
                 c.commits.append((b, staged, nil))
@@ -962,11 +970,20 @@ final class CachingHandler: QueueHandler {
         lostPages += lost
         if let wb = writeback { for r in c.writebackCleared { wb.markPresent(r) } }
         if let u = unsettled { for r in c.settledCleared { u.markPresent(r) } }
-        evicting += c.punch
+        // Evicted pages stay in the file, unpunched: their cleared bits will not reach the disk now.
+        if !presentFrozen {
+            presentFrozen = true
+            log("ublk-http: the cache file's present bits are no longer persisted, and FLUSH fails, until the device is restarted")
+        }
+        // Fetched pages whose copy may be gone from the disk are fetched again
+        // (unless a request in flight holds them: those stay, and a power loss
+        // finds them absent, since present bits no longer go out).
+        let pinned = pinnedRanges()
         for range in c.unsynced + unsyncedPresent {
             for p in range where bitmap.test(p) {
                 if (local?.test(p) ?? false) || (writeback?.test(p) ?? false) { continue }
-                if planner.run(covering: p) != nil { continue }
+                if planner.run(covering: p) != nil || pinned.contains(where: { $0.contains(p) }) { continue }
+                trace?("unsynced, absent again: \(p)")
                 bitmap.markAbsent(p..<p + 1)
             }
         }
@@ -1049,6 +1066,7 @@ final class CachingHandler: QueueHandler {
                     var r = q
                     while r < e && !mustKeep(r, pinned: pinned) { r += 1 }
                     bitmap.markAbsent(q..<r)
+                    trace?("evict \(q..<r)")
                     evicting.append(q..<r)
                     present -= UInt64(r - q) * ps
                     q = r
@@ -1072,6 +1090,7 @@ final class CachingHandler: QueueHandler {
                 var e = p
                 while e < range.upperBound && gone(e) { e += 1 }
                 punchesInFlight += 1
+                trace?("punch \(p..<e)")
                 queue.fallocate(fd: cacheFD, mode: cu_falloc_punch, offset: p * ps, length: min(e * ps, imageSize) - p * ps,
                                 tag: Queue.internalTag, sub: CachingHandler.subEvictPunch)
                 p = e
@@ -1124,6 +1143,7 @@ final class CachingHandler: QueueHandler {
         var raw: UnsafeMutableRawPointer?
         guard posix_memalign(&raw, 4096, (length + 4095) & ~4095) == 0, let buf = raw else { return }
         writebackRun = (first..<end, buf, 0, false)
+        trace?("write-back copy \(first..<end)")
         writebackCursor = end
         queue.read(fd: cacheFD, into: buf, length: UInt32(length), offset: first * ps,
                    tag: Queue.internalTag, sub: CachingHandler.subWritebackRead)
