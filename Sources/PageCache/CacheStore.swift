@@ -230,27 +230,24 @@ public final class CacheStore {
         case .open:
             let c = try openCompanion(.local, spec.localPath, role: "local")
             local = c
-            if c.created {
-                // A cache made before the local bitmap: its local pages are the
-                // dirty ones it holds (dirty and present).
-                var source: PageBits?
-                if let d = dirty, d.belongs { source = d.bitmap.bits }
-                else if dirty == nil, exists(spec.dirtyPath), let b = try? CacheStore.bits(path: spec.dirtyPath, role: "dirty", live: spec.live),
-                        b.info.binding?.setID == pBinding?.setID, b.bits.pageCount == p.pageCount {
-                    source = b.bits
-                }
-                if let s = source {
-                    let n = copyIntersection(s, p.bits, into: c.bitmap)
-                    if n > 0 { notes.append("\(spec.localPath): \(n) locally written pages taken over from the dirty bitmap") }
-                }
+            // A page dirty and present holds data written here: it is local
+            // (a cache made before the local bitmap; or a handler that has not
+            // marked it yet). Folded in at every open, never taken out.
+            var source: PageBits?
+            if let d = dirty, d.belongs { source = d.bitmap.bits }
+            else if dirty == nil, exists(spec.dirtyPath), let b = try? CacheStore.bits(path: spec.dirtyPath, role: "dirty", live: spec.live),
+                    b.info.binding?.setID == pBinding?.setID, b.bits.pageCount == p.pageCount {
+                source = b.bits
+            }
+            if let src = source, c.belongs || c.created {
+                let n = copyIntersection(src, p.bits, into: c.bitmap)
+                if n > 0 { notes.append("\(spec.localPath): \(n) written pages of the dirty bitmap are local") }
             }
         case .refuse(let message):
-            let n = exists(spec.localPath) ? try pagesIn(spec.localPath, role: "local")
-                : (exists(spec.dirtyPath) ? try pagesIn(spec.dirtyPath, role: "dirty") : 0)
+            let n = try localOutsidePages(spec)
             if n > 0 { throw CacheStoreError.refused(message(n)) }
         case .protect:
-            localOutside = exists(spec.localPath) ? try pagesIn(spec.localPath, role: "local")
-                : (exists(spec.dirtyPath) ? try pagesIn(spec.dirtyPath, role: "dirty") : 0)
+            localOutside = try localOutsidePages(spec)
         case .none:
             break
         }
@@ -520,6 +517,18 @@ public final class CacheStore {
 
     static func pages(path: String, role: String, live: LiveConfig?) throws(BitmapError) -> UInt64 {
         try bits(path: path, role: role, live: live).bits.count
+    }
+
+    /// Local pages of a set whose local bitmap is not opened: those of the
+    /// local bitmap and the dirty ones (a cache from before the local bitmap).
+    private static func localOutsidePages(_ spec: CacheStoreSpec) throws -> UInt64 {
+        let l = exists(spec.localPath) ? try bits(path: spec.localPath, role: "local", live: spec.live).bits : nil
+        let d = exists(spec.dirtyPath) ? try bits(path: spec.dirtyPath, role: "dirty", live: spec.live).bits : nil
+        guard let l else { return d?.count ?? 0 }
+        guard let d, d.pageCount == l.pageCount else { return l.count }
+        var n: UInt64 = 0
+        for w in 0..<l.wordCount { n += UInt64((l.word(w) | d.word(w)).nonzeroBitCount) }
+        return n
     }
 
     /// Marks in `into` the pages set in both `a` and `b`; returns how many were newly set.
