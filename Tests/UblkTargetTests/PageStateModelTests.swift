@@ -104,6 +104,8 @@ final class PageStateModelTests: XCTestCase {
         var evictBound: UInt64 = 0
         var persistInterval: UInt64 = 0
         var crashes = 0, reads = 0, writes = 0, flushes = 0, syncs = 0
+        /// The machine's boot: a power loss starts another (live bits on /run die with it).
+        var boots = 0
 
         init(seed: UInt64) throws {
             self.seed = seed
@@ -130,7 +132,15 @@ final class PageStateModelTests: XCTestCase {
             for b in buffers { b.deallocate() }
             if backingFD >= 0 { close(backingFD) }
             for f in ["c", "b", "b.dirty", "b.local", "b.writeback", "b.unsettled", "backing"] { unlink(dir + "/" + f) }
+            removeLive()
             rmdir(dir)
+        }
+
+        func removeLive() {
+            if let names = try? FileManager.default.contentsOfDirectory(atPath: dir + "/live") {
+                for n in names { unlink(dir + "/live/" + n) }
+            }
+            rmdir(dir + "/live")
         }
 
         func note(_ s: String) {
@@ -140,36 +150,43 @@ final class PageStateModelTests: XCTestCase {
 
         /// Opens the files as the http target does, and a handler over them.
         func start() throws {
+            if mode != .overlay && backingFD < 0 {
+                // The backing store starts as the "remote" image; it is durable as made.
+                let fd = open(dir + "/backing", O_RDWR | O_CREAT | O_TRUNC, 0o600)
+                _ = remote.withUnsafeBytes { pwrite(fd, $0.baseAddress!, $0.count, 0) }
+                close(fd)
+            }
+            if backingFD >= 0 { close(backingFD) }
+            backingFD = mode == .overlay ? -1 : open(dir + "/backing", O_RDWR)
             let id = BitmapIdentity(kind: .present, pageSize: PageStateModelTests.page,
-                                    imageSize: UInt64(PageStateModelTests.imageSize), url: "model://image", etag: "e1")
-            var dirtyID = id, localID = id
-            dirtyID.kind = .dirty
-            localID.kind = .local
-            let bitmap = try Bitmap.open(path: dir + "/b", identity: id).bitmap
-            let dirty = try Bitmap.open(path: dir + "/b.dirty", identity: dirtyID).bitmap
-            let local = mode == .overlay ? try Bitmap.open(path: dir + "/b.local", identity: localID).bitmap : nil
-            let writeback = mode == .cacheBack ? try Bitmap.open(path: dir + "/b.writeback", identity: dirtyID).bitmap : nil
-            var unsettledID = id
-            unsettledID.kind = .unsettled
-            let unsettled = mode == .cacheThrough ? try Bitmap.open(path: dir + "/b.unsettled", identity: unsettledID).bitmap : nil
-            let cache = try CacheFile(path: dir + "/c", size: UInt64(PageStateModelTests.imageSize))
+                                    imageSize: UInt64(PageStateModelTests.imageSize), url: "model://image",
+                                    etag: mode == .overlay ? "e1" : "backing-1")
+            // Opened as the targets open it: CacheStore binds the files and adopts live bits.
+            var spec = CacheStoreSpec(cachePath: dir + "/c", bitmapPath: dir + "/b", identity: id)
+            spec.dirty = .open
+            spec.live = LiveConfig(directory: dir + "/live", bootID: "boot-\(boots)", required: true)
+            if mode == .overlay {
+                spec.local = .open
+            } else {
+                spec.companionValidators = false
+                spec.sourceName = "the backing store"
+                spec.writeback = mode == .cacheBack ? .open : .refuse { n in "\(n) pages not written back" }
+                spec.unsettled = true
+                spec.backing = BackingCheck(fd: backingFD, path: dir + "/backing")
+            }
+            let store = try CacheStore.open(spec)
+            let bitmap = store.present, dirty = store.dirty!, local = store.local, writeback = store.writeback
+            let unsettled = store.unsettled, cache = store.cache
+            if case .startedAfresh(let why) = store.state { note("store started afresh: \(why)") }
             bitmaps = [bitmap, dirty] + [local, writeback, unsettled].compactMap { $0 }
             for (b, p) in [(bitmap, "b"), (dirty, "b.dirty"), (local, "b.local"), (writeback, "b.writeback"), (unsettled, "b.unsettled")] {
                 if let b { files.track(b.fd, path: dir + "/" + p) }
             }
             files.track(cache.fd, path: dir + "/c")
-            if mode != .overlay {
-                // The backing store starts as the "remote" image; it is durable as made.
-                if backingFD < 0 {
-                    let path = dir + "/backing"
-                    let fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0o600)
-                    _ = remote.withUnsafeBytes { pwrite(fd, $0.baseAddress!, $0.count, 0) }
-                    close(fd)
-                }
-                if backingFD >= 0 { close(backingFD) }
-                backingFD = open(dir + "/backing", O_RDWR)
-                files.track(backingFD, path: dir + "/backing")
-            }
+            if backingFD >= 0 { files.track(backingFD, path: dir + "/backing") }
+            // What opening wrote it made durable (and what a dead server left in
+            // the page cache may always become durable: see FaultFiles).
+            for fd in Array(files.files.keys) { _ = files.fdatasync(fd, fail: false) }
             let context = CacheContext(cache: cache, bitmap: bitmap, dirty: dirty, imageSize: UInt64(PageStateModelTests.imageSize),
                                        pageSize: PageStateModelTests.page, stats: CacheStats()) {
                 HTTPStats(hits: 0, misses: 0, bytesFetched: 0, requests: 0, retries: 0, errors: 0, missLatencyP50Ms: nil,
@@ -384,11 +401,19 @@ final class PageStateModelTests: XCTestCase {
             fetcher = nil
             fake = nil
             bitmaps = []
-            if processOnly { files.processDied() } else { files.powerLoss() }
+            if processOnly {
+                files.processDied()
+            } else {
+                files.powerLoss()
+                removeLive()
+                boots += 1
+            }
             inFlight = [:]
             flushSnapshots = [:]
             for s in 0..<PageStateModelTests.sectors {
-                current[s] = since[s].union([stable[s]])
+                // kill -9: every acknowledged write is still there (the page cache and the
+                // live bits outlive the process). Power loss: what FLUSHes made durable.
+                current[s] = processOnly ? current[s].union(inflight[s]) : since[s].union([stable[s]])
                 inflight[s] = []
             }
             try start()
@@ -402,11 +427,15 @@ final class PageStateModelTests: XCTestCase {
             for s in 0..<PageStateModelTests.sectors {
                 let got = device.withUnsafeBytes { PageStateModelTests.decode($0.baseAddress! + s * PageStateModelTests.sector, sector: s) }
                 if !current[s].contains(got) {
-                    throw Failure(description: "after power loss sector \(s) reads \(got); allowed \(current[s].sorted()) (stable \(stable[s]))")
+                    throw Failure(description: "after \(processOnly ? "kill -9" : "power loss") sector \(s) reads \(got); allowed \(current[s].sorted()) (stable \(stable[s])); \(describePage(UInt64(s / 8)))")
                 }
                 current[s] = [got]
-                stable[s] = got
-                since[s] = []
+                if !processOnly {
+                    stable[s] = got
+                    since[s] = []
+                } else if got != stable[s] {
+                    since[s].insert(got)
+                }
             }
             try sync()
             let again = try readAll()

@@ -356,7 +356,10 @@ final class CachingHandler: QueueHandler {
         self.local = context.local
         self.writeback = context.writeback
         self.unsettled = context.unsettled
-        intentBitmaps = [context.local, context.dirty, context.writeback, context.unsettled].compactMap { $0 }
+        // Unsettled bits matter to write-through only; in other modes the
+        // bitmap is opened so that a crash of an earlier write-through run is settled.
+        intentBitmaps = [context.local, context.dirty, context.writeback,
+                         context.writeThrough && context.backingFD >= 0 ? context.unsettled : nil].compactMap { $0 }
         self.cacheFD = context.cache.fd
         self.imageSize = context.imageSize
         self.pageSize = UInt64(context.pageSize)
@@ -592,7 +595,7 @@ final class CachingHandler: QueueHandler {
     func written(_ r: Request, _ pages: Range<UInt64>, queue: IOQueue) {
         syncs.written(pages)
         unsyncedWrites.append(pages)
-        if unsettled != nil { settledWrites.append(pages) }
+        if unsettled != nil && through { settledWrites.append(pages) }
         var newly = false
         for b in intentBitmaps where b.markPresent(pages) > 0 { newly = true }
         let t = Int(r.tag)
@@ -909,7 +912,9 @@ final class CachingHandler: QueueHandler {
 
     /// Clears dirty bits (`dirty --clear`, `sync`); a full cycle persists the clear.
     func clearDirty(_ ranges: [Range<UInt64>], queue: IOQueue) {
-        guard let d = dirty else { return }
+        // After a failed data sync nothing written is known to be on the disk
+        // (present bits no longer go out): every listed page stays listed.
+        guard let d = dirty, !presentFrozen else { return }
         // Pages whose data a failed fdatasync may have lost stay listed.
         for r in ranges { for keep in subtract(lostPages, from: r) { d.markAbsent(keep) } }
         dirtyCleared = true
