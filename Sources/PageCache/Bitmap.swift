@@ -129,7 +129,20 @@ public struct BitmapIdentity: Equatable, Sendable {
         self.lastModified = lastModified
     }
 
-    public var pageCount: UInt64 { (imageSize + UInt64(pageSize) - 1) / UInt64(pageSize) }
+    public var pageCount: UInt64 {
+        let ps = UInt64(max(pageSize, 1))
+        return imageSize / ps + (imageSize % ps != 0 ? 1 : 0)  // no overflow near 2^64
+    }
+
+    /// The most pages a bitmap may describe (16 TiB at 4 KiB pages; its words
+    /// take 512 MiB of memory): a header that claims more is refused.
+    public static let maxPageCount: UInt64 = 1 << 32
+
+    /// Page size a power of two from 512 to 1 MiB, a non-empty image of at most `maxPageCount` pages.
+    public var hasValidGeometry: Bool {
+        pageSize >= 512 && pageSize <= 1 << 20 && pageSize & (pageSize - 1) == 0
+            && imageSize > 0 && pageCount <= BitmapIdentity.maxPageCount
+    }
 }
 
 public enum BitmapError: Error, Equatable, CustomStringConvertible, Sendable {
@@ -468,8 +481,9 @@ public final class Bitmap {
         let pageSize = Int(UInt32(h[16]) | UInt32(h[17]) << 8 | UInt32(h[18]) << 16 | UInt32(h[19]) << 24)
         var imageSize: UInt64 = 0
         for i in (24..<32).reversed() { imageSize = imageSize << 8 | UInt64(h[i]) }
-        guard pageSize > 0 else { throw .corruptHeader(path: path) }
         let probe = BitmapIdentity(kind: kind, pageSize: pageSize, imageSize: imageSize, url: "")
+        // A crafted header must not make us divide by zero, overflow or allocate without bound.
+        guard probe.hasValidGeometry else { throw .corruptHeader(path: path) }
         let identity = try readHeader(fd: fd, path: path, expected: probe)
         let words = Int((identity.pageCount + 63) / 64)
         let bits = PageBits(pageCount: identity.pageCount)

@@ -346,3 +346,44 @@ final class BitmapTests: XCTestCase {
         return data.dropFirst(4096).reduce(0) { $0 + $1.nonzeroBitCount }
     }
 }
+
+/// Issue 9, class 10: a bitmap header is read from a file anyone may have
+/// crafted (its checksum is no secret): every field is bounded before use.
+final class CraftedHeaderTests: XCTestCase {
+    func crafted(imageSize: UInt64, pageSize: UInt32, fileSize: off_t = 8192) throws -> String {
+        let path = NSTemporaryDirectory() + "crafted-\(getpid())-\(imageSize)-\(pageSize).bitmap"
+        var h = try Bitmap.encodeHeader(BitmapIdentity(pageSize: 4096, imageSize: 4096, url: "http://x/y"))
+        func put<T: FixedWidthInteger>(_ v: T, _ at: Int) {
+            withUnsafeBytes(of: v.littleEndian) { for (i, b) in $0.enumerated() { h[at + i] = b } }
+        }
+        put(pageSize, 16)
+        put(imageSize, 24)
+        let ps = UInt64(max(pageSize, 1))
+        put(imageSize / ps + (imageSize % ps != 0 ? 1 : 0), 32)
+        put(Bitmap.fnv1a(h), 40)
+        let fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0o600)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        _ = h.withUnsafeBytes { pwrite(fd, $0.baseAddress!, $0.count, 0) }
+        ftruncate(fd, fileSize)
+        close(fd)
+        return path
+    }
+
+    func testHugeOrZeroGeometryIsACorruptHeaderNotATrap() throws {
+        for (size, ps) in [(UInt64.max - 10, UInt32(4096)), (UInt64.max, UInt32(512)), (1 << 20, UInt32(0)),
+                           (1 << 20, UInt32(3000)), (1 << 60, UInt32(4096)), (0, UInt32(4096)), (1 << 20, UInt32(1 << 30))] {
+            let path = try crafted(imageSize: size, pageSize: ps)
+            defer { unlink(path) }
+            XCTAssertThrowsError(try Bitmap.inspect(path: path), "image \(size), page \(ps)") { e in
+                XCTAssertEqual(e as? BitmapError, .corruptHeader(path: path))
+            }
+        }
+    }
+
+    func testTheLargestAllowedGeometryStillOpens() throws {
+        // 2^20 pages of 4 KiB: the bitmap file holds 128 KiB of words (sparse).
+        let path = try crafted(imageSize: 1 << 32, pageSize: 4096, fileSize: off_t(Bitmap.fileSize(pageCount: 1 << 20)))
+        defer { unlink(path) }
+        XCTAssertEqual(try Bitmap.inspect(path: path).identity.pageCount, 1 << 20)
+    }
+}

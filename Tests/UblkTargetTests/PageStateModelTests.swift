@@ -71,6 +71,7 @@ final class PageStateModelTests: XCTestCase {
     enum Mode: String { case overlay, cacheThrough = "cache-through", cacheBack = "cache-back" }
 
     final class World {
+        // (also driven directly by RingOnlyPersistenceTests)
         let mode: Mode
         let dir: String
         let seed: UInt64
@@ -108,6 +109,7 @@ final class PageStateModelTests: XCTestCase {
         var boots = 0
 
         init(seed: UInt64) throws {
+            logMuted = true
             self.seed = seed
             rng = SplitMix(seed: seed)
             mode = ProcessInfo.processInfo.environment["MODEL_MODE"].flatMap { Mode(rawValue: $0) }
@@ -569,4 +571,40 @@ final class PageStateModelTests: XCTestCase {
 extension FakeQueue {
     /// The result a tag completed with last (kept by `World.collect`).
     func lastResult(_ tag: UInt16) -> Int32 { lastResults[tag] ?? -1 }
+}
+
+/// Issue 9, class 8: the queue thread blocks only in io_uring_enter. Every
+/// write and fdatasync of a FLUSH (cache file, bitmaps) is handed to the
+/// queue's ring, none made by the handler itself.
+final class RingOnlyPersistenceTests: XCTestCase {
+    func testAFlushIssuesEveryWriteAndSyncThroughTheQueue() throws {
+        let world = try PageStateModelTests.World(seed: 3)  // a writable overlay
+        let queue = world.queue!
+        queue.fsyncFailPermille = 0
+        queue.writeFailPermille = 0
+        world.handler.persistInterval = .max / 2  // only the FLUSH persists
+        // A whole-page write (no fetch), then a FLUSH: the write's intent bits,
+        // its data, the cache file's fdatasync and the present bits.
+        world.submit(op: Op.write, sector: 8, count: 8)
+        world.submit(op: Op.flush, sector: 0, count: 0)
+        var syncs = Set<Int32>(), writes = Set<Int32>()
+        var steps = 0
+        while !world.inFlight.isEmpty {
+            for p in queue.pending {
+                switch p.op {
+                case .fsync(let fd): syncs.insert(fd)
+                case .write(let fd, _, _, _): writes.insert(fd)
+                default: break
+                }
+            }
+            queue.runOne()
+            try world.collect()
+            steps += 1
+            XCTAssertLessThan(steps, 10_000)
+        }
+        let bitmaps = Set(world.bitmaps.map(\.fd))
+        XCTAssertTrue(syncs.contains(world.handler.cacheFD), "the cache file's fdatasync went through the queue")
+        XCTAssertFalse(syncs.intersection(bitmaps).isEmpty, "bitmap fdatasyncs went through the queue: \(syncs) of \(bitmaps)")
+        XCTAssertFalse(writes.intersection(bitmaps).isEmpty, "bitmap words were written through the queue")
+    }
 }
