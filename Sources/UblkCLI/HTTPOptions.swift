@@ -157,10 +157,12 @@ struct HTTPOptions: ParsableArguments {
 
     static let cacheDirectory = "/var/cache/ublk-http"
 
-    /// Default cache and bitmap paths: a readable name from the URL plus a hash of the whole URL.
+    /// Default cache and bitmap paths: a readable name from the URL plus a hash
+    /// of the URL with its query values and password redacted (a presigned URL
+    /// signed again finds the same cache; ETag and Last-Modified tell a changed object).
     static func defaultPaths(for url: String) -> (cache: String, bitmap: String) {
         var h: UInt64 = 0xcbf2_9ce4_8422_2325
-        for b in url.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
+        for b in HTTPTarget.identityURL(url).utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
         let last = url.split(separator: "?").first.map { String($0) } ?? url
         let name = String((last.split(separator: "/").last.map(String.init) ?? "image")
             .map { $0.isLetter || $0.isNumber || $0 == "." || $0 == "-" || $0 == "_" ? $0 : "_" }.prefix(48))

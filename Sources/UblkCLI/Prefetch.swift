@@ -40,7 +40,7 @@ struct Prefetch: ParsableCommand {
             remote = try source.probeBlocking()
         } catch { throw Failure("\(error)") }
         let identity = BitmapIdentity(kind: .present, pageSize: o.pageSize, imageSize: remote.size,
-                                      url: o.http.url, etag: remote.etag, lastModified: remote.lastModified)
+                                      url: HTTPTarget.identityURL(o.http.url), etag: remote.etag, lastModified: remote.lastModified)
         // The same files and policy as `add -t http` (CacheStore): a local
         // overlay's written pages are never dropped nor fetched over.
         var spec = CacheStoreSpec(cachePath: o.cachePath, bitmapPath: o.bitmapPath, identity: identity)
@@ -53,7 +53,7 @@ struct Prefetch: ParsableCommand {
             bitmap = store.present
             cache = store.cache
             if case .startedAfresh(let why) = store.state {
-                printError("ublk-http: \(why); the cache starts afresh\n")
+                printError(Redact.text("ublk-http: \(why); the cache starts afresh") + "\n")
             }
         } catch { throw Failure("\(error)") }
 

@@ -390,3 +390,19 @@ final class CLITests: XCTestCase {
                        ["add", "-t", "null"])
     }
 }
+
+/// Issue 9, class 9: a presigned URL's signature is no part of a cache's
+/// identity: not in the bitmap header (`status` prints it), and a URL signed
+/// again finds the same default cache files.
+final class PresignedURLTests: XCTestCase {
+    func testSignatureStaysOutOfTheCacheIdentity() {
+        let a = "https://bucket.s3.amazonaws.com/disk.img?X-Amz-Credential=AKIAX&X-Amz-Signature=SECRET1"
+        let b = "https://bucket.s3.amazonaws.com/disk.img?X-Amz-Credential=AKIAX&X-Amz-Signature=SECRET2"
+        XCTAssertFalse(HTTPTarget.identityURL(a).contains("SECRET"))
+        XCTAssertFalse(HTTPTarget.identityURL(a).contains("AKIAX"))
+        XCTAssertEqual(HTTPTarget.identityURL(a), HTTPTarget.identityURL(b))
+        XCTAssertEqual(HTTPOptions.defaultPaths(for: a).bitmap, HTTPOptions.defaultPaths(for: b).bitmap)
+        XCTAssertNotEqual(HTTPOptions.defaultPaths(for: a).bitmap,
+                          HTTPOptions.defaultPaths(for: "https://bucket.s3.amazonaws.com/other.img").bitmap)
+    }
+}

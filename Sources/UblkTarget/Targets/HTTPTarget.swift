@@ -93,7 +93,7 @@ public final class HTTPTarget: Target {
         }
         guard remote.size > 0 else { throw UblkError("\(o.http.url) is empty: nothing to serve") }
         let identity = BitmapIdentity(kind: .present, pageSize: o.pageSize, imageSize: remote.size,
-                                      url: o.http.url, etag: remote.etag, lastModified: remote.lastModified)
+                                      url: HTTPTarget.identityURL(o.http.url), etag: remote.etag, lastModified: remote.lastModified)
         // CacheStore opens, validates and binds the files, and decides what a
         // changed remote or a mismatched cache file means (afresh, or refusal
         // when locally written pages would be lost).
@@ -110,9 +110,9 @@ public final class HTTPTarget: Target {
         cache = opened.cache
         dirty = opened.dirty
         cacheState = opened.state.description
-        for note in opened.notes { log("ublk-http: \(note)") }
+        for note in opened.notes { log(Redact.text("ublk-http: \(note)")) }
         if case .startedAfresh(let why) = opened.state {
-            log("ublk-http: \(o.http.url): \(why); the cache starts afresh")
+            log(Redact.text("ublk-http: \(o.http.url): \(why); the cache starts afresh"))
         }
         var p = DeviceParams(size: (remote.size + 511) & ~511)
         p.readOnly = !o.writable
@@ -121,6 +121,12 @@ public final class HTTPTarget: Target {
         p.userCopy = CachingHandler.wantsUserCopy(cacheFD: cache.fd)
         params = p
     }
+
+    /// The URL a cache's bitmap records (and `status` prints): query values and
+    /// a password redacted. They may be secrets (a presigned S3 URL's
+    /// signature), and a URL signed again must find its cache; whether the
+    /// object is the same is what its ETag and Last-Modified say.
+    public static func identityURL(_ url: String) -> String { Redact.url(url) }
 
     static func describe(_ why: InvalidationReason) -> String {
         switch why {
