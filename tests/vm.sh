@@ -18,7 +18,9 @@ mkdir -p "$VM_CACHE"
 # One initramfs per run: several checkouts may run their suites at once.
 INITRD="$(mktemp "$VM_CACHE/initramfs-tests.XXXXXX.cpio.gz")"
 echo "[tests] building $INITRD"
-vm/initramfs.sh "$INITRD" --bin "$BIN:/usr/local/bin/ublk-http" --bin /usr/bin/jq --bin /usr/bin/setpriv >/dev/null
+# Device mapper (dm-flakey, dm-error) for the suites that make a disk fail under the cache.
+vm/initramfs.sh "$INITRD" --bin "$BIN:/usr/local/bin/ublk-http" --bin /usr/bin/jq --bin /usr/bin/setpriv \
+    --bin /usr/sbin/dmsetup --module dm_mod --module dm_flakey >/dev/null
 failed=()
 LOG=$(mktemp /tmp/ublk-http-vm-suite.XXXXXX)
 trap 'rm -f "$LOG" "$INITRD"' EXIT

@@ -58,53 +58,14 @@ struct Prefetch: ParsableCommand {
         } catch { throw Failure("\(error)") }
 
         let bytes = try parseRange(size: remote.size)
-        let ps = UInt64(o.pageSize)
-        let pages = bytes.lowerBound / ps..<(bytes.upperBound + ps - 1) / ps
-        // The missing runs, cut into requests of at most 4 MiB.
-        var runs: [Range<UInt64>] = []
-        var p = pages.lowerBound
-        let maxPages = UInt64(4 << 20) / ps
-        while p < pages.upperBound, let m = bitmap.bits.nextClear(in: p..<pages.upperBound) {
-            let e = bitmap.bits.nextSet(in: m..<pages.upperBound) ?? pages.upperBound
-            var s = m
-            while s < e { runs.append(s..<min(e, s + maxPages)); s = min(e, s + maxPages) }
-            p = e
-        }
-        let total = runs.reduce(UInt64(0)) { $0 + min($1.upperBound * ps, remote.size) - $1.lowerBound * ps }
-        let progress = Progress(total: total)
-        var next = 0, active = 0
-        var failure: HTTPError?
-        var lastCommit = monotonicNanos()
-        func startMore() {
-            while active < o.http.maxConnections && next < runs.count && failure == nil {
-                let run = runs[next]
-                next += 1
-                active += 1
-                let offset = run.lowerBound * ps
-                let length = Int(min(run.upperBound * ps, remote.size) - offset)
-                source.fetch(offset: offset, length: length, onData: { off, data in
-                    guard (try? cache.write(data, at: off)) != nil else { return false }
-                    progress.add(UInt64(data.count))
-                    return true
-                }, completion: { result in
-                    active -= 1
-                    switch result {
-                    case .success: bitmap.markPresent(run)
-                    case .failure(let e): failure = failure ?? e
-                    }
-                    if monotonicNanos() &- lastCommit > 2_000_000_000 {
-                        try? bitmap.commit(syncing: cache)
-                        lastCommit = monotonicNanos()
-                    }
-                    startMore()
-                })
-            }
-        }
-        startMore()
-        while !source.isIdle { source.runUntilIdle(timeout: 0.25); progress.show() }
-        progress.finish()
-        do { try bitmap.commit(syncing: cache) } catch { throw Failure("cannot persist the bitmap: \(error)") }
-        if let failure { throw Failure("\(failure)") }
+        let prefetcher = Prefetcher(source: source, bitmap: bitmap, cache: cache, imageSize: remote.size,
+                                    maxConnections: o.http.maxConnections)
+        let runs = prefetcher.missingRuns(in: bytes)
+        let progress = Progress(total: prefetcher.byteCount(runs))
+        defer { progress.finish() }
+        do {
+            try prefetcher.fetch(runs, received: { progress.add($0) }, tick: { progress.show() })
+        } catch { throw Failure("\(error)") }
     }
 }
 

@@ -86,4 +86,44 @@ else
 fi
 umount /mnt/small
 
+section "class 6: EIO from the cache's disk (device mapper): FLUSH fails, nothing hangs, reads never lie"
+export DM_DISABLE_UDEV=1
+kmod-load brd rd_nr=1 rd_size=65536 && kmod-load dm_mod
+SECTORS=$(blockdev --getsz /dev/ram0)
+dm() { dmsetup --noudevsync "$@" && dmsetup mknodes >/dev/null 2>&1; }
+if check "a device-mapper disk" dm create flaky --table "0 $SECTORS linear /dev/ram0 0"; then
+    # No journal, errors=continue: the file system stays writable when the disk fails.
+    mkdir -p /mnt/f
+    check "ext2 on it" bash -c "mkfs.ext4 -q -F -O ^has_journal /dev/mapper/flaky && mount -o errors=continue /dev/mapper/flaky /mnt/f"
+    if add -t http --url $URL --cache /mnt/f/c --bitmap $C/f.bitmap --writable; then
+        head -c $((1 << 20)) /dev/urandom > /tmp/f1
+        check "write 1 MiB and FLUSH while the disk is good" dd if=/tmp/f1 of=$DEV_B bs=1M seek=2 oflag=direct conv=fsync
+        check "a fetched MiB reads back" same $DEV_B 8 1 $WWW/disk.img
+        # From now on every I/O to the cache's disk fails.
+        check "the disk fails" bash -c "dmsetup --noudevsync suspend flaky && dmsetup --noudevsync load flaky --table '0 $SECTORS error' && dmsetup --noudevsync resume flaky"
+        head -c $((1 << 20)) /dev/urandom > /tmp/f2
+        timeout 120 dd if=/tmp/f2 of=$DEV_B bs=1M seek=4 oflag=direct conv=fsync 2>/tmp/dd2.err; rc=$?
+        echo "# write + FLUSH on the failed disk: exit $rc: $(tail -n 1 /tmp/dd2.err)"
+        check "a write and FLUSH on the failed disk fails, without hanging" test $rc -ne 0 -a $rc -lt 124
+        timeout 60 bash -c "echo x | dd of=$DEV_B bs=512 seek=1 count=1 conv=fsync,notrunc 2>/dev/null"; rc=$?
+        check "a later FLUSH fails too (the loss is not forgotten)" test $rc -ne 0 -a $rc -lt 124
+        # Reads: from memory or EIO, never other bytes.
+        for m in 2 8 20; do
+            exp=/tmp/f1; [ $m -ne 2 ] && exp=$WWW/disk.img
+            if timeout 60 dd if=$DEV_B of=/tmp/r$m bs=1M skip=$m count=1 iflag=direct 2>/dev/null; then
+                if [ $m -eq 2 ]; then check "MiB $m read: the data written there" cmp /tmp/r$m /tmp/f1
+                else check "MiB $m read: the remote's bytes" cmp /tmp/r$m <(dd if=$WWW/disk.img bs=1M skip=$m count=1 2>/dev/null); fi
+            else
+                rc=$?; check "MiB $m read failed with an error, not a hang" test $rc -lt 124
+            fi
+        done
+        check "the server is alive" alive $DEV_PID
+        check "del" del $DEV_ID
+    else
+        fail "add with the cache on a device-mapper disk" "$DEV_JSON"
+    fi
+    umount -l /mnt/f 2>/dev/null
+    dmsetup --noudevsync remove flaky >/dev/null 2>&1
+fi
+
 finish
