@@ -1,0 +1,229 @@
+// CachingPersistence: the caching handler's persistence cycles, which carry
+// out the ORDER ON DISK stated in CachingHandler.swift's header: intent
+// cycles (a write's local/dirty/write-back/unsettled bits before its data)
+// and full cycles (the data's fdatasync, then present bits, cleared bits,
+// FLUSH completions, punches of evicted pages). One at a time; every write
+// and fdatasync goes through the queue's ring.
+import CUring
+import Glibc
+import PageCache
+
+extension CachingHandler {
+    // MARK: Persistence cycles (ORDER ON DISK in the header)
+
+    /// Starts a cycle unless one runs (the next starts when it ends). `full`:
+    /// sync the data, carry the present bitmap and complete FLUSHes; a FLUSH
+    /// or an eviction waiting makes any cycle full.
+    func startCycle(_ queue: IOQueue, full wantFull: Bool = true) {
+        guard cycle == nil else { return }
+        let full = wantFull || !flushWaiters.isEmpty || !evicting.isEmpty || dirtyCleared
+        if full { dirtyCleared = false }
+        var c = Cycle(full: full)
+        if full {
+            // Copied pages: the backing's fdatasync below covers them, so their bits may go.
+            if let wb = writeback {
+                for r in writebackCopied { wb.markAbsent(r) }
+                c.writebackCleared = writebackCopied
+                writebackCopied = []
+            }
+            // Written to both: the fdatasyncs below make both copies durable. Not
+            // where another write is still in flight (it keeps its bit).
+            if let u = unsettled, !settledWrites.isEmpty {
+                var keep: [Range<UInt64>] = []
+                for r in settledWrites {
+                    if writeInFlight(overlapping: r) { keep.append(r) } else { u.markAbsent(r); c.settledCleared.append(r) }
+                }
+                settledWrites = keep
+            }
+            c.unsynced = unsyncedPresent
+            unsyncedPresent = []
+            c.writtenPages = unsyncedWrites
+            unsyncedWrites = []
+            c.punch = evicting
+            evicting = []
+            c.flushes = flushWaiters
+            flushWaiters = []
+        }
+        for b in (full && !presentFrozen ? [bitmap] : []) + intentBitmaps {
+            let staged = b.stage()
+            if staged.isEmpty {
+                c.commits.append((b, staged, nil))
+            } else {
+                c.commits.append((b, staged, c.writes.count))
+                c.writes.append(b.pendingWrite(staged))
+            }
+        }
+        c.held = heldWrites
+        heldWrites = []
+        lastPersist = monotonicNanos()
+        cycle = c
+        if full {
+            cycle!.outstanding = 1
+            queue.fsync(fd: cacheFD, tag: Queue.internalTag, sub: CachingHandler.subSync)
+            // The backing store too: a FLUSH covers written-through data, and a cleared
+            // write-back bit may reach the disk only after the data it stood for.
+            if context.backingFD >= 0 {
+                cycle!.outstanding += 1
+                queue.fsync(fd: context.backingFD, tag: Queue.internalTag, sub: CachingHandler.subBackingSync)
+            }
+        } else {
+            writeBitmaps(queue)
+        }
+    }
+
+    /// Writes every staged commit's words; their fdatasyncs follow.
+    func writeBitmaps(_ queue: IOQueue) {
+        guard var c = cycle else { return }
+        c.outstanding = 0
+        for (i, w) in c.writes.enumerated() {
+            // The data is not known to be durable: no bits of this cycle go to the disk.
+            if c.dataFailure < 0 { continue }
+            for (k, run) in w.runs.enumerated() {
+                c.outstanding += 1
+                queue.write(fd: w.fd, from: w.buffer + run.bufferOffset, length: UInt32(run.count), offset: run.fileOffset,
+                            tag: Queue.internalTag, sub: CachingHandler.subMetaWrite,
+                            data: UInt32(i) << CachingHandler.metaRunShift | UInt32(k))
+            }
+        }
+        cycle = c
+        if c.outstanding == 0 { endCycle(queue) }
+    }
+
+    func cycleIO(_ sub: UInt8, data: UInt32, result: Int32, queue: IOQueue) {
+        guard cycle != nil else { return }
+        cycle!.outstanding -= 1
+        switch sub {
+        case CachingHandler.subSync, CachingHandler.subBackingSync:
+            if result < 0 && cycle!.dataFailure == 0 { cycle!.dataFailure = result }
+            if cycle!.outstanding == 0 { writeBitmaps(queue) }
+        case CachingHandler.subMetaWrite:
+            let i = Int(data >> CachingHandler.metaRunShift), k = Int(data & (1 << CachingHandler.metaRunShift - 1))
+            if result != Int32(cycle!.writes[i].runs[k].count) { cycle!.failedWrites.insert(i) }
+            if cycle!.outstanding == 0 {
+                // Every word is written: make each bitmap file durable.
+                for (j, w) in cycle!.writes.enumerated() where !cycle!.failedWrites.contains(j) {
+                    if cycle!.dataFailure < 0 { continue }
+                    cycle!.outstanding += 1
+                    queue.fsync(fd: w.fd, tag: Queue.internalTag, sub: CachingHandler.subMetaSync, data: UInt32(j))
+                }
+                if cycle!.outstanding == 0 { endCycle(queue) }
+            }
+        default:  // subMetaSync
+            if result < 0 { cycle!.failedWrites.insert(Int(data)) }
+            if cycle!.outstanding == 0 { endCycle(queue) }
+        }
+    }
+
+    /// Clears dirty bits (`dirty --clear`, `sync`); a full cycle persists the clear.
+    func clearDirty(_ ranges: [Range<UInt64>], queue: IOQueue) {
+        // After a failed data sync nothing written is known to be on the disk
+        // (present bits no longer go out): every listed page stays listed.
+        guard let d = dirty, !presentFrozen else { return }
+        // Pages whose data a failed fdatasync may have lost stay listed.
+        for r in ranges { for keep in subtract(lostPages, from: r) { d.markAbsent(keep) } }
+        dirtyCleared = true
+        startCycle(queue, full: true)
+    }
+
+    func endCycle(_ queue: IOQueue) {
+        guard let c = cycle else { return }
+        cycle = nil
+        var metaFailed = false
+        for (b, staged, i) in c.commits {
+            let failed = i.map { c.failedWrites.contains($0) } ?? false
+            if failed { metaFailed = true }
+            // A failed data sync: nothing of this cycle may go (a cleared dirty bit
+            // would claim a copy of data that may be lost).
+            if failed || c.dataFailure < 0 {
+                b.abandon(staged)
+            } else {
+                b.persisted(staged)
+            }
+        }
+        if metaFailed { log("ublk-http: cannot persist the bitmaps (write or fdatasync failed); will retry") }
+        if c.dataFailure < 0 {
+            dataSyncFailed(c, queue: queue)
+        } else {
+            // Written again and synced: no longer lost.
+            if !lostPages.isEmpty { for r in c.writtenPages { lostPages = lostPages.flatMap { $0.subtracting(r) } } }
+            if !c.punch.isEmpty { punchEvicted(c.punch, queue: queue) }
+        }
+        let flushStatus: Int32 = (c.dataFailure < 0 || metaFailed || durabilityLost) ? -EIO : 0
+        for tag in c.flushes { queue.complete(tag: tag, result: flushStatus) }
+        if c.dataFailure < 0 {
+            // Their intent bits did not go out: they wait for the next cycle.
+            heldWrites = c.held + heldWrites
+        }
+        for tag in c.held where c.dataFailure >= 0 {
+            guard let r = requests[Int(tag)] else { continue }
+            // Bits not durable: the write must not go ahead (or be acknowledged).
+            if metaFailed { finish(tag, -EIO, queue); continue }
+            if stage[Int(tag)] == .waitingIntent { issueWrite(r, queue: queue) } else { acknowledge(r, queue: queue) }
+        }
+        if !flushWaiters.isEmpty || !heldWrites.isEmpty { startCycle(queue, full: !flushWaiters.isEmpty) }
+    }
+
+    /// The cache file's (or backing store's) fdatasync failed: the pages
+    /// written since the last good one may never reach the disk, and the next
+    /// fdatasync will not say so. Fetched pages among them are dropped
+    /// (fetched again); written ones cannot be: they are lost until written
+    /// again, stay dirty (a `sync` meanwhile copies them again), and FLUSH fails.
+    func dataSyncFailed(_ c: Cycle, queue: IOQueue) {
+        log("ublk-http: fdatasync failed: \(Errno(returned: c.dataFailure)); pages written since the last good one may be lost")
+        var lost = c.writtenPages + unsyncedWrites
+        for (t, s) in stage.enumerated() where s == .writing || s == .waitingAck {
+            if let r = requests[t] { lost.append(planner.pages(offset: r.offset, length: Int(r.length))) }
+        }
+        unsyncedWrites = []
+        for r in lost { dirty?.markPresent(r) }
+        lostPages += lost
+        if let wb = writeback { for r in c.writebackCleared { wb.markPresent(r) } }
+        if let u = unsettled { for r in c.settledCleared { u.markPresent(r) } }
+        // Evicted pages stay in the file, unpunched: their cleared bits will not reach the disk now.
+        if !presentFrozen {
+            presentFrozen = true
+            log("ublk-http: the cache file's present bits are no longer persisted, and FLUSH fails, until the device is restarted")
+        }
+        // Fetched pages whose copy may be gone from the disk are fetched again
+        // (unless a request in flight holds them: those stay, and a power loss
+        // finds them absent, since present bits no longer go out).
+        let pinned = pinnedRanges()
+        for range in c.unsynced + unsyncedPresent {
+            for p in range where bitmap.test(p) {
+                if (local?.test(p) ?? false) || (writeback?.test(p) ?? false) { continue }
+                if planner.run(covering: p) != nil || pinned.contains(where: { $0.contains(p) }) { continue }
+                trace?("unsynced, absent again: \(p)")
+                bitmap.markAbsent(p..<p + 1)
+            }
+        }
+        unsyncedPresent = []
+    }
+
+    /// `range` without any of `ranges`.
+    func subtract(_ ranges: [Range<UInt64>], from range: Range<UInt64>) -> [Range<UInt64>] {
+        var out = [range]
+        for r in ranges { out = out.flatMap { $0.subtracting(r) } }
+        return out
+    }
+
+    var statsSignature: UInt64 {
+        let s = context.stats
+        return s.hits &+ s.misses &* 3 &+ s.requests &* 7 &+ s.errors &* 11 &+ bitmap.count &* 13
+    }
+
+    /// Rewrites the statistics file in place through the ring: one 4 KiB
+    /// record, JSON padded with spaces (readers parse it as it is).
+    func publishStats(_ queue: IOQueue) {
+        guard statsFD >= 0, !statsInFlight else { return }
+        writtenStatsSignature = statsSignature
+        let json = Array(controlJSON(context.snapshot()).utf8)
+        guard json.count < 4096 else { return }
+        if statsBuffer == nil { statsBuffer = .allocate(byteCount: 4096, alignment: 4096) }
+        let buf = statsBuffer!
+        memset(buf, 0x20, 4096)
+        json.withUnsafeBytes { buf.copyMemory(from: $0.baseAddress!, byteCount: json.count) }
+        buf.storeBytes(of: 0x0A, toByteOffset: 4095, as: UInt8.self)
+        statsInFlight = true
+        queue.write(fd: statsFD, from: buf, length: 4096, offset: 0, tag: Queue.internalTag, sub: CachingHandler.subStats)
+    }
+}
