@@ -449,6 +449,24 @@ final class ControlChannelTests: XCTestCase {
         XCTAssertEqual(driver.requests, 0)
     }
 
+    func testRequestLineMayEndInCRLF() throws {
+        let driver = try ChannelDriver(path: path) { r in controlJSON(["op": r.op]) }
+        let done = DispatchSemaphore(value: 0)
+        let got = Box("")
+        let p = path
+        DispatchQueue.global().async {
+            let fd = connectUnix(p)
+            sendAll(fd, "{\"op\":\"dirty\"}")
+            usleep(50_000)
+            sendAll(fd, "\r\n")
+            got.value = String(decoding: readAll(fd), as: UTF8.self)
+            close(fd)
+            done.signal()
+        }
+        XCTAssertTrue(driver.run(until: done))
+        XCTAssertEqual(got.value, "{\"op\":\"dirty\"}\n")
+    }
+
     func testAPollForAClosedConnectionIsIgnored() throws {
         let driver = try ChannelDriver(path: path) { _ in "{}" }
         var clients: [Int32] = []
