@@ -449,6 +449,34 @@ final class ControlChannelTests: XCTestCase {
         XCTAssertEqual(driver.requests, 0)
     }
 
+    /// A server that answers and closes with bytes of the request unread resets
+    /// the connection after the reply: the client keeps the whole line it got.
+    func testClientKeepsAReplyFollowedByAReset() throws {
+        let listener = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        withUnsafeMutableBytes(of: &addr.sun_path) { p in for (i, b) in bytes.enumerated() { p[i] = b } }
+        let bound = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        XCTAssertEqual(bound, 0)
+        XCTAssertEqual(listen(listener, 1), 0)
+        defer { close(listener); unlink(path) }
+        let served = DispatchSemaphore(value: 0)
+        DispatchQueue.global().async {
+            let c = accept(listener, nil, nil)
+            var buf = [UInt8](repeating: 0, count: 4)
+            _ = read(c, &buf, 4)  // most of the request stays unread
+            sendAll(c, "{\"ok\":true}\n")
+            close(c)
+            served.signal()
+        }
+        let reply = try ControlClient.send(ControlRequest(op: "dirty", clear: false, token: 1, ok: true), path: path, name: "test")
+        XCTAssertEqual(String(decoding: reply, as: UTF8.self), "{\"ok\":true}")
+        served.wait()
+    }
+
     func testRequestLineMayEndInCRLF() throws {
         let driver = try ChannelDriver(path: path) { r in controlJSON(["op": r.op]) }
         let done = DispatchSemaphore(value: 0)

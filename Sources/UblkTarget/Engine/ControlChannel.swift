@@ -326,7 +326,8 @@ public enum ControlClient {
             let n = read(fd, &buf, buf.count)
             if n > 0 { reply += buf[0..<n]; continue }
             if n < 0 && errno == EINTR { continue }
-            if n < 0 { throw UblkError("no reply from \(name)'s server", errno: .current) }
+            // A reset after the whole line (the server closed with bytes of ours unread) is no failure.
+            if n < 0 && !reply.contains(10) { throw UblkError("no reply from \(name)'s server", errno: .current) }
             break
         }
         guard let end = reply.firstIndex(of: 10) else { throw UblkError("\(name)'s server closed the connection without a whole reply") }
