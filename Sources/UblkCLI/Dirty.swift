@@ -109,6 +109,15 @@ struct Sync: ParsableCommand {
         if let n = source.number {
             try requireRoot()
             let id = UInt32(clamping: n)
+            // Writes still in the kernel's page cache of /dev/ublkbN reach the
+            // server first (they are not the device's content, nor dirty, before).
+            let dev = open("/dev/ublkb\(id)", O_RDONLY | O_CLOEXEC)
+            if dev >= 0 {
+                let r = fsync(dev)
+                let e = Errno.current
+                close(dev)
+                if r != 0 { throw Failure("fsync of /dev/ublkb\(id): \(e)") }
+            }
             let taken: DirtyExtents
             do {
                 let data = try ControlClient.send(ControlRequest(op: "sync-begin"), device: id)
