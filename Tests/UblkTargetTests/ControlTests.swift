@@ -142,8 +142,19 @@ final class DirtyControlTests: XCTestCase {
         rmdir(dir)
     }
 
+    /// Clears the handler was asked for (each a list of runs).
+    var clears: [[Range<UInt64>]] = []
+
     func ask(_ r: ControlRequest) -> (reply: String, changed: Bool) {
-        DirtyControl.answer(r, dirty: dirty, syncs: &syncs, pageSize: page, imageSize: size)
+        let before = clears.count
+        let d = dirty!
+        var asked: [[Range<UInt64>]] = []
+        let reply = DirtyControl.answer(r, dirty: d, syncs: &syncs, pageSize: page, imageSize: size) { runs in
+            asked.append(runs)
+            for x in runs { _ = d.markAbsent(x) }
+        }
+        clears += asked
+        return (reply, clears.count > before)
     }
 
     func begin() throws -> DirtyExtents {

@@ -139,33 +139,31 @@ enum DirtyControl {
         enum CodingKeys: String, CodingKey { case ok, pagesCleared = "pages_cleared" }
     }
 
-    /// The reply, and whether the dirty bitmap changed (then persist it: `startCycle`).
+    /// The reply. `clear` clears dirty bits and persists that (the handler's
+    /// policy: it may keep pages whose data a failed data sync may have lost).
     static func answer(_ request: ControlRequest, dirty: Bitmap, syncs: inout SyncTracker,
-                       pageSize: UInt64, imageSize: UInt64) -> (reply: String, changed: Bool) {
+                       pageSize: UInt64, imageSize: UInt64, clear: ([Range<UInt64>]) -> Void) -> String {
         switch request.op {
         case "dirty":
             let runs = DirtyExtents.runs(dirty.bits)
             let reply = DirtyExtents(runs: runs, pageSize: pageSize, imageSize: imageSize, token: nil)
-            if request.clear == true && !runs.isEmpty {
-                _ = dirty.markAbsent(0..<dirty.pageCount)
-                return (controlJSON(reply), true)
-            }
-            return (controlJSON(reply), false)
+            if request.clear == true && !runs.isEmpty { clear(runs) }
+            return controlJSON(reply)
         case "sync-begin":
             // Nothing is cleared here: see the contract above.
             let runs = DirtyExtents.runs(dirty.bits)
             let token = syncs.begin(runs)
-            return (controlJSON(DirtyExtents(runs: runs, pageSize: pageSize, imageSize: imageSize, token: token)), false)
+            return controlJSON(DirtyExtents(runs: runs, pageSize: pageSize, imageSize: imageSize, token: token))
         case "sync-end":
-            guard let token = request.token, let clear = syncs.end(token, ok: request.ok == true) else {
-                return (controlError("unknown sync token (more than \(SyncTracker.limit) syncs began since, or the server restarted); its pages stay dirty"), false)
+            guard let token = request.token, let confirmed = syncs.end(token, ok: request.ok == true) else {
+                return controlError("unknown sync token (more than \(SyncTracker.limit) syncs began since, or the server restarted); its pages stay dirty")
             }
             // The replica holds these pages durably, and none was written since sync-begin.
-            var cleared: UInt64 = 0
-            for r in clear { cleared += dirty.markAbsent(r) }
-            return (controlJSON(SyncEnded(ok: true, pagesCleared: cleared)), cleared > 0)
+            let before = dirty.count
+            if !confirmed.isEmpty { clear(confirmed) }
+            return controlJSON(SyncEnded(ok: true, pagesCleared: before - min(before, dirty.count)))
         default:
-            return (controlError("unknown command \(request.op)"), false)
+            return controlError("unknown command \(request.op)")
         }
     }
 }
@@ -191,8 +189,9 @@ extension CachingHandler {
                                                unpersisted: wb.bits.hasDirty))
         }
         guard let dirty else { return controlError("ublk\(queue.deviceID) does not track written pages") }
-        let (reply, changed) = DirtyControl.answer(request, dirty: dirty, syncs: &syncs, pageSize: pageSize, imageSize: imageSize)
-        if changed { startCycle(queue) }
-        return reply
+        return DirtyControl.answer(request, dirty: dirty, syncs: &syncs, pageSize: pageSize, imageSize: imageSize) { runs in
+            for r in runs { _ = dirty.markAbsent(r) }
+            startCycle(queue)
+        }
     }
 }
