@@ -8,7 +8,8 @@
 //        0    8  magic "UBLKBMP\0"
 //        8    4  version (1)
 //       12    4  kind: 1 = present (page fetched), 2 = dirty (page written
-//                locally; for the `cache` target). Room for more kinds.
+//                since the last clear; also the `cache` target's write-back
+//                bitmap), 3 = local (the page holds data written here).
 //       16    4  page size in bytes
 //       20    4  header size = offset of the bits (4096)
 //       24    8  image size in bytes
@@ -17,8 +18,11 @@
 //       48    2  URL length        (UTF-8 bytes)
 //       50    2  ETag length       (0: none)
 //       52    2  Last-Modified length (0: none)
-//       54   10  reserved, zero
-//       64    …  URL, ETag, Last-Modified bytes, back to back (≤ 4032 in all)
+//       54    2  flags: bit 0 = bound (the set identity below is valid)
+//       56    8  generation of the set (bound only; see CacheStore)
+//       64    …  URL, ETag, Last-Modified bytes, back to back (≤ 4016 in all)
+//     4080   16  set identity (bound only): random bytes shared by the files
+//                of one cache (bitmaps and cache file), see CacheStore
 //     4096    …  bits: ceil(page count / 64) 64-bit words; bit p%64 of word
 //                p/64 is page p. Bits past the page count are ignored.
 //
@@ -46,6 +50,13 @@
 //   its words dirty); a failed persist re-marks its words dirty.
 //   For the dirty kind the order is the reverse (bits before the FLUSH that
 //   acknowledges the write): stage, persist, then acknowledge.
+// - Binding (CacheStore): `binding` is the set identity and generation read
+//   from the header (nil: a file from before binding); `bind(_:)` rewrites
+//   the header with another. Every header write keeps the current binding.
+// - Live words (LiveBits.swift): `attachLive` moves the bits into a shared
+//   mapping of a file on /run, so that they survive the process (not the
+//   machine); the file's words are adopted when they belong to this very
+//   file, set and generation in this boot. The API is the same either way.
 // - A torn header write (crash during `startAfresh`/`adoptIdentity`) shows up
 //   as `.corruptHeader` on the next open; bits are zeroed on disk before a new
 //   header is written, so a torn state never claims pages it does not hold.
@@ -54,6 +65,49 @@ import Glibc
 public enum BitmapKind: UInt32, Sendable {
     case present = 1
     case dirty = 2
+    /// Pages holding data written here (an overlay's own), never replaced by remote bytes.
+    case local = 3
+    /// Write-through: pages a write may have reached in only one of cache and backing store.
+    case unsettled = 4
+}
+
+/// The identity binding the files of one cache together (see CacheStore):
+/// random bytes made when the set is created, and a generation advanced at
+/// every open for use, so an older copy of one file is told apart.
+public struct SetBinding: Equatable, Sendable {
+    public var setID: [UInt8]
+    public var generation: UInt64
+
+    public init(setID: [UInt8], generation: UInt64) {
+        precondition(setID.count == 16)
+        self.setID = setID
+        self.generation = generation
+    }
+
+    /// A new set: 16 bytes from /dev/urandom (the clock and pid if it cannot be read).
+    public static func random() -> SetBinding {
+        var id = [UInt8](repeating: 0, count: 16)
+        let fd = Glibc.open("/dev/urandom", O_RDONLY | O_CLOEXEC)
+        var got = 0
+        if fd >= 0 {
+            got = id.withUnsafeMutableBytes { preadFully(fd, $0.baseAddress!, 16, 0) }.map { $0 }.value ?? 0
+            close(fd)
+        }
+        if got < 16 {
+            var ts = timespec()
+            clock_gettime(CLOCK_REALTIME, &ts)
+            var mix = UInt64(UInt(bitPattern: ts.tv_nsec)) &* 0x9E37_79B9_7F4A_7C15 ^ UInt64(getpid()) ^ UInt64(ts.tv_sec) << 20
+            for i in 0..<16 { mix = mix &* 6364136223846793005 &+ 1442695040888963407; id[i] ^= UInt8(truncatingIfNeeded: mix >> 33) }
+        }
+        return SetBinding(setID: id, generation: 1)
+    }
+
+    /// The set identity as 32 hex digits (for messages and file names).
+    public var hex: String { setID.map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined() }
+}
+
+extension Result where Failure == SysErrno {
+    var value: Success? { if case .success(let v) = self { return v }; return nil }
 }
 
 /// What a bitmap describes: checked on open.
@@ -130,12 +184,27 @@ public struct BitmapCommit: Sendable {
     let values: [UInt64]
     public var isEmpty: Bool { indices.isEmpty }
     public var wordCount: Int { indices.count }
+
+    /// Whether this commit carries a word that holds one of `pages`.
+    public func touches(_ pages: Range<UInt64>) -> Bool {
+        guard !pages.isEmpty, !indices.isEmpty else { return false }
+        let lo = Int(pages.lowerBound >> 6), hi = Int((pages.upperBound - 1) >> 6)
+        // First index >= lo (indices are sorted).
+        var a = 0, b = indices.count
+        while a < b {
+            let m = (a + b) / 2
+            if indices[m] < lo { a = m + 1 } else { b = m }
+        }
+        return a < indices.count && indices[a] <= hi
+    }
 }
 
 /// A bitmap file's header and how many pages it marks (`Bitmap.inspect`).
 public struct BitmapInfo: Equatable, Sendable {
     public var identity: BitmapIdentity
     public var present: UInt64
+    /// The set this file belongs to (nil: unbound, from before binding).
+    public var binding: SetBinding? = nil
 }
 
 public final class Bitmap {
@@ -149,7 +218,12 @@ public final class Bitmap {
     public private(set) var identity: BitmapIdentity
     /// The identity the caller opened with.
     public let requested: BitmapIdentity
-    public let bits: PageBits
+    /// The bits (their words move into a shared mapping at `attachLive`).
+    public private(set) var bits: PageBits
+    /// The set identity and generation recorded in the header (nil: unbound).
+    public private(set) var binding: SetBinding?
+    /// The live file holding the words, once attached.
+    public private(set) var live: LiveFile?
 
     private var nextSequence: UInt64 = 0
     private var nextToPersist: UInt64 = 0
@@ -161,8 +235,9 @@ public final class Bitmap {
         UInt64(headerSize) + (pageCount + 63) / 64 * 8
     }
 
-    /// Opens `path`, or creates it when absent.
-    public static func open(path: String, identity: BitmapIdentity) throws(BitmapError) -> (bitmap: Bitmap, outcome: BitmapOutcome) {
+    /// Opens `path`, or creates it when absent (bound to `binding`, if given).
+    public static func open(path: String, identity: BitmapIdentity,
+                            binding: SetBinding? = nil) throws(BitmapError) -> (bitmap: Bitmap, outcome: BitmapOutcome) {
         guard identity.pageSize >= 512, identity.pageSize & (identity.pageSize - 1) == 0 else {
             throw .invalidPageSize(identity.pageSize)
         }
@@ -171,7 +246,7 @@ public final class Bitmap {
         var created = false
         if fd < 0 {
             guard errno == ENOENT else { throw .io(FileError("open", path: path, errno: errno)) }
-            try create(path: path, identity: identity)
+            try create(path: path, identity: identity, binding: binding)
             fd = Glibc.open(path, O_RDWR | O_CLOEXEC)
             if fd < 0 { throw .io(FileError("open", path: path, errno: errno)) }
             created = true
@@ -185,6 +260,7 @@ public final class Bitmap {
         do {
             let stored = try readHeader(fd: fd, path: path, expected: identity)
             let bitmap = Bitmap(path: path, fd: fd, identity: stored, requested: identity)
+            bitmap.binding = try readBinding(fd: fd, path: path)
             try bitmap.loadBits()
             if created { return (bitmap, .fresh) }
             if stored.url != identity.url {
@@ -211,7 +287,11 @@ public final class Bitmap {
         self.bits = PageBits(pageCount: identity.pageCount)
     }
 
-    deinit { close(fd) }
+    deinit {
+        // Every change is on disk: the live copy says nothing more, drop it.
+        if let live, !bits.hasDirty, nextToPersist == nextSequence { live.remove() }
+        close(fd)
+    }
 
     // MARK: Bits
 
@@ -272,6 +352,55 @@ public final class Bitmap {
         }
     }
 
+    /// A staged commit laid out for writing through someone else's I/O (the
+    /// queue's io_uring): the words, little-endian, in one buffer, and the
+    /// file ranges they go to. The buffer lives as long as this object; the
+    /// caller writes every run, fdatasyncs `fd`, then calls `persisted(_:)`
+    /// (or `abandon(_:)` when any of it failed).
+    public final class PendingWrite {
+        public let commit: BitmapCommit
+        public let fd: Int32
+        public let buffer: UnsafeMutableRawPointer
+        /// (file offset, offset in `buffer`, byte count), one per run of contiguous words.
+        public let runs: [(fileOffset: UInt64, bufferOffset: Int, count: Int)]
+
+        init(commit: BitmapCommit, fd: Int32) {
+            self.commit = commit
+            self.fd = fd
+            let n = commit.indices.count
+            buffer = .allocate(byteCount: max(n, 1) * 8, alignment: 8)
+            let words = buffer.bindMemory(to: UInt64.self, capacity: max(n, 1))
+            var runs: [(UInt64, Int, Int)] = []
+            var i = 0
+            while i < n {
+                var j = i + 1
+                while j < n && commit.indices[j] == commit.indices[j - 1] + 1 { j += 1 }
+                for k in i..<j { words[k] = commit.values[k].littleEndian }
+                runs.append((UInt64(Bitmap.headerSize) + UInt64(commit.indices[i]) * 8, i * 8, (j - i) * 8))
+                i = j
+            }
+            self.runs = runs
+        }
+
+        deinit { buffer.deallocate() }
+    }
+
+    /// Step 5 without doing the I/O: what to write for `commit`.
+    public func pendingWrite(_ commit: BitmapCommit) -> PendingWrite {
+        precondition(commit.sequence >= nextToPersist, "bitmap commits must be persisted in the order staged")
+        return PendingWrite(commit: commit, fd: fd)
+    }
+
+    /// The words of `commit` were written and the file fdatasync'ed by the caller.
+    public func persisted(_ commit: BitmapCommit) {
+        precondition(commit.sequence >= nextToPersist, "bitmap commits must be persisted in the order staged")
+        nextToPersist = commit.sequence + 1
+    }
+
+    /// Whether any word holding `pages` changed since the last `stage()`
+    /// (its new value is not on its way to the disk yet).
+    public func hasUnstaged(_ pages: Range<UInt64>) -> Bool { bits.hasPendingWords(pages) }
+
     /// Gives up on a staged commit (its data sync failed or will not happen):
     /// its words become dirty again, for a later stage.
     public func abandon(_ commit: BitmapCommit) {
@@ -320,6 +449,11 @@ public final class Bitmap {
     /// Reads a bitmap file without opening it for use (no lock, no
     /// validation against an expected identity): for status commands.
     public static func inspect(path: String) throws(BitmapError) -> BitmapInfo {
+        try read(path: path).info
+    }
+
+    /// `inspect`, with the bits.
+    static func read(path: String) throws(BitmapError) -> (info: BitmapInfo, bits: PageBits) {
         let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
         if fd < 0 { throw .io(FileError("open", path: path, errno: errno)) }
         defer { close(fd) }
@@ -351,7 +485,8 @@ public final class Bitmap {
             for i in w.indices { w[i] = UInt64(littleEndian: w[i]) }
         }
         if let failure { throw .io(failure) }
-        return BitmapInfo(identity: identity, present: bits.count)
+        bits.recount()
+        return (BitmapInfo(identity: identity, present: bits.count, binding: try readBinding(fd: fd, path: path)), bits)
     }
 
     // MARK: Internals
@@ -361,7 +496,7 @@ public final class Bitmap {
     }
 
     private func writeHeader(_ id: BitmapIdentity) throws(BitmapError) {
-        let header = try Bitmap.encodeHeader(id)
+        let header = try Bitmap.encodeHeader(id, binding: binding)
         let r = header.withUnsafeBytes { pwriteFully(fd, $0.baseAddress!, $0.count, 0) }
         if case .failure(let e) = r { throw .io(FileError("pwrite", path: path, errno: e)) }
         if case .failure(let e) = retryingEINTR({ fdatasync(fd) }) {
@@ -386,12 +521,12 @@ public final class Bitmap {
         if let failure { throw .io(failure) }
     }
 
-    private static func create(path: String, identity: BitmapIdentity) throws(BitmapError) {
+    private static func create(path: String, identity: BitmapIdentity, binding: SetBinding?) throws(BitmapError) {
         let tmp = path + ".tmp.\(getpid())"
         let fd = Glibc.open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         if fd < 0 { throw .io(FileError("open", path: tmp, errno: errno)) }
         defer { close(fd) }
-        let header = try encodeHeader(identity)
+        let header = try encodeHeader(identity, binding: binding)
         let r = header.withUnsafeBytes { pwriteFully(fd, $0.baseAddress!, $0.count, 0) }
         if case .failure(let e) = r { unlink(tmp); throw .io(FileError("pwrite", path: tmp, errno: e)) }
         if ftruncate(fd, off_t(fileSize(pageCount: identity.pageCount))) != 0 {
@@ -402,10 +537,10 @@ public final class Bitmap {
         syncDirectory(of: path)
     }
 
-    static func encodeHeader(_ id: BitmapIdentity) throws(BitmapError) -> [UInt8] {
+    static func encodeHeader(_ id: BitmapIdentity, binding: SetBinding? = nil) throws(BitmapError) -> [UInt8] {
         let url = Array(id.url.utf8), etag = Array((id.etag ?? "").utf8), lm = Array((id.lastModified ?? "").utf8)
         let strings = url.count + etag.count + lm.count
-        guard strings <= headerSize - 64, url.count <= 0xFFFF, etag.count <= 0xFFFF, lm.count <= 0xFFFF else {
+        guard strings <= headerSize - 80, url.count <= 0xFFFF, etag.count <= 0xFFFF, lm.count <= 0xFFFF else {
             throw .headerTooLong(length: strings)
         }
         var h = [UInt8](repeating: 0, count: headerSize)
@@ -425,6 +560,11 @@ public final class Bitmap {
         h.replaceSubrange(64..<64 + url.count, with: url)
         h.replaceSubrange(64 + url.count..<64 + url.count + etag.count, with: etag)
         h.replaceSubrange(64 + url.count + etag.count..<64 + strings, with: lm)
+        if let b = binding {
+            put(UInt16(1), 54)
+            put(b.generation, 56)
+            h.replaceSubrange(headerSize - 16..<headerSize, with: b.setID)
+        }
         put(fnv1a(h), 40)
         return h
     }
@@ -476,5 +616,73 @@ public final class Bitmap {
         let lm = String(decoding: h[64 + ul + el..<64 + ul + el + ll], as: UTF8.self)
         return BitmapIdentity(kind: expected.kind, pageSize: pageSize, imageSize: imageSize, url: url,
                               etag: etag.isEmpty ? nil : etag, lastModified: lm.isEmpty ? nil : lm)
+    }
+}
+
+
+// MARK: Binding and live words
+
+extension Bitmap {
+    /// Records `binding` in the header (durably), keeping identity and bits;
+    /// the live file, if attached, follows.
+    public func bind(_ binding: SetBinding) throws(BitmapError) {
+        let old = self.binding
+        self.binding = binding
+        do { try writeHeader(identity) } catch {
+            self.binding = old
+            throw error
+        }
+        live?.setBinding(binding)
+    }
+
+    /// Moves the words into the live file for this bitmap under `config`
+    /// (see LiveBits.swift). When that file holds the words of this file,
+    /// set and generation in this boot (a server of this boot died with
+    /// them), they are the truth: adopted, and every word that differs from
+    /// the disk is marked dirty so that the next persist writes it (after the
+    /// cache file's data sync, as always). Otherwise the file is (re)made from
+    /// the words read from disk. Returns whether live words were adopted.
+    /// Needs a binding. Without a usable live directory: `config.required`
+    /// decides between an error and staying in private memory (false).
+    @discardableResult
+    public func attachLive(_ config: LiveConfig, role: String) throws(BitmapError) -> Bool {
+        guard live == nil, let binding else { return false }
+        let file: LiveFile
+        do {
+            guard let f = try LiveFile.open(config: config, bitmapPath: path, role: role, pageCount: pageCount) else { return false }
+            file = f
+        } catch { throw .io(error) }
+        let mapped = PageBits(pageCount: pageCount, mapping: file.words) { [file] in file.unmap() }
+        let adopted = file.matches(bootID: config.bootID, kind: identity.kind, binding: binding, pageCount: pageCount)
+        if adopted {
+            mapped.recount()
+            for w in 0..<mapped.wordCount where mapped.word(w) != bits.word(w) { mapped.markDirty(w) }
+        } else {
+            file.invalidate()
+            let old = bits
+            mapped.load { buf in
+                let w = buf.bindMemory(to: UInt64.self)
+                for i in 0..<old.wordCount { w[i] = old.word(i) }
+            }
+            file.validate(bootID: config.bootID, kind: identity.kind, binding: binding, pageCount: pageCount)
+        }
+        // Words changed before the move still have to reach the disk.
+        for w in bits.takeDirty() { mapped.markDirty(w) }
+        bits = mapped
+        live = file
+        return adopted
+    }
+
+    static func readBinding(fd: Int32, path: String) throws(BitmapError) -> SetBinding? {
+        var h = [UInt8](repeating: 0, count: headerSize)
+        switch h.withUnsafeMutableBytes({ preadFully(fd, $0.baseAddress!, headerSize, 0) }) {
+        case .success(let n) where n == headerSize: break
+        case .success: throw .corruptHeader(path: path)
+        case .failure(let e): throw .io(FileError("pread", path: path, errno: e))
+        }
+        guard h[54] & 1 != 0 else { return nil }
+        var gen: UInt64 = 0
+        for i in (56..<64).reversed() { gen = gen << 8 | UInt64(h[i]) }
+        return SetBinding(setID: Array(h[headerSize - 16..<headerSize]), generation: gen)
     }
 }

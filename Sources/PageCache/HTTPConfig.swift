@@ -1,5 +1,11 @@
 // HTTPConfig and HTTPError: what an HTTP(S)/S3 range source is told, and the
 // typed errors it reports (always with the URL, and the HTTP status if any).
+//
+// Secrets (header values, passwords, a presigned URL's query string) live only
+// in memory: `HTTPError.description` shows URLs through `Redact.url`, and
+// `Redact` is what every log line, state file and listing goes through.
+// Header lines are checked by `HTTPHeader.problem` (no CR, LF or other control
+// characters: a line break in a value would inject headers).
 import Glibc
 
 public struct S3Config: Equatable, Sendable {
@@ -18,19 +24,83 @@ public struct S3Config: Equatable, Sendable {
         self.sessionToken = sessionToken
     }
 
-    /// Credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN,
-    /// region from the argument, else AWS_REGION / AWS_DEFAULT_REGION, else us-east-1;
+    /// Credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN;
+    /// when that pair is absent, from the shared credentials file
+    /// (`credentialsFilePath`) under the profile AWS_PROFILE (default "default"):
+    /// aws_access_key_id, aws_secret_access_key, aws_session_token.
+    /// Region from the argument, else AWS_REGION / AWS_DEFAULT_REGION, else us-east-1;
     /// endpoint from the argument, else AWS_ENDPOINT_URL, else the regional AWS endpoint.
-    /// Nil when the key pair is missing.
+    /// Nil when no key pair is found.
     public static func fromEnvironment(endpoint: String? = nil, region: String? = nil,
                                        environment: [String: String]? = nil) -> S3Config? {
         let env = environment ?? S3Config.processEnvironment()
-        guard let key = env["AWS_ACCESS_KEY_ID"], !key.isEmpty,
-              let secret = env["AWS_SECRET_ACCESS_KEY"], !secret.isEmpty else { return nil }
+        var key = env["AWS_ACCESS_KEY_ID"] ?? "", secret = env["AWS_SECRET_ACCESS_KEY"] ?? ""
+        var token = env["AWS_SESSION_TOKEN"]
+        if key.isEmpty || secret.isEmpty {
+            guard let path = credentialsFilePath(environment: env, useAccountHome: environment == nil),
+                  let text = readSmallFile(path) else { return nil }
+            let profile = (env["AWS_PROFILE"].flatMap { $0.isEmpty ? nil : $0 }) ?? "default"
+            guard let section = parseINI(text)[profile] else { return nil }
+            key = section["aws_access_key_id"] ?? ""
+            secret = section["aws_secret_access_key"] ?? ""
+            token = section["aws_session_token"]
+            guard !key.isEmpty, !secret.isEmpty else { return nil }
+        }
         let region = region ?? env["AWS_REGION"] ?? env["AWS_DEFAULT_REGION"] ?? "us-east-1"
         let endpoint = endpoint ?? env["AWS_ENDPOINT_URL"] ?? "https://s3.\(region).amazonaws.com"
-        let token = env["AWS_SESSION_TOKEN"].flatMap { $0.isEmpty ? nil : $0 }
-        return S3Config(endpoint: endpoint, region: region, accessKeyID: key, secretAccessKey: secret, sessionToken: token)
+        return S3Config(endpoint: endpoint, region: region, accessKeyID: key, secretAccessKey: secret,
+                        sessionToken: token.flatMap { $0.isEmpty ? nil : $0 })
+    }
+
+    /// AWS_SHARED_CREDENTIALS_FILE, else $HOME/.aws/credentials (the account's home
+    /// directory when HOME is unset and `useAccountHome`).
+    public static func credentialsFilePath(environment env: [String: String], useAccountHome: Bool = true) -> String? {
+        if let f = env["AWS_SHARED_CREDENTIALS_FILE"], !f.isEmpty { return f }
+        var home = env["HOME"] ?? ""
+        if home.isEmpty && useAccountHome, let pw = getpwuid(geteuid()), let dir = pw.pointee.pw_dir {
+            home = String(cString: dir)
+        }
+        return home.isEmpty ? nil : home + "/.aws/credentials"
+    }
+
+    /// An INI file as the AWS tools write it: `[section]`, `key = value`, comments
+    /// starting with # or ;. Keys are lowercased; later keys win; lines outside a
+    /// section and lines without '=' are ignored.
+    public static func parseINI(_ text: String) -> [String: [String: String]] {
+        var out: [String: [String: String]] = [:]
+        var section: String?
+        for raw in text.split(omittingEmptySubsequences: true, whereSeparator: { $0 == "\n" || $0 == "\r\n" || $0 == "\r" }) {
+            let line = raw.trimmingWhitespace()
+            if line.isEmpty || line.hasPrefix("#") || line.hasPrefix(";") { continue }
+            if line.hasPrefix("[") && line.hasSuffix("]") {
+                let name = String(line.dropFirst().dropLast()).trimmingWhitespace()
+                section = name
+                if out[name] == nil { out[name] = [:] }
+                continue
+            }
+            guard let section, let eq = line.firstIndex(of: "=") else { continue }
+            let k = line[..<eq].trimmingWhitespace().lowercased()
+            let v = line[line.index(after: eq)...].trimmingWhitespace()
+            out[section]?[k] = v
+        }
+        return out
+    }
+
+    /// A file's text, or nil (missing, unreadable, or larger than 1 MiB).
+    static func readSmallFile(_ path: String) -> String? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var data = [UInt8]()
+        var buf = [UInt8](repeating: 0, count: 16384)
+        while true {
+            let n = read(fd, &buf, buf.count)
+            if n > 0 { data += buf[0..<n]; if data.count > 1 << 20 { return nil } }
+            else if n < 0 && errno == EINTR { continue }
+            else if n < 0 { return nil }
+            else { break }
+        }
+        return String(decoding: data, as: UTF8.self)
     }
 
     static func processEnvironment() -> [String: String] {
@@ -80,6 +150,9 @@ public struct HTTPConfig: Sendable {
     public var maxRedirects = 5
     /// Attempts per request, the first included.
     public var maxAttempts = 5
+    /// The largest image the probe accepts (a bitmap has one bit per page in
+    /// memory: the caller sets pageSize << 32). Larger is `.imageTooLarge`.
+    public var maxImageSize = UInt64(Int64.max)
     /// Seconds before the first retry; doubles per retry, up to `retryMaxDelay`.
     public var retryBaseDelay: Double = 0.2
     public var retryMaxDelay: Double = 10
@@ -91,6 +164,37 @@ public struct HTTPConfig: Sendable {
     public var verbose = false
 
     public init(url: String) { self.url = url }
+
+    /// Why this configuration cannot be used, or nil. Keeps every number within
+    /// what libcurl's options and the retry timer take (no trap converting them).
+    public var problem: String? {
+        for (name, u) in [("URL", url), ("S3 endpoint", s3?.endpoint ?? "")] {
+            for b in u.utf8 where b <= 0x20 || b == 0x7F {
+                return b == 0x0D || b == 0x0A ? "the \(name) contains a line break (CR or LF)"
+                    : "the \(name) contains a space or a control character (percent-encode it)"
+            }
+        }
+        for h in headers { if let why = HTTPHeader.problem(h) { return "header \(HTTPHeader.name(h)): \(why)" } }
+        for (name, v) in [("user name", username ?? ""), ("password", password ?? ""), ("session token", s3?.sessionToken ?? "")] {
+            if v.utf8.contains(where: { $0 == 0x0D || $0 == 0x0A || $0 == 0 }) { return "the \(name) contains a line break" }
+        }
+        func seconds(_ v: Double, _ name: String, zeroAllowed: Bool) -> String? {
+            v.isFinite && (v >= 0.001 || (zeroAllowed && v == 0)) && v <= 1e6 ? nil
+                : "\(name) must be \(zeroAllowed ? "0 or " : "")between 0.001 and 1000000 seconds, not \(v)"
+        }
+        if let why = seconds(requestTimeout, "the request timeout", zeroAllowed: true)
+            ?? seconds(connectTimeout, "the connect timeout", zeroAllowed: false) { return why }
+        if !(retryBaseDelay.isFinite && retryBaseDelay >= 0 && retryBaseDelay <= 1e6
+             && retryMaxDelay.isFinite && retryMaxDelay >= 0 && retryMaxDelay <= 1e6) {
+            return "retry delays must be between 0 and 1000000 seconds"
+        }
+        if !(1...1024).contains(maxConnections) { return "connections must be between 1 and 1024, not \(maxConnections)" }
+        if !(1...100).contains(maxAttempts) { return "attempts must be between 1 and 100, not \(maxAttempts)" }
+        if !(0...100).contains(maxRedirects) || lowSpeedLimit < 0 || !(0...1_000_000).contains(lowSpeedTime) {
+            return "redirects, low-speed limit or low-speed time out of range"
+        }
+        return nil
+    }
 
     /// The URL requests go to (s3:// mapped onto the endpoint).
     public var requestURL: String {
@@ -145,6 +249,11 @@ public struct HTTPError: Error, Equatable, CustomStringConvertible, Sendable {
         case cancelled
         /// Any other libcurl error.
         case transport(code: Int32)
+        /// The image is larger than `HTTPConfig.maxImageSize`.
+        case imageTooLarge(size: UInt64, limit: UInt64)
+        /// The configuration cannot be used: a line break in a header or the URL, a
+        /// timeout that is not a finite number of seconds... (see `HTTPConfig.problem`).
+        case invalidConfig(String)
     }
 
     public var reason: Reason
@@ -189,10 +298,155 @@ public struct HTTPError: Error, Equatable, CustomStringConvertible, Sendable {
         case .aborted: s = "aborted by the data handler"
         case .cancelled: s = "cancelled"
         case .transport(let c): s = "transfer failed (curl error \(c))"
+        case .imageTooLarge(let size, let limit):
+            s = "the image has \(size) bytes, more than the \(limit) a cache of this page size can address (use a larger --page-size)"
+        case .invalidConfig(let why): s = why
         }
         if status != 0, case .status = reason {} else if status != 0 { s += " (HTTP \(status))" }
-        if !detail.isEmpty { s += ": \(detail)" }
+        if !detail.isEmpty { s += ": \(Redact.text(detail))" }
         if attempts > 1 { s += " after \(attempts) attempts" }
-        return "\(url): \(s)"
+        return "\(Redact.url(url)): \(s)"
+    }
+}
+
+/// Header lines as the command line and header files give them.
+public enum HTTPHeader {
+    /// Why `line` cannot be sent as a request header, or nil when it can. Never
+    /// quotes the value (it may be a secret).
+    public static func problem(_ line: String) -> String? {
+        guard let colon = line.firstIndex(of: ":") else { return "expected 'Name: value'" }
+        let name = line[..<colon]
+        guard !name.isEmpty else { return "the header name is empty" }
+        let tchar = Set("!#$%&'*+-.^_`|~".utf8)
+        for b in name.utf8 where !(tchar.contains(b) || (b >= 0x30 && b <= 0x39) || (b | 0x20 >= 0x61 && b | 0x20 <= 0x7A)) {
+            return "the header name '\(Redact.printable(String(name)))' has a character not allowed in a name"
+        }
+        for b in line[line.index(after: colon)...].utf8 {
+            if b == 0x0D || b == 0x0A { return "the value of '\(name)' contains a line break (CR or LF)" }
+            if (b < 0x20 && b != 0x09) || b == 0x7F { return "the value of '\(name)' contains a control character" }
+        }
+        return nil
+    }
+
+    /// The name of a header line (for messages that must not show its value).
+    public static func name(_ line: String) -> String {
+        Redact.printable(String(line.prefix { $0 != ":" }.prefix(64)))
+    }
+
+    /// A header file: one `Name: value` per line; empty lines and lines starting
+    /// with '#' are skipped. Throws a message naming the line, never its value.
+    public static func parseFile(_ text: String) throws(HeaderFileError) -> [String] {
+        var out: [String] = []
+        var number = 0
+        // Split on LF only: a CR left in a line is refused below, not taken as a line end.
+        for raw in text.utf8.split(separator: 0x0A, omittingEmptySubsequences: false) {
+            number += 1
+            let line = String(decoding: raw, as: UTF8.self)
+            if line.allSatisfy({ $0 == " " || $0 == "\t" }) || line.hasPrefix("#") { continue }
+            if let why = problem(line) {
+                let hint = line.hasSuffix("\r") ? " (Windows line endings? one header per LF-terminated line)" : ""
+                throw HeaderFileError(line: number, message: why + hint)
+            }
+            let colon = line.firstIndex(of: ":")!
+            out.append(String(line[..<colon]) + ": " + line[line.index(after: colon)...].trimmingWhitespace())
+        }
+        return out
+    }
+}
+
+public struct HeaderFileError: Error, CustomStringConvertible, Sendable {
+    public var line: Int
+    public var message: String
+    public var description: String { "line \(line): \(message)" }
+}
+
+/// What may be shown of secrets: URLs without their query values or password,
+/// header lines without their values.
+public enum Redact {
+    public static let placeholder = "REDACTED"
+
+    /// `scheme://user:REDACTED@host/path?key=REDACTED&flag=REDACTED#fragment`.
+    public static func url(_ u: String) -> String {
+        var rest = Substring(u)
+        var out = ""
+        if let colon = rest.firstIndex(of: ":"), rest[colon...].hasPrefix("://"),
+           !rest[..<colon].contains(where: { $0 == "/" || $0 == "?" }) {
+            let hostStart = rest.index(colon, offsetBy: 3)
+            out += rest[..<hostStart]
+            rest = rest[hostStart...]
+            let authorityEnd = rest.firstIndex { $0 == "/" || $0 == "?" || $0 == "#" } ?? rest.endIndex
+            let authority = rest[..<authorityEnd]
+            if let at = authority.lastIndex(of: "@") {
+                let user = authority[..<at]
+                if let colon = user.firstIndex(of: ":") {
+                    out += user[..<colon] + ":" + placeholder
+                } else {
+                    out += user
+                }
+                out += authority[at...]
+            } else {
+                out += authority
+            }
+            rest = rest[authorityEnd...]
+        }
+        guard let q = rest.firstIndex(of: "?") else { return out + rest }
+        out += rest[...q]
+        let afterQ = rest[rest.index(after: q)...]
+        let fragmentStart = afterQ.firstIndex(of: "#") ?? afterQ.endIndex
+        let pairs = afterQ[..<fragmentStart].split(separator: "&", omittingEmptySubsequences: false).map { pair -> String in
+            if pair.isEmpty { return "" }
+            if let eq = pair.firstIndex(of: "=") { return pair[..<eq] + "=" + placeholder }
+            return placeholder
+        }
+        return out + pairs.joined(separator: "&") + afterQ[fragmentStart...]
+    }
+
+    /// `text` with every URL in it (scheme://... up to white space or a quote) redacted.
+    public static func text(_ text: String) -> String {
+        guard text.contains("://") else { return text }
+        let chars = Array(text)
+        var out = ""
+        var i = 0
+        while i < chars.count {
+            // A URL starts at a scheme ([A-Za-z][A-Za-z0-9+.-]*) followed by "://".
+            if chars[i].isASCII && chars[i].isLetter && (i == 0 || !isSchemeChar(chars[i - 1])) {
+                var j = i
+                while j < chars.count && isSchemeChar(chars[j]) { j += 1 }
+                if j + 2 < chars.count && chars[j] == ":" && chars[j + 1] == "/" && chars[j + 2] == "/" {
+                    var end = j + 3
+                    while end < chars.count && !ends(chars[end]) { end += 1 }
+                    // Sentence punctuation after a URL is not part of it.
+                    while end > j + 3 && ".,:;)!".contains(chars[end - 1]) { end -= 1 }
+                    out += url(String(chars[i..<end]))
+                    i = end
+                    continue
+                }
+                out += String(chars[i..<j])
+                i = j
+                continue
+            }
+            out.append(chars[i])
+            i += 1
+        }
+        return out
+    }
+
+    /// A header line with its value replaced: `Name: REDACTED`.
+    public static func header(_ line: String) -> String {
+        guard let colon = line.firstIndex(of: ":") else { return placeholder }
+        return line[..<colon] + ": " + placeholder
+    }
+
+    /// Control characters shown as '?': a message stays one line.
+    public static func printable(_ s: String) -> String {
+        String(s.unicodeScalars.map { $0.value < 0x20 || $0.value == 0x7F ? "?" : Character($0) })
+    }
+
+    private static func isSchemeChar(_ c: Character) -> Bool {
+        c.isASCII && (c.isLetter || c.isNumber || c == "+" || c == "." || c == "-")
+    }
+
+    private static func ends(_ c: Character) -> Bool {
+        c.isWhitespace || c == "\"" || c == "'" || c == "<" || c == ">" || c == "`"
     }
 }

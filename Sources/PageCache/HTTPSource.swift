@@ -14,10 +14,15 @@
 //   Content-Range asked for (and, once `expected` is set, the same total size
 //   and validators). 200 (Range ignored), another range, a changed ETag or size
 //   is a typed error: data is never delivered at a wrong offset.
-// - Retries: 5xx/429, timeouts, resets, connection failures and short bodies
-//   are retried with exponential backoff, up to `maxAttempts` attempts in all;
-//   a retry asks only for the bytes not yet delivered. Then `completion` runs
-//   exactly once, with success or an `HTTPError` naming the URL and status.
+// - Retries: 5xx/429, timeouts, resets, short bodies, and the transient
+//   network faults (a name that did not resolve, a TLS handshake that failed
+//   or was reset, a refused connection) are retried with exponential backoff,
+//   up to `maxAttempts` attempts in all; a retry asks only for the bytes not
+//   yet delivered. Then `completion` runs exactly once, with success or an
+//   `HTTPError` naming the URL and status. Answers that would not change
+//   (404, 403, a certificate that does not verify, a bad Content-Range) are
+//   never retried. The probe retries the same faults except a refused
+//   connection, which at `add` time is a prompt error, not a fault in passing.
 // - Callbacks: `onData` runs inside curl's write callback and must not call
 //   back into the source. `completion` runs after curl's callbacks have
 //   returned (from `perform()`), and may start new fetches.
@@ -60,6 +65,7 @@ public final class HTTPSource {
 
     public init(config: HTTPConfig, stats: CacheStats = CacheStats()) throws(HTTPError) {
         let url = config.requestURL
+        if let why = config.problem { throw HTTPError(.invalidConfig(why), url: Redact.printable(url)) }
         guard HTTPSource.globalInit, let m = curl_multi_init() else {
             throw HTTPError(.transport(code: Int32(CURLE_FAILED_INIT.rawValue)), url: url, detail: "curl_multi_init")
         }
@@ -521,6 +527,7 @@ public final class HTTPSource {
             guard (200..<300).contains(status) else { return fail(.status(status), retryable: false) }
             guard let size = t.headers.contentLength else { return switchToRangeProbe(t) }
             if t.headers.acceptRanges?.lowercased() != "bytes" { return switchToRangeProbe(t) }
+            if size > config.maxImageSize { return fail(.imageTooLarge(size: size, limit: config.maxImageSize), retryable: false) }
             t.image = RemoteImage(effectiveURL: effective ?? url, size: size, etag: t.headers.etag,
                                   lastModified: t.headers.lastModified, fromHead: true)
             finish(t, .success(()))
@@ -529,6 +536,7 @@ public final class HTTPSource {
             guard let cr = t.headers.contentRange, let total = parseContentRange(cr)?.total else {
                 return fail(.noSize, retryable: false)
             }
+            if total > config.maxImageSize { return fail(.imageTooLarge(size: total, limit: config.maxImageSize), retryable: false) }
             t.image = RemoteImage(effectiveURL: effective ?? url, size: total, etag: t.headers.etag,
                                   lastModified: t.headers.lastModified, fromHead: false)
             finish(t, .success(()))
@@ -553,13 +561,18 @@ public final class HTTPSource {
         case CURLE_OPERATION_TIMEDOUT:
             return (.timedOut, true)
         case CURLE_COULDNT_CONNECT:
+            // Refused mid-run (a server restarting) is a fault in passing; at the probe it is the answer.
             return (.connectFailed, kind == .fetch)
         case CURLE_COULDNT_RESOLVE_HOST, CURLE_COULDNT_RESOLVE_PROXY:
-            return (.connectFailed, false)
+            // A resolver timing out or SERVFAIL looks the same as NXDOMAIN: retry either.
+            return (.connectFailed, true)
         case CURLE_PARTIAL_FILE, CURLE_RECV_ERROR, CURLE_SEND_ERROR, CURLE_GOT_NOTHING,
              CURLE_HTTP2, CURLE_HTTP2_STREAM, CURLE_HTTP3:
             return (.transport(code: Int32(code.rawValue)), true)
-        case CURLE_SSL_CONNECT_ERROR, CURLE_PEER_FAILED_VERIFICATION, CURLE_SSL_CERTPROBLEM,
+        case CURLE_SSL_CONNECT_ERROR:
+            // The handshake failed or was reset (a middlebox, an overloaded server).
+            return (.tls, true)
+        case CURLE_PEER_FAILED_VERIFICATION, CURLE_SSL_CERTPROBLEM,
              CURLE_SSL_CIPHER, CURLE_SSL_CACERT_BADFILE, CURLE_SSL_ISSUER_ERROR,
              CURLE_SSL_PINNEDPUBKEYNOTMATCH, CURLE_SSL_INVALIDCERTSTATUS, CURLE_SSL_ENGINE_NOTFOUND,
              CURLE_SSL_CRL_BADFILE, CURLE_SSL_SHUTDOWN_FAILED:

@@ -8,6 +8,9 @@
 //   words a persistent owner must write next); `takeDirty()` hands the list
 //   over and starts a new one. Bits past `pageCount` are never set.
 // - Single-threaded: one owner (a queue's thread) touches an instance.
+// - The words live in private memory, or in a caller's mapping
+//   (`init(pageCount:mapping:release:)`, e.g. a MAP_SHARED file on /run that
+//   outlives the process: see LiveBits.swift); the API is the same.
 
 public final class PageBits {
     public let pageCount: UInt64
@@ -20,6 +23,8 @@ public final class PageBits {
     private var dirtyList: [Int] = []
     /// Pages set.
     public private(set) var count: UInt64 = 0
+    /// Set when the words are a caller's mapping: called once, at deinit.
+    private let release: (() -> Void)?
 
     public init(pageCount: UInt64) {
         self.pageCount = pageCount
@@ -29,12 +34,31 @@ public final class PageBits {
         dirtyMarkCount = max((wordCount + 63) / 64, 1)
         dirtyMarks = .allocate(capacity: dirtyMarkCount)
         dirtyMarks.initialize(repeating: 0, count: dirtyMarkCount)
+        release = nil
+    }
+
+    /// Bits whose words are `mapping` (at least `(pageCount + 63) / 64` words,
+    /// kept as they are: call `recount()` after filling them). `release` runs
+    /// at deinit (unmap). No word is marked dirty.
+    public init(pageCount: UInt64, mapping: UnsafeMutablePointer<UInt64>, release: @escaping () -> Void) {
+        self.pageCount = pageCount
+        wordCount = Int((pageCount + 63) / 64)
+        words = mapping
+        dirtyMarkCount = max((wordCount + 63) / 64, 1)
+        dirtyMarks = .allocate(capacity: dirtyMarkCount)
+        dirtyMarks.initialize(repeating: 0, count: dirtyMarkCount)
+        self.release = release
+        recount()
     }
 
     deinit {
-        words.deallocate()
+        if let release { release() } else { words.deallocate() }
         dirtyMarks.deallocate()
     }
+
+    /// Drops bits past `pageCount` and counts the set pages again (after the
+    /// words were changed behind the API, e.g. by another process).
+    public func recount() { load { _ in } }
 
     @inline(__always)
     public func test(_ page: UInt64) -> Bool {
@@ -114,6 +138,15 @@ public final class PageBits {
     }
 
     public var hasDirty: Bool { !dirtyList.isEmpty }
+
+    /// Whether a word overlapping `pages` is in the dirty list (changed and not taken yet).
+    public func hasPendingWords(_ pages: Range<UInt64>) -> Bool {
+        var found = false
+        forEachWord(pages) { w, _ in
+            if dirtyMarks[w >> 6] & (1 &<< UInt64(w & 63)) != 0 { found = true }
+        }
+        return found
+    }
 
     /// A word's value (for persistence).
     @inline(__always)

@@ -1,6 +1,7 @@
 import ArgumentParser
 import FoundationEssentials
 import Glibc
+import PageCache
 import UblkTarget
 
 struct Add: ParsableCommand {
@@ -16,7 +17,7 @@ struct Add: ParsableCommand {
               http   a disk image on an HTTP(S) server or in S3, fetched on
                      demand into a persistent page cache; read-only unless
                      --writable.  --url URL [--cache FILE --bitmap FILE]
-                     [--header 'K: V']... [--user NAME --password-file F]
+                     [--header-file F] [--user NAME --password-file F]
                      [--cacert FILE | --insecure] [--timeout S]
                      [--connections N] [--readahead SIZE] [--page-size 4096]
                      [--s3-endpoint URL --region R]
@@ -26,7 +27,16 @@ struct Add: ParsableCommand {
             the next `add` of the same URL reuses what was fetched, unless the
             remote changed (ETag, Last-Modified, size): then the cache starts
             afresh. S3 credentials come from AWS_ACCESS_KEY_ID,
-            AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN, or ~/.aws/credentials.
+            AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN, else from the
+            shared credentials file ($AWS_SHARED_CREDENTIALS_FILE, default
+            ~/.aws/credentials), profile $AWS_PROFILE (default "default").
+
+            Secrets: the server is started without them on its command line
+            (they travel through a pipe), and --header values, passwords and
+            the query string of the URL (a presigned X-Amz-Signature=...) are
+            shown as REDACTED in `list`, the state files and the logs under
+            /run/ublk-http/. `add`'s own command line is visible to every user
+            while it runs: put secret headers in a --header-file (mode 0600).
 
             Prints one JSON object (dev_id, block_device, char_device, pid,
             target, ...) once /dev/ublkbN is live. Without --foreground the
@@ -37,13 +47,13 @@ struct Add: ParsableCommand {
     @Option(name: [.short, .customLong("type")], help: "Target type: null, loop, http or cache.")
     var type: String
 
-    @Option(name: [.short, .customLong("number")], help: "Device id N for /dev/ublkbN (default: the first free one).")
+    @Option(name: [.short, .customLong("number")], parsing: .unconditional, help: "Device id N for /dev/ublkbN (default: the first free one).")
     var number: Int?
 
-    @Option(name: [.short, .customLong("queues")], help: "Number of hardware queues, each with its own thread (1-64).")
+    @Option(name: [.short, .customLong("queues")], parsing: .unconditional, help: "Number of hardware queues, each with its own thread (1-64).")
     var queues: Int = 1
 
-    @Option(name: [.short, .customLong("depth")], help: "Queue depth (1-4096).")
+    @Option(name: [.short, .customLong("depth")], parsing: .unconditional, help: "Queue depth (1-4096).")
     var depth: Int = 128
 
     @Option(name: .customLong("size"), help: "null: device size, with K/M/G/T suffixes (default 250G).")
@@ -79,20 +89,29 @@ struct Add: ParsableCommand {
     @Flag(name: .customLong("foreground"), help: "Serve in this process; print the JSON and block until stopped.")
     var foreground = false
 
-    @Option(name: .customLong("recover-id"), help: .hidden)
+    @Option(name: .customLong("recover-id"), parsing: .unconditional, help: .hidden)
     var recoverID: Int?
 
     @Option(name: .customLong("ready-fd"), help: .hidden)
     var readyFD: Int32?
 
+    /// The server's real arguments (NUL-separated, starting with "add"), read from
+    /// this fd: its own argv is the redacted copy, see Daemon.
+    @Option(name: .customLong("arguments-fd"), help: .hidden)
+    var argumentsFD: Int32?
+
     func validate() throws {
         guard ["null", "loop", "http", "cache"].contains(type) else {
             throw Failure("unknown target type '\(type)' (known: null, loop, http, cache)")
         }
-        if let n = number, n < 0 || n >= Int(Int32.max) { throw Failure("bad device id \(n)") }
+        if let n = number { _ = try deviceID(n) }
+        if let n = recoverID { _ = try deviceID(n) }
+        if let fd = readyFD, fd < 3 { throw Failure("bad --ready-fd \(fd)") }
+        if let fd = argumentsFD, fd < 3 || !foreground { throw Failure("bad --arguments-fd \(fd)") }
         guard (1...64).contains(queues) else { throw Failure("--queues must be between 1 and 64, not \(queues)") }
         guard (1...4096).contains(depth) else { throw Failure("--depth must be between 1 and 4096, not \(depth)") }
         if type != "null" && size != nil { throw Failure("--size applies to the null target only") }
+        if let s = size { _ = try Add.nullSize(s) }
         if type != "loop" && (file != nil || buffered) { throw Failure("-f/--file and --buffered apply to the loop target only") }
         if type == "loop" && file == nil { throw Failure("the loop target needs a backing file: -f FILE") }
         if type == "http" {
@@ -103,6 +122,7 @@ struct Add: ParsableCommand {
             guard http.cache != nil, http.bitmap != nil else { throw Failure("the cache target needs --cache FILE and --bitmap FILE") }
             guard ["through", "back"].contains(writeMode) else { throw Failure("--write-mode must be through or back, not '\(writeMode)'") }
             if queues != 1 { throw Failure("the cache target serves one queue: drop -q") }
+            try http.checkPageSize()
             if http.httpOnlyGiven { throw Failure("--url and the other http options apply to the http target only") }
         } else if http.given {
             throw Failure("--url and the other http options apply to the http target only")
@@ -110,21 +130,16 @@ struct Add: ParsableCommand {
         if type != "cache" && (backing != nil || noDirtyTracking) { throw Failure("--backing and --no-dirty-tracking apply to the cache target only") }
         if let m = cacheMaxSize {
             guard type == "http" || type == "cache" else { throw Failure("--cache-max-size applies to the http and cache targets only") }
-            guard let v = Size.parse(m), v >= 1 << 20 else { throw Failure("bad --cache-max-size '\(m)': at least 1M") }
+            guard let v = Size.parse(m), v >= 1 << 20 else {
+                throw Failure("bad --cache-max-size '\(m)': expected a size of at least 1M and below 8E, with an optional K, M, G, T, P or E suffix")
+            }
         }
     }
 
     func makeTarget() throws -> Target {
         switch type {
         case "null":
-            var bytes = NullTarget.defaultSize
-            if let s = size {
-                guard let v = Size.parse(s), v >= 512 else {
-                    throw Failure("bad size '\(s)': expected a number of bytes of at least 512, with an optional K, M, G or T suffix")
-                }
-                bytes = v & ~511
-            }
-            return NullTarget(size: bytes, readOnly: readOnly)
+            return NullTarget(size: try size.map(Add.nullSize) ?? NullTarget.defaultSize, readOnly: readOnly)
         case "loop":
             do { return try LoopTarget(path: file!, buffered: buffered, readOnly: readOnly) } catch { throw Failure(error) }
         case "http":
@@ -144,15 +159,26 @@ struct Add: ParsableCommand {
         }
     }
 
-    var serverOptions: ServerOptions {
+    var serverOptions: ServerOptions { serverOptions(arguments: Array(CommandLine.arguments.dropFirst())) }
+
+    /// `arguments`: this server's `add` command line, saved (root-only) so that `recover` can repeat it.
+    func serverOptions(arguments: [String]) -> ServerOptions {
         var o = ServerOptions()
-        o.deviceID = number.map { UInt32($0) }
+        o.deviceID = number.map { UInt32(clamping: $0) }  // checked by validate()
         o.queues = queues
         o.depth = depth
         o.recovery = recovery
-        o.recoverID = recoverID.map { UInt32($0) }
-        o.arguments = Add.savedArguments(Array(CommandLine.arguments.dropFirst()))
+        o.recoverID = recoverID.map { UInt32(clamping: $0) }
+        o.arguments = Add.savedArguments(arguments)
         return o
+    }
+
+    /// The null target's --size: 512 bytes up to 8E, rounded down to 512.
+    static func nullSize(_ s: String) throws -> UInt64 {
+        guard let v = Size.parse(s), v >= 512 else {
+            throw Failure("bad size '\(s)': expected a number of bytes of at least 512 and below 8E, with an optional K, M, G, T, P or E suffix")
+        }
+        return v & ~511
     }
 
     /// The arguments that recreate this server: without the daemon plumbing.
@@ -161,8 +187,9 @@ struct Add: ParsableCommand {
         var skip = false
         for a in args {
             if skip { skip = false; continue }
-            if a == "--ready-fd" || a == "--recover-id" { skip = true; continue }
-            if a == "--foreground" || a.hasPrefix("--ready-fd=") || a.hasPrefix("--recover-id=") { continue }
+            if a == "--ready-fd" || a == "--recover-id" || a == "--arguments-fd" { skip = true; continue }
+            if a == "--foreground" || a.hasPrefix("--ready-fd=") || a.hasPrefix("--recover-id=")
+                || a.hasPrefix("--arguments-fd=") { continue }
             out.append(a)
         }
         return out
@@ -170,7 +197,25 @@ struct Add: ParsableCommand {
 
     func run() throws {
         if foreground {
-            try serve()
+            guard let fd = argumentsFD else {
+                return try serve(report: readyFD.map { ReadyPipe(fd: $0) }, arguments: Array(CommandLine.arguments.dropFirst()))
+            }
+            // Started by Daemon: argv is the redacted copy, the real arguments come through `fd`.
+            let report = readyFD.map { ReadyPipe(fd: $0) }
+            let real: Add
+            let arguments: [String]
+            do {
+                arguments = try Daemon.receiveArguments(fd: fd)
+                guard arguments.first == "add", let parsed = try UblkHTTP.parseAsRoot(arguments) as? Add else {
+                    throw Failure("the server's arguments are not an `add` command")
+                }
+                real = parsed
+            } catch {
+                let message = UblkHTTP.oneLine(UblkHTTP.message(for: error))
+                if let report { report.send("error: \(message)"); throw ExitCode.failure }
+                throw Failure(message)
+            }
+            try real.serve(report: report, arguments: arguments)
         } else {
             // Check what can be checked here, so that errors need no round trip
             // (http probes the network and locks its bitmap: the server does that).
@@ -183,27 +228,26 @@ struct Add: ParsableCommand {
     }
 
     /// The server: bring the device up, report, serve until stopped.
-    func serve() throws {
-        let report = readyFD.map { ReadyPipe(fd: $0) }
+    func serve(report: ReadyPipe?, arguments: [String]) throws {
         do {
             let target = try makeTarget()
             try requireRoot()
             let server: Server
-            do { server = try Server(target: target, options: serverOptions) } catch { throw Failure(error) }
+            do { server = try Server(target: target, options: serverOptions(arguments: arguments)) } catch { throw Failure(error) }
             let state: DeviceState
             do { state = try server.start() } catch { throw Failure(error) }
             if let r = report {
-                r.send(jsonLine(state))
+                r.send(jsonLine(state.redacted))
                 Daemon.redirectOutput(toLogFor: state.devID)
             } else {
-                print(jsonLine(state))
+                print(jsonLine(state.redacted))
                 fflush(stdout)
             }
             server.wait()
             server.shutdown()
         } catch {
             if let r = report {
-                r.send("error: \(error)")
+                r.send("error: \(Redact.text(UblkHTTP.oneLine("\(error)")))")
                 throw ExitCode.failure
             }
             throw error

@@ -12,7 +12,7 @@ struct Del: ParsableCommand {
             stale ones left by a server that crashed or was killed.
             """)
 
-    @Option(name: [.short, .customLong("number")], help: "Device id N (/dev/ublkbN).")
+    @Option(name: [.short, .customLong("number")], parsing: .unconditional, help: "Device id N (/dev/ublkbN).")
     var number: Int?
 
     @Flag(name: [.short, .customLong("all")], help: "Remove every ublk device.")
@@ -20,12 +20,12 @@ struct Del: ParsableCommand {
 
     func validate() throws {
         if all == (number != nil) { throw Failure("give either -n ID or -a") }
-        if let n = number, n < 0 || n > Int(UInt32.max - 1) { throw Failure("bad device id \(n)") }
+        if let n = number { _ = try deviceID(n) }
     }
 
     func run() throws {
         let control = try openControl()
-        let ids = all ? Devices.existing() : [UInt32(number!)]
+        let ids = all ? Devices.existing() : [try deviceID(number!)]
         var failures: [String] = []
         for id in ids {
             do { try Devices.remove(id, control: control, mustExist: !all) } catch let f as Failure {
@@ -108,16 +108,17 @@ struct Recover: ParsableCommand {
         abstract: "Start a new server for a device added with --recovery whose server died.",
         discussion: """
             The device kept its I/O waiting; the new server is started with the arguments
-            saved at `add` (in /run/ublk-http/ublkN.json) and the waiting I/O completes.
+            saved at `add` (in /run/ublk-http/ublkN.args, mode 0600; a --header-file or
+            --password-file is read again) and the waiting I/O completes.
             Prints the device's JSON, like `add`.
             """)
 
-    @Option(name: [.short, .customLong("number")], help: "Device id N (/dev/ublkbN).")
+    @Option(name: [.short, .customLong("number")], parsing: .unconditional, help: "Device id N (/dev/ublkbN).")
     var number: Int
 
     func run() throws {
+        let id = try deviceID(number)
         let control = try openControl()
-        let id = UInt32(clamping: number)
         let info: ublksrv_ctrl_dev_info
         do { info = try control.info(id) } catch {
             throw Failure(error == .noDevice ? "no such device: ublk\(id)" : "ublk\(id): GET_DEV_INFO failed: \(error)")
@@ -125,8 +126,8 @@ struct Recover: ParsableCommand {
         if Devices.processAlive(info.ublksrv_pid) && info.state == UInt16(UBLK_S_DEV_LIVE) {
             throw Failure("ublk\(id) is live: its server (pid \(info.ublksrv_pid)) is running")
         }
-        guard let saved = DeviceState.load(id), let args = saved.arguments, args.first == "add" else {
-            throw Failure("ublk\(id) has no saved state in \(DeviceState.path(id)): cannot tell how to serve it")
+        guard let args = DeviceState.loadArguments(id), args.first == "add" else {
+            throw Failure("ublk\(id) has no saved arguments in \(DeviceState.argumentsPath(id)): cannot tell how to serve it")
         }
         let line = try Daemon.spawnServer(arguments: args + ["--recover-id", String(id)])
         print(line)

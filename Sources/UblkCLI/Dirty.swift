@@ -17,17 +17,15 @@ struct DirtySource: ParsableArguments {
         if (number == nil) == (dirtyBitmap == nil) { throw Failure("give either -n ID (a live device) or --dirty-bitmap FILE (a stopped one)") }
     }
 
-    /// A stopped device's dirty bitmap, opened for update.
-    func openFile() throws -> Bitmap {
+    /// A stopped device's dirty bitmap, opened for update (CacheStore: it must
+    /// belong to its cache, and the bits a dead server of this boot left count),
+    /// with its cache file when `cache` is given (checked to belong too).
+    func openFile(cache: String? = nil) throws -> (bitmap: Bitmap, cache: CacheFile?) {
         guard let path = dirtyBitmap else { throw Failure("no --dirty-bitmap") }
         do {
-            let info = try Bitmap.inspect(path: path)
-            guard info.identity.kind == .dirty else { throw Failure("\(path) is not a dirty bitmap") }
-            return try Bitmap.open(path: path, identity: info.identity).bitmap
-        } catch let f as Failure {
-            throw f
+            return try CacheStore.openDirty(path: path, cachePath: cache, live: LiveConfig.system(required: false))
         } catch {
-            throw Failure("\(path): \(error)")
+            throw Failure("\(error)")
         }
     }
 }
@@ -58,7 +56,7 @@ struct Dirty: ParsableCommand {
             } catch { throw Failure(error) }
             return
         }
-        let bitmap = try source.openFile()
+        let bitmap = try source.openFile().bitmap
         let out = DirtyExtents(runs: DirtyExtents.runs(bitmap.bits), pageSize: UInt64(bitmap.pageSize),
                                imageSize: bitmap.identity.imageSize, token: nil)
         if clear {
@@ -139,7 +137,7 @@ struct Sync: ParsableCommand {
             print(jsonLine(Output(extents: taken.extents.count, bytes: taken.bytes, replica: to)))
             return
         }
-        let bitmap = try source.openFile()
+        let (bitmap, _) = try source.openFile(cache: cache)
         let runs = DirtyExtents.runs(bitmap.bits)
         let out = DirtyExtents(runs: runs, pageSize: UInt64(bitmap.pageSize), imageSize: bitmap.identity.imageSize, token: nil)
         // copy() returns only once the replica is durable: the bits go after it.

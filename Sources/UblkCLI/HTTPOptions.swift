@@ -15,16 +15,22 @@ struct HTTPOptions: ParsableArguments {
     @Option(name: .customLong("bitmap"), help: "The page bitmap file (default: beside the cache file).")
     var bitmap: String?
 
-    @Option(name: .customLong("page-size"), help: "Cache page size in bytes (power of two, 512-1M).")
+    @Option(name: .customLong("page-size"), parsing: .unconditional, help: "Cache page size in bytes (power of two, 512-1M). An image may have 2^32 pages at most (16T at 4096).")
     var pageSize: Int = 4096
 
-    @Option(name: .customLong("header"), help: "Extra request header 'Name: value' (repeatable).")
+    @Option(name: .customLong("header"), help: "Extra request header 'Name: value' (repeatable). Other users can see it in the process list while `add` runs: put secrets in --header-file.")
     var headers: [String] = []
+
+    @Option(name: .customLong("header-file"), help: ArgumentHelp(
+        "Extra request headers from FILE: one 'Name: value' per line; empty lines and lines starting with # are skipped.",
+        discussion: "The file must not be readable by other users (chmod 600); its values are never printed, logged or passed on a command line. Read again by `recover`.",
+        valueName: "file"))
+    var headerFile: String?
 
     @Option(name: .customLong("user"), help: "User name for HTTP authentication (with --password-file).")
     var user: String?
 
-    @Option(name: .customLong("password-file"), help: "A file holding the password (never on the command line).")
+    @Option(name: .customLong("password-file"), help: "A file holding the password (never on the command line; not readable by other users).")
     var passwordFile: String?
 
     @Option(name: .customLong("cacert"), help: "CA certificate bundle to verify the server with.")
@@ -33,19 +39,19 @@ struct HTTPOptions: ParsableArguments {
     @Flag(name: .customLong("insecure"), help: "Do not verify the server's TLS certificate.")
     var insecure = false
 
-    @Option(name: .customLong("timeout"), help: "Seconds one request attempt may take.")
+    @Option(name: .customLong("timeout"), parsing: .unconditional, help: "Seconds one request attempt may take (0.1-86400). Failed attempts (5xx, resets, timeouts, DNS and TLS handshake failures) are retried with backoff, 5 attempts in all.")
     var timeout: Double = 60
 
-    @Option(name: .customLong("connections"), help: "Connections (and fetches in flight) at most.")
+    @Option(name: .customLong("connections"), parsing: .unconditional, help: "Connections (and fetches in flight) at most (1-64).")
     var connections: Int = 8
 
-    @Option(name: .customLong("readahead"), help: "Largest readahead window on sequential reads (K/M suffixes; 0 disables).")
+    @Option(name: .customLong("readahead"), help: "Largest readahead window on sequential reads (K/M suffixes, at most 1G; 0 disables).")
     var readahead: String = "8M"
 
     @Flag(name: .customLong("writable"), help: "Make the cache a local overlay: writes stay local (tracked as dirty), the remote is never modified.")
     var writable = false
 
-    @Option(name: .customLong("s3-endpoint"), help: "S3 endpoint URL for s3:// (default: AWS for --region).")
+    @Option(name: .customLong("s3-endpoint"), help: "S3 endpoint URL for s3:// (default: AWS for --region). Credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), else the profile AWS_PROFILE (default: default) of AWS_SHARED_CREDENTIALS_FILE (default: ~/.aws/credentials).")
     var s3Endpoint: String?
 
     @Option(name: .customLong("region"), help: "S3 region.")
@@ -53,29 +59,100 @@ struct HTTPOptions: ParsableArguments {
 
     /// Options only the http target takes (--cache, --bitmap and --page-size serve `cache` too).
     var httpOnlyGiven: Bool {
-        url != nil || !headers.isEmpty || user != nil || passwordFile != nil
+        url != nil || !headers.isEmpty || headerFile != nil || user != nil || passwordFile != nil
             || cacert != nil || insecure || s3Endpoint != nil || region != nil || writable
     }
 
     var given: Bool {
-        url != nil || cache != nil || bitmap != nil || !headers.isEmpty || user != nil || passwordFile != nil
+        url != nil || cache != nil || bitmap != nil || !headers.isEmpty || headerFile != nil || user != nil || passwordFile != nil
             || cacert != nil || insecure || s3Endpoint != nil || region != nil || writable
     }
+
+    /// The fetch size (largest Range GET): a page must fit in one.
+    static let maxRunBytes = HTTPTargetOptions(http: HTTPConfig(url: ""), cachePath: "", bitmapPath: "").maxRunBytes
+    /// Largest --readahead.
+    static let maxReadahead: UInt64 = 1 << 30
+    /// Longest --timeout (a day) and shortest (libcurl counts milliseconds; 0 would mean "none").
+    static let timeoutRange = 0.1...86400.0
 
     /// Checks for the http target (not `validate()`: ArgumentParser would run that for every target).
     func check() throws {
         guard let url else { throw Failure("the http target needs --url URL") }
         let lower = url.lowercased()
         guard lower.hasPrefix("http://") || lower.hasPrefix("https://") || lower.hasPrefix("s3://") else {
-            throw Failure("bad --url '\(url)': expected http://, https:// or s3://")
+            throw Failure("bad --url '\(Redact.printable(Redact.url(url)))': expected http://, https:// or s3://")
+        }
+        for (name, u) in [("--url", url), ("--s3-endpoint", s3Endpoint ?? "")] {
+            for b in u.utf8 where b <= 0x20 || b == 0x7F {
+                throw Failure(b == 0x0D || b == 0x0A ? "bad \(name): it contains a line break (CR or LF)"
+                                                     : "bad \(name): it contains a space or a control character (percent-encode it)")
+            }
         }
         if cacert != nil && insecure { throw Failure("--cacert and --insecure contradict each other") }
         if (user == nil) != (passwordFile == nil) { throw Failure("--user and --password-file go together") }
-        guard (1...64).contains(connections) else { throw Failure("--connections must be between 1 and 64") }
-        guard timeout > 0 else { throw Failure("--timeout must be positive") }
-        guard Size.parse(readahead) != nil else { throw Failure("bad --readahead '\(readahead)'") }
-        for h in headers where !h.contains(":") { throw Failure("bad --header '\(h)': expected 'Name: value'") }
+        guard (1...64).contains(connections) else { throw Failure("--connections must be between 1 and 64, not \(connections)") }
+        guard HTTPOptions.timeoutRange.contains(timeout) else {
+            throw Failure("--timeout must be between \(HTTPOptions.timeoutRange.lowerBound) and \(Int(HTTPOptions.timeoutRange.upperBound)) seconds, not \(timeout)")
+        }
+        guard let ra = Size.parse(readahead), ra <= HTTPOptions.maxReadahead else {
+            throw Failure("bad --readahead '\(Redact.printable(readahead))': expected a size from 0 to 1G")
+        }
+        try checkPageSize()
+        for h in headers {
+            if let why = HTTPHeader.problem(h) { throw Failure("bad --header '\(HTTPHeader.name(h))': \(why)") }
+        }
+        if let u = user, u.utf8.contains(where: { $0 < 0x20 || $0 == 0x7F }) { throw Failure("bad --user: it contains a control character") }
+        _ = try readHeaderFile()
+        _ = try readPassword()
         if let c = cacert, access(c, R_OK) != 0 { throw Failure("cannot read --cacert \(c): \(Errno.current)") }
+    }
+
+    /// --page-size: a power of two from 512 to 1M, and never above the fetch size.
+    func checkPageSize() throws {
+        guard pageSize >= 512, pageSize <= 1 << 20, pageSize.nonzeroBitCount == 1, pageSize <= HTTPOptions.maxRunBytes else {
+            throw Failure("--page-size must be a power of two between 512 and 1M (and at most the \(HTTPOptions.maxRunBytes >> 20)M fetch size), not \(pageSize)")
+        }
+    }
+
+    /// The lines of --header-file; nil without one.
+    func readHeaderFile() throws -> [String]? {
+        guard let path = headerFile else { return nil }
+        let text = try HTTPOptions.readSecretFile(path, option: "--header-file")
+        do { return try HTTPHeader.parseFile(text) } catch { throw Failure("--header-file \(path) \(error)") }
+    }
+
+    /// The password of --password-file, trimmed; nil without one.
+    func readPassword() throws -> String? {
+        guard let path = passwordFile else { return nil }
+        let password = try HTTPOptions.readSecretFile(path, option: "--password-file").trimmed
+        if password.utf8.contains(where: { $0 == 0x0D || $0 == 0x0A || $0 == 0 }) {
+            throw Failure("--password-file \(path): the password is one line")
+        }
+        return password
+    }
+
+    /// A file of secrets: a regular file of at most 64K that other users cannot read.
+    static func readSecretFile(_ path: String, option: String) throws -> String {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw Failure("cannot read \(option) \(path): \(Errno.current)") }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw Failure("cannot read \(option) \(path): \(Errno.current)") }
+        guard st.st_mode & S_IFMT == S_IFREG else { throw Failure("\(option) \(path) is not a regular file") }
+        if st.st_mode & 0o004 != 0 {
+            throw Failure("\(option) \(path) is readable by every user (mode \(String(st.st_mode & 0o777, radix: 8))): chmod 600 it")
+        }
+        guard st.st_size <= 64 << 10 else { throw Failure("\(option) \(path) is larger than 64K") }
+        var data = [UInt8]()
+        var buf = [UInt8](repeating: 0, count: 16384)
+        while true {
+            let n = read(fd, &buf, buf.count)
+            if n > 0 { data += buf[0..<n]; if data.count > 64 << 10 { throw Failure("\(option) \(path) is larger than 64K") } }
+            else if n < 0 && errno == EINTR { continue }
+            else if n < 0 { throw Failure("cannot read \(option) \(path): \(Errno.current)") }
+            else { break }
+        }
+        return String(decoding: data, as: UTF8.self)
     }
 
     static let cacheDirectory = "/var/cache/ublk-http"
@@ -95,31 +172,36 @@ struct HTTPOptions: ParsableArguments {
     func targetOptions() throws -> HTTPTargetOptions {
         guard let url else { throw Failure("the http target needs --url URL") }
         var config = HTTPConfig(url: url)
-        config.headers = headers
+        config.headers = headers.map { h in
+            let colon = h.firstIndex(of: ":")!  // check() made sure
+            return String(h[..<colon]) + ": " + h[h.index(after: colon)...].trimmed
+        } + (try readHeaderFile() ?? [])
         config.caCertPath = cacert
         config.insecure = insecure
         config.requestTimeout = timeout
         config.maxConnections = connections
-        if let user, let passwordFile {
-            guard let data = FileManager.default.contents(atPath: passwordFile) else {
-                throw Failure("cannot read --password-file \(passwordFile)")
-            }
+        // One bit per page in memory: 2^32 pages (512 MiB of bitmap) at most.
+        config.maxImageSize = UInt64(pageSize) << 32
+        if let user, let password = try readPassword() {
             config.username = user
-            config.password = String(decoding: data, as: UTF8.self).trimmed
+            config.password = password
         }
         if url.lowercased().hasPrefix("s3://") {
             guard let s3 = S3Config.fromEnvironment(endpoint: s3Endpoint, region: region) else {
-                throw Failure("s3:// needs credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+                let file = S3Config.credentialsFilePath(environment: ProcessInfo.processInfo.environment) ?? "~/.aws/credentials"
+                let profile = ProcessInfo.processInfo.environment["AWS_PROFILE"].flatMap { $0.isEmpty ? nil : $0 } ?? "default"
+                throw Failure("s3:// needs credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or put aws_access_key_id and aws_secret_access_key under [\(profile)] in \(file)")
             }
             config.s3 = s3
         }
+        if let why = config.problem { throw Failure(why) }
         let defaults = HTTPOptions.defaultPaths(for: url)
         let cachePath = cache ?? defaults.cache
         let bitmapPath = bitmap ?? (cache.map { $0 + ".bitmap" } ?? defaults.bitmap)
         if cache == nil || bitmap == nil { mkdir(HTTPOptions.cacheDirectory, 0o700) }
         var o = HTTPTargetOptions(http: config, cachePath: cachePath, bitmapPath: bitmapPath)
         o.pageSize = pageSize
-        o.readaheadBytes = Int(Size.parse(readahead) ?? 0)
+        o.readaheadBytes = Int(Size.parse(readahead) ?? 0)  // at most 1G: check()
         o.writable = writable
         return o
     }

@@ -1,13 +1,14 @@
 import ArgumentParser
 import CUring
 import FoundationEssentials
+import PageCache
 import UblkTarget
 
 struct List: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "List ublk devices as a JSON array (state, queues, depth, size, target, pid).")
 
-    @Option(name: [.short, .customLong("number")], help: "Only device id N.")
+    @Option(name: [.short, .customLong("number")], parsing: .unconditional, help: "Only device id N.")
     var number: Int?
 
     struct Entry: Encodable {
@@ -42,8 +43,9 @@ struct List: ParsableCommand {
     }
 
     func run() throws {
+        let only = try number.map(deviceID)
         let control = try openControl()
-        let ids = number.map { [UInt32($0)] } ?? Devices.existing()
+        let ids = only.map { [$0] } ?? Devices.existing()
         var out: [Entry] = []
         for id in ids {
             guard let info = try? control.info(id) else {
@@ -54,7 +56,7 @@ struct List: ParsableCommand {
             let size = (try? control.params(id)).map { $0.basic.dev_sectors << 9 } ?? saved?.size ?? 0
             out.append(Entry(devID: id, state: List.stateName(info.state), queues: Int(info.nr_hw_queues),
                              depth: Int(info.queue_depth), size: size, target: saved?.target,
-                             targetOptions: saved?.targetOptions, pid: info.ublksrv_pid,
+                             targetOptions: saved?.redacted.targetOptions, pid: info.ublksrv_pid,
                              serverRunning: Devices.processAlive(info.ublksrv_pid),
                              blockDevice: "/dev/ublkb\(id)", charDevice: "/dev/ublkc\(id)", readOnly: saved?.readOnly,
                              stats: HTTPStats.load(id)))
@@ -68,14 +70,14 @@ struct Stats: ParsableCommand {
         abstract: "Print a device's cache statistics in Prometheus text format (--json: as JSON).",
         discussion: "The server publishes them once a second while they change.")
 
-    @Option(name: [.short, .customLong("number")], help: "Device id N (/dev/ublkbN).")
+    @Option(name: [.short, .customLong("number")], parsing: .unconditional, help: "Device id N (/dev/ublkbN).")
     var number: Int
 
     @Flag(name: .customLong("json"), help: "JSON instead of Prometheus text.")
     var json = false
 
     func run() throws {
-        let id = UInt32(clamping: number)
+        let id = try deviceID(number)
         guard let stats = HTTPStats.load(id) else {
             if DeviceState.load(id) == nil { throw Failure("no such device: ublk\(id)") }
             throw Failure("ublk\(id) has no cache statistics (only the http target keeps them)")

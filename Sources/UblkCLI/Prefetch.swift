@@ -41,16 +41,19 @@ struct Prefetch: ParsableCommand {
         } catch { throw Failure("\(error)") }
         let identity = BitmapIdentity(kind: .present, pageSize: o.pageSize, imageSize: remote.size,
                                       url: o.http.url, etag: remote.etag, lastModified: remote.lastModified)
+        // The same files and policy as `add -t http` (CacheStore): a local
+        // overlay's written pages are never dropped nor fetched over.
+        var spec = CacheStoreSpec(cachePath: o.cachePath, bitmapPath: o.bitmapPath, identity: identity)
+        spec.local = .protect
+        spec.live = LiveConfig.system(required: false)
         let bitmap: Bitmap
         let cache: CacheFile
         do {
-            let opened = try Bitmap.open(path: o.bitmapPath, identity: identity)
-            bitmap = opened.bitmap
-            cache = try CacheFile(path: o.cachePath, size: remote.size)
-            if case .invalidated(let why) = opened.outcome {
-                try bitmap.startAfresh()
-                try cache.discardAll()
-                printError("ublk-http: the remote image changed (\(why)); the cache starts afresh\n")
+            let store = try CacheStore.open(spec)
+            bitmap = store.present
+            cache = store.cache
+            if case .startedAfresh(let why) = store.state {
+                printError("ublk-http: \(why); the cache starts afresh\n")
             }
         } catch { throw Failure("\(error)") }
 
@@ -153,7 +156,12 @@ func printError(_ s: String) {
 struct Status: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Print a cache's state as JSON: pages present, percent, validators, URL.",
-        discussion: "Reads only the bitmap file; needs neither the network, root nor ublk_drv.")
+        discussion: """
+            Reads only the cache's files (and the page states a server of this
+            boot left on /run); needs neither the network, root nor ublk_drv.
+            With --cache, cache_file says whether the cache file belongs to the
+            bitmap ("ok") or why not.
+            """)
 
     @Option(name: .customLong("bitmap"), help: "The page bitmap file.")
     var bitmap: String
@@ -171,16 +179,27 @@ struct Status: ParsableCommand {
         var pagesTotal: UInt64
         var percent: Double
         var cacheAllocatedBytes: UInt64?
+        /// Pages in the companions, when they exist.
+        var pagesDirty: UInt64?
+        var pagesLocal: UInt64?
+        var pagesWriteback: UInt64?
+        /// "ok", or why the cache file does not belong to the bitmap (with --cache).
+        var cacheFile: String?
         enum CodingKeys: String, CodingKey {
             case url, etag, lastModified = "last_modified", pageSize = "page_size", imageSize = "image_size"
             case pagesPresent = "pages_present", pagesTotal = "pages_total", percent
             case cacheAllocatedBytes = "cache_allocated_bytes"
+            case pagesDirty = "pages_dirty", pagesLocal = "pages_local", pagesWriteback = "pages_writeback"
+            case cacheFile = "cache_file"
         }
     }
 
     func run() throws {
-        let info: BitmapInfo
-        do { info = try Bitmap.inspect(path: bitmap) } catch { throw Failure("\(error)") }
+        let store: CacheStore.Info
+        do { store = try CacheStore.inspect(bitmapPath: bitmap, cachePath: cache, live: LiveConfig.system(required: false)) } catch {
+            throw Failure("\(error)")
+        }
+        let info = store.present
         var allocated: UInt64?
         if let cache {
             var st = stat()
@@ -192,6 +211,7 @@ struct Status: ParsableCommand {
         print(jsonLine(Output(url: info.identity.url, etag: info.identity.etag, lastModified: info.identity.lastModified,
                               pageSize: info.identity.pageSize, imageSize: info.identity.imageSize,
                               pagesPresent: info.present, pagesTotal: total, percent: pct,
-                              cacheAllocatedBytes: allocated)))
+                              cacheAllocatedBytes: allocated, pagesDirty: store.dirty, pagesLocal: store.local,
+                              pagesWriteback: store.writeback, cacheFile: store.cacheFile)))
     }
 }

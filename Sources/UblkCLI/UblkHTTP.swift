@@ -31,6 +31,29 @@ public struct UblkHTTP: ParsableCommand {
         subcommands: [Add.self, Del.self, List.self, Recover.self, Stats.self, Prefetch.self, Status.self, Dirty.self, Sync.self, Flush.self, Features.self]
     )
     public init() {}
+
+    /// As ArgumentParser's `main()`, except that every error is one line on stderr
+    /// (ArgumentParser adds "Help:" and "Usage:" lines to parse errors) and a
+    /// non-zero exit. `--help` and the like print as usual.
+    public static func main() {
+        do {
+            var command = try parseAsRoot(nil)
+            try command.run()
+        } catch {
+            let code = exitCode(for: error)
+            if code == .success || error is ExitCode { exit(withError: error) }
+            let message = oneLine(message(for: error))
+            if message.isEmpty { exit(withError: error) }
+            fputs("Error: \(message)\n", stderr)
+            Glibc.exit(code.rawValue)
+        }
+    }
+
+    /// Lines joined by "; ", blank ones dropped.
+    static func oneLine(_ text: String) -> String {
+        text.split(whereSeparator: { $0 == "\n" || $0 == "\r" }).map { $0.trimmed }.filter { !$0.isEmpty }
+            .joined(separator: "; ")
+    }
 }
 
 /// A failure the CLI reports as one line and exit status 1.
@@ -38,6 +61,12 @@ struct Failure: Error, CustomStringConvertible {
     var description: String
     init(_ description: String) { self.description = description }
     init(_ error: UblkError) { self.description = error.description }
+}
+
+/// A device id from `-n`: 0 up to the driver's limit, never a trap or a silent clamp.
+func deviceID(_ n: Int) throws -> UInt32 {
+    guard n >= 0 && n < 1 << 20 else { throw Failure("bad device id \(n): expected 0 to \((1 << 20) - 1)") }
+    return UInt32(n)
 }
 
 func requireRoot() throws {

@@ -281,6 +281,57 @@ final class BitmapTests: XCTestCase {
         XCTAssertEqual(back, [UInt8](repeating: 0, count: 10000))
     }
 
+    /// The set identity and generation live in the header (CacheStore binds
+    /// with them); every header rewrite keeps them, and unbound files stay valid.
+    func testBindingIsRecordedAndKept() throws {
+        let path = dir.file("bm")
+        let b = SetBinding.random()
+        XCTAssertEqual(b.setID.count, 16)
+        XCTAssertNotEqual(b.setID, SetBinding.random().setID)
+        do {
+            let (bm, outcome) = try Bitmap.open(path: path, identity: identity, binding: b)
+            XCTAssertEqual(outcome, .fresh)
+            XCTAssertEqual(bm.binding, b)
+        }
+        XCTAssertEqual(try Bitmap.inspect(path: path).binding, b)
+        var changed = identity
+        changed.etag = "\"new\""
+        do {
+            let (bm, _) = try Bitmap.open(path: path, identity: changed)
+            try bm.startAfresh()
+            XCTAssertEqual(bm.binding, b, "startAfresh keeps the binding")
+            var next = b
+            next.generation += 1
+            try bm.bind(next)
+        }
+        let info = try Bitmap.inspect(path: path)
+        XCTAssertEqual(info.binding?.generation, b.generation + 1)
+        XCTAssertEqual(info.identity, changed)
+        // A file without a binding (from before) opens as before.
+        _ = try Bitmap.open(path: dir.file("old"), identity: identity)
+        XCTAssertNil(try Bitmap.inspect(path: dir.file("old")).binding)
+    }
+
+    /// The live words: a PageBits over a caller's mapping behaves as one over its own memory.
+    func testPageBitsOverAMapping() {
+        let words = UnsafeMutablePointer<UInt64>.allocate(capacity: 4)
+        words.initialize(repeating: 0, count: 4)
+        words[1] = 0b1011
+        words[3] = .max // past the page count for the last 56 bits
+        var released = false
+        do {
+            let bits = PageBits(pageCount: 200, mapping: words) { released = true }
+            XCTAssertEqual(bits.count, 3 + 8)
+            XCTAssertTrue(bits.test(64))
+            XCTAssertFalse(bits.test(66))
+            bits.set(0..<2)
+            XCTAssertEqual(words[0], 0b11, "writes go to the mapping")
+            XCTAssertEqual(bits.takeDirty(), [0])
+        }
+        XCTAssertTrue(released)
+        words.deallocate()
+    }
+
     // Raw file reads, independent of the Bitmap code.
     private func diskBits(_ path: String, word: Int) throws -> UInt64 {
         let fd = open(path, O_RDONLY)

@@ -65,7 +65,7 @@ final class FaultServerTests: XCTestCase {
     var image: [UInt8] { Self.image }
 
     override func setUpWithError() throws {
-        guard let s = Self.server else { throw XCTSkip("the fault server (python3 Tests/tools/faultserver.py) did not start") }
+        guard let s = Self.server else { throw missingTool("the fault server (python3 Tests/tools/faultserver.py) did not start") }
         server = s
     }
 
@@ -249,5 +249,180 @@ final class FaultServerTests: XCTestCase {
         XCTAssertNotNil(sink.result)
         XCTAssertNil(failure(sink.result))
         XCTAssertEqual(server.requests(id: id).count, 0)
+    }
+}
+
+/// A TCP listener on 127.0.0.1 that reads what a client sends first (a TLS
+/// ClientHello) and answers with a reset: a TLS handshake reset by the peer.
+final class ResettingListener {
+    let fd: Int32
+    let port: UInt16
+    private final class Counter {
+        let lock = NSLock()
+        var value = 0
+        func bump() { lock.lock(); value += 1; lock.unlock() }
+        var current: Int { lock.lock(); defer { lock.unlock() }; return value }
+    }
+    private let counter = Counter()
+    var accepted: Int { counter.current }
+
+    init() throws {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        self.fd = fd
+        var one: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        addr.sin_port = 0
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafeMutablePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 && getsockname(fd, $0, &len) == 0 }
+        }
+        port = UInt16(bigEndian: addr.sin_port)
+        guard bound, listen(fd, 16) == 0 else { close(fd); throw missingTool("cannot listen on 127.0.0.1") }
+        let listener = fd
+        let counter = self.counter
+        Thread.detachNewThread {
+            while true {
+                let c = accept(listener, nil, nil)
+                if c < 0 { if errno == EINTR { continue }; return }
+                counter.bump()
+                var buf = [UInt8](repeating: 0, count: 4096)
+                _ = recv(c, &buf, buf.count, 0)
+                var linger = Glibc.linger(l_onoff: 1, l_linger: 0)
+                setsockopt(c, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<Glibc.linger>.size))
+                close(c)
+            }
+        }
+    }
+
+    func stop() { shutdown(fd, Int32(SHUT_RDWR)); close(fd) }
+    deinit { stop() }
+}
+
+/// Issue 9, class 12: transient network faults are retried like 5xx and resets.
+final class TransientFaultTests: XCTestCase {
+    func config(_ url: String, attempts: Int = 3) -> HTTPConfig {
+        var c = HTTPConfig(url: url)
+        c.retryBaseDelay = 0.01
+        c.maxAttempts = attempts
+        return c
+    }
+
+    /// `.invalid` never resolves (RFC 2606): CURLE_COULDNT_RESOLVE_HOST, at once.
+    func testUnresolvableNameIsRetriedThenFails() throws {
+        let src = try HTTPSource(config: config("http://nonexistent.invalid:8080/x"))
+        let sink = src.fetchBlocking(offset: 0, length: 4096, timeout: 60)
+        let e = try XCTUnwrap(failure(sink.result), "\(String(describing: sink.result))")
+        XCTAssertEqual(e.reason, .connectFailed, "\(e)")
+        XCTAssertEqual(e.attempts, 3, "\(e)")
+        XCTAssertEqual(src.stats.retries, 2)
+        XCTAssertEqual(src.stats.errors, 1)
+        XCTAssertTrue(e.description.contains("nonexistent.invalid"), e.description)
+        // The probe (at `add`) retries it too, then gives one error.
+        let probe = try HTTPSource(config: config("http://nonexistent.invalid:8080/x"))
+        XCTAssertThrowsError(try probe.probeBlocking(timeout: 60)) { error in
+            XCTAssertEqual((error as? HTTPError)?.reason, .connectFailed)
+            XCTAssertEqual((error as? HTTPError)?.attempts, 3)
+        }
+        XCTAssertEqual(probe.stats.retries, 2)
+    }
+
+    func testTLSHandshakeResetIsRetriedThenFails() throws {
+        let listener = try ResettingListener()
+        defer { listener.stop() }
+        let src = try HTTPSource(config: config("https://127.0.0.1:\(listener.port)/image"))
+        let sink = src.fetchBlocking(offset: 0, length: 4096, timeout: 60)
+        let e = try XCTUnwrap(failure(sink.result), "\(String(describing: sink.result))")
+        XCTAssertEqual(e.attempts, 3, "\(e)")
+        XCTAssertEqual(src.stats.retries, 2)
+        XCTAssertEqual(listener.accepted, 3, "one handshake per attempt")
+        // A reset while waiting for the ServerHello is curl's SSL connect error.
+        XCTAssertEqual(e.reason, .tls, "\(e)")
+    }
+
+    /// A refused connection is an answer at the probe (a prompt error at `add`),
+    /// and a fault in passing mid-run (a server restarting): retried there.
+    func testRefusedIsPromptAtProbeAndRetriedInAFetch() throws {
+        let url = "http://127.0.0.1:\(freePort())/image"
+        let probe = try HTTPSource(config: config(url))
+        XCTAssertThrowsError(try probe.probeBlocking()) { error in
+            XCTAssertEqual((error as? HTTPError)?.reason, .connectFailed)
+            XCTAssertEqual((error as? HTTPError)?.attempts, 1)
+        }
+        let src = try HTTPSource(config: config(url))
+        let sink = src.fetchBlocking(offset: 0, length: 4096)
+        XCTAssertEqual(failure(sink.result)?.reason, .connectFailed)
+        XCTAssertEqual(failure(sink.result)?.attempts, 3)
+        XCTAssertEqual(src.stats.retries, 2)
+    }
+
+    /// A certificate that does not verify is not a fault in passing: one attempt.
+    func testCertificateFailureIsNotRetried() throws {
+        let nginx = try NginxServer(image: makeImage(size: 1 << 16, seed: 5), tls: true)
+        defer { nginx.stop() }
+        let src = try HTTPSource(config: config(nginx.url))
+        XCTAssertThrowsError(try src.probeBlocking()) { error in
+            XCTAssertEqual((error as? HTTPError)?.reason, .tls, "\(error)")
+            XCTAssertEqual((error as? HTTPError)?.attempts, 1, "\(error)")
+        }
+        XCTAssertEqual(src.stats.retries, 0)
+    }
+}
+
+/// Issue 9, class 10: numbers and strings a source is given are bounded.
+final class HTTPConfigBoundsTests: XCTestCase {
+    func testTimeoutsThatWouldTrapAreRefused() {
+        for t in [Double.infinity, -.infinity, .nan, 1e300, -1, 0.0000001] {
+            var c = HTTPConfig(url: "http://h/x")
+            c.requestTimeout = t
+            XCTAssertThrowsError(try HTTPSource(config: c), "\(t)") { error in
+                guard case .invalidConfig = (error as? HTTPError)?.reason else { return XCTFail("\(error)") }
+            }
+        }
+        var c = HTTPConfig(url: "http://h/x")
+        c.requestTimeout = 0 // no limit: allowed
+        XCTAssertNoThrow(try HTTPSource(config: c))
+    }
+
+    func testLineBreaksInHeadersAndURLAreRefused() {
+        for (url, headers) in [("http://h/x", ["X-A: b\r\nInjected: 1"]), ("http://h/x", ["X-A: b\nc"]),
+                               ("http://h/x\r\nInjected: 1", []), ("http://h/x y", []), ("http://h/x", ["Bad Name: v"])] {
+            var c = HTTPConfig(url: url)
+            c.headers = headers
+            XCTAssertThrowsError(try HTTPSource(config: c), "\(url) \(headers)") { error in
+                guard case .invalidConfig(let why) = (error as? HTTPError)?.reason else { return XCTFail("\(error)") }
+                XCTAssertFalse(why.contains("Injected"), why)
+            }
+        }
+    }
+
+    func testImageLargerThanTheLimitIsRefusedAtProbe() throws {
+        let server = try FaultServer(image: makeImage(size: 1 << 20))
+        defer { server.stop() }
+        var c = HTTPConfig(url: server.url("mode=ok&id=toolarge"))
+        c.maxImageSize = 1 << 19
+        XCTAssertThrowsError(try HTTPSource(config: c).probeBlocking()) { error in
+            XCTAssertEqual((error as? HTTPError)?.reason, .imageTooLarge(size: 1 << 20, limit: 1 << 19), "\(error)")
+        }
+        var n = HTTPConfig(url: server.url("mode=nohead&id=toolarge2"))
+        n.maxImageSize = 1 << 19
+        XCTAssertThrowsError(try HTTPSource(config: n).probeBlocking()) { error in
+            XCTAssertEqual((error as? HTTPError)?.reason, .imageTooLarge(size: 1 << 20, limit: 1 << 19), "\(error)")
+        }
+        c.maxImageSize = 1 << 20
+        XCTAssertEqual(try HTTPSource(config: c).probeBlocking().size, 1 << 20)
+    }
+
+    func testErrorsShowURLsRedacted() {
+        let e = HTTPError(.status(403), url: "https://b.s3.amazonaws.com/k?X-Amz-Credential=AKID&X-Amz-Signature=SECRETSIG",
+                          status: 403, detail: "see http://u:pw@h/p?token=SECRETTOKEN.")
+        XCTAssertFalse(e.description.contains("SECRETSIG"), e.description)
+        XCTAssertFalse(e.description.contains("AKID"), e.description)
+        XCTAssertFalse(e.description.contains("SECRETTOKEN"), e.description)
+        XCTAssertFalse(e.description.contains("pw@"), e.description)
+        XCTAssertTrue(e.description.hasPrefix("https://b.s3.amazonaws.com/k?X-Amz-Credential=REDACTED&X-Amz-Signature=REDACTED: HTTP 403"),
+                      e.description)
     }
 }

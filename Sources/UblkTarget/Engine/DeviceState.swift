@@ -1,7 +1,14 @@
 // DeviceState: what `add` reports and `list` shows, persisted by the server
 // under /run/ublk-http/ublkN.json (written atomically, removed on shutdown).
+//
+// Secrets: ublkN.json is readable by everyone (`stats` needs no root) and so
+// holds only the redacted state: URLs in target options lose their query
+// values and passwords (`Redact.text`), and the `add` arguments are not in it.
+// Those, which `recover` repeats and which may hold a presigned URL or a
+// header, go to ublkN.args, mode 0600.
 import FoundationEssentials
 import Glibc
+import PageCache
 
 public struct DeviceState: Codable, Sendable {
     public var devID: UInt32
@@ -16,7 +23,8 @@ public struct DeviceState: Codable, Sendable {
     public var recovery: Bool
     public var blockDevice: String
     public var charDevice: String
-    /// The `add` arguments that started the server (for `recover`).
+    /// The `add` arguments that started the server (for `recover`). Never written to
+    /// ublkN.json (see `save`); read from there only as left by older versions.
     public var arguments: [String]?
 
     enum CodingKeys: String, CodingKey {
@@ -45,18 +53,49 @@ public struct DeviceState: Codable, Sendable {
 
     public static func path(_ id: UInt32) -> String { "\(directory)/ublk\(id).json" }
 
+    /// Where the `add` arguments are kept, 0600.
+    public static func argumentsPath(_ id: UInt32) -> String { "\(directory)/ublk\(id).args" }
+
+    /// What may be shown to anyone: URLs in the options redacted, no arguments.
+    public var redacted: DeviceState {
+        var s = self
+        s.targetOptions = targetOptions.mapValues { Redact.text($0) }
+        s.arguments = nil
+        return s
+    }
+
+    /// ublkN.json (redacted, 0644) and, with arguments, ublkN.args (0600).
     public func save() throws(Errno) {
         mkdir(DeviceState.directory, 0o755)
         let enc = JSONEncoder()
         enc.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-        guard let data = try? enc.encode(self) else { throw Errno.invalid }
-        let tmp = DeviceState.path(devID) + ".tmp"
-        do {
-            try data.write(to: URL(fileURLWithPath: tmp))
-        } catch {
-            throw Errno.current
+        if let arguments {
+            guard let data = try? enc.encode(arguments) else { throw Errno.invalid }
+            try DeviceState.writeAtomically(Array(data), to: DeviceState.argumentsPath(devID), mode: 0o600)
         }
-        if rename(tmp, DeviceState.path(devID)) != 0 { throw Errno.current }
+        guard let data = try? enc.encode(redacted) else { throw Errno.invalid }
+        try DeviceState.writeAtomically(Array(data), to: DeviceState.path(devID), mode: 0o644)
+    }
+
+    /// A temporary file of exactly `mode` (whatever the umask), renamed over `path`.
+    static func writeAtomically(_ bytes: [UInt8], to path: String, mode: mode_t) throws(Errno) {
+        let tmp = path + ".tmp"
+        unlink(tmp)
+        let fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode)
+        if fd < 0 { throw Errno.current }
+        var failure: Errno?
+        if fchmod(fd, mode) != 0 { failure = Errno.current }
+        var done = 0
+        while failure == nil && done < bytes.count {
+            let n = bytes[done...].withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+            if n > 0 { done += n } else if n < 0 && errno == EINTR { continue } else { failure = n < 0 ? Errno.current : Errno.io }
+        }
+        close(fd)
+        if failure == nil && rename(tmp, path) != 0 { failure = Errno.current }
+        if let failure {
+            unlink(tmp)
+            throw failure
+        }
     }
 
     public static func load(_ id: UInt32) -> DeviceState? {
@@ -64,7 +103,16 @@ public struct DeviceState: Codable, Sendable {
         return try? JSONDecoder().decode(DeviceState.self, from: data)
     }
 
+    /// The arguments `add` was given for device `id` (for `recover`): ublkN.args, or
+    /// the state file of an older version.
+    public static func loadArguments(_ id: UInt32) -> [String]? {
+        if let data = FileManager.default.contents(atPath: argumentsPath(id)),
+           let args = try? JSONDecoder().decode([String].self, from: data) { return args }
+        return load(id)?.arguments
+    }
+
     public static func remove(_ id: UInt32) {
+        unlink(argumentsPath(id))
         unlink(path(id))
         unlink("\(directory)/ublk\(id).stats.json")
         unlink("\(directory)/ublk\(id).sock")

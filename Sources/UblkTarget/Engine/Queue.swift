@@ -249,6 +249,20 @@ public final class Queue: IOQueue {
         cu_prep_fallocate(ring.sqe(), fd, 0, mode, offset, length, UserData(kind: .target, tag: tag, sub: sub, data: data).encoded)
     }
 
+    public func writeNow(fd: Int32, from buf: UnsafeRawPointer, length: Int, offset: UInt64) -> Int32 {
+        var written = 0
+        while written < length {
+            let n = pwrite(fd, buf + written, length - written, off_t(offset) + off_t(written))
+            if n < 0 {
+                if errno == EINTR { continue }
+                return -errno
+            }
+            if n == 0 { return -EIO }
+            written += n
+        }
+        return 0
+    }
+
     /// Arms a one-shot poll for readability of `fd`; `eventFired(data:)` follows.
     public func poll(fd: Int32, data: UInt32) {
         precondition(data < Queue.reservedData)

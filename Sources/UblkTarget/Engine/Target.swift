@@ -117,6 +117,9 @@ public protocol IOQueue: AnyObject {
     func fallocate(fd: Int32, mode: Int32, offset: UInt64, length: UInt64, tag: UInt16, sub: UInt8, data: UInt32)
     /// Arms a one-shot poll for readability of `fd`; `eventFired(data:)` follows.
     func poll(fd: Int32, data: UInt32)
+    /// Writes all of `buf` at `offset` now (pwrite into the page cache: bytes a
+    /// fetch hands over, which are not kept for a later completion). 0 or -errno.
+    func writeNow(fd: Int32, from buf: UnsafeRawPointer, length: Int, offset: UInt64) -> Int32
 }
 
 extension IOQueue {

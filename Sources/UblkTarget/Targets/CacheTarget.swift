@@ -25,6 +25,8 @@ public struct CacheTargetOptions {
     public var maxCacheBytes: UInt64 = 0
     /// Track written pages for `dirty` and `sync` (off: measure what tracking costs).
     public var trackDirty = true
+    /// Where the bitmaps' words live so that they survive the server (nil: private memory).
+    public var liveState: LiveConfig? = LiveConfig.system(required: true)
 
     public init(backing: String, cachePath: String, bitmapPath: String) {
         self.backing = backing
@@ -42,6 +44,9 @@ public final class CacheTarget: Target {
     let bitmap: Bitmap
     let dirty: Bitmap?
     let writeback: Bitmap?
+    let unsettled: Bitmap?
+    /// The cache's files, opened and bound (CacheStore).
+    let store: CacheStore
     public let stats = CacheStats()
     let cacheState: String
 
@@ -77,38 +82,35 @@ public final class CacheTarget: Target {
 
         var real = [CChar](repeating: 0, count: Int(PATH_MAX))
         let url = "file://" + (realpath(o.backing, &real) != nil ? String(cString: real) : o.backing)
-        let identity = BitmapIdentity(kind: .present, pageSize: o.pageSize, imageSize: size, url: url)
-        var dirtyID = identity
-        dirtyID.kind = .dirty
+        // The backing's identity beyond its path (file system and inode, or
+        // what /sys says of the disk) goes in the ETag field: another disk or
+        // file under the same name is a changed source (CacheStore).
+        let identity = BitmapIdentity(kind: .present, pageSize: o.pageSize, imageSize: size, url: url,
+                                      etag: BackingIdentity.describe(fd: fd))
+        var spec = CacheStoreSpec(cachePath: o.cachePath, bitmapPath: o.bitmapPath, identity: identity)
+        spec.companionValidators = false
+        spec.sourceName = "the backing store"
+        spec.dirty = o.trackDirty ? .open : .none
+        spec.writeback = o.writeBack ? .open : .refuse { n in
+            "the cache holds \(n) pages not yet written back to \(o.backing): add it with --write-mode back and run `ublk-http flush`"
+        }
+        spec.backing = BackingCheck(fd: fd, path: o.backing)
+        spec.unsettled = true
+        spec.live = o.liveState
         do {
-            let opened = try Bitmap.open(path: o.bitmapPath, identity: identity)
-            bitmap = opened.bitmap
-            cache = try CacheFile(path: o.cachePath, size: size)
-            let d = o.trackDirty ? try Bitmap.open(path: o.bitmapPath + ".dirty", identity: dirtyID) : nil
-            dirty = d?.bitmap
-            writeback = o.writeBack ? try Bitmap.open(path: o.bitmapPath + ".writeback", identity: dirtyID).bitmap : nil
-            if !o.writeBack, let info = try? Bitmap.inspect(path: o.bitmapPath + ".writeback"), info.present > 0 {
-                throw UblkError("the cache holds \(info.present) pages not yet written back to \(o.backing): add it with --write-mode back and run `ublk-http flush`")
-            }
-            switch opened.outcome {
-            case .fresh: cacheState = "fresh"
-            case .reused: cacheState = "reused"
-            case .invalidated:
-                let pending = writeback?.count ?? 0
-                if pending > 0 {
-                    throw UblkError("this cache belongs to another backing store and holds \(pending) pages not written back; refusing")
-                }
-                try bitmap.startAfresh()
-                try cache.discardAll()
-                cacheState = "started afresh: another backing store"
-            }
-            if let d, case .invalidated = d.outcome { try d.bitmap.startAfresh() }
-        } catch let e as UblkError {
-            close(fd)
-            throw e
+            let opened = try CacheStore.open(spec)
+            store = opened
+            bitmap = opened.present
+            cache = opened.cache
+            dirty = opened.dirty
+            writeback = opened.writeback
+            unsettled = opened.unsettled
+            cacheState = opened.state.description
+            for note in opened.notes { log("ublk-http: \(note)") }
+            if case .startedAfresh(let why) = opened.state { log("ublk-http: \(o.backing): \(why); the cache starts afresh") }
         } catch {
             close(fd)
-            throw UblkError("\(error)")
+            throw UblkError(error.description)
         }
         var p = DeviceParams(size: size)
         p.readOnly = o.readOnly
@@ -136,6 +138,7 @@ public final class CacheTarget: Target {
         context.writeThrough = !settings.writeBack
         context.writable = !settings.readOnly
         context.writeback = writeback
+        context.unsettled = unsettled
         context.maxCacheBytes = settings.maxCacheBytes
         // Local reads: runs of up to 1 MiB, modest readahead, a few in flight.
         let planner = FetchPlanner(imageSize: params.size, pageSize: settings.pageSize, maxRunBytes: 1 << 20,

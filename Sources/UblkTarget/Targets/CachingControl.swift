@@ -189,9 +189,9 @@ extension CachingHandler {
                                                unpersisted: wb.bits.hasDirty))
         }
         guard let dirty else { return controlError("ublk\(queue.deviceID) does not track written pages") }
+        // Clearing is the handler's: it keeps pages a failed data sync may have lost.
         return DirtyControl.answer(request, dirty: dirty, syncs: &syncs, pageSize: pageSize, imageSize: imageSize) { runs in
-            for r in runs { _ = dirty.markAbsent(r) }
-            startCycle(queue)
+            clearDirty(runs, queue: queue)
         }
     }
 }

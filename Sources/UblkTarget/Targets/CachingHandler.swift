@@ -1,16 +1,59 @@
 // CachingHandler: the request logic shared by the targets that serve a
 // slower source through a page cache: `http` (the source is a remote object,
 // fetched by libcurl) and `cache` (a slow block device or file, read through
-// io_uring). See HTTPTarget.swift for the read path and the crash rules, and
-// CacheTarget.swift for write-through and write-back.
+// io_uring). HTTPTarget.swift and CacheTarget.swift say what each adds.
 //
-// The handler is single-threaded (one queue). Fetching is a `RunFetcher`:
-// it moves a planned run's bytes into the cache file and reports each chunk
-// (`received`) and the end (`runEnded`).
+// The handler is single-threaded (one queue) and does all its file I/O on
+// the queue's ring (reads, writes, fdatasync, punches, bitmap words); the one
+// exception is `writeNow`, the pwrite of fetched bytes into the cache file.
+// It talks to an `IOQueue`, so the whole state machine runs on the host with
+// a fake queue and fault-injecting files (Tests/UblkTargetTests/ModelTests).
+//
+// PAGE STATES. What a page *is* and what was *reported* about it are separate
+// facts, persisted in separate bitmaps (all bound to one cache file):
+//
+//   persisted (bitmaps)   meaning                                   who sets / clears
+//   present               the cache file holds the page's content   set after its data is written
+//                                                                   (fetch, whole-page write); cleared
+//                                                                   by eviction or a failed data sync
+//   local    (http -w)    the content is data written here: never   set before a write's data is
+//                         evicted, never replaced by remote bytes   issued; cleared only if the write
+//                                                                   failed on a page never present
+//   writeback (cache,back) the backing store lacks the page:        set before a write's data is
+//                         never evicted                             issued; cleared after the copy to
+//                                                                   the backing store and its fdatasync
+//   unsettled (cache,thr) cache and backing store may differ: a     set before a write's data is
+//                         crash drops the cache's copy              issued; cleared once both copies
+//                                                                   are durable
+//   dirty                 written since the last `dirty --clear` /  set before a write's data is
+//                         `sync` (reporting only)                   issued; cleared by those commands
+//
+//   transient (memory)    a page in any of these is not evicted, and a request that would race it waits
+//   fetching              in a planner run (FetchPlanner): reads wait for it, never fetched twice
+//   reading / writing     a request in flight on the cache file covers it (`requests`)
+//   intent                a write waits for its local/dirty/writeback bits to be durable (`held`)
+//   evicting              bits cleared, persisted, punch in flight: new requests wait (`deferred`)
+//   syncing               handed to `sync`: stays dirty until the copy is confirmed (CachingControl)
+//
+// ORDER ON DISK (the crash-safety argument; `Cycle` issues it):
+//   1. A write's local/dirty/writeback bits reach the disk BEFORE its data is
+//      issued (an "intent" cycle: write the bitmap words, fdatasync them). So
+//      after any crash a page that holds new data is local, dirty and pending
+//      write-back; a bit without new data only costs a copy.
+//   2. A present bit reaches the disk only AFTER its data: a "full" cycle
+//      stages the bits, fdatasyncs the cache file (and the backing store),
+//      then writes and fdatasyncs the bitmap words. FLUSH and FUA complete
+//      after a full cycle; cleared write-back bits ride on it too (after the
+//      backing store's fdatasync), and evicted pages are punched only once
+//      their cleared bits are durable.
+//   3. A failed fdatasync of the cache file means the pages written since the
+//      last good one may be lost, and a later fdatasync will not say so:
+//      fetched pages among them become absent again (refetched), and once
+//      local data was at stake every later FLUSH fails with EIO.
+// Cycles run one at a time, so bitmap commits reach the disk in stage order.
 import CUring
 import Glibc
 import PageCache
-
 /// What a caching target hands its handler.
 final class CacheContext {
     let cache: CacheFile
@@ -32,8 +75,14 @@ final class CacheContext {
     var writeThrough = false
     /// Write-back: pages written to the cache and not yet to the backing store.
     var writeback: Bitmap?
+    /// Write-through: pages a write may have reached in one of cache and backing
+    /// store and not in the other (set before the write is issued, cleared once
+    /// both are durable). A crash leaves them unknown: the cache drops them.
+    var unsettled: Bitmap?
     /// Evict clean pages, least recently used first, to keep the cache under this many bytes (0: no bound).
     var maxCacheBytes: UInt64 = 0
+    /// Publish statistics to /run/ublk-http/ublkN.stats.json (off in host tests).
+    var publishStats = true
 
     init(cache: CacheFile, bitmap: Bitmap, dirty: Bitmap?, imageSize: UInt64, pageSize: Int, stats: CacheStats,
          snapshot: @escaping () -> HTTPStats) {
@@ -150,33 +199,24 @@ final class CachingHandler: QueueHandler {
     let cacheFD: Int32
     let imageSize: UInt64
     let pageSize: UInt64
+    let dirty: Bitmap?
+    let local: Bitmap?
+    let writeback: Bitmap?
+    let unsettled: Bitmap?
+    /// The bitmaps a write sets before its data is issued (see ORDER ON DISK, 1).
+    let intentBitmaps: [Bitmap]
+
+    /// What a tag's request is doing.
+    enum Stage: UInt8 {
+        case idle, waitingFetch, waitingIntent, waitingAck, reading, writing
+    }
     var requests: [Request?]
+    var stage: [Stage]
     var missStart: [UInt64]
-    /// Tags waiting for a fetch (not yet reading the cache file).
-    var waiting: [Bool]
     var done: [UInt32]
     /// Bytes of each started run written so far.
     var runBytes: [RunID: UInt64] = [:]
-
     var pollArmed = false
-    /// A sync cycle in flight: what it staged, and the FLUSH tags it completes.
-    var cycle: (present: BitmapCommit, dirty: BitmapCommit?, writeback: BitmapCommit?, waiters: [UInt16])?
-    /// fsyncs of the cycle in flight still outstanding, and the first failure.
-    var cycleSyncs = 0
-    var cycleFailure: Int32 = 0
-    /// FLUSHes (and FUA writes) waiting for the next cycle.
-    var flushWaiters: [UInt16] = []
-    var lastPersist: UInt64 = 0
-    let dirty: Bitmap?
-    /// `sync` snapshots handed out and not yet confirmed (CachingControl.swift).
-    var syncs = SyncTracker()
-    let timerFD: Int32
-    var timerArmed = false
-    var draining = false
-
-    static let subRead: UInt8 = 0, subSync: UInt8 = 1, subWrite: UInt8 = 2, subPunch: UInt8 = 3, subFetch: UInt8 = 4
-    static let subBackingWrite: UInt8 = 5, subBackingPunch: UInt8 = 6, subBackingSync: UInt8 = 7
-    static let subWritebackRead: UInt8 = 8, subWritebackWrite: UInt8 = 9
 
     /// Write-through: parts of a write still outstanding (cache, backing), and the backing's progress.
     var parts: [UInt8] = []
@@ -184,10 +224,77 @@ final class CachingHandler: QueueHandler {
     var partFailed: [Int32] = []
     /// Pages a write covers whole and claimed instead of fetching (FetchPlanner.claimForWrite).
     var claimed: [[RunID]] = []
+
+    // MARK: Persistence state
+
+    /// One persistence cycle (ORDER ON DISK): `full` syncs the data first and
+    /// carries the present bitmap; an intent cycle carries only the bitmaps a
+    /// write sets before its data.
+    struct Cycle {
+        let full: Bool
+        var commits: [(bitmap: Bitmap, commit: BitmapCommit, write: Int?)] = []
+        /// The non-empty commits, laid out for writing (index = `data` of their I/O).
+        var writes: [Bitmap.PendingWrite] = []
+        var failedWrites: Set<Int> = []
+        var outstanding = 0
+        var dataFailure: Int32 = 0
+        /// FLUSH (and FUA) tags completed when the cycle ends.
+        var flushes: [UInt16] = []
+        /// Writes whose intent bits this cycle persists (then issued, or acknowledged).
+        var held: [UInt16] = []
+        /// Present pages whose data this cycle's fdatasync covers.
+        var unsynced: [Range<UInt64>] = []
+        /// Evicted pages, punched once the cleared bits are durable.
+        var punch: [Range<UInt64>] = []
+        /// Write-back bits cleared by this cycle (set again if the backing's fdatasync fails).
+        var writebackCleared: [Range<UInt64>] = []
+        /// Pages written before this cycle's fdatasync.
+        var writtenPages: [Range<UInt64>] = []
+        /// Unsettled bits cleared by this cycle (set again if a data sync fails).
+        var settledCleared: [Range<UInt64>] = []
+    }
+    var cycle: Cycle?
+    var flushWaiters: [UInt16] = []
+    var heldWrites: [UInt16] = []
+    var unsyncedPresent: [Range<UInt64>] = []
+    /// Dirty bits were cleared: the next cycle is a full one. A clear may reach
+    /// the disk only after the data it was taken from (the copy `sync` made
+    /// may be newer than what a power loss would leave), so never in an intent cycle.
+    var dirtyCleared = false
+    /// Pages written since the last good data sync (the next full cycle's fdatasync covers them).
+    var unsyncedWrites: [Range<UInt64>] = []
+    /// Pages whose written data a failed fdatasync may have lost and that were
+    /// not written (and synced) again since: they stay dirty, and FLUSH fails.
+    var lostPages: [Range<UInt64>] = []
+    /// A data sync failed: present bits no longer go to the disk (nor does
+    /// eviction run) until the device is restarted, and every FLUSH fails.
+    var presentFrozen = false
+    var durabilityLost: Bool { presentFrozen || !lostPages.isEmpty }
+    var lastPersist: UInt64 = 0
+    var persistInterval: UInt64 = 1_000_000_000
+    static let metaRunShift: UInt32 = 26
+
+    /// `sync` snapshots handed out and not yet confirmed (CachingControl.swift).
+    var syncs = SyncTracker()
+    let timerFD: Int32
+    var timerArmed = false
+    var draining = false
+    /// Host tests: a line per state change, for a failing seed's replay.
+    var trace: ((String) -> Void)?
+
+    static let subRead: UInt8 = 0, subSync: UInt8 = 1, subWrite: UInt8 = 2, subPunch: UInt8 = 3, subFetch: UInt8 = 4
+    static let subBackingWrite: UInt8 = 5, subBackingPunch: UInt8 = 6, subBackingSync: UInt8 = 7
+    static let subWritebackRead: UInt8 = 8, subWritebackWrite: UInt8 = 9
+    static let subMetaWrite: UInt8 = 10, subMetaSync: UInt8 = 11, subEvictPunch: UInt8 = 12, subStats: UInt8 = 13
+
     /// Write-back: the one run being copied to the backing store (the throttle), and
     /// whether a write touched it meanwhile (then its bits stay set).
     var writebackRun: (pages: Range<UInt64>, buffer: UnsafeMutableRawPointer, done: Int, dirtied: Bool)?
     var writebackCursor: UInt64 = 0
+    /// Copied to the backing store, bits to clear at the next full cycle (after the backing's fdatasync).
+    var writebackCopied: [Range<UInt64>] = []
+    /// Write-through: written to both, unsettled bits to clear at the next full cycle.
+    var settledWrites: [Range<UInt64>] = []
     static let writebackRunPages: UInt64 = 256
 
     /// Eviction: the last use of each 1 MiB chunk (a request counter), and the
@@ -195,10 +302,16 @@ final class CachingHandler: QueueHandler {
     var chunkUse: [UInt32] = []
     var useClock: UInt32 = 0
     var evicting: [Range<UInt64>] = []
-    var punchAfterCycle: [Range<UInt64>] = []
+    /// Punches in flight; requests arriving meanwhile wait in `deferred`.
+    var punchesInFlight = 0
+    var deferred: [Request] = []
     static let chunkShift: UInt64 = 20
     static let sourceEvent: UInt32 = 1, timerEvent: UInt32 = 2
-    static let persistInterval: UInt64 = 1_000_000_000
+
+    /// Statistics published through the ring (a fixed 4 KiB record, rewritten in place).
+    var statsFD: Int32 = -1
+    var statsBuffer: UnsafeMutableRawPointer?
+    var statsInFlight = false
 
     /// User-copy mode (the cache file lives in memory and the device has
     /// UBLK_F_USER_COPY): the cache file mapped, and the queue's char device.
@@ -208,7 +321,6 @@ final class CachingHandler: QueueHandler {
     var mapping: UnsafeMutableRawPointer?
     var mappingSize = 0
     var charFD: Int32 = -1
-    unowned(unsafe) var userCopyQueue: IOQueue?
 
     /// Whether a caching target over `cacheFD` asks for UBLK_F_USER_COPY.
     static func wantsUserCopy(cacheFD: Int32) -> Bool { memoryFS.contains(cu_fs_type(cacheFD)) }
@@ -228,7 +340,9 @@ final class CachingHandler: QueueHandler {
             h.mapping = m
             h.mappingSize = Int(deviceSize)
             h.charFD = queue.charFD
-            h.userCopyQueue = queue
+        }
+        if context.publishStats {
+            h.statsFD = open(HTTPStats.path(queue.deviceID), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         }
         return h
     }
@@ -239,10 +353,18 @@ final class CachingHandler: QueueHandler {
         self.planner = planner
         self.bitmap = context.bitmap
         self.dirty = context.dirty
+        self.local = context.local
+        self.writeback = context.writeback
+        self.unsettled = context.unsettled
+        // Unsettled bits matter to write-through only; in other modes the
+        // bitmap is opened so that a crash of an earlier write-through run is settled.
+        intentBitmaps = [context.local, context.dirty, context.writeback,
+                         context.writeThrough && context.backingFD >= 0 ? context.unsettled : nil].compactMap { $0 }
         self.cacheFD = context.cache.fd
         self.imageSize = context.imageSize
         self.pageSize = UInt64(context.pageSize)
         requests = Array(repeating: nil, count: depth)
+        stage = Array(repeating: .idle, count: depth)
         parts = Array(repeating: 0, count: depth)
         if context.maxCacheBytes > 0 {
             chunkUse = Array(repeating: 0, count: Int((context.imageSize >> CachingHandler.chunkShift) + 1))
@@ -251,14 +373,49 @@ final class CachingHandler: QueueHandler {
         partFailed = Array(repeating: 0, count: depth)
         claimed = Array(repeating: [], count: depth)
         missStart = Array(repeating: 0, count: depth)
-        waiting = Array(repeating: false, count: depth)
         done = Array(repeating: 0, count: depth)
         timerFD = cu_timerfd()
         lastPersist = monotonicNanos()
+        settleAfterCrash()
+        // A local or write-back bit without a present one is a write whose data
+        // never became durable (its present bit comes after the data): the page
+        // is still the remote's (the backing store's).
+        for l in [local, writeback].compactMap({ $0 }) {
+            var p: UInt64 = 0
+            while p < l.pageCount, let s = l.bits.nextSet(in: p..<l.pageCount) {
+                let e = l.bits.nextClear(in: s..<l.pageCount) ?? l.pageCount
+                var q = s
+                while q < e {
+                    if let a = bitmap.bits.nextClear(in: q..<e) {
+                        let b = bitmap.bits.nextSet(in: a..<e) ?? e
+                        l.markAbsent(a..<b)
+                        q = b
+                    } else { q = e }
+                }
+                p = e
+            }
+        }
+    }
+
+    /// Write-through after a crash: a page whose write may have reached only
+    /// one of cache and backing store is dropped from the cache (the backing
+    /// store's copy is what the device reads from now on).
+    func settleAfterCrash() {
+        guard let u = unsettled, u.count > 0 else { return }
+        var p: UInt64 = 0
+        while p < u.pageCount, let s = u.bits.nextSet(in: p..<u.pageCount) {
+            let e = u.bits.nextClear(in: s..<u.pageCount) ?? u.pageCount
+            bitmap.markAbsent(s..<e)
+            evicting.append(s..<e)
+            u.markAbsent(s..<e)
+            p = e
+        }
     }
 
     deinit {
         close(timerFD)
+        if statsFD >= 0 { close(statsFD) }
+        statsBuffer?.deallocate()
         if let m = mapping { munmap(m, mappingSize) }
     }
 
@@ -289,6 +446,8 @@ final class CachingHandler: QueueHandler {
         return r.buffer
     }
 
+    var through: Bool { context.writeThrough && context.backingFD >= 0 }
+
     // MARK: Requests
 
     func handle(_ r: Request, queue: IOQueue) {
@@ -296,13 +455,15 @@ final class CachingHandler: QueueHandler {
         case Op.read, Op.write, Op.discard, Op.writeZeroes:
             if r.op != Op.read && !context.writable { return queue.complete(tag: r.tag, result: -EROFS) }
             if draining { return queue.complete(tag: r.tag, result: -EIO) }
+            // Evicted pages are being punched: nothing may touch the cache file's holes meanwhile.
+            if punchesInFlight > 0 { return deferred.append(r) }
             if !chunkUse.isEmpty { touch(r) }
             // A write needs every page it touches present first (see the header),
             // except pages it covers whole: those it claims (reads of them wait).
             if r.op != Op.read,
                let claims = planner.claimForWrite(offset: r.offset, length: Int(r.length), present: bitmap.bits) {
                 claimed[Int(r.tag)] = claims
-                return proceed(r, queue: queue)
+                return startWrite(r, queue: queue)
             }
             let plan = planner.plan(offset: r.offset, length: Int(r.length), context: UInt64(r.tag), present: bitmap.bits)
             if plan.isHit {
@@ -311,14 +472,14 @@ final class CachingHandler: QueueHandler {
             } else {
                 if r.op == Op.read { context.stats.misses += 1 }
                 requests[Int(r.tag)] = r
-                waiting[Int(r.tag)] = true
+                stage[Int(r.tag)] = .waitingFetch
                 missStart[Int(r.tag)] = monotonicNanos()
             }
             if planner.plannedRunCount > 0 { startRuns(queue) }
         case Op.flush:
             if !context.writable { return queue.complete(tag: r.tag, result: 0) }
             flushWaiters.append(r.tag)
-            startCycle(queue)
+            startCycle(queue, full: true)
         default:
             queue.complete(tag: r.tag, result: -EOPNOTSUPP)
         }
@@ -326,16 +487,46 @@ final class CachingHandler: QueueHandler {
 
     /// Every page of `r` is present: read it, or write it.
     func proceed(_ r: Request, queue: IOQueue) {
+        if r.op == Op.read { readFromCache(r, queue: queue) } else { startWrite(r, queue: queue) }
+    }
+
+    /// Sets a write's intent bits (local, dirty, write-back); true when some of
+    /// them are not durable yet, so its data must wait for an intent cycle.
+    func setIntent(_ pages: Range<UInt64>) -> Bool {
+        if let run = writebackRun, run.pages.overlaps(pages) { writebackRun!.dirtied = true }
+        if !writebackCopied.isEmpty { writebackCopied = writebackCopied.flatMap { $0.subtracting(pages) } }
+        if !settledWrites.isEmpty { settledWrites = settledWrites.flatMap { $0.subtracting(pages) } }
+        var wait = false
+        for b in intentBitmaps {
+            b.markPresent(pages)
+            if b.hasUnstaged(pages) { wait = true }
+            if let c = cycle, c.commits.contains(where: { $0.bitmap === b && $0.commit.touches(pages) }) { wait = true }
+        }
+        return wait
+    }
+
+    func startWrite(_ r: Request, queue: IOQueue) {
+        let t = Int(r.tag)
+        requests[t] = r
+        if setIntent(planner.pages(offset: r.offset, length: Int(r.length))) {
+            stage[t] = .waitingIntent
+            heldWrites.append(r.tag)
+            return startCycle(queue, full: false)
+        }
+        issueWrite(r, queue: queue)
+    }
+
+    /// The write's intent bits are durable: its data goes to the cache file (and the backing store).
+    func issueWrite(_ r: Request, queue: IOQueue) {
+        trace?("issue tag \(r.tag) op \(r.op) at \(r.offset)+\(r.length)")
+        let t = Int(r.tag)
+        requests[t] = r
+        stage[t] = .writing
+        partFailed[t] = 0
         switch r.op {
-        case Op.read:
-            readFromCache(r, queue: queue)
         case Op.write:
-            let t = Int(r.tag)
-            requests[t] = r
-            waiting[t] = false
             done[t] = 0
             backingDone[t] = 0
-            partFailed[t] = 0
             parts[t] = through ? 2 : 1
             if let m = mapping {
                 // The data lands in the cache's pages straight from the request.
@@ -354,12 +545,8 @@ final class CachingHandler: QueueHandler {
             if mapping != nil { partDone(r, 0, queue: queue) }
         default:
             // DISCARD / WRITE_ZEROES: a hole reads as zeros; partial pages are zeroed by the punch.
-            let t = Int(r.tag)
-            requests[t] = r
-            waiting[t] = false
-            partFailed[t] = 0
             let end = min(r.offset + UInt64(r.length), imageSize)
-            if r.offset >= end { return written(r, queue: queue) }
+            if r.offset >= end { parts[t] = 1; return partDone(r, 0, queue: queue) }
             parts[t] = through ? 2 : 1
             queue.fallocate(fd: cacheFD, mode: cu_falloc_punch, offset: r.offset, length: end - r.offset,
                             tag: r.tag, sub: CachingHandler.subPunch)
@@ -370,38 +557,62 @@ final class CachingHandler: QueueHandler {
         }
     }
 
-    var through: Bool { context.writeThrough && context.backingFD >= 0 }
-
     /// One part of a write is done (or failed); the write completes when all are.
     func partDone(_ r: Request, _ result: Int32, queue: IOQueue) {
         let t = Int(r.tag)
         if result < 0 && partFailed[t] == 0 { partFailed[t] = result }
         parts[t] -= 1
         guard parts[t] == 0 else { return }
+        let failed = partFailed[t] < 0
+        let pages = planner.pages(offset: r.offset, length: Int(r.length))
         if !claimed[t].isEmpty {
             // Pages the write covered whole: present now that their data is in the cache.
             let claims = claimed[t]
             claimed[t] = []
-            if partFailed[t] == 0 { bitmap.markPresent(planner.pages(offset: r.offset, length: Int(r.length))) }
-            for id in claims { serve(planner.complete(run: id, success: partFailed[t] == 0), queue) }
+            if !failed {
+                markPresent(pages)
+            } else {
+                // Never present, and no data of it counts: the page is still the remote's.
+                for b in [local, writeback].compactMap({ $0 }) {
+                    for p in pages where !bitmap.test(p) { b.markAbsent(p..<p + 1) }
+                }
+            }
+            for id in claims { serve(planner.complete(run: id, success: !failed), queue) }
         }
-        if partFailed[t] < 0 { return finish(r.tag, partFailed[t], queue) }
-        written(r, queue: queue)
+        if failed {
+            // Write-through: one copy may have it and the other not. The cache's
+            // goes (the page is read from the backing store again); the
+            // unsettled bit stays until a write of the page succeeds.
+            if through { for p in pages where bitmap.test(p) { bitmap.markAbsent(p..<p + 1); evicting.append(p..<p + 1) } }
+            return finish(r.tag, partFailed[t], queue)
+        }
+        written(r, pages, queue: queue)
     }
 
-    /// A write's data is in the cache file: its pages are present (they were) and dirty.
-    func written(_ r: Request, queue: IOQueue) {
-        let pages = planner.pages(offset: r.offset, length: Int(r.length))
-        dirty?.markPresent(pages)
+    /// A write's data is in the cache file. Its intent bits were set before it
+    /// was issued; a `dirty --clear` meanwhile may have cleared them, so they
+    /// are set again, and the write is acknowledged once they are durable.
+    func written(_ r: Request, _ pages: Range<UInt64>, queue: IOQueue) {
         syncs.written(pages)
-        if let wb = context.writeback {
-            wb.markPresent(pages)
-            if let run = writebackRun, run.pages.overlaps(pages) { writebackRun!.dirtied = true }
+        unsyncedWrites.append(pages)
+        if unsettled != nil && through { settledWrites.append(pages) }
+        var newly = false
+        for b in intentBitmaps where b.markPresent(pages) > 0 { newly = true }
+        let t = Int(r.tag)
+        if newly {
+            stage[t] = .waitingAck
+            heldWrites.append(r.tag)
+            return startCycle(queue, full: false)
         }
+        acknowledge(r, queue: queue)
+    }
+
+    func acknowledge(_ r: Request, queue: IOQueue) {
         if r.fua {
             requests[Int(r.tag)] = nil
+            stage[Int(r.tag)] = .idle
             flushWaiters.append(r.tag)
-            startCycle(queue)
+            startCycle(queue, full: true)
         } else {
             finish(r.tag, r.op == Op.write ? Int32(r.length) : 0, queue)
         }
@@ -409,7 +620,7 @@ final class CachingHandler: QueueHandler {
 
     func readFromCache(_ r: Request, queue: IOQueue) {
         requests[Int(r.tag)] = r
-        waiting[Int(r.tag)] = false
+        stage[Int(r.tag)] = .reading
         done[Int(r.tag)] = 0
         if let m = mapping { return finish(r.tag, copyMapped(r, queue: queue, mapping: m), queue) }
         if r.offset >= imageSize {
@@ -429,21 +640,31 @@ final class CachingHandler: QueueHandler {
     }
 
     /// The cache file lives in memory (tmpfs, ramfs).
-    lazy var cacheInMemory: Bool = [0x0102_1994, 0x8584_58f6].contains(cu_fs_type(cacheFD))
+    lazy var cacheInMemory: Bool = CachingHandler.memoryFS.contains(cu_fs_type(cacheFD))
 
     @inline(__always)
     func finish(_ tag: UInt16, _ result: Int32, _ queue: IOQueue) {
         requests[Int(tag)] = nil
-        waiting[Int(tag)] = false
+        stage[Int(tag)] = .idle
         queue.complete(tag: tag, result: result)
     }
 
     func ioCompleted(tag: UInt16, sub: UInt8, data: UInt32, result: Int32, queue: IOQueue) {
-        if sub == CachingHandler.subSync || sub == CachingHandler.subBackingSync { return cycleSynced(result, queue: queue) }
-        if sub == CachingHandler.subWritebackRead || sub == CachingHandler.subWritebackWrite {
+        switch sub {
+        case CachingHandler.subSync, CachingHandler.subBackingSync, CachingHandler.subMetaWrite, CachingHandler.subMetaSync:
+            return cycleIO(sub, data: data, result: result, queue: queue)
+        case CachingHandler.subWritebackRead, CachingHandler.subWritebackWrite:
             return writebackProgress(sub, result, queue: queue)
+        case CachingHandler.subFetch:
+            return fetcher.ioCompleted(data: data, result: result, handler: self, queue: queue)
+        case CachingHandler.subEvictPunch:
+            return punched(result, queue: queue)
+        case CachingHandler.subStats:
+            statsInFlight = false
+            return
+        default:
+            break
         }
-        if sub == CachingHandler.subFetch { return fetcher.ioCompleted(data: data, result: result, handler: self, queue: queue) }
         let t = Int(tag)
         guard let r = requests[t] else { return }
         switch sub {
@@ -475,24 +696,27 @@ final class CachingHandler: QueueHandler {
 
     func startRuns(_ queue: IOQueue) {
         for run in planner.startableRuns() {
+            trace?("fetch \(run.firstPage)+\(run.pageCount)")
             runBytes[run.id] = 0
             fetcher.start(run, handler: self, queue: queue)
         }
         armPoll(queue)
     }
 
+    /// Pages whose data was just written into the cache file: present (in memory;
+    /// on disk after the next full cycle's data sync).
+    func markPresent(_ pages: Range<UInt64>) {
+        trace?("present \(pages)")
+        if bitmap.markPresent(pages) > 0 { unsyncedPresent.append(pages) }
+    }
+
     /// Body bytes of `run` at `offset`: into the cache file; completed pages become present.
     func received(_ run: FetchRun, offset: UInt64, bytes: UnsafeRawBufferPointer, queue: IOQueue) -> Bool {
         guard let base = bytes.baseAddress else { return true }
-        var written = 0
-        while written < bytes.count {
-            let n = pwrite(cacheFD, base + written, bytes.count - written, off_t(offset) + off_t(written))
-            if n < 0 {
-                if errno == EINTR { continue }
-                log("ublk-http: cache file write failed: \(Errno.current)")
-                return false
-            }
-            written += n
+        let w = queue.writeNow(fd: cacheFD, from: base, length: bytes.count, offset: offset)
+        if w < 0 {
+            log("ublk-http: cache file write failed: \(Errno(returned: w))")
+            return false
         }
         let before = runBytes[run.id] ?? 0
         let after = offset + UInt64(bytes.count) - run.offset
@@ -502,7 +726,7 @@ final class CachingHandler: QueueHandler {
         var pagesAfter = after / pageSize
         if after == UInt64(run.length) { pagesAfter = run.pageCount }
         if pagesAfter > pagesBefore {
-            bitmap.markPresent(run.firstPage + pagesBefore..<run.firstPage + pagesAfter)
+            markPresent(run.firstPage + pagesBefore..<run.firstPage + pagesAfter)
             serve(planner.progress(run: run.id, pagesDone: pagesAfter), queue)
         }
         return true
@@ -510,12 +734,14 @@ final class CachingHandler: QueueHandler {
 
     /// `error`: nil on success, else what failed (logged).
     func runEnded(_ run: FetchRun, error: String?, queue: IOQueue) {
-        runBytes[run.id] = nil
+        let got = runBytes.removeValue(forKey: run.id) ?? 0
         if let e = error {
             log("ublk-http: fetch of bytes \(run.offset)-\(run.offset + UInt64(run.length) - 1) failed: \(e)")
             serve(planner.complete(run: run.id, success: false), queue)
+        } else if got < UInt64(run.length) {
+            log("ublk-http: fetch of bytes \(run.offset)-\(run.offset + UInt64(run.length) - 1) ended short (\(got) bytes)")
+            serve(planner.complete(run: run.id, success: false), queue)
         } else {
-            bitmap.markPresent(run.firstPage..<run.firstPage + run.pageCount)
             serve(planner.complete(run: run.id, success: true), queue)
         }
         if planner.plannedRunCount > 0 && !draining { startRuns(queue) }
@@ -525,13 +751,13 @@ final class CachingHandler: QueueHandler {
         let now = monotonicNanos()
         for ctx in outcome.satisfied {
             let tag = UInt16(ctx)
-            guard waiting[Int(tag)], let r = requests[Int(tag)] else { continue }
+            guard stage[Int(tag)] == .waitingFetch, let r = requests[Int(tag)] else { continue }
             if r.op == Op.read { context.stats.missLatency.record(nanoseconds: now &- missStart[Int(tag)]) }
             proceed(r, queue: queue)
         }
         for ctx in outcome.failed {
             let tag = UInt16(ctx)
-            if waiting[Int(tag)] { finish(tag, -EIO, queue) }
+            if stage[Int(tag)] == .waitingFetch { finish(tag, -EIO, queue) }
         }
     }
 
@@ -561,88 +787,219 @@ final class CachingHandler: QueueHandler {
 
     func idle(queue: IOQueue) {
         if !fetcher.isIdle { armPoll(queue) }
-        let statsDirty = statsSignature != writtenStatsSignature
-        if context.writeback != nil && !draining { startWriteback(queue) }
-        if context.maxCacheBytes > 0 && cycle == nil { evictIfNeeded(queue) }
-        let bitsDirty = bitmap.bits.hasDirty || (dirty?.bits.hasDirty ?? false) || (context.writeback?.bits.hasDirty ?? false)
+        let statsDirty = context.publishStats && statsSignature != writtenStatsSignature
+        if writeback != nil && !draining { startWriteback(queue) }
+        if context.maxCacheBytes > 0 && cycle == nil && punchesInFlight == 0 && !presentFrozen { evictIfNeeded(queue) }
+        let presentDirty = bitmap.bits.hasDirty || !writebackCopied.isEmpty || !evicting.isEmpty || !settledWrites.isEmpty
+        let bitsDirty = presentDirty || intentBitmaps.contains { $0.bits.hasDirty }
         guard statsDirty || (bitsDirty && cycle == nil) else { return }
         let now = monotonicNanos()
-        if now &- lastPersist >= CachingHandler.persistInterval {
+        if now &- lastPersist >= persistInterval {
             lastPersist = now
             if statsDirty { publishStats(queue) }
-            if bitsDirty { startCycle(queue) }
+            if bitsDirty { startCycle(queue, full: presentDirty) }
         } else if !timerArmed {
-            _ = cu_timerfd_arm(timerFD, max(1, CachingHandler.persistInterval - (now &- lastPersist)))
+            _ = cu_timerfd_arm(timerFD, max(1, persistInterval - (now &- lastPersist)))
             timerArmed = true
             queue.poll(fd: timerFD, data: CachingHandler.timerEvent)
         }
     }
 
-    /// A sync cycle: stage the bitmaps, fdatasync the cache file through the
-    /// ring, then persist them and complete the FLUSHes that were waiting
-    /// (dirty bits alone, with no FLUSH waiting, are persisted at once).
-    /// One at a time, so commits are persisted in the order they were staged.
-    func startCycle(_ queue: IOQueue) {
+    // MARK: Persistence cycles (ORDER ON DISK in the header)
+
+    /// Starts a cycle unless one runs (the next starts when it ends). `full`:
+    /// sync the data, carry the present bitmap and complete FLUSHes; a FLUSH
+    /// or an eviction waiting makes any cycle full.
+    func startCycle(_ queue: IOQueue, full wantFull: Bool = true) {
         guard cycle == nil else { return }
-        // Only dirty bits changed, and no FLUSH waits: those go out without an
-        // fdatasync of the cache file first. A dirty bit on disk before its data
-        // lists a page whose write a crash lost (it costs a copy in `sync`, never
-        // wrong data), and a FLUSH still takes the full cycle. Without this, dirty
-        // tracking forced the cache file's writeback every second.
-        if flushWaiters.isEmpty && evicting.isEmpty && !bitmap.bits.hasDirty
-            && !(context.writeback?.bits.hasDirty ?? false), let d = dirty, d.bits.hasDirty {
-            lastPersist = monotonicNanos()
-            let staged = d.stage()
-            do { try d.persist(staged) } catch {
-                log("ublk-http: cannot persist the dirty bitmap: \(error)")
-                d.abandon(staged)
+        let full = wantFull || !flushWaiters.isEmpty || !evicting.isEmpty || dirtyCleared
+        if full { dirtyCleared = false }
+        var c = Cycle(full: full)
+        if full {
+            // Copied pages: the backing's fdatasync below covers them, so their bits may go.
+            if let wb = writeback {
+                for r in writebackCopied { wb.markAbsent(r) }
+                c.writebackCleared = writebackCopied
+                writebackCopied = []
             }
-            return
+            // Written to both: the fdatasyncs below make both copies durable. Not
+            // where another write is still in flight (it keeps its bit).
+            if let u = unsettled, !settledWrites.isEmpty {
+                var keep: [Range<UInt64>] = []
+                for r in settledWrites {
+                    if writeInFlight(overlapping: r) { keep.append(r) } else { u.markAbsent(r); c.settledCleared.append(r) }
+                }
+                settledWrites = keep
+            }
+            c.unsynced = unsyncedPresent
+            unsyncedPresent = []
+            c.writtenPages = unsyncedWrites
+            unsyncedWrites = []
+            c.punch = evicting
+            evicting = []
+            c.flushes = flushWaiters
+            flushWaiters = []
         }
-        punchAfterCycle = evicting
-        evicting = []
-        cycle = (bitmap.stage(), dirty?.stage(), context.writeback?.stage(), flushWaiters)
-        flushWaiters = []
+        for b in (full && !presentFrozen ? [bitmap] : []) + intentBitmaps {
+            let staged = b.stage()
+            if staged.isEmpty {
+                c.commits.append((b, staged, nil))
+            } else {
+                c.commits.append((b, staged, c.writes.count))
+                c.writes.append(b.pendingWrite(staged))
+            }
+        }
+        c.held = heldWrites
+        heldWrites = []
         lastPersist = monotonicNanos()
-        cycleSyncs = 1
-        cycleFailure = 0
-        queue.fsync(fd: cacheFD, tag: Queue.internalTag, sub: CachingHandler.subSync)
-        // The backing store too: a FLUSH covers written-through data, and a cleared
-        // write-back bit may reach the disk only after the data it stood for.
-        if context.backingFD >= 0 {
-            cycleSyncs += 1
-            queue.fsync(fd: context.backingFD, tag: Queue.internalTag, sub: CachingHandler.subBackingSync)
+        cycle = c
+        if full {
+            cycle!.outstanding = 1
+            queue.fsync(fd: cacheFD, tag: Queue.internalTag, sub: CachingHandler.subSync)
+            // The backing store too: a FLUSH covers written-through data, and a cleared
+            // write-back bit may reach the disk only after the data it stood for.
+            if context.backingFD >= 0 {
+                cycle!.outstanding += 1
+                queue.fsync(fd: context.backingFD, tag: Queue.internalTag, sub: CachingHandler.subBackingSync)
+            }
+        } else {
+            writeBitmaps(queue)
         }
     }
 
-    func cycleSynced(_ result: Int32, queue: IOQueue) {
-        guard let c = cycle else { return }
-        if result < 0 && cycleFailure == 0 { cycleFailure = result }
-        cycleSyncs -= 1
-        guard cycleSyncs == 0 else { return }
-        cycle = nil
-        var status: Int32 = 0
-        if cycleFailure < 0 {
-            // The data is not known to be durable: the staged words wait for the next cycle.
-            log("ublk-http: fdatasync failed: \(Errno(returned: cycleFailure))")
-            bitmap.abandon(c.present)
-            if let d = c.dirty { dirty?.abandon(d) }
-            if let w = c.writeback { context.writeback?.abandon(w) }
-            status = -EIO
-        } else {
-            do {
-                try bitmap.persist(c.present)
-                if let d = c.dirty { try dirty?.persist(d) }
-                if let w = c.writeback { try context.writeback?.persist(w) }
-            } catch {
-                log("ublk-http: cannot persist the bitmaps: \(error)")
-                status = -EIO
+    /// Writes every staged commit's words; their fdatasyncs follow.
+    func writeBitmaps(_ queue: IOQueue) {
+        guard var c = cycle else { return }
+        c.outstanding = 0
+        for (i, w) in c.writes.enumerated() {
+            // The data is not known to be durable: no bits of this cycle go to the disk.
+            if c.dataFailure < 0 { continue }
+            for (k, run) in w.runs.enumerated() {
+                c.outstanding += 1
+                queue.write(fd: w.fd, from: w.buffer + run.bufferOffset, length: UInt32(run.count), offset: run.fileOffset,
+                            tag: Queue.internalTag, sub: CachingHandler.subMetaWrite,
+                            data: UInt32(i) << CachingHandler.metaRunShift | UInt32(k))
             }
         }
-        if status == 0 { punchEvicted() } else { evicting += punchAfterCycle }
-        punchAfterCycle = []
-        for tag in c.waiters { queue.complete(tag: tag, result: status) }
-        if !flushWaiters.isEmpty { startCycle(queue) }
+        cycle = c
+        if c.outstanding == 0 { endCycle(queue) }
+    }
+
+    func cycleIO(_ sub: UInt8, data: UInt32, result: Int32, queue: IOQueue) {
+        guard cycle != nil else { return }
+        cycle!.outstanding -= 1
+        switch sub {
+        case CachingHandler.subSync, CachingHandler.subBackingSync:
+            if result < 0 && cycle!.dataFailure == 0 { cycle!.dataFailure = result }
+            if cycle!.outstanding == 0 { writeBitmaps(queue) }
+        case CachingHandler.subMetaWrite:
+            let i = Int(data >> CachingHandler.metaRunShift), k = Int(data & (1 << CachingHandler.metaRunShift - 1))
+            if result != Int32(cycle!.writes[i].runs[k].count) { cycle!.failedWrites.insert(i) }
+            if cycle!.outstanding == 0 {
+                // Every word is written: make each bitmap file durable.
+                for (j, w) in cycle!.writes.enumerated() where !cycle!.failedWrites.contains(j) {
+                    if cycle!.dataFailure < 0 { continue }
+                    cycle!.outstanding += 1
+                    queue.fsync(fd: w.fd, tag: Queue.internalTag, sub: CachingHandler.subMetaSync, data: UInt32(j))
+                }
+                if cycle!.outstanding == 0 { endCycle(queue) }
+            }
+        default:  // subMetaSync
+            if result < 0 { cycle!.failedWrites.insert(Int(data)) }
+            if cycle!.outstanding == 0 { endCycle(queue) }
+        }
+    }
+
+    /// Clears dirty bits (`dirty --clear`, `sync`); a full cycle persists the clear.
+    func clearDirty(_ ranges: [Range<UInt64>], queue: IOQueue) {
+        // After a failed data sync nothing written is known to be on the disk
+        // (present bits no longer go out): every listed page stays listed.
+        guard let d = dirty, !presentFrozen else { return }
+        // Pages whose data a failed fdatasync may have lost stay listed.
+        for r in ranges { for keep in subtract(lostPages, from: r) { d.markAbsent(keep) } }
+        dirtyCleared = true
+        startCycle(queue, full: true)
+    }
+
+    func endCycle(_ queue: IOQueue) {
+        guard let c = cycle else { return }
+        cycle = nil
+        var metaFailed = false
+        for (b, staged, i) in c.commits {
+            let failed = i.map { c.failedWrites.contains($0) } ?? false
+            if failed { metaFailed = true }
+            // A failed data sync: nothing of this cycle may go (a cleared dirty bit
+            // would claim a copy of data that may be lost).
+            if failed || c.dataFailure < 0 {
+                b.abandon(staged)
+            } else {
+                b.persisted(staged)
+            }
+        }
+        if metaFailed { log("ublk-http: cannot persist the bitmaps (write or fdatasync failed); will retry") }
+        if c.dataFailure < 0 {
+            dataSyncFailed(c, queue: queue)
+        } else {
+            // Written again and synced: no longer lost.
+            if !lostPages.isEmpty { for r in c.writtenPages { lostPages = lostPages.flatMap { $0.subtracting(r) } } }
+            if !c.punch.isEmpty { punchEvicted(c.punch, queue: queue) }
+        }
+        let flushStatus: Int32 = (c.dataFailure < 0 || metaFailed || durabilityLost) ? -EIO : 0
+        for tag in c.flushes { queue.complete(tag: tag, result: flushStatus) }
+        if c.dataFailure < 0 {
+            // Their intent bits did not go out: they wait for the next cycle.
+            heldWrites = c.held + heldWrites
+        }
+        for tag in c.held where c.dataFailure >= 0 {
+            guard let r = requests[Int(tag)] else { continue }
+            // Bits not durable: the write must not go ahead (or be acknowledged).
+            if metaFailed { finish(tag, -EIO, queue); continue }
+            if stage[Int(tag)] == .waitingIntent { issueWrite(r, queue: queue) } else { acknowledge(r, queue: queue) }
+        }
+        if !flushWaiters.isEmpty || !heldWrites.isEmpty { startCycle(queue, full: !flushWaiters.isEmpty) }
+    }
+
+    /// The cache file's (or backing store's) fdatasync failed: the pages
+    /// written since the last good one may never reach the disk, and the next
+    /// fdatasync will not say so. Fetched pages among them are dropped
+    /// (fetched again); written ones cannot be: they are lost until written
+    /// again, stay dirty (a `sync` meanwhile copies them again), and FLUSH fails.
+    func dataSyncFailed(_ c: Cycle, queue: IOQueue) {
+        log("ublk-http: fdatasync failed: \(Errno(returned: c.dataFailure)); pages written since the last good one may be lost")
+        var lost = c.writtenPages + unsyncedWrites
+        for (t, s) in stage.enumerated() where s == .writing || s == .waitingAck {
+            if let r = requests[t] { lost.append(planner.pages(offset: r.offset, length: Int(r.length))) }
+        }
+        unsyncedWrites = []
+        for r in lost { dirty?.markPresent(r) }
+        lostPages += lost
+        if let wb = writeback { for r in c.writebackCleared { wb.markPresent(r) } }
+        if let u = unsettled { for r in c.settledCleared { u.markPresent(r) } }
+        // Evicted pages stay in the file, unpunched: their cleared bits will not reach the disk now.
+        if !presentFrozen {
+            presentFrozen = true
+            log("ublk-http: the cache file's present bits are no longer persisted, and FLUSH fails, until the device is restarted")
+        }
+        // Fetched pages whose copy may be gone from the disk are fetched again
+        // (unless a request in flight holds them: those stay, and a power loss
+        // finds them absent, since present bits no longer go out).
+        let pinned = pinnedRanges()
+        for range in c.unsynced + unsyncedPresent {
+            for p in range where bitmap.test(p) {
+                if (local?.test(p) ?? false) || (writeback?.test(p) ?? false) { continue }
+                if planner.run(covering: p) != nil || pinned.contains(where: { $0.contains(p) }) { continue }
+                trace?("unsynced, absent again: \(p)")
+                bitmap.markAbsent(p..<p + 1)
+            }
+        }
+        unsyncedPresent = []
+    }
+
+    /// `range` without any of `ranges`.
+    func subtract(_ ranges: [Range<UInt64>], from range: Range<UInt64>) -> [Range<UInt64>] {
+        var out = [range]
+        for r in ranges { out = out.flatMap { $0.subtracting(r) } }
+        return out
     }
 
     var writtenStatsSignature: UInt64 = .max
@@ -651,9 +1008,20 @@ final class CachingHandler: QueueHandler {
         return s.hits &+ s.misses &* 3 &+ s.requests &* 7 &+ s.errors &* 11 &+ bitmap.count &* 13
     }
 
+    /// Rewrites the statistics file in place through the ring: one 4 KiB
+    /// record, JSON padded with spaces (readers parse it as it is).
     func publishStats(_ queue: IOQueue) {
+        guard statsFD >= 0, !statsInFlight else { return }
         writtenStatsSignature = statsSignature
-        context.snapshot().save(device: queue.deviceID)
+        let json = Array(controlJSON(context.snapshot()).utf8)
+        guard json.count < 4096 else { return }
+        if statsBuffer == nil { statsBuffer = .allocate(byteCount: 4096, alignment: 4096) }
+        let buf = statsBuffer!
+        memset(buf, 0x20, 4096)
+        json.withUnsafeBytes { buf.copyMemory(from: $0.baseAddress!, byteCount: json.count) }
+        buf.storeBytes(of: 0x0A, toByteOffset: 4095, as: UInt8.self)
+        statsInFlight = true
+        queue.write(fd: statsFD, from: buf, length: 4096, offset: 0, tag: Queue.internalTag, sub: CachingHandler.subStats)
     }
 
     // MARK: Eviction
@@ -666,9 +1034,23 @@ final class CachingHandler: QueueHandler {
         for c in first...min(last, chunkUse.count - 1) { chunkUse[c] = useClock }
     }
 
+    /// Pages some I/O in flight covers: requests on the cache file, the write-back copy.
+    func pinnedRanges() -> [Range<UInt64>] {
+        var out: [Range<UInt64>] = []
+        for case let r? in requests { out.append(planner.pages(offset: r.offset, length: max(Int(r.length), 1))) }
+        if let run = writebackRun { out.append(run.pages) }
+        return out
+    }
+
+    /// Whether `page` must stay: local data, pending write-back, being fetched, or under I/O.
+    func mustKeep(_ page: UInt64, pinned: [Range<UInt64>]) -> Bool {
+        (local?.test(page) ?? false) || (writeback?.test(page) ?? false)
+            || planner.run(covering: page) != nil || pinned.contains { $0.contains(page) }
+    }
+
     /// Over the bound: clear the bits of clean pages in the least recently used
-    /// chunks (never dirty or write-back pages, nor pages a fetch is filling),
-    /// persist that through a cycle, and only then punch the pages out.
+    /// chunks (never local or write-back pages, nor pages under I/O), persist
+    /// that through a full cycle, and only then punch the pages out.
     func evictIfNeeded(_ queue: IOQueue) {
         let ps = UInt64(context.pageSize)
         var present = bitmap.count * ps
@@ -676,6 +1058,7 @@ final class CachingHandler: QueueHandler {
         let target = context.maxCacheBytes - context.maxCacheBytes / 8  // some slack
         let perChunk = UInt64(1) << CachingHandler.chunkShift / ps
         let order = chunkUse.indices.sorted { chunkUse[$0] < chunkUse[$1] }
+        let pinned = pinnedRanges()
         for c in order where present > target {
             let chunk = UInt64(c) * perChunk..<min(UInt64(c + 1) * perChunk, bitmap.pageCount)
             if chunk.isEmpty || bitmap.bits.count(in: chunk) == 0 { continue }
@@ -684,15 +1067,11 @@ final class CachingHandler: QueueHandler {
                 let e = bitmap.bits.nextClear(in: s..<chunk.upperBound) ?? chunk.upperBound
                 var q = s
                 while q < e {
-                    // Split around pages that must stay: dirty, awaiting write-back, or being filled.
-                    let keep = { (page: UInt64) -> Bool in
-                        (self.dirty?.test(page) ?? false) || (self.context.writeback?.test(page) ?? false)
-                            || self.planner.run(covering: page) != nil
-                    }
-                    if keep(q) { q += 1; continue }
+                    if mustKeep(q, pinned: pinned) { q += 1; continue }
                     var r = q
-                    while r < e && !keep(r) { r += 1 }
+                    while r < e && !mustKeep(r, pinned: pinned) { r += 1 }
                     bitmap.markAbsent(q..<r)
+                    trace?("evict \(q..<r)")
                     evicting.append(q..<r)
                     present -= UInt64(r - q) * ps
                     q = r
@@ -700,22 +1079,37 @@ final class CachingHandler: QueueHandler {
                 p = e
             }
         }
-        if !evicting.isEmpty { startCycle(queue) }
+        if !evicting.isEmpty { startCycle(queue, full: true) }
     }
 
-    /// The cleared bits are durable: punch out what is still absent and not being fetched.
-    func punchEvicted() {
+    /// The cleared bits are durable: punch out what is still absent and not
+    /// under I/O. Requests wait until the punches are done (`deferred`).
+    func punchEvicted(_ ranges: [Range<UInt64>], queue: IOQueue) {
         let ps = UInt64(context.pageSize)
-        for range in punchAfterCycle {
+        let pinned = pinnedRanges()
+        let gone = { (p: UInt64) -> Bool in !self.bitmap.test(p) && !self.mustKeep(p, pinned: pinned) }
+        for range in ranges {
             var p = range.lowerBound
             while p < range.upperBound {
-                if bitmap.test(p) || planner.run(covering: p) != nil { p += 1; continue }
+                if !gone(p) { p += 1; continue }
                 var e = p
-                while e < range.upperBound && !bitmap.test(e) && planner.run(covering: e) == nil { e += 1 }
-                _ = cu_fallocate(cacheFD, cu_falloc_punch, Int64(p * ps), Int64(min(e * ps, imageSize) - p * ps))
+                while e < range.upperBound && gone(e) { e += 1 }
+                punchesInFlight += 1
+                trace?("punch \(p..<e)")
+                queue.fallocate(fd: cacheFD, mode: cu_falloc_punch, offset: p * ps, length: min(e * ps, imageSize) - p * ps,
+                                tag: Queue.internalTag, sub: CachingHandler.subEvictPunch)
                 p = e
             }
         }
+    }
+
+    func punched(_ result: Int32, queue: IOQueue) {
+        if result < 0 { log("ublk-http: punching evicted pages failed: \(Errno(returned: result))") }
+        punchesInFlight -= 1
+        guard punchesInFlight == 0 else { return }
+        let waiting = deferred
+        deferred = []
+        for r in waiting { handle(r, queue: queue) }
     }
 
     // MARK: Write-back
@@ -723,16 +1117,38 @@ final class CachingHandler: QueueHandler {
     /// Copies the next run of write-back pages (at most 1 MiB, one at a time:
     /// the throttle) from the cache file to the backing store.
     func startWriteback(_ queue: IOQueue) {
-        guard writebackRun == nil, let wb = context.writeback, wb.count > 0 else { return }
+        guard writebackRun == nil, let wb = writeback, wb.count > 0 else { return }
         let all = 0..<wb.pageCount
-        guard let first = wb.bits.nextSet(in: writebackCursor..<all.upperBound) ?? wb.bits.nextSet(in: all) else { return }
+        // Skip pages already copied and waiting for the next cycle to clear their bits.
+        var from = writebackCursor
+        var first: UInt64?
+        for _ in 0..<2 {
+            var p = from
+            while p < all.upperBound, let s = wb.bits.nextSet(in: p..<all.upperBound) {
+                if let c = writebackCopied.first(where: { $0.contains(s) }) { p = c.upperBound; continue }
+                first = s
+                break
+            }
+            if first != nil { break }
+            from = 0
+        }
+        guard let first else { return }
         let limit = min(first + CachingHandler.writebackRunPages, all.upperBound)
-        let end = wb.bits.nextClear(in: first..<limit) ?? limit
+        var end = wb.bits.nextClear(in: first..<limit) ?? limit
+        if let c = writebackCopied.first(where: { $0.lowerBound > first && $0.lowerBound < end }) { end = c.lowerBound }
+        // Only what the cache file holds, and no page a write is still filling:
+        // the backing store never gets bytes that are not the data.
+        end = bitmap.bits.nextClear(in: first..<end) ?? end
+        if end == first || writeInFlight(overlapping: first..<end) {
+            writebackCursor = max(first + 1, end)
+            return
+        }
         let ps = UInt64(context.pageSize)
         let length = Int(min(end * ps, imageSize) - first * ps)
         var raw: UnsafeMutableRawPointer?
         guard posix_memalign(&raw, 4096, (length + 4095) & ~4095) == 0, let buf = raw else { return }
         writebackRun = (first..<end, buf, 0, false)
+        trace?("write-back copy \(first..<end)")
         writebackCursor = end
         queue.read(fd: cacheFD, into: buf, length: UInt32(length), offset: first * ps,
                    tag: Queue.internalTag, sub: CachingHandler.subWritebackRead)
@@ -763,33 +1179,62 @@ final class CachingHandler: QueueHandler {
             return queue.write(fd: context.backingFD, from: run.buffer + run.done, length: UInt32(length - run.done),
                                offset: offset + UInt64(run.done), tag: Queue.internalTag, sub: CachingHandler.subWritebackWrite)
         }
-        // On the backing store now; the cleared bits are persisted by the next cycle, after its fsync.
-        if !run.dirtied { context.writeback?.markAbsent(run.pages) }
+        // On the backing store now; the bits are cleared by the next full cycle, after its fdatasync.
+        if !run.dirtied && !writeInFlight(overlapping: run.pages) { writebackCopied.append(run.pages) }
         end()
         startWriteback(queue)
     }
 
+    /// Whether a write (or discard) in flight, or waiting for its intent bits, covers one of `pages`.
+    func writeInFlight(overlapping pages: Range<UInt64>) -> Bool {
+        for (t, s) in stage.enumerated() where s == .writing || s == .waitingIntent || s == .waitingAck {
+            if let r = requests[t], planner.pages(offset: r.offset, length: Int(r.length)).overlaps(pages) { return true }
+        }
+        return false
+    }
+
     func drain(queue: IOQueue) {
-        if !flushWaiters.isEmpty { startCycle(queue) }
+        if !flushWaiters.isEmpty { startCycle(queue, full: true) }
         draining = true
         fetcher.cancelAll(handler: self, queue: queue)
-        for t in 0..<waiting.count where waiting[t] {
+        for t in 0..<stage.count where stage[t] == .waitingFetch {
             finish(UInt16(t), -EIO, queue)
+        }
+        if punchesInFlight == 0 {
+            let waiting = deferred
+            deferred = []
+            for r in waiting { queue.complete(tag: r.tag, result: -EIO) }
         }
     }
 
     func shutdown(queue: IOQueue) {
-        publishStats(queue)
-        // The loop ended with no target I/O outstanding: no staged commit is waiting for its sync.
+        if context.publishStats { context.snapshot().saveAtomically(device: queue.deviceID) }
+        // The loop ended with no target I/O outstanding: no cycle is in flight. Blocking is allowed here.
         do {
-            try bitmap.commit(syncing: context.cache)
-            if let d = dirty { try d.commit(syncing: context.cache) }
-            if let w = context.writeback {
-                if context.backingFD >= 0 { fdatasync(context.backingFD) }
-                try w.commit(syncing: context.cache)
+            if let wb = writeback, !writebackCopied.isEmpty, context.backingFD >= 0, fdatasync(context.backingFD) == 0 {
+                for r in writebackCopied { wb.markAbsent(r) }
+                writebackCopied = []
             }
+            if let u = unsettled, !settledWrites.isEmpty, context.backingFD >= 0, fdatasync(context.backingFD) == 0 {
+                try context.cache.sync()
+                for r in settledWrites { u.markAbsent(r) }
+                settledWrites = []
+            }
+            if !durabilityLost { try bitmap.commit(syncing: context.cache) }
+            for b in intentBitmaps { try b.commit(syncing: context.cache) }
         } catch {
             log("ublk-http: cannot persist the bitmaps at shutdown: \(error)")
         }
+    }
+}
+
+extension Range where Bound == UInt64 {
+    /// This range without `other`: zero, one or two ranges.
+    func subtracting(_ other: Range<UInt64>) -> [Range<UInt64>] {
+        guard overlaps(other) else { return [self] }
+        var out: [Range<UInt64>] = []
+        if lowerBound < other.lowerBound { out.append(lowerBound..<other.lowerBound) }
+        if other.upperBound < upperBound { out.append(other.upperBound..<upperBound) }
+        return out
     }
 }

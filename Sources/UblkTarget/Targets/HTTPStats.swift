@@ -25,7 +25,10 @@ public struct HTTPStats: Codable, Sendable {
 
     public static func path(_ id: UInt32) -> String { "\(DeviceState.directory)/ublk\(id).stats.json" }
 
-    public func save(device id: UInt32) {
+    /// Writes the file whole (a temporary file renamed over it). The server
+    /// rewrites it in place through its ring while it runs (CachingHandler);
+    /// this is for the last word, at shutdown.
+    public func saveAtomically(device id: UInt32) {
         let enc = JSONEncoder()
         enc.outputFormatting = [.sortedKeys]
         guard let data = try? enc.encode(self) else { return }
@@ -35,8 +38,13 @@ public struct HTTPStats: Codable, Sendable {
     }
 
     public static func load(_ id: UInt32) -> HTTPStats? {
-        guard let data = FileManager.default.contents(atPath: path(id)) else { return nil }
-        return try? JSONDecoder().decode(HTTPStats.self, from: data)
+        // Rewritten in place by the server: a read that met a write in progress is tried again.
+        for _ in 0..<3 {
+            guard let data = FileManager.default.contents(atPath: path(id)) else { return nil }
+            if let s = try? JSONDecoder().decode(HTTPStats.self, from: data) { return s }
+            usleep(2000)
+        }
+        return nil
     }
 
     /// Prometheus text exposition format.

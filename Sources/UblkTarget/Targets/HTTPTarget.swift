@@ -45,6 +45,9 @@ public struct HTTPTargetOptions {
     /// Keep the cache file under this many bytes (0: unbounded).
     public var maxCacheBytes: UInt64 = 0
     public var dirtyPath: String { bitmapPath + ".dirty" }
+    public var localPath: String { bitmapPath + ".local" }
+    /// Where the bitmaps' words live so that they survive the server (nil: private memory).
+    public var liveState: LiveConfig? = LiveConfig.system(required: true)
 
     public init(http: HTTPConfig, cachePath: String, bitmapPath: String) {
         self.http = http
@@ -64,6 +67,8 @@ public final class HTTPTarget: Target {
     let bitmap: Bitmap
     /// Pages written locally since the last clear (writable only).
     let dirty: Bitmap?
+    /// The cache's files, opened and bound (CacheStore).
+    let store: CacheStore
     public let stats = CacheStats()
 
     public var options: [String: String] {
@@ -72,7 +77,7 @@ public final class HTTPTarget: Target {
             "page_size": String(settings.pageSize), "image_size": String(remote.size),
             "etag": remote.etag ?? "", "last_modified": remote.lastModified ?? "", "cache_state": cacheState,
             "writable": settings.writable ? "true" : "false",
-        ].merging(settings.writable ? ["dirty_bitmap": settings.dirtyPath] : [:]) { a, _ in a }
+        ].merging(settings.writable ? ["dirty_bitmap": settings.dirtyPath, "local_bitmap": settings.localPath] : [:]) { a, _ in a }
     }
 
     public init(_ o: HTTPTargetOptions) throws(UblkError) {
@@ -89,54 +94,25 @@ public final class HTTPTarget: Target {
         guard remote.size > 0 else { throw UblkError("\(o.http.url) is empty: nothing to serve") }
         let identity = BitmapIdentity(kind: .present, pageSize: o.pageSize, imageSize: remote.size,
                                       url: o.http.url, etag: remote.etag, lastModified: remote.lastModified)
-        let opened: (bitmap: Bitmap, outcome: BitmapOutcome)
-        do { opened = try Bitmap.open(path: o.bitmapPath, identity: identity) } catch {
-            throw UblkError("bitmap \(o.bitmapPath): \(error)")
+        // CacheStore opens, validates and binds the files, and decides what a
+        // changed remote or a mismatched cache file means (afresh, or refusal
+        // when locally written pages would be lost).
+        var spec = CacheStoreSpec(cachePath: o.cachePath, bitmapPath: o.bitmapPath, identity: identity)
+        spec.dirty = o.writable ? .open : .none
+        spec.local = o.writable ? .open : .refuse { n in
+            "the cache \(o.cachePath) holds \(n) locally written pages: add it with --writable"
         }
-        bitmap = opened.bitmap
-        do { cache = try CacheFile(path: o.cachePath, size: remote.size) } catch {
-            throw UblkError("cache file: \(error)")
-        }
-        // Local writes (the dirty bitmap) must never be dropped or served unasked.
-        var dirtyBitmap: Bitmap?
-        var dirtyOutcome: BitmapOutcome = .fresh
-        if o.writable {
-            var id = identity
-            id.kind = .dirty
-            do {
-                let d = try Bitmap.open(path: o.dirtyPath, identity: id)
-                dirtyBitmap = d.bitmap
-                dirtyOutcome = d.outcome
-            } catch {
-                throw UblkError("dirty bitmap \(o.dirtyPath): \(error)")
-            }
-        } else if let info = try? Bitmap.inspect(path: o.dirtyPath), info.present > 0 {
-            throw UblkError("the cache \(o.cachePath) holds \(info.present) locally written pages: add it with --writable")
-        }
-        dirty = dirtyBitmap
-        switch opened.outcome {
-        case .fresh:
-            cacheState = "fresh"
-        case .reused:
-            cacheState = "reused"
-        case .invalidated(let why):
-            if let d = dirtyBitmap, d.count > 0 {
-                throw UblkError("the remote image changed (\(HTTPTarget.describe(why))) but the local overlay holds \(d.count) written pages; refusing to drop them (remove \(o.cachePath), \(o.bitmapPath) and \(o.dirtyPath) to start afresh)")
-            }
-            do {
-                try bitmap.startAfresh()
-                try cache.discardAll()
-            } catch {
-                throw UblkError("cannot start the cache afresh: \(error)")
-            }
-            cacheState = "started afresh: \(HTTPTarget.describe(why))"
-            log("ublk-http: \(o.http.url): the remote image changed (\(HTTPTarget.describe(why))); the cache starts afresh")
-        }
-        if case .invalidated = dirtyOutcome, let d = dirtyBitmap {
-            // No written pages (checked above, or the present bitmap still matched): record the new identity.
-            do { if d.count == 0 { try d.startAfresh() } else { try d.adoptIdentity() } } catch {
-                throw UblkError("dirty bitmap \(o.dirtyPath): \(error)")
-            }
+        spec.live = o.liveState
+        let opened: CacheStore
+        do { opened = try CacheStore.open(spec) } catch { throw UblkError(error.description) }
+        store = opened
+        bitmap = opened.present
+        cache = opened.cache
+        dirty = opened.dirty
+        cacheState = opened.state.description
+        for note in opened.notes { log("ublk-http: \(note)") }
+        if case .startedAfresh(let why) = opened.state {
+            log("ublk-http: \(o.http.url): \(why); the cache starts afresh")
         }
         var p = DeviceParams(size: (remote.size + 511) & ~511)
         p.readOnly = !o.writable
@@ -182,6 +158,8 @@ public final class HTTPTarget: Target {
                                    pageSize: settings.pageSize, stats: stats) { [unowned self] in self.snapshot() }
         context.maxCacheBytes = settings.maxCacheBytes
         context.writable = settings.writable
+        // What a page is: local data (never evicted, never replaced by remote bytes).
+        context.local = store.local
         return try CachingHandler.make(context: context, fetcher: HTTPFetcher(source),
                                        planner: HTTPTarget.makePlanner(settings, imageSize: remote.size),
                                        queue: queue, deviceSize: params.size)

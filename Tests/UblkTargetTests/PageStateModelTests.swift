@@ -1,0 +1,572 @@
+// The randomised crash/fault model test of the caching handler (issue 9).
+//
+// A writable overlay (the http target's `--writable`: present, local and dirty
+// bitmaps) runs on a FakeQueue over real files with a durability model
+// (FaultFiles) and a FakeFetcher serving a fixed remote image. Each seed is a
+// random sequence of reads, writes, discards, FLUSHes, `dirty --clear`,
+// `sync` to a replica, eviction under a small bound, fetch failures,
+// ENOSPC/EIO on the cache file and failed fdatasyncs, with I/O completing in
+// random order, and power losses at random points (every file goes back to
+// its last good fdatasync; the handler is rebuilt from the files).
+//
+// What it checks, sector by sector (each written sector carries the id of its
+// write and its own position, so a sector in the wrong place is caught too):
+// - every read returns the remote's bytes or bytes last written there (or a
+//   write in flight's), never zeros unless discarded, never another page's;
+// - after a power loss, every write acknowledged by a FLUSH reads back, and
+//   anything else reads as what a FLUSHed state or a later write left;
+// - `sync` to a replica after any crash yields an exact replica;
+// - every request completes exactly once.
+// A failing seed prints its replay: `MODEL_SEED=N MODEL_STEPS=K swift test --filter PageStateModel`.
+import Foundation
+import Glibc
+import PageCache
+import XCTest
+@testable import UblkTarget
+@testable import UblkCLI
+
+final class PageStateModelTests: XCTestCase {
+    static let page = 4096
+    static let sector = 512
+    static let pages = 40
+    static let imageSize = pages * page
+    static let sectors = imageSize / sector
+    static let remoteMark: UInt64 = 0x5245_4D4F_5445  // "REMOTE"
+
+    // MARK: Sector contents
+
+    static func fill(_ buf: UnsafeMutableRawPointer, id: UInt64, sector: Int) {
+        buf.storeBytes(of: id, toByteOffset: 0, as: UInt64.self)
+        buf.storeBytes(of: UInt64(sector), toByteOffset: 8, as: UInt64.self)
+        memset(buf + 16, Int32(truncatingIfNeeded: Int(id &* 31) &+ sector &* 7 | 1), sector_ - 16)
+    }
+    static let sector_ = sector
+
+    /// The id a sector holds: 0 the remote's, -1 zeros, n a write; -99 garbage.
+    static func decode(_ p: UnsafeRawPointer, sector: Int) -> Int64 {
+        let raw = UnsafeRawBufferPointer(start: p, count: PageStateModelTests.sector)
+        if raw.allSatisfy({ $0 == 0 }) { return -1 }
+        let id = p.load(as: UInt64.self), s = p.load(fromByteOffset: 8, as: UInt64.self)
+        guard s == UInt64(sector) else { return -99 }
+        let b = UInt8(truncatingIfNeeded: Int(id &* 31) &+ sector &* 7 | 1)
+        guard raw[16...].allSatisfy({ $0 == b }) else { return -99 }
+        return id == remoteMark ? 0 : Int64(id)
+    }
+
+    static func remoteImage() -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: imageSize)
+        out.withUnsafeMutableBytes { b in
+            for s in 0..<sectors { fill(b.baseAddress! + s * sector, id: remoteMark, sector: s) }
+        }
+        return out
+    }
+
+    // MARK: One device's life
+
+    struct Failure: Error, CustomStringConvertible {
+        let description: String
+    }
+
+    /// Which target the world runs: the http overlay, or the cache target over a backing file.
+    enum Mode: String { case overlay, cacheThrough = "cache-through", cacheBack = "cache-back" }
+
+    final class World {
+        let mode: Mode
+        let dir: String
+        let seed: UInt64
+        var rng: SplitMix
+        var trace: [String] = []
+        let traceLimit = ProcessInfo.processInfo.environment["MODEL_TRACE"].flatMap { Int($0) } ?? 400
+        let remote = PageStateModelTests.remoteImage()
+        let files = FaultFiles()
+        var queue: FakeQueue!
+        var fetcher: RunFetcher!
+        var fake: FakeFetcher?
+        var backingFD: Int32 = -1
+        var handler: CachingHandler!
+        var bitmaps: [Bitmap] = []
+        let depth = 8
+        let buffers: [UnsafeMutableRawPointer]
+        let maxRequest = 16 * 1024
+
+        // The reference: what each sector may read as.
+        var current: [Set<Int64>]
+        var inflight: [Set<Int64>]
+        /// Guaranteed by the last successful FLUSH, and what may have landed since.
+        var stable: [Int64]
+        var since: [Set<Int64>]
+        var replica: [UInt8]
+        var nextWrite: Int64 = 1
+        /// Tags in flight: the request, and for a FLUSH its snapshot.
+        var inFlight: [UInt16: (op: UInt8, offset: Int, length: Int, id: Int64)] = [:]
+        var flushSnapshots: [UInt16: (current: [Set<Int64>], inflight: [Set<Int64>], maxID: Int64)] = [:]
+        var faulty = false
+        var evictBound: UInt64 = 0
+        var persistInterval: UInt64 = 0
+        var crashes = 0, reads = 0, writes = 0, flushes = 0, syncs = 0
+        /// The machine's boot: a power loss starts another (live bits on /run die with it).
+        var boots = 0
+
+        init(seed: UInt64) throws {
+            self.seed = seed
+            rng = SplitMix(seed: seed)
+            mode = ProcessInfo.processInfo.environment["MODEL_MODE"].flatMap { Mode(rawValue: $0) }
+                ?? [Mode.overlay, .cacheThrough, .cacheBack][Int(seed % 3)]
+            dir = NSTemporaryDirectory() + "ublk-model-\(getpid())-\(seed)"
+            mkdir(dir, 0o700)
+            buffers = (0..<8).map { _ in UnsafeMutableRawPointer.allocate(byteCount: 16 * 1024, alignment: 4096) }
+            current = Array(repeating: [0], count: PageStateModelTests.sectors)
+            inflight = Array(repeating: [], count: PageStateModelTests.sectors)
+            stable = Array(repeating: 0, count: PageStateModelTests.sectors)
+            since = Array(repeating: [], count: PageStateModelTests.sectors)
+            replica = remote
+            faulty = rng.next() % 3 == 0
+            evictBound = rng.next() % 2 == 0 ? UInt64(8 + rng.next() % 16) * 4096 : 0
+            persistInterval = rng.next() % 2 == 0 ? 0 : .max / 2
+            try start()
+        }
+
+        deinit {
+            handler = nil
+            bitmaps = []
+            for b in buffers { b.deallocate() }
+            if backingFD >= 0 { close(backingFD) }
+            for f in ["c", "b", "b.dirty", "b.local", "b.writeback", "b.unsettled", "backing"] { unlink(dir + "/" + f) }
+            removeLive()
+            rmdir(dir)
+        }
+
+        func removeLive() {
+            if let names = try? FileManager.default.contentsOfDirectory(atPath: dir + "/live") {
+                for n in names { unlink(dir + "/live/" + n) }
+            }
+            rmdir(dir + "/live")
+        }
+
+        func note(_ s: String) {
+            trace.append(s)
+            if trace.count > traceLimit { trace.removeFirst(trace.count - traceLimit) }
+        }
+
+        /// Opens the files as the http target does, and a handler over them.
+        func start() throws {
+            if mode != .overlay && backingFD < 0 {
+                // The backing store starts as the "remote" image; it is durable as made.
+                let fd = open(dir + "/backing", O_RDWR | O_CREAT | O_TRUNC, 0o600)
+                _ = remote.withUnsafeBytes { pwrite(fd, $0.baseAddress!, $0.count, 0) }
+                close(fd)
+            }
+            if backingFD >= 0 { close(backingFD) }
+            backingFD = mode == .overlay ? -1 : open(dir + "/backing", O_RDWR)
+            let id = BitmapIdentity(kind: .present, pageSize: PageStateModelTests.page,
+                                    imageSize: UInt64(PageStateModelTests.imageSize), url: "model://image",
+                                    etag: mode == .overlay ? "e1" : "backing-1")
+            // Opened as the targets open it: CacheStore binds the files and adopts live bits.
+            var spec = CacheStoreSpec(cachePath: dir + "/c", bitmapPath: dir + "/b", identity: id)
+            spec.dirty = .open
+            spec.live = LiveConfig(directory: dir + "/live", bootID: "boot-\(boots)", required: true)
+            if mode == .overlay {
+                spec.local = .open
+            } else {
+                spec.companionValidators = false
+                spec.sourceName = "the backing store"
+                spec.writeback = mode == .cacheBack ? .open : .refuse { n in "\(n) pages not written back" }
+                spec.unsettled = true
+                spec.backing = BackingCheck(fd: backingFD, path: dir + "/backing")
+            }
+            let store = try CacheStore.open(spec)
+            let bitmap = store.present, dirty = store.dirty!, local = store.local, writeback = store.writeback
+            let unsettled = store.unsettled, cache = store.cache
+            if case .startedAfresh(let why) = store.state { note("store started afresh: \(why)") }
+            bitmaps = [bitmap, dirty] + [local, writeback, unsettled].compactMap { $0 }
+            for (b, p) in [(bitmap, "b"), (dirty, "b.dirty"), (local, "b.local"), (writeback, "b.writeback"), (unsettled, "b.unsettled")] {
+                if let b { files.track(b.fd, path: dir + "/" + p) }
+            }
+            files.track(cache.fd, path: dir + "/c")
+            if backingFD >= 0 { files.track(backingFD, path: dir + "/backing") }
+            // What opening wrote it made durable (and what a dead server left in
+            // the page cache may always become durable: see FaultFiles).
+            for fd in Array(files.files.keys) { _ = files.fdatasync(fd, fail: false) }
+            let context = CacheContext(cache: cache, bitmap: bitmap, dirty: dirty, imageSize: UInt64(PageStateModelTests.imageSize),
+                                       pageSize: PageStateModelTests.page, stats: CacheStats()) {
+                HTTPStats(hits: 0, misses: 0, bytesFetched: 0, requests: 0, retries: 0, errors: 0, missLatencyP50Ms: nil,
+                          missLatencyP99Ms: nil, pagesPresent: 0, pagesTotal: 0, pageSize: 4096)
+            }
+            context.writable = true
+            context.local = local
+            context.writeback = writeback
+            context.unsettled = unsettled
+            context.backingFD = backingFD
+            context.writeThrough = mode == .cacheThrough
+            context.publishStats = false
+            context.maxCacheBytes = evictBound
+            queue = FakeQueue(depth: depth, files: files)
+            queue.cacheFD = cache.fd
+            queue.rng = SplitMix(seed: rng.next())
+            if faulty {
+                queue.fsyncFailPermille = 40
+                queue.writeFailPermille = 10
+            }
+            if mode == .overlay {
+                fake = FakeFetcher(remote: remote)
+                fake!.failPermille = faulty ? 30 : 0
+                fetcher = fake
+            } else {
+                fake = nil
+                fetcher = FileFetcher(fd: backingFD)
+            }
+            let planner = FetchPlanner(imageSize: UInt64(PageStateModelTests.imageSize), pageSize: PageStateModelTests.page,
+                                       maxRunBytes: 16 << 10, initialReadaheadBytes: 8 << 10, maxReadaheadBytes: 16 << 10,
+                                       maxActiveRuns: 3)
+            handler = CachingHandler(context: context, fetcher: fetcher, planner: planner, depth: depth)
+            handler.persistInterval = persistInterval
+            handler.trace = { [unowned self] in self.note("  handler: " + $0) }
+            queue.handler = handler
+        }
+
+        // MARK: Requests
+
+        func freeTag() -> UInt16? {
+            let free = (0..<UInt16(depth)).filter { inFlight[$0] == nil }
+            return free.isEmpty ? nil : free[Int(rng.next() % UInt64(free.count))]
+        }
+
+        func randomRange() -> (Int, Int) {
+            let s = Int(rng.next() % UInt64(PageStateModelTests.sectors))
+            let maxLen = min(maxRequest / PageStateModelTests.sector, PageStateModelTests.sectors - s)
+            let n = 1 + Int(rng.next() % UInt64(maxLen))
+            return (s, n)
+        }
+
+        func submit(op: UInt8, sector: Int, count: Int) {
+            guard let tag = freeTag() else { return }
+            let buf = buffers[Int(tag)]
+            var id: Int64 = 0
+            if op == Op.write {
+                id = nextWrite
+                nextWrite += 1
+                for i in 0..<count { PageStateModelTests.fill(buf + i * PageStateModelTests.sector, id: UInt64(id), sector: sector + i) }
+            } else if op == Op.discard {
+                id = -1
+            }
+            if op == Op.write || op == Op.discard {
+                for s in sector..<sector + count { inflight[s].insert(id); since[s].insert(id) }
+                writes += 1
+            }
+            if op == Op.flush {
+                flushSnapshots[tag] = (current, inflight, nextWrite - 1)
+                flushes += 1
+            }
+            if op == Op.read { reads += 1 }
+            inFlight[tag] = (op, sector, count, id)
+            queue.open.insert(tag)
+            note("submit tag \(tag) op \(op) sectors \(sector)+\(count) id \(id)")
+            let r = Request(tag: tag, op: op, flags: 0, offset: UInt64(sector * PageStateModelTests.sector),
+                            length: UInt32(op == Op.flush ? 0 : count * PageStateModelTests.sector), buffer: buf)
+            handler.handle(r, queue: queue)
+        }
+
+        /// Checks and retires the requests that completed.
+        func collect() throws {
+            if !queue.doubleCompletions.isEmpty { throw Failure(description: "tag \(queue.doubleCompletions[0]) completed twice") }
+            let done = queue.completed
+            queue.completed = []
+            for (tag, result) in done {
+                guard let f = inFlight.removeValue(forKey: tag) else { throw Failure(description: "tag \(tag) completed but not in flight") }
+                note("done tag \(tag) op \(f.op) result \(result)")
+                let range = f.offset..<f.offset + f.length
+                switch f.op {
+                case Op.read:
+                    if result < 0 {
+                        if !faulty { throw Failure(description: "read of sectors \(range) failed (\(result)) with no fault injected") }
+                        continue
+                    }
+                    guard result == Int32(f.length * PageStateModelTests.sector) else {
+                        throw Failure(description: "read of sectors \(range) returned \(result)")
+                    }
+                    for s in range {
+                        let got = PageStateModelTests.decode(buffers[Int(tag)] + (s - f.offset) * PageStateModelTests.sector, sector: s)
+                        if !current[s].contains(got) && !inflight[s].contains(got) {
+                            throw Failure(description: "sector \(s) read as \(got); expected one of \(current[s].union(inflight[s]).sorted()); \(describePage(UInt64(s / 8)))")
+                        }
+                    }
+                case Op.write, Op.discard:
+                    for s in range {
+                        inflight[s].remove(f.id)
+                        if result >= 0 { current[s] = [f.id] } else { current[s].insert(f.id) }
+                    }
+                    if result < 0 && !faulty { throw Failure(description: "write of sectors \(range) failed (\(result)) with no fault injected") }
+                case Op.flush:
+                    let snap = flushSnapshots.removeValue(forKey: tag)!
+                    if result < 0 {
+                        if !faulty { throw Failure(description: "FLUSH failed (\(result)) with no fault injected") }
+                        continue
+                    }
+                    // Everything completed before the FLUSH was sent is durable now.
+                    for s in 0..<PageStateModelTests.sectors {
+                        guard snap.current[s].count == 1, let v = snap.current[s].first else { continue }
+                        stable[s] = v
+                        since[s] = since[s].filter { $0 > snap.maxID || snap.inflight[s].contains($0) || $0 == -1 }
+                    }
+                default:
+                    break
+                }
+            }
+        }
+
+        func describePage(_ p: UInt64) -> String {
+            let h = handler!
+            return "page \(p): present \(h.bitmap.test(p)) local \(h.local?.test(p) ?? false) dirty \(h.dirty?.test(p) ?? false) writeback \(h.writeback?.test(p) ?? false) unsettled \(h.unsettled?.test(p) ?? false) lost \(h.lostPages) fsync failures \(files.fsyncFailures) write failures \(files.writeFailures)"
+        }
+
+        /// Lets the handler and its I/O move on: one random action.
+        func pump() throws {
+            switch rng.next() % 10 {
+            case 0..<5: queue.runOne()
+            case 5..<8: fake?.step(&rng, handler: handler, queue: queue)
+            default: handler.idle(queue: queue)
+            }
+            try collect()
+        }
+
+        /// Runs until nothing is in flight (bounded).
+        func quiesce() throws {
+            var n = 0
+            while !inFlight.isEmpty || !queue.pending.isEmpty || !fetcher.isIdle {
+                try pump()
+                n += 1
+                if n > 200_000 {
+                    throw Failure(description: "requests never completed: tags \(inFlight.keys.sorted()), \(queue.pending.count) I/Os pending")
+                }
+            }
+        }
+
+        func readAll() throws -> [UInt8] {
+            var out = [UInt8](repeating: 0, count: PageStateModelTests.imageSize)
+            var s = 0
+            let step = maxRequest / PageStateModelTests.sector
+            while s < PageStateModelTests.sectors {
+                let n = min(step, PageStateModelTests.sectors - s)
+                var attempts = 0
+                while true {
+                    submit(op: Op.read, sector: s, count: n)
+                    guard let tag = inFlight.first(where: { $0.value.op == Op.read && $0.value.offset == s })?.key else {
+                        throw Failure(description: "no tag for a read")
+                    }
+                    try quiesce()
+                    if queue.lastResult(tag) >= 0 {
+                        out.withUnsafeMutableBytes { _ = memcpy($0.baseAddress! + s * PageStateModelTests.sector, buffers[Int(tag)], n * PageStateModelTests.sector) }
+                        break
+                    }
+                    attempts += 1
+                    if attempts > 50 { throw Failure(description: "sectors \(s)+\(n) never read") }
+                }
+                s += n
+            }
+            return out
+        }
+
+        /// `ublk-http sync`: take the dirty extents, copy them from the device, confirm.
+        func sync() throws {
+            try quiesce()
+            let reply = handler.control(ControlRequest(op: "sync-begin"), queue: queue)
+            if reply.contains("\"error\"") {
+                // Refused after a failed fdatasync (data may be lost): only ever with faults injected.
+                if !faulty || !handler.durabilityLost { throw Failure(description: "sync-begin refused: \(reply)") }
+                note("sync refused: \(reply)")
+                return
+            }
+            let taken = try JSONDecoder().decode(DirtyExtents.self, from: Data(reply.utf8))
+            let device = try readAll()
+            for e in taken.extents {
+                let r = Int(e.offset)..<Int(e.offset + e.length)
+                replica.replaceSubrange(r, with: device[r])
+            }
+            let end = handler.control(ControlRequest(op: "sync-end", token: taken.token, ok: true), queue: queue)
+            if end.contains("error") { throw Failure(description: "sync-end: \(end)") }
+            syncs += 1
+            note("sync: \(taken.extents.map { "\($0.offset / 512)+\($0.length / 512)" })")
+            try quiesce()
+        }
+
+        /// Power loss at this very point: in-flight I/O is gone, files keep what
+        /// was durable. `processOnly`: the server was killed (kill -9); the
+        /// machine goes on, and the files keep everything written.
+        func powerLoss(processOnly: Bool = false) throws {
+            note(processOnly ? "KILL -9" : "POWER LOSS")
+            crashes += 1
+            if processOnly { queue.processDied() } else { queue.pending = [] }
+            queue.handler = nil
+            handler = nil
+            fetcher = nil
+            fake = nil
+            bitmaps = []
+            if processOnly {
+                files.processDied()
+            } else {
+                files.powerLoss()
+                removeLive()
+                boots += 1
+            }
+            inFlight = [:]
+            flushSnapshots = [:]
+            for s in 0..<PageStateModelTests.sectors {
+                // kill -9: every acknowledged write is still there (the page cache and the
+                // live bits outlive the process). Power loss: what FLUSHes made durable.
+                current[s] = processOnly ? current[s].union(inflight[s]) : since[s].union([stable[s]])
+                inflight[s] = []
+            }
+            try start()
+            let faultyNow = faulty
+            // Check every sector once, without faults, then carry on.
+            queue.fsyncFailPermille = 0
+            queue.writeFailPermille = 0
+            fake?.failPermille = 0
+            faulty = false
+            let device = try readAll()
+            for s in 0..<PageStateModelTests.sectors {
+                let got = device.withUnsafeBytes { PageStateModelTests.decode($0.baseAddress! + s * PageStateModelTests.sector, sector: s) }
+                if !current[s].contains(got) {
+                    throw Failure(description: "after \(processOnly ? "kill -9" : "power loss") sector \(s) reads \(got); allowed \(current[s].sorted()) (stable \(stable[s])); \(describePage(UInt64(s / 8)))")
+                }
+                current[s] = [got]
+                if !processOnly {
+                    stable[s] = got
+                    since[s] = []
+                } else if got != stable[s] {
+                    since[s].insert(got)
+                }
+            }
+            try sync()
+            let again = try readAll()
+            if again != replica {
+                let first = (0..<PageStateModelTests.imageSize).first { again[$0] != replica[$0] }!
+                let sec = first / PageStateModelTests.sector
+                let dev = again.withUnsafeBytes { PageStateModelTests.decode($0.baseAddress! + sec * PageStateModelTests.sector, sector: sec) }
+                let rep = replica.withUnsafeBytes { PageStateModelTests.decode($0.baseAddress! + sec * PageStateModelTests.sector, sector: sec) }
+                throw Failure(description: "sync after power loss: replica differs at sector \(sec): device \(dev), replica \(rep) (faulty: \(faultyNow))")
+            }
+            faulty = faultyNow
+            if faulty {
+                queue.fsyncFailPermille = 40
+                queue.writeFailPermille = 10
+                fake?.failPermille = 30
+            }
+        }
+
+        /// The cache target: after a FLUSH and `ublk-http flush` (write-back
+        /// drained), the backing store alone holds exactly what the device reads.
+        func backingMatches() throws {
+            guard mode != .overlay else { return }
+            let was = (queue.fsyncFailPermille, queue.writeFailPermille)
+            queue.fsyncFailPermille = 0
+            queue.writeFailPermille = 0
+            defer { (queue.fsyncFailPermille, queue.writeFailPermille) = was }
+            var rounds = 0
+            while true {
+                submit(op: Op.flush, sector: 0, count: 0)
+                try quiesce()
+                let reply = handler.control(ControlRequest(op: "flush"), queue: queue)
+                try quiesce()
+                let st = try JSONDecoder().decode(Flush.Status.self, from: Data(reply.utf8))
+                if st.writebackPages == 0 && !st.inFlight && !st.unpersisted && handler.cycle == nil
+                    && handler.writebackCopied.isEmpty { break }
+                handler.idle(queue: queue)
+                try quiesce()
+                rounds += 1
+                if rounds > 500 { throw Failure(description: "write-back never drained: \(reply)") }
+            }
+            let device = try readAll()
+            let backing = FaultFiles.contents(dir + "/backing")
+            if device != Array(backing.prefix(device.count)) {
+                let first = (0..<device.count).first { device[$0] != backing[$0] }!
+                let sec = first / PageStateModelTests.sector
+                let dev = device.withUnsafeBytes { PageStateModelTests.decode($0.baseAddress! + sec * PageStateModelTests.sector, sector: sec) }
+                let back = backing.withUnsafeBytes { PageStateModelTests.decode($0.baseAddress! + sec * PageStateModelTests.sector, sector: sec) }
+                throw Failure(description: "after flush the backing store differs from the device at sector \(sec): device \(dev), backing \(back)")
+            }
+            note("backing matches the device")
+        }
+
+        func step() throws {
+            let roll = rng.next() % 1000
+            switch roll {
+            case 0..<300:
+                if freeTag() != nil {
+                    let (s, n) = randomRange()
+                    let kind = rng.next() % 20
+                    let op = kind < 9 ? Op.read : kind < 17 ? Op.write : kind < 18 ? Op.discard : Op.flush
+                    // Overlapping writes in flight have no defined order: the block layer never sends them.
+                    if op == Op.write || op == Op.discard, (s..<s + n).contains(where: { !inflight[$0].isEmpty }) { return }
+                    submit(op: op, sector: s, count: n)
+                }
+            case 300..<980:
+                try pump()
+            case 980..<988:
+                // `dirty --clear` forgets the changes: the replica is brought up to date by hand first.
+                try quiesce()
+                let device = try readAll()
+                let reply = handler.control(ControlRequest(op: "dirty", clear: true), queue: queue)
+                if reply.contains("\"error\"") {
+                    if !faulty || !handler.durabilityLost { throw Failure(description: "dirty --clear refused: \(reply)") }
+                    note("dirty --clear refused")
+                } else {
+                    replica = device
+                    note("dirty --clear")
+                }
+            case 988..<994:
+                try sync()
+            case 994..<997:
+                try powerLoss(processOnly: true)
+            default:
+                try powerLoss()
+            }
+        }
+    }
+
+    func runSeed(_ seed: UInt64, steps: Int) -> String? {
+        let world: World
+        do { world = try World(seed: seed) } catch { return "seed \(seed): cannot start: \(error)" }
+        for i in 0..<steps {
+            do { try world.step() } catch {
+                return """
+                    seed \(seed) failed at step \(i): \(error)
+                    (faulty \(world.faulty), evict bound \(world.evictBound), persist interval \(world.persistInterval))
+                    target: \(world.mode.rawValue)
+                    replay: MODEL_SEED=\(seed) MODEL_STEPS=\(i + 1) swift test --filter PageStateModelTests
+                    last actions:
+                      \(world.trace.joined(separator: "\n  "))
+                    """
+            }
+        }
+        do {
+            try world.quiesce()
+            try world.backingMatches()
+            try world.powerLoss()
+        } catch {
+            return "seed \(seed) (\(world.mode.rawValue)) failed in its final power loss: \(error)\n  \(world.trace.joined(separator: "\n  "))"
+        }
+        return nil
+    }
+
+    func testRandomSequencesWithCrashesAndFaults() {
+        let env = ProcessInfo.processInfo.environment
+        let steps = env["MODEL_STEPS"].flatMap { Int($0) } ?? 800
+        let seeds: [UInt64] = env["MODEL_SEED"].flatMap { UInt64($0) }.map { [$0] }
+            ?? Array(1...UInt64(env["MODEL_SEEDS"].flatMap { Int($0) } ?? 300))
+        let deadline = Date().addingTimeInterval(Double(env["MODEL_SECONDS"].flatMap { Int($0) } ?? 90))
+        var ran = 0
+        for seed in seeds {
+            if let failure = runSeed(seed, steps: steps) { return XCTFail(failure) }
+            ran += 1
+            if Date() > deadline { break }
+        }
+        XCTAssertGreaterThanOrEqual(ran, min(seeds.count, 20), "too few seeds ran in the time bound")
+        print("page-state model: \(ran) seeds of \(steps) steps passed")
+    }
+}
+
+extension FakeQueue {
+    /// The result a tag completed with last (kept by `World.collect`).
+    func lastResult(_ tag: UInt16) -> Int32 { lastResults[tag] ?? -1 }
+}

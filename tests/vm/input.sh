@@ -1,0 +1,113 @@
+# Issue 9, classes 9 and 10 on the real driver: secrets (a --header-file, a
+# presigned query string) appear nowhere another user can read them (the
+# server's /proc/PID/cmdline, files under /run/ublk-http/, `list`, the logs);
+# bad numbers and crafted input are one line on stderr and a non-zero exit.
+source /tests/lib.sh
+set -o pipefail
+
+WWW=/srv/www; CACHE=/var/tmp/ublk-cache; RUN=/run/ublk-http
+mkdir -p $WWW $CACHE
+head -c $((8 << 20)) /dev/urandom > $WWW/disk.img
+check "nginx" nginx-start $WWW 8080
+LOG=/var/log/nginx/access.log
+# nginx ignores the query; its log shows what the server really sent (request line, User-Agent).
+URL="http://127.0.0.1:8080/disk.img?X-Amz-Credential=AKIDSECRET&X-Amz-Signature=SECRETSIG"
+SHOWN="http://127.0.0.1:8080/disk.img?X-Amz-Credential=REDACTED&X-Amz-Signature=REDACTED"
+printf '# secrets\nAuthorization: Bearer SECRETTOKEN\nUser-Agent: ublk-test-SECRETUA\n' > /tmp/headers
+chmod 600 /tmp/headers
+SECRETS='SECRETTOKEN|SECRETSIG|SECRETUA|AKIDSECRET'
+nobody() { /usr/local/bin/setpriv --reuid=65534 --regid=65534 --clear-groups "$@"; }
+# no_secret NAME TEXT: TEXT holds none of the secrets.
+no_secret() {
+    local hit
+    hit=$(printf '%s' "$2" | grep -oE "$SECRETS" | sort -u | tr '\n' ' ')
+    if [ -z "$hit" ]; then ok "$1"; else fail "$1" "found: $hit"; fi
+}
+# server_clean WHAT: the running server's cmdline, state files and logs hold no secret.
+server_clean() {
+    no_secret "$1: /proc/PID/cmdline (read by another user) has no secret" "$(nobody cat /proc/$DEV_PID/cmdline | tr '\0' ' ')"
+    check "$1: its cmdline shows the redacted URL" bash -c "tr '\0' '\n' < /proc/$DEV_PID/cmdline | grep -qxF '$SHOWN'"
+    no_secret "$1: no file under $RUN that another user can read holds a secret" \
+        "$(nobody grep -rhoE "$SECRETS" $RUN 2>/dev/null)"
+    eq "$1: ublk$DEV_ID.args (the arguments for recover) is 0600" 600 "$(stat -c %a $RUN/ublk$DEV_ID.args)"
+    eq "$1: the logs are 0600" "600 600" "$(stat -c %a $RUN/server.log $RUN/ublk$DEV_ID.log | tr '\n' ' ' | sed 's/ $//')"
+    no_secret "$1: the logs hold no secret" "$(cat $RUN/*.log)"
+    L=$("$UBLK" list -n $DEV_ID)
+    no_secret "$1: list has no secret" "$L"
+    eq "$1: list shows the redacted URL" "$SHOWN" "$(echo "$L" | jq -r '.[0].target_options.url')"
+}
+
+section "secrets: add -t http with a presigned URL and a --header-file"
+rm -f $CACHE/s.*
+if add -t http --url "$URL" --header-file /tmp/headers --cache $CACHE/s.cache --bitmap $CACHE/s.bitmap \
+    --readahead 0 --recovery; then
+    ok "add with --header-file and a presigned URL"
+    no_secret "add's JSON has no secret" "$DEV_JSON"
+    check "the first MiB reads right" cmp -n $((1 << 20)) $DEV_B $WWW/disk.img
+    check "the server sent the real query" grep -q "disk.img?X-Amz-Credential=AKIDSECRET&X-Amz-Signature=SECRETSIG" $LOG
+    check "and the headers of the file" grep -q '"ublk-test-SECRETUA"' $LOG
+    # A failed fetch is logged (with the URL) by the server.
+    mv $WWW/disk.img $WWW/away.img
+    check "a read of a missing page fails (the object is gone)" bash -c "! dd if=$DEV_B of=/dev/null bs=4k skip=1536 count=1 iflag=direct 2>/dev/null"
+    mv $WWW/away.img $WWW/disk.img
+    check "the failure is in the server's log, its URL redacted" grep -qF "$SHOWN" $RUN/ublk$DEV_ID.log
+    server_clean "server"
+    # recover starts a new server with the saved arguments: they must still be the real ones.
+    OLD=$DEV_PID
+    kill -9 $DEV_PID
+    wait_for 20 dead $OLD
+    R=$(timeout 60 "$UBLK" recover -n $DEV_ID 2>&1)
+    if [ $? -eq 0 ]; then ok "recover -n"; else fail "recover -n" "$R"; fi
+    no_secret "recover's JSON has no secret" "$R"
+    DEV_PID=$(echo "$R" | jq -r .pid 2>/dev/null)
+    HEADS=$(grep -c 'HEAD /disk.img?X-Amz-Credential=AKIDSECRET&X-Amz-Signature=SECRETSIG.*ublk-test-SECRETUA' $LOG)
+    check "the recovered server probed with the real URL and headers" test "$HEADS" -ge 2
+    check "the whole device reads right" cmp $DEV_B $WWW/disk.img
+    server_clean "recovered server"
+    check "del" del $DEV_ID
+    check "del removes the arguments file" test ! -e $RUN/ublk$DEV_ID.args
+else
+    fail "add with --header-file and a presigned URL" "$DEV_JSON"
+fi
+
+section "secret files"
+chmod 644 /tmp/headers
+expect_error "a --header-file others can read is refused" "readable by every user" \
+    "$UBLK" add -t http --url "$URL" --header-file /tmp/headers --cache $CACHE/s.cache --bitmap $CACHE/s.bitmap
+printf 'Authorization: Bearer SECRETTOKEN\r\n' > /tmp/crlf; chmod 600 /tmp/crlf
+expect_error "a header file with CR LF: line named, value not shown" "line 1: the value of 'Authorization' contains a line break" \
+    "$UBLK" add -t http --url "$URL" --header-file /tmp/crlf
+no_secret "that error shows no secret" "$(cat /tmp/.err)"
+expect_error "a --header with CR LF" "line break" "$UBLK" add -t http --url "$URL" --header $'X-A: SECRETTOKEN\r\nX-B: 1'
+no_secret "that error shows no secret" "$(cat /tmp/.err)"
+expect_error "a URL with CR LF" "line break" "$UBLK" add -t http --url $'http://127.0.0.1:8080/disk.img\r\nX-B: 1'
+expect_error "a 404 with a presigned URL: one line, query redacted" "404" "$UBLK" add -t http --url "http://127.0.0.1:8080/missing.img?X-Amz-Signature=SECRETSIG"
+no_secret "that error shows no secret" "$(cat /tmp/.err)"
+
+section "bad numbers: one line, non-zero exit"
+H="$UBLK add -t http --url http://127.0.0.1:8080/disk.img --cache $CACHE/b.cache --bitmap $CACHE/b.bitmap"
+for t in inf nan 1e300 0.0001 -1; do expect_error "--timeout $t" "--timeout must be between" $H --timeout $t; done
+for m in 99999999999999999999G 16E; do expect_error "--cache-max-size $m" "bad --cache-max-size" $H --cache-max-size $m; done
+expect_error "--page-size 8M (above the fetch size)" "page-size must be a power of two" $H --page-size 8388608
+expect_error "--page-size 3000" "page-size must be a power of two" $H --page-size 3000
+expect_error "--page-size 99999999999999999999" "invalid for '--page-size" $H --page-size 99999999999999999999
+expect_error "--readahead 9000P" "bad --readahead" $H --readahead 9000P
+for c in 0 65 99999999999999999999; do expect_error "--connections $c" "connections" $H --connections $c; done
+expect_error "-q 0" "--queues must be between" "$UBLK" add -t null -q 0
+expect_error "-q 65" "--queues must be between" "$UBLK" add -t null -q 65
+expect_error "-d 0" "--depth must be between" "$UBLK" add -t null -d 0
+expect_error "-d 4097" "--depth must be between" "$UBLK" add -t null -d 4097
+expect_error "--size 16E" "bad size" "$UBLK" add -t null --size 16E
+expect_error "--size 99999999999999999999G" "bad size" "$UBLK" add -t null --size 99999999999999999999G
+expect_error "-n -1" "bad device id" "$UBLK" add -t null -n -1
+expect_error "list -n -1" "bad device id" "$UBLK" list -n -1
+expect_error "stats -n -1" "bad device id" "$UBLK" stats -n -1
+expect_error "del -n 4294967296" "bad device id" "$UBLK" del -n 4294967296
+truncate -s 3T $WWW/huge.img
+expect_error "an image larger than the bitmap can address (2^32 pages)" "more than the 2199023255552" \
+    "$UBLK" add -t http --url http://127.0.0.1:8080/huge.img --page-size 512 --cache $CACHE/h.cache --bitmap $CACHE/h.bitmap
+rm -f $WWW/huge.img
+eq "nothing left" "[]" "$("$UBLK" list)"
+nginx-stop
+
+finish
