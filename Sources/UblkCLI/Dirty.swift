@@ -71,14 +71,17 @@ struct Sync: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Copy exactly the dirty extents into a replica image, then clear them.",
         discussion: """
-            Live device (-n): the dirty pages are taken from the server (and
-            cleared there at once), read from /dev/ublkbN and written to
-            REPLICA, which is then fdatasync'ed; only then is the clear made
-            durable. A page written during the copy stays dirty; if the copy
-            fails, every taken page is dirty again.
+            Live device (-n): the server lists the dirty pages (clearing
+            nothing), they are read from /dev/ublkbN and written to REPLICA,
+            which is then fdatasync'ed (a file's directory too); only then
+            does the server clear them, except the pages written during the
+            copy, which stay dirty. A sync that fails, is
+            interrupted (Ctrl-C, kill -9, a crash of either side, a power
+            loss) clears nothing: run it again and the replica is exact.
             Stopped device: --dirty-bitmap FILE --cache FILE copies from the
-            cache file. The replica is created (0600) or grown to the device
-            size when needed.
+            cache file, and clears the bits after the replica's fdatasync.
+            The replica is created (0600) or grown to the device size when
+            needed.
             """)
 
     @OptionGroup var source: DirtySource
@@ -104,6 +107,15 @@ struct Sync: ParsableCommand {
         if let n = source.number {
             try requireRoot()
             let id = UInt32(clamping: n)
+            // Writes still in the kernel's page cache of /dev/ublkbN reach the
+            // server first (they are not the device's content, nor dirty, before).
+            let dev = open("/dev/ublkb\(id)", O_RDONLY | O_CLOEXEC)
+            if dev >= 0 {
+                let r = fsync(dev)
+                let e = Errno.current
+                close(dev)
+                if r != 0 { throw Failure("fsync of /dev/ublkb\(id): \(e)") }
+            }
             let taken: DirtyExtents
             do {
                 let data = try ControlClient.send(ControlRequest(op: "sync-begin"), device: id)
@@ -112,6 +124,7 @@ struct Sync: ParsableCommand {
             guard let token = taken.token else { throw Failure("ublk\(id): the server gave no sync token") }
             var size = UInt64(0)
             if let st = DeviceState.load(id) { size = st.size }
+            // Nothing is cleared yet: a sync killed from here on leaves every page dirty.
             do {
                 try copy(taken.extents, from: "/dev/ublkb\(id)", direct: true, size: size)
             } catch {
@@ -127,6 +140,7 @@ struct Sync: ParsableCommand {
         let (bitmap, _) = try source.openFile(cache: cache)
         let runs = DirtyExtents.runs(bitmap.bits)
         let out = DirtyExtents(runs: runs, pageSize: UInt64(bitmap.pageSize), imageSize: bitmap.identity.imageSize, token: nil)
+        // copy() returns only once the replica is durable: the bits go after it.
         try copy(out.extents, from: cache!, direct: false, size: bitmap.identity.imageSize)
         for r in runs { bitmap.markAbsent(r) }
         do { try bitmap.persist(bitmap.stage()) } catch { throw Failure("\(error)") }
@@ -167,7 +181,25 @@ struct Sync: ParsableCommand {
                 off += UInt64(want)
             }
         }
+        // The caller clears the dirty bits only after this returns.
         if fdatasync(dst) != 0 { throw Failure("fdatasync of the replica \(to): \(Errno.current)") }
+        // A replica file's directory entry must be as durable as its data (this
+        // run or a killed one may have created it), or a power loss could leave
+        // a replica missing that the cleared bits vouch for.
+        if fstat(dst, &st) == 0 && (st.st_mode & S_IFMT) == S_IFREG { try syncDirectory(of: to) }
+    }
+
+    func syncDirectory(of path: String) throws {
+        let dir: String
+        if let slash = path.lastIndex(of: "/") {
+            dir = slash == path.startIndex ? "/" : String(path[..<slash])
+        } else {
+            dir = "."
+        }
+        let fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if fd < 0 { throw Failure("cannot open \(dir) to sync the replica's entry: \(Errno.current)") }
+        defer { close(fd) }
+        if fsync(fd) != 0 { throw Failure("fsync of \(dir): \(Errno.current)") }
     }
 }
 

@@ -265,6 +265,7 @@ static const unsigned cu_setup_single_issuer = IORING_SETUP_SINGLE_ISSUER;
 static const unsigned cu_setup_defer_taskrun = IORING_SETUP_DEFER_TASKRUN;
 static const unsigned cu_iosqe_fixed_file = IOSQE_FIXED_FILE;
 static const unsigned cu_poll_in = POLLIN;
+static const unsigned cu_poll_out = POLLOUT;
 static const int cu_o_direct = __O_DIRECT;
 static const int cu_io_res_abort = UBLK_IO_RES_ABORT;
 static const int cu_efd_cloexec = EFD_CLOEXEC;

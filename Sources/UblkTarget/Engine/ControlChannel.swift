@@ -1,15 +1,27 @@
 // ControlChannel: a device's control socket, /run/ublk-http/ublkN.sock, served
 // on queue 0's own ring (the state it asks about lives on that thread).
 //
-// Contract: one connection carries one JSON request line and gets one JSON
-// reply line, then is closed. Accepting and reading are polled on the ring and
-// never block the queue; the reply is small and written at once. Root only
-// (0600). Requests go to the target's handler (`QueueHandler.control`).
+// Contract:
+// - One connection carries one JSON request line (at most `maxRequest` bytes)
+//   and gets one JSON reply line, of any size, then is closed.
+// - Nothing here blocks the queue: sockets are non-blocking, and accepting,
+//   reading and writing each wait for readiness through a one-shot poll on the
+//   ring (`Next.poll`). A reply the socket does not take at once is kept, and
+//   the rest goes out as the client reads; the connection closes once all is sent.
+// - A client cannot hurt the server: writes use MSG_NOSIGNAL (no SIGPIPE), a
+//   client that disconnects midway only ends its connection, at most
+//   `maxConnections` are held (past that the oldest is shut down and closed),
+//   so memory is bounded by `maxConnections` replies.
+// - Each connection has a token (slot and generation) that its polls carry; a
+//   poll that fires for a connection already closed (its fd number maybe reused)
+//   is recognised and ignored. A closed connection is shut down first, which
+//   completes the poll still armed on it, so the ring holds no dead socket.
+// - Root only (0600). Requests go to the target's handler (`QueueHandler.control`).
 import CUring
 import FoundationEssentials
 import Glibc
 
-public struct ControlRequest: Codable, Sendable {
+public struct ControlRequest: Codable, Sendable, Equatable {
     public var op: String
     public var clear: Bool?
     public var token: UInt64?
@@ -34,16 +46,132 @@ public func controlJSON<T: Encodable>(_ value: T) -> String {
     return String(decoding: (try? enc.encode(value)) ?? Data("{}".utf8), as: UTF8.self)
 }
 
+/// One connection's bytes: the request line coming in, the reply going out.
+/// Only non-blocking calls on its (non-blocking) socket; no ring here.
+struct ControlConnection {
+    static let maxRequest = 64 << 10
+
+    let fd: Int32
+    private(set) var input: [UInt8] = []
+    private(set) var output: [UInt8] = []
+    private(set) var sent = 0
+
+    init(fd: Int32) { self.fd = fd }
+
+    enum Received: Equatable {
+        /// Nothing complete yet: wait until readable.
+        case more
+        case request(ControlRequest)
+        /// Malformed, too long or cut off: answer with this error.
+        case bad(String)
+        /// The client went away before sending anything, or the socket failed: close.
+        case gone
+    }
+
+    /// Reads what has arrived, up to the end of the request line.
+    mutating func receive() -> Received {
+        var buf = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = recv(fd, &buf, buf.count, Int32(MSG_DONTWAIT))
+            if n > 0 {
+                let had = input.count
+                input += buf[0..<n]
+                if let end = input[had...].firstIndex(of: 10) { return decode(input[..<end]) }
+                if input.count > ControlConnection.maxRequest { return .bad("request too long") }
+                continue
+            }
+            if n == 0 { return input.isEmpty ? .gone : .bad("incomplete request") }
+            if errno == EINTR { continue }
+            if errno == EAGAIN || errno == EWOULDBLOCK { return .more }
+            return .gone
+        }
+    }
+
+    private func decode(_ line: ArraySlice<UInt8>) -> Received {
+        guard let req = try? JSONDecoder().decode(ControlRequest.self, from: Data(line)) else {
+            return .bad("malformed request")
+        }
+        return .request(req)
+    }
+
+    /// Sets the reply line (a newline is added); `send` moves it out.
+    mutating func setReply(_ text: String) {
+        output = Array(text.utf8)
+        output.append(10)
+        sent = 0
+        input = []
+    }
+
+    enum Sent: Equatable {
+        /// The socket is full: wait until writable.
+        case more
+        /// All sent.
+        case done
+        /// The client went away (EPIPE, ECONNRESET...): close.
+        case gone
+    }
+
+    /// Sends as much of the reply as the socket takes now.
+    mutating func send() -> Sent {
+        while sent < output.count {
+            let n = output.withUnsafeBytes { p in
+                Glibc.send(fd, p.baseAddress! + sent, p.count - sent, Int32(MSG_NOSIGNAL) | Int32(MSG_DONTWAIT))
+            }
+            if n > 0 { sent += n; continue }
+            if n < 0 && errno == EINTR { continue }
+            if n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) { return .more }
+            return .gone
+        }
+        output = []
+        sent = 0
+        return .done
+    }
+
+    /// Bytes of the reply not sent yet.
+    var unsent: Int { output.count - sent }
+}
+
 final class ControlChannel {
+    static let maxConnections = 64
+    static let slotBits: UInt32 = 6
+    static let generationBits: UInt32 = 20
+    /// Tokens are below this (the queue carries them in its reserved event data).
+    static let tokenLimit: UInt32 = 1 << (slotBits + generationBits)
+
     let path: String
     let listenFD: Int32
-    private var pending: [Int32: [UInt8]] = [:]
+
+    /// What the loop does next for a connection.
+    enum Next: Equatable {
+        /// Arm a one-shot poll on `fd` (writability when `out`, else readability)
+        /// that carries `token`; `ready(token)` when it fires.
+        case poll(fd: Int32, out: Bool, token: UInt32)
+        /// A request to answer: `respond(token, reply)`.
+        case request(token: UInt32, ControlRequest)
+        /// Nothing: the connection is closed, or the token was stale.
+        case none
+    }
+
+    private struct Slot {
+        var connection: ControlConnection
+        var generation: UInt32
+        var serial: UInt64
+        var replying = false
+    }
+    private var slots: [Slot?] = Array(repeating: nil, count: ControlChannel.maxConnections)
+    private var generation: UInt32 = 0
+    private var serial: UInt64 = 0
 
     static func path(_ id: UInt32) -> String { "\(DeviceState.directory)/ublk\(id).sock" }
 
-    init(device id: UInt32) throws(UblkError) {
-        path = ControlChannel.path(id)
+    convenience init(device id: UInt32) throws(UblkError) {
         mkdir(DeviceState.directory, 0o755)
+        try self.init(path: ControlChannel.path(id))
+    }
+
+    init(path: String) throws(UblkError) {
+        precondition(ControlChannel.maxConnections <= 1 << ControlChannel.slotBits)
+        self.path = path
         unlink(path)
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         if fd < 0 { throw UblkError("control socket", errno: .current) }
@@ -70,70 +198,95 @@ final class ControlChannel {
     }
 
     deinit {
-        for fd in pending.keys { close(fd) }
+        for i in slots.indices where slots[i] != nil { drop(i) }
         close(listenFD)
         unlink(path)
     }
 
-    /// New connections, to be polled for their request.
-    func acceptAll() -> [Int32] {
-        var out: [Int32] = []
+    /// Connections held now.
+    var connectionCount: Int { slots.reduce(0) { $0 + ($1 == nil ? 0 : 1) } }
+
+    /// Takes every pending connection; returns the polls to arm for their requests.
+    /// Past `maxConnections`, the oldest connection is closed to make room.
+    func acceptAll() -> [Next] {
+        var accepted: [UInt32] = []
         while true {
             let c = cu_accept_nonblock(listenFD)
             if c < 0 { break }
-            pending[c] = []
-            out.append(c)
+            let i = slots.firstIndex(where: { $0 == nil }) ?? oldest()
+            if slots[i] != nil { drop(i) }
+            generation = (generation + 1) & ((1 << ControlChannel.generationBits) - 1)
+            serial += 1
+            slots[i] = Slot(connection: ControlConnection(fd: c), generation: generation, serial: serial)
+            accepted.append(generation << ControlChannel.slotBits | UInt32(i))
         }
-        return out
+        // A connection accepted and closed again in this batch gets no poll.
+        return accepted.compactMap { t in slot(t).map { .poll(fd: slots[$0]!.connection.fd, out: false, token: t) } }
     }
 
-    /// Reads what arrived on `fd`; returns the request once its line is complete
-    /// (nil: poll again). A malformed or cut-off request gets an error reply here.
-    func receive(_ fd: Int32) -> ControlRequest?? {
-        var buf = [UInt8](repeating: 0, count: 4096)
-        while true {
-            let n = read(fd, &buf, buf.count)
-            if n > 0 {
-                pending[fd, default: []] += buf[0..<n]
-                if (pending[fd]?.count ?? 0) > 65536 { reply(fd, controlError("request too long")); return .some(nil) }
-                continue
-            }
-            if n < 0 && errno == EINTR { continue }
-            if n < 0 && errno == EAGAIN && !(pending[fd]?.contains(10) ?? false) { return nil }
-            break
+    /// A poll carrying `token` fired.
+    func ready(_ token: UInt32) -> Next {
+        guard let i = slot(token) else { return .none }
+        if slots[i]!.replying { return sendMore(i, token) }
+        switch slots[i]!.connection.receive() {
+        case .more: return .poll(fd: slots[i]!.connection.fd, out: false, token: token)
+        case .request(let r): return .request(token: token, r)
+        case .bad(let message): return respond(token, controlError(message))
+        case .gone:
+            drop(i)
+            return .none
         }
-        let bytes = pending[fd] ?? []
-        guard let end = bytes.firstIndex(of: 10) else {
-            reply(fd, controlError("incomplete request"))
-            return .some(nil)
-        }
-        guard let req = try? JSONDecoder().decode(ControlRequest.self, from: Data(bytes[..<end])) else {
-            reply(fd, controlError("malformed request"))
-            return .some(nil)
-        }
-        return .some(req)
     }
 
-    func reply(_ fd: Int32, _ text: String) {
-        let line = Array((text + "\n").utf8)
-        var off = 0
-        while off < line.count {
-            let n = line[off...].withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 { break }
-            off += n
+    /// The reply to the request `token` carried; sent now as far as the socket takes it.
+    func respond(_ token: UInt32, _ text: String) -> Next {
+        guard let i = slot(token) else { return .none }
+        slots[i]!.connection.setReply(text)
+        slots[i]!.replying = true
+        return sendMore(i, token)
+    }
+
+    private func sendMore(_ i: Int, _ token: UInt32) -> Next {
+        switch slots[i]!.connection.send() {
+        case .more: return .poll(fd: slots[i]!.connection.fd, out: true, token: token)
+        case .done, .gone:
+            drop(i)
+            return .none
         }
-        pending[fd] = nil
-        close(fd)
+    }
+
+    /// The live slot `token` names, or nil (stale: that connection was closed).
+    private func slot(_ token: UInt32) -> Int? {
+        guard token < ControlChannel.tokenLimit else { return nil }
+        let i = Int(token & ((1 << ControlChannel.slotBits) - 1))
+        guard i < slots.count, let s = slots[i], s.generation == token >> ControlChannel.slotBits else { return nil }
+        return i
+    }
+
+    private func oldest() -> Int {
+        var best = 0
+        for i in slots.indices where slots[i]!.serial < slots[best]!.serial { best = i }
+        return best
+    }
+
+    /// Shut down (which completes a poll still armed on it) and closed.
+    private func drop(_ i: Int) {
+        guard let s = slots[i] else { return }
+        shutdown(s.connection.fd, Int32(SHUT_RDWR))
+        close(s.connection.fd)
+        slots[i] = nil
     }
 }
 
-/// The CLI side: one request, one reply line (JSON).
+/// The CLI side: one request, one reply line (JSON) of any size, read to the end.
 public enum ControlClient {
     struct ErrorReply: Decodable { var error: String? }
 
     public static func send(_ request: ControlRequest, device id: UInt32, timeoutSeconds: Int = 600) throws(UblkError) -> Data {
-        let path = ControlChannel.path(id)
+        try send(request, path: ControlChannel.path(id), name: "ublk\(id)", timeoutSeconds: timeoutSeconds)
+    }
+
+    static func send(_ request: ControlRequest, path: String, name: String, timeoutSeconds: Int = 600) throws(UblkError) -> Data {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         if fd < 0 { throw UblkError("socket", errno: .current) }
         defer { close(fd) }
@@ -149,30 +302,38 @@ public enum ControlClient {
         if r != 0 {
             let e = Errno.current
             if e == .noEntry || e == Errno(rawValue: ECONNREFUSED) {
-                throw UblkError("ublk\(id) has no running server that takes commands (\(path))")
+                throw UblkError("\(name) has no running server that takes commands (\(path))")
             }
             throw UblkError("cannot connect to \(path)", errno: e)
         }
         var tv = timeval(tv_sec: timeoutSeconds, tv_usec: 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        let enc = JSONEncoder()
-        var line = (try? enc.encode(request)) ?? Data()
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        var line = Array((try? JSONEncoder().encode(request)) ?? Data())
         line.append(10)
-        let sent = line.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-        if sent != line.count { throw UblkError("cannot send to \(path)", errno: .current) }
+        var off = 0
+        while off < line.count {
+            // MSG_NOSIGNAL: a server gone meanwhile is an error line, not SIGPIPE.
+            let n = line[off...].withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { throw UblkError("cannot send to \(path)", errno: .current) }
+            off += n
+        }
+        // The reply may be megabytes (tens of thousands of extents): read to EOF.
         var reply = [UInt8]()
-        var buf = [UInt8](repeating: 0, count: 65536)
+        var buf = [UInt8](repeating: 0, count: 1 << 16)
         while true {
             let n = read(fd, &buf, buf.count)
             if n > 0 { reply += buf[0..<n]; continue }
             if n < 0 && errno == EINTR { continue }
-            if n < 0 { throw UblkError("no reply from ublk\(id)'s server", errno: .current) }
+            // A reset after the whole line (the server closed with bytes of ours unread) is no failure.
+            if n < 0 && !reply.contains(10) { throw UblkError("no reply from \(name)'s server", errno: .current) }
             break
         }
-        guard let end = reply.firstIndex(of: 10) else { throw UblkError("ublk\(id)'s server closed the connection without a reply") }
+        guard let end = reply.firstIndex(of: 10) else { throw UblkError("\(name)'s server closed the connection without a whole reply") }
         let data = Data(reply[..<end])
         if let e = try? JSONDecoder().decode(ErrorReply.self, from: data), let message = e.error {
-            throw UblkError("ublk\(id): \(message)")
+            throw UblkError("\(name): \(message)")
         }
         return data
     }

@@ -177,24 +177,25 @@ public final class Queue: IOQueue {
         cu_prep_poll_add(ring.sqe(), drainFD, cu_poll_in, UserData(kind: .event, data: Queue.drainData).encoded)
     }
 
+    /// The control socket (ControlChannel.swift): accepting, reading and
+    /// writing each wait on a one-shot poll here; the channel says what to arm next.
     private func controlEvent(_ data: UInt32) {
         guard let c = control, !stopRequested else { return }
         if data == Queue.listenData {
-            for fd in c.acceptAll() {
-                cu_prep_poll_add(ring.sqe(), fd, cu_poll_in, UserData(kind: .event, data: Queue.reservedData + UInt32(fd)).encoded)
-            }
+            for next in c.acceptAll() { armControl(next) }
             cu_prep_poll_add(ring.sqe(), c.listenFD, cu_poll_in, UserData(kind: .event, data: Queue.listenData).encoded)
             return
         }
-        let fd = Int32(data - Queue.reservedData)
-        switch c.receive(fd) {
-        case .none:
-            cu_prep_poll_add(ring.sqe(), fd, cu_poll_in, UserData(kind: .event, data: data).encoded)
-        case .some(.none):
-            break  // answered with an error already
-        case .some(.some(let request)):
-            c.reply(fd, handler.control(request, queue: self))
+        var next = c.ready(data - Queue.reservedData)
+        if case .request(let token, let request) = next {
+            next = c.respond(token, handler.control(request, queue: self))
         }
+        armControl(next)
+    }
+
+    private func armControl(_ next: ControlChannel.Next) {
+        guard case .poll(let fd, let out, let token) = next else { return }
+        cu_prep_poll_add(ring.sqe(), fd, out ? cu_poll_out : cu_poll_in, UserData(kind: .event, data: Queue.reservedData + token).encoded)
     }
 
     /// Asks the handler to finish what waits on slow sources (from any thread).
