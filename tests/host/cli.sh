@@ -99,7 +99,7 @@ PY
     check "s3 credentials from AWS_SHARED_CREDENTIALS_FILE, profile AWS_PROFILE" env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY \
         AWS_SHARED_CREDENTIALS_FILE=$W/credentials AWS_PROFILE=moto "$UBLK" prefetch --url s3://images/disks/img.bin \
         --s3-endpoint http://127.0.0.1:$SPORT --region us-east-1 --cache $W/s6c --bitmap $W/s6b
-    check "that object arrived intact too" cmp $W/s6c $W/www/img.bin
+    check "that object arrived intact too" cmp -n $(stat -c %s $W/www/img.bin) $W/s6c $W/www/img.bin
     mkdir -p $W/home/.aws && cp $W/credentials $W/home/.aws/credentials
     check "s3 credentials from \$HOME/.aws/credentials" env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY -u AWS_SHARED_CREDENTIALS_FILE \
         HOME=$W/home AWS_PROFILE=moto "$UBLK" prefetch --url s3://images/disks/img.bin \

@@ -493,6 +493,8 @@ final class CachingHandler: QueueHandler {
             // goes (the page is read from the backing store again); the
             // unsettled bit stays until a write of the page succeeds.
             if through { for p in pages where bitmap.test(p) { bitmap.markAbsent(p..<p + 1); evicting.append(p..<p + 1) } }
+            // Some of it may have landed: a `sync` under way must not clear these pages.
+            syncs.written(pages)
             return finish(r.tag, partFailed[t], queue)
         }
         written(r, pages, queue: queue)
