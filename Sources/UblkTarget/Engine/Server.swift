@@ -60,6 +60,9 @@ public final class Server {
     public func start() throws(UblkError) -> DeviceState {
         var set = Server.stopSignals
         pthread_sigmask(SIG_BLOCK, &set, nil)
+        // A peer that goes away (a control client, a server's socket) is an
+        // EPIPE to handle, never a signal that kills the device's server.
+        signal(SIGPIPE, SIG_IGN)
         do {
             return try bringUp()
         } catch {
