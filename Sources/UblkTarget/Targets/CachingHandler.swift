@@ -201,8 +201,9 @@ final class CachingHandler: QueueHandler {
     var writebackCursor: UInt64 = 0
     /// Copied to the backing store, bits to clear at the next full cycle (after the backing's fdatasync).
     var writebackCopied: [Range<UInt64>] = []
-    /// Write-through: written to both, unsettled bits to clear at the next full cycle.
-    var settledWrites: [Range<UInt64>] = []
+    /// Write-through: pages written to both, whose unsettled bits the next full
+    /// cycle clears (a bitset: one entry per write would cost per write).
+    var settled: PageBits?
     static let writebackRunPages: UInt64 = 256
 
     /// Eviction: the last use of each 1 MiB chunk (a request counter), and the
@@ -269,6 +270,9 @@ final class CachingHandler: QueueHandler {
         // bitmap is opened so that a crash of an earlier write-through run is settled.
         intentBitmaps = [context.local, context.dirty, context.writeback,
                          context.writeThrough && context.backingFD >= 0 ? context.unsettled : nil].compactMap { $0 }
+        if context.writeThrough && context.backingFD >= 0 && context.unsettled != nil {
+            settled = PageBits(pageCount: context.bitmap.pageCount)
+        }
         self.cacheFD = context.cache.fd
         self.imageSize = context.imageSize
         self.pageSize = UInt64(context.pageSize)
@@ -403,8 +407,8 @@ final class CachingHandler: QueueHandler {
     /// them are not durable yet, so its data must wait for an intent cycle.
     func setIntent(_ pages: Range<UInt64>) -> Bool {
         if let run = writebackRun, run.pages.overlaps(pages) { writebackRun!.dirtied = true }
-        if !writebackCopied.isEmpty { writebackCopied = writebackCopied.flatMap { $0.subtracting(pages) } }
-        if !settledWrites.isEmpty { settledWrites = settledWrites.flatMap { $0.subtracting(pages) } }
+        if writebackCopied.contains(where: { $0.overlaps(pages) }) { writebackCopied = writebackCopied.flatMap { $0.subtracting(pages) } }
+        if let st = settled, st.count > 0 { st.clear(pages) }
         var wait = false
         for b in intentBitmaps {
             b.markPresent(pages)
@@ -506,7 +510,7 @@ final class CachingHandler: QueueHandler {
     func written(_ r: Request, _ pages: Range<UInt64>, queue: IOQueue) {
         syncs.written(pages)
         unsyncedWrites.append(pages)
-        if unsettled != nil && through { settledWrites.append(pages) }
+        settled?.set(pages)
         var newly = false
         for b in intentBitmaps where b.markPresent(pages) > 0 { newly = true }
         let t = Int(r.tag)
@@ -701,7 +705,7 @@ final class CachingHandler: QueueHandler {
         let statsDirty = context.publishStats && statsSignature != writtenStatsSignature
         if writeback != nil && !draining { startWriteback(queue) }
         if context.maxCacheBytes > 0 && cycle == nil && punchesInFlight == 0 && !presentFrozen { evictIfNeeded(queue) }
-        let presentDirty = bitmap.bits.hasDirty || !writebackCopied.isEmpty || !evicting.isEmpty || !settledWrites.isEmpty
+        let presentDirty = bitmap.bits.hasDirty || !writebackCopied.isEmpty || !evicting.isEmpty || (settled?.count ?? 0) > 0
         let bitsDirty = presentDirty || intentBitmaps.contains { $0.bits.hasDirty }
         guard statsDirty || (bitsDirty && cycle == nil) else { return }
         let now = monotonicNanos()
@@ -738,10 +742,9 @@ final class CachingHandler: QueueHandler {
                 for r in writebackCopied { wb.markAbsent(r) }
                 writebackCopied = []
             }
-            if let u = unsettled, !settledWrites.isEmpty, context.backingFD >= 0, fdatasync(context.backingFD) == 0 {
+            if let u = unsettled, let st = settled, st.count > 0, context.backingFD >= 0, fdatasync(context.backingFD) == 0 {
                 try context.cache.sync()
-                for r in settledWrites { u.markAbsent(r) }
-                settledWrites = []
+                for r in DirtyExtents.runs(st) { u.markAbsent(r) }
             }
             if !durabilityLost { try bitmap.commit(syncing: context.cache) }
             for b in intentBitmaps { try b.commit(syncing: context.cache) }

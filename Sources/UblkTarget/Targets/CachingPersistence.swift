@@ -28,12 +28,24 @@ extension CachingHandler {
             }
             // Written to both: the fdatasyncs below make both copies durable. Not
             // where another write is still in flight (it keeps its bit).
-            if let u = unsettled, !settledWrites.isEmpty {
-                var keep: [Range<UInt64>] = []
-                for r in settledWrites {
-                    if writeInFlight(overlapping: r) { keep.append(r) } else { u.markAbsent(r); c.settledCleared.append(r) }
+            if let u = unsettled, let st = settled, st.count > 0 {
+                let busy = writesInFlight()
+                for w in st.takeDirty() where st.word(w) != 0 {
+                    let first = UInt64(w) << 6
+                    var p = first
+                    let end = min(first + 64, st.pageCount)
+                    while p < end, let a = st.nextSet(in: p..<end) {
+                        let b = st.nextClear(in: a..<end) ?? end
+                        for r in subtract(busy, from: a..<b) {
+                            u.markAbsent(r)
+                            st.clear(r)
+                            c.settledCleared.append(r)
+                        }
+                        p = b
+                    }
+                    // What stays (a write in flight there) is looked at again next time.
+                    if st.word(w) != 0 { let keep = st.nextSet(in: first..<end)!; st.clear(keep..<keep + 1); st.set(keep..<keep + 1) }
                 }
-                settledWrites = keep
             }
             c.unsynced = unsyncedPresent
             unsyncedPresent = []
