@@ -50,8 +50,9 @@ struct Dirty: ParsableCommand {
     func run() throws {
         if let n = source.number {
             try requireRoot()
+            let id = try deviceID(n)
             do {
-                let data = try ControlClient.send(ControlRequest(op: "dirty", clear: clear), device: UInt32(clamping: n))
+                let data = try ControlClient.send(ControlRequest(op: .dirty, clear: clear), device: id)
                 print(String(decoding: data, as: UTF8.self))
             } catch { throw Failure(error) }
             return
@@ -106,7 +107,7 @@ struct Sync: ParsableCommand {
     func run() throws {
         if let n = source.number {
             try requireRoot()
-            let id = UInt32(clamping: n)
+            let id = try deviceID(n)
             // Writes still in the kernel's page cache of /dev/ublkbN reach the
             // server first (they are not the device's content, nor dirty, before).
             let dev = open("/dev/ublkb\(id)", O_RDONLY | O_CLOEXEC)
@@ -118,7 +119,7 @@ struct Sync: ParsableCommand {
             }
             let taken: DirtyExtents
             do {
-                let data = try ControlClient.send(ControlRequest(op: "sync-begin"), device: id)
+                let data = try ControlClient.send(ControlRequest(op: .syncBegin), device: id)
                 taken = try JSONDecoder().decode(DirtyExtents.self, from: data)
             } catch let e as UblkError { throw Failure(e) }
             guard let token = taken.token else { throw Failure("ublk\(id): the server gave no sync token") }
@@ -128,10 +129,10 @@ struct Sync: ParsableCommand {
             do {
                 try copy(taken.extents, from: "/dev/ublkb\(id)", direct: true, size: size)
             } catch {
-                _ = try? ControlClient.send(ControlRequest(op: "sync-end", token: token, ok: false), device: id)
+                _ = try? ControlClient.send(ControlRequest(op: .syncEnd, token: token, ok: false), device: id)
                 throw error
             }
-            do { _ = try ControlClient.send(ControlRequest(op: "sync-end", token: token, ok: true), device: id) } catch {
+            do { _ = try ControlClient.send(ControlRequest(op: .syncEnd, token: token, ok: true), device: id) } catch {
                 throw Failure(error)
             }
             print(jsonLine(Output(extents: taken.extents.count, bytes: taken.bytes, replica: to)))
@@ -211,26 +212,17 @@ struct Flush: ParsableCommand {
     @Option(name: [.short, .customLong("number")], help: "Device id N (/dev/ublkbN).")
     var number: Int
 
-    struct Status: Decodable {
-        var writebackPages: UInt64
-        var inFlight: Bool
-        var unpersisted: Bool
-        enum CodingKeys: String, CodingKey {
-            case writebackPages = "writeback_pages", inFlight = "in_flight", unpersisted
-        }
-    }
-
     func run() throws {
         try requireRoot()
-        let id = UInt32(clamping: number)
+        let id = try deviceID(number)
         var last = UInt64.max
         while true {
-            let status: Status
+            let status: WritebackStatus
             do {
-                let data = try ControlClient.send(ControlRequest(op: "flush"), device: id)
-                status = try JSONDecoder().decode(Status.self, from: data)
+                let data = try ControlClient.send(ControlRequest(op: .flush), device: id)
+                status = try JSONDecoder().decode(WritebackStatus.self, from: data)
             } catch let e as UblkError { throw Failure(e) } catch { throw Failure("ublk\(id): bad reply: \(error)") }
-            if status.writebackPages == 0 && !status.inFlight && !status.unpersisted { break }
+            if status.isDone { break }
             if isatty(2) != 0 && status.writebackPages != last {
                 printError("\rwriting back: \(status.writebackPages) pages left\u{1b}[K")
                 last = status.writebackPages

@@ -158,7 +158,7 @@ final class DirtyControlTests: XCTestCase {
     }
 
     func begin() throws -> DirtyExtents {
-        try JSONDecoder().decode(DirtyExtents.self, from: Data(ask(ControlRequest(op: "sync-begin")).reply.utf8))
+        try JSONDecoder().decode(DirtyExtents.self, from: Data(ask(ControlRequest(op: .syncBegin)).reply.utf8))
     }
 
     func testSyncBeginClearsNothing() throws {
@@ -179,7 +179,7 @@ final class DirtyControlTests: XCTestCase {
         syncs.written(15..<16)
         _ = dirty.markPresent(100..<101)
         syncs.written(100..<101)
-        let end = ask(ControlRequest(op: "sync-end", token: taken.token, ok: true))
+        let end = ask(ControlRequest(op: .syncEnd, token: taken.token, ok: true))
         XCTAssertTrue(end.changed, "the cleared bits are to be persisted")
         XCTAssertTrue(end.reply.contains("\"pages_cleared\":9"), end.reply)
         XCTAssertEqual(DirtyExtents.runs(dirty.bits), [15..<16, 100..<101])
@@ -188,7 +188,7 @@ final class DirtyControlTests: XCTestCase {
     func testSyncEndFailedClearsNothing() throws {
         _ = dirty.markPresent(10..<20)
         let taken = try begin()
-        let end = ask(ControlRequest(op: "sync-end", token: taken.token, ok: false))
+        let end = ask(ControlRequest(op: .syncEnd, token: taken.token, ok: false))
         XCTAssertFalse(end.changed)
         XCTAssertEqual(dirty.count, 10)
     }
@@ -197,28 +197,28 @@ final class DirtyControlTests: XCTestCase {
         _ = dirty.markPresent(10..<20)
         let first = try begin()
         for _ in 0..<SyncTracker.limit { _ = try begin() }
-        let end = ask(ControlRequest(op: "sync-end", token: first.token, ok: true))
+        let end = ask(ControlRequest(op: .syncEnd, token: first.token, ok: true))
         XCTAssertTrue(end.reply.contains("unknown sync token"), end.reply)
         XCTAssertFalse(end.changed)
         XCTAssertEqual(dirty.count, 10)
-        XCTAssertTrue(ask(ControlRequest(op: "sync-end", token: nil, ok: true)).reply.contains("unknown sync token"))
+        XCTAssertTrue(ask(ControlRequest(op: .syncEnd, token: nil, ok: true)).reply.contains("unknown sync token"))
     }
 
     func testDirtyClearStillClearsEverything() throws {
         _ = dirty.markPresent(10..<20)
         let taken = try begin()
-        let r = ask(ControlRequest(op: "dirty", clear: true))
+        let r = ask(ControlRequest(op: .dirty, clear: true))
         XCTAssertTrue(r.changed)
         XCTAssertEqual(dirty.count, 0)
         _ = dirty.markPresent(12..<13)
         syncs.written(12..<13)
-        _ = ask(ControlRequest(op: "sync-end", token: taken.token, ok: true))
+        _ = ask(ControlRequest(op: .syncEnd, token: taken.token, ok: true))
         XCTAssertEqual(DirtyExtents.runs(dirty.bits), [12..<13], "a page written after the clear stays dirty")
     }
 
     func testTwentyThousandExtentsInOneReply() throws {
         for i in 0..<UInt64(20_000) { _ = dirty.markPresent(2 * i..<2 * i + 1) }
-        let reply = ask(ControlRequest(op: "dirty")).reply
+        let reply = ask(ControlRequest(op: .dirty)).reply
         let parsed = try JSONDecoder().decode(DirtyExtents.self, from: Data(reply.utf8))
         XCTAssertEqual(parsed.extents.count, 20_000)
         XCTAssertEqual(parsed.pages, 20_000)
@@ -345,7 +345,7 @@ final class ControlChannelTests: XCTestCase {
     func testBigReplyReadSlowlyArrivesWhole() throws {
         let reply = ControlChannelTests.bigReply(6 << 20)
         let driver = try ChannelDriver(path: path) { r in
-            XCTAssertEqual(r.op, "dirty")
+            XCTAssertEqual(r.op, .dirty)
             return reply
         }
         let done = DispatchSemaphore(value: 0)
@@ -376,7 +376,7 @@ final class ControlChannelTests: XCTestCase {
         let failure = Box<String?>(nil)
         let p = path
         DispatchQueue.global().async {
-            do { data.value = try ControlClient.send(ControlRequest(op: "dirty"), path: p, name: "test") } catch { failure.value = "\(error)" }
+            do { data.value = try ControlClient.send(ControlRequest(op: .dirty), path: p, name: "test") } catch { failure.value = "\(error)" }
             done.signal()
         }
         XCTAssertTrue(driver.run(until: done))
@@ -483,7 +483,7 @@ final class ControlChannelTests: XCTestCase {
             close(c)
             served.signal()
         }
-        let reply = try ControlClient.send(ControlRequest(op: "dirty", clear: false, token: 1, ok: true), path: path, name: "test")
+        let reply = try ControlClient.send(ControlRequest(op: .dirty, clear: false, token: 1, ok: true), path: path, name: "test")
         XCTAssertEqual(String(decoding: reply, as: UTF8.self), "{\"ok\":true}")
         served.wait()
     }

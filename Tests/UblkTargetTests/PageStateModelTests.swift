@@ -371,7 +371,7 @@ final class PageStateModelTests: XCTestCase {
         /// `ublk-http sync`: take the dirty extents, copy them from the device, confirm.
         func sync() throws {
             try quiesce()
-            let reply = handler.control(ControlRequest(op: "sync-begin"), queue: queue)
+            let reply = handler.control(ControlRequest(op: .syncBegin), queue: queue)
             if reply.contains("\"error\"") {
                 // Refused after a failed fdatasync (data may be lost): only ever with faults injected.
                 if !faulty || !handler.durabilityLost { throw Failure(description: "sync-begin refused: \(reply)") }
@@ -384,7 +384,7 @@ final class PageStateModelTests: XCTestCase {
                 let r = Int(e.offset)..<Int(e.offset + e.length)
                 replica.replaceSubrange(r, with: device[r])
             }
-            let end = handler.control(ControlRequest(op: "sync-end", token: taken.token, ok: true), queue: queue)
+            let end = handler.control(ControlRequest(op: .syncEnd, token: taken.token, ok: true), queue: queue)
             if end.contains("error") { throw Failure(description: "sync-end: \(end)") }
             syncs += 1
             note("sync: \(taken.extents.map { "\($0.offset / 512)+\($0.length / 512)" })")
@@ -468,9 +468,9 @@ final class PageStateModelTests: XCTestCase {
             while true {
                 submit(op: Op.flush, sector: 0, count: 0)
                 try quiesce()
-                let reply = handler.control(ControlRequest(op: "flush"), queue: queue)
+                let reply = handler.control(ControlRequest(op: .flush), queue: queue)
                 try quiesce()
-                let st = try JSONDecoder().decode(Flush.Status.self, from: Data(reply.utf8))
+                let st = try JSONDecoder().decode(WritebackStatus.self, from: Data(reply.utf8))
                 if st.writebackPages == 0 && !st.inFlight && !st.unpersisted && handler.cycle == nil
                     && handler.writebackCopied.isEmpty { break }
                 handler.idle(queue: queue)
@@ -508,7 +508,7 @@ final class PageStateModelTests: XCTestCase {
                 // `dirty --clear` forgets the changes: the replica is brought up to date by hand first.
                 try quiesce()
                 let device = try readAll()
-                let reply = handler.control(ControlRequest(op: "dirty", clear: true), queue: queue)
+                let reply = handler.control(ControlRequest(op: .dirty, clear: true), queue: queue)
                 if reply.contains("\"error\"") {
                     if !faulty || !handler.durabilityLost { throw Failure(description: "dirty --clear refused: \(reply)") }
                     note("dirty --clear refused")

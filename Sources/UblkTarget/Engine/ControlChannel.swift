@@ -21,12 +21,41 @@ import CUring
 import FoundationEssentials
 import Glibc
 
+/// The operations of a device's control socket, typed on both ends (server and CLI).
+public enum ControlOp: String, Codable, Sendable {
+    /// List the dirty pages (`clear`: and clear them).
+    case dirty
+    /// Take a snapshot of the dirty pages for `sync`; nothing is cleared.
+    case syncBegin = "sync-begin"
+    /// Confirm (`ok`) or abandon a `sync-begin` snapshot (`token`).
+    case syncEnd = "sync-end"
+    /// Write-back: start copying, report what is left (`WritebackStatus`).
+    case flush
+}
+
+/// The reply to `flush`.
+public struct WritebackStatus: Codable, Sendable, Equatable {
+    public var writebackPages: UInt64
+    public var inFlight: Bool
+    public var unpersisted: Bool
+    public init(writebackPages: UInt64, inFlight: Bool, unpersisted: Bool) {
+        self.writebackPages = writebackPages
+        self.inFlight = inFlight
+        self.unpersisted = unpersisted
+    }
+    /// Nothing left to copy, nothing in flight, every cleared bit on the disk.
+    public var isDone: Bool { writebackPages == 0 && !inFlight && !unpersisted }
+    enum CodingKeys: String, CodingKey {
+        case writebackPages = "writeback_pages", inFlight = "in_flight", unpersisted
+    }
+}
+
 public struct ControlRequest: Codable, Sendable, Equatable {
-    public var op: String
+    public var op: ControlOp
     public var clear: Bool?
     public var token: UInt64?
     public var ok: Bool?
-    public init(op: String, clear: Bool? = nil, token: UInt64? = nil, ok: Bool? = nil) {
+    public init(op: ControlOp, clear: Bool? = nil, token: UInt64? = nil, ok: Bool? = nil) {
         self.op = op
         self.clear = clear
         self.token = token

@@ -144,17 +144,17 @@ enum DirtyControl {
     static func answer(_ request: ControlRequest, dirty: Bitmap, syncs: inout SyncTracker,
                        pageSize: UInt64, imageSize: UInt64, clear: ([Range<UInt64>]) -> Void) -> String {
         switch request.op {
-        case "dirty":
+        case .dirty:
             let runs = DirtyExtents.runs(dirty.bits)
             let reply = DirtyExtents(runs: runs, pageSize: pageSize, imageSize: imageSize, token: nil)
             if request.clear == true && !runs.isEmpty { clear(runs) }
             return controlJSON(reply)
-        case "sync-begin":
+        case .syncBegin:
             // Nothing is cleared here: see the contract above.
             let runs = DirtyExtents.runs(dirty.bits)
             let token = syncs.begin(runs)
             return controlJSON(DirtyExtents(runs: runs, pageSize: pageSize, imageSize: imageSize, token: token))
-        case "sync-end":
+        case .syncEnd:
             guard let token = request.token, let confirmed = syncs.end(token, ok: request.ok == true) else {
                 return controlError("unknown sync token (more than \(SyncTracker.limit) syncs began since, or the server restarted); its pages stay dirty")
             }
@@ -162,31 +162,22 @@ enum DirtyControl {
             let before = dirty.count
             if !confirmed.isEmpty { clear(confirmed) }
             return controlJSON(SyncEnded(ok: true, pagesCleared: before - min(before, dirty.count)))
-        default:
-            return controlError("unknown command \(request.op)")
+        case .flush:
+            return controlError("this device has no write-back")
         }
     }
 }
 
 extension CachingHandler {
-    struct WritebackStatus: Encodable {
-        var writebackPages: UInt64
-        var inFlight: Bool
-        var unpersisted: Bool
-        enum CodingKeys: String, CodingKey {
-            case writebackPages = "writeback_pages", inFlight = "in_flight", unpersisted
-        }
-    }
-
     // MARK: Control (dirty tracking)
 
     func control(_ request: ControlRequest, queue: IOQueue) -> String {
-        if request.op == "flush" {
+        if request.op == .flush {
             guard let wb = context.writeback else { return controlJSON(WritebackStatus(writebackPages: 0, inFlight: false, unpersisted: false)) }
             startWriteback(queue)
             if wb.bits.hasDirty { startCycle(queue) }
             return controlJSON(WritebackStatus(writebackPages: wb.count, inFlight: writebackRun != nil || cycle != nil,
-                                               unpersisted: wb.bits.hasDirty))
+                                               unpersisted: wb.bits.hasDirty || !writebackCopied.isEmpty))
         }
         guard let dirty else { return controlError("ublk\(queue.deviceID) does not track written pages") }
         // Clearing is the handler's: it keeps pages a failed data sync may have lost.
