@@ -88,7 +88,7 @@ umount /mnt/small
 
 section "class 6: EIO from the cache's disk (device mapper): FLUSH fails, nothing hangs, reads never lie"
 export DM_DISABLE_UDEV=1
-kmod-load brd rd_nr=1 rd_size=65536 && kmod-load dm_mod
+kmod-load brd rd_nr=2 rd_size=65536 && kmod-load dm_mod && kmod-load dm_flakey
 SECTORS=$(blockdev --getsz /dev/ram0)
 dm() { dmsetup --noudevsync "$@" && dmsetup mknodes >/dev/null 2>&1; }
 if check "a device-mapper disk" dm create flaky --table "0 $SECTORS linear /dev/ram0 0"; then
@@ -124,6 +124,46 @@ if check "a device-mapper disk" dm create flaky --table "0 $SECTORS linear /dev/
     fi
     umount -l /mnt/f 2>/dev/null
     dmsetup --noudevsync remove flaky >/dev/null 2>&1
+fi
+
+section "class 7: a power loss (the cache's disk drops every write from one moment on)"
+# From the switch on nothing reaches ram1, as when the power goes: what the
+# file system shows after a remount is what a power loss would have left.
+# /run dies with the machine, and with it the live page states.
+cp $WWW/disk.img /var/tmp/rep.img
+pages() { split -b 4096 -d -a 5 "$1" "$2."; for f in "$2".*; do md5sum < "$f"; done > "$2.md5"; rm -f "$2".[0-9]*; }
+if check "a device-mapper disk for the cache and its bitmaps" bash -c "dmsetup --noudevsync create pl --table '0 $SECTORS linear /dev/ram1 0' && dmsetup mknodes && mkfs.ext4 -q -F /dev/mapper/pl && mkdir -p /mnt/p && mount /dev/mapper/pl /mnt/p"; then
+    OPTS="--url $URL --cache /mnt/p/c --bitmap /mnt/p/b --writable"
+    if add -t http $OPTS; then
+        head -c $((4 << 20)) /dev/urandom > /tmp/pa; head -c $((4 << 20)) /dev/urandom > /tmp/pb
+        check "4 MiB written and FLUSHed" dd if=/tmp/pa of=$DEV_B bs=1M oflag=direct conv=fsync
+        check "sync to a replica" "$UBLK" sync -n $DEV_ID --to /var/tmp/rep.img
+        check "4 MiB more written, not FLUSHed" dd if=/tmp/pb of=$DEV_B bs=1M seek=8 oflag=direct
+        check "power loss: the disk drops every write from now on" bash -c "dmsetup --noudevsync suspend pl && dmsetup --noudevsync load pl --table '0 $SECTORS flakey /dev/ram1 0 0 1 1 drop_writes' && dmsetup --noudevsync resume pl"
+        dd if=/dev/urandom of=$DEV_B bs=1M seek=16 count=2 oflag=direct conv=fsync 2>/dev/null  # lost, whatever it says
+        kill -9 $DEV_PID; wait_for 10 dead $DEV_PID; del $DEV_ID >/dev/null 2>&1
+        rm -rf /run/ublk-http/live
+        umount /mnt/p
+        check "power back: the disk as the loss left it" bash -c "dmsetup --noudevsync suspend pl && dmsetup --noudevsync load pl --table '0 $SECTORS linear /dev/ram1 0' && dmsetup --noudevsync resume pl && mount /dev/mapper/pl /mnt/p"
+        if add -t http $OPTS; then
+            check "the FLUSHed 4 MiB read back" bash -c "cmp <(dd if=$DEV_B bs=1M count=4 iflag=direct 2>/dev/null) /tmp/pa"
+            dd if=$DEV_B bs=1M skip=8 count=4 iflag=direct of=/tmp/pd 2>/dev/null
+            dd if=$WWW/disk.img bs=1M skip=8 count=4 of=/tmp/pr 2>/dev/null
+            pages /tmp/pd /tmp/hd; pages /tmp/pb /tmp/hb; pages /tmp/pr /tmp/hr
+            bad=$(paste -d' ' /tmp/hd.md5 /tmp/hb.md5 /tmp/hr.md5 | awk '$1 != $3 && $1 != $5' | wc -l)
+            eq "every unFLUSHed page reads as written or as the remote's (never zeros or other bytes)" 0 "$bad"
+            check "bytes nobody wrote are the remote's" same $DEV_B 24 40 $WWW/disk.img
+            check "sync after the power loss" "$UBLK" sync -n $DEV_ID --to /var/tmp/rep.img
+            check "the replica is exact" cmp $DEV_B /var/tmp/rep.img
+            check "del" del $DEV_ID
+        else
+            fail "add after the power loss" "$DEV_JSON"
+        fi
+    else
+        fail "add with the cache on the device-mapper disk" "$DEV_JSON"
+    fi
+    umount /mnt/p 2>/dev/null
+    dmsetup --noudevsync remove pl >/dev/null 2>&1
 fi
 
 finish
