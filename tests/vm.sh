@@ -20,7 +20,7 @@ INITRD="$(mktemp "$VM_CACHE/initramfs-tests.XXXXXX.cpio.gz")"
 echo "[tests] building $INITRD"
 # Device mapper (dm-flakey, dm-error) for the suites that make a disk fail under the cache.
 vm/initramfs.sh "$INITRD" --bin "$BIN:/usr/local/bin/ublk-http" --bin /usr/bin/jq --bin /usr/bin/setpriv \
-    --bin /usr/sbin/dmsetup --module dm_mod --module dm_flakey >/dev/null
+    --bin /usr/sbin/dmsetup --module dm_mod --module dm_flakey --module dm_delay >/dev/null
 failed=()
 LOG=$(mktemp /tmp/ublk-http-vm-suite.XXXXXX)
 trap 'rm -f "$LOG" "$INITRD"' EXIT

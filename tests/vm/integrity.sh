@@ -166,4 +166,34 @@ if check "a device-mapper disk for the cache and its bitmaps" bash -c "dmsetup -
     dmsetup --noudevsync remove pl >/dev/null 2>&1
 fi
 
+section "class 8: a slow disk under the bitmaps stalls no read (the queue blocks only in io_uring_enter)"
+# Every write and flush to the bitmaps' disk takes 2 s (dm-delay). Persisting
+# goes through the ring, so reads of cached pages go on meanwhile; a server
+# that wrote and fdatasync'ed its bitmaps on the queue's thread stalled them.
+kmod-load dm_delay
+if check "ext4 for the bitmaps, then a 2 s delay on its writes and flushes" bash -c "dmsetup --noudevsync create slow --table '0 $SECTORS linear /dev/ram1 0' && dmsetup mknodes && mkfs.ext4 -q -F /dev/mapper/slow && mkdir -p /mnt/s && mount /dev/mapper/slow /mnt/s && dmsetup --noudevsync suspend slow && dmsetup --noudevsync load slow --table '0 $SECTORS delay /dev/ram1 0 0 /dev/ram1 0 2000 /dev/ram1 0 2000' && dmsetup --noudevsync resume slow"; then
+    if add -t http --url $URL --cache /var/tmp/s.cache --bitmap /mnt/s/b --writable; then
+        check "read 4 MiB (cached from now on)" same $DEV_B 0 4 $WWW/disk.img
+        # A writer of new pages: each write's bits go to the slow disk first.
+        ( for i in $(seq 0 5); do dd if=/dev/urandom of=$DEV_B bs=4k seek=$((8192 + i * 16)) count=1 oflag=direct 2>/dev/null; done ) &
+        W=$!
+        sleep 1
+        t0=$(date +%s%N)
+        dd if=$DEV_B of=/dev/null bs=4k count=1024 iflag=direct 2>/dev/null; rc=$?
+        t1=$(date +%s%N)
+        ms=$(( (t1 - t0) / 1000000 ))
+        echo "# 1024 cached 4 KiB reads took $ms ms while the bitmaps' disk answered in 2 s"
+        eq "the reads succeed" 0 $rc
+        check "and none waited for the slow disk (under 1.5 s in all)" test $ms -lt 1500
+        check "the writer is still at it (the reads ran beside it)" alive $W
+        wait $W
+        check "the written pages read back after a FLUSH" bash -c "dd if=/dev/zero of=$DEV_B bs=4k seek=100 count=1 oflag=direct conv=fsync 2>/dev/null && $UBLK dirty -n $DEV_ID | jq -e '.pages >= 6'"
+        check "del" del $DEV_ID
+    else
+        fail "add with the bitmaps on a slow disk" "$DEV_JSON"
+    fi
+    umount /mnt/s 2>/dev/null
+    dmsetup --noudevsync remove slow >/dev/null 2>&1
+fi
+
 finish
