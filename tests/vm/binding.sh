@@ -141,6 +141,8 @@ if add -t cache --backing /var/tmp/back.img $CK --write-mode back; then
     kill -9 $DEV_PID; wait_for 10 dead $DEV_PID
     wait_for 30 dead $FIO; kill -9 $FIO 2>/dev/null; wait $FIO 2>/dev/null
     del $DEV_ID >/dev/null 2>&1
+    echo "# fio before the kill: $(grep -m1 -E 'write: IOPS|err=' /tmp/fio-wb.txt)"
+    echo "# status: $("$UBLK" status --bitmap $C/k.bitmap 2>&1 | head -c 400)"
     check "pages await write-back" bash -c "$UBLK status --bitmap $C/k.bitmap | jq -e '.pages_writeback > 0'"
     mv /var/tmp/back.img /var/tmp/back.keep # the same inode, put back below
     head -c $((32 << 20)) /dev/urandom > /var/tmp/back.new; mv -f /var/tmp/back.new /var/tmp/back.img

@@ -178,7 +178,11 @@ final class CachingHandler: QueueHandler {
     /// eviction run) until the device is restarted, and every FLUSH fails.
     var presentFrozen = false
     var durabilityLost: Bool { presentFrozen || !lostPages.isEmpty }
+    /// When the last full cycle started, and the statistics were last published.
     var lastPersist: UInt64 = 0
+    var lastStats: UInt64 = 0
+    /// After a bitmap write failed, leftover bits are tried again from then on (no busy loop).
+    var retryAfter: UInt64 = 0
     var persistInterval: UInt64 = 1_000_000_000
     static let metaRunShift: UInt32 = 26
 
@@ -705,19 +709,36 @@ final class CachingHandler: QueueHandler {
         let statsDirty = context.publishStats && statsSignature != writtenStatsSignature
         if writeback != nil && !draining { startWriteback(queue) }
         if context.maxCacheBytes > 0 && cycle == nil && punchesInFlight == 0 && !presentFrozen { evictIfNeeded(queue) }
-        let presentDirty = bitmap.bits.hasDirty || !writebackCopied.isEmpty || !evicting.isEmpty || (settled?.count ?? 0) > 0
-        let bitsDirty = presentDirty || intentBitmaps.contains { $0.bits.hasDirty }
-        guard statsDirty || (bitsDirty && cycle == nil) else { return }
         let now = monotonicNanos()
-        if now &- lastPersist >= persistInterval {
-            lastPersist = now
-            if statsDirty { publishStats(queue) }
-            if bitsDirty { startCycle(queue, full: presentDirty) }
-        } else if !timerArmed {
-            _ = cu_timerfd_arm(timerFD, max(1, persistInterval - (now &- lastPersist)))
+        if statsDirty && now &- lastStats >= persistInterval {
+            lastStats = now
+            publishStats(queue)
+        }
+        // Present bits (and what rides with them) go out once per interval,
+        // in a full cycle; intent bits left over go out at once.
+        let presentDirty = presentNeedsCycle
+        let fullDue = presentDirty && now &- lastPersist >= persistInterval
+        let intentLeft = intentBitmaps.contains(where: { $0.bits.hasDirty })
+        if cycle == nil {
+            if fullDue {
+                startCycle(queue, full: true)
+            } else if intentLeft && now >= retryAfter {
+                startCycle(queue, full: false)
+            }
+        }
+        let statsWait = statsDirty && now &- lastStats < persistInterval
+        if (presentDirty && !fullDue) || statsWait || (intentLeft && now < retryAfter), !timerArmed {
+            let untilFull = persistInterval &- min(now &- lastPersist, persistInterval)
+            let untilStats = persistInterval &- min(now &- lastStats, persistInterval)
+            _ = cu_timerfd_arm(timerFD, max(1, min(presentDirty ? untilFull : .max, statsWait ? untilStats : .max)))
             timerArmed = true
             queue.poll(fd: timerFD, data: CachingHandler.timerEvent)
         }
+    }
+
+    /// Something only a full cycle persists is waiting.
+    var presentNeedsCycle: Bool {
+        bitmap.bits.hasDirty || !writebackCopied.isEmpty || !evicting.isEmpty || (settled?.count ?? 0) > 0
     }
 
     func drain(queue: IOQueue) {

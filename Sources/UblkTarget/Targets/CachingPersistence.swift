@@ -16,8 +16,14 @@ extension CachingHandler {
     /// or an eviction waiting makes any cycle full.
     func startCycle(_ queue: IOQueue, full wantFull: Bool = true) {
         guard cycle == nil else { return }
+        let now = monotonicNanos()
+        // A full cycle due (the interval passed) is not put off by a stream of intent cycles.
         let full = wantFull || !flushWaiters.isEmpty || !evicting.isEmpty || dirtyCleared
-        if full { dirtyCleared = false }
+            || (presentNeedsCycle && now &- lastPersist >= persistInterval)
+        if full {
+            dirtyCleared = false
+            lastPersist = now
+        }
         var c = Cycle(full: full)
         if full {
             // Copied pages: the backing's fdatasync below covers them, so their bits may go.
@@ -67,7 +73,6 @@ extension CachingHandler {
         }
         c.held = heldWrites
         heldWrites = []
-        lastPersist = monotonicNanos()
         cycle = c
         if full {
             cycle!.outstanding = 1
@@ -152,7 +157,10 @@ extension CachingHandler {
                 b.persisted(staged)
             }
         }
-        if metaFailed { log("ublk-http: cannot persist the bitmaps (write or fdatasync failed); will retry") }
+        if metaFailed {
+            log("ublk-http: cannot persist the bitmaps (write or fdatasync failed); will retry")
+            retryAfter = monotonicNanos() &+ min(persistInterval, 1_000_000_000)
+        }
         if c.dataFailure < 0 {
             dataSyncFailed(c, queue: queue)
         } else {
