@@ -32,6 +32,8 @@ final class PageStateModelTests: XCTestCase {
     static let imageSize = pages * page
     static let sectors = imageSize / sector
     static let remoteMark: UInt64 = 0x5245_4D4F_5445  // "REMOTE"
+    /// The remote object after it changed (new ETag): reads as -2.
+    static let remoteMark2: UInt64 = 0x3245_4D4F_5445
 
     // MARK: Sector contents
 
@@ -50,13 +52,13 @@ final class PageStateModelTests: XCTestCase {
         guard s == UInt64(sector) else { return -99 }
         let b = UInt8(truncatingIfNeeded: Int(id &* 31) &+ sector &* 7 | 1)
         guard raw[16...].allSatisfy({ $0 == b }) else { return -99 }
-        return id == remoteMark ? 0 : Int64(id)
+        return id == remoteMark ? 0 : id == remoteMark2 ? -2 : Int64(id)
     }
 
-    static func remoteImage() -> [UInt8] {
+    static func remoteImage(version: Int = 1) -> [UInt8] {
         var out = [UInt8](repeating: 0, count: imageSize)
         out.withUnsafeMutableBytes { b in
-            for s in 0..<sectors { fill(b.baseAddress! + s * sector, id: remoteMark, sector: s) }
+            for s in 0..<sectors { fill(b.baseAddress! + s * sector, id: version == 1 ? remoteMark : remoteMark2, sector: s) }
         }
         return out
     }
@@ -78,7 +80,10 @@ final class PageStateModelTests: XCTestCase {
         var rng: SplitMix
         var trace: [String] = []
         let traceLimit = ProcessInfo.processInfo.environment["MODEL_TRACE"].flatMap { Int($0) } ?? 400
-        let remote = PageStateModelTests.remoteImage()
+        var remote = PageStateModelTests.remoteImage()
+        /// The remote object's version (its ETag is "e<version>"); it changes once at most.
+        var remoteVersion = 1
+        var lastState: CacheState = .fresh
         let files = FaultFiles()
         var queue: FakeQueue!
         var fetcher: RunFetcher!
@@ -102,9 +107,10 @@ final class PageStateModelTests: XCTestCase {
         var inFlight: [UInt16: (op: UInt8, offset: Int, length: Int, id: Int64)] = [:]
         var flushSnapshots: [UInt16: (current: [Set<Int64>], inflight: [Set<Int64>], maxID: Int64)] = [:]
         var faulty = false
+        var readMostly = false
         var evictBound: UInt64 = 0
         var persistInterval: UInt64 = 0
-        var crashes = 0, reads = 0, writes = 0, flushes = 0, syncs = 0
+        var crashes = 0, reads = 0, writes = 0, flushes = 0, syncs = 0, remoteChanges = 0, remoteRefusals = 0
         /// The machine's boot: a power loss starts another (live bits on /run die with it).
         var boots = 0
 
@@ -125,6 +131,8 @@ final class PageStateModelTests: XCTestCase {
             faulty = rng.next() % 3 == 0
             evictBound = rng.next() % 2 == 0 ? UInt64(8 + rng.next() % 16) * 4096 : 0
             persistInterval = rng.next() % 2 == 0 ? 0 : .max / 2
+            // Some overlays are only read (as most are): a changed remote then starts them afresh.
+            readMostly = mode == .overlay && rng.next() % 4 == 0
             try start()
         }
 
@@ -162,7 +170,7 @@ final class PageStateModelTests: XCTestCase {
             backingFD = mode == .overlay ? -1 : open(dir + "/backing", O_RDWR)
             let id = BitmapIdentity(kind: .present, pageSize: PageStateModelTests.page,
                                     imageSize: UInt64(PageStateModelTests.imageSize), url: "model://image",
-                                    etag: mode == .overlay ? "e1" : "backing-1")
+                                    etag: mode == .overlay ? "e\(remoteVersion)" : "backing-1")
             // Opened as the targets open it: CacheStore binds the files and adopts live bits.
             var spec = CacheStoreSpec(cachePath: dir + "/c", bitmapPath: dir + "/b", identity: id)
             spec.dirty = .open
@@ -177,6 +185,7 @@ final class PageStateModelTests: XCTestCase {
                 spec.backing = BackingCheck(fd: backingFD, path: dir + "/backing")
             }
             let store = try CacheStore.open(spec)
+            lastState = store.state
             let bitmap = store.present, dirty = store.dirty!, local = store.local, writeback = store.writeback
             let unsettled = store.unsettled, cache = store.cache
             if case .startedAfresh(let why) = store.state { note("store started afresh: \(why)") }
@@ -418,7 +427,41 @@ final class PageStateModelTests: XCTestCase {
                 current[s] = processOnly ? current[s].union(inflight[s]) : since[s].union([stable[s]])
                 inflight[s] = []
             }
-            try start()
+            if !processOnly && mode == .overlay && remoteVersion == 1 && rng.next() % 4 == 0 {
+                // Meanwhile the remote object changed (a new ETag).
+                remoteVersion = 2
+                note("the remote changes")
+                do {
+                    try start()
+                } catch let e as CacheStoreError {
+                    // Refused: written pages would be lost. Then the old object is served again.
+                    guard "\(e)".contains("locally written") else { throw Failure(description: "a changed remote refused for another reason: \(e)") }
+                    note("refused: \(e)")
+                    remoteRefusals += 1
+                    remoteVersion = 1
+                    try start()
+                }
+                if remoteVersion == 2 {
+                    guard case .startedAfresh = lastState else {
+                        throw Failure(description: "the remote changed but the cache was \(lastState.description)")
+                    }
+                    // Afresh: no page was local, so no FLUSHed write may have been there.
+                    if let s = (0..<PageStateModelTests.sectors).first(where: { stable[$0] != 0 }) {
+                        throw Failure(description: "a changed remote wiped FLUSHed data: sector \(s) held \(stable[s])")
+                    }
+                    remoteChanges += 1
+                    remote = PageStateModelTests.remoteImage(version: 2)
+                    fake?.remote = remote
+                    replica = remote
+                    for s in 0..<PageStateModelTests.sectors {
+                        current[s] = [-2]
+                        stable[s] = -2
+                        since[s] = []
+                    }
+                }
+            } else {
+                try start()
+            }
             let faultyNow = faulty
             // Check every sector once, without faults, then carry on.
             queue.fsyncFailPermille = 0
@@ -497,7 +540,8 @@ final class PageStateModelTests: XCTestCase {
                 if freeTag() != nil {
                     let (s, n) = randomRange()
                     let kind = rng.next() % 20
-                    let op = kind < 9 ? Op.read : kind < 17 ? Op.write : kind < 18 ? Op.discard : Op.flush
+                    var op = kind < 9 ? Op.read : kind < 17 ? Op.write : kind < 18 ? Op.discard : Op.flush
+                    if readMostly && (op == Op.write || op == Op.discard) { op = Op.read }
                     // Overlapping writes in flight have no defined order: the block layer never sends them.
                     if op == Op.write || op == Op.discard, (s..<s + n).contains(where: { !inflight[$0].isEmpty }) { return }
                     submit(op: op, sector: s, count: n)
@@ -526,6 +570,9 @@ final class PageStateModelTests: XCTestCase {
         }
     }
 
+    /// What the seeds did, summed (printed at the end: a run that exercised nothing shows).
+    var totals = (crashes: 0, reads: 0, writes: 0, flushes: 0, syncs: 0, remoteChanges: 0, remoteRefusals: 0)
+
     func runSeed(_ seed: UInt64, steps: Int) -> String? {
         let world: World
         do { world = try World(seed: seed) } catch { return "seed \(seed): cannot start: \(error)" }
@@ -548,6 +595,13 @@ final class PageStateModelTests: XCTestCase {
         } catch {
             return "seed \(seed) (\(world.mode.rawValue)) failed in its final power loss: \(error)\n  \(world.trace.joined(separator: "\n  "))"
         }
+        totals.crashes += world.crashes
+        totals.reads += world.reads
+        totals.writes += world.writes
+        totals.flushes += world.flushes
+        totals.syncs += world.syncs
+        totals.remoteChanges += world.remoteChanges
+        totals.remoteRefusals += world.remoteRefusals
         return nil
     }
 
@@ -564,7 +618,12 @@ final class PageStateModelTests: XCTestCase {
             if Date() > deadline { break }
         }
         XCTAssertGreaterThanOrEqual(ran, min(seeds.count, 20), "too few seeds ran in the time bound")
-        print("page-state model: \(ran) seeds of \(steps) steps passed")
+        print("page-state model: \(ran) seeds of \(steps) steps passed: \(totals)")
+        if seeds.count > 20 {
+            XCTAssertGreaterThan(totals.crashes, ran, "crashes were exercised")
+            XCTAssertGreaterThan(totals.syncs, 0)
+            XCTAssertGreaterThan(totals.remoteChanges + totals.remoteRefusals, 0, "remote changes were exercised")
+        }
     }
 }
 
