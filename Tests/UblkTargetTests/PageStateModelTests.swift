@@ -610,7 +610,7 @@ final class PageStateModelTests: XCTestCase {
         let steps = env["MODEL_STEPS"].flatMap { Int($0) } ?? 800
         let seeds: [UInt64] = env["MODEL_SEED"].flatMap { UInt64($0) }.map { [$0] }
             ?? Array(1...UInt64(env["MODEL_SEEDS"].flatMap { Int($0) } ?? 300))
-        let deadline = Date().addingTimeInterval(Double(env["MODEL_SECONDS"].flatMap { Int($0) } ?? 90))
+        let deadline = Date().addingTimeInterval(Double(env["MODEL_SECONDS"].flatMap { Int($0) } ?? 60))
         var ran = 0
         for seed in seeds {
             if let failure = runSeed(seed, steps: steps) { return XCTFail(failure) }
