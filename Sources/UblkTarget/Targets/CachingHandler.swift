@@ -34,7 +34,7 @@
 //   transient (memory)    a page in any of these is not evicted, and a request that would race it waits
 //   fetching              in a planner run (FetchPlanner): reads wait for it, never fetched twice
 //   reading / writing     a request in flight on the cache file covers it (`requests`)
-//   intent                a write waits for its local/dirty/writeback bits to be durable (`held`)
+//   intent                a write waits for its intent bits to be durable (`heldWrites`)
 //   evicting              bits cleared, persisted, punch in flight: new requests wait (`deferred`)
 //   syncing               handed to `sync`: stays dirty until the copy is confirmed (CachingControl)
 //
@@ -49,14 +49,21 @@
 //      after a full cycle; cleared write-back bits ride on it too (after the
 //      backing store's fdatasync), and evicted pages are punched only once
 //      their cleared bits are durable.
-//   3. A failed fdatasync of the cache file means the pages written since the
+//   3. Cleared bits (dirty after `sync`/`dirty --clear`, write-back after the
+//      copy, unsettled once both copies are durable) ride only on full
+//      cycles, after the data they vouch for is durable.
+//   4. A failed fdatasync of the cache file means the pages written since the
 //      last good one may be lost, and a later fdatasync will not say so:
-//      fetched pages among them become absent again (refetched), and once
-//      local data was at stake every later FLUSH fails with EIO.
+//      fetched pages among them not under I/O become absent (refetched),
+//      written ones stay dirty, and until the device is restarted no present
+//      bit goes to the disk, nothing is evicted and every FLUSH fails (EIO).
+//      A power loss then finds those pages as the last good sync left them.
 // Cycles run one at a time, so bitmap commits reach the disk in stage order.
+// A full cycle runs at least once a second while present bits wait.
 import CUring
 import Glibc
 import PageCache
+
 /// What a caching target hands its handler.
 final class CacheContext {
     let cache: CacheFile
