@@ -74,7 +74,7 @@ struct Add: ParsableCommand {
     @Flag(name: .customLong("no-dirty-tracking"), help: "cache: do not track written pages (no `dirty`/`sync`; for measuring what tracking costs).")
     var noDirtyTracking = false
 
-    @Option(name: .customLong("cache-max-size"), help: "http, cache: keep the cache file under SIZE (K/M/G/T) by evicting clean pages, least recently used first.")
+    @Option(name: .customLong("cache-max-size"), help: "http, cache: keep the cache file under SIZE (K/M/G/T) by evicting clean pages, least recently used first. Pages written here (an overlay's, or not yet written back) are never evicted, and fetches in flight (up to the readahead window and 4 MiB per connection) come on top: leave the file system that much room.")
     var cacheMaxSize: String?
 
     @OptionGroup(title: "http target (--cache, --bitmap and --page-size also for cache)")
