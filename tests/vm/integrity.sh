@@ -90,8 +90,9 @@ fi
 umount /mnt/small
 
 section "class 6: EIO from the cache's disk (device mapper): FLUSH fails, nothing hangs, reads never lie"
+# Two 128 MiB RAM disks: room for a whole 64 MiB cache file and its bitmaps.
 export DM_DISABLE_UDEV=1
-kmod-load brd rd_nr=2 rd_size=65536 && kmod-load dm_mod && kmod-load dm_flakey
+kmod-load brd rd_nr=2 rd_size=131072 && kmod-load dm_mod && kmod-load dm_flakey
 SECTORS=$(blockdev --getsz /dev/ram0)
 dm() { dmsetup --noudevsync "$@" && dmsetup mknodes >/dev/null 2>&1; }
 if check "a device-mapper disk" dm create flaky --table "0 $SECTORS linear /dev/ram0 0"; then
