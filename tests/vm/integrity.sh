@@ -95,6 +95,8 @@ export DM_DISABLE_UDEV=1
 kmod-load brd rd_nr=2 rd_size=131072 && kmod-load dm_mod && kmod-load dm_flakey
 SECTORS=$(blockdev --getsz /dev/ram0)
 dm() { dmsetup --noudevsync "$@" && dmsetup mknodes >/dev/null 2>&1; }
+# swap DEV TABLE: a new table for DEV, resumed whatever happens (never left suspended).
+swap() { local rc; dmsetup --noudevsync suspend "$1" || return 1; dmsetup --noudevsync load "$1" --table "$2"; rc=$?; dmsetup --noudevsync resume "$1"; return $rc; }
 if check "a device-mapper disk" dm create flaky --table "0 $SECTORS linear /dev/ram0 0"; then
     # No journal, errors=continue: the file system stays writable when the disk fails.
     mkdir -p /mnt/f
@@ -104,7 +106,7 @@ if check "a device-mapper disk" dm create flaky --table "0 $SECTORS linear /dev/
         check "write 1 MiB and FLUSH while the disk is good" dd if=/tmp/f1 of=$DEV_B bs=1M seek=2 oflag=direct conv=fsync
         check "a fetched MiB reads back" same $DEV_B 8 1 $WWW/disk.img
         # From now on every I/O to the cache's disk fails.
-        check "the disk fails" bash -c "dmsetup --noudevsync suspend flaky && dmsetup --noudevsync load flaky --table '0 $SECTORS error' && dmsetup --noudevsync resume flaky"
+        check "the disk fails" swap flaky "0 $SECTORS error"
         head -c $((1 << 20)) /dev/urandom > /tmp/f2
         timeout 120 dd if=/tmp/f2 of=$DEV_B bs=1M seek=4 oflag=direct conv=fsync 2>/tmp/dd2.err; rc=$?
         echo "# write + FLUSH on the failed disk: exit $rc: $(tail -n 1 /tmp/dd2.err)"
@@ -143,12 +145,12 @@ if check "a device-mapper disk for the cache and its bitmaps" bash -c "dmsetup -
         check "4 MiB written and FLUSHed" dd if=/tmp/pa of=$DEV_B bs=1M oflag=direct conv=fsync
         check "sync to a replica" "$UBLK" sync -n $DEV_ID --to /var/tmp/rep.img
         check "4 MiB more written, not FLUSHed" dd if=/tmp/pb of=$DEV_B bs=1M seek=8 oflag=direct
-        check "power loss: the disk drops every write from now on" bash -c "dmsetup --noudevsync suspend pl && dmsetup --noudevsync load pl --table '0 $SECTORS flakey /dev/ram1 0 0 1 1 drop_writes' && dmsetup --noudevsync resume pl"
+        check "power loss: the disk drops every write from now on" swap pl "0 $SECTORS flakey /dev/ram1 0 0 1 1 drop_writes"
         dd if=/dev/urandom of=$DEV_B bs=1M seek=16 count=2 oflag=direct conv=fsync 2>/dev/null  # lost, whatever it says
         kill -9 $DEV_PID; wait_for 10 dead $DEV_PID; del $DEV_ID >/dev/null 2>&1
         rm -rf /run/ublk-http/live
         umount /mnt/p
-        check "power back: the disk as the loss left it" bash -c "dmsetup --noudevsync suspend pl && dmsetup --noudevsync load pl --table '0 $SECTORS linear /dev/ram1 0' && dmsetup --noudevsync resume pl && mount /dev/mapper/pl /mnt/p"
+        check "power back: the disk as the loss left it" bash -c "$(declare -f swap); swap pl '0 $SECTORS linear /dev/ram1 0' && mount /dev/mapper/pl /mnt/p"
         if add -t http $OPTS; then
             check "the FLUSHed 4 MiB read back" bash -c "cmp <(dd if=$DEV_B bs=1M count=4 iflag=direct 2>/dev/null) /tmp/pa"
             dd if=$DEV_B bs=1M skip=8 count=4 iflag=direct of=/tmp/pd 2>/dev/null
@@ -175,12 +177,11 @@ section "class 8: a slow disk under the bitmaps stalls no read (the queue blocks
 # goes through the ring, so reads of cached pages go on meanwhile; a server
 # that wrote and fdatasync'ed its bitmaps on the queue's thread stalled them.
 kmod-load dm_delay
-table() { dmsetup --noudevsync suspend slow && dmsetup --noudevsync load slow --table "$1" && dmsetup --noudevsync resume slow; }
 if check "ext4 for the bitmaps" bash -c "dmsetup --noudevsync create slow --table '0 $SECTORS linear /dev/ram1 0' && dmsetup mknodes && mkfs.ext4 -q -F /dev/mapper/slow && mkdir -p /mnt/s && mount /dev/mapper/slow /mnt/s"; then
     if add -t http --url $URL --cache /var/tmp/s.cache --bitmap /mnt/s/b --writable; then
         check "read 4 MiB (cached from now on)" same $DEV_B 0 4 $WWW/disk.img
         sleep 1.5  # their bits persisted
-        check "the bitmaps' disk now takes 2 s for every write and flush" table "0 $SECTORS delay /dev/ram1 0 0 /dev/ram1 0 2000 /dev/ram1 0 2000"
+        check "the bitmaps' disk now takes 2 s for every write and flush" swap slow "0 $SECTORS delay /dev/ram1 0 0 /dev/ram1 0 2000 /dev/ram1 0 2000"
         # A writer of new pages: each write's bits go to the slow disk first.
         ( for i in $(seq 0 5); do dd if=/dev/urandom of=$DEV_B bs=4k seek=$((8192 + i * 16)) count=1 oflag=direct 2>/dev/null; done ) &
         W=$!
@@ -195,7 +196,7 @@ if check "ext4 for the bitmaps" bash -c "dmsetup --noudevsync create slow --tabl
         check "the writer is still at it (the reads ran beside it)" alive $W
         wait $W
         check "the writes are listed dirty" bash -c "$UBLK dirty -n $DEV_ID | jq -e '.pages >= 6'"
-        check "the disk is fast again" table "0 $SECTORS linear /dev/ram1 0"
+        check "the disk is fast again" swap slow "0 $SECTORS linear /dev/ram1 0"
         check "del" del $DEV_ID
     else
         fail "add with the bitmaps on a device-mapper disk" "$DEV_JSON"
