@@ -134,8 +134,10 @@ if add -t cache --backing /var/tmp/back.img $CK --write-mode back; then
     check "read it all" cmp $DEV_B /var/tmp/back.img
     # Scattered 4k writes (one-page write-back runs, copied one at a time:
     # a backlog builds), the server killed under them.
+    # Time-based: still writing when the server is killed (a run of fixed size
+    # may finish, and be written back, before the kill).
     fio --name=wb --filename=$DEV_B --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k --offset=8M --size=16M \
-        --iodepth=16 --randseed=7 --output=/tmp/fio-wb.txt >/dev/null 2>&1 &
+        --iodepth=16 --randseed=7 --time_based --runtime=60 --output=/tmp/fio-wb.txt >/dev/null 2>&1 &
     FIO=$!
     sleep 3
     kill -9 $DEV_PID; wait_for 10 dead $DEV_PID
