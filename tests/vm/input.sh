@@ -1,7 +1,8 @@
-# Issue 9, classes 9 and 10 on the real driver: secrets (a --header-file, a
+# Issue 9, classes 9, 10 and 12 on the real driver: secrets (a --header-file, a
 # presigned query string) appear nowhere another user can read them (the
 # server's /proc/PID/cmdline, files under /run/ublk-http/, `list`, the logs);
-# bad numbers and crafted input are one line on stderr and a non-zero exit.
+# bad numbers and crafted input are one line on stderr and a non-zero exit;
+# a name that fails to resolve for a moment is retried.
 source /tests/lib.sh
 set -o pipefail
 
@@ -107,6 +108,31 @@ truncate -s 3T $WWW/huge.img
 expect_error "an image larger than the bitmap can address (2^32 pages)" "more than the 2199023255552" \
     "$UBLK" add -t http --url http://127.0.0.1:8080/huge.img --page-size 512 --cache $CACHE/h.cache --bitmap $CACHE/h.bitmap
 rm -f $WWW/huge.img
+
+section "class 12: a name that stops resolving for a moment: the read is retried, not failed"
+# The name goes from /etc/hosts after add; nginx restarts (no connection to
+# reuse) and libcurl's DNS cache (60 s) runs out; the name comes back a second
+# after a cold read starts, within the retries' backoff.
+cp /etc/hosts /tmp/hosts.orig
+echo "127.0.0.1 imgserver" >> /etc/hosts
+if add -t http --url http://imgserver:8080/disk.img --cache $CACHE/dns.cache --bitmap $CACHE/dns.bitmap; then
+    cp /tmp/hosts.orig /etc/hosts
+    nginx-stop; nginx-start $WWW 8080 >/dev/null
+    sleep 62
+    ( sleep 1; echo "127.0.0.1 imgserver" >> /etc/hosts ) &
+    check "a cold read while the name does not resolve returns the image once it does" \
+        bash -c "cmp <(dd if=$DEV_B bs=1M skip=4 count=2 iflag=direct 2>/dev/null) <(dd if=$WWW/disk.img bs=1M skip=4 count=2 2>/dev/null)"
+    wait
+    sleep 1.2
+    R=$("$UBLK" stats -n $DEV_ID --json | jq -r .retries)
+    echo "# retries: $R"
+    check "the fetch was retried" test "$R" -gt 0
+    check "del" del $DEV_ID
+else
+    fail "add -t http --url http://imgserver:8080/disk.img" "$DEV_JSON"
+fi
+cp /tmp/hosts.orig /etc/hosts
+
 eq "nothing left" "[]" "$("$UBLK" list)"
 nginx-stop
 
