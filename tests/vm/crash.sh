@@ -8,10 +8,12 @@ set -o pipefail
 
 WWW=/srv/www; C=/var/tmp/crash
 mkdir -p $WWW $C
-head -c $((64 << 20)) /dev/urandom > $WWW/disk.img
+head -c $((128 << 20)) /dev/urandom > $WWW/disk.img
 check "nginx" nginx-start $WWW 8080
 URL=http://127.0.0.1:8080/disk.img
 FIO="fio --ioengine=io_uring --direct=1 --bs=4k --iodepth=16 --randrepeat=1"
+# Large enough that fio is still in its write phase at the kill (2 s in).
+SIZE=128M
 
 # under_fio NAME ADD-ARGS...: fio randwrite --verify over 32 MiB (no FLUSH
 # until its end), kill -9 of the server in the write phase, recover; fio then
@@ -20,10 +22,10 @@ under_fio() {
     local name=$1; shift
     section "$name: kill -9 under fio --verify, recover"
     if ! add "$@" --recovery; then fail "$name: add --recovery" "$DEV_JSON"; return; fi
-    $FIO --name=crash --filename=$DEV_B --rw=randwrite --size=32M --randseed=11 \
+    $FIO --name=crash --filename=$DEV_B --rw=randwrite --size=$SIZE --randseed=11 \
         --verify=crc32c --do_verify=1 --verify_fatal=1 --output=/tmp/fio-crash.txt >/dev/null 2>&1 &
     local fio=$! old=$DEV_PID
-    sleep 4
+    sleep 2
     if ! alive $fio; then fail "$name: fio still writing at the kill" "$(tail -n 5 /tmp/fio-crash.txt)"; fi
     kill -9 $old
     check "$name: the server died" wait_for 5 dead $old
@@ -39,7 +41,7 @@ under_fio() {
     # The bytes survive a clean restart as well (the adopted states were persisted).
     check "$name: del" del $DEV_ID
     if add "$@"; then
-        check "$name: after del and add, fio verifies again" $FIO --name=crash --filename=$DEV_B --rw=randwrite --size=32M \
+        check "$name: after del and add, fio verifies again" $FIO --name=crash --filename=$DEV_B --rw=randwrite --size=$SIZE \
             --randseed=11 --verify=crc32c --verify_only=1 --verify_fatal=1 --output=/tmp/fio-again.txt
         del $DEV_ID >/dev/null
     else
@@ -67,9 +69,9 @@ plain() {
 }
 
 under_fio "http --writable" -t http --url $URL --cache $C/h.cache --bitmap $C/h.bitmap --writable
-truncate -s 64M /var/tmp/through.img
+truncate -s 128M /var/tmp/through.img
 under_fio "cache through" -t cache --backing /var/tmp/through.img --cache $C/t.cache --bitmap $C/t.bitmap --write-mode through
-truncate -s 64M /var/tmp/back.img
+truncate -s 128M /var/tmp/back.img
 under_fio "cache back" -t cache --backing /var/tmp/back.img --cache $C/b.cache --bitmap $C/b.bitmap --write-mode back
 
 plain "http --writable" -t http --url $URL --cache $C/h.cache --bitmap $C/h.bitmap --writable
