@@ -168,8 +168,13 @@ public final class CacheStore {
     // MARK: Open
 
     public static func open(_ spec: CacheStoreSpec) throws(CacheStoreError) -> CacheStore {
+        try typed { try openThrowing(spec) }
+    }
+
+    /// Runs `body`, its errors as CacheStoreError (the one mapping both entry points use).
+    static func typed<T>(_ body: () throws -> T) throws(CacheStoreError) -> T {
         do {
-            return try openThrowing(spec)
+            return try body()
         } catch let e as CacheStoreError {
             throw e
         } catch let e as BitmapError {
@@ -410,7 +415,7 @@ public final class CacheStore {
     /// pages are about to be copied: never another file's bytes or zeros).
     /// Live words a dead server of this boot left are adopted.
     public static func openDirty(path: String, cachePath: String?, live: LiveConfig?) throws(CacheStoreError) -> (bitmap: Bitmap, cache: CacheFile?) {
-        do {
+        try typed {
             let info = try Bitmap.inspect(path: path)
             guard info.identity.kind == .dirty else { throw CacheStoreError.refused("\(path) is not a dirty bitmap") }
             var presentBinding: SetBinding?
@@ -447,14 +452,6 @@ public final class CacheStore {
             let bitmap = try Bitmap.open(path: path, identity: info.identity).bitmap
             if let live, bitmap.binding != nil { try bitmap.attachLive(live, role: "dirty") }
             return (bitmap, cache)
-        } catch let e as CacheStoreError {
-            throw e
-        } catch let e as BitmapError {
-            throw .bitmap(e)
-        } catch let e as FileError {
-            throw .file(e)
-        } catch {
-            throw .refused("\(error)")
         }
     }
 
