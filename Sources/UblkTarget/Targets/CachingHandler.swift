@@ -281,6 +281,9 @@ final class CachingHandler: QueueHandler {
     var viaHome: [Bool] = []
     var peerHits: UInt64 = 0
     var publishedHits: UInt64 = 0
+    /// Another queue's last read (hit or not), to tell the home of sequential hits (readahead).
+    var lastReadStart: UInt64 = .max
+    var lastReadEnd: UInt64 = .max
     let presentWords: UnsafePointer<UInt64>
     /// The home's: evicted ranges whose punch waits for the running grace
     /// period (cleared before its flip), and for the next one (cleared after).
@@ -467,7 +470,9 @@ final class CachingHandler: QueueHandler {
                 claimed[Int(r.tag)] = claims
                 return startWrite(r, queue: queue)
             }
-            let plan = planner.plan(offset: r.offset, length: Int(r.length), context: UInt64(r.tag), present: bitmap.bits)
+            // Sequential reads are told apart per queue (each CPU's arrive on one).
+            let plan = planner.plan(offset: r.offset, length: Int(r.length), context: UInt64(r.tag), present: bitmap.bits,
+                                    stream: mesh == nil ? 0 : Int(r.tag) / depth)
             if plan.isHit {
                 if r.op == Op.read { context.stats.hits += 1 }
                 proceed(r, queue: queue)

@@ -28,6 +28,11 @@
 //   Hence: when a grace period ends, no read started on a page whose bit was
 //   cleared before the flip is still running, and none can start (its bit
 //   reads clear). Eviction then punches as before.
+// - Bits set: the home sets a present bit only after the page's data is in
+//   the cache file (a pwrite that returned, or an io_uring write whose
+//   completion it reaped: a system call lies between the data and the plain
+//   store of the bit, and the store cannot move above it), so a queue that
+//   loads the bit set reads the data.
 // - Per-queue hit counters (each written by its queue only, read by `stats`).
 import CUring
 import Glibc
@@ -44,6 +49,9 @@ enum MeshMessage {
     case written(slot: UInt16, result: Int32)
     /// A reader of an old epoch ended: the home may check its grace period.
     case graceDrained
+    /// A hit the sender served that continues its previous read: the home's
+    /// planner grows and refills that queue's readahead window with it.
+    case hint(offset: UInt64, length: UInt32, queue: UInt16)
     /// The sender's hit count changed (at most once a second): the home wakes to publish statistics.
     case hitsChanged
     /// The read the home handed over with `read` is done (the home kept its pages from eviction till now).
@@ -237,8 +245,12 @@ extension CachingHandler {
         switch r.op {
         case Op.read:
             if let c = context.chunks { c.touch(offset: r.offset, length: r.length) }
+            let sequential = r.offset >= lastReadStart && r.offset <= lastReadEnd
+            lastReadStart = r.offset
+            lastReadEnd = r.offset + UInt64(r.length)
             if tryHit(r, queue: queue) {
                 peerHits &+= 1
+                if sequential { send(.hint(offset: r.offset, length: r.length, queue: queueID), to: 0) }
                 return
             }
             forward(r)
@@ -304,6 +316,10 @@ extension CachingHandler {
                 advanceGrace(queue)
             case .hitsChanged:
                 break  // `idle` follows, and publishes
+            case .hint(let offset, let length, let q):
+                if draining { continue }
+                _ = planner.hint(offset: offset, length: Int(length), stream: Int(q), present: bitmap.bits)
+                if planner.plannedRunCount > 0 { startRuns(queue) }
             case .readDone(let slot):
                 if stage[Int(slot)] == .reading {
                     requests[Int(slot)] = nil
