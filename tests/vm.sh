@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Usage: tests/vm.sh [SUITE...]
+# Usage: tests/vm.sh [SUITE...]   (UBLK_VM_SMP=N: N vCPUs, default 2)
 #   Runs the end-to-end suites of tests/vm/ (default: all of them, each SUITE.sh)
 #   inside the qemu VM on the real ublk driver (vm/run.sh). Builds the static
 #   release binary and the initramfs first. Exits non-zero if any suite fails or
@@ -30,7 +30,7 @@ for s in "${SUITES[@]}"; do
     # its init runs (no @@BOOTED line): that is qemu's, not the suite's, and
     # the suite is booted again (twice at most). A failure after boot counts.
     for attempt in 1 2 3; do
-        if vm/run.sh --initrd "$INITRD" --timeout "${UBLK_VM_TIMEOUT:-1500}" --file "$ROOT/tests/vm:/tests" \
+        if vm/run.sh --initrd "$INITRD" --timeout "${UBLK_VM_TIMEOUT:-1500}" --smp "${UBLK_VM_SMP:-2}" --file "$ROOT/tests/vm:/tests" \
             --log "$LOG" "tests/vm/$s.sh"; then
             break
         fi
