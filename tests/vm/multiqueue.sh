@@ -131,9 +131,9 @@ section "kill -9 of a -q 4 http --writable server, del, add again: unflushed wri
 if add -t http --url $URL --cache $C/p.cache --bitmap $C/p.bitmap --writable -q 4; then
     head -c $((4 << 20)) /dev/urandom > /tmp/pattern
     check "2 writers, one per vCPU, 4 MiB of O_DIRECT 4k writes, no FLUSH" bash -c "
-        taskset -c 0 dd if=/tmp/pattern of=$DEV_B bs=4k seek=259 count=512 oflag=direct 2>/dev/null &
-        taskset -c 1 dd if=/tmp/pattern of=$DEV_B bs=4k skip=512 seek=771 count=512 oflag=direct 2>/dev/null &
-        wait %1 && wait %2"
+        taskset -c 0 dd if=/tmp/pattern of=$DEV_B bs=4k seek=259 count=512 oflag=direct 2>/dev/null & a=\$!
+        taskset -c 1 dd if=/tmp/pattern of=$DEV_B bs=4k skip=512 seek=771 count=512 oflag=direct 2>/dev/null & b=\$!
+        wait \$a && wait \$b"
     kill -9 $DEV_PID; wait_for 10 dead $DEV_PID
     del $DEV_ID >/dev/null 2>&1
     if add -t http --url $URL --cache $C/p.cache --bitmap $C/p.bitmap --writable -q 4; then
