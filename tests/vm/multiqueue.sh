@@ -5,6 +5,8 @@
 # arrive on two queues at once and cross between them. The driver gives a
 # device at most one queue per CPU: 2 in the default VM.
 source /tests/lib.sh
+# -q N for the caching targets is behind this switch until the model test passes with several queues.
+export UBLK_HTTP_MULTIQUEUE=1
 set -o pipefail
 
 WWW=/srv/www; C=/var/tmp/mq
