@@ -130,6 +130,8 @@ final class FakeQueue: IOQueue {
     let charFD: Int32 = -1
     let userCopy = false
     func userCopyOffset(_ tag: UInt16) -> Int64 { 0 }
+    /// Request data lives in the request's plain buffer (the tag's buffer of kernel copy).
+    let dataPath = DataPath.kernelCopy
 
     enum Op {
         case read(Int32, UnsafeMutableRawPointer, UInt32, UInt64)
@@ -171,6 +173,18 @@ final class FakeQueue: IOQueue {
     }
     func write(fd: Int32, from buf: UnsafeRawPointer, length: UInt32, offset: UInt64, flags: Int32, tag: UInt16, sub: UInt8, data: UInt32) {
         pending.append(Pending(op: .write(fd, buf, length, offset), tag: tag, sub: sub, data: data))
+    }
+    func readIntoRequest(_ r: Request, at: UInt32, length: UInt32, fd: Int32, offset: UInt64,
+                         tag: UInt16, sub: UInt8, data: UInt32) {
+        read(fd: fd, into: r.buffer + Int(at), length: length, offset: offset, tag: tag, sub: sub, data: data)
+    }
+    func writeFromRequest(_ r: Request, at: UInt32, length: UInt32, fd: Int32, offset: UInt64, flags: Int32,
+                          tag: UInt16, sub: UInt8, data: UInt32) {
+        write(fd: fd, from: r.buffer + Int(at), length: length, offset: offset, flags: flags, tag: tag, sub: sub, data: data)
+    }
+    func zeroFill(_ r: Request, at: UInt32, length: UInt32) -> Int32 {
+        memset(r.buffer + Int(at), 0, Int(length))
+        return 0
     }
     func fsync(fd: Int32, dataOnly: Bool, tag: UInt16, sub: UInt8, data: UInt32) {
         pending.append(Pending(op: .fsync(fd), tag: tag, sub: sub, data: data))

@@ -145,6 +145,8 @@ _Static_assert(sizeof(struct ublk_params) == 112, "params");
 #define UBLK_IO_FETCH_REQ 0x20
 #define UBLK_IO_COMMIT_AND_FETCH_REQ 0x21
 #define UBLK_IO_NEED_GET_DATA 0x22
+#define UBLK_IO_REGISTER_IO_BUF 0x23
+#define UBLK_IO_UNREGISTER_IO_BUF 0x24
 
 /* ioctl-encoded opcodes, written out as plain constants (Swift cannot
  * import function-like macros) and checked against the encoding below. */
@@ -164,6 +166,8 @@ _Static_assert(sizeof(struct ublk_params) == 112, "params");
 #define UBLK_U_IO_FETCH_REQ 0xc0107520u
 #define UBLK_U_IO_COMMIT_AND_FETCH_REQ 0xc0107521u
 #define UBLK_U_IO_NEED_GET_DATA 0xc0107522u
+#define UBLK_U_IO_REGISTER_IO_BUF 0xc0107523u
+#define UBLK_U_IO_UNREGISTER_IO_BUF 0xc0107524u
 
 _Static_assert(UBLK_U_CMD_GET_DEV_INFO == _IOR('u', UBLK_CMD_GET_DEV_INFO, struct ublksrv_ctrl_cmd), "op");
 _Static_assert(UBLK_U_CMD_GET_QUEUE_AFFINITY == _IOR('u', UBLK_CMD_GET_QUEUE_AFFINITY, struct ublksrv_ctrl_cmd), "op");
@@ -181,6 +185,8 @@ _Static_assert(UBLK_U_CMD_DEL_DEV_ASYNC == _IOR('u', UBLK_CMD_DEL_DEV_ASYNC, str
 _Static_assert(UBLK_U_IO_FETCH_REQ == _IOWR('u', UBLK_IO_FETCH_REQ, struct ublksrv_io_cmd), "op");
 _Static_assert(UBLK_U_IO_COMMIT_AND_FETCH_REQ == _IOWR('u', UBLK_IO_COMMIT_AND_FETCH_REQ, struct ublksrv_io_cmd), "op");
 _Static_assert(UBLK_U_IO_NEED_GET_DATA == _IOWR('u', UBLK_IO_NEED_GET_DATA, struct ublksrv_io_cmd), "op");
+_Static_assert(UBLK_U_IO_REGISTER_IO_BUF == _IOWR('u', UBLK_IO_REGISTER_IO_BUF, struct ublksrv_io_cmd), "op");
+_Static_assert(UBLK_U_IO_UNREGISTER_IO_BUF == _IOWR('u', UBLK_IO_UNREGISTER_IO_BUF, struct ublksrv_io_cmd), "op");
 
 #define UBLK_IO_RES_OK 0
 #define UBLK_IO_RES_NEED_GET_DATA 1
@@ -241,6 +247,26 @@ static inline long long cu_user_copy_pos(__u16 q_id, __u16 tag, __u32 offset) {
 #define UBLK_IO_F_FUA (1U << 13)
 #define UBLK_IO_F_NOUNMAP (1U << 15)
 #define UBLK_IO_F_SWAP (1U << 16)
+/* UBLK_F_AUTO_BUF_REG with UBLK_AUTO_BUF_REG_FALLBACK: the automatic
+ * registration failed and the server must register the buffer itself. */
+#define UBLK_IO_F_NEED_REG_BUF (1U << 17)
+
+/* UBLK_F_AUTO_BUF_REG (6.16+): FETCH and COMMIT_AND_FETCH carry this in
+ * sqe->addr (not in the command): the request's pages are registered at
+ * `index` of the issuing ring's buffer table before the request is handed
+ * over, and unregistered when it is committed. Encoded as index | flags << 16
+ * | reserved0 << 24 | reserved1 << 32; reserved fields must be zero. */
+struct ublk_auto_buf_reg {
+    __u16 index;
+    __u8 flags;
+    __u8 reserved0;
+    __u32 reserved1;
+};
+_Static_assert(sizeof(struct ublk_auto_buf_reg) == 8, "auto buf reg");
+#define UBLK_AUTO_BUF_REG_FALLBACK (1 << 0)
+static inline __u64 cu_auto_buf_reg_addr(__u16 index, __u8 flags) {
+    return (__u64)index | (__u64)flags << 16;
+}
 
 /* Parameter attributes and types. */
 #define UBLK_ATTR_READ_ONLY (1 << 0)
@@ -264,6 +290,8 @@ static const unsigned cu_setup_coop = IORING_SETUP_COOP_TASKRUN;
 static const unsigned cu_setup_single_issuer = IORING_SETUP_SINGLE_ISSUER;
 static const unsigned cu_setup_defer_taskrun = IORING_SETUP_DEFER_TASKRUN;
 static const unsigned cu_iosqe_fixed_file = IOSQE_FIXED_FILE;
+static const unsigned cu_iosqe_io_hardlink = IOSQE_IO_HARDLINK;
+static const unsigned cu_iosqe_cqe_skip_success = IOSQE_CQE_SKIP_SUCCESS;
 static const unsigned cu_poll_in = POLLIN;
 static const unsigned cu_poll_out = POLLOUT;
 static const int cu_o_direct = __O_DIRECT;
@@ -313,6 +341,34 @@ static inline void cu_prep_io_cmd(struct io_uring_sqe *sqe, int fd, unsigned sqe
     struct ublksrv_io_cmd c = { .q_id = q_id, .tag = tag, .result = result, .addr = addr };
     cu_prep_uring_cmd(sqe, fd, cmd_op, &c, sizeof(c), user_data);
     sqe->flags = (__u8)sqe_flags;
+}
+
+/* FETCH / COMMIT_AND_FETCH with UBLK_F_AUTO_BUF_REG: the command's addr is 0
+ * and sqe->addr carries the registration (cu_auto_buf_reg_addr). */
+static inline void cu_prep_io_cmd_auto_reg(struct io_uring_sqe *sqe, int fd, __u32 cmd_op, __u16 q_id, __u16 tag,
+                                           __s32 result, __u64 auto_reg, __u64 user_data) {
+    cu_prep_io_cmd(sqe, fd, 0, cmd_op, q_id, tag, result, 0, user_data);
+    sqe->addr = auto_reg;
+}
+
+/* READ_FIXED / WRITE_FIXED of a registered buffer. For a ublk request's
+ * buffer the "address" is the byte offset into the request's data. */
+static inline void cu_prep_read_fixed(struct io_uring_sqe *sqe, int fd, __u64 buf_offset, unsigned len,
+                                      __u64 off, __u16 buf_index, __u64 user_data) {
+    io_uring_prep_read_fixed(sqe, fd, (void *)(uintptr_t)buf_offset, len, off, buf_index);
+    sqe->user_data = user_data;
+}
+
+static inline void cu_prep_write_fixed(struct io_uring_sqe *sqe, int fd, __u64 buf_offset, unsigned len,
+                                       __u64 off, __u16 buf_index, int rw_flags, __u64 user_data) {
+    io_uring_prep_write_fixed(sqe, fd, (const void *)(uintptr_t)buf_offset, len, off, buf_index);
+    sqe->rw_flags = rw_flags;
+    sqe->user_data = user_data;
+}
+
+/* A sparse buffer table of `nr` empty slots (for ublk zero copy); 0 or -errno. */
+static inline int cu_register_buffers_sparse(struct io_uring *ring, unsigned nr) {
+    return io_uring_register_buffers_sparse(ring, nr);
 }
 
 static inline void cu_prep_read(struct io_uring_sqe *sqe, int fd, unsigned sqe_flags, void *buf,

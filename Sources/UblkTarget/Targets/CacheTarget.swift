@@ -116,7 +116,7 @@ public final class CacheTarget: Target {
         p.readOnly = o.readOnly
         p.writeCache = true
         p.discard = !o.readOnly
-        p.userCopy = CachingHandler.wantsUserCopy(cacheFD: cache.fd)
+        p.dataPaths = CachingHandler.dataPaths(cacheFD: cache.fd)
         params = p
     }
 

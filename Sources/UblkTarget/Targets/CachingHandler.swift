@@ -60,6 +60,26 @@
 //      A power loss then finds those pages as the last good sync left them.
 // Cycles run one at a time, so bitmap commits reach the disk in stage order.
 // A full cycle runs at least once a second while present bits wait.
+//
+// WHICH DATA PATH A REQUEST TAKES (DataPath.swift; one per device, `list` shows it):
+//   read hit                   cache file -> request: READ_FIXED into the registered request
+//                              pages (auto-zero-copy, zero-copy), READ into the tag's buffer
+//                              then pwrite on /dev/ublkcN (user-copy) or the driver's copy
+//                              (kernel-copy); a cache file in memory: one inline copy
+//                              mapping -> request (inline-user-copy).
+//   read miss                  the fetch lands in the cache file first (HTTP: pwrite of the
+//                              body; `cache`: READ of the backing store into a run buffer,
+//                              then pwrite), the pages become present, and the read is then
+//                              served as a hit, by the path above.
+//   write                      request -> cache file by WRITE_FIXED (zero copy), or WRITE of
+//                              the tag's buffer after a pread on /dev/ublkcN (user-copy) or
+//                              the driver's copy; inline: one copy request -> mapping.
+//   write-through, backing     request -> backing store the same way (a second WRITE_FIXED);
+//                              inline: from the mapping, which now holds the data.
+//   past the image's end       zeros: zeroFill (memset of the tag's buffer, or pwrite of
+//                              zeros on /dev/ublkcN).
+//   write-back copy, fetches,  never request data: plain buffers.
+//   bitmaps, statistics
 import CUring
 import Glibc
 import PageCache
@@ -243,15 +263,18 @@ final class CachingHandler: QueueHandler {
     var mappingSize = 0
     var charFD: Int32 = -1
 
-    /// Whether a caching target over `cacheFD` asks for UBLK_F_USER_COPY.
-    static func wantsUserCopy(cacheFD: Int32) -> Bool { memoryFS.contains(cu_fs_type(cacheFD)) }
+    /// The data paths a caching target over `cacheFD` can run, best first: a cache
+    /// file in memory is copied inline through a mapping (measured fastest on tmpfs).
+    static func dataPaths(cacheFD: Int32) -> [DataPath] {
+        (memoryFS.contains(cu_fs_type(cacheFD)) ? [.inlineUserCopy] : []) + [.autoZeroCopy, .zeroCopy, .userCopy, .kernelCopy]
+    }
     static let memoryFS: [Int64] = [0x0102_1994 /* tmpfs */, 0x8584_58f6 /* ramfs */]
 
     /// A handler for `queue`; maps the cache file when the queue copies data itself.
     static func make(context: CacheContext, fetcher: RunFetcher, planner: FetchPlanner, queue: IOQueue,
                      deviceSize: UInt64) throws(UblkError) -> CachingHandler {
         let h = CachingHandler(context: context, fetcher: fetcher, planner: planner, depth: queue.depth)
-        if queue.userCopy {
+        if queue.dataPath == .inlineUserCopy {
             // The mapping covers the device (the image rounded up to 512 bytes,
             // so never past the cache file's last page): bytes past the end read as zeros.
             guard deviceSize > 0, let m = mmap(nil, Int(deviceSize), PROT_READ | PROT_WRITE, MAP_SHARED, context.cache.fd, 0),
@@ -362,12 +385,16 @@ final class CachingHandler: QueueHandler {
         return Int32(len)
     }
 
-    /// Where a write's data is (for the backing store's copy): the cache's mapped
-    /// pages in user-copy mode, else the tag's buffer.
-    @inline(__always)
-    func writeSource(_ r: Request) -> UnsafeMutableRawPointer {
-        if let m = mapping { return m + Int(r.offset) }
-        return r.buffer
+    /// Write-through: `r`'s data from byte `at` to the backing store; inline, from
+    /// the cache's mapped pages (they hold it now), else from the request.
+    func writeBacking(_ r: Request, at: UInt32, queue: IOQueue) {
+        let flags = r.fua ? cu_rwf_dsync : 0
+        if let m = mapping {
+            return queue.write(fd: context.backingFD, from: m + Int(r.offset) + Int(at), length: r.length - at,
+                               offset: r.offset + UInt64(at), flags: flags, tag: r.tag, sub: CachingHandler.subBackingWrite)
+        }
+        queue.writeFromRequest(r, at: at, length: r.length - at, fd: context.backingFD, offset: r.offset + UInt64(at),
+                               flags: flags, tag: r.tag, sub: CachingHandler.subBackingWrite, data: 0)
     }
 
     var through: Bool { context.writeThrough && context.backingFD >= 0 }
@@ -460,12 +487,10 @@ final class CachingHandler: QueueHandler {
                     return partDone(r, copied, queue: queue)
                 }
             } else {
-                queue.write(fd: cacheFD, from: r.buffer, length: r.length, offset: r.offset, tag: r.tag, sub: CachingHandler.subWrite)
+                queue.writeFromRequest(r, at: 0, length: r.length, fd: cacheFD, offset: r.offset, flags: 0,
+                                       tag: r.tag, sub: CachingHandler.subWrite, data: 0)
             }
-            if through {
-                queue.write(fd: context.backingFD, from: writeSource(r), length: r.length, offset: r.offset,
-                            flags: r.fua ? cu_rwf_dsync : 0, tag: r.tag, sub: CachingHandler.subBackingWrite)
-            }
+            if through { writeBacking(r, at: 0, queue: queue) }
             if mapping != nil { partDone(r, 0, queue: queue) }
         default:
             // DISCARD / WRITE_ZEROES: a hole reads as zeros; partial pages are zeroed by the punch.
@@ -550,10 +575,10 @@ final class CachingHandler: QueueHandler {
         done[Int(r.tag)] = 0
         if let m = mapping { return finish(r.tag, copyMapped(r, queue: queue, mapping: m), queue) }
         if r.offset >= imageSize {
-            memset(r.buffer, 0, Int(r.length))
-            return finish(r.tag, Int32(r.length), queue)
+            let z = queue.zeroFill(r, at: 0, length: r.length)
+            return finish(r.tag, z < 0 ? z : Int32(r.length), queue)
         }
-        if cacheInMemory {
+        if cacheInMemory && queue.dataPath == .kernelCopy {
             // As for loop: io_uring would punt a tmpfs read to an io-wq worker; the copy is cheaper.
             var got: UInt32 = 0
             while true {
@@ -562,7 +587,8 @@ final class CachingHandler: QueueHandler {
                 if let final = r.readProgress(n < 0 ? -errno : Int32(n), done: &got) { return finish(r.tag, final, queue) }
             }
         }
-        queue.read(fd: cacheFD, into: r.buffer, length: r.length, offset: r.offset, tag: r.tag, sub: CachingHandler.subRead)
+        queue.readIntoRequest(r, at: 0, length: r.length, fd: cacheFD, offset: r.offset, tag: r.tag,
+                              sub: CachingHandler.subRead, data: 0)
     }
 
     /// The cache file lives in memory (tmpfs, ramfs).
@@ -600,22 +626,20 @@ final class CachingHandler: QueueHandler {
             if result <= 0 { return partDone(r, result < 0 ? result : -EIO, queue: queue) }
             done[t] += UInt32(result)
             if done[t] >= r.length { return partDone(r, 0, queue: queue) }
-            return queue.write(fd: cacheFD, from: r.buffer + Int(done[t]), length: r.length - done[t],
-                               offset: r.offset + UInt64(done[t]), tag: tag, sub: CachingHandler.subWrite)
+            return queue.writeFromRequest(r, at: done[t], length: r.length - done[t], fd: cacheFD,
+                                          offset: r.offset + UInt64(done[t]), flags: 0, tag: tag, sub: CachingHandler.subWrite, data: 0)
         case CachingHandler.subBackingWrite:
             if result <= 0 { return partDone(r, result < 0 ? result : -EIO, queue: queue) }
             backingDone[t] += UInt32(result)
             if backingDone[t] >= r.length { return partDone(r, 0, queue: queue) }
-            return queue.write(fd: context.backingFD, from: writeSource(r) + Int(backingDone[t]), length: r.length - backingDone[t],
-                               offset: r.offset + UInt64(backingDone[t]), flags: r.fua ? cu_rwf_dsync : 0,
-                               tag: tag, sub: CachingHandler.subBackingWrite)
+            return writeBacking(r, at: backingDone[t], queue: queue)
         default:
             break
         }
         // Past the end of the object (the device is rounded up to 512 bytes): zeros.
-        if let final = r.readProgress(result, done: &done[t]) { return finish(tag, final, queue) }
-        queue.read(fd: cacheFD, into: r.buffer + Int(done[t]), length: r.length - done[t],
-                   offset: r.offset + UInt64(done[t]), tag: tag, sub: CachingHandler.subRead)
+        if let final = queue.readProgress(r, result, done: &done[t]) { return finish(tag, final, queue) }
+        queue.readIntoRequest(r, at: done[t], length: r.length - done[t], fd: cacheFD,
+                              offset: r.offset + UInt64(done[t]), tag: tag, sub: CachingHandler.subRead, data: 0)
     }
 
     // MARK: Fetching

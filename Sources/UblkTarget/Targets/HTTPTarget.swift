@@ -118,7 +118,7 @@ public final class HTTPTarget: Target {
         p.readOnly = !o.writable
         p.writeCache = o.writable
         p.discard = o.writable
-        p.userCopy = CachingHandler.wantsUserCopy(cacheFD: cache.fd)
+        p.dataPaths = CachingHandler.dataPaths(cacheFD: cache.fd)
         params = p
     }
 

@@ -17,6 +17,21 @@
 // not twice through a tag buffer. (splice would avoid the mapping, but the
 // ublk char device has no splice_write.) Truncating the file under a live
 // device is not supported in this mode.
+//
+// WHICH PATH A REQUEST TAKES (DataPath.swift; one per device, `list` shows it):
+//   READ / WRITE, file on disk    auto-zero-copy / zero-copy: READ_FIXED / WRITE_FIXED
+//                                 between the file and the request's registered pages;
+//                                 user-copy: READ / WRITE of the tag's buffer, plus a
+//                                 pwrite / pread of it on /dev/ublkcN; kernel-copy: READ /
+//                                 WRITE of the tag's buffer (the driver copies).
+//   READ / WRITE, file in memory  inline-user-copy (the default where the driver has
+//                                 USER_COPY): one copy mapping <-> request, inline;
+//                                 kernel-copy: pread / pwrite of the tag's buffer, inline;
+//                                 a forced zero-copy or user-copy path goes through
+//                                 io_uring as for a file on disk.
+//   FLUSH, DISCARD, WRITE_ZEROES  no request data: fdatasync / fallocate, through io_uring
+//                                 (inline for a file in memory); WRITE_ZEROES where the
+//                                 file system cannot punch writes zeros from the tag's buffer.
 import CUring
 import Glibc
 
@@ -73,15 +88,18 @@ public final class LoopTarget: Target {
         p.readOnly = readOnly
         p.writeCache = true
         p.discard = !readOnly
-        p.userCopy = inMemory
+        // In memory: the inline copy through a mapping, measured fastest on tmpfs.
+        p.dataPaths = (inMemory ? [.inlineUserCopy] : []) + [.autoZeroCopy, .zeroCopy, .userCopy, .kernelCopy]
         params = p
     }
 
     deinit { if fd >= 0 { close(fd) } }
 
     public func makeHandler(for queue: Queue) throws(UblkError) -> QueueHandler {
-        let h = Handler(fd: fd, depth: queue.depth, inline: inMemory)
-        if inMemory && queue.userCopy {
+        // Inline for a file in memory, unless a forced path needs io_uring for request data.
+        let path = queue.dataPath
+        let h = Handler(fd: fd, depth: queue.depth, inline: inMemory && (path == .inlineUserCopy || path == .kernelCopy))
+        if inMemory && path == .inlineUserCopy {
             let prot = params.readOnly ? PROT_READ : PROT_READ | PROT_WRITE
             guard let m = mmap(nil, Int(params.size), prot, MAP_SHARED, fd, 0), m != MAP_FAILED else {
                 throw UblkError("cannot map \(path)", errno: .current)
@@ -122,10 +140,10 @@ public final class LoopTarget: Target {
             done[t] = 0
             switch r.op {
             case Op.read:
-                queue.read(fd: fd, into: r.buffer, length: r.length, offset: r.offset, tag: r.tag, sub: Handler.subRead)
+                queue.readIntoRequest(r, at: 0, length: r.length, fd: fd, offset: r.offset, tag: r.tag, sub: Handler.subRead, data: 0)
             case Op.write:
-                queue.write(fd: fd, from: r.buffer, length: r.length, offset: r.offset,
-                            flags: r.fua ? cu_rwf_dsync : 0, tag: r.tag, sub: Handler.subWrite)
+                queue.writeFromRequest(r, at: 0, length: r.length, fd: fd, offset: r.offset,
+                                       flags: r.fua ? cu_rwf_dsync : 0, tag: r.tag, sub: Handler.subWrite, data: 0)
             case Op.flush:
                 queue.fsync(fd: fd, tag: r.tag, sub: Handler.subSync)
             case Op.discard:
@@ -213,16 +231,22 @@ public final class LoopTarget: Target {
             switch sub {
             case Handler.subRead:
                 // End of file: the rest of the device reads as zeros.
-                if let final = r.readProgress(result, done: &done[t]) { return finish(tag, final, queue) }
-                queue.read(fd: fd, into: r.buffer + Int(done[t]), length: r.length - done[t],
-                           offset: r.offset + UInt64(done[t]), tag: tag, sub: sub)
+                if let final = queue.readProgress(r, result, done: &done[t]) { return finish(tag, final, queue) }
+                queue.readIntoRequest(r, at: done[t], length: r.length - done[t], fd: fd,
+                                      offset: r.offset + UInt64(done[t]), tag: tag, sub: sub, data: 0)
             case Handler.subWrite, Handler.subZeroWrite:
                 if result < 0 { return finish(tag, result, queue) }
                 if result == 0 { return finish(tag, -EIO, queue) }
                 done[t] += UInt32(result)
                 if done[t] >= r.length { return finish(tag, sub == Handler.subWrite ? Int32(r.length) : 0, queue) }
-                queue.write(fd: fd, from: r.buffer + Int(done[t]), length: r.length - done[t],
-                            offset: r.offset + UInt64(done[t]), flags: r.fua ? cu_rwf_dsync : 0, tag: tag, sub: sub)
+                if sub == Handler.subWrite {
+                    queue.writeFromRequest(r, at: done[t], length: r.length - done[t], fd: fd, offset: r.offset + UInt64(done[t]),
+                                           flags: r.fua ? cu_rwf_dsync : 0, tag: tag, sub: sub, data: 0)
+                } else {
+                    // Zeros from the tag's buffer (no request data).
+                    queue.write(fd: fd, from: r.buffer + Int(done[t]), length: r.length - done[t],
+                                offset: r.offset + UInt64(done[t]), flags: r.fua ? cu_rwf_dsync : 0, tag: tag, sub: sub)
+                }
             case Handler.subFallocate:
                 if result == -EOPNOTSUPP || result == -EINVAL {
                     if r.op == Op.discard { return finish(tag, 0, queue) }  // advisory
