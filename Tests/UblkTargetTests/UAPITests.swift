@@ -77,7 +77,9 @@ final class UAPITests: XCTestCase {
         XCTAssertEqual(try Server.choosePath(target: T(all), features: v615, forced: nil), .zeroCopy)
         XCTAssertEqual(try Server.choosePath(target: T(all), features: v612, forced: nil), .userCopy)
         XCTAssertEqual(try Server.choosePath(target: T(all), features: UBLK_F_CMD_IOCTL_ENCODE, forced: nil), .kernelCopy)
-        XCTAssertEqual(try Server.choosePath(target: T([.inlineUserCopy] + all), features: v7, forced: nil), .inlineUserCopy)
+        let memory: [DataPath] = [.autoZeroCopy, .zeroCopy, .inlineUserCopy, .userCopy, .kernelCopy]
+        XCTAssertEqual(try Server.choosePath(target: T(memory), features: v7, forced: nil), .autoZeroCopy)
+        XCTAssertEqual(try Server.choosePath(target: T(memory), features: v612, forced: nil), .inlineUserCopy)
         XCTAssertEqual(try Server.choosePath(target: T(all), features: v7, forced: .kernelCopy), .kernelCopy)
         XCTAssertThrowsError(try Server.choosePath(target: T(all), features: v612, forced: .autoZeroCopy)) { e in
             XCTAssert("\(e)".contains("UBLK_F_AUTO_BUF_REG"), "\(e)")

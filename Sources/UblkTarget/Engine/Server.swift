@@ -95,8 +95,10 @@ public final class Server {
             info = try create(params, features: features)
         }
         flags = info.flags
-        dataPath = DataPath.granted(flags: info.flags, inline: params.dataPaths.first == .inlineUserCopy
-                                    && options.dataPath != .userCopy)
+        // User copy with a target that prefers the inline copy to plain user copy.
+        let inline = params.dataPaths.firstIndex(of: .inlineUserCopy).map { i in
+            params.dataPaths.firstIndex(of: .userCopy).map { i < $0 } ?? true } ?? false
+        dataPath = DataPath.granted(flags: info.flags, inline: inline && options.dataPath != .userCopy)
 
         let charPath = "/dev/ublkc\(deviceID)"
         for attempt in 0..<200 {

@@ -65,8 +65,8 @@
 //   read hit                   cache file -> request: READ_FIXED into the registered request
 //                              pages (auto-zero-copy, zero-copy), READ into the tag's buffer
 //                              then pwrite on /dev/ublkcN (user-copy) or the driver's copy
-//                              (kernel-copy); a cache file in memory: one inline copy
-//                              mapping -> request (inline-user-copy).
+//                              (kernel-copy); a cache file in memory without zero copy
+//                              (6.12): one inline copy mapping -> request (inline-user-copy).
 //   read miss                  the fetch lands in the cache file first (HTTP: pwrite of the
 //                              body; `cache`: READ of the backing store into a run buffer,
 //                              then pwrite), the pages become present, and the read is then
@@ -263,10 +263,13 @@ final class CachingHandler: QueueHandler {
     var mappingSize = 0
     var charFD: Int32 = -1
 
-    /// The data paths a caching target over `cacheFD` can run, best first: a cache
-    /// file in memory is copied inline through a mapping (measured fastest on tmpfs).
+    /// The data paths a caching target over `cacheFD` can run, best first. A cache
+    /// file in memory: zero copy where the driver has it (measured faster than the
+    /// inline copy on 7.3, as for `loop`: LoopTarget's `dataPaths`), else the inline
+    /// copy through a mapping (the fastest on 6.12).
     static func dataPaths(cacheFD: Int32) -> [DataPath] {
-        (memoryFS.contains(cu_fs_type(cacheFD)) ? [.inlineUserCopy] : []) + [.autoZeroCopy, .zeroCopy, .userCopy, .kernelCopy]
+        memoryFS.contains(cu_fs_type(cacheFD)) ? [.autoZeroCopy, .zeroCopy, .inlineUserCopy, .userCopy, .kernelCopy]
+                                               : [.autoZeroCopy, .zeroCopy, .userCopy, .kernelCopy]
     }
     static let memoryFS: [Int64] = [0x0102_1994 /* tmpfs */, 0x8584_58f6 /* ramfs */]
 

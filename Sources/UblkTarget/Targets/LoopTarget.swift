@@ -24,11 +24,11 @@
 //                                 user-copy: READ / WRITE of the tag's buffer, plus a
 //                                 pwrite / pread of it on /dev/ublkcN; kernel-copy: READ /
 //                                 WRITE of the tag's buffer (the driver copies).
-//   READ / WRITE, file in memory  inline-user-copy (the default where the driver has
-//                                 USER_COPY): one copy mapping <-> request, inline;
-//                                 kernel-copy: pread / pwrite of the tag's buffer, inline;
-//                                 a forced zero-copy or user-copy path goes through
-//                                 io_uring as for a file on disk.
+//   READ / WRITE, file in memory  zero copy where the driver has it, through io_uring as
+//                                 for a file on disk (measured faster, see `dataPaths`);
+//                                 else inline-user-copy: one copy mapping <-> request,
+//                                 inline; kernel-copy: pread / pwrite of the tag's buffer,
+//                                 inline; a forced user-copy goes through io_uring.
 //   FLUSH, DISCARD, WRITE_ZEROES  no request data: fdatasync / fallocate, through io_uring
 //                                 (inline for a file in memory); WRITE_ZEROES where the
 //                                 file system cannot punch writes zeros from the tag's buffer.
@@ -88,8 +88,14 @@ public final class LoopTarget: Target {
         p.readOnly = readOnly
         p.writeCache = true
         p.discard = !readOnly
-        // In memory: the inline copy through a mapping, measured fastest on tmpfs.
-        p.dataPaths = (inMemory ? [.inlineUserCopy] : []) + [.autoZeroCopy, .zeroCopy, .userCopy, .kernelCopy]
+        // In memory: zero copy where the driver has it, else the inline copy through a
+        // mapping. Measured on 7.3 (bench/datapath.sh 6 2: tmpfs, TCG, two reps in one
+        // boot): READ_FIXED / WRITE_FIXED through io_uring beat the inline copy, 1 MiB
+        // reads QD8 1.5-2.7x, 4k random reads QD32 1.4-2.3x, 1 MiB writes QD8 1.1-4.6x:
+        // the copy on the queue thread costs more than io_uring's handling of tmpfs. Without zero copy (6.12) the inline copy stays the fastest (the
+        // benchmarks of bench/README.md).
+        p.dataPaths = inMemory ? [.autoZeroCopy, .zeroCopy, .inlineUserCopy, .userCopy, .kernelCopy]
+                               : [.autoZeroCopy, .zeroCopy, .userCopy, .kernelCopy]
         params = p
     }
 
