@@ -27,6 +27,10 @@ public struct DeviceParams: Sendable {
     /// on /dev/ublkcN at `Queue.userCopyOffset` (the tag buffers stay unused by the
     /// kernel). Used only where the kernel supports it.
     public var userCopy = false
+    /// The alignment (bytes, a power of two up to 4096) request buffers must
+    /// have for the target's files (their direct I/O memory alignment); 0 or 1:
+    /// none. Sent as UBLK_PARAM_TYPE_DMA_ALIGN (kernels before 6.14 ignore it).
+    public var dmaAlignment: UInt32 = 0
 
     public init(size: UInt64) { self.size = size }
 }
