@@ -148,6 +148,48 @@ if check "ext4 on /dev/ram1 for the cache, on /dev/ram0 for the backing" bash -c
     else
         fail "add -t http with the cache on ext4" "$DEV_JSON"
     fi
+
+    section "a cache file system on 4096-byte sectors: 4 KiB blocks, the odd image's last block padded to 4096"
+    kmod-load loop 2>/dev/null
+    mkdir -p /mnt/k
+    truncate -s 96M /tmp/k4.img
+    if L=$(losetup --find --show --sector-size 4096 /tmp/k4.img) && check "ext4 on a 4Kn loop device ($L)" bash -c "mkfs.ext4 -q -F $L && mount -t ext4 $L /mnt/k"; then
+        if add -t http --url http://127.0.0.1:8080/odd3.bin --cache /mnt/k/h.cache --bitmap /mnt/k/h.bitmap; then
+            eq "cache_io direct (4Kn)" direct "$(echo "$DEV_JSON" | jq -r .target_options.cache_io)"
+            eq "logical block 4096 (4Kn)" 4096 "$(cat /sys/block/ublkb$DEV_ID/queue/logical_block_size)"
+            eq "device: the image rounded up to 4096" 3002368 "$(blockdev --getsize64 $DEV_B)"
+            check "the object's bytes, then zeros (4Kn)" bash -c "cmp <(head -c 3000003 $DEV_B) /srv/www/odd3.bin && cmp <(tail -c 2365 $DEV_B) <(head -c 2365 /dev/zero)"
+            check "del" del $DEV_ID
+            if add -t http --url http://127.0.0.1:8080/odd3.bin --cache /mnt/k/h.cache --bitmap /mnt/k/h.bitmap; then
+                check "cmp after add again (4Kn)" bash -c "cmp <(dd if=$DEV_B bs=64k iflag=direct 2>/dev/null | head -c 3000003) /srv/www/odd3.bin"
+                sleep 1.2
+                eq "nothing fetched again (4Kn)" 0 "$("$UBLK" stats -n $DEV_ID --json | jq -r .bytes_fetched)"
+                check "del" del $DEV_ID
+            else
+                fail "add http again (4Kn)" "$DEV_JSON"
+            fi
+        else
+            fail "add -t http with the cache on 4Kn ext4" "$DEV_JSON"
+        fi
+        if add -t cache --backing /mnt/b/back3.img --cache /mnt/k/e.cache --bitmap /mnt/k/e.bitmap --write-mode back; then
+            eq "cache_io and backing_io direct (4Kn cache)" "direct direct" "$(echo "$DEV_JSON" | jq -r '.target_options | "\(.cache_io) \(.backing_io)"')"
+            eq "logical block 4096 (4Kn cache)" 4096 "$(cat /sys/block/ublkb$DEV_ID/queue/logical_block_size)"
+            check "fio randrw 4 KiB-1 MiB, verify (4Kn)" $FIO --name=k --filename=$DEV_B \
+                --rw=randrw --bsrange=4k-1m --blockalign=4k --size=32M --verify=crc32c --do_verify=1 --verify_fatal=1 \
+                --output=/tmp/fio-k.txt
+            check "flush (4Kn)" "$UBLK" flush -n $DEV_ID
+            check "the backing store equals the device (4Kn)" cmp $DEV_B /mnt/b/back3.img
+            check "del" del $DEV_ID
+        else
+            fail "add -t cache with the cache on 4Kn ext4" "$DEV_JSON"
+        fi
+        umount /mnt/k
+        losetup -d $L
+    else
+        fail "a 4Kn loop device" "losetup --sector-size 4096 failed"
+    fi
+    rm -f /tmp/k4.img
+
     nginx-stop 2>/dev/null
     umount /mnt/c; umount /mnt/b
 fi
