@@ -65,7 +65,8 @@ public final class LoopTarget: Target {
         inMemory = !isBlock && memoryFS.contains(cu_fs_type(fd))
         // Direct I/O: requests aligned as the file needs them (statx
         // STATX_DIOALIGN, else the disk's logical block size): the logical
-        // block covers the offset alignment, dma_align the buffers'.
+        // block covers the offset alignment, dma_align the buffers'. The
+        // device is the file rounded down to whole blocks (as before, to 512).
         var io = FileIO.buffered("--buffered")
         if direct && !inMemory {
             io = DirectIO.decide(fsType: 0, openErrno: 0, alignment: DirectIO.alignment(fd: fd), pageSize: 4096,
