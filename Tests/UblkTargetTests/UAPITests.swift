@@ -12,7 +12,9 @@ final class UAPITests: XCTestCase {
         XCTAssertEqual(MemoryLayout<ublksrv_io_desc>.stride, 24)
         XCTAssertEqual(MemoryLayout<ublksrv_io_cmd>.size, 16)
         XCTAssertEqual(MemoryLayout<ublk_param_basic>.size, 32)
-        XCTAssertEqual(MemoryLayout<ublk_params>.size, 112)
+        XCTAssertEqual(MemoryLayout<ublk_params>.size, 120)
+        XCTAssertEqual(MemoryLayout<ublk_params>.offset(of: \.dma), 108)
+        XCTAssertEqual(MemoryLayout<ublk_param_dma_align>.size, 8)
         XCTAssertEqual(MemoryLayout<cu_cqe>.size, 16)
     }
 

@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <fcntl.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -106,8 +107,17 @@ struct ublk_param_zoned {
     __u8 reserved[20];
 };
 
-/* The 6.12 layout: later kernels append dma_align, segment and integrity
- * parameters; `len` tells the kernel how much of the struct we know. */
+/* UBLK_PARAM_TYPE_DMA_ALIGN (6.14+): `alignment` is a mask (bytes - 1, below
+ * PAGE_SIZE) the request buffers' addresses must satisfy. */
+struct ublk_param_dma_align {
+    __u32 alignment;
+    __u8 pad[4];
+};
+
+/* The 6.12 layout plus dma_align; later kernels append segment and integrity
+ * parameters. `len` tells the kernel how much of the struct we know: 6.12
+ * copies only the first 112 bytes (dma sits at 108) and drops the type bits it does not know
+ * (UBLK_PARAM_TYPE_ALL), so dma_align is simply absent there. */
 struct ublk_params {
     __u32 len;
     __u32 types;
@@ -115,6 +125,7 @@ struct ublk_params {
     struct ublk_param_discard discard;
     struct ublk_param_devt devt;
     struct ublk_param_zoned zoned;
+    struct ublk_param_dma_align dma;
 };
 
 _Static_assert(sizeof(struct ublksrv_ctrl_cmd) == 32, "ctrl cmd");
@@ -123,7 +134,9 @@ _Static_assert(sizeof(struct ublksrv_io_desc) == 24, "io desc");
 _Static_assert(sizeof(struct ublksrv_io_cmd) == 16, "io cmd");
 _Static_assert(sizeof(struct ublk_param_basic) == 32, "basic");
 _Static_assert(sizeof(struct ublk_param_discard) == 20, "discard");
-_Static_assert(sizeof(struct ublk_params) == 112, "params");
+_Static_assert(sizeof(struct ublk_param_dma_align) == 8, "dma_align");
+_Static_assert(offsetof(struct ublk_params, dma) == 108, "dma_align offset");
+_Static_assert(sizeof(struct ublk_params) == 120, "params");
 
 /* Command numbers (the _IOC_NR part). */
 #define UBLK_CMD_GET_QUEUE_AFFINITY 0x01
@@ -280,6 +293,7 @@ static inline __u64 cu_auto_buf_reg_addr(__u16 index, __u8 flags) {
 #define UBLK_PARAM_TYPE_DISCARD (1 << 1)
 #define UBLK_PARAM_TYPE_DEVT (1 << 2)
 #define UBLK_PARAM_TYPE_ZONED (1 << 3)
+#define UBLK_PARAM_TYPE_DMA_ALIGN (1 << 4)
 
 /* ---------------------------------------------------------------------------
  * Constants Swift cannot see through macros.
@@ -457,6 +471,12 @@ int cu_pipe_cloexec(int fds[2]);
 int cu_fallocate(int fd, int mode, long long off, long long len);
 /* accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC); fd or -errno. */
 int cu_accept_nonblock(int fd);
+/* statx(STATX_DIOALIGN) of fd: 0 with the direct I/O alignments (0 and 0:
+ * the file takes no direct I/O), or -errno (-EOPNOTSUPP: the kernel does not
+ * report them). In shim.c (statx needs _GNU_SOURCE). */
+int cu_dio_align(int fd, unsigned *mem_align, unsigned *offset_align);
+/* The logical block size of a block device (BLKSSZGET), or -errno. */
+int cu_logical_block_size(int fd);
 /* pwrite with RWF_* flags (pwritev2 of one buffer). */
 long cu_pwrite_flags(int fd, const void *buf, size_t len, long long off, int flags);
 

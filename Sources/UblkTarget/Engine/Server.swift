@@ -173,6 +173,10 @@ public final class Server {
             p.discard.max_write_zeroes_sectors = p.basic.max_sectors
             p.discard.max_discard_segments = 1
         }
+        if params.dmaAlignment > 1 {
+            p.types |= UInt32(UBLK_PARAM_TYPE_DMA_ALIGN)
+            p.dma.alignment = params.dmaAlignment - 1
+        }
         do { try control.setParams(deviceID, p) } catch {
             throw UblkError("SET_PARAMS failed for ublk\(deviceID)", errno: error)
         }

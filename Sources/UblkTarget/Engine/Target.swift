@@ -26,6 +26,10 @@ public struct DeviceParams: Sendable {
     /// The data paths the target can run, best first (DataPath.swift); the
     /// server takes the first the driver has, or the one `add --data-path` forces.
     public var dataPaths: [DataPath] = [.kernelCopy]
+    /// The alignment (bytes, a power of two up to 4096) request buffers must
+    /// have for the target's files (their direct I/O memory alignment); 0 or 1:
+    /// none. Sent as UBLK_PARAM_TYPE_DMA_ALIGN (kernels before 6.14 ignore it).
+    public var dmaAlignment: UInt32 = 0
 
     public init(size: UInt64) { self.size = size }
 }

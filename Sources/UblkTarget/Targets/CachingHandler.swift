@@ -113,6 +113,13 @@ final class CacheContext {
     var maxCacheBytes: UInt64 = 0
     /// Publish statistics to /run/ublk-http/ublkN.stats.json (off in host tests).
     var publishStats = true
+    /// The fd data pages are read and written through: the cache file opened
+    /// with O_DIRECT (DirectIO), or -1: `cache.fd`. The buffered `cache.fd`
+    /// then touches only the trailer past the image and fdatasyncs the file.
+    var dataFD: Int32 = -1
+    /// With `dataFD` direct: the offset (and length) alignment of its I/O, which
+    /// fetched bytes are staged to (`received`); 0: buffered, written as they come.
+    var directAlignment = 0
 
     init(cache: CacheFile, bitmap: Bitmap, dirty: Bitmap?, imageSize: UInt64, pageSize: Int, stats: CacheStats,
          snapshot: @escaping () -> HTTPStats) {
@@ -151,6 +158,14 @@ final class CachingHandler: QueueHandler {
     var done: [UInt32]
     /// Bytes of each started run written so far.
     var runBytes: [RunID: UInt64] = [:]
+    /// Direct I/O: each run's received bytes not yet written (less than one
+    /// alignment unit, kept between deliveries), in an aligned buffer.
+    var staging: [RunID: Staging] = [:]
+    struct Staging {
+        var buffer: UnsafeMutableRawPointer?
+        var capacity = 0
+        var count = 0
+    }
     var pollArmed = false
 
     /// Write-through: parts of a write still outstanding (cache, backing), and the backing's progress.
@@ -310,7 +325,7 @@ final class CachingHandler: QueueHandler {
         if context.writeThrough && context.backingFD >= 0 && context.unsettled != nil {
             settled = PageBits(pageCount: context.bitmap.pageCount)
         }
-        self.cacheFD = context.cache.fd
+        self.cacheFD = context.dataFD >= 0 ? context.dataFD : context.cache.fd
         self.imageSize = context.imageSize
         self.pageSize = UInt64(context.pageSize)
         requests = Array(repeating: nil, count: depth)
@@ -367,6 +382,7 @@ final class CachingHandler: QueueHandler {
         if statsFD >= 0 { close(statsFD) }
         statsBuffer?.deallocate()
         if let m = mapping { munmap(m, mappingSize) }
+        for s in staging.values { free(s.buffer) }
     }
 
     /// User-copy mode: moves `r`'s data between the mapped cache file and the
@@ -666,13 +682,72 @@ final class CachingHandler: QueueHandler {
     /// Body bytes of `run` at `offset`: into the cache file; completed pages become present.
     func received(_ run: FetchRun, offset: UInt64, bytes: UnsafeRawBufferPointer, queue: IOQueue) -> Bool {
         guard let base = bytes.baseAddress else { return true }
+        if context.directAlignment > 0 { return receivedDirect(run, offset: offset, bytes: bytes, queue: queue) }
         let w = queue.writeNow(fd: cacheFD, from: base, length: bytes.count, offset: offset)
         if w < 0 {
             log("ublk-http: cache file write failed: \(Errno(returned: w))")
             return false
         }
+        return wroteFetched(run, upTo: offset + UInt64(bytes.count), queue: queue)
+    }
+
+    /// Direct I/O: fetched bytes reach the cache file in aligned pieces from an
+    /// aligned buffer. What arrives is appended to the run's staging buffer;
+    /// every whole alignment unit staged is written at once (runs start on a
+    /// page, so the file offsets are aligned), the rest waits for the next
+    /// bytes. The run's last bytes, at the image end, are written padded with
+    /// zeros to the alignment: past the image, before the trailer (which
+    /// starts at the image end rounded up to 4096, and alignments are at most
+    /// 4096). A chunk that is already aligned (a backing store read) is
+    /// written from where it is.
+    func receivedDirect(_ run: FetchRun, offset: UInt64, bytes: UnsafeRawBufferPointer, queue: IOQueue) -> Bool {
+        let align = context.directAlignment
+        let runEnd = run.offset + UInt64(run.length)
+        let end = offset + UInt64(bytes.count)
+        func write(_ from: UnsafeRawPointer, _ length: Int, at: UInt64) -> Bool {
+            let w = queue.writeNow(fd: cacheFD, from: from, length: length, offset: at)
+            if w < 0 { log("ublk-http: cache file write failed: \(Errno(returned: w))") }
+            return w >= 0
+        }
+        var st = staging[run.id] ?? Staging()
+        if st.count == 0, Int(bitPattern: bytes.baseAddress!) % 4096 == 0, offset % UInt64(align) == 0, bytes.count % align == 0 {
+            guard write(bytes.baseAddress!, bytes.count, at: offset) else { return false }
+            return wroteFetched(run, upTo: end, queue: queue)
+        }
+        // Where the staged bytes start in the file: an aligned offset.
+        let stageStart = offset - UInt64(st.count)
+        let need = (st.count + bytes.count + align - 1) / align * align
+        if st.capacity < need {
+            let capacity = max(need, 64 << 10)
+            var raw: UnsafeMutableRawPointer?
+            guard posix_memalign(&raw, 4096, capacity) == 0, let buf = raw else { return false }
+            if let old = st.buffer { memcpy(buf, old, st.count); free(old) }
+            st.buffer = buf
+            st.capacity = capacity
+        }
+        let sb = st.buffer!
+        memcpy(sb + st.count, bytes.baseAddress!, bytes.count)
+        st.count += bytes.count
+        var writeLen = st.count / align * align
+        if end == runEnd && writeLen < st.count {
+            // The image's last bytes: the block is padded with zeros.
+            writeLen = need
+            memset(sb + st.count, 0, writeLen - st.count)
+        }
+        staging[run.id] = st
+        guard writeLen > 0 else { return true }
+        guard write(sb, writeLen, at: stageStart) else { return false }
+        let left = max(st.count - writeLen, 0)
+        if left > 0 { memmove(sb, sb + writeLen, left) }
+        staging[run.id]!.count = left
+        return wroteFetched(run, upTo: min(stageStart + UInt64(writeLen), runEnd), queue: queue)
+    }
+
+    /// The cache file holds `run`'s bytes up to `upTo`: the whole pages among them are present.
+    func wroteFetched(_ run: FetchRun, upTo: UInt64, queue: IOQueue) -> Bool {
         let before = runBytes[run.id] ?? 0
-        let after = offset + UInt64(bytes.count) - run.offset
+        let after = upTo - run.offset
+        if after <= before { return true }
         runBytes[run.id] = after
         // Whole pages now written (the run's last page may be short at the image end).
         let pagesBefore = before / pageSize
@@ -688,6 +763,7 @@ final class CachingHandler: QueueHandler {
     /// `error`: nil on success, else what failed (logged).
     func runEnded(_ run: FetchRun, error: String?, queue: IOQueue) {
         let got = runBytes.removeValue(forKey: run.id) ?? 0
+        if let s = staging.removeValue(forKey: run.id), let b = s.buffer { free(b) }
         if let e = error {
             log("ublk-http: fetch of bytes \(run.offset)-\(run.offset + UInt64(run.length) - 1) failed: \(e)")
             serve(planner.complete(run: run.id, success: false), queue)

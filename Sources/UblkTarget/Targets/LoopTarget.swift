@@ -45,7 +45,8 @@ public final class LoopTarget: Target {
     let fd: Int32
 
     public var options: [String: String] {
-        ["file": path, "direct_io": direct ? "true" : "false", "inline_io": inMemory ? "true" : "false"]
+        ["file": path, "direct_io": direct ? "true" : "false", "inline_io": inMemory ? "true" : "false",
+         "logical_block_size": String(1 << params.logicalBlockShift)]
     }
 
     public init(path: String, buffered: Bool = false, readOnly: Bool = false) throws(UblkError) {
@@ -74,17 +75,29 @@ public final class LoopTarget: Target {
             }
             size = s
         }
-        size &= ~511
+        self.direct = !buffered
+        let memoryFS: [Int64] = [0x0102_1994 /* tmpfs */, 0x8584_58f6 /* ramfs */]
+        inMemory = !isBlock && memoryFS.contains(cu_fs_type(fd))
+        // Direct I/O: requests aligned as the file needs them (statx
+        // STATX_DIOALIGN, else the disk's logical block size): the logical
+        // block covers the offset alignment, dma_align the buffers'. The
+        // device is the file rounded down to whole blocks (as before, to 512).
+        var io = FileIO.buffered("--buffered")
+        if direct && !inMemory {
+            io = DirectIO.decide(fsType: 0, openErrno: 0, alignment: DirectIO.alignment(fd: fd), pageSize: 4096,
+                                 size: size, padsTail: true)
+        }
+        let shift = DirectIO.logicalBlockShift([io])
+        size &= ~((UInt64(1) << shift) - 1)
         if size == 0 {
             close(fd)
             fd = -1
             throw UblkError("\(path) is empty (a loop device needs at least 512 bytes)")
         }
         self.fd = fd
-        self.direct = !buffered
-        let memoryFS: [Int64] = [0x0102_1994 /* tmpfs */, 0x8584_58f6 /* ramfs */]
-        inMemory = !isBlock && memoryFS.contains(cu_fs_type(fd))
         var p = DeviceParams(size: size)
+        p.logicalBlockShift = shift
+        p.dmaAlignment = DirectIO.dmaAlignment([io])
         p.readOnly = readOnly
         p.writeCache = true
         p.discard = !readOnly
