@@ -92,7 +92,7 @@ ALTERNATE=${BENCH_ALTERNATE:-0}
 FLASH=${BENCH_FLASH:-tmpfs}
 FLASH_DIR=/tmp
 read -r -a CASES <<<"${BENCH_CASES:-randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd32 seqread-1m-qd8}"
-read -r -a DEVICES <<<"${BENCH_DEVICES:-${ALL_DEVICES[*]}}"
+read -r -a DEVICES <<<"${BENCH_DEVICES:-kloop ublk-loop ublk-null}"
 
 log() { echo "[bench] $*"; }
 die() { echo "[bench] ERROR: $*"; exit 1; }
@@ -224,9 +224,10 @@ dev_ublk_null_setup() {
 }
 dev_ublk_null_teardown() { timeout 60 "$UBLK" del -n "$DEV_ID"; }
 
-# (d) issue 4: ublk-http's cache target.  The flash side (cache file, bitmaps)
-# is on tmpfs like the loop devices' file, so the comparison with kloop is
-# "the same fast medium, with and without the cache engine"; the slow side
+# (d) ublk-http's cache target.  The flash side (cache file, bitmaps)
+# is where the loop devices' file is (ext4 on brd, or tmpfs), so the
+# comparison with kloop is "the same fast medium, with and without the cache
+# engine"; the slow side
 # (backing) is a tmpfs copy of the image too, so that write-through is
 # measured against memory speed, not against a slow disk it would wait for.
 # The cache is filled by one full read before the runs (reads are hits).

@@ -30,7 +30,7 @@ BASELINE = "kloop"
 # cell has an undisturbed run.
 DISTURBED = 25.0
 
-# (device, case, minimum ratio of median IOPS vs the baseline) -- issue 2.
+# The loop suite: (device, case, minimum ratio of median IOPS vs the baseline).
 GOALS = [
     ("ublk-loop", "randread-4k-qd32", 0.8),
     ("ublk-loop", "randwrite-4k-qd32", 0.8),
@@ -620,14 +620,14 @@ def main():
     print(table(rows))
     print()
     if gl:
-        print("Goals (issue 2), ratio of median IOPS vs the kernel loop device:")
+        print("Goals of the loop suite, ratio of median IOPS vs the kernel loop device:")
     for g in gl:
         ref = f"; ublksrv reached {g['ublksrv_ref']:.2f}" if g["ublksrv_ref"] else ""
         got = "n/a" if g["ratio"] is None else f"{g['ratio']:.2f}"
         verdict = "n/a" if g["met"] is None else ("MET" if g["met"] else "NOT MET")
         print(f"  {g['device']:<10} {g['case']:<18} >= {g['goal']:.1f}: {got:>5}  {verdict}{ref}")
     if tr:
-        print("Goal (issue 4): dirty tracking costs < 5% (1 - IOPS with tracking / without):")
+        print("Goal: dirty tracking costs < 5% (1 - IOPS with tracking / without):")
     for t in tr:
         reps = ", ".join(f"{100 * x:+.1f}%" for x in t["cost_per_rep"])
         print(f"  {t['mode']:<13} {t['case']}: {fmt_k(t['iops_with'])} vs {fmt_k(t['iops_without'])} IOPS, "

@@ -95,7 +95,8 @@ if [[ -n "$REPORT_ONLY" ]]; then
 fi
 CACHE_DEVICES="kloop ublk-loop kublk-zc kublk ublk-cache-through ublk-cache-through-notrack ublk-cache-back ublk-cache-back-notrack ublk-cache-q2"
 case "$SUITE" in
-    loop) MEM=${MEM:-2048}; OUT=${OUT:-$ROOT/bench/results}; FLASH=${FLASH:-tmpfs}; KERNELS=${KERNELS:-${UBLK_VM_KERNEL:-7}} ;;
+    loop) MEM=${MEM:-2048}; OUT=${OUT:-$ROOT/bench/results}; FLASH=${FLASH:-tmpfs}; KERNELS=${KERNELS:-${UBLK_VM_KERNEL:-7}}
+          DEVICES=${DEVICES:-kloop ublk-loop ublk-null} ;;
     cache) FLASH=${FLASH:-ext4}
            if [[ $FLASH == ext4 ]]; then MEM=${MEM:-6144}; else MEM=${MEM:-4096}; fi
            DEVICES=${DEVICES:-$CACHE_DEVICES}
