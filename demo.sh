@@ -3,7 +3,7 @@
 # over HTTP with nginx on 127.0.0.1, attaches it with the http target (fetched
 # on demand), mounts it read-only, lists and verifies its files and prints the
 # cache statistics. Runs natively where the kernel has ublk_drv (modprobe
-# ublk_drv), otherwise inside a qemu VM with a 6.12 kernel.
+# ublk_drv), otherwise inside a qemu VM with Debian's newest 7.x kernel.
 #   ./demo.sh          natively if possible, else in the VM
 #   ./demo.sh --vm     always in the VM
 set -euo pipefail
@@ -33,7 +33,7 @@ CONF
     trap 'kill $(cat "$WORK/nginx.pid") 2>/dev/null; rm -rf "$WORK"' EXIT
     demo/steps.sh "http://127.0.0.1:$PORT/sample.img" "$BIN"
 else
-    echo "== this kernel has no ublk driver: running the demo inside a qemu VM (Linux 6.12)"
+    echo "== this kernel has no ublk driver: running the demo inside a qemu VM (Debian's Linux 7.x)"
     INITRD=${UBLK_VM_CACHE:-/var/cache/ublk-http-vm}/initramfs-demo.cpio.gz
     vm/initramfs.sh "$INITRD" --bin "$BIN:/usr/local/bin/ublk-http" >/dev/null
     vm/run.sh --initrd "$INITRD" --timeout 600 --file "$WORK/sample.img:/demo/sample.img" \

@@ -1,31 +1,59 @@
 #!/usr/bin/env bash
-# Usage: tests/vm.sh [SUITE...]
-#   Runs the end-to-end suites of tests/vm/ (default: all of them, each SUITE.sh)
-#   inside the qemu VM on the real ublk driver (vm/run.sh). Builds the static
-#   release binary and the initramfs first. Exits non-zero if any suite fails or
+# Usage: tests/vm.sh [SUITE[@KERNEL]...]
+#   Runs the end-to-end suites of tests/vm/ inside the qemu VM on the real ublk
+#   driver (vm/run.sh). Builds the static release binary and one initramfs per
+#   kernel first. KERNEL is 7 (the newest trixie-backports 7.x, the default, or
+#   $UBLK_VM_KERNEL) or 6.12. With no SUITE: every suite on 7.x, then the
+#   suites listed in tests/vm/on-6.12 on 6.12 (the engine and the copy data
+#   path, which 7.x's zero copy replaces). Exits non-zero if any suite fails or
 #   the guest kernel logged an oops, a BUG or a hung task.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-SUITES=("$@")
-if [[ ${#SUITES[@]} -eq 0 ]]; then
-    SUITES=(); for f in tests/vm/*.sh; do [[ "$(basename "$f")" == lib.sh ]] || SUITES+=("$(basename "$f" .sh)"); done
+DEFAULT_KERNEL="${UBLK_VM_KERNEL:-7}"
+SUITES=()
+for a in "$@"; do
+    if [[ "$a" == *@* ]]; then SUITES+=("$a"); else SUITES+=("$a@$DEFAULT_KERNEL"); fi
+done
+if [[ $# -eq 0 ]]; then
+    for f in tests/vm/*.sh; do [[ "$(basename "$f")" == lib.sh ]] || SUITES+=("$(basename "$f" .sh)@$DEFAULT_KERNEL"); done
+    if [[ "$DEFAULT_KERNEL" != 6.12 ]]; then
+        while read -r s; do [[ -n "$s" && "$s" != \#* ]] && SUITES+=("$s@6.12"); done < tests/vm/on-6.12
+    fi
 fi
-vm/kernel.sh >/dev/null
+for s in "${SUITES[@]}"; do
+    [[ -f "tests/vm/${s%@*}.sh" ]] || { echo "[tests] no suite tests/vm/${s%@*}.sh" >&2; exit 2; }
+    case "${s#*@}" in 7|6.12) ;; *) echo "[tests] unknown kernel in $s (7 or 6.12)" >&2; exit 2 ;; esac
+done
 BIN="$(tests/build-static.sh)"
 VM_CACHE="${UBLK_VM_CACHE:-/var/cache/ublk-http-vm}"
 mkdir -p "$VM_CACHE"
-# One initramfs per run: several checkouts may run their suites at once.
-INITRD="$(mktemp "$VM_CACHE/initramfs-tests.XXXXXX.cpio.gz")"
-echo "[tests] building $INITRD"
-# Device mapper (dm-flakey, dm-error) for the suites that make a disk fail under the cache.
-vm/initramfs.sh "$INITRD" --bin "$BIN:/usr/local/bin/ublk-http" --bin /usr/bin/jq --bin /usr/bin/setpriv \
-    --bin /usr/sbin/dmsetup --module dm_mod --module dm_flakey --module dm_delay >/dev/null
-failed=()
+declare -A INITRDS=()
 LOG=$(mktemp /tmp/ublk-http-vm-suite.XXXXXX)
-trap 'rm -f "$LOG" "$INITRD"' EXIT
-for s in "${SUITES[@]}"; do
-    echo "[tests] suite $s"
+cleanup() {
+    rm -f "$LOG"
+    for f in "${INITRDS[@]}"; do rm -f "$f" "$f.kver" "$f.manifest"; done
+}
+trap cleanup EXIT
+# One initramfs per run and kernel: several checkouts may run their suites at once.
+initrd_for() { # KERNEL -> sets INITRD
+    local k="$1"
+    if [[ -z "${INITRDS[$k]:-}" ]]; then
+        UBLK_VM_KERNEL="$k" vm/kernel.sh >/dev/null
+        INITRDS[$k]="$(mktemp "$VM_CACHE/initramfs-tests.XXXXXX.cpio.gz")"
+        echo "[tests] building ${INITRDS[$k]} for kernel $k"
+        # Device mapper (dm-flakey, dm-delay) for the suites that make a disk fail under the cache.
+        UBLK_VM_KERNEL="$k" vm/initramfs.sh "${INITRDS[$k]}" --bin "$BIN:/usr/local/bin/ublk-http" --bin /usr/bin/jq \
+            --bin /usr/bin/setpriv --bin /usr/sbin/dmsetup --module dm_mod --module dm_flakey --module dm_delay >/dev/null
+    fi
+    INITRD="${INITRDS[$k]}"
+}
+failed=()
+for spec in "${SUITES[@]}"; do
+    s="${spec%@*}" k="${spec#*@}"
+    initrd_for "$k"
+    export UBLK_VM_KERNEL="$k"
+    echo "[tests] suite $s on kernel $k"
     # Under TCG the guest kernel now and then oopses while booting, before
     # its init runs (no @@BOOTED line): that is qemu's, not the suite's, and
     # the suite is booted again (twice at most). A failure after boot counts.
@@ -35,7 +63,7 @@ for s in "${SUITES[@]}"; do
             break
         fi
         if grep -aq '@@BOOTED' "$LOG" || [[ $attempt == 3 ]]; then
-            failed+=("$s")
+            failed+=("$spec")
             break
         fi
         echo "[tests] the guest died while booting, before suite $s started: booting again"

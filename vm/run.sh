@@ -3,9 +3,11 @@
 #                  [--bin SRC[:DST]]... [--file SRC:DST]... [--env NAME=VALUE]...
 #                  [--append KERNEL-ARGS] [--allow-kernel-issues] [--log FILE]
 #                  SCRIPT [ARGS...]
-#   Boots the Debian 6.12 cloud kernel in a qemu TCG VM with the base initramfs
-#   (--initrd, default: $UBLK_VM_CACHE/initramfs-base.cpio, rebuilt with
-#   vm/initramfs.sh when missing or older than its sources) plus a per-run cpio
+#   Boots a Debian cloud kernel (vm/kernel.sh: the newest 7.x of
+#   trixie-backports, or 6.12 with UBLK_VM_KERNEL=6.12) in a qemu TCG VM with
+#   the base initramfs (--initrd, built for that kernel; default:
+#   $UBLK_VM_CACHE/initramfs-base-VERSION.cpio, rebuilt with vm/initramfs.sh
+#   when missing or older than its sources) plus a per-run cpio
 #   holding SCRIPT (run by /usr/bin/bash in the guest, cwd /tmp, stdin
 #   /dev/null), its ARGS, --env variables, --file SRC:DST extras and --bin
 #   executables (DST default /usr/local/bin/NAME) with those of their ldd
@@ -19,8 +21,8 @@
 #         default 1200);
 #     98  no exit marker (kernel panic, qemu crash, guest died);
 #     2   usage error.
-#   Env: UBLK_VM_CACHE (default /var/cache/ublk-http-vm), UBLK_VM_QEMU_ARGS
-#   (extra qemu arguments).
+#   Env: UBLK_VM_KERNEL (7, the default, or 6.12), UBLK_VM_CACHE (default
+#   /var/cache/ublk-http-vm), UBLK_VM_QEMU_ARGS (extra qemu arguments).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -55,7 +57,7 @@ KDIR="$("$VM_DIR/kernel.sh")"
 KVER="$(cat "$KDIR/version")"
 
 if [[ -z "$INITRD" ]]; then
-    INITRD="$VM_CACHE/initramfs-base.cpio"
+    INITRD="$VM_CACHE/initramfs-base-$KVER.cpio"
     mkdir -p "$VM_CACHE"
     exec 8>"$VM_CACHE/.initramfs-base.lock"
     flock 8
@@ -68,7 +70,9 @@ if [[ -z "$INITRD" ]]; then
 fi
 [[ -f "$INITRD" ]] || { echo "run.sh: no such initrd: $INITRD" >&2; exit 2; }
 if [[ -f "$INITRD.kver" && "$(cat "$INITRD.kver")" != "$KVER" ]]; then
-    vm_log "WARNING: $INITRD was built for kernel $(cat "$INITRD.kver"), booting $KVER"
+    # Its modules would not load (ublk_drv among them).
+    echo "run.sh: $INITRD was built for kernel $(cat "$INITRD.kver"), not $KVER (UBLK_VM_KERNEL=${UBLK_VM_KERNEL:-7})" >&2
+    exit 2
 fi
 
 WORK="$(mktemp -d /tmp/ublk-vm-run.XXXXXX)"

@@ -99,7 +99,8 @@ struct Features: ParsableCommand {
         (1 << 9, "UBLK_F_USER_RECOVERY_FAIL_IO"), (1 << 10, "UBLK_F_UPDATE_SIZE"),
         (1 << 11, "UBLK_F_AUTO_BUF_REG"), (1 << 12, "UBLK_F_QUIESCE"), (1 << 13, "UBLK_F_PER_IO_DAEMON"),
         (1 << 14, "UBLK_F_BUF_REG_OFF_DAEMON"), (1 << 15, "UBLK_F_BATCH_IO"), (1 << 16, "UBLK_F_INTEGRITY"),
-        (1 << 17, "UBLK_F_SAFE_STOP_DEV"),
+        (1 << 17, "UBLK_F_SAFE_STOP_DEV"), (1 << 18, "UBLK_F_NO_AUTO_PART_SCAN"),
+        (1 << 19, "UBLK_F_SHMEM_ZC"), (1 << 20, "UBLK_F_IO_DESC_SIZE"),
     ]
 
     static func describe(_ bits: UInt64) -> [String] {

@@ -6,6 +6,12 @@ set -o pipefail
 section "features"
 F=$("$UBLK" features)
 check "features is JSON naming UBLK_F_CMD_IOCTL_ENCODE" bash -c "echo '$F' | jq -e '.features | index(\"UBLK_F_CMD_IOCTL_ENCODE\")'"
+eq "features names every bit the driver reports" "" "$(echo "$F" | jq -r '.features[] | select(startswith("bit "))')"
+KMAJOR=$(uname -r | cut -d. -f1)
+if [[ $KMAJOR -ge 7 ]]; then
+    check "a 7.x driver offers zero copy and auto buffer registration" bash -c \
+        "echo '$F' | jq -e '(.features | index(\"UBLK_F_SUPPORT_ZERO_COPY\")) and (.features | index(\"UBLK_F_AUTO_BUF_REG\"))'"
+fi
 
 section "null: add, read, write, list, del"
 if add -t null --size 1G; then

@@ -220,6 +220,9 @@ static inline long long cu_user_copy_pos(__u16 q_id, __u16 tag, __u32 offset) {
 #define UBLK_F_BATCH_IO (1ULL << 15)
 #define UBLK_F_INTEGRITY (1ULL << 16)
 #define UBLK_F_SAFE_STOP_DEV (1ULL << 17)
+#define UBLK_F_NO_AUTO_PART_SCAN (1ULL << 18)
+#define UBLK_F_SHMEM_ZC (1ULL << 19)
+#define UBLK_F_IO_DESC_SIZE (1ULL << 20)
 
 /* Device states. */
 #define UBLK_S_DEV_DEAD 0
