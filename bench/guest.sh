@@ -204,11 +204,21 @@ kublk_add() { # NAME ARGS...
         pid=$("$KUBLK" list -n "$id" 2>&1 | sed -n 's/.*daemon pid \([0-9]*\).*/\1/p' | head -n 1)
     fi
     [[ -n $id && -n $pid ]] || die "kublk add: no dev id / daemon pid in: $out"
+    # A driver without auto buffer registration (6.12) drops the flag without
+    # an error and kublk then runs its copy path: refused, not measured as zero copy.
+    local flags
+    flags=$("$KUBLK" list -n "$id" 2>&1 | sed -n 's/.* flags \(0x[0-9a-f]*\).*/\1/p' | head -n 1)
+    if [[ " ${*:2} " == *" --auto_zc "* && $(( ${flags:-0} & (1 << 11) )) == 0 ]]; then
+        timeout 60 "$KUBLK" del -n "$id" >/dev/null 2>&1
+        DEV_REFUSED="kublk --auto_zc: the driver dropped UBLK_F_AUTO_BUF_REG (device flags ${flags:-?}); kublk would run its copy path"
+        return 0
+    fi
     taskset -a -cp "$SERVER_CPU" "$pid" >/dev/null || log "WARNING: cannot pin kublk $pid"
     DEV_PATH=/dev/ublkb$id DEV_PID=$pid DEV_ID=$id
     local i; for i in $(seq 50); do [[ -b $DEV_PATH ]] && break; sleep 0.1; done
     DEV_NOTE="kublk loop -q 1 ${*:2} (selftests of $(cat /etc/kublk-version 2>/dev/null | head -n 1)), file on $FLASH"
-    DEV_EXTRA=$(jq -cn --arg a "${*:2}" '{kublk_args: $a}')
+    DEV_EXTRA=$(jq -cn --arg a "${*:2}" --arg f "$flags" '{kublk_args: $a, ublk_flags: $f}')
+    DEV_NOTE+=", device flags $flags"
 }
 dev_kublk_zc_setup()    { kublk_add kublk-zc --auto_zc; }
 dev_kublk_zc_teardown() { timeout 60 "$KUBLK" del -n "$DEV_ID"; }
