@@ -5,7 +5,8 @@ Copies stdin to stdout line by line and meanwhile measures, twice a second,
 how much host CPU is used by processes that are NOT descendants of PID (the
 bench/run.sh shell: the VM's qemu is its descendant), i.e. the disturbance
 from other work on the host (in % of one core).  Writes FILE (JSON) at the end:
-  {"samples": [[t, other_pct], ...],
+  {"samples": [[t, other_pct, other_qemu], ...],  # other_qemu: qemu-system
+                                                    # processes not of this run
    "marks": [[t, "START"|"RESULT", {...}], ...]}   # when the guest printed
                                                     # @@START / @@RESULT lines
 so that bench/report.py can tell how disturbed each fio run was.
@@ -42,7 +43,9 @@ def host_busy():
 
 
 def tree_ticks(root):
-    parent, ticks = {}, {}
+    """(CPU ticks of root and its descendants, qemu-system processes that are
+    not among them: another VM on the host)."""
+    parent, ticks, qemu = {}, {}, []
     for p in os.listdir("/proc"):
         if not p.isdigit():
             continue
@@ -52,9 +55,11 @@ def tree_ticks(root):
         except OSError:
             continue
         rest = s[s.rindex(")") + 2:].split()
+        if s[s.index("(") + 1:s.rindex(")")].startswith("qemu-system"):
+            qemu.append(int(p))
         parent[int(p)] = int(rest[1])
         ticks[int(p)] = int(rest[11]) + int(rest[12])
-    total = 0
+    total, ours = 0, set()
     for pid, t in ticks.items():
         q, seen = pid, 0
         while q and q != root and seen < 64:
@@ -62,7 +67,8 @@ def tree_ticks(root):
             seen += 1
         if q == root:
             total += t
-    return total
+            ours.add(pid)
+    return total, sum(1 for p in qemu if p not in ours)
 
 
 class Monitor:
@@ -73,18 +79,18 @@ class Monitor:
         self.stop = threading.Event()
 
     def sampler(self):
-        t0, b0, m0 = time.time(), host_busy(), tree_ticks(self.root)
+        t0, b0, (m0, _) = time.time(), host_busy(), tree_ticks(self.root)
         while not self.stop.wait(self.interval):
-            t1, b1, m1 = time.time(), host_busy(), tree_ticks(self.root)
+            t1, b1, (m1, nq) = time.time(), host_busy(), tree_ticks(self.root)
             # A descendant that exited takes its ticks along: never negative.
             other = max(0.0, ((b1 - b0) - max(0, m1 - m0)) / HZ / (t1 - t0) * 100)
             with self.lock:
-                self.samples.append([round(t1, 2), round(other, 1)])
+                self.samples.append([round(t1, 2), round(other, 1), nq])
             t0, b0, m0 = t1, b1, m1
 
     def since(self, t):
         with self.lock:
-            return [v for ts, v in self.samples if ts > t]
+            return [x[1] for x in self.samples if x[0] > t]
 
     def chan(self, path, quiet):
         sock = None

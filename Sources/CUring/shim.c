@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <spawn.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
 #include "CUring.h"
@@ -28,4 +29,18 @@ int cu_fallocate(int fd, int mode, long long off, long long len) {
 int cu_accept_nonblock(int fd) {
     int c = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
     return c < 0 ? -errno : c;
+}
+
+int cu_dio_align(int fd, unsigned *mem_align, unsigned *offset_align) {
+    struct statx stx;
+    if (statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &stx) != 0) return -errno;
+    if (!(stx.stx_mask & STATX_DIOALIGN)) return -EOPNOTSUPP;
+    *mem_align = stx.stx_dio_mem_align;
+    *offset_align = stx.stx_dio_offset_align;
+    return 0;
+}
+
+int cu_logical_block_size(int fd) {
+    int size = 0;
+    return ioctl(fd, BLKSSZGET, &size) < 0 ? -errno : size;
 }

@@ -12,6 +12,14 @@
 //   set generation and identity, checksum. It names the set of bitmaps the
 //   file belongs to; a file without it, shorter than it, or with another set
 //   is not this cache's (see CacheStore). `size` stays the image size.
+// - The targets read and write the image's pages through a second fd opened
+//   with O_DIRECT where the file system takes it (UblkTarget's DirectIO);
+//   this buffered `fd` then only writes and reads the trailer and fdatasyncs
+//   (the same inode: one fdatasync covers both). Mixing the two on one file
+//   is safe because they never share a page: the trailer starts at the image
+//   end rounded up to 4096, past every direct write (alignments are at most
+//   4096 and the padded last block ends there at the latest), so no page
+//   cache copy of an image page can go stale behind a direct write.
 // - The file says nothing about which pages are valid: only the bitmap does.
 //   A page's bytes are trusted only after its bit is set (see Bitmap).
 // - `sync()` (fdatasync) is what makes written pages durable; callers run it

@@ -567,7 +567,10 @@ public final class CacheStore {
                                         pageSize: Int, imageSize: UInt64) throws -> UInt64? {
         let n = present.pageCount
         let samples = UInt64(max(1, backing.samplePages))
-        var a = [UInt8](repeating: 0, count: pageSize), b = [UInt8](repeating: 0, count: pageSize)
+        // Page-aligned buffers: the backing store may be open with O_DIRECT.
+        let a = UnsafeMutableRawPointer.allocate(byteCount: pageSize, alignment: 4096)
+        let b = UnsafeMutableRawPointer.allocate(byteCount: pageSize, alignment: 4096)
+        defer { a.deallocate(); b.deallocate() }
         var last: UInt64?
         for i in 0..<samples {
             var from = i * n / samples
@@ -582,11 +585,11 @@ public final class CacheStore {
             last = pg
             let offset = pg * UInt64(pageSize)
             let len = Int(min(UInt64(pageSize), imageSize - offset))
-            let ra = a.withUnsafeMutableBytes { preadFully(cache.fd, $0.baseAddress!, len, offset) }
-            let rb = b.withUnsafeMutableBytes { preadFully(backing.fd, $0.baseAddress!, len, offset) }
+            let ra = preadFully(cache.fd, a, len, offset)
+            let rb = preadFully(backing.fd, b, len, offset)
             if case .failure(let e) = ra { throw FileError("pread", path: cache.path, errno: e) }
             if case .failure(let e) = rb { throw FileError("pread", path: backing.path, errno: e) }
-            if ra.value != len || rb.value != len || a[0..<len] != b[0..<len] { return pg }
+            if ra.value != len || rb.value != len || memcmp(a, b, len) != 0 { return pg }
         }
         return nil
     }

@@ -83,6 +83,9 @@ struct Add: ParsableCommand {
     @Flag(name: .customLong("read-only"), help: "Expose the device read-only.")
     var readOnly = false
 
+    @Option(name: .customLong("data-path"), help: "How request data moves: auto-zero-copy (Linux 6.16+), zero-copy (6.15+), user-copy, inline-user-copy (a file in memory), kernel-copy. Default: the best the driver has; refused with one line when it lacks the one asked for.")
+    var dataPath: String?
+
     @Flag(name: .customLong("recovery"), help: "If the server dies, keep the device and hold its I/O until `ublk-http recover -n ID`.")
     var recovery = false
 
@@ -105,6 +108,9 @@ struct Add: ParsableCommand {
             throw Failure("unknown target type '\(type)' (known: null, loop, http, cache)")
         }
         if let n = number { _ = try deviceID(n) }
+        if let p = dataPath, DataPath(rawValue: p) == nil {
+            throw Failure("unknown --data-path '\(p)' (known: \(DataPath.allCases.map(\.rawValue).joined(separator: ", ")))")
+        }
         if let n = recoverID { _ = try deviceID(n) }
         if let fd = readyFD, fd < 3 { throw Failure("bad --ready-fd \(fd)") }
         if let fd = argumentsFD, fd < 3 || !foreground { throw Failure("bad --arguments-fd \(fd)") }
@@ -176,6 +182,7 @@ struct Add: ParsableCommand {
         o.queues = queues
         o.depth = depth
         o.recovery = recovery
+        o.dataPath = dataPath.flatMap(DataPath.init(rawValue:))
         o.recoverID = recoverID.map { UInt32(clamping: $0) }
         o.arguments = Add.savedArguments(arguments)
         return o

@@ -25,10 +25,11 @@ struct List: ParsableCommand {
         var charDevice: String
         var readOnly: Bool?
         var stats: HTTPStats?
+        var dataPath: String?
         enum CodingKeys: String, CodingKey {
             case devID = "dev_id", state, queues, depth, size, target, targetOptions = "target_options", pid
             case serverRunning = "server_running", blockDevice = "block_device", charDevice = "char_device"
-            case readOnly = "read_only", stats
+            case readOnly = "read_only", stats, dataPath = "data_path"
         }
     }
 
@@ -59,7 +60,7 @@ struct List: ParsableCommand {
                              targetOptions: saved?.redacted.targetOptions, pid: info.ublksrv_pid,
                              serverRunning: Devices.processAlive(info.ublksrv_pid),
                              blockDevice: "/dev/ublkb\(id)", charDevice: "/dev/ublkc\(id)", readOnly: saved?.readOnly,
-                             stats: HTTPStats.load(id)))
+                             stats: HTTPStats.load(id), dataPath: saved?.dataPath))
         }
         print(jsonLine(out))
     }

@@ -130,6 +130,8 @@ final class FakeQueue: IOQueue {
     let charFD: Int32 = -1
     let userCopy = false
     func userCopyOffset(_ tag: UInt16) -> Int64 { 0 }
+    /// Request data lives in the request's plain buffer (the tag's buffer of kernel copy).
+    let dataPath = DataPath.kernelCopy
 
     enum Op {
         case read(Int32, UnsafeMutableRawPointer, UInt32, UInt64)
@@ -154,6 +156,20 @@ final class FakeQueue: IOQueue {
     var writeFailPermille = 0
     /// The cache file (the only one whose writes fail).
     var cacheFD: Int32 = -1
+    /// The direct I/O rule (DirectIOTests): every read and write on
+    /// `alignedFD` (-1: any fd) must have its offset, length and buffer aligned
+    /// to this; what breaks it is listed in `misaligned`.
+    var requireAlignment = 0
+    var alignedFD: Int32 = -1
+    var misaligned: [String] = []
+
+    func checkAligned(_ what: String, _ fd: Int32, _ buf: UnsafeRawPointer, _ length: Int, _ offset: UInt64) {
+        let a = requireAlignment
+        guard a > 1, alignedFD < 0 || fd == alignedFD else { return }
+        if Int(bitPattern: buf) % a != 0 || length % a != 0 || offset % UInt64(a) != 0 {
+            misaligned.append("\(what) \(length) bytes at \(offset) from \(buf)")
+        }
+    }
 
     init(depth: Int, files: FaultFiles, id: UInt16 = 0) {
         self.depth = depth
@@ -184,10 +200,24 @@ final class FakeQueue: IOQueue {
     }
 
     func read(fd: Int32, into buf: UnsafeMutableRawPointer, length: UInt32, offset: UInt64, tag: UInt16, sub: UInt8, data: UInt32) {
+        checkAligned("read", fd, buf, Int(length), offset)
         pending.append(Pending(op: .read(fd, buf, length, offset), tag: tag, sub: sub, data: data))
     }
     func write(fd: Int32, from buf: UnsafeRawPointer, length: UInt32, offset: UInt64, flags: Int32, tag: UInt16, sub: UInt8, data: UInt32) {
+        checkAligned("write", fd, buf, Int(length), offset)
         pending.append(Pending(op: .write(fd, buf, length, offset), tag: tag, sub: sub, data: data))
+    }
+    func readIntoRequest(_ r: Request, at: UInt32, length: UInt32, fd: Int32, offset: UInt64,
+                         tag: UInt16, sub: UInt8, data: UInt32) {
+        read(fd: fd, into: r.buffer + Int(at), length: length, offset: offset, tag: tag, sub: sub, data: data)
+    }
+    func writeFromRequest(_ r: Request, at: UInt32, length: UInt32, fd: Int32, offset: UInt64, flags: Int32,
+                          tag: UInt16, sub: UInt8, data: UInt32) {
+        write(fd: fd, from: r.buffer + Int(at), length: length, offset: offset, flags: flags, tag: tag, sub: sub, data: data)
+    }
+    func zeroFill(_ r: Request, at: UInt32, length: UInt32) -> Int32 {
+        memset(r.buffer + Int(at), 0, Int(length))
+        return 0
     }
     func fsync(fd: Int32, dataOnly: Bool, tag: UInt16, sub: UInt8, data: UInt32) {
         pending.append(Pending(op: .fsync(fd), tag: tag, sub: sub, data: data))
@@ -200,6 +230,7 @@ final class FakeQueue: IOQueue {
     }
 
     func writeNow(fd: Int32, from buf: UnsafeRawPointer, length: Int, offset: UInt64) -> Int32 {
+        checkAligned("writeNow", fd, buf, length, offset)
         if fd == cacheFD && roll(writeFailPermille) { files.writeFailures += 1; return -ENOSPC }
         let n = pwrite(fd, buf, length, off_t(offset))
         if n != length { return -EIO }

@@ -676,7 +676,9 @@ final class PageStateModelTests: XCTestCase {
         for seed in seeds {
             if let failure = runSeed(seed, steps: steps) { return XCTFail(failure) }
             ran += 1
-            if Date() > deadline { break }
+            // The time bound never cuts the run below 20 seeds: a loaded machine
+            // runs longer instead of testing less.
+            if Date() > deadline && ran >= 20 { break }
         }
         XCTAssertGreaterThanOrEqual(ran, min(seeds.count, 20), "too few seeds ran in the time bound")
         print("page-state model: \(ran) seeds of \(steps) steps passed: \(totals)")

@@ -12,7 +12,9 @@ final class UAPITests: XCTestCase {
         XCTAssertEqual(MemoryLayout<ublksrv_io_desc>.stride, 24)
         XCTAssertEqual(MemoryLayout<ublksrv_io_cmd>.size, 16)
         XCTAssertEqual(MemoryLayout<ublk_param_basic>.size, 32)
-        XCTAssertEqual(MemoryLayout<ublk_params>.size, 112)
+        XCTAssertEqual(MemoryLayout<ublk_params>.size, 120)
+        XCTAssertEqual(MemoryLayout<ublk_params>.offset(of: \.dma), 108)
+        XCTAssertEqual(MemoryLayout<ublk_param_dma_align>.size, 8)
         XCTAssertEqual(MemoryLayout<cu_cqe>.size, 16)
     }
 
@@ -46,6 +48,53 @@ final class UAPITests: XCTestCase {
         XCTAssertEqual(UBLK_U_CMD_END_USER_RECOVERY, ioc(wr, 0x11, 32))
         XCTAssertEqual(UBLK_U_IO_FETCH_REQ, ioc(wr, 0x20, 16))
         XCTAssertEqual(UBLK_U_IO_COMMIT_AND_FETCH_REQ, ioc(wr, 0x21, 16))
+        XCTAssertEqual(UBLK_U_IO_REGISTER_IO_BUF, ioc(wr, 0x23, 16))
+        XCTAssertEqual(UBLK_U_IO_UNREGISTER_IO_BUF, ioc(wr, 0x24, 16))
+    }
+
+    /// UBLK_F_AUTO_BUF_REG's sqe->addr: index in bits 0-15, flags in 16-23, the rest zero.
+    func testAutoBufRegEncoding() {
+        XCTAssertEqual(MemoryLayout<ublk_auto_buf_reg>.size, 8)
+        XCTAssertEqual(cu_auto_buf_reg_addr(0x1234, 0), 0x1234)
+        XCTAssertEqual(cu_auto_buf_reg_addr(7, UInt8(UBLK_AUTO_BUF_REG_FALLBACK)), 0x1_0007)
+        XCTAssertEqual(UBLK_IO_F_NEED_REG_BUF, 1 << 17)
+        XCTAssertEqual(UBLK_F_SUPPORT_ZERO_COPY, 1 << 0)
+        XCTAssertEqual(UBLK_F_AUTO_BUF_REG, 1 << 11)
+    }
+
+    /// The path a driver's features give a target, and what each asks of ADD_DEV.
+    func testDataPathChoice() throws {
+        let all: [DataPath] = [.autoZeroCopy, .zeroCopy, .userCopy, .kernelCopy]
+        let v612 = UBLK_F_CMD_IOCTL_ENCODE | UBLK_F_USER_COPY | UBLK_F_USER_RECOVERY
+        let v615 = v612 | UBLK_F_SUPPORT_ZERO_COPY
+        let v7 = v615 | UBLK_F_AUTO_BUF_REG
+        final class T: Target {
+            let name = "loop"
+            var params: DeviceParams
+            var options: [String: String] { [:] }
+            init(_ paths: [DataPath]) { params = DeviceParams(size: 1 << 20); params.dataPaths = paths }
+            func makeHandler(for queue: Queue) throws(UblkError) -> QueueHandler { fatalError() }
+        }
+        XCTAssertEqual(try Server.choosePath(target: T(all), features: v7, forced: nil), .autoZeroCopy)
+        XCTAssertEqual(try Server.choosePath(target: T(all), features: v615, forced: nil), .zeroCopy)
+        XCTAssertEqual(try Server.choosePath(target: T(all), features: v612, forced: nil), .userCopy)
+        XCTAssertEqual(try Server.choosePath(target: T(all), features: UBLK_F_CMD_IOCTL_ENCODE, forced: nil), .kernelCopy)
+        let memory: [DataPath] = [.autoZeroCopy, .zeroCopy, .inlineUserCopy, .userCopy, .kernelCopy]
+        XCTAssertEqual(try Server.choosePath(target: T(memory), features: v7, forced: nil), .autoZeroCopy)
+        XCTAssertEqual(try Server.choosePath(target: T(memory), features: v612, forced: nil), .inlineUserCopy)
+        XCTAssertEqual(try Server.choosePath(target: T(all), features: v7, forced: .kernelCopy), .kernelCopy)
+        XCTAssertThrowsError(try Server.choosePath(target: T(all), features: v612, forced: .autoZeroCopy)) { e in
+            XCTAssert("\(e)".contains("UBLK_F_AUTO_BUF_REG"), "\(e)")
+        }
+        XCTAssertThrowsError(try Server.choosePath(target: T(all), features: v612, forced: .zeroCopy))
+        XCTAssertThrowsError(try Server.choosePath(target: T([.kernelCopy]), features: v7, forced: .zeroCopy))
+        // Auto registration asks for its fallback (explicit registration) and user copy (zero fill).
+        XCTAssertEqual(DataPath.autoZeroCopy.deviceFlags(features: v7), UBLK_F_AUTO_BUF_REG | UBLK_F_SUPPORT_ZERO_COPY | UBLK_F_USER_COPY)
+        XCTAssertEqual(DataPath.zeroCopy.deviceFlags(features: v615), UBLK_F_SUPPORT_ZERO_COPY | UBLK_F_USER_COPY)
+        XCTAssertEqual(DataPath.kernelCopy.deviceFlags(features: v7), 0)
+        XCTAssertEqual(DataPath.granted(flags: v7, inline: true), .autoZeroCopy)
+        XCTAssertEqual(DataPath.granted(flags: UBLK_F_USER_COPY, inline: true), .inlineUserCopy)
+        XCTAssertEqual(DataPath.granted(flags: UBLK_F_USER_COPY, inline: false), .userCopy)
     }
 
     func testFeatureBits() {

@@ -72,23 +72,132 @@ else
     fail "add -t cache on /dev/ram0" "$DEV_JSON"
 fi
 
-section "the cache on a disk filesystem (ext4): the io_uring path, not the in-memory one"
-mkdir -p /mnt/c
-if check "ext4 on /dev/ram1 for the cache" bash -c "mkfs.ext4 -q -F /dev/ram1 && mount -t ext4 /dev/ram1 /mnt/c"; then
-    head -c $((32 << 20)) /dev/urandom > /tmp/back3.img
-    if add -t cache --backing /tmp/back3.img --cache /mnt/c/e.cache --bitmap /mnt/c/e.bitmap --write-mode back; then
-        check "read half of it cold" cmp -n $((16 << 20)) $DEV_B /tmp/back3.img
-        check "fio randwrite 512 B-128 KiB, partial and whole pages, verify" $FIO --name=e --filename=$DEV_B \
-            --rw=randwrite --bsrange=512-128k --blockalign=512 --size=32M --verify=crc32c --do_verify=1 --verify_fatal=1 \
+section "cache and backing on ext4: O_DIRECT for both, reported; fio --verify 512 B-1 MiB; write-back leaves backing == device"
+# /dev/ram0 (the backing's file system) is free again after the section above.
+mkdir -p /mnt/c /mnt/b /mnt/t
+if check "ext4 on /dev/ram1 for the cache, on /dev/ram0 for the backing" bash -c "mkfs.ext4 -q -F /dev/ram1 && mount -t ext4 /dev/ram1 /mnt/c && mkfs.ext4 -q -F /dev/ram0 && mount -t ext4 /dev/ram0 /mnt/b"; then
+    head -c $((32 << 20)) /dev/urandom > /mnt/b/back3.img
+    if add -t cache --backing /mnt/b/back3.img --cache /mnt/c/e.cache --bitmap /mnt/c/e.bitmap --write-mode back; then
+        eq "cache_io direct" direct "$(echo "$DEV_JSON" | jq -r .target_options.cache_io)"
+        eq "backing_io direct" direct "$(echo "$DEV_JSON" | jq -r .target_options.backing_io)"
+        eq "list reports them too" "direct direct" "$("$UBLK" list -n $DEV_ID | jq -r '.[0].target_options | "\(.cache_io) \(.backing_io)"')"
+        # brd's logical block is 512 bytes, and so is ext4's direct I/O alignment on it.
+        eq "logical block size follows the files' alignment" 512 "$(cat /sys/block/ublkb$DEV_ID/queue/logical_block_size)"
+        check "read half of it cold" cmp -n $((16 << 20)) $DEV_B /mnt/b/back3.img
+        check "fio randrw 512 B-1 MiB, partial and whole pages, verify" $FIO --name=e --filename=$DEV_B \
+            --rw=randrw --bsrange=512-1m --blockalign=512 --size=32M --verify=crc32c --do_verify=1 --verify_fatal=1 \
             --output=/tmp/fio-e.txt
+        check "fio randwrite 512 B-1 MiB, verify after all writes" $FIO --name=e2 --filename=$DEV_B \
+            --rw=randwrite --bsrange=512-1m --blockalign=512 --size=32M --verify=crc32c --do_verify=1 --verify_fatal=1 \
+            --verify_backlog=0 --output=/tmp/fio-e2.txt
         check "a 1 MiB write that half covers cached pages reads back" bash -c "head -c 1048576 /dev/urandom > /tmp/e1 && dd if=/tmp/e1 of=$DEV_B bs=1M seek=15 oflag=direct 2>/dev/null && cmp <(dd if=$DEV_B bs=1M skip=15 count=1 iflag=direct 2>/dev/null) /tmp/e1"
-        check "flush" "$UBLK" flush -n $DEV_ID
-        check "the backing store equals the device" cmp $DEV_B /tmp/back3.img
+        check "a FLUSH" sync $DEV_B
+        check "flush (write-back)" "$UBLK" flush -n $DEV_ID
+        check "the backing store equals the device" cmp $DEV_B /mnt/b/back3.img
+        check "del" del $DEV_ID
+        check "and after del, with the page cache dropped" bash -c "echo 3 > /proc/sys/vm/drop_caches; cmp /mnt/b/back3.img <(dd if=/mnt/b/back3.img bs=1M iflag=direct 2>/dev/null)"
+    else
+        fail "add -t cache with cache and backing on ext4" "$DEV_JSON"
+    fi
+
+    section "write-through on ext4 (both direct): fio --verify, backing equals the device"
+    if add -t cache --backing /mnt/b/back3.img --cache /mnt/c/e.cache --bitmap /mnt/c/e.bitmap --write-mode through; then
+        eq "cache_io direct (through)" direct "$(echo "$DEV_JSON" | jq -r .target_options.cache_io)"
+        eq "cache reused" reused "$(echo "$DEV_JSON" | jq -r .target_options.cache_state)"
+        check "fio randrw 512 B-1 MiB, verify (through)" $FIO --name=w --filename=$DEV_B \
+            --rw=randrw --bsrange=512-1m --blockalign=512 --size=32M --verify=crc32c --do_verify=1 --verify_fatal=1 \
+            --output=/tmp/fio-w.txt
+        check "the backing store equals the device (through)" cmp $DEV_B /mnt/b/back3.img
         check "del" del $DEV_ID
     else
-        fail "add -t cache with the cache on ext4" "$DEV_JSON"
+        fail "add -t cache through on ext4" "$DEV_JSON"
     fi
-    umount /mnt/c
+
+    section "the cache on tmpfs: the in-memory path, reported; the backing on ext4 stays direct"
+    if check "tmpfs" mount -t tmpfs -o size=40m tmpfs /mnt/t && \
+        add -t cache --backing /mnt/b/back3.img --cache /mnt/t/m.cache --bitmap /mnt/t/m.bitmap --write-mode through; then
+        eq "cache_io inline on tmpfs" "inline (file in memory: tmpfs)" "$(echo "$DEV_JSON" | jq -r .target_options.cache_io)"
+        eq "backing_io direct beside it" direct "$(echo "$DEV_JSON" | jq -r .target_options.backing_io)"
+        check "write-through from the mapped cache file to a direct backing, read back" bash -c "head -c 1048576 /dev/urandom > /tmp/m1 && dd if=/tmp/m1 of=$DEV_B bs=4k seek=1001 oflag=direct 2>/dev/null && cmp <(dd if=/mnt/b/back3.img bs=4k skip=1001 count=256 iflag=direct 2>/dev/null) /tmp/m1 && cmp <(dd if=$DEV_B bs=4k skip=1001 count=256 iflag=direct 2>/dev/null) /tmp/m1"
+        check "del" del $DEV_ID
+    else
+        fail "add -t cache with the cache on tmpfs" "$DEV_JSON"
+    fi
+    umount /mnt/t 2>/dev/null
+
+    section "http with its cache on ext4: direct, an image of 3000003 bytes, del and add again fetch nothing"
+    mkdir -p /srv/www
+    head -c 3000003 /dev/urandom > /srv/www/odd3.bin
+    if check "nginx" nginx-start /srv/www 8080 && \
+        add -t http --url http://127.0.0.1:8080/odd3.bin --cache /mnt/c/h.cache --bitmap /mnt/c/h.bitmap; then
+        eq "cache_io direct (http)" direct "$(echo "$DEV_JSON" | jq -r .target_options.cache_io)"
+        eq "device: the image rounded up to the 512-byte block" 3000320 "$(blockdev --getsize64 $DEV_B)"
+        check "the object's bytes, then zeros (cold, 4 KiB direct reads)" bash -c "cmp <(dd if=$DEV_B bs=4k iflag=direct 2>/dev/null | head -c 3000003) /srv/www/odd3.bin && cmp <(tail -c 317 $DEV_B) <(head -c 317 /dev/zero)"
+        check "read it all again, buffered" cmp <(head -c 3000003 $DEV_B) /srv/www/odd3.bin
+        check "del" del $DEV_ID
+        if add -t http --url http://127.0.0.1:8080/odd3.bin --cache /mnt/c/h.cache --bitmap /mnt/c/h.bitmap; then
+            eq "cache reused (http)" reused "$(echo "$DEV_JSON" | jq -r .target_options.cache_state)"
+            eq "cache_io direct again" direct "$(echo "$DEV_JSON" | jq -r .target_options.cache_io)"
+            check "cmp after add again" bash -c "cmp <(head -c 3000003 $DEV_B) /srv/www/odd3.bin"
+            sleep 1.2
+            eq "nothing fetched again" 0 "$("$UBLK" stats -n $DEV_ID --json | jq -r .bytes_fetched)"
+            check "del" del $DEV_ID
+        else
+            fail "add http again" "$DEV_JSON"
+        fi
+    else
+        fail "add -t http with the cache on ext4" "$DEV_JSON"
+    fi
+
+    section "a cache file system on 4096-byte sectors: 4 KiB blocks, the odd image's last block padded to 4096"
+    kmod-load loop 2>/dev/null
+    mkdir -p /mnt/k
+    truncate -s 96M /tmp/k4.img
+    if L=$(losetup --find --show --sector-size 4096 /tmp/k4.img) && check "ext4 on a 4Kn loop device ($L)" bash -c "mkfs.ext4 -q -F $L && mount -t ext4 $L /mnt/k"; then
+        if add -t http --url http://127.0.0.1:8080/odd3.bin --cache /mnt/k/h.cache --bitmap /mnt/k/h.bitmap; then
+            eq "cache_io direct (4Kn)" direct "$(echo "$DEV_JSON" | jq -r .target_options.cache_io)"
+            eq "logical block 4096 (4Kn)" 4096 "$(cat /sys/block/ublkb$DEV_ID/queue/logical_block_size)"
+            eq "device: the image rounded up to 4096" 3002368 "$(blockdev --getsize64 $DEV_B)"
+            check "the object's bytes, then zeros (4Kn)" bash -c "cmp <(head -c 3000003 $DEV_B) /srv/www/odd3.bin && cmp <(tail -c 2365 $DEV_B) <(head -c 2365 /dev/zero)"
+            check "del" del $DEV_ID
+            if add -t http --url http://127.0.0.1:8080/odd3.bin --cache /mnt/k/h.cache --bitmap /mnt/k/h.bitmap; then
+                check "cmp after add again (4Kn)" bash -c "cmp <(dd if=$DEV_B bs=64k iflag=direct 2>/dev/null | head -c 3000003) /srv/www/odd3.bin"
+                sleep 1.2
+                eq "nothing fetched again (4Kn)" 0 "$("$UBLK" stats -n $DEV_ID --json | jq -r .bytes_fetched)"
+                check "del" del $DEV_ID
+            else
+                fail "add http again (4Kn)" "$DEV_JSON"
+            fi
+        else
+            fail "add -t http with the cache on 4Kn ext4" "$DEV_JSON"
+        fi
+        if add -t cache --backing /mnt/b/back3.img --cache /mnt/k/e.cache --bitmap /mnt/k/e.bitmap --write-mode back; then
+            eq "cache_io and backing_io direct (4Kn cache)" "direct direct" "$(echo "$DEV_JSON" | jq -r '.target_options | "\(.cache_io) \(.backing_io)"')"
+            eq "logical block 4096 (4Kn cache)" 4096 "$(cat /sys/block/ublkb$DEV_ID/queue/logical_block_size)"
+            check "fio randrw 4 KiB-1 MiB, verify (4Kn)" $FIO --name=k --filename=$DEV_B \
+                --rw=randrw --bsrange=4k-1m --blockalign=4k --size=32M --verify=crc32c --do_verify=1 --verify_fatal=1 \
+                --output=/tmp/fio-k.txt
+            check "flush (4Kn)" "$UBLK" flush -n $DEV_ID
+            check "the backing store equals the device (4Kn)" cmp $DEV_B /mnt/b/back3.img
+            check "del" del $DEV_ID
+        else
+            fail "add -t cache with the cache on 4Kn ext4" "$DEV_JSON"
+        fi
+        umount /mnt/k
+        losetup -d $L
+    else
+        fail "a 4Kn loop device" "losetup --sector-size 4096 failed"
+    fi
+    rm -f /tmp/k4.img
+
+    nginx-stop 2>/dev/null
+    umount /mnt/c; umount /mnt/b
+fi
+
+section "the cache on the guest's root file system (in memory): reported as such"
+if add -t cache --backing /tmp/back1.img --cache $C/t.cache --bitmap $C/t.bitmap; then
+    check "cache_io is the in-memory path or buffered, with its reason" bash -c "echo '$DEV_JSON' | jq -r .target_options.cache_io | grep -Eq '^(inline|buffered) \(.+\)$'"
+    del $DEV_ID >/dev/null
 fi
 
 section "bad inputs"

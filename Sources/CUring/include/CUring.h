@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <fcntl.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -106,8 +107,17 @@ struct ublk_param_zoned {
     __u8 reserved[20];
 };
 
-/* The 6.12 layout: later kernels append dma_align, segment and integrity
- * parameters; `len` tells the kernel how much of the struct we know. */
+/* UBLK_PARAM_TYPE_DMA_ALIGN (6.14+): `alignment` is a mask (bytes - 1, below
+ * PAGE_SIZE) the request buffers' addresses must satisfy. */
+struct ublk_param_dma_align {
+    __u32 alignment;
+    __u8 pad[4];
+};
+
+/* The 6.12 layout plus dma_align; later kernels append segment and integrity
+ * parameters. `len` tells the kernel how much of the struct we know: 6.12
+ * copies only the first 112 bytes (dma sits at 108) and drops the type bits it does not know
+ * (UBLK_PARAM_TYPE_ALL), so dma_align is simply absent there. */
 struct ublk_params {
     __u32 len;
     __u32 types;
@@ -115,6 +125,7 @@ struct ublk_params {
     struct ublk_param_discard discard;
     struct ublk_param_devt devt;
     struct ublk_param_zoned zoned;
+    struct ublk_param_dma_align dma;
 };
 
 _Static_assert(sizeof(struct ublksrv_ctrl_cmd) == 32, "ctrl cmd");
@@ -123,7 +134,9 @@ _Static_assert(sizeof(struct ublksrv_io_desc) == 24, "io desc");
 _Static_assert(sizeof(struct ublksrv_io_cmd) == 16, "io cmd");
 _Static_assert(sizeof(struct ublk_param_basic) == 32, "basic");
 _Static_assert(sizeof(struct ublk_param_discard) == 20, "discard");
-_Static_assert(sizeof(struct ublk_params) == 112, "params");
+_Static_assert(sizeof(struct ublk_param_dma_align) == 8, "dma_align");
+_Static_assert(offsetof(struct ublk_params, dma) == 108, "dma_align offset");
+_Static_assert(sizeof(struct ublk_params) == 120, "params");
 
 /* Command numbers (the _IOC_NR part). */
 #define UBLK_CMD_GET_QUEUE_AFFINITY 0x01
@@ -145,6 +158,8 @@ _Static_assert(sizeof(struct ublk_params) == 112, "params");
 #define UBLK_IO_FETCH_REQ 0x20
 #define UBLK_IO_COMMIT_AND_FETCH_REQ 0x21
 #define UBLK_IO_NEED_GET_DATA 0x22
+#define UBLK_IO_REGISTER_IO_BUF 0x23
+#define UBLK_IO_UNREGISTER_IO_BUF 0x24
 
 /* ioctl-encoded opcodes, written out as plain constants (Swift cannot
  * import function-like macros) and checked against the encoding below. */
@@ -164,6 +179,8 @@ _Static_assert(sizeof(struct ublk_params) == 112, "params");
 #define UBLK_U_IO_FETCH_REQ 0xc0107520u
 #define UBLK_U_IO_COMMIT_AND_FETCH_REQ 0xc0107521u
 #define UBLK_U_IO_NEED_GET_DATA 0xc0107522u
+#define UBLK_U_IO_REGISTER_IO_BUF 0xc0107523u
+#define UBLK_U_IO_UNREGISTER_IO_BUF 0xc0107524u
 
 _Static_assert(UBLK_U_CMD_GET_DEV_INFO == _IOR('u', UBLK_CMD_GET_DEV_INFO, struct ublksrv_ctrl_cmd), "op");
 _Static_assert(UBLK_U_CMD_GET_QUEUE_AFFINITY == _IOR('u', UBLK_CMD_GET_QUEUE_AFFINITY, struct ublksrv_ctrl_cmd), "op");
@@ -181,6 +198,8 @@ _Static_assert(UBLK_U_CMD_DEL_DEV_ASYNC == _IOR('u', UBLK_CMD_DEL_DEV_ASYNC, str
 _Static_assert(UBLK_U_IO_FETCH_REQ == _IOWR('u', UBLK_IO_FETCH_REQ, struct ublksrv_io_cmd), "op");
 _Static_assert(UBLK_U_IO_COMMIT_AND_FETCH_REQ == _IOWR('u', UBLK_IO_COMMIT_AND_FETCH_REQ, struct ublksrv_io_cmd), "op");
 _Static_assert(UBLK_U_IO_NEED_GET_DATA == _IOWR('u', UBLK_IO_NEED_GET_DATA, struct ublksrv_io_cmd), "op");
+_Static_assert(UBLK_U_IO_REGISTER_IO_BUF == _IOWR('u', UBLK_IO_REGISTER_IO_BUF, struct ublksrv_io_cmd), "op");
+_Static_assert(UBLK_U_IO_UNREGISTER_IO_BUF == _IOWR('u', UBLK_IO_UNREGISTER_IO_BUF, struct ublksrv_io_cmd), "op");
 
 #define UBLK_IO_RES_OK 0
 #define UBLK_IO_RES_NEED_GET_DATA 1
@@ -244,6 +263,26 @@ static inline long long cu_user_copy_pos(__u16 q_id, __u16 tag, __u32 offset) {
 #define UBLK_IO_F_FUA (1U << 13)
 #define UBLK_IO_F_NOUNMAP (1U << 15)
 #define UBLK_IO_F_SWAP (1U << 16)
+/* UBLK_F_AUTO_BUF_REG with UBLK_AUTO_BUF_REG_FALLBACK: the automatic
+ * registration failed and the server must register the buffer itself. */
+#define UBLK_IO_F_NEED_REG_BUF (1U << 17)
+
+/* UBLK_F_AUTO_BUF_REG (6.16+): FETCH and COMMIT_AND_FETCH carry this in
+ * sqe->addr (not in the command): the request's pages are registered at
+ * `index` of the issuing ring's buffer table before the request is handed
+ * over, and unregistered when it is committed. Encoded as index | flags << 16
+ * | reserved0 << 24 | reserved1 << 32; reserved fields must be zero. */
+struct ublk_auto_buf_reg {
+    __u16 index;
+    __u8 flags;
+    __u8 reserved0;
+    __u32 reserved1;
+};
+_Static_assert(sizeof(struct ublk_auto_buf_reg) == 8, "auto buf reg");
+#define UBLK_AUTO_BUF_REG_FALLBACK (1 << 0)
+static inline __u64 cu_auto_buf_reg_addr(__u16 index, __u8 flags) {
+    return (__u64)index | (__u64)flags << 16;
+}
 
 /* Parameter attributes and types. */
 #define UBLK_ATTR_READ_ONLY (1 << 0)
@@ -254,6 +293,7 @@ static inline long long cu_user_copy_pos(__u16 q_id, __u16 tag, __u32 offset) {
 #define UBLK_PARAM_TYPE_DISCARD (1 << 1)
 #define UBLK_PARAM_TYPE_DEVT (1 << 2)
 #define UBLK_PARAM_TYPE_ZONED (1 << 3)
+#define UBLK_PARAM_TYPE_DMA_ALIGN (1 << 4)
 
 /* ---------------------------------------------------------------------------
  * Constants Swift cannot see through macros.
@@ -267,6 +307,8 @@ static const unsigned cu_setup_coop = IORING_SETUP_COOP_TASKRUN;
 static const unsigned cu_setup_single_issuer = IORING_SETUP_SINGLE_ISSUER;
 static const unsigned cu_setup_defer_taskrun = IORING_SETUP_DEFER_TASKRUN;
 static const unsigned cu_iosqe_fixed_file = IOSQE_FIXED_FILE;
+static const unsigned cu_iosqe_io_hardlink = IOSQE_IO_HARDLINK;
+static const unsigned cu_iosqe_cqe_skip_success = IOSQE_CQE_SKIP_SUCCESS;
 static const unsigned cu_poll_in = POLLIN;
 static const unsigned cu_poll_out = POLLOUT;
 static const int cu_o_direct = __O_DIRECT;
@@ -317,6 +359,34 @@ static inline void cu_prep_io_cmd(struct io_uring_sqe *sqe, int fd, unsigned sqe
     struct ublksrv_io_cmd c = { .q_id = q_id, .tag = tag, .result = result, .addr = addr };
     cu_prep_uring_cmd(sqe, fd, cmd_op, &c, sizeof(c), user_data);
     sqe->flags = (__u8)sqe_flags;
+}
+
+/* FETCH / COMMIT_AND_FETCH with UBLK_F_AUTO_BUF_REG: the command's addr is 0
+ * and sqe->addr carries the registration (cu_auto_buf_reg_addr). */
+static inline void cu_prep_io_cmd_auto_reg(struct io_uring_sqe *sqe, int fd, __u32 cmd_op, __u16 q_id, __u16 tag,
+                                           __s32 result, __u64 auto_reg, __u64 user_data) {
+    cu_prep_io_cmd(sqe, fd, 0, cmd_op, q_id, tag, result, 0, user_data);
+    sqe->addr = auto_reg;
+}
+
+/* READ_FIXED / WRITE_FIXED of a registered buffer. For a ublk request's
+ * buffer the "address" is the byte offset into the request's data. */
+static inline void cu_prep_read_fixed(struct io_uring_sqe *sqe, int fd, __u64 buf_offset, unsigned len,
+                                      __u64 off, __u16 buf_index, __u64 user_data) {
+    io_uring_prep_read_fixed(sqe, fd, (void *)(uintptr_t)buf_offset, len, off, buf_index);
+    sqe->user_data = user_data;
+}
+
+static inline void cu_prep_write_fixed(struct io_uring_sqe *sqe, int fd, __u64 buf_offset, unsigned len,
+                                       __u64 off, __u16 buf_index, int rw_flags, __u64 user_data) {
+    io_uring_prep_write_fixed(sqe, fd, (const void *)(uintptr_t)buf_offset, len, off, buf_index);
+    sqe->rw_flags = rw_flags;
+    sqe->user_data = user_data;
+}
+
+/* A sparse buffer table of `nr` empty slots (for ublk zero copy); 0 or -errno. */
+static inline int cu_register_buffers_sparse(struct io_uring *ring, unsigned nr) {
+    return io_uring_register_buffers_sparse(ring, nr);
 }
 
 static inline void cu_prep_read(struct io_uring_sqe *sqe, int fd, unsigned sqe_flags, void *buf,
@@ -402,6 +472,12 @@ int cu_pipe_cloexec(int fds[2]);
 int cu_fallocate(int fd, int mode, long long off, long long len);
 /* accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC); fd or -errno. */
 int cu_accept_nonblock(int fd);
+/* statx(STATX_DIOALIGN) of fd: 0 with the direct I/O alignments (0 and 0:
+ * the file takes no direct I/O), or -errno (-EOPNOTSUPP: the kernel does not
+ * report them). In shim.c (statx needs _GNU_SOURCE). */
+int cu_dio_align(int fd, unsigned *mem_align, unsigned *offset_align);
+/* The logical block size of a block device (BLKSSZGET), or -errno. */
+int cu_logical_block_size(int fd);
 /* pwrite with RWF_* flags (pwritev2 of one buffer). */
 long cu_pwrite_flags(int fd, const void *buf, size_t len, long long off, int flags);
 

@@ -23,6 +23,8 @@ public struct DeviceState: Codable, Sendable {
     public var recovery: Bool
     public var blockDevice: String
     public var charDevice: String
+    /// How request data moves (DataPath's names); nil in state files of older versions.
+    public var dataPath: String?
     /// The `add` arguments that started the server (for `recover`). Never written to
     /// ublkN.json (see `save`); read from there only as left by older versions.
     public var arguments: [String]?
@@ -30,7 +32,7 @@ public struct DeviceState: Codable, Sendable {
     enum CodingKeys: String, CodingKey {
         case devID = "dev_id", pid, target, targetOptions = "target_options", queues, depth
         case bufferSize = "buffer_size", size, readOnly = "read_only", recovery
-        case blockDevice = "block_device", charDevice = "char_device", arguments
+        case blockDevice = "block_device", charDevice = "char_device", arguments, dataPath = "data_path"
     }
 
     public init(id: UInt32, pid: Int32, target: String, options: [String: String], queues: Int, depth: Int,

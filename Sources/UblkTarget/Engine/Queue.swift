@@ -11,6 +11,15 @@
 // - The loop ends when every tag has been aborted by the kernel (-ENODEV,
 //   device stopped) or a stop was requested through `wake`, and no target I/O
 //   is outstanding. Closing the ring then cancels whatever the kernel holds.
+// - Request data moves the device's one way (DataPath.swift): the handler
+//   calls readIntoRequest / writeFromRequest / zeroFill and the queue turns
+//   them into READ_FIXED / WRITE_FIXED of the request's registered pages
+//   (zero copy), READ / WRITE of the tag's buffer plus a pread / pwrite on
+//   /dev/ublkcN (user copy), or READ / WRITE of the tag's buffer (kernel copy).
+//   Explicit registration (zero-copy, or auto-zero-copy's fallback): the
+//   REGISTER_IO_BUF completes before the handler sees the request, and the
+//   UNREGISTER_IO_BUF is hard-linked before its COMMIT_AND_FETCH, so the
+//   pages leave the table after the last I/O and before the request completes.
 import CUring
 import Dispatch
 import Glibc
@@ -24,7 +33,29 @@ public final class Queue: IOQueue {
     /// /dev/ublkcN, for targets in user-copy mode.
     public let charFD: Int32
     /// UBLK_F_USER_COPY: FETCH/COMMIT carry no buffer; data moves through `charFD`.
-    public let userCopy: Bool
+    public var userCopy: Bool { flags & UBLK_F_USER_COPY != 0 }
+    /// How request data moves (DataPath.swift).
+    public let dataPath: DataPath
+    /// The device's granted UBLK_F_* flags.
+    let flags: UInt64
+    /// Auto registration asks for the fallback (the device also has SUPPORT_ZERO_COPY).
+    private let autoFallback: Bool
+    /// Tags whose pages this queue registered itself (unregistered before their COMMIT).
+    private var registered: [Bool] = []
+    /// Requests waiting for their REGISTER_IO_BUF to complete.
+    private var registering: [Request?] = []
+    /// User copy: bytes [0, n) of the tag's buffer already hold the request's data,
+    /// and where the one request read in flight per tag lands.
+    private var copiedIn: [UInt32] = []
+    private var readAt: [UInt32] = []
+    /// Target I/O that failed before reaching the ring, delivered after the current batch.
+    private var failed: [(UserData, Int32)] = []
+    /// Zeros for zeroFill through /dev/ublkcN.
+    private static let zeros: UnsafeMutableRawPointer = {
+        let p = UnsafeMutableRawPointer.allocate(byteCount: 65536, alignment: 4096)
+        p.initializeMemory(as: UInt8.self, repeating: 0, count: 65536)
+        return p
+    }()
     private(set) var ring: Ring!
     private var descriptors: UnsafePointer<ublksrv_io_desc>!
     private var descriptorsLength = 0
@@ -46,8 +77,10 @@ public final class Queue: IOQueue {
     private var targetInflight = 0
     private var stopRequested = false
 
-    init(device: UInt32, id: UInt16, depth: Int, bufferSize: Int, charFD: Int32, userCopy: Bool) {
-        self.userCopy = userCopy
+    init(device: UInt32, id: UInt16, depth: Int, bufferSize: Int, charFD: Int32, flags: UInt64, dataPath: DataPath) {
+        self.flags = flags
+        self.dataPath = dataPath
+        self.autoFallback = dataPath == .autoZeroCopy && flags & UBLK_F_SUPPORT_ZERO_COPY != 0
         self.deviceID = device
         self.id = id
         self.depth = depth
@@ -90,6 +123,16 @@ public final class Queue: IOQueue {
                 throw UblkError("queue \(id): cannot create io_uring", errno: error)
             }
         }
+        if dataPath.isZeroCopy {
+            // Buffer index = tag: where the request's pages are registered.
+            do { try ring.registerSparseBuffers(UInt32(depth)) } catch {
+                throw UblkError("queue \(id): cannot register a buffer table for zero copy", errno: error)
+            }
+        }
+        registered = Array(repeating: false, count: depth)
+        registering = Array(repeating: nil, count: depth)
+        copiedIn = Array(repeating: 0, count: depth)
+        readAt = Array(repeating: 0, count: depth)
         let page = Int(sysconf(Int32(_SC_PAGESIZE)))
         let stride = MemoryLayout<ublksrv_io_desc>.stride
         descriptorsLength = (depth * stride + page - 1) / page * page
@@ -114,7 +157,8 @@ public final class Queue: IOQueue {
         let cqes = UnsafeMutablePointer<cu_cqe>.allocate(capacity: batch)
         defer { cqes.deallocate() }
         while (liveTags > 0 && !stopRequested) || targetInflight > 0 {
-            let r = ring.submitAndWait(1)
+            // A failure reported without the ring (failed) must not wait for a completion.
+            let r = failed.isEmpty ? ring.submitAndWait(1) : ring.submit()
             if r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY && r != -ETIME {
                 log("queue \(id): io_uring_enter failed: \(Errno(returned: r)); stopping")
                 break
@@ -123,6 +167,14 @@ public final class Queue: IOQueue {
                 let n = ring.reap(into: cqes, max: UInt32(batch))
                 if n == 0 { break }
                 for i in 0..<n { dispatch(cqes[i]) }
+            }
+            while !failed.isEmpty {
+                let now = failed
+                failed = []
+                for (ud, res) in now {
+                    targetInflight -= 1
+                    handler.ioCompleted(tag: ud.tag, sub: ud.sub, data: ud.data, result: res, queue: self)
+                }
             }
             handler.idle(queue: self)
         }
@@ -137,6 +189,20 @@ public final class Queue: IOQueue {
     private func dispatch(_ cqe: cu_cqe) {
         guard let ud = UserData(encoded: cqe.user_data) else { return }
         switch ud.kind {
+        case .ublk where ud.sub == Queue.subRegister:
+            targetInflight -= 1
+            let t = Int(ud.tag)
+            guard let req = registering[t] else { return }
+            registering[t] = nil
+            if cqe.res < 0 {
+                log("queue \(id) tag \(ud.tag): cannot register the request's buffer: \(Errno(returned: cqe.res))")
+                return issue(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag: ud.tag, result: -EIO)
+            }
+            registered[t] = true
+            handler.handle(req, queue: self)
+        case .ublk where ud.sub == Queue.subUnregister:
+            // Only a failure posts a completion (CQE_SKIP_SUCCESS); the COMMIT ran anyway (hard link).
+            log("queue \(id) tag \(ud.tag): cannot unregister the request's buffer: \(Errno(returned: cqe.res))")
         case .ublk:
             if cqe.res == UBLK_IO_RES_OK {
                 let d = descriptors[Int(ud.tag)]
@@ -144,7 +210,7 @@ public final class Queue: IOQueue {
                 let req = Request(tag: ud.tag, op: op, flags: d.op_flags & ~0xff,
                                   offset: d.start_sector << 9, length: d.nr_sectors << 9,
                                   buffer: buffer(ud.tag))
-                handler.handle(req, queue: self)
+                arrived(req)
             } else {
                 // -ENODEV: the device is stopping and the kernel gave the tag back.
                 if cqe.res != cu_io_res_abort {
@@ -155,6 +221,16 @@ public final class Queue: IOQueue {
         case .target:
             targetInflight -= 1
             handler.ioCompleted(tag: ud.tag, sub: ud.sub, data: ud.data, result: cqe.res, queue: self)
+        case .requestRead:
+            targetInflight -= 1
+            var result = cqe.res
+            if result > 0 {
+                // User copy: the bytes just read into the tag's buffer go on into the request.
+                let at = Int(readAt[Int(ud.tag)])
+                let r = copyRequest(tag: ud.tag, out: true, buffer(ud.tag) + at, length: Int(result), at: at)
+                if r < 0 { result = r }
+            }
+            handler.ioCompleted(tag: ud.tag, sub: ud.sub, data: ud.data, result: result, queue: self)
         case .event:
             if ud.data == Queue.wakeData {
                 var v: UInt64 = 0
@@ -210,10 +286,53 @@ public final class Queue: IOQueue {
         _ = Glibc.write(wakeFD, &one, 8)
     }
 
+    static let subRegister: UInt8 = 1, subUnregister: UInt8 = 2
+
     @inline(__always)
     private func issue(_ op: UInt32, tag: UInt16, result: Int32) {
-        cu_prep_io_cmd(ring.sqe(), charFD, 0, op, id, tag, result,
-                       userCopy ? 0 : UInt64(UInt(bitPattern: buffer(tag))), UserData(kind: .ublk, tag: tag).encoded)
+        let ud = UserData(kind: .ublk, tag: tag).encoded
+        switch dataPath {
+        case .kernelCopy:
+            cu_prep_io_cmd(ring.sqe(), charFD, 0, op, id, tag, result, UInt64(UInt(bitPattern: buffer(tag))), ud)
+        case .autoZeroCopy:
+            // The next request's pages go to buffer index `tag` (this one's leave it at the COMMIT).
+            let reg = cu_auto_buf_reg_addr(tag, UInt8(autoFallback ? UBLK_AUTO_BUF_REG_FALLBACK : 0))
+            cu_prep_io_cmd_auto_reg(ring.sqe(), charFD, op, id, tag, result, reg, ud)
+        default:
+            cu_prep_io_cmd(ring.sqe(), charFD, 0, op, id, tag, result, 0, ud)
+        }
+    }
+
+    /// A request from the kernel: register its pages first where this queue must.
+    private func arrived(_ r: Request) {
+        let t = Int(r.tag)
+        let hasData = (r.op == Op.read || r.op == Op.write) && r.length > 0
+        let mustRegister = hasData && (dataPath == .zeroCopy
+            || (dataPath == .autoZeroCopy && r.flags & UInt32(UBLK_IO_F_NEED_REG_BUF) != 0))
+        copiedIn[t] = 0
+        if mustRegister {
+            registering[t] = r
+            targetInflight += 1
+            cu_prep_io_cmd(ring.sqe(), charFD, 0, UBLK_U_IO_REGISTER_IO_BUF, id, r.tag, 0, UInt64(r.tag),
+                           UserData(kind: .ublk, tag: r.tag, sub: Queue.subRegister).encoded)
+            return
+        }
+        handler.handle(r, queue: self)
+    }
+
+    /// pread / pwrite of `length` bytes of `tag`'s request data at `at` on /dev/ublkcN
+    /// (`out`: into the request). A CPU copy of pinned pages, never a wait. 0 or -errno.
+    private func copyRequest(tag: UInt16, out: Bool, _ buf: UnsafeMutableRawPointer, length: Int, at: Int) -> Int32 {
+        let pos = off_t(userCopyOffset(tag)) + off_t(at)
+        var done = 0
+        while done < length {
+            let n = out ? pwrite(charFD, buf + done, length - done, pos + off_t(done))
+                        : pread(charFD, buf + done, length - done, pos + off_t(done))
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { return n < 0 ? -errno : -EIO }
+            done += n
+        }
+        return 0
     }
 
     // MARK: What handlers call
@@ -221,7 +340,80 @@ public final class Queue: IOQueue {
     /// Completes `tag`'s request with `result` (bytes transferred, 0, or -errno) and fetches its next one.
     @inline(__always)
     public func complete(tag: UInt16, result: Int32) {
+        if registered[Int(tag)] {
+            // After the last I/O, before the COMMIT (hard-linked: the COMMIT runs even if this fails).
+            registered[Int(tag)] = false
+            ring.reserve(2)
+            let sqe = ring.sqe()
+            cu_prep_io_cmd(sqe, charFD, cu_iosqe_io_hardlink | cu_iosqe_cqe_skip_success, UBLK_U_IO_UNREGISTER_IO_BUF,
+                           id, tag, 0, UInt64(tag), UserData(kind: .ublk, tag: tag, sub: Queue.subUnregister).encoded)
+        }
         issue(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag: tag, result: result)
+    }
+
+    /// Reads `length` bytes of `fd` at `offset` into `r`'s data at `at`.
+    public func readIntoRequest(_ r: Request, at: UInt32, length: UInt32, fd: Int32, offset: UInt64,
+                                tag: UInt16, sub: UInt8, data: UInt32) {
+        targetInflight += 1
+        switch dataPath {
+        case .autoZeroCopy, .zeroCopy:
+            cu_prep_read_fixed(ring.sqe(), fd, UInt64(at), length, offset, r.tag,
+                               UserData(kind: .target, tag: tag, sub: sub, data: data).encoded)
+        case .userCopy, .inlineUserCopy:
+            precondition(tag == r.tag, "a request read is issued under its own tag")
+            readAt[Int(r.tag)] = at
+            cu_prep_read(ring.sqe(), fd, 0, r.buffer + Int(at), length, offset,
+                         UserData(kind: .requestRead, tag: tag, sub: sub, data: data).encoded)
+        case .kernelCopy:
+            cu_prep_read(ring.sqe(), fd, 0, r.buffer + Int(at), length, offset,
+                         UserData(kind: .target, tag: tag, sub: sub, data: data).encoded)
+        }
+    }
+
+    /// Writes `length` bytes of `r`'s data at `at` to `fd` at `offset`.
+    public func writeFromRequest(_ r: Request, at: UInt32, length: UInt32, fd: Int32, offset: UInt64, flags: Int32,
+                                 tag: UInt16, sub: UInt8, data: UInt32) {
+        let ud = UserData(kind: .target, tag: tag, sub: sub, data: data).encoded
+        switch dataPath {
+        case .autoZeroCopy, .zeroCopy:
+            targetInflight += 1
+            cu_prep_write_fixed(ring.sqe(), fd, UInt64(at), length, offset, r.tag, flags, ud)
+        case .userCopy, .inlineUserCopy:
+            // The request's bytes come into the tag's buffer once (a write-through writes them twice).
+            let t = Int(r.tag)
+            if at + length > copiedIn[t] {
+                let from = at <= copiedIn[t] ? copiedIn[t] : at
+                let c = copyRequest(tag: r.tag, out: false, r.buffer + Int(from), length: Int(at + length - from), at: Int(from))
+                if c < 0 {
+                    // Reported like any I/O result, after the current callback (no recursion).
+                    targetInflight += 1
+                    failed.append((UserData(kind: .target, tag: tag, sub: sub, data: data), c))
+                    return
+                }
+                if at <= copiedIn[t] { copiedIn[t] = at + length }
+            }
+            targetInflight += 1
+            cu_prep_write(ring.sqe(), fd, 0, r.buffer + Int(at), length, offset, flags, ud)
+        case .kernelCopy:
+            targetInflight += 1
+            cu_prep_write(ring.sqe(), fd, 0, r.buffer + Int(at), length, offset, flags, ud)
+        }
+    }
+
+    /// Zeros `length` bytes of `r`'s data at `at` (a read past a file's end), now. 0 or -errno.
+    public func zeroFill(_ r: Request, at: UInt32, length: UInt32) -> Int32 {
+        if dataPath == .kernelCopy {
+            memset(r.buffer + Int(at), 0, Int(length))
+            return 0
+        }
+        var done = 0
+        while done < Int(length) {
+            let n = min(Int(length) - done, 65536)
+            let c = copyRequest(tag: r.tag, out: true, Queue.zeros, length: n, at: Int(at) + done)
+            if c < 0 { return c }
+            done += n
+        }
+        return 0
     }
 
     @inline(__always)

@@ -40,6 +40,12 @@ public final class Ring {
         }
     }
 
+    /// Makes room for `count` SQEs in a row (submitting what is queued when
+    /// there is less), so that a linked pair is never split across submissions.
+    public func reserve(_ count: UInt32) {
+        if cu_sq_space_left(ring) < count { _ = io_uring_submit(ring) }
+    }
+
     @discardableResult
     public func submit() -> Int32 { io_uring_submit(ring) }
 
@@ -53,6 +59,12 @@ public final class Ring {
     @inline(__always)
     public func reap(into buffer: UnsafeMutablePointer<cu_cqe>, max: UInt32) -> Int {
         Int(cu_reap(ring, buffer, max))
+    }
+
+    /// A sparse table of `count` empty fixed-buffer slots (ublk zero copy registers into it).
+    public func registerSparseBuffers(_ count: UInt32) throws(Errno) {
+        let r = cu_register_buffers_sparse(ring, count)
+        if r < 0 { throw Errno(returned: r) }
     }
 
     public func registerFiles(_ fds: [Int32]) throws(Errno) {

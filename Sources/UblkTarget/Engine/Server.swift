@@ -26,6 +26,8 @@ public struct ServerOptions: Sendable {
     public var depth = 128
     public var bufferSize = 512 * 1024
     public var recovery = false
+    /// Force this data path (`add --data-path`); nil: the best the driver and the target have.
+    public var dataPath: DataPath?
     /// Recover this device (its server died) instead of adding one.
     public var recoverID: UInt32?
     /// The `add` arguments, saved in the state file so that `recover` can start the same server.
@@ -40,7 +42,8 @@ public final class Server {
     public private(set) var deviceID: UInt32 = Control.anyDevice
     private var added = false
     private var charFD: Int32 = -1
-    private var userCopy = false
+    private var flags: UInt64 = 0
+    public private(set) var dataPath: DataPath = .kernelCopy
     private var queues: [Queue] = []
     private var threads: [pthread_t] = []
 
@@ -91,7 +94,11 @@ public final class Server {
         } else {
             info = try create(params, features: features)
         }
-        userCopy = info.flags & UBLK_F_USER_COPY != 0
+        flags = info.flags
+        // User copy with a target that prefers the inline copy to plain user copy.
+        let inline = params.dataPaths.firstIndex(of: .inlineUserCopy).map { i in
+            params.dataPaths.firstIndex(of: .userCopy).map { i < $0 } ?? true } ?? false
+        dataPath = DataPath.granted(flags: info.flags, inline: inline && options.dataPath != .userCopy)
 
         let charPath = "/dev/ublkc\(deviceID)"
         for attempt in 0..<200 {
@@ -122,6 +129,7 @@ public final class Server {
                                 queues: Int(info.nr_hw_queues), depth: Int(info.queue_depth),
                                 bufferSize: Int(info.max_io_buf_bytes), size: params.size,
                                 readOnly: params.readOnly, recovery: info.flags & UBLK_F_USER_RECOVERY != 0)
+        state.dataPath = dataPath.rawValue
         state.arguments = options.arguments
         do { try state.save() } catch {
             throw UblkError("cannot write \(DeviceState.path(deviceID))", errno: error)
@@ -137,7 +145,7 @@ public final class Server {
         info.max_io_buf_bytes = UInt32(options.bufferSize)
         info.dev_id = options.deviceID ?? Control.anyDevice
         info.flags = UBLK_F_CMD_IOCTL_ENCODE | (options.recovery ? UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE : 0)
-        if params.userCopy && features & UBLK_F_USER_COPY != 0 { info.flags |= UBLK_F_USER_COPY }
+        info.flags |= try Server.choosePath(target: target, features: features, forced: options.dataPath).deviceFlags(features: features)
         do { try control.add(&info) } catch {
             if error == .exists, let id = options.deviceID {
                 throw UblkError("device id \(id) is taken: /dev/ublkc\(id) already exists")
@@ -165,10 +173,30 @@ public final class Server {
             p.discard.max_write_zeroes_sectors = p.basic.max_sectors
             p.discard.max_discard_segments = 1
         }
+        if params.dmaAlignment > 1 {
+            p.types |= UInt32(UBLK_PARAM_TYPE_DMA_ALIGN)
+            p.dma.alignment = params.dmaAlignment - 1
+        }
         do { try control.setParams(deviceID, p) } catch {
             throw UblkError("SET_PARAMS failed for ublk\(deviceID)", errno: error)
         }
         return info
+    }
+
+    /// The data path for `target` on a driver with `features`: the forced one
+    /// (refused when the driver or the target lacks it), else the target's best.
+    static func choosePath(target: Target, features: UInt64, forced: DataPath?) throws(UblkError) -> DataPath {
+        let supported = target.params.dataPaths
+        if let f = forced {
+            guard supported.contains(f) else {
+                throw UblkError("--data-path \(f.rawValue) does not apply to this \(target.name) target (it can use: \(supported.map(\.rawValue).joined(separator: ", ")))")
+            }
+            guard features & f.requiredFeature == f.requiredFeature else {
+                throw UblkError("--data-path \(f.rawValue) needs \(f.requirement); this kernel's ublk driver lacks it")
+            }
+            return f
+        }
+        return supported.first { features & $0.requiredFeature == $0.requiredFeature } ?? .kernelCopy
     }
 
     /// START_USER_RECOVERY of a device whose server died. The device is not
@@ -207,7 +235,8 @@ public final class Server {
     private func startQueues(count: Int, depth: Int, bufferSize: Int) throws(UblkError) {
         var starts: [QueueStart] = []
         for q in 0..<count {
-            let queue = Queue(device: deviceID, id: UInt16(q), depth: depth, bufferSize: bufferSize, charFD: charFD, userCopy: userCopy)
+            let queue = Queue(device: deviceID, id: UInt16(q), depth: depth, bufferSize: bufferSize, charFD: charFD,
+                              flags: flags, dataPath: dataPath)
             if q == 0 { queue.control = try ControlChannel(device: deviceID) }
             let s = QueueStart(queue: queue, target: target)
             queues.append(queue)

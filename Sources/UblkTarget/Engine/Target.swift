@@ -23,10 +23,13 @@ public struct DeviceParams: Sendable {
     public var writeCache = false
     public var discard = false
     public var rotational = false
-    /// UBLK_F_USER_COPY: the target moves request data itself with pread/pwrite/splice
-    /// on /dev/ublkcN at `Queue.userCopyOffset` (the tag buffers stay unused by the
-    /// kernel). Used only where the kernel supports it.
-    public var userCopy = false
+    /// The data paths the target can run, best first (DataPath.swift); the
+    /// server takes the first the driver has, or the one `add --data-path` forces.
+    public var dataPaths: [DataPath] = [.kernelCopy]
+    /// The alignment (bytes, a power of two up to 4096) request buffers must
+    /// have for the target's files (their direct I/O memory alignment); 0 or 1:
+    /// none. Sent as UBLK_PARAM_TYPE_DMA_ALIGN (kernels before 6.14 ignore it).
+    public var dmaAlignment: UInt32 = 0
 
     public init(size: UInt64) { self.size = size }
 }
@@ -107,8 +110,23 @@ public protocol IOQueue: AnyObject {
     var charFD: Int32 { get }
     var userCopy: Bool { get }
     func userCopyOffset(_ tag: UInt16) -> Int64
+    /// How request data moves (DataPath.swift). Request data is reached only
+    /// through the three calls below, unless the path is kernel copy
+    /// (`Request.buffer` is the data) or inline user copy (the target copies
+    /// between its own mapping and /dev/ublkcN).
+    var dataPath: DataPath { get }
     /// Completes `tag`'s request with `result` (bytes transferred, 0, or -errno).
     func complete(tag: UInt16, result: Int32)
+    /// Reads `length` bytes of `fd` at `offset` into `r`'s data at byte `at`;
+    /// completes like `read` (bytes, 0 at the end of the file, or -errno). At
+    /// most one per request at a time, under the request's own tag.
+    func readIntoRequest(_ r: Request, at: UInt32, length: UInt32, fd: Int32, offset: UInt64,
+                         tag: UInt16, sub: UInt8, data: UInt32)
+    /// Writes `length` bytes of `r`'s data from byte `at` to `fd` at `offset`; completes like `write`.
+    func writeFromRequest(_ r: Request, at: UInt32, length: UInt32, fd: Int32, offset: UInt64, flags: Int32,
+                          tag: UInt16, sub: UInt8, data: UInt32)
+    /// Zeros `length` bytes of `r`'s data from byte `at`, now (a read past a file's end). 0 or -errno.
+    func zeroFill(_ r: Request, at: UInt32, length: UInt32) -> Int32
     func read(fd: Int32, into buf: UnsafeMutableRawPointer, length: UInt32, offset: UInt64,
               tag: UInt16, sub: UInt8, data: UInt32)
     func write(fd: Int32, from buf: UnsafeRawPointer, length: UInt32, offset: UInt64, flags: Int32,
@@ -123,6 +141,20 @@ public protocol IOQueue: AnyObject {
 }
 
 extension IOQueue {
+    /// One completion of a request read that must fill the request: its final
+    /// result, or nil when the rest (from `done` on) must still be read. The end
+    /// of the file (0 bytes) reads as zeros for the rest.
+    @inline(__always)
+    public func readProgress(_ r: Request, _ result: Int32, done: inout UInt32) -> Int32? {
+        if result < 0 { return result }
+        if result == 0 {
+            let z = zeroFill(r, at: done, length: r.length - done)
+            return z < 0 ? z : Int32(r.length)
+        }
+        done += UInt32(result)
+        return done >= r.length ? Int32(r.length) : nil
+    }
+
     @inline(__always)
     public func read(fd: Int32, into buf: UnsafeMutableRawPointer, length: UInt32, offset: UInt64,
                      tag: UInt16, sub: UInt8 = 0) {

@@ -14,6 +14,9 @@ public struct UserData: Equatable, Sendable {
         case target = 1
         /// Readiness of a foreign fd (eventfd, epoll fd, timerfd) the target polls.
         case event = 2
+        /// Target I/O that read a file into the tag's buffer for a request in
+        /// user-copy mode: the queue copies it into the request, then routes it as `target`.
+        case requestRead = 3
     }
 
     public var kind: Kind

@@ -43,6 +43,10 @@ public final class CacheTarget: Target {
     public let settings: CacheTargetOptions
     let backingFD: Int32
     let cache: CacheFile
+    /// The cache file opened with O_DIRECT (-1: buffered or in memory), and how each file is used.
+    let cacheDataFD: Int32
+    public let cacheIO: FileIO
+    public let backingIO: FileIO
     let bitmap: Bitmap
     let dirty: Bitmap?
     let writeback: Bitmap?
@@ -59,7 +63,8 @@ public final class CacheTarget: Target {
     public var options: [String: String] {
         ["backing": settings.backing, "cache": settings.cachePath, "bitmap": settings.bitmapPath,
          "write_mode": settings.writeBack ? "back" : "through", "page_size": String(settings.pageSize),
-         "cache_state": cacheState, "dirty_bitmap": settings.trackDirty ? settings.bitmapPath + ".dirty" : ""]
+         "cache_state": cacheState, "dirty_bitmap": settings.trackDirty ? settings.bitmapPath + ".dirty" : "",
+         "cache_io": cacheIO.description, "backing_io": backingIO.description]
     }
 
     public init(_ o: CacheTargetOptions) throws(UblkError) {
@@ -73,7 +78,7 @@ public final class CacheTarget: Target {
         guard isBlock || (st.st_mode & S_IFMT) == S_IFREG else {
             throw UblkError("\(o.backing) is neither a regular file nor a block device")
         }
-        let fd = open(o.backing, (o.readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC)
+        var fd = open(o.backing, (o.readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC)
         if fd < 0 { throw UblkError("cannot open \(o.backing)", errno: .current) }
         var size = UInt64(st.st_size)
         if isBlock {
@@ -84,6 +89,14 @@ public final class CacheTarget: Target {
         }
         size &= ~511
         guard size > 0 else { close(fd); throw UblkError("\(o.backing) is empty") }
+        // The backing store with O_DIRECT where its file system takes it (DirectIO).
+        let backingDirect = DirectIO.open(path: o.backing, flags: o.readOnly ? O_RDONLY : O_RDWR, existing: fd,
+                                          pageSize: o.pageSize, size: size, padsTail: false) { .buffered("file in memory: \($0)") }
+        if backingDirect.fd >= 0 {
+            close(fd)
+            fd = backingDirect.fd
+        }
+        backingIO = backingDirect.io
         backingFD = fd
 
         var real = [CChar](repeating: 0, count: Int(PATH_MAX))
@@ -118,17 +131,29 @@ public final class CacheTarget: Target {
             close(fd)
             throw UblkError(error.description)
         }
+        // The cache file's data pages with O_DIRECT too (a second fd: the
+        // buffered one keeps only the trailer, past the image; see CacheFile).
+        let cacheDirect = DirectIO.open(path: o.cachePath, flags: O_RDWR, existing: cache.fd, pageSize: o.pageSize,
+                                        size: size, padsTail: false)
+        cacheDataFD = cacheDirect.fd
+        cacheIO = cacheDirect.io
         var p = DeviceParams(size: size)
+        // Requests aligned for both files: offsets and lengths (logical block), buffers (dma_align).
+        p.logicalBlockShift = DirectIO.logicalBlockShift([cacheIO, backingIO])
+        p.dmaAlignment = DirectIO.dmaAlignment([cacheIO, backingIO])
         p.readOnly = o.readOnly
         p.writeCache = true
         p.discard = !o.readOnly
-        p.userCopy = CachingHandler.wantsUserCopy(cacheFD: cache.fd)
+        p.dataPaths = CachingHandler.dataPaths(cacheFD: cache.fd)
         params = p
         mesh = o.queues > 1 ? CachingMesh(queues: o.queues) : nil
         chunks = o.maxCacheBytes > 0 ? ChunkUse(chunks: Int((size >> CachingHandler.chunkShift) + 1)) : nil
     }
 
-    deinit { close(backingFD) }
+    deinit {
+        close(backingFD)
+        if cacheDataFD >= 0 { close(cacheDataFD) }
+    }
 
     public func snapshot() -> HTTPStats {
         HTTPStats(hits: stats.hits &+ (mesh?.peerHits ?? 0), misses: stats.misses, bytesFetched: stats.bytesFetched, requests: stats.requests,
@@ -143,6 +168,8 @@ public final class CacheTarget: Target {
         let context = CacheContext(cache: cache, bitmap: bitmap, dirty: dirty, imageSize: params.size,
                                    pageSize: settings.pageSize, stats: stats) { [unowned self] in self.snapshot() }
         context.backingFD = backingFD
+        context.dataFD = cacheDataFD
+        context.directAlignment = cacheIO.isDirect ? cacheIO.offsetAlignment : 0
         context.writeThrough = !settings.writeBack
         context.writable = !settings.readOnly
         context.writeback = writeback

@@ -67,6 +67,9 @@ public final class HTTPTarget: Target {
     /// What happened to the cache at open: fresh, reused, or started afresh (and why).
     public let cacheState: String
     let cache: CacheFile
+    /// The cache file opened with O_DIRECT (-1: buffered or in memory), and how it is used.
+    let cacheDataFD: Int32
+    public let cacheIO: FileIO
     let bitmap: Bitmap
     /// Pages written locally since the last clear (writable only).
     let dirty: Bitmap?
@@ -83,7 +86,7 @@ public final class HTTPTarget: Target {
             "url": settings.http.url, "cache": settings.cachePath, "bitmap": settings.bitmapPath,
             "page_size": String(settings.pageSize), "image_size": String(remote.size),
             "etag": remote.etag ?? "", "last_modified": remote.lastModified ?? "", "cache_state": cacheState,
-            "writable": settings.writable ? "true" : "false",
+            "writable": settings.writable ? "true" : "false", "cache_io": cacheIO.description,
         ].merging(settings.writable ? ["dirty_bitmap": settings.dirtyPath, "local_bitmap": settings.localPath] : [:]) { a, _ in a }
     }
 
@@ -121,15 +124,32 @@ public final class HTTPTarget: Target {
         if case .startedAfresh(let why) = opened.state {
             log(Redact.text("ublk-http: \(o.http.url): \(why); the cache starts afresh"))
         }
-        var p = DeviceParams(size: (remote.size + 511) & ~511)
+        // The cache file's data pages with O_DIRECT where its file system takes
+        // it (a second fd: the buffered one keeps only the trailer, past the
+        // image). Fetched bytes are then written in aligned blocks, the
+        // image's last one padded (CachingHandler.receivedDirect).
+        let direct = DirectIO.open(path: o.cachePath, flags: O_RDWR, existing: opened.cache.fd, pageSize: o.pageSize,
+                                   size: remote.size, padsTail: true)
+        cacheDataFD = direct.fd
+        cacheIO = direct.io
+        // The device: the image rounded up to whole logical blocks, at least
+        // the cache file's direct I/O alignment (never past the trailer, which
+        // starts at the image end rounded up to 4096).
+        let shift = DirectIO.logicalBlockShift([cacheIO])
+        let block = UInt64(1) << shift
+        var p = DeviceParams(size: (remote.size + block - 1) & ~(block - 1))
+        p.logicalBlockShift = shift
+        p.dmaAlignment = DirectIO.dmaAlignment([cacheIO])
         p.readOnly = !o.writable
         p.writeCache = o.writable
         p.discard = o.writable
-        p.userCopy = CachingHandler.wantsUserCopy(cacheFD: cache.fd)
+        p.dataPaths = CachingHandler.dataPaths(cacheFD: cache.fd)
         params = p
         mesh = o.queues > 1 ? CachingMesh(queues: o.queues) : nil
         chunks = o.maxCacheBytes > 0 ? ChunkUse(chunks: Int((remote.size >> CachingHandler.chunkShift) + 1)) : nil
     }
+
+    deinit { if cacheDataFD >= 0 { close(cacheDataFD) } }
 
     /// The URL a cache's bitmap records (and `status` prints): query values and
     /// a password redacted. They may be secrets (a presigned S3 URL's
@@ -182,6 +202,8 @@ public final class HTTPTarget: Target {
         // What a page is: local data (never evicted, never replaced by remote bytes).
         context.local = store.local
         context.chunks = chunks
+        context.dataFD = cacheDataFD
+        context.directAlignment = cacheIO.isDirect ? cacheIO.offsetAlignment : 0
         return try CachingHandler.make(context: context, fetcher: fetcher,
                                        planner: HTTPTarget.makePlanner(settings, imageSize: remote.size),
                                        queue: queue, deviceSize: params.size, mesh: mesh)

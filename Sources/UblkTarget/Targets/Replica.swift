@@ -24,9 +24,10 @@ public enum Replica {
             var off = e.offset
             let end = e.offset + e.length
             while off < end {
-                // O_DIRECT wants whole sectors: the tail of an odd-sized image is read as a full one.
+                // O_DIRECT wants whole logical blocks (up to 4096 bytes): the tail of
+                // an odd-sized image is read as a full one (the read stops at the end).
                 let want = Int(min(UInt64(chunk), end - off))
-                let readLen = direct ? (want + 511) & ~511 : want
+                let readLen = direct ? (want + 4095) & ~4095 : want
                 let n = pread(src, buf, readLen, off_t(off))
                 if n < want { throw UblkError("reading \(path) at \(off): \(n < 0 ? "\(Errno.current)" : "short read")") }
                 var w = 0

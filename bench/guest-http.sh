@@ -1,13 +1,15 @@
-#!/usr/bin/bash
-# bench/http-guest.sh -- the guest side of bench/http.sh (runs inside the qemu
-# VM as /test/script, see vm/run.sh): the http target against nginx in the
-# guest, with the raw curl download, the kernel loop device and nbdkit's curl
-# plugin (through the kernel nbd client) as baselines.  Prints
-# machine-readable lines on the console for the host to collect:
-#   @@HTTPMETA {json}@@      once: settings, kernel and tool versions
-#   @@HTTPRESULT {json}@@    one per measured run (or {..., "error": "..."}),
-#                            and "info" records (prefetch, memory, devices)
-#   @@HTTPDONE@@             at the end
+# shellcheck shell=bash
+# bench/guest-http.sh -- the http suite of bench/guest.sh (sourced by it in
+# the guest as /opt/bench/guest-http.sh when BENCH_SUITE=http; it uses
+# guest.sh's helpers: snap, pct, rss, affinity, the host channel): the http
+# target against nginx in the guest, with the raw curl download, the kernel
+# loop device and nbdkit's curl plugin (through the kernel nbd client) as
+# baselines.  Prints guest.sh's machine-readable lines:
+#   @@META {json}@@      once: suite "http", settings, kernel and tool versions
+#   @@START {json}@@     when a run starts
+#   @@RESULT {json}@@    one per measured run (or {..., "error": "..."}),
+#                        and "info" records (prefetch, memory, devices)
+#   @@DONE@@             at the end
 # Everything else is human-readable progress.
 #
 # Cases (every rep runs every case on every device in turn: interleaved):
@@ -24,28 +26,22 @@
 #
 # Pinning: this script, fio and nginx run on vCPU 0 (FIO_CPU); every "server"
 # (ublk-http via `taskset -c 1 ublk-http add`, nbdkit, curl for the download
-# baseline) on vCPU 1 (SRV_CPU); with HB_WQ_PIN=1 (default) the kernel's
+# baseline) on vCPU 1 (SRV_CPU); with BENCH_WQ_PIN=1 (default) the kernel's
 # unbound workqueues (loop's and nbd's workers) are restricted to vCPU 1 too.
 #
-# Settings (environment, from bench/http.sh through vm/run.sh --env):
-#   HB_REPS (3)  HB_RUNTIME (10 s: cold random)  HB_WARM_RUNTIME (10 s)
-#   HB_WARM_RAMP (2 s)  HB_IMG_MB (256)  HB_REQ_MB (64)  HB_WQ_PIN (1)
-#   HB_CASES ("cold-seq cold-rand4k reqcount warm-rand4k warm-seq1m")
-#   HB_NBD (1: include the nbdkit devices)
-set -u -o pipefail
+# Settings (environment, from bench/run.sh --suite http through vm/run.sh --env):
+#   BENCH_REPS (3)  BENCH_RUNTIME (10 s: cold random)  BENCH_WARM_RUNTIME (10 s)
+#   BENCH_RAMP (2 s: warm runs)  BENCH_IMG_MB (256)  BENCH_REQ_MB (64)  BENCH_WQ_PIN (1)
+#   BENCH_CASES ("cold-seq cold-rand4k reqcount warm-rand4k warm-seq1m")
+#   BENCH_NBD (1: include the nbdkit devices)
 
-UBLK=/usr/local/bin/ublk-http
-LOSETUP=/usr/sbin/losetup
-REPS=${HB_REPS:-3}
-RUNTIME=${HB_RUNTIME:-10}
-WRUNTIME=${HB_WARM_RUNTIME:-10}
-WRAMP=${HB_WARM_RAMP:-2}
-IMG_MB=${HB_IMG_MB:-256}
-REQ_MB=${HB_REQ_MB:-64}
-WQ_PIN=${HB_WQ_PIN:-1}
-NBD=${HB_NBD:-1}
-read -r -a CASES <<<"${HB_CASES:-cold-seq cold-rand4k reqcount warm-rand4k warm-seq1m}"
-FIO_CPU=0 SRV_CPU=1
+WRUNTIME=${BENCH_WARM_RUNTIME:-10}
+WRAMP=$RAMP
+IMG_MB=${BENCH_IMG_MB:-256}
+REQ_MB=${BENCH_REQ_MB:-64}
+NBD=${BENCH_NBD:-1}
+read -r -a CASES <<<"${BENCH_CASES:-cold-seq cold-rand4k reqcount warm-rand4k warm-seq1m}"
+SRV_CPU=$SERVER_CPU
 WWW=/tmp/www IMG=/tmp/www/img URL=http://127.0.0.1:8080/img
 CDIR=/tmp/ublk-cache COPY=/tmp/copy.img
 NGINX_LOG=/var/log/nginx/access.log
@@ -53,11 +49,11 @@ NBDKIT_PLUGIN=/usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-curl-plugin.so
 NBD_COLD=/dev/nbd0 NBD_WARM=/dev/nbd1
 IMG_BYTES=$((IMG_MB << 20))
 
-log() { echo "[http-bench] $*"; }
-die() { echo "[http-bench] ERROR: $*"; echo "@@HTTPRESULT $(jq -cn --arg e "$*" '{case:"setup",device:"-",rep:0,error:$e}')@@"; exit 1; }
-emit() { echo "@@HTTPRESULT $1@@"; }
-# start_mark CASE DEVICE REP: the host times each run from this line to its result.
-start_mark() { echo "@@HTTPSTART {\"case\":\"$1\",\"device\":\"$2\",\"rep\":$3}@@"; }
+h_die() { echo "[bench] ERROR: $*"; echo "@@RESULT $(jq -cn --arg e "$*" '{case:"setup",device:"-",rep:0,error:$e}')@@"; exit 1; }
+emit() { echo "@@RESULT $1@@"; }
+# start_mark CASE DEVICE REP: the host times each run from this line to its
+# result; before it, the guest waits (within its budget) for a quiet host.
+start_mark() { host_quiet; echo "@@START {\"case\":\"$1\",\"device\":\"$2\",\"rep\":$3}@@"; }
 # err CASE DEVICE REP MESSAGE: an error record
 err() {
     log "rep $3 $1 $2: FAILED: $4"
@@ -65,27 +61,8 @@ err() {
 }
 now_us() { echo "${EPOCHREALTIME/./}"; }
 
-# ---- CPU accounting (fork-free, as in bench/guest.sh) -------------------------------------
-# snap PREFIX PID: PREFIX_t (µs), PREFIX_c0b/_c0t, PREFIX_c1b/_c1t (busy/total
-# ticks of vCPU 0 / 1; busy = all but idle and iowait), PREFIX_su/_ss (utime /
-# stime ticks of PID, all its threads).
-snap() {
-    local p=$1 pid=${2:-} name u n sy idle iow rest
-    local -a f
-    printf -v "${p}_t" '%s' "${EPOCHREALTIME/./}"
-    while read -r name u n sy idle iow rest; do
-        [[ $name == cpu[0-9]* ]] || continue
-        local -a r=($rest)
-        local -i tot=$((u + n + sy + idle + iow + r[0] + r[1] + r[2]))
-        if [[ $name == "cpu$FIO_CPU" ]]; then printf -v "${p}_c0b" '%s' $((tot - idle - iow)); printf -v "${p}_c0t" '%s' $tot; fi
-        if [[ $name == "cpu$SRV_CPU" ]]; then printf -v "${p}_c1b" '%s' $((tot - idle - iow)); printf -v "${p}_c1t" '%s' $tot; fi
-    done < /proc/stat
-    printf -v "${p}_su" '%s' 0; printf -v "${p}_ss" '%s' 0
-    if [[ -n $pid && -r /proc/$pid/stat ]] && read -r -a f < "/proc/$pid/stat" 2>/dev/null; then
-        printf -v "${p}_su" '%s' "${f[13]}"; printf -v "${p}_ss" '%s' "${f[14]}"
-    fi
-}
-pct() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.1f", 100 * a / b; else print "null" }'; }
+# ---- CPU accounting: guest.sh's snap (A/B snapshots: _t, _c0b/_c0t, _c1b/_c1t,
+# _su/_ss utime/stime ticks of the server) and pct.
 # cpu_json: the CPU use between snapshots A and B as a JSON object.
 cpu_json() {
     local -i wall=$(((B_t - A_t) / 10000))   # USER_HZ = 100 ticks per second
@@ -126,13 +103,13 @@ record() {
         --argjson cpu "$(cpu_json)" --argjson x "$extra" \
         '{case: $c, device: $d, rep: $r, metric: $m, value: (if $m == "IOPS" then $f.iops else $f.mib_s end)} + $f + {cpu: $cpu} + $x')
     emit "$res"
-    jq -r '"[http-bench] rep \(.rep) \(.case) \(.device): \(.value * 10 | floor / 10) \(.metric) (\(.iops | floor) IOPS, \(.mib_s * 10 | floor / 10) MiB/s, mean \(.lat_mean_us | floor) us, p99 \(.lat_p99_us | floor) us); cpu0 \(.cpu.cpu0_busy_pct)% cpu1 \(.cpu.cpu1_busy_pct)%, server usr \(.cpu.server_user_pct // "-")% sys \(.cpu.server_sys_pct // "-")%"' <<<"$res"
+    jq -r '"[bench] rep \(.rep) \(.case) \(.device): \(.value * 10 | floor / 10) \(.metric) (\(.iops | floor) IOPS, \(.mib_s * 10 | floor / 10) MiB/s, mean \(.lat_mean_us | floor) us, p99 \(.lat_p99_us | floor) us); cpu0 \(.cpu.cpu0_busy_pct)% cpu1 \(.cpu.cpu1_busy_pct)%, server usr \(.cpu.server_user_pct // "-")% sys \(.cpu.server_sys_pct // "-")%"' <<<"$res"
 }
 
 # ---- ublk-http -------------------------------------------------------------------------------------
-# ublk_add CACHEBASE ARGS...: `ublk-http add -t http` on the server vCPU; sets
+# http_add CACHEBASE ARGS...: `ublk-http add -t http` on the server vCPU; sets
 # U_ID, U_DEV, U_PID, U_JSON (or U_ERR and returns 1).
-ublk_add() {
+http_add() {
     local base=$1; shift
     U_JSON=$(taskset -c "$SRV_CPU" timeout 60 "$UBLK" add -t http --url "$URL" --cache "$base.cache" \
         --bitmap "$base.bitmap" "$@" 2>&1) || { U_ERR=$(echo "$U_JSON" | tail -n 3 | tr '\n' ' '); return 1; }
@@ -155,10 +132,7 @@ rss_json() {
     awk -v map="${map:-0}" '/^(VmRSS|VmHWM|RssAnon|RssFile|RssShmem|VmSize|Threads):/ { sub(":", "", $1); printf "%s\"%s\":%d", (n++ ? "," : "{"), $1, $2 }
          END { printf "%s\"CacheMapRss\":%d}\n", (n ? "," : "{"), map }' "/proc/$1/status"
 }
-threads_cpus() { # PID: the CPUs the threads of PID may run on
-    local t
-    for t in /proc/"$1"/task/*; do taskset -cp "${t##*/}" 2>/dev/null | sed 's/.*: //'; done | sort -u | paste -sd' '
-}
+threads_cpus() { affinity "$@"; }   # PID: the CPUs the threads of PID may run on
 # qinfo DEV: the block queue limits that shape large reads.
 qinfo() {
     local q=/sys/block/$(basename "$(realpath "$1")")/queue
@@ -223,7 +197,7 @@ cold_ublk() {
     local c=$1 rep=$2; shift 2
     start_mark "$c" ublk-http "$rep"
     rm -f "$CDIR"/cold.*
-    ublk_add "$CDIR/cold" || { err "$c" ublk-http "$rep" "add: $U_ERR"; return; }
+    http_add "$CDIR/cold" || { err "$c" ublk-http "$rep" "add: $U_ERR"; return; }
     local out=/tmp/fio-$c-ublk-$rep.json rss stats
     if ! fio_dev "$out" "$U_DEV" "$U_PID" "$@"; then
         err "$c" ublk-http "$rep" "fio: $(tail -n 3 /tmp/fio.stderr | tr '\n' ' ')"
@@ -272,7 +246,7 @@ curl_download() {
         '{case: "cold-seq", device: $d, rep: $r, metric: "MiB/s", value: ($size / 1048576 / $t), mib_s: ($size / 1048576 / $t),
           bytes: $size, runtime_s: $t, cpu: $cpu}')
     emit "$res"
-    jq -r '"[http-bench] rep \(.rep) cold-seq \(.device): \(.value * 10 | floor / 10) MiB/s (\(.runtime_s) s); cpu0 \(.cpu.cpu0_busy_pct)% cpu1 \(.cpu.cpu1_busy_pct)%"' <<<"$res"
+    jq -r '"[bench] rep \(.rep) cold-seq \(.device): \(.value * 10 | floor / 10) MiB/s (\(.runtime_s) s); cpu0 \(.cpu.cpu0_busy_pct)% cpu1 \(.cpu.cpu1_busy_pct)%"' <<<"$res"
 }
 # store_only REP: writing the image's size into a file on the cache's
 # filesystem with no network at all (dd from /dev/zero, 1 MiB writes), pinned
@@ -293,7 +267,7 @@ store_only() {
         '($us / 1e6) as $t | {case: "cold-seq", device: "store", rep: $r, metric: "MiB/s", value: ($size / 1048576 / $t),
           mib_s: ($size / 1048576 / $t), bytes: $size, runtime_s: $t, cpu: $cpu}')
     emit "$res"
-    jq -r '"[http-bench] rep \(.rep) cold-seq store: \(.value * 10 | floor / 10) MiB/s (\(.runtime_s) s)"' <<<"$res"
+    jq -r '"[bench] rep \(.rep) cold-seq store: \(.value * 10 | floor / 10) MiB/s (\(.runtime_s) s)"' <<<"$res"
 }
 
 case_cold_seq() {
@@ -313,7 +287,7 @@ case_reqcount() {
     local rep=$1 b n stats
     start_mark reqcount ublk-http "$rep"
     rm -f "$CDIR"/req.*
-    ublk_add "$CDIR/req" || { err reqcount ublk-http "$rep" "add: $U_ERR"; return; }
+    http_add "$CDIR/req" || { err reqcount ublk-http "$rep" "add: $U_ERR"; return; }
     sleep 1                                  # after the kernel's partition scan
     b=$(ranges)
     if ! taskset -c "$FIO_CPU" dd if="$U_DEV" of=/dev/null bs=1M count="$REQ_MB" iflag=direct status=none; then
@@ -345,7 +319,7 @@ warm_setup() {
         local dt=$(( $(now_us) - t0 ))
         emit "$(jq -cn --argjson us "$dt" --argjson b "$IMG_BYTES" '{case: "info", device: "ublk-http", what: "prefetch", rep: 0, seconds: ($us / 1e6), mib_s: ($b / 1048576 / ($us / 1e6))}')"
         log "prefetch of $IMG_MB MiB: $(awk -v t=$dt -v m=$IMG_MB 'BEGIN { printf "%.2f s, %.1f MiB/s", t / 1e6, m / (t / 1e6) }')"
-        if ublk_add "$CDIR/warm"; then
+        if http_add "$CDIR/warm"; then
             W_DEV[ublk-http]=$U_DEV W_PID[ublk-http]=$U_PID W_ID=$U_ID
             log "warm ublk-http: $U_DEV, pid $U_PID, cache_state $(jq -r .target_options.cache_state <<<"$U_JSON"), threads on CPUs $(threads_cpus "$U_PID")"
         else
@@ -424,10 +398,11 @@ warm_teardown() {
 }
 
 # ---- main --------------------------------------------------------------------------------------------
-[[ $(nproc) -ge 2 ]] || die "needs 2 vCPUs (vm/run.sh --smp 2)"
+http_main() {
+[[ $(nproc) -ge 2 ]] || h_die "needs 2 vCPUs (vm/run.sh --smp 2)"
 taskset -cp "$FIO_CPU" $$ >/dev/null      # this script, fio and nginx: vCPU 0
-for c in "${CASES[@]}"; do declare -F "case_${c//-/_}" >/dev/null || die "unknown case $c"; done
-kmod-load loop || die "cannot load loop"
+for c in "${CASES[@]}"; do declare -F "case_${c//-/_}" >/dev/null || h_die "unknown case $c"; done
+kmod-load loop || h_die "cannot load loop"
 if [[ $NBD == 1 ]]; then
     if ! kmod-load nbd nbds_max=4 || ! command -v nbdkit >/dev/null || ! command -v nbd-client >/dev/null || [[ ! -f $NBDKIT_PLUGIN ]]; then
         log "WARNING: nbd, nbdkit, nbd-client or the curl plugin missing: no nbdkit devices"
@@ -445,9 +420,9 @@ if [[ $WQ_PIN == 1 ]]; then
 fi
 mkdir -p "$WWW" "$CDIR"
 t0=$SECONDS
-dd if=/dev/urandom of="$IMG" bs=1M count="$IMG_MB" status=none || die "cannot write $IMG"
+dd if=/dev/urandom of="$IMG" bs=1M count="$IMG_MB" status=none || h_die "cannot write $IMG"
 log "image: $IMG_MB MiB of random data in $((SECONDS - t0)) s"
-nginx-start "$WWW" 8080 || die "nginx-start failed"
+nginx-start "$WWW" 8080 || h_die "nginx-start failed"
 NGINX_PIDS=$(pgrep -x nginx | paste -sd' ')
 log "nginx pids $NGINX_PIDS on CPUs $(for p in $NGINX_PIDS; do taskset -cp "$p" | sed 's/.*: //'; done | sort -u | paste -sd' ')"
 
@@ -461,12 +436,13 @@ jq -cn --arg kernel "$(uname -r)" --arg fio "$(fio --version)" --arg curl "$(cur
     '{kernel: $kernel, fio: $fio, curl: $curl, nbdkit: $nbdkit, nbdkit_curl_thread_model: $nbdtm, nbd_client: $nbdc, nginx: $nginx,
       reps: $reps, cold_rand_runtime_s: $runtime, warm_runtime_s: $wruntime, warm_ramp_s: $wramp, image_mib: $img,
       reqcount_mib: $req, unbound_wq_cpumask: $wq, nbd: ($nbd == 1), guest_mem_mib: $mem, guest_cpus: $ncpu,
-      cases: ($cases | split(" ")), fio_cpu: $fcpu, server_cpu: $scpu, nginx_cpu: $fcpu}' | sed 's/^/@@HTTPMETA /; s/$/@@/'
+      cases: ($cases | split(" ")), fio_cpu: $fcpu, server_cpu: $scpu, nginx_cpu: $fcpu, suite: "http"}' | sed 's/^/@@META /; s/$/@@/'
+chan_open
 
 # Unrecorded warm-up: one small cold read through each cold path (binaries
 # paged in, first-connection costs), so that rep 1 is not special.
 rm -f "$CDIR"/wu.*
-if ublk_add "$CDIR/wu"; then
+if http_add "$CDIR/wu"; then
     log "ublk-http server pid $U_PID: $(taskset -p "$U_PID"), threads on CPUs $(threads_cpus "$U_PID")"
     log "ublk-http device: $(timeout 10 "$UBLK" list -n "$U_ID" | jq -c '.[0] | {queues, depth, size, target_options}'); queue: $(qinfo "$U_DEV")"
     taskset -c "$FIO_CPU" dd if="$U_DEV" of=/dev/null bs=1M count=16 iflag=direct status=none
@@ -500,4 +476,5 @@ done
 warm_teardown
 trap - EXIT
 nginx-stop
-echo "@@HTTPDONE@@"
+echo "@@DONE@@"
+}
