@@ -115,7 +115,12 @@ final class PageStateModelTests: XCTestCase {
         var nextWrite: Int64 = 1
         /// Tags in flight: the request, and for a FLUSH its snapshot.
         var inFlight: [UInt16: (op: UInt8, offset: Int, length: Int, id: Int64)] = [:]
-        var flushSnapshots: [UInt16: (current: [Set<Int64>], inflight: [Set<Int64>], maxID: Int64)] = [:]
+        var flushSnapshots: [UInt16: (current: [Set<Int64>], inflight: [Set<Int64>], maxID: Int64, order: Int)] = [:]
+        /// FLUSHes in the order they were sent, and the latest sent of those that
+        /// completed: with several queues an older FLUSH may complete after a
+        /// newer one, and then it promises nothing the newer one did not.
+        var flushesSent = 0
+        var latestFlushDone = -1
         var faulty = false
         var readMostly = false
         var evictBound: UInt64 = 0
@@ -308,7 +313,8 @@ final class PageStateModelTests: XCTestCase {
                 writes += 1
             }
             if op == Op.flush {
-                flushSnapshots[slot] = (current, inflight, nextWrite - 1)
+                flushSnapshots[slot] = (current, inflight, nextWrite - 1, flushesSent)
+                flushesSent += 1
                 flushes += 1
             }
             if op == Op.read { reads += 1 }
@@ -362,6 +368,8 @@ final class PageStateModelTests: XCTestCase {
                         continue
                     }
                     // Everything completed before the FLUSH was sent is durable now.
+                    if snap.order < latestFlushDone { continue }
+                    latestFlushDone = snap.order
                     for s in 0..<PageStateModelTests.sectors {
                         guard snap.current[s].count == 1, let v = snap.current[s].first else { continue }
                         stable[s] = v
