@@ -317,7 +317,9 @@ extension CachingHandler {
             case .hitsChanged:
                 break  // `idle` follows, and publishes
             case .hint(let offset, let length, let q):
-                if draining { continue }
+                // Only readahead: dropped while evicted pages are being punched
+                // (a run planned now could land before a punch of its pages).
+                if draining || punchesInFlight > 0 { continue }
                 _ = planner.hint(offset: offset, length: Int(length), stream: Int(q), present: bitmap.bits)
                 if planner.plannedRunCount > 0 { startRuns(queue) }
             case .readDone(let slot):
