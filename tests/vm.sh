@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Usage: tests/vm.sh [SUITE[@KERNEL]...]   (UBLK_VM_SMP=N: N vCPUs, default 2)
+# Usage: tests/vm.sh [SUITE[@KERNEL]...]
 #   Runs the end-to-end suites of tests/vm/ inside the qemu VM on the real ublk
 #   driver (vm/run.sh). Builds the static release binary and one initramfs per
 #   kernel first. KERNEL is 7 (the newest trixie-backports 7.x, the default, or
 #   $UBLK_VM_KERNEL) or 6.12. With no SUITE: every suite on 7.x, then the
 #   suites listed in tests/vm/on-6.12 on 6.12 (the engine and the copy data
-#   path, which 7.x's zero copy replaces). Exits non-zero if any suite fails or
+#   path, which 7.x's zero copy replaces). A suite boots with 2 vCPUs unless
+#   a line "# vm-smp: N" in it asks for N (UBLK_VM_SMP overrides both). Exits non-zero if any suite fails or
 #   the guest kernel logged an oops, a BUG or a hung task.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -48,17 +49,20 @@ initrd_for() { # KERNEL -> sets INITRD
     fi
     INITRD="${INITRDS[$k]}"
 }
-failed=()
+failed=() times=()
 for spec in "${SUITES[@]}"; do
     s="${spec%@*}" k="${spec#*@}"
     initrd_for "$k"
     export UBLK_VM_KERNEL="$k"
-    echo "[tests] suite $s on kernel $k"
+    smp=$(sed -n 's/^# vm-smp: *\([0-9]*\)$/\1/p' "tests/vm/$s.sh" | head -n 1)
+    smp="${UBLK_VM_SMP:-${smp:-2}}"
+    echo "[tests] suite $s on kernel $k ($smp vCPUs)"
+    started=$SECONDS
     # Under TCG the guest kernel now and then oopses while booting, before
     # its init runs (no @@BOOTED line): that is qemu's, not the suite's, and
     # the suite is booted again (twice at most). A failure after boot counts.
     for attempt in 1 2 3; do
-        if vm/run.sh --initrd "$INITRD" --timeout "${UBLK_VM_TIMEOUT:-1500}" --smp "${UBLK_VM_SMP:-2}" --file "$ROOT/tests/vm:/tests" \
+        if vm/run.sh --initrd "$INITRD" --timeout "${UBLK_VM_TIMEOUT:-1500}" --smp "$smp" --file "$ROOT/tests/vm:/tests" \
             --log "$LOG" "tests/vm/$s.sh"; then
             break
         fi
@@ -68,6 +72,8 @@ for spec in "${SUITES[@]}"; do
         fi
         echo "[tests] the guest died while booting, before suite $s started: booting again"
     done
+    times+=("$spec $((SECONDS - started))s")
 done
+echo "[tests] time per suite: ${times[*]}"
 if [[ ${#failed[@]} -gt 0 ]]; then echo "[tests] FAILED suites: ${failed[*]}"; exit 1; fi
 echo "[tests] all VM suites passed: ${SUITES[*]}"

@@ -131,11 +131,6 @@ struct Add: ParsableCommand {
         } else if http.given {
             throw Failure("--url and the other http options apply to the http target only")
         }
-        // -q N for the caching targets is not released yet: the model test still
-        // finds a wrong read with several queues (MODEL_SEED=8 MODEL_QUEUES=3).
-        if (type == "http" || type == "cache") && queues != 1 && ProcessInfo.processInfo.environment["UBLK_HTTP_MULTIQUEUE"] != "1" {
-            throw Failure("the \(type) target serves one queue for now: drop -q")
-        }
         if (type == "http" || type == "cache") && queues * depth >= 65535 {
             throw Failure("the \(type) target takes at most 65534 requests in flight in all: lower -q or -d")
         }
