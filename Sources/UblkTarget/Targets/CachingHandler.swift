@@ -561,7 +561,9 @@ final class CachingHandler: QueueHandler {
     func startWrite(_ r: Request, queue: IOQueue) {
         let t = Int(r.tag)
         requests[t] = r
+        context.stats.writes += 1
         if setIntent(planner.pages(offset: r.offset, length: Int(r.length))) {
+            context.stats.writesHeldForIntent += 1
             stage[t] = .waitingIntent
             heldWrites.append(r.tag)
             return startCycle(queue, full: false)

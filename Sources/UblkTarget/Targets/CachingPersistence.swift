@@ -25,6 +25,7 @@ extension CachingHandler {
             lastPersist = now
         }
         var c = Cycle(full: full)
+        if full { context.stats.fullCycles += 1 } else { context.stats.intentCycles += 1 }
         if full {
             // Copied pages: the backing's fdatasync below covers them, so their bits may go.
             if let wb = writeback {
@@ -228,7 +229,7 @@ extension CachingHandler {
 
     var statsSignature: UInt64 {
         let s = context.stats
-        return s.hits &+ (mesh?.peerHits ?? 0) &+ s.misses &* 3 &+ s.requests &* 7 &+ s.errors &* 11 &+ bitmap.count &* 13
+        return s.hits &+ (mesh?.peerHits ?? 0) &+ s.misses &* 3 &+ s.requests &* 7 &+ s.errors &* 11 &+ bitmap.count &* 13 &+ s.writes &* 17
     }
 
     /// Rewrites the statistics file in place through the ring: one 4 KiB

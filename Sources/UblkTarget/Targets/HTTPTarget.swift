@@ -171,7 +171,9 @@ public final class HTTPTarget: Target {
                   retries: stats.retries, errors: stats.errors,
                   missLatencyP50Ms: stats.missLatency.percentile(50).map { Double($0) / 1e6 },
                   missLatencyP99Ms: stats.missLatency.percentile(99).map { Double($0) / 1e6 },
-                  pagesPresent: bitmap.count, pagesTotal: bitmap.pageCount, pageSize: settings.pageSize)
+                  pagesPresent: bitmap.count, pagesTotal: bitmap.pageCount, pageSize: settings.pageSize,
+                  writes: stats.writes, writesHeldForIntent: stats.writesHeldForIntent,
+                  intentCycles: stats.intentCycles, fullCycles: stats.fullCycles)
     }
 
     /// Readahead starts at 1 MiB on the second sequential read and doubles up to
