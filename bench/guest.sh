@@ -87,7 +87,7 @@ IMG=/tmp/bench.img
 IMG_MB=256
 
 ALL_CASES=(randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd32 seqread-1m-qd8 randread-4k-qd32-2j)
-ALL_DEVICES=(kloop ublk-loop ublk-null kublk-zc kublk ublk-cache-through ublk-cache-through-notrack ublk-cache-back ublk-cache-back-notrack ublk-cache-q2)
+ALL_DEVICES=(kloop ublk-loop ublk-null kublk-zc kublk ublk-cache-through ublk-cache-through-notrack ublk-cache-back ublk-cache-back-notrack ublk-cache-q1 ublk-cache-q2)
 ALTERNATE=${BENCH_ALTERNATE:-0}
 FLASH=${BENCH_FLASH:-tmpfs}
 FLASH_DIR=/tmp
@@ -103,9 +103,11 @@ case_randread_4k_qd1()   { CASE_ARGS="--rw=randread --bs=4k --iodepth=1";   CASE
 case_randread_4k_qd32()  { CASE_ARGS="--rw=randread --bs=4k --iodepth=32";  CASE_DIR=read; }
 case_randwrite_4k_qd32() { CASE_ARGS="--rw=randwrite --bs=4k --iodepth=32"; CASE_DIR=write; }
 case_seqread_1m_qd8()    { CASE_ARGS="--rw=read --bs=1M --iodepth=8";       CASE_DIR=read; }
-# Two fio jobs (both on the fio vCPU) on cache hits: the -q 2 vs -q 1 case.
+# Two fio jobs on cache hits, one per vCPU (blk-mq sends each CPU's requests to
+# one queue, so a -q 2 device gets requests on both): the -q 2 vs -q 1 case.
+# Its servers are not pinned (CASE_SPREAD): each queue thread may run anywhere.
 case_randread_4k_qd32_2j() { CASE_ARGS="--rw=randread --bs=4k --iodepth=32 --numjobs=2 --group_reporting"; CASE_DIR=read
-                             CASE_DEVICES="kloop ublk-cache-through ublk-cache-q2"; }
+                             CASE_DEVICES="kloop ublk-cache-q1 ublk-cache-q2"; CASE_SPREAD=1; }
 
 # ---- devices ------------------------------------------------------------------------------------
 srv_taskset() { taskset -c "$SERVER_CPU" "$@"; }
@@ -259,7 +261,9 @@ cache_setup() {
         ublk_add "${args[@]}" || die "ublk-http add ${args[*]} failed: $UBLK_ERR"
     fi
     taskset -c "$FIO_CPU" dd if="$DEV_PATH" of=/dev/null bs=1M iflag=direct status=none || die "cannot read $DEV_PATH"
-    DEV_NOTE="ublk-http cache${queues:+ -q $queues}, write-$mode, dirty tracking $([[ $track == 1 ]] && echo on || echo off), cache on $FLASH, filled ($((SECONDS - t0)) s)"
+    # The -q N devices of the two-job case: every thread may run on every vCPU.
+    [[ -n $queues ]] && taskset -a -cp "0-$(($(nproc) - 1))" "$DEV_PID" >/dev/null
+    DEV_NOTE="ublk-http cache${queues:+ -q $queues (not pinned)}, write-$mode, dirty tracking $([[ $track == 1 ]] && echo on || echo off), cache on $FLASH, filled ($((SECONDS - t0)) s)"
     DEV_EXTRA=$(list_extra)
     local dp; dp=$(jq -r '.data_path // empty' <<<"$DEV_EXTRA"); [[ -n $dp ]] && DEV_NOTE+=", data path $dp"
 }
@@ -281,6 +285,8 @@ dev_ublk_cache_back_notrack_setup()     { cache_setup ublk-cache-back-notrack ba
 dev_ublk_cache_back_notrack_teardown()  { cache_teardown ublk-cache-back-notrack; }
 dev_ublk_cache_back_notrack_after()     { cache_flush; }
 # -q 2 on cache hits, against ublk-cache-through (-q 1), with 2 fio jobs.
+dev_ublk_cache_q1_setup()               { cache_setup ublk-cache-q1 through 1 1; DEV_CASES="randread-4k-qd32-2j"; }
+dev_ublk_cache_q1_teardown()            { cache_teardown ublk-cache-q1; }
 dev_ublk_cache_q2_setup()               { cache_setup ublk-cache-q2 through 1 2; DEV_CASES="randread-4k-qd32-2j"; }
 dev_ublk_cache_q2_teardown()            { cache_teardown ublk-cache-q2; }
 
@@ -386,13 +392,20 @@ run_one() {
     local rep=$1 cname=$2 dname=$3 attempt=${4:-0}
     RUN_DISTURBED=0
     local path=${DEV_PATHS[$dname]} pid=${DEV_PIDS[$dname]}
+    CASE_SPREAD=0
     "case_$(fn "$cname")"
     local out=/tmp/fio-$cname-$dname-$rep.json size
+    # One fio job per vCPU (CASE_SPREAD), else every job on the fio vCPU.
+    local cpus=$FIO_CPU spread=()
+    [[ $CASE_SPREAD == 1 ]] && cpus="0-$(($(nproc) - 1))" spread=(--cpus_allowed="$cpus" --cpus_allowed_policy=split)
     size=$(blockdev --getsize64 "$path")
     echo "@@START {\"case\":\"$cname\",\"device\":\"$dname\",\"rep\":$rep,\"attempt\":$attempt}@@"
+    # ublk-http's caching devices count writes and persistence cycles: the run's share of them.
+    local st0="" st1="" persist=null
+    [[ $dname == ublk-cache* ]] && st0=$("$UBLK" stats -n "${DEV_IDS[$dname]}" --json 2>/dev/null)
     chan_ask MARK 5 >/dev/null
     # shellcheck disable=SC2086
-    taskset -c "$FIO_CPU" fio --name=bench --filename="$path" --ioengine=io_uring --direct=1 --numjobs=1 \
+    taskset -c "$cpus" fio --name=bench --filename="$path" --ioengine=io_uring --direct=1 --numjobs=1 "${spread[@]}" \
         --size="$size" --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" --randrepeat=0 --norandommap \
         --lat_percentiles=1 --percentile_list=50:99:99.9 --eta=never --disk_util=0 \
         --output-format=json --output="$out" \
@@ -405,6 +418,13 @@ run_one() {
     snap B "$pid"
     wait "$fpid"
     local rc=$?
+    if [[ -n $st0 ]]; then
+        sleep 1.1  # the server publishes its counters once a second
+        st1=$("$UBLK" stats -n "${DEV_IDS[$dname]}" --json 2>/dev/null)
+        persist=$(jq -cn --argjson a "$st0" --argjson b "${st1:-null}" 'if $b == null or $a.writes == null then null else
+            {writes: ($b.writes - $a.writes), writes_held_for_intent: ($b.writes_held_for_intent - $a.writes_held_for_intent),
+             intent_cycles: ($b.intent_cycles - $a.intent_cycles), full_cycles: ($b.full_cycles - $a.full_cycles)} end' 2>/dev/null || echo null)
+    fi
     local rss_kb hwm_kb
     read -r rss_kb hwm_kb <<<"$(rss "$pid")"
     local hother=null hmax=null dist=null
@@ -424,7 +444,7 @@ run_one() {
         --arg args "$CASE_ARGS" --argjson srv "$srv" --argjson iowq "$iowq" --argjson iowqn "${B_iowqn:-0}" \
         --arg iowqcpus "$B_iowqcpus" --argjson win "$wall_us" --argjson attempt "$attempt" \
         --argjson hother "$hother" --argjson hmax "$hmax" --argjson dist "$dist" \
-        --argjson rss "$rss_kb" --argjson hwm "$hwm_kb" --argjson srvticks "$(( ${B_srv:-0} - ${A_srv:-0} ))" \
+        --argjson rss "$rss_kb" --argjson hwm "$hwm_kb" --argjson persist "$persist" --argjson srvticks "$(( ${B_srv:-0} - ${A_srv:-0} ))" \
         --argjson c0 "$(pct "$((B_c0b - A_c0b))" "$((B_c0t - A_c0t))")" \
         --argjson c1 "$(pct "$((B_c1b - A_c1b))" "$((B_c1t - A_c1t))")" \
         '{case: $case, device: $device, rep: $rep, attempt: $attempt, dir: $dir, fio_args: $args,
@@ -432,7 +452,7 @@ run_one() {
           server_cpu_pct: $srv, server_iowq_cpu_pct: $iowq, server_iowq_threads: $iowqn,
           server_iowq_cpus: $iowqcpus, cpu_window_s: ($win / 1e6),
           server_cpu_ticks: (if $srv == null then null else $srvticks end), server_rss_kb: $rss, server_hwm_kb: $hwm,
-          cpu_fio_busy_pct: $c0, cpu_server_busy_pct: $c1}')
+          cpu_fio_busy_pct: $c0, cpu_server_busy_pct: $c1, persistence: $persist}')
     local res
     if [[ $rc -ne 0 ]] || ! res=$(jq -c --argjson m "$meta" '
             .jobs[0] as $j | $j[$m.dir] as $s |

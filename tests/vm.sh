@@ -5,7 +5,10 @@
 #   kernel first. KERNEL is 7 (the newest trixie-backports 7.x, the default, or
 #   $UBLK_VM_KERNEL) or 6.12. With no SUITE: every suite on 7.x, then the
 #   suites listed in tests/vm/on-6.12 on 6.12 (the engine and the copy data
-#   path, which 7.x's zero copy replaces). Exits non-zero if any suite fails or
+#   path, which 7.x's zero copy replaces). Up to 4 suites share a boot
+#   (UBLK_VM_GROUP; tests/vm-suites.sh resets the guest between them). A
+#   suite boots with 2 vCPUs unless a line "# vm-smp: N" in it asks for N
+#   (UBLK_VM_SMP overrides both). Exits non-zero if any suite fails or
 #   the guest kernel logged an oops, a BUG or a hung task.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -48,26 +51,55 @@ initrd_for() { # KERNEL -> sets INITRD
     fi
     INITRD="${INITRDS[$k]}"
 }
-failed=()
+# Boots: consecutive suites with the same kernel and vCPU count share one,
+# at most UBLK_VM_GROUP (4) of them (tests/vm-suites.sh runs them in turn and
+# puts the guest back between them); UBLK_VM_GROUP=1 boots once per suite.
+GROUP="${UBLK_VM_GROUP:-4}"
+smp_of() { # SUITE -> its vCPUs
+    local n; n=$(sed -n 's/^# vm-smp: *\([0-9]*\)$/\1/p' "tests/vm/$1.sh" | head -n 1)
+    echo "${UBLK_VM_SMP:-${n:-2}}"
+}
+boots=() cur="" curkey=""
 for spec in "${SUITES[@]}"; do
-    s="${spec%@*}" k="${spec#*@}"
+    key="${spec#*@}/$(smp_of "${spec%@*}")"
+    if [[ -n $cur && $key == "$curkey" && $(wc -w <<<"$cur") -lt $GROUP ]]; then cur+=" $spec"
+    else [[ -n $cur ]] && boots+=("$cur"); cur=$spec curkey=$key; fi
+done
+[[ -n $cur ]] && boots+=("$cur")
+failed=() times=()
+for boot in "${boots[@]}"; do
+    read -r -a specs <<<"$boot"
+    k="${specs[0]#*@}" names=()
+    for spec in "${specs[@]}"; do names+=("${spec%@*}"); done
+    smp=$(smp_of "${names[0]}")
     initrd_for "$k"
     export UBLK_VM_KERNEL="$k"
-    echo "[tests] suite $s on kernel $k"
+    echo "[tests] suites ${names[*]} on kernel $k ($smp vCPUs, one boot)"
+    started=$SECONDS rc=0
     # Under TCG the guest kernel now and then oopses while booting, before
-    # its init runs (no @@BOOTED line): that is qemu's, not the suite's, and
-    # the suite is booted again (twice at most). A failure after boot counts.
+    # its init runs (no @@BOOTED line): that is qemu's, not the suites', and
+    # the guest is booted again (twice at most). A failure after boot counts.
     for attempt in 1 2 3; do
-        if vm/run.sh --initrd "$INITRD" --timeout "${UBLK_VM_TIMEOUT:-1500}" --file "$ROOT/tests/vm:/tests" \
-            --log "$LOG" "tests/vm/$s.sh"; then
-            break
-        fi
-        if grep -aq '@@BOOTED' "$LOG" || [[ $attempt == 3 ]]; then
-            failed+=("$spec")
-            break
-        fi
-        echo "[tests] the guest died while booting, before suite $s started: booting again"
+        rc=0
+        vm/run.sh --initrd "$INITRD" --timeout "${UBLK_VM_TIMEOUT:-$((900 * ${#names[@]} + 300))}" --smp "$smp" \
+            --file "$ROOT/tests/vm:/tests" --log "$LOG" tests/vm-suites.sh "${names[@]}" || rc=$?
+        if [[ $rc -eq 0 ]] || grep -aq '@@BOOTED' "$LOG" || [[ $attempt == 3 ]]; then break; fi
+        echo "[tests] the guest died while booting, before the suites started: booting again"
     done
+    for n in "${names[@]}"; do
+        # "@@SUITE NAME STATUS SECONDS@@" from tests/vm-suites.sh; a suite without one never finished.
+        res=$(grep -ao "@@SUITE $n [0-9]* [0-9]*@@" "$LOG" | tail -n 1 | tr -d @)
+        if [[ -z $res ]]; then
+            failed+=("$n@$k(did not finish: vm/run.sh status $rc)")
+        elif [[ $(cut -d' ' -f3 <<<"$res") != 0 ]]; then
+            failed+=("$n@$k")
+        elif [[ $rc -eq 99 ]]; then
+            failed+=("$n@$k(the guest kernel logged an oops, a BUG or a hung task in this boot)")
+        fi
+        [[ -n $res ]] && times+=("$n@$k $(cut -d' ' -f4 <<<"$res")s")
+    done
+    times+=("[boot $((SECONDS - started))s]")
 done
+echo "[tests] time per suite: ${times[*]}"
 if [[ ${#failed[@]} -gt 0 ]]; then echo "[tests] FAILED suites: ${failed[*]}"; exit 1; fi
 echo "[tests] all VM suites passed: ${SUITES[*]}"

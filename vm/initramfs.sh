@@ -152,7 +152,7 @@ mod_file() { # NAME -> path of NAME.ko* under $KMOD (dash/underscore insensitive
     alt="$(tr _ - <<<"$n")"
     find "$KMOD/kernel" \( -name "$n.ko" -o -name "$n.ko.xz" -o -name "$n.ko.zst" -o -name "$alt.ko" -o -name "$alt.ko.xz" -o -name "$alt.ko.zst" \) -print -quit
 }
-is_builtin() { grep -qE "/($1|$(tr _ - <<<"$1"))\.ko$" "$KMOD/modules.builtin"; }
+is_builtin() { [[ -f "$KMOD/modules.builtin" ]] && grep -qE "/($1|$(tr _ - <<<"$1"))\.ko$" "$KMOD/modules.builtin"; }
 add_module() { # NAME
     local n f rel deps d drel=""
     n="$(tr - _ <<<"$1")"

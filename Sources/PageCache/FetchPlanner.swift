@@ -16,7 +16,11 @@
 //   When the lead (present or covered pages right after a sequential read) is
 //   below half the window, the rest of the window is planned, with no waiter,
 //   rounded down to whole runs once it spans one.
-//   Never past the image end.
+//   Never past the image end. Sequentiality is judged per `stream` (a
+//   device's queue: each CPU's reads arrive on its own), so readers on
+//   different queues do not reset each other's window; `hint` reports a
+//   read served without the planner (a hit on another queue) so that its
+//   stream's window grows and is refilled as if the planner had seen it.
 // - Runs are started by the caller in FIFO order through `startableRuns()`, at
 //   most `maxActiveRuns` at once. Only a run not yet started can grow.
 // - `progress(run:pagesDone:)` (a contiguous prefix of the run is written and
@@ -105,10 +109,15 @@ public final class FetchPlanner {
     private var nextWaiterID: UInt64 = 1
     public private(set) var activeRunCount = 0
 
-    // Sequential detection.
-    private var lastStart: UInt64 = .max
-    private var lastEnd: UInt64 = .max
-    public private(set) var readaheadWindowPages: UInt64 = 0
+    // Sequential detection, per stream.
+    struct Stream {
+        var lastStart: UInt64 = .max
+        var lastEnd: UInt64 = .max
+        var window: UInt64 = 0
+    }
+    private var streams: [Stream] = [Stream()]
+    /// Stream 0's readahead window.
+    public var readaheadWindowPages: UInt64 { streams[0].window }
 
     public init(imageSize: UInt64, pageSize: Int, maxRunBytes: Int = 4 << 20,
                 initialReadaheadBytes: Int = 128 << 10, maxReadaheadBytes: Int = 4 << 20,
@@ -138,10 +147,10 @@ public final class FetchPlanner {
 
     // MARK: Planning
 
-    public func plan(offset: UInt64, length: Int, context: UInt64, present: PageBits) -> ReadPlan {
+    public func plan(offset: UInt64, length: Int, context: UInt64, present: PageBits, stream: Int = 0) -> ReadPlan {
         let r = pages(offset: offset, length: length)
         var plan = ReadPlan()
-        let sequential = noteAccess(r)
+        let sequential = noteAccess(r, stream: stream)
         if r.isEmpty { return plan }
 
         if present.allSet(r) {
@@ -162,7 +171,18 @@ public final class FetchPlanner {
             plan.waiter = key
             plan.runsWaitedOn = waiters[key]!.remaining
         }
-        if sequential { readahead(after: r.upperBound, present: present, plan: &plan) }
+        if sequential { readahead(after: r.upperBound, window: streams[stream].window, present: present, plan: &plan) }
+        return plan
+    }
+
+    /// A read of `stream` served without `plan` (its pages were present):
+    /// sequential detection and readahead as `plan` would do them, no waiter.
+    public func hint(offset: UInt64, length: Int, stream: Int, present: PageBits) -> ReadPlan {
+        let r = pages(offset: offset, length: length)
+        var plan = ReadPlan()
+        if noteAccess(r, stream: stream), !r.isEmpty {
+            readahead(after: r.upperBound, window: streams[stream].window, present: present, plan: &plan)
+        }
         return plan
     }
 
@@ -283,21 +303,22 @@ public final class FetchPlanner {
     }
 
     /// Updates the sequential state; returns whether this read is sequential.
-    private func noteAccess(_ r: Range<UInt64>) -> Bool {
-        let sequential = lastEnd != .max && r.lowerBound >= lastStart && r.lowerBound <= lastEnd
+    private func noteAccess(_ r: Range<UInt64>, stream: Int) -> Bool {
+        while streams.count <= stream { streams.append(Stream()) }
+        var s = streams[stream]
+        let sequential = s.lastEnd != .max && r.lowerBound >= s.lastStart && r.lowerBound <= s.lastEnd
         if sequential {
-            readaheadWindowPages = readaheadWindowPages == 0
-                ? initialReadaheadPages
-                : min(readaheadWindowPages * 2, maxReadaheadPages)
+            s.window = s.window == 0 ? initialReadaheadPages : min(s.window * 2, maxReadaheadPages)
         } else {
-            readaheadWindowPages = 0
+            s.window = 0
         }
-        lastStart = r.lowerBound
-        lastEnd = r.upperBound
-        return sequential && readaheadWindowPages > 0
+        s.lastStart = r.lowerBound
+        s.lastEnd = r.upperBound
+        streams[stream] = s
+        return sequential && s.window > 0
     }
 
-    private func readahead(after start: UInt64, present: PageBits, plan: inout ReadPlan) {
+    private func readahead(after start: UInt64, window readaheadWindowPages: UInt64, present: PageBits, plan: inout ReadPlan) {
         let limit = min(start + readaheadWindowPages, pageCount)
         guard start < limit else { return }
         // The first page that is neither present nor covered by a run.

@@ -143,6 +143,8 @@ public struct HTTPConfig: Sendable {
     /// stalls are still caught by the low-speed limit). 60 s allows a 4 MiB run
     /// down to ~70 KB/s.
     public var requestTimeout: Double = 60
+    /// Seconds a resolved host name is reused (libcurl's DNS cache; 0: not at all).
+    public var dnsCacheSeconds = 60
     /// An attempt slower than `lowSpeedLimit` bytes/s for `lowSpeedTime` s is aborted (and retried).
     public var lowSpeedLimit = 1024
     public var lowSpeedTime = 20
@@ -188,6 +190,7 @@ public struct HTTPConfig: Sendable {
              && retryMaxDelay.isFinite && retryMaxDelay >= 0 && retryMaxDelay <= 1e6) {
             return "retry delays must be between 0 and 1000000 seconds"
         }
+        if !(0...86400).contains(dnsCacheSeconds) { return "the DNS cache time must be between 0 and 86400 seconds, not \(dnsCacheSeconds)" }
         if !(1...1024).contains(maxConnections) { return "connections must be between 1 and 1024, not \(maxConnections)" }
         if !(1...100).contains(maxAttempts) { return "attempts must be between 1 and 100, not \(maxAttempts)" }
         if !(0...100).contains(maxRedirects) || lowSpeedLimit < 0 || !(0...1_000_000).contains(lowSpeedTime) {

@@ -351,6 +351,7 @@ public final class HTTPSource {
         // Larger receive chunks: fewer write callbacks and cache-file writes per run.
         ccurl_easy_setopt_long(e, CURLOPT_BUFFERSIZE, 512 << 10)
         ccurl_easy_setopt_long(e, CURLOPT_CONNECTTIMEOUT_MS, Int(c.connectTimeout * 1000))
+        ccurl_easy_setopt_long(e, CURLOPT_DNS_CACHE_TIMEOUT, c.dnsCacheSeconds)
         if c.requestTimeout > 0 { ccurl_easy_setopt_long(e, CURLOPT_TIMEOUT_MS, Int(c.requestTimeout * 1000)) }
         ccurl_easy_setopt_long(e, CURLOPT_LOW_SPEED_LIMIT, c.lowSpeedLimit)
         ccurl_easy_setopt_long(e, CURLOPT_LOW_SPEED_TIME, c.lowSpeedTime)

@@ -7,7 +7,8 @@
 // - Every word whose value changes is recorded once in a dirty list (the
 //   words a persistent owner must write next); `takeDirty()` hands the list
 //   over and starts a new one. Bits past `pageCount` are never set.
-// - Single-threaded: one owner (a queue's thread) touches an instance.
+// - Single-threaded: one owner (a queue's thread) changes an instance; other
+//   threads may only load words through `sharedWords` (atomically).
 // - The words live in private memory, or in a caller's mapping
 //   (`init(pageCount:mapping:release:)`, e.g. a MAP_SHARED file on /run that
 //   outlives the process: see LiveBits.swift); the API is the same.
@@ -147,6 +148,11 @@ public final class PageBits {
         }
         return found
     }
+
+    /// The words themselves, for readers on other threads (a device's other
+    /// queues test page bits with atomic loads: UblkTarget's CachingMesh).
+    /// Valid as long as this instance lives.
+    public var sharedWords: UnsafePointer<UInt64> { UnsafePointer(words) }
 
     /// A word's value (for persistence).
     @inline(__always)

@@ -48,6 +48,15 @@ public final class CacheStats {
     public var retries: UInt64 = 0
     /// Fetches or probes that finally failed.
     public var errors: UInt64 = 0
+    /// Writes, discards and write-zeroes (caching targets with writes).
+    public var writes: UInt64 = 0
+    /// Writes whose data waited for an intent cycle (their pages' local/dirty
+    /// bits written and fdatasynced first: the write-ahead rule).
+    public var writesHeldForIntent: UInt64 = 0
+    /// Persistence cycles: intent ones (bitmap words + their fdatasync) and
+    /// full ones (the cache file's fdatasync, then every bitmap's).
+    public var intentCycles: UInt64 = 0
+    public var fullCycles: UInt64 = 0
     /// From a read's miss to its pages being present.
     public var missLatency = LatencySamples()
     /// From a fetch's first request to its completion.

@@ -50,7 +50,7 @@ struct Add: ParsableCommand {
     @Option(name: [.short, .customLong("number")], parsing: .unconditional, help: "Device id N for /dev/ublkbN (default: the first free one).")
     var number: Int?
 
-    @Option(name: [.short, .customLong("queues")], parsing: .unconditional, help: "Number of hardware queues, each with its own thread (1-64).")
+    @Option(name: [.short, .customLong("queues")], parsing: .unconditional, help: "Number of hardware queues, each with its own thread and io_uring (1-64). http, cache: every queue serves cache hits itself; misses, writes and FLUSH go through queue 0, which fetches, persists and evicts.")
     var queues: Int = 1
 
     @Option(name: [.short, .customLong("depth")], parsing: .unconditional, help: "Queue depth (1-4096).")
@@ -122,16 +122,17 @@ struct Add: ParsableCommand {
         if type == "loop" && file == nil { throw Failure("the loop target needs a backing file: -f FILE") }
         if type == "http" {
             try http.check()
-            if queues != 1 { throw Failure("the http target serves one queue: drop -q") }
         } else if type == "cache" {
             guard backing != nil else { throw Failure("the cache target needs --backing FILE_OR_DEVICE") }
             guard http.cache != nil, http.bitmap != nil else { throw Failure("the cache target needs --cache FILE and --bitmap FILE") }
             guard ["through", "back"].contains(writeMode) else { throw Failure("--write-mode must be through or back, not '\(writeMode)'") }
-            if queues != 1 { throw Failure("the cache target serves one queue: drop -q") }
             try http.checkPageSize()
             if http.httpOnlyGiven { throw Failure("--url and the other http options apply to the http target only") }
         } else if http.given {
             throw Failure("--url and the other http options apply to the http target only")
+        }
+        if (type == "http" || type == "cache") && queues * depth >= 65535 {
+            throw Failure("the \(type) target takes at most 65534 requests in flight in all: lower -q or -d")
         }
         if type != "cache" && (backing != nil || noDirtyTracking) { throw Failure("--backing and --no-dirty-tracking apply to the cache target only") }
         if let m = cacheMaxSize {
@@ -151,6 +152,7 @@ struct Add: ParsableCommand {
         case "http":
             var options = try http.targetOptions()
             options.maxCacheBytes = cacheMaxSize.flatMap { Size.parse($0) } ?? 0
+            options.queues = queues
             do { return try HTTPTarget(options) } catch { throw Failure(error) }
         case "cache":
             var o = CacheTargetOptions(backing: backing!, cachePath: http.cache!, bitmapPath: http.bitmap!)
@@ -159,6 +161,7 @@ struct Add: ParsableCommand {
             o.readOnly = readOnly
             o.maxCacheBytes = cacheMaxSize.flatMap { Size.parse($0) } ?? 0
             o.trackDirty = !noDirtyTracking
+            o.queues = queues
             do { return try CacheTarget(o) } catch { throw Failure(error) }
         default:
             throw Failure("unknown target type '\(type)'")

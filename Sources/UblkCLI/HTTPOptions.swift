@@ -42,6 +42,9 @@ struct HTTPOptions: ParsableArguments {
     @Option(name: .customLong("timeout"), parsing: .unconditional, help: "Seconds one request attempt may take (0.1-86400). Failed attempts (5xx, resets, timeouts, DNS and TLS handshake failures) are retried with backoff, 5 attempts in all.")
     var timeout: Double = 60
 
+    @Option(name: .customLong("dns-cache"), parsing: .unconditional, help: "Seconds a resolved host name is reused before it is looked up again (0-86400; 0: every request looks it up). Lower it when the name's address changes for failover.")
+    var dnsCache: Int = 60
+
     @Option(name: .customLong("connections"), parsing: .unconditional, help: "Connections (and fetches in flight) at most (1-64).")
     var connections: Int = 8
 
@@ -94,6 +97,7 @@ struct HTTPOptions: ParsableArguments {
         guard HTTPOptions.timeoutRange.contains(timeout) else {
             throw Failure("--timeout must be between \(HTTPOptions.timeoutRange.lowerBound) and \(Int(HTTPOptions.timeoutRange.upperBound)) seconds, not \(timeout)")
         }
+        guard (0...86400).contains(dnsCache) else { throw Failure("--dns-cache must be between 0 and 86400 seconds, not \(dnsCache)") }
         guard let ra = Size.parse(readahead), ra <= HTTPOptions.maxReadahead else {
             throw Failure("bad --readahead '\(Redact.printable(readahead))': expected a size from 0 to 1G")
         }
@@ -181,6 +185,7 @@ struct HTTPOptions: ParsableArguments {
         config.caCertPath = cacert
         config.insecure = insecure
         config.requestTimeout = timeout
+        config.dnsCacheSeconds = dnsCache
         config.maxConnections = connections
         // One bit per page in memory: 2^32 pages (512 MiB of bitmap) at most.
         config.maxImageSize = UInt64(pageSize) << 32

@@ -177,6 +177,27 @@ final class FetchPlannerTests: XCTestCase {
         XCTAssertEqual(r.newPages, 8)
     }
 
+    /// -q N: each queue's reads are a stream of their own; hits another
+    /// queue served are reported with `hint` and grow that stream's window.
+    func testStreamsAreSequentialApartAndHintsGrowTheirWindows() {
+        let (p, bits) = planner(pages: 100_000, initialRA: 128 << 10, maxRA: 1 << 20)
+        _ = p.plan(offset: off(0), length: len(8), context: 1, present: bits, stream: 1)
+        // Stream 0 reads elsewhere in between: stream 1's next read is still sequential.
+        _ = p.plan(offset: off(50_000), length: len(8), context: 2, present: bits, stream: 0)
+        let r = p.plan(offset: off(8), length: len(8), context: 3, present: bits, stream: 1)
+        XCTAssertEqual(r.readaheadPages, 32, "stream 1 continues: readahead planned")
+        XCTAssertEqual(p.readaheadWindowPages, 0, "stream 0's window is its own")
+        for run in p.startableRuns() {
+            bits.set(run.firstPage..<run.firstPage + run.pageCount)
+            _ = p.complete(run: run.id, success: true)
+        }
+        // Hits on stream 1, seen only as hints: the window doubles and is refilled ahead.
+        let h = p.hint(offset: off(16), length: len(8), stream: 1, present: bits)
+        XCTAssertTrue(h.isHit)
+        XCTAssertEqual(h.readaheadPages, 40, "48..<88, as a planned hit would have")
+        XCTAssertEqual(p.waiterCount, 0, "a hint waits for nothing")
+    }
+
     func testReadaheadStopsAtTheImageEnd() {
         let (p, bits) = planner(pages: 100, initialRA: 1 << 20, maxRA: 4 << 20)
         _ = p.plan(offset: off(80), length: len(4), context: 1, present: bits)

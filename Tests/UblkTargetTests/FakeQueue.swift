@@ -124,7 +124,7 @@ final class FaultFiles {
 }
 
 final class FakeQueue: IOQueue {
-    let id: UInt16 = 0
+    let id: UInt16
     let depth: Int
     let deviceID: UInt32 = 0
     let charFD: Int32 = -1
@@ -171,9 +171,26 @@ final class FakeQueue: IOQueue {
         }
     }
 
-    init(depth: Int, files: FaultFiles) {
+    init(depth: Int, files: FaultFiles, id: UInt16 = 0) {
         self.depth = depth
         self.files = files
+        self.id = id
+    }
+
+    /// Polls armed on fds the test lets fire (the inboxes of a device's
+    /// queues, -q N): they fire, in `runOne`'s random order, once readable.
+    var fireable: Set<Int32> = []
+    var armed: [(fd: Int32, data: UInt32)] = []
+    /// Whether an fd is readable, without a syscall (nil: poll(2) it).
+    var isReadable: ((Int32) -> Bool)?
+
+    /// Indices into `armed` of the polls whose fd is readable now.
+    func readyPolls() -> [Int] {
+        armed.indices.filter { i in
+            if let r = isReadable { return r(armed[i].fd) }
+            var p = pollfd(fd: armed[i].fd, events: Int16(POLLIN), revents: 0)
+            return Glibc.poll(&p, 1, 0) == 1
+        }
     }
 
     func complete(tag: UInt16, result: Int32) {
@@ -208,7 +225,9 @@ final class FakeQueue: IOQueue {
     func fallocate(fd: Int32, mode: Int32, offset: UInt64, length: UInt64, tag: UInt16, sub: UInt8, data: UInt32) {
         pending.append(Pending(op: .fallocate(fd, mode, offset, length), tag: tag, sub: sub, data: data))
     }
-    func poll(fd: Int32, data: UInt32) {}
+    func poll(fd: Int32, data: UInt32) {
+        if fireable.contains(fd) { armed.append((fd, data)) }
+    }
 
     func writeNow(fd: Int32, from buf: UnsafeRawPointer, length: Int, offset: UInt64) -> Int32 {
         checkAligned("writeNow", fd, buf, length, offset)
@@ -222,11 +241,17 @@ final class FakeQueue: IOQueue {
     var rng = SplitMix(seed: 0)
     func roll(_ permille: Int) -> Bool { permille > 0 && Int(rng.next() % 1000) < permille }
 
-    /// Completes one pending I/O, chosen at random; false when none is pending.
+    /// Completes one pending I/O or fires one ready poll, chosen at random; false when there is none.
     @discardableResult
     func runOne() -> Bool {
-        guard !pending.isEmpty else { return false }
-        let i = Int(rng.next() % UInt64(pending.count))
+        let ready = armed.isEmpty ? [] : readyPolls()
+        guard !pending.isEmpty || !ready.isEmpty else { return false }
+        let i = Int(rng.next() % UInt64(pending.count + ready.count))
+        if i >= pending.count {
+            let a = armed.remove(at: ready[i - pending.count])
+            handler?.eventFired(data: a.data, result: Int32(POLLIN), queue: self)
+            return true
+        }
         let p = pending.remove(at: i)
         let result = perform(p)
         handler?.ioCompleted(tag: p.tag, sub: p.sub, data: p.data, result: result, queue: self)
@@ -239,6 +264,7 @@ final class FakeQueue: IOQueue {
             let p = pending.remove(at: Int(rng.next() % UInt64(pending.count)))
             if rng.next() % 2 == 0 { _ = perform(p) }
         }
+        armed = []
         handler = nil
     }
 

@@ -17,6 +17,11 @@
 //   anything else reads as what a FLUSHed state or a later write left;
 // - `sync` to a replica after any crash yields an exact replica;
 // - every request completes exactly once.
+// Queues (-q N): a seed runs 1 to 4 fake queues (MODEL_QUEUES to choose):
+// queue 0's handler is the home, the others serve hits and hand the rest to
+// it through their inboxes; requests go to random queues, and every queue's
+// I/O and inbox deliveries interleave in the seeded random order, so
+// eviction, FLUSH and write-back race hits and writes on other queues.
 // A failing seed prints its replay: `MODEL_SEED=N MODEL_STEPS=K swift test --filter PageStateModel`.
 import Foundation
 import Glibc
@@ -85,11 +90,16 @@ final class PageStateModelTests: XCTestCase {
         var remoteVersion = 1
         var lastState: CacheState = .fresh
         let files = FaultFiles()
+        /// The home queue and handler (queue 0), and all of them.
         var queue: FakeQueue!
         var fetcher: RunFetcher!
         var fake: FakeFetcher?
         var backingFD: Int32 = -1
         var handler: CachingHandler!
+        let queueCount: Int
+        var queues: [FakeQueue] = []
+        var handlers: [CachingHandler] = []
+        var mesh: CachingMesh?
         var bitmaps: [Bitmap] = []
         let depth = 8
         let buffers: [UnsafeMutableRawPointer]
@@ -105,24 +115,34 @@ final class PageStateModelTests: XCTestCase {
         var nextWrite: Int64 = 1
         /// Tags in flight: the request, and for a FLUSH its snapshot.
         var inFlight: [UInt16: (op: UInt8, offset: Int, length: Int, id: Int64)] = [:]
-        var flushSnapshots: [UInt16: (current: [Set<Int64>], inflight: [Set<Int64>], maxID: Int64)] = [:]
+        var flushSnapshots: [UInt16: (current: [Set<Int64>], inflight: [Set<Int64>], maxID: Int64, order: Int)] = [:]
+        /// FLUSHes in the order they were sent, and the latest sent of those that
+        /// completed: with several queues an older FLUSH may complete after a
+        /// newer one, and then it promises nothing the newer one did not.
+        var flushesSent = 0
+        var latestFlushDone = -1
         var faulty = false
         var readMostly = false
         var evictBound: UInt64 = 0
         var persistInterval: UInt64 = 0
         var crashes = 0, reads = 0, writes = 0, flushes = 0, syncs = 0, remoteChanges = 0, remoteRefusals = 0
+        /// Reads other queues served by themselves (-q N), over the handlers' lives.
+        var peerHits: UInt64 = 0
         /// The machine's boot: a power loss starts another (live bits on /run die with it).
         var boots = 0
 
-        init(seed: UInt64) throws {
+        init(seed: UInt64, queues: Int? = nil) throws {
             logMuted = true
             self.seed = seed
             rng = SplitMix(seed: seed)
             mode = ProcessInfo.processInfo.environment["MODEL_MODE"].flatMap { Mode(rawValue: $0) }
                 ?? [Mode.overlay, .cacheThrough, .cacheBack][Int(seed % 3)]
+            // 1-4 queues by the seed, or MODEL_QUEUES of them (0: by the seed).
+            let q = ProcessInfo.processInfo.environment["MODEL_QUEUES"].flatMap { Int($0) } ?? 0
+            queueCount = queues ?? (q == 0 ? 1 + Int((seed / 3) % 4) : q)
             dir = NSTemporaryDirectory() + "ublk-model-\(getpid())-\(seed)"
             mkdir(dir, 0o700)
-            buffers = (0..<8).map { _ in UnsafeMutableRawPointer.allocate(byteCount: 16 * 1024, alignment: 4096) }
+            buffers = (0..<8 * queueCount).map { _ in UnsafeMutableRawPointer.allocate(byteCount: 16 * 1024, alignment: 4096) }
             current = Array(repeating: [0], count: PageStateModelTests.sectors)
             inflight = Array(repeating: [], count: PageStateModelTests.sectors)
             stable = Array(repeating: 0, count: PageStateModelTests.sectors)
@@ -138,6 +158,7 @@ final class PageStateModelTests: XCTestCase {
 
         deinit {
             handler = nil
+            handlers = []
             bitmaps = []
             for b in buffers { b.deallocate() }
             if backingFD >= 0 { close(backingFD) }
@@ -211,13 +232,23 @@ final class PageStateModelTests: XCTestCase {
             context.writeThrough = mode == .cacheThrough
             context.publishStats = false
             context.maxCacheBytes = evictBound
-            queue = FakeQueue(depth: depth, files: files)
-            queue.cacheFD = cache.fd
-            queue.rng = SplitMix(seed: rng.next())
-            if faulty {
-                queue.fsyncFailPermille = 40
-                queue.writeFailPermille = 10
+            mesh = queueCount > 1 ? CachingMesh(queues: queueCount) : nil
+            try mesh?.check(depth: depth)
+            queues = (0..<queueCount).map { FakeQueue(depth: depth, files: files, id: UInt16($0)) }
+            for q in queues {
+                q.cacheFD = cache.fd
+                q.rng = SplitMix(seed: rng.next())
+                if faulty {
+                    q.fsyncFailPermille = 40
+                    q.writeFailPermille = 10
+                }
+                if let m = mesh {
+                    let inbox = m.inboxes[Int(q.id)]
+                    q.fireable = [inbox.fd]
+                    q.isReadable = { [unowned inbox] _ in !inbox.isEmpty }  // as its eventfd, without a syscall
+                }
             }
+            queue = queues[0]
             if mode == .overlay {
                 fake = FakeFetcher(remote: remote)
                 fake!.failPermille = faulty ? 30 : 0
@@ -229,16 +260,31 @@ final class PageStateModelTests: XCTestCase {
             let planner = FetchPlanner(imageSize: UInt64(PageStateModelTests.imageSize), pageSize: PageStateModelTests.page,
                                        maxRunBytes: 16 << 10, initialReadaheadBytes: 8 << 10, maxReadaheadBytes: 16 << 10,
                                        maxActiveRuns: 3)
-            handler = CachingHandler(context: context, fetcher: fetcher, planner: planner, depth: depth)
-            handler.persistInterval = persistInterval
-            handler.trace = { [unowned self] in self.note("  handler: " + $0) }
-            queue.handler = handler
+            handler = CachingHandler(context: context, fetcher: fetcher, planner: planner, depth: depth, mesh: mesh, queueID: 0)
+            handlers = [handler] + (1..<queueCount).map {
+                CachingHandler(context: context, fetcher: NoFetcher(), planner: planner, depth: depth, mesh: mesh, queueID: UInt16($0))
+            }
+            for (q, h) in handlers.enumerated() {
+                h.persistInterval = persistInterval
+                h.trace = { [unowned self] in self.note("  handler \(q): " + $0) }
+                queues[q].handler = h
+                if let m = mesh { queues[q].poll(fd: m.inboxes[q].fd, data: CachingHandler.meshEvent) }
+            }
+        }
+
+        /// Every fault rate of every queue.
+        func setFaults(fsync: Int, write: Int) {
+            for q in queues {
+                q.fsyncFailPermille = fsync
+                q.writeFailPermille = write
+            }
         }
 
         // MARK: Requests
 
         func freeTag() -> UInt16? {
-            let free = (0..<UInt16(depth)).filter { inFlight[$0] == nil }
+            // A slot: queue × depth + tag.
+            let free = (0..<UInt16(depth * queueCount)).filter { inFlight[$0] == nil }
             return free.isEmpty ? nil : free[Int(rng.next() % UInt64(free.count))]
         }
 
@@ -250,8 +296,9 @@ final class PageStateModelTests: XCTestCase {
         }
 
         func submit(op: UInt8, sector: Int, count: Int) {
-            guard let tag = freeTag() else { return }
-            let buf = buffers[Int(tag)]
+            guard let slot = freeTag() else { return }
+            let q = Int(slot) / depth, tag = slot % UInt16(depth)
+            let buf = buffers[Int(slot)]
             var id: Int64 = 0
             if op == Op.write {
                 id = nextWrite
@@ -265,23 +312,29 @@ final class PageStateModelTests: XCTestCase {
                 writes += 1
             }
             if op == Op.flush {
-                flushSnapshots[tag] = (current, inflight, nextWrite - 1)
+                flushSnapshots[slot] = (current, inflight, nextWrite - 1, flushesSent)
+                flushesSent += 1
                 flushes += 1
             }
             if op == Op.read { reads += 1 }
-            inFlight[tag] = (op, sector, count, id)
-            queue.open.insert(tag)
-            note("submit tag \(tag) op \(op) sectors \(sector)+\(count) id \(id)")
+            inFlight[slot] = (op, sector, count, id)
+            queues[q].open.insert(tag)
+            note("submit queue \(q) tag \(tag) op \(op) sectors \(sector)+\(count) id \(id)")
             let r = Request(tag: tag, op: op, flags: 0, offset: UInt64(sector * PageStateModelTests.sector),
                             length: UInt32(op == Op.flush ? 0 : count * PageStateModelTests.sector), buffer: buf)
-            handler.handle(r, queue: queue)
+            handlers[q].handle(r, queue: queues[q])
         }
 
         /// Checks and retires the requests that completed.
         func collect() throws {
-            if !queue.doubleCompletions.isEmpty { throw Failure(description: "tag \(queue.doubleCompletions[0]) completed twice") }
-            let done = queue.completed
-            queue.completed = []
+            for q in queues where !q.doubleCompletions.isEmpty {
+                throw Failure(description: "queue \(q.id) tag \(q.doubleCompletions[0]) completed twice")
+            }
+            var done: [(tag: UInt16, result: Int32)] = []
+            for q in queues {
+                done += q.completed.map { (q.id * UInt16(depth) + $0.tag, $0.result) }
+                q.completed = []
+            }
             for (tag, result) in done {
                 guard let f = inFlight.removeValue(forKey: tag) else { throw Failure(description: "tag \(tag) completed but not in flight") }
                 note("done tag \(tag) op \(f.op) result \(result)")
@@ -314,6 +367,8 @@ final class PageStateModelTests: XCTestCase {
                         continue
                     }
                     // Everything completed before the FLUSH was sent is durable now.
+                    if snap.order < latestFlushDone { continue }
+                    latestFlushDone = snap.order
                     for s in 0..<PageStateModelTests.sectors {
                         guard snap.current[s].count == 1, let v = snap.current[s].first else { continue }
                         stable[s] = v
@@ -333,17 +388,26 @@ final class PageStateModelTests: XCTestCase {
         /// Lets the handler and its I/O move on: one random action.
         func pump() throws {
             switch rng.next() % 10 {
-            case 0..<5: queue.runOne()
+            case 0..<5: (queueCount == 1 ? queue : queues[Int(rng.next() % UInt64(queueCount))]).runOne()
             case 5..<8: fake?.step(&rng, handler: handler, queue: queue)
-            default: handler.idle(queue: queue)
+            default:
+                let q = queueCount == 1 ? 0 : Int(rng.next() % UInt64(queueCount))
+                handlers[q].idle(queue: queues[q])
             }
             try collect()
+        }
+
+        /// Work left between the queues: I/O, inbox deliveries, posts, punches awaiting a grace period.
+        var queuesBusy: Bool {
+            if queueCount == 1 { return !queue.pending.isEmpty }
+            return queues.contains { !$0.pending.isEmpty || !$0.readyPolls().isEmpty } || handlers.contains { $0.outboxPending }
+                || (mesh?.gracePending ?? false) || !handler.graceNext.isEmpty
         }
 
         /// Runs until nothing is in flight (bounded).
         func quiesce() throws {
             var n = 0
-            while !inFlight.isEmpty || !queue.pending.isEmpty || !fetcher.isIdle {
+            while !inFlight.isEmpty || queuesBusy || !fetcher.isIdle {
                 try pump()
                 n += 1
                 if n > 200_000 {
@@ -365,7 +429,7 @@ final class PageStateModelTests: XCTestCase {
                         throw Failure(description: "no tag for a read")
                     }
                     try quiesce()
-                    if queue.lastResult(tag) >= 0 {
+                    if queues[Int(tag) / depth].lastResult(tag % UInt16(depth)) >= 0 {
                         out.withUnsafeMutableBytes { _ = memcpy($0.baseAddress! + s * PageStateModelTests.sector, buffers[Int(tag)], n * PageStateModelTests.sector) }
                         break
                     }
@@ -406,9 +470,14 @@ final class PageStateModelTests: XCTestCase {
         func powerLoss(processOnly: Bool = false) throws {
             note(processOnly ? "KILL -9" : "POWER LOSS")
             crashes += 1
-            if processOnly { queue.processDied() } else { queue.pending = [] }
-            queue.handler = nil
+            for q in queues {
+                if processOnly { q.processDied() } else { q.pending = []; q.armed = [] }
+                q.handler = nil
+            }
+            peerHits += handlers.dropFirst().reduce(0) { $0 + $1.peerHits }
             handler = nil
+            handlers = []
+            mesh = nil
             fetcher = nil
             fake = nil
             bitmaps = []
@@ -464,8 +533,7 @@ final class PageStateModelTests: XCTestCase {
             }
             let faultyNow = faulty
             // Check every sector once, without faults, then carry on.
-            queue.fsyncFailPermille = 0
-            queue.writeFailPermille = 0
+            setFaults(fsync: 0, write: 0)
             fake?.failPermille = 0
             faulty = false
             let device = try readAll()
@@ -493,8 +561,7 @@ final class PageStateModelTests: XCTestCase {
             }
             faulty = faultyNow
             if faulty {
-                queue.fsyncFailPermille = 40
-                queue.writeFailPermille = 10
+                setFaults(fsync: 40, write: 10)
                 fake?.failPermille = 30
             }
         }
@@ -504,9 +571,8 @@ final class PageStateModelTests: XCTestCase {
         func backingMatches() throws {
             guard mode != .overlay else { return }
             let was = (queue.fsyncFailPermille, queue.writeFailPermille)
-            queue.fsyncFailPermille = 0
-            queue.writeFailPermille = 0
-            defer { (queue.fsyncFailPermille, queue.writeFailPermille) = was }
+            setFaults(fsync: 0, write: 0)
+            defer { setFaults(fsync: was.0, write: was.1) }
             var rounds = 0
             while true {
                 submit(op: Op.flush, sector: 0, count: 0)
@@ -571,7 +637,7 @@ final class PageStateModelTests: XCTestCase {
     }
 
     /// What the seeds did, summed (printed at the end: a run that exercised nothing shows).
-    var totals = (crashes: 0, reads: 0, writes: 0, flushes: 0, syncs: 0, remoteChanges: 0, remoteRefusals: 0)
+    var totals = (crashes: 0, reads: 0, writes: 0, flushes: 0, syncs: 0, remoteChanges: 0, remoteRefusals: 0, peerHits: UInt64(0))
 
     func runSeed(_ seed: UInt64, steps: Int) -> String? {
         let world: World
@@ -582,6 +648,7 @@ final class PageStateModelTests: XCTestCase {
                     seed \(seed) failed at step \(i): \(error)
                     (faulty \(world.faulty), evict bound \(world.evictBound), persist interval \(world.persistInterval))
                     target: \(world.mode.rawValue)
+                    queues: \(world.queueCount)
                     replay: MODEL_SEED=\(seed) MODEL_STEPS=\(i + 1) swift test --filter PageStateModelTests
                     last actions:
                       \(world.trace.joined(separator: "\n  "))
@@ -593,7 +660,7 @@ final class PageStateModelTests: XCTestCase {
             try world.backingMatches()
             try world.powerLoss()
         } catch {
-            return "seed \(seed) (\(world.mode.rawValue)) failed in its final power loss: \(error)\n  \(world.trace.joined(separator: "\n  "))"
+            return "seed \(seed) (\(world.mode.rawValue), \(world.queueCount) queues) failed in its final power loss: \(error)\n  \(world.trace.joined(separator: "\n  "))"
         }
         totals.crashes += world.crashes
         totals.reads += world.reads
@@ -602,6 +669,7 @@ final class PageStateModelTests: XCTestCase {
         totals.syncs += world.syncs
         totals.remoteChanges += world.remoteChanges
         totals.remoteRefusals += world.remoteRefusals
+        totals.peerHits += world.peerHits
         return nil
     }
 
@@ -639,7 +707,7 @@ extension FakeQueue {
 /// queue's ring, none made by the handler itself.
 final class RingOnlyPersistenceTests: XCTestCase {
     func testAFlushIssuesEveryWriteAndSyncThroughTheQueue() throws {
-        let world = try PageStateModelTests.World(seed: 3)  // a writable overlay
+        let world = try PageStateModelTests.World(seed: 3, queues: 1)  // a writable overlay
         let queue = world.queue!
         queue.fsyncFailPermille = 0
         queue.writeFailPermille = 0

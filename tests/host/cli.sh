@@ -52,6 +52,8 @@ expect_error "--page-size abc (a parse error) is one line" "invalid for '--page-
 expect_error "--connections 99999999999999999999 is one line" "invalid for '--connections" "$UBLK" prefetch --url $URL --connections 99999999999999999999
 expect_error "--timeout inf" "--timeout must be between" "$UBLK" prefetch --url $URL --timeout inf
 expect_error "--timeout -1" "--timeout must be between" "$UBLK" prefetch --url $URL --timeout -1
+expect_error "--dns-cache -1" "--dns-cache must be between" "$UBLK" prefetch --url $URL --dns-cache -1
+expect_error "--dns-cache 86401" "--dns-cache must be between" "$UBLK" prefetch --url $URL --dns-cache 86401
 expect_error "--readahead 9000P" "bad --readahead" "$UBLK" prefetch --url $URL --readahead 9000P
 expect_error "--page-size 3000" "power of two" "$UBLK" prefetch --url $URL --page-size 3000
 expect_error "an unknown option is one line" "Unknown option" "$UBLK" prefetch --url $URL --no-such-option

@@ -61,7 +61,8 @@ add() {
 
 del() { timeout 60 "$UBLK" del -n "$1"; }
 
-section() { echo; echo "# $*"; }
+# Each section prints the guest's uptime: where a suite's time goes.
+section() { echo; echo "# $* [$(cut -d' ' -f1 /proc/uptime) s]"; }
 
 finish() {
     echo

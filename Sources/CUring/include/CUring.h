@@ -314,6 +314,7 @@ static const unsigned cu_poll_out = POLLOUT;
 static const int cu_o_direct = __O_DIRECT;
 static const int cu_io_res_abort = UBLK_IO_RES_ABORT;
 static const int cu_efd_cloexec = EFD_CLOEXEC;
+static const int cu_efd_nonblock = EFD_NONBLOCK;
 
 /* ---------------------------------------------------------------------------
  * Inline helpers.
@@ -491,5 +492,18 @@ static inline int cu_timerfd_arm(int fd, __u64 nanos) {
 }
 
 static inline int cu_eventfd(unsigned initval, int flags) { return eventfd(initval, flags); }
+
+/* Atomics on shared words (queues of one device: page bits, grace counters,
+ * chunk use). Sequentially consistent unless named relaxed; see
+ * UblkTarget/Targets/CachingMesh.swift for what each ordering guarantees. */
+static inline __u64 cu_atomic_load_u64(const __u64 *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
+static inline __u64 cu_atomic_load_relaxed_u64(const __u64 *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+static inline void cu_atomic_store_u64(__u64 *p, __u64 v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
+static inline void cu_atomic_store_relaxed_u64(__u64 *p, __u64 v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+static inline __u64 cu_atomic_add_u64(__u64 *p, __u64 v) { return __atomic_add_fetch(p, v, __ATOMIC_SEQ_CST); }
+static inline __u32 cu_atomic_load_relaxed_u32(const __u32 *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+static inline void cu_atomic_store_relaxed_u32(__u32 *p, __u32 v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+static inline __u32 cu_atomic_add_relaxed_u32(__u32 *p, __u32 v) { return __atomic_add_fetch(p, v, __ATOMIC_RELAXED); }
+static inline void cu_atomic_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 #endif

@@ -27,6 +27,8 @@ public struct CacheTargetOptions {
     public var trackDirty = true
     /// Where the bitmaps' words live so that they survive the server (nil: private memory).
     public var liveState: LiveConfig? = LiveConfig.system(required: true)
+    /// The device's queues (-q): one thread and ring each.
+    public var queues = 1
 
     public init(backing: String, cachePath: String, bitmapPath: String) {
         self.backing = backing
@@ -53,6 +55,10 @@ public final class CacheTarget: Target {
     let store: CacheStore
     public let stats = CacheStats()
     let cacheState: String
+    /// -q N > 1: what the queues share.
+    let mesh: CachingMesh?
+    /// Eviction's chunk clock, shared by the queues.
+    let chunks: ChunkUse?
 
     public var options: [String: String] {
         ["backing": settings.backing, "cache": settings.cachePath, "bitmap": settings.bitmapPath,
@@ -140,6 +146,8 @@ public final class CacheTarget: Target {
         p.discard = !o.readOnly
         p.dataPaths = CachingHandler.dataPaths(cacheFD: cache.fd)
         params = p
+        mesh = o.queues > 1 ? CachingMesh(queues: o.queues) : nil
+        chunks = o.maxCacheBytes > 0 ? ChunkUse(chunks: Int((size >> CachingHandler.chunkShift) + 1)) : nil
     }
 
     deinit {
@@ -148,15 +156,17 @@ public final class CacheTarget: Target {
     }
 
     public func snapshot() -> HTTPStats {
-        HTTPStats(hits: stats.hits, misses: stats.misses, bytesFetched: stats.bytesFetched, requests: stats.requests,
+        HTTPStats(hits: stats.hits &+ (mesh?.peerHits ?? 0), misses: stats.misses, bytesFetched: stats.bytesFetched, requests: stats.requests,
                   retries: 0, errors: stats.errors,
                   missLatencyP50Ms: stats.missLatency.percentile(50).map { Double($0) / 1e6 },
                   missLatencyP99Ms: stats.missLatency.percentile(99).map { Double($0) / 1e6 },
-                  pagesPresent: bitmap.count, pagesTotal: bitmap.pageCount, pageSize: settings.pageSize)
+                  pagesPresent: bitmap.count, pagesTotal: bitmap.pageCount, pageSize: settings.pageSize,
+                  writes: stats.writes, writesHeldForIntent: stats.writesHeldForIntent,
+                  intentCycles: stats.intentCycles, fullCycles: stats.fullCycles)
     }
 
     public func makeHandler(for queue: Queue) throws(UblkError) -> QueueHandler {
-        guard queue.id == 0 else { throw UblkError("the cache target serves one queue (-q 1)") }
+        guard Int(queue.id) < settings.queues else { throw UblkError("queue \(queue.id) of \(settings.queues)?") }
         let context = CacheContext(cache: cache, bitmap: bitmap, dirty: dirty, imageSize: params.size,
                                    pageSize: settings.pageSize, stats: stats) { [unowned self] in self.snapshot() }
         context.backingFD = backingFD
@@ -167,10 +177,12 @@ public final class CacheTarget: Target {
         context.writeback = writeback
         context.unsettled = unsettled
         context.maxCacheBytes = settings.maxCacheBytes
+        context.chunks = chunks
         // Local reads: runs of up to 1 MiB, modest readahead, a few in flight.
         let planner = FetchPlanner(imageSize: params.size, pageSize: settings.pageSize, maxRunBytes: 1 << 20,
                                    initialReadaheadBytes: 128 << 10, maxReadaheadBytes: 1 << 20, maxActiveRuns: 8)
-        return try CachingHandler.make(context: context, fetcher: FileFetcher(fd: backingFD), planner: planner,
-                                       queue: queue, deviceSize: params.size)
+        // Queues other than 0 never fetch: their misses go to queue 0.
+        return try CachingHandler.make(context: context, fetcher: queue.id == 0 ? FileFetcher(fd: backingFD) : NoFetcher(),
+                                       planner: planner, queue: queue, deviceSize: params.size, mesh: mesh)
     }
 }

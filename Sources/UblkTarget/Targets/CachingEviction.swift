@@ -9,13 +9,6 @@ import PageCache
 extension CachingHandler {
     // MARK: Eviction
 
-    @inline(__always)
-    func touch(_ r: Request) {
-        useClock &+= 1
-        let first = Int(r.offset >> CachingHandler.chunkShift)
-        let last = Int((r.offset + UInt64(max(r.length, 1)) - 1) >> CachingHandler.chunkShift)
-        for c in first...min(last, chunkUse.count - 1) { chunkUse[c] = useClock }
-    }
 
     /// Pages some I/O in flight covers: requests on the cache file, the write-back copy.
     func pinnedRanges() -> [Range<UInt64>] {
@@ -40,7 +33,9 @@ extension CachingHandler {
         guard present > context.maxCacheBytes else { return }
         let target = context.maxCacheBytes - context.maxCacheBytes / 8  // some slack
         let perChunk = UInt64(1) << CachingHandler.chunkShift / ps
-        let order = chunkUse.indices.sorted { chunkUse[$0] < chunkUse[$1] }
+        guard let chunks = context.chunks else { return }
+        let uses = (0..<chunks.count).map { chunks.use($0) }
+        let order = uses.indices.sorted { uses[$0] < uses[$1] }
         let pinned = pinnedRanges()
         for c in order where present > target {
             let chunk = UInt64(c) * perChunk..<min(UInt64(c + 1) * perChunk, bitmap.pageCount)
@@ -63,6 +58,33 @@ extension CachingHandler {
             }
         }
         if !evicting.isEmpty { startCycle(queue, full: true) }
+    }
+
+    /// The cleared bits are durable. With one queue: punch now. With several,
+    /// after a grace period (CachingMesh.swift): another queue may have tested
+    /// a bit before it was cleared and still be reading the page.
+    func punchAfterGrace(_ ranges: [Range<UInt64>], queue: IOQueue) {
+        guard mesh != nil else { return punchEvicted(ranges, queue: queue) }
+        graceNext += ranges
+        advanceGrace(queue)
+    }
+
+    /// Punches what the ended grace period covered; starts the next one for what waits.
+    func advanceGrace(_ queue: IOQueue) {
+        guard let m = mesh else { return }
+        while true {
+            if m.gracePending {
+                guard m.graceEnded() else { return }
+                let ranges = graceRanges
+                graceRanges = []
+                if !ranges.isEmpty { punchEvicted(ranges, queue: queue) }
+            }
+            guard !graceNext.isEmpty else { return }
+            // These bits were cleared before this flip (and persisted): see the proof in CachingMesh.swift.
+            graceRanges = graceNext
+            graceNext = []
+            _ = m.flip()
+        }
     }
 
     /// The cleared bits are durable: punch out what is still absent and not
@@ -94,4 +116,38 @@ extension CachingHandler {
         deferred = []
         for r in waiting { handle(r, queue: queue) }
     }
+}
+
+/// When each 1 MiB chunk of the image was last used (a clock shared by the
+/// device's queues, each of which stamps what its requests touch). Relaxed
+/// atomics: an LRU order that is off by a few concurrent requests is fine.
+final class ChunkUse {
+    let count: Int
+    private let uses: UnsafeMutablePointer<UInt32>
+    private let clock: UnsafeMutablePointer<UInt32>
+
+    init(chunks: Int) {
+        count = chunks
+        uses = .allocate(capacity: chunks)
+        uses.initialize(repeating: 0, count: chunks)
+        clock = .allocate(capacity: 1)
+        clock.initialize(to: 0)
+    }
+
+    deinit {
+        uses.deallocate()
+        clock.deallocate()
+    }
+
+    @inline(__always)
+    func touch(offset: UInt64, length: UInt32) {
+        let now = cu_atomic_add_relaxed_u32(clock, 1)
+        let first = Int(offset >> CachingHandler.chunkShift)
+        let last = Int((offset + UInt64(max(length, 1)) - 1) >> CachingHandler.chunkShift)
+        guard first < count else { return }
+        for c in first...min(last, count - 1) { cu_atomic_store_relaxed_u32(uses + c, now) }
+    }
+
+    @inline(__always)
+    func use(_ chunk: Int) -> UInt32 { cu_atomic_load_relaxed_u32(uses + chunk) }
 }

@@ -3,9 +3,41 @@
 // fetched by libcurl) and `cache` (a slow block device or file, read through
 // io_uring). HTTPTarget.swift and CacheTarget.swift say what each adds.
 //
-// The handler is single-threaded (one queue) and does all its file I/O on
-// the queue's ring (reads, writes, fdatasync, punches, bitmap words); the one
+// A handler lives on one queue's thread and does all its file I/O on that
+// queue's ring (reads, writes, fdatasync, punches, bitmap words); the one
 // exception is `writeNow`, the pwrite of fetched bytes into the cache file.
+//
+// QUEUES (-q N; with one queue there is only the home and none of this runs).
+// Queue 0's handler is the HOME: it alone owns the mutable state (planner,
+// fetcher, page states, persistence cycles, eviction, write-back, control
+// socket, statistics file). Every other queue's handler is a thin one:
+//   - a READ whose pages are all present is a hit, served there and then:
+//     the present bits are tested with atomic loads inside the grace gate
+//     (CachingMesh.swift), the cache file is read into the request on that
+//     queue's ring, and that queue completes it. No lock, no message.
+//   - anything else (a read miss, WRITE, DISCARD, WRITE_ZEROES, FLUSH) goes
+//     to the home as `request` through its inbox (posted in `idle`: a short
+//     lock and an eventfd write; the home polls the eventfd on its ring). The
+//     home runs it through the very same state machine as its own, in a slot
+//     of its per-request arrays (slot = queue × depth + tag), and hands back
+//     only what must happen on the owning queue, which alone may touch the
+//     request's data and COMMIT it:
+//       `read`     pages fetched and pinned: read them, complete, `readDone`
+//                  (the pin ends; until then eviction keeps them);
+//       `write`    intent bits durable: write the data into the cache file
+//                  (and the backing store in write-through), answer `written`;
+//                  the home then sets present/dirty state, runs what a FUA
+//                  needs, and answers `complete`;
+//       `complete` the result (errors, FLUSH, DISCARD done by the home, a
+//                  write acknowledged).
+// So a page in flight is fetched once across queues (one planner), every
+// request is completed exactly once, by its own queue from its own thread,
+// and FLUSH covers every write completed on any queue: a write is
+// acknowledged only through the home, after its data landed, and a FLUSH
+// is a full cycle of the home (fdatasync after all of them). Eviction
+// clears bits on the home; a page is punched only after a grace period in
+// which every hit that may have tested its bit before the clear has ended
+// (CachingMesh.swift proves it). Queue threads block only in io_uring_enter.
 // It talks to an `IOQueue`, so the whole state machine runs on the host with
 // a fake queue and fault-injecting files (Tests/UblkTargetTests/PageStateModelTests).
 // Requests live here; persistence cycles in CachingPersistence.swift, eviction
@@ -113,6 +145,9 @@ final class CacheContext {
     var maxCacheBytes: UInt64 = 0
     /// Publish statistics to /run/ublk-http/ublkN.stats.json (off in host tests).
     var publishStats = true
+    /// Eviction: when each 1 MiB chunk was last used, shared by the device's queues
+    /// (made by the first handler when `maxCacheBytes` > 0 and none was given).
+    var chunks: ChunkUse?
     /// The fd data pages are read and written through: the cache file opened
     /// with O_DIRECT (DirectIO), or -1: `cache.fd`. The buffered `cache.fd`
     /// then touches only the trailer past the image and fdatasyncs the file.
@@ -252,16 +287,43 @@ final class CachingHandler: QueueHandler {
     var settled: PageBits?
     static let writebackRunPages: UInt64 = 256
 
-    /// Eviction: the last use of each 1 MiB chunk (a request counter), and the
-    /// ranges whose bits were cleared and go out (punched) once that is durable.
-    var chunkUse: [UInt32] = []
-    var useClock: UInt32 = 0
+    /// Eviction: the ranges whose bits were cleared and go out (punched) once
+    /// that is durable (the last use of each chunk is in `context.chunks`).
     var evicting: [Range<UInt64>] = []
     /// Punches in flight; requests arriving meanwhile wait in `deferred`.
     var punchesInFlight = 0
     var deferred: [Request] = []
     static let chunkShift: UInt64 = 20
-    static let sourceEvent: UInt32 = 1, timerEvent: UInt32 = 2
+    static let sourceEvent: UInt32 = 1, timerEvent: UInt32 = 2, meshEvent: UInt32 = 3
+
+    // MARK: Queues (-q N; CachingMesh.swift)
+
+    /// The device's queues when there are several (nil: one queue, the home alone).
+    let mesh: CachingMesh?
+    /// This handler's queue; queue 0 is the home.
+    let queueID: UInt16
+    /// Tags per queue. The home's per-request arrays have a slot per tag of
+    /// every queue: slot = queue × depth + tag (its own tags: slot = tag), and
+    /// a request handed over by another queue carries its slot as its tag here.
+    let depth: Int
+    @inline(__always) var isHome: Bool { queueID == 0 }
+    /// Messages for each queue, posted in `idle`.
+    var outbox: [[MeshMessage]] = []
+    var outboxPending = false
+    /// Another queue's: the grace parity each hit's read registered with, and hits served.
+    var hitParity: [UInt64] = []
+    /// Another queue's: the tag's request went to the home (which then awaits `readDone` of a read it handed back).
+    var viaHome: [Bool] = []
+    var peerHits: UInt64 = 0
+    var publishedHits: UInt64 = 0
+    /// Another queue's last read (hit or not), to tell the home of sequential hits (readahead).
+    var lastReadStart: UInt64 = .max
+    var lastReadEnd: UInt64 = .max
+    let presentWords: UnsafePointer<UInt64>
+    /// The home's: evicted ranges whose punch waits for the running grace
+    /// period (cleared before its flip), and for the next one (cleared after).
+    var graceRanges: [Range<UInt64>] = []
+    var graceNext: [Range<UInt64>] = []
 
     /// Statistics published through the ring (a fixed 4 KiB record, rewritten in place).
     var statsFD: Int32 = -1
@@ -290,8 +352,10 @@ final class CachingHandler: QueueHandler {
 
     /// A handler for `queue`; maps the cache file when the queue copies data itself.
     static func make(context: CacheContext, fetcher: RunFetcher, planner: FetchPlanner, queue: IOQueue,
-                     deviceSize: UInt64) throws(UblkError) -> CachingHandler {
-        let h = CachingHandler(context: context, fetcher: fetcher, planner: planner, depth: queue.depth)
+                     deviceSize: UInt64, mesh: CachingMesh? = nil) throws(UblkError) -> CachingHandler {
+        if let m = mesh { try m.check(depth: queue.depth) }
+        let h = CachingHandler(context: context, fetcher: fetcher, planner: planner, depth: queue.depth,
+                               mesh: mesh, queueID: queue.id)
         if queue.dataPath == .inlineUserCopy {
             // The mapping covers the device (the image rounded up to 512 bytes,
             // so never past the cache file's last page): bytes past the end read as zeros.
@@ -303,13 +367,19 @@ final class CachingHandler: QueueHandler {
             h.mappingSize = Int(deviceSize)
             h.charFD = queue.charFD
         }
-        if context.publishStats {
+        if let m = mesh { queue.poll(fd: m.inboxes[Int(queue.id)].fd, data: CachingHandler.meshEvent) }
+        if context.publishStats && h.isHome {
             h.statsFD = open(HTTPStats.path(queue.deviceID), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         }
         return h
     }
 
-    init(context: CacheContext, fetcher: RunFetcher, planner: FetchPlanner, depth: Int) {
+    init(context: CacheContext, fetcher: RunFetcher, planner: FetchPlanner, depth: Int,
+         mesh: CachingMesh? = nil, queueID: UInt16 = 0) {
+        self.mesh = mesh
+        self.queueID = queueID
+        self.depth = depth
+        self.presentWords = context.bitmap.bits.sharedWords
         self.context = context
         self.fetcher = fetcher
         self.planner = planner
@@ -322,25 +392,35 @@ final class CachingHandler: QueueHandler {
         // bitmap is opened so that a crash of an earlier write-through run is settled.
         intentBitmaps = [context.local, context.dirty, context.writeback,
                          context.writeThrough && context.backingFD >= 0 ? context.unsettled : nil].compactMap { $0 }
-        if context.writeThrough && context.backingFD >= 0 && context.unsettled != nil {
+        if context.writeThrough && context.backingFD >= 0 && context.unsettled != nil && queueID == 0 {
             settled = PageBits(pageCount: context.bitmap.pageCount)
         }
         self.cacheFD = context.dataFD >= 0 ? context.dataFD : context.cache.fd
         self.imageSize = context.imageSize
         self.pageSize = UInt64(context.pageSize)
-        requests = Array(repeating: nil, count: depth)
-        stage = Array(repeating: .idle, count: depth)
-        parts = Array(repeating: 0, count: depth)
-        if context.maxCacheBytes > 0 {
-            chunkUse = Array(repeating: 0, count: Int((context.imageSize >> CachingHandler.chunkShift) + 1))
+        let slots = queueID == 0 ? depth * (mesh?.queueCount ?? 1) : depth
+        requests = Array(repeating: nil, count: slots)
+        stage = Array(repeating: .idle, count: slots)
+        parts = Array(repeating: 0, count: slots)
+        if context.maxCacheBytes > 0 && context.chunks == nil {
+            context.chunks = ChunkUse(chunks: Int((context.imageSize >> CachingHandler.chunkShift) + 1))
         }
-        backingDone = Array(repeating: 0, count: depth)
-        partFailed = Array(repeating: 0, count: depth)
-        claimed = Array(repeating: [], count: depth)
-        missStart = Array(repeating: 0, count: depth)
-        done = Array(repeating: 0, count: depth)
-        timerFD = cu_timerfd()
+        backingDone = Array(repeating: 0, count: slots)
+        partFailed = Array(repeating: 0, count: slots)
+        claimed = Array(repeating: [], count: slots)
+        missStart = Array(repeating: 0, count: slots)
+        done = Array(repeating: 0, count: slots)
+        if let m = mesh {
+            outbox = Array(repeating: [], count: m.queueCount)
+            if queueID != 0 {
+                hitParity = Array(repeating: 0, count: depth)
+                viaHome = Array(repeating: false, count: depth)
+            }
+        }
+        // The other queues only serve hits and move data: what follows is the home's.
+        timerFD = queueID == 0 ? cu_timerfd() : -1
         lastPersist = monotonicNanos()
+        if queueID != 0 { return }
         settleAfterCrash()
         // A local or write-back bit without a present one is a write whose data
         // never became durable (its present bit comes after the data): the page
@@ -378,7 +458,7 @@ final class CachingHandler: QueueHandler {
     }
 
     deinit {
-        close(timerFD)
+        if timerFD >= 0 { close(timerFD) }
         if statsFD >= 0 { close(statsFD) }
         statsBuffer?.deallocate()
         if let m = mapping { munmap(m, mappingSize) }
@@ -421,13 +501,14 @@ final class CachingHandler: QueueHandler {
     // MARK: Requests
 
     func handle(_ r: Request, queue: IOQueue) {
+        if !isHome { return handleOnOtherQueue(r, queue: queue) }
         switch r.op {
         case Op.read, Op.write, Op.discard, Op.writeZeroes:
-            if r.op != Op.read && !context.writable { return queue.complete(tag: r.tag, result: -EROFS) }
-            if draining { return queue.complete(tag: r.tag, result: -EIO) }
+            if r.op != Op.read && !context.writable { return completeSlot(r.tag, -EROFS, queue) }
+            if draining { return completeSlot(r.tag, -EIO, queue) }
             // Evicted pages are being punched: nothing may touch the cache file's holes meanwhile.
             if punchesInFlight > 0 { return deferred.append(r) }
-            if !chunkUse.isEmpty { touch(r) }
+            if let c = context.chunks { c.touch(offset: r.offset, length: r.length) }
             // A write needs every page it touches present first (see the header),
             // except pages it covers whole: those it claims (reads of them wait).
             if r.op != Op.read,
@@ -435,7 +516,9 @@ final class CachingHandler: QueueHandler {
                 claimed[Int(r.tag)] = claims
                 return startWrite(r, queue: queue)
             }
-            let plan = planner.plan(offset: r.offset, length: Int(r.length), context: UInt64(r.tag), present: bitmap.bits)
+            // Sequential reads are told apart per queue (each CPU's arrive on one).
+            let plan = planner.plan(offset: r.offset, length: Int(r.length), context: UInt64(r.tag), present: bitmap.bits,
+                                    stream: mesh == nil ? 0 : Int(r.tag) / depth)
             if plan.isHit {
                 if r.op == Op.read { context.stats.hits += 1 }
                 proceed(r, queue: queue)
@@ -447,11 +530,11 @@ final class CachingHandler: QueueHandler {
             }
             if planner.plannedRunCount > 0 { startRuns(queue) }
         case Op.flush:
-            if !context.writable { return queue.complete(tag: r.tag, result: 0) }
+            if !context.writable { return completeSlot(r.tag, 0, queue) }
             flushWaiters.append(r.tag)
             startCycle(queue, full: true)
         default:
-            queue.complete(tag: r.tag, result: -EOPNOTSUPP)
+            completeSlot(r.tag, -EOPNOTSUPP, queue)
         }
     }
 
@@ -478,7 +561,9 @@ final class CachingHandler: QueueHandler {
     func startWrite(_ r: Request, queue: IOQueue) {
         let t = Int(r.tag)
         requests[t] = r
+        context.stats.writes += 1
         if setIntent(planner.pages(offset: r.offset, length: Int(r.length))) {
+            context.stats.writesHeldForIntent += 1
             stage[t] = .waitingIntent
             heldWrites.append(r.tag)
             return startCycle(queue, full: false)
@@ -495,6 +580,12 @@ final class CachingHandler: QueueHandler {
         partFailed[t] = 0
         switch r.op {
         case Op.write:
+            if mesh != nil && isHome && t >= depth {
+                // Another queue's request: its data moves there (the request's
+                // buffer is that queue's), which answers `written` when done.
+                parts[t] = 1
+                return send(.write(tag: r.tag % UInt16(depth)), to: r.tag / UInt16(depth))
+            }
             done[t] = 0
             backingDone[t] = 0
             parts[t] = through ? 2 : 1
@@ -531,6 +622,11 @@ final class CachingHandler: QueueHandler {
         if result < 0 && partFailed[t] == 0 { partFailed[t] = result }
         parts[t] -= 1
         guard parts[t] == 0 else { return }
+        if !isHome {
+            // The data moved for the home's state machine, which completes the request.
+            stage[t] = .waitingFetch
+            return send(.written(slot: UInt16(Int(queueID) * depth + t), result: partFailed[t]), to: 0)
+        }
         let failed = partFailed[t] < 0
         let pages = planner.pages(offset: r.offset, length: Int(r.length))
         if !claimed[t].isEmpty {
@@ -589,6 +685,13 @@ final class CachingHandler: QueueHandler {
     }
 
     func readFromCache(_ r: Request, queue: IOQueue) {
+        if mesh != nil && isHome && Int(r.tag) >= depth {
+            // Another queue's read: its pages are present, that queue reads them;
+            // they stay pinned here (`requests`: not evicted) until it says `readDone`.
+            requests[Int(r.tag)] = r
+            stage[Int(r.tag)] = .reading
+            return send(.read(tag: r.tag % UInt16(depth)), to: r.tag / UInt16(depth))
+        }
         requests[Int(r.tag)] = r
         stage[Int(r.tag)] = .reading
         done[Int(r.tag)] = 0
@@ -615,9 +718,26 @@ final class CachingHandler: QueueHandler {
 
     @inline(__always)
     func finish(_ tag: UInt16, _ result: Int32, _ queue: IOQueue) {
+        if let m = mesh, !isHome {
+            if stage[Int(tag)] == .reading {
+                if m.exit(queueID, hitParity[Int(tag)]) { send(.graceDrained, to: 0) }
+                if viaHome[Int(tag)] { send(.readDone(slot: UInt16(Int(queueID) * depth + Int(tag))), to: 0) }
+            }
+            viaHome[Int(tag)] = false
+        }
         requests[Int(tag)] = nil
         stage[Int(tag)] = .idle
-        queue.complete(tag: tag, result: result)
+        completeSlot(tag, result, queue)
+    }
+
+    /// Completes the request in `slot`: on this queue, or (the home, for
+    /// another queue's request) by that queue, from its own thread.
+    @inline(__always)
+    func completeSlot(_ slot: UInt16, _ result: Int32, _ queue: IOQueue) {
+        if mesh != nil && isHome && Int(slot) >= depth {
+            return send(.complete(tag: slot % UInt16(depth), result: result), to: slot / UInt16(depth))
+        }
+        queue.complete(tag: slot, result: result)
     }
 
     func ioCompleted(tag: UInt16, sub: UInt8, data: UInt32, result: Int32, queue: IOQueue) {
@@ -809,12 +929,18 @@ final class CachingHandler: QueueHandler {
             timerArmed = false
             var v: UInt64 = 0
             _ = read(timerFD, &v, 8)
+        case CachingHandler.meshEvent:
+            received(mesh!.inboxes[Int(queueID)].take(), queue: queue)
+            queue.poll(fd: mesh!.inboxes[Int(queueID)].fd, data: CachingHandler.meshEvent)
         default:
             break
         }
     }
 
     func idle(queue: IOQueue) {
+        if mesh != nil && !isHome { return otherQueueIdle() }
+        defer { if mesh != nil { flushOutbox() } }
+        if let m = mesh, !graceNext.isEmpty || m.gracePending { advanceGrace(queue) }
         if !fetcher.isIdle { armPoll(queue) }
         let statsDirty = context.publishStats && statsSignature != writtenStatsSignature
         if writeback != nil && !draining { startWriteback(queue) }
@@ -852,6 +978,8 @@ final class CachingHandler: QueueHandler {
     }
 
     func drain(queue: IOQueue) {
+        // Another queue's requests are the home's to end (it answers each).
+        guard isHome else { return }
         if !flushWaiters.isEmpty { startCycle(queue, full: true) }
         draining = true
         fetcher.cancelAll(handler: self, queue: queue)
@@ -861,11 +989,12 @@ final class CachingHandler: QueueHandler {
         if punchesInFlight == 0 {
             let waiting = deferred
             deferred = []
-            for r in waiting { queue.complete(tag: r.tag, result: -EIO) }
+            for r in waiting { completeSlot(r.tag, -EIO, queue) }
         }
     }
 
     func shutdown(queue: IOQueue) {
+        guard isHome else { return }
         if context.publishStats { context.snapshot().saveAtomically(device: queue.deviceID) }
         // The loop ended with no target I/O outstanding: no cycle is in flight. Blocking is allowed here.
         do {

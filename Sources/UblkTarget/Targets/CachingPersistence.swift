@@ -25,6 +25,7 @@ extension CachingHandler {
             lastPersist = now
         }
         var c = Cycle(full: full)
+        if full { context.stats.fullCycles += 1 } else { context.stats.intentCycles += 1 }
         if full {
             // Copied pages: the backing's fdatasync below covers them, so their bits may go.
             if let wb = writeback {
@@ -166,10 +167,10 @@ extension CachingHandler {
         } else {
             // Written again and synced: no longer lost.
             if !lostPages.isEmpty { for r in c.writtenPages { lostPages = lostPages.flatMap { $0.subtracting(r) } } }
-            if !c.punch.isEmpty { punchEvicted(c.punch, queue: queue) }
+            if !c.punch.isEmpty { punchAfterGrace(c.punch, queue: queue) }
         }
         let flushStatus: Int32 = (c.dataFailure < 0 || metaFailed || durabilityLost) ? -EIO : 0
-        for tag in c.flushes { queue.complete(tag: tag, result: flushStatus) }
+        for tag in c.flushes { completeSlot(tag, flushStatus, queue) }
         if c.dataFailure < 0 {
             // Their intent bits did not go out: they wait for the next cycle.
             heldWrites = c.held + heldWrites
@@ -228,7 +229,7 @@ extension CachingHandler {
 
     var statsSignature: UInt64 {
         let s = context.stats
-        return s.hits &+ s.misses &* 3 &+ s.requests &* 7 &+ s.errors &* 11 &+ bitmap.count &* 13
+        return s.hits &+ (mesh?.peerHits ?? 0) &+ s.misses &* 3 &+ s.requests &* 7 &+ s.errors &* 11 &+ bitmap.count &* 13 &+ s.writes &* 17
     }
 
     /// Rewrites the statistics file in place through the ring: one 4 KiB

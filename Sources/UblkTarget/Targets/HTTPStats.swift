@@ -16,11 +16,17 @@ public struct HTTPStats: Codable, Sendable {
     public var pagesPresent: UInt64
     public var pagesTotal: UInt64
     public var pageSize: Int
+    /// Writes and what they cost in persistence (caching targets; nil from older servers).
+    public var writes: UInt64?
+    public var writesHeldForIntent: UInt64?
+    public var intentCycles: UInt64?
+    public var fullCycles: UInt64?
 
     enum CodingKeys: String, CodingKey {
         case hits, misses, bytesFetched = "bytes_fetched", requests, retries, errors
         case missLatencyP50Ms = "miss_latency_p50_ms", missLatencyP99Ms = "miss_latency_p99_ms"
         case pagesPresent = "pages_present", pagesTotal = "pages_total", pageSize = "page_size"
+        case writes, writesHeldForIntent = "writes_held_for_intent", intentCycles = "intent_cycles", fullCycles = "full_cycles"
     }
 
     public static func path(_ id: UInt32) -> String { "\(DeviceState.directory)/ublk\(id).stats.json" }
@@ -63,6 +69,12 @@ public struct HTTPStats: Codable, Sendable {
         metric("errors_total", "counter", "Fetches that finally failed.", "\(errors)")
         metric("cache_pages_present", "gauge", "Pages held by the cache file.", "\(pagesPresent)")
         metric("cache_pages_total", "gauge", "Pages in the image.", "\(pagesTotal)")
+        if let w = writes { metric("writes_total", "counter", "Writes, discards and write-zeroes.", "\(w)") }
+        if let w = writesHeldForIntent {
+            metric("writes_held_for_intent_total", "counter", "Writes whose data waited for their pages' bits to be persisted first.", "\(w)")
+        }
+        if let c = intentCycles { metric("intent_cycles_total", "counter", "Persistence cycles for write intent bits (bitmap words, fdatasync).", "\(c)") }
+        if let c = fullCycles { metric("full_cycles_total", "counter", "Full persistence cycles (cache file fdatasync, then the bitmaps).", "\(c)") }
         if let p = missLatencyP50Ms { metric("miss_latency_p50_seconds", "gauge", "Median miss latency.", "\(p / 1000)") }
         if let p = missLatencyP99Ms { metric("miss_latency_p99_seconds", "gauge", "99th percentile miss latency.", "\(p / 1000)") }
         return out

@@ -26,9 +26,10 @@
 // cycle: stage both bitmaps, fdatasync the cache file, persist them. So a
 // dirty bit is on disk before the write that set it is acknowledged by a FLUSH.
 //
-// Contract: one queue (the page bitmap and planner are single-threaded); every
-// request completes: with data, -EIO when its fetch finally failed, or -EIO
-// at drain (device stopping).
+// Queues (-q N): queue 0 is the home (planner, fetches, bitmaps, persistence);
+// the others serve hits themselves and hand the rest to it (CachingHandler.swift).
+// Every request completes: with data, -EIO when its fetch finally failed, or
+// -EIO at drain (device stopping).
 import CUring
 import Glibc
 import PageCache
@@ -48,6 +49,8 @@ public struct HTTPTargetOptions {
     public var localPath: String { bitmapPath + ".local" }
     /// Where the bitmaps' words live so that they survive the server (nil: private memory).
     public var liveState: LiveConfig? = LiveConfig.system(required: true)
+    /// The device's queues (-q): one thread and ring each.
+    public var queues = 1
 
     public init(http: HTTPConfig, cachePath: String, bitmapPath: String) {
         self.http = http
@@ -73,6 +76,10 @@ public final class HTTPTarget: Target {
     /// The cache's files, opened and bound (CacheStore).
     let store: CacheStore
     public let stats = CacheStats()
+    /// -q N > 1: what the queues share.
+    let mesh: CachingMesh?
+    /// Eviction's chunk clock, shared by the queues.
+    let chunks: ChunkUse?
 
     public var options: [String: String] {
         [
@@ -138,6 +145,8 @@ public final class HTTPTarget: Target {
         p.discard = o.writable
         p.dataPaths = CachingHandler.dataPaths(cacheFD: cache.fd)
         params = p
+        mesh = o.queues > 1 ? CachingMesh(queues: o.queues) : nil
+        chunks = o.maxCacheBytes > 0 ? ChunkUse(chunks: Int((remote.size >> CachingHandler.chunkShift) + 1)) : nil
     }
 
     deinit { if cacheDataFD >= 0 { close(cacheDataFD) } }
@@ -158,11 +167,13 @@ public final class HTTPTarget: Target {
 
     /// Counters for `list` and `stats`.
     public func snapshot() -> HTTPStats {
-        HTTPStats(hits: stats.hits, misses: stats.misses, bytesFetched: stats.bytesFetched, requests: stats.requests,
+        HTTPStats(hits: stats.hits &+ (mesh?.peerHits ?? 0), misses: stats.misses, bytesFetched: stats.bytesFetched, requests: stats.requests,
                   retries: stats.retries, errors: stats.errors,
                   missLatencyP50Ms: stats.missLatency.percentile(50).map { Double($0) / 1e6 },
                   missLatencyP99Ms: stats.missLatency.percentile(99).map { Double($0) / 1e6 },
-                  pagesPresent: bitmap.count, pagesTotal: bitmap.pageCount, pageSize: settings.pageSize)
+                  pagesPresent: bitmap.count, pagesTotal: bitmap.pageCount, pageSize: settings.pageSize,
+                  writes: stats.writes, writesHeldForIntent: stats.writesHeldForIntent,
+                  intentCycles: stats.intentCycles, fullCycles: stats.fullCycles)
     }
 
     /// Readahead starts at 1 MiB on the second sequential read and doubles up to
@@ -174,22 +185,29 @@ public final class HTTPTarget: Target {
     }
 
     public func makeHandler(for queue: Queue) throws(UblkError) -> QueueHandler {
-        guard queue.id == 0 else { throw UblkError("the http target serves one queue (-q 1)") }
-        var config = settings.http
-        config.maxAttempts = max(1, config.maxAttempts)
-        let source: HTTPSource
-        do { source = try HTTPSource(config: config, stats: stats) } catch { throw UblkError(error.description) }
-        source.expected = remote
+        guard Int(queue.id) < settings.queues else { throw UblkError("queue \(queue.id) of \(settings.queues)?") }
+        let fetcher: RunFetcher
+        if queue.id == 0 {
+            var config = settings.http
+            config.maxAttempts = max(1, config.maxAttempts)
+            let source: HTTPSource
+            do { source = try HTTPSource(config: config, stats: stats) } catch { throw UblkError(error.description) }
+            source.expected = remote
+            fetcher = HTTPFetcher(source)
+        } else {
+            fetcher = NoFetcher()  // misses go to queue 0
+        }
         let context = CacheContext(cache: cache, bitmap: bitmap, dirty: dirty, imageSize: remote.size,
                                    pageSize: settings.pageSize, stats: stats) { [unowned self] in self.snapshot() }
         context.maxCacheBytes = settings.maxCacheBytes
         context.writable = settings.writable
         // What a page is: local data (never evicted, never replaced by remote bytes).
         context.local = store.local
+        context.chunks = chunks
         context.dataFD = cacheDataFD
         context.directAlignment = cacheIO.isDirect ? cacheIO.offsetAlignment : 0
-        return try CachingHandler.make(context: context, fetcher: HTTPFetcher(source),
+        return try CachingHandler.make(context: context, fetcher: fetcher,
                                        planner: HTTPTarget.makePlanner(settings, imageSize: remote.size),
-                                       queue: queue, deviceSize: params.size)
+                                       queue: queue, deviceSize: params.size, mesh: mesh)
     }
 }
