@@ -68,7 +68,7 @@ final class CLITests: XCTestCase {
             (["del", "-n", "1", "-a"], "give either -n ID or -a"),
             (["add", "-t", "http"], "needs --url URL"),
             (["add", "-t", "http", "--url", "ftp://h/x"], "bad --url 'ftp://h/x'"),
-            (["add", "-t", "http", "--url", "http://h/x", "-q", "2"], "serves one queue for now"),
+            (["add", "-t", "http", "--url", "http://h/x", "-q", "64", "-d", "4096"], "at most 65534 requests in flight"),
             (["add", "-t", "http", "--url", "http://h/x", "--insecure", "--cacert", "/etc/hosts"], "contradict"),
             (["add", "-t", "http", "--url", "http://h/x", "--user", "u"], "--user and --password-file go together"),
             (["add", "-t", "http", "--url", "http://h/x", "--header", "nocolon"], "bad --header"),
