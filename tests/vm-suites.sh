@@ -35,8 +35,16 @@ for s in "$@"; do
     first=0
     echo "@@SUITE-START $s@@"
     t0=$(uptime_s)
-    (cd /tmp && exec bash "/tests/$s.sh") </dev/null
+    # Its own process group (setsid): what it left running in the background
+    # (a fio on a deleted device, a polling loop) is killed with it, not left
+    # to slow the suites after it.
+    (cd /tmp && exec setsid bash "/tests/$s.sh") </dev/null &
+    pid=$!
+    wait $pid
     r=$?
+    left=$(pgrep -g "$pid" | wc -l)
+    [ "$left" -gt 0 ] && echo "# $s left $left processes running: $(pgrep -g "$pid" -l | awk '{ print $2 }' | sort | uniq -c | tr -s ' \n' ' ')(killed)"
+    kill -9 -- "-$pid" 2>/dev/null
     echo "@@SUITE $s $r $(awk -v a="$t0" -v b="$(uptime_s)" 'BEGIN { printf "%.0f", b - a }')@@"
     [ $r -eq 0 ] || rc=1
 done
