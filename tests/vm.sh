@@ -5,7 +5,7 @@
 #   kernel first. KERNEL is 7 (the newest trixie-backports 7.x, the default, or
 #   $UBLK_VM_KERNEL) or 6.12. With no SUITE: every suite on 7.x, then the
 #   suites listed in tests/vm/on-6.12 on 6.12 (the engine and the copy data
-#   path, which 7.x's zero copy replaces). Up to 4 suites share a boot
+#   path, which 7.x's zero copy replaces). Up to 7 suites share a boot
 #   (UBLK_VM_GROUP; tests/vm-suites.sh resets the guest between them). A
 #   suite boots with 2 vCPUs unless a line "# vm-smp: N" in it asks for N
 #   (UBLK_VM_SMP overrides both). Exits non-zero if any suite fails or
@@ -52,9 +52,9 @@ initrd_for() { # KERNEL -> sets INITRD
     INITRD="${INITRDS[$k]}"
 }
 # Boots: consecutive suites with the same kernel and vCPU count share one,
-# at most UBLK_VM_GROUP (4) of them (tests/vm-suites.sh runs them in turn and
+# at most UBLK_VM_GROUP (7) of them (tests/vm-suites.sh runs them in turn and
 # puts the guest back between them); UBLK_VM_GROUP=1 boots once per suite.
-GROUP="${UBLK_VM_GROUP:-4}"
+GROUP="${UBLK_VM_GROUP:-7}"
 smp_of() { # SUITE -> its vCPUs
     local n; n=$(sed -n 's/^# vm-smp: *\([0-9]*\)$/\1/p' "tests/vm/$1.sh" | head -n 1)
     echo "${UBLK_VM_SMP:-${n:-2}}"

@@ -5,15 +5,15 @@ set -o pipefail
 C=/var/tmp/cache; mkdir -p $C
 FIO="fio --ioengine=io_uring --direct=1 --bs=4k --iodepth=16 --randrepeat=1 --randseed=42"
 
-section "write-through: fio --verify=crc32c over 256 MiB; backing equals the device after a FLUSH"
+section "write-through: fio --verify=crc32c over 64 MiB of 256; backing equals the device after a FLUSH"
 truncate -s 256M /tmp/back1.img
 if add -t cache --backing /tmp/back1.img --cache $C/t.cache --bitmap $C/t.bitmap --write-mode through; then
     eq "target cache, through" through "$(echo "$DEV_JSON" | jq -r .target_options.write_mode)"
-    check "fio randwrite verify 256M" $FIO --name=t --filename=$DEV_B --rw=randwrite --size=256M \
+    check "fio randwrite verify 64M" $FIO --name=t --filename=$DEV_B --rw=randwrite --size=64M \
         --verify=crc32c --do_verify=1 --verify_fatal=1 --output=/tmp/fio-t.txt
     sleep 1.2
     F=$("$UBLK" stats -n $DEV_ID --json | jq -r .bytes_fetched)
-    echo "# read from the backing store while writing 256 MiB of whole pages: $F bytes"
+    echo "# read from the backing store while writing 64 MiB of whole pages: $F bytes"
     check "whole-page writes read (almost) nothing from the backing store" test "$F" -lt $((1 << 20))
     check "a FLUSH" dd if=/dev/urandom of=$DEV_B bs=4k count=1 seek=7 oflag=direct conv=fsync
     check "backing equals the device" cmp $DEV_B /tmp/back1.img
@@ -38,7 +38,7 @@ fi
 section "write-back: kill -9 under writes, add again, flush, the backing alone verifies"
 truncate -s 256M /tmp/back2.img
 if add -t cache --backing /tmp/back2.img --cache $C/b.cache --bitmap $C/b.bitmap --write-mode back; then
-    check "fio randwrite 128M, verified, fsync at the end" $FIO --name=b --filename=$DEV_B --rw=randwrite --size=128M \
+    check "fio randwrite 64M, verified, fsync at the end" $FIO --name=b --filename=$DEV_B --rw=randwrite --size=64M \
         --verify=crc32c --do_verify=1 --verify_fatal=1 --end_fsync=1 --output=/tmp/fio-b.txt
     $FIO --name=more --filename=$DEV_B --rw=randwrite --offset=128M --size=128M --time_based --runtime=60 \
         --output=/tmp/fio-more.txt >/dev/null 2>&1 &
@@ -53,7 +53,7 @@ if add -t cache --backing /tmp/back2.img --cache $C/b.cache --bitmap $C/b.bitmap
         F=$(timeout 300 "$UBLK" flush -n $DEV_ID)
         eq "flush returns when nothing is left" 0 "$(echo "$F" | jq -r .writeback_pages)"
         check "del" del $DEV_ID
-        check "the backing store alone verifies" $FIO --name=b --filename=/tmp/back2.img --rw=randwrite --size=128M \
+        check "the backing store alone verifies" $FIO --name=b --filename=/tmp/back2.img --rw=randwrite --size=64M \
             --verify=crc32c --verify_only=1 --verify_fatal=1 --direct=0 --output=/tmp/fio-verify.txt
     else
         fail "add back again" "$DEV_JSON"

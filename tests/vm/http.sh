@@ -125,13 +125,14 @@ fi
 section "eviction: --cache-max-size keeps the cache under the bound, data stays correct"
 rm -f $CACHE/ev.*
 if add -t http --url $URL --cache $CACHE/ev.cache --bitmap $CACHE/ev.bitmap --cache-max-size 8M; then
-    check "cmp of the whole 96 MiB device against the object" cmp $DEV_B $WWW/disk.img
+    # 32 MiB, 4 times the bound (the whole 96 MiB took a minute under TCG).
+    check "cmp of the first 32 MiB against the object" cmp -n $((32 << 20)) $DEV_B $WWW/disk.img
     sleep 2.5  # eviction runs when idle, behind a sync cycle
     KB=$(du -k $CACHE/ev.cache | cut -f1)
     echo "# cache file allocated: $KB KiB"
     # (plus the 4 KiB trailer that binds the cache file to its bitmap)
     check "allocated size under 8 MiB" test "$KB" -le $((8192 + 4))
-    check "cmp again after eviction" cmp $DEV_B $WWW/disk.img
+    check "cmp again after eviction" cmp -n $((32 << 20)) $DEV_B $WWW/disk.img
     sleep 2.5
     check "still under 8 MiB" test "$(du -k $CACHE/ev.cache | cut -f1)" -le $((8192 + 4))
     del $DEV_ID >/dev/null

@@ -76,7 +76,7 @@ for p in auto-zero-copy zero-copy user-copy kernel-copy; do
     if add -t loop -f $E/loop.img --data-path $p; then
         eq "forced $p: list says so" "$p" "$(path_of "$DEV_ID")"
         check "forced $p: write 3 MiB at an odd sector" dd if=/tmp/pat of="$DEV_B" bs=512 seek=4097 oflag=direct conv=fsync
-        check "forced $p: fio 512B-1M verify, 32M" $VERIFY --name=f --filename="$DEV_B" --rw=randwrite --size=32M --offset=32M --output=/tmp/fio-$p.txt
+        check "forced $p: fio 512B-1M verify, 16M" $VERIFY --name=f --filename="$DEV_B" --rw=randwrite --size=16M --offset=32M --output=/tmp/fio-$p.txt
         check "forced $p: read the 3 MiB back" bash -c "dd if=$DEV_B bs=512 skip=4097 count=6144 iflag=direct 2>/dev/null | cmp - /tmp/pat"
         del "$DEV_ID" >/dev/null
     else
