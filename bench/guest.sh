@@ -262,7 +262,7 @@ cache_setup() {
     fi
     taskset -c "$FIO_CPU" dd if="$DEV_PATH" of=/dev/null bs=1M iflag=direct status=none || die "cannot read $DEV_PATH"
     # The -q N devices of the two-job case: every thread may run on every vCPU.
-    [[ -n $queues ]] && taskset -a -cp "0-$(($(nproc) - 1))" "$DEV_PID" >/dev/null
+    [[ -n $queues ]] && taskset -a -cp "0-$(($(nproc --all) - 1))" "$DEV_PID" >/dev/null
     DEV_NOTE="ublk-http cache${queues:+ -q $queues (not pinned)}, write-$mode, dirty tracking $([[ $track == 1 ]] && echo on || echo off), cache on $FLASH, filled ($((SECONDS - t0)) s)"
     DEV_EXTRA=$(list_extra)
     local dp; dp=$(jq -r '.data_path // empty' <<<"$DEV_EXTRA"); [[ -n $dp ]] && DEV_NOTE+=", data path $dp"
@@ -397,7 +397,7 @@ run_one() {
     local out=/tmp/fio-$cname-$dname-$rep.json size
     # One fio job per vCPU (CASE_SPREAD), else every job on the fio vCPU.
     local cpus=$FIO_CPU spread=()
-    [[ $CASE_SPREAD == 1 ]] && cpus="0-$(($(nproc) - 1))" spread=(--cpus_allowed="$cpus" --cpus_allowed_policy=split)
+    [[ $CASE_SPREAD == 1 ]] && cpus="0-$(($(nproc --all) - 1))" spread=(--cpus_allowed="$cpus" --cpus_allowed_policy=split)
     size=$(blockdev --getsize64 "$path")
     echo "@@START {\"case\":\"$cname\",\"device\":\"$dname\",\"rep\":$rep,\"attempt\":$attempt}@@"
     # ublk-http's caching devices count writes and persistence cycles: the run's share of them.
@@ -548,7 +548,9 @@ for d in "${DEVICES[@]}"; do
     aff=""
     if [[ -n "$DEV_PID" ]]; then
         aff=$(affinity "$DEV_PID")
-        [[ "$aff" == "$SERVER_CPU" ]] || log "WARNING: server of $d (pid $DEV_PID) has affinity '$aff', not $SERVER_CPU"
+        # The two-job case's servers run unpinned (every vCPU), the others on the server vCPU.
+        want=$SERVER_CPU; [[ $DEV_NOTE == *"(not pinned)"* ]] && want=$(taskset -cp 1 | sed 's/.*: //')  # init's: every vCPU
+        [[ "$aff" == "$want" ]] || log "WARNING: server of $d (pid $DEV_PID) has affinity '$aff', not $want"
         log "$d: server pid $DEV_PID, $(taskset -p "$DEV_PID"), threads on CPUs: $aff"
     fi
     jq -cn --arg name "$d" --arg path "$DEV_PATH" --arg pid "$DEV_PID" --arg aff "$aff" --arg note "$DEV_NOTE" \
