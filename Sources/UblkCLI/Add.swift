@@ -21,6 +21,11 @@ struct Add: ParsableCommand {
                      [--cacert FILE | --insecure] [--timeout S]
                      [--connections N] [--readahead SIZE] [--page-size 4096]
                      [--s3-endpoint URL --region R]
+                     [--overlay NAME]: a writable device over the image's
+                     shared base (below)
+              overlay  a writable device over a read-only lower device,
+                     keeping only the pages written here.  --lower DEV
+                     --overlay NAME [--overlay-dir DIR]
 
             http: the cache and bitmap default to
             /var/cache/ublk-http/NAME-HASH.{cache,bitmap}, keyed by the URL;
@@ -30,6 +35,17 @@ struct Add: ParsableCommand {
             AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN, else from the
             shared credentials file ($AWS_SHARED_CREDENTIALS_FILE, default
             ~/.aws/credentials), profile $AWS_PROFILE (default "default").
+
+            Many devices from one image: `add -t http --url URL --overlay NAME`
+            attaches a writable device whose writes go to the overlay NAME
+            (in --overlay-dir, default /var/lib/ublk-http/overlays) and whose
+            other pages come from the image's base: one read-only http device
+            per URL, started by the first such add (with this add's cache
+            options) and shared by every later one. Each page is fetched once
+            and stored once, in the base's cache, under its --cache-max-size.
+            The same NAME later reattaches the overlay; an overlay written over
+            another image is refused. `del` of an overlay device keeps its
+            overlay and leaves the base running (`del` it when none is left).
 
             Secrets: the server is started without them on its command line
             (they travel through a pipe), and --header values, passwords and
@@ -44,7 +60,7 @@ struct Add: ParsableCommand {
             SIGINT.
             """)
 
-    @Option(name: [.short, .customLong("type")], help: "Target type: null, loop, http or cache.")
+    @Option(name: [.short, .customLong("type")], help: "Target type: null, loop, http, cache or overlay.")
     var type: String
 
     @Option(name: [.short, .customLong("number")], parsing: .unconditional, help: "Device id N for /dev/ublkbN (default: the first free one).")
@@ -80,6 +96,9 @@ struct Add: ParsableCommand {
     @OptionGroup(title: "http target (--cache, --bitmap and --page-size also for cache)")
     var http: HTTPOptions
 
+    @OptionGroup(title: "overlays (many devices from one image)")
+    var overlay: OverlayOptions
+
     @Flag(name: .customLong("read-only"), help: "Expose the device read-only.")
     var readOnly = false
 
@@ -104,8 +123,21 @@ struct Add: ParsableCommand {
     var argumentsFD: Int32?
 
     func validate() throws {
-        guard ["null", "loop", "http", "cache"].contains(type) else {
-            throw Failure("unknown target type '\(type)' (known: null, loop, http, cache)")
+        guard ["null", "loop", "http", "cache", "overlay"].contains(type) else {
+            throw Failure("unknown target type '\(type)' (known: null, loop, http, cache, overlay)")
+        }
+        if type == "overlay" {
+            guard overlay.lower != nil else { throw Failure("the overlay target needs --lower DEVICE (a read-only base)") }
+            guard queues == 1 else { throw Failure("an overlay device has one queue (-q 1)") }
+        } else if overlay.lower != nil {
+            throw Failure("--lower applies to the overlay target only")
+        }
+        if type == "overlay" || (type == "http" && overlay.name != nil) {
+            guard let n = overlay.name else { throw Failure("the overlay target needs --overlay NAME") }
+            do { try OverlayStore.validate(name: n) } catch { throw Failure(error.description) }
+            if readOnly { throw Failure("an overlay device is writable: drop --read-only") }
+        } else if overlay.name != nil {
+            throw Failure("--overlay applies to the http and overlay targets only")
         }
         if let n = number { _ = try deviceID(n) }
         if let p = dataPath, DataPath(rawValue: p) == nil {
@@ -163,6 +195,19 @@ struct Add: ParsableCommand {
             o.trackDirty = !noDirtyTracking
             o.queues = queues
             do { return try CacheTarget(o) } catch { throw Failure(error) }
+        case "overlay":
+            let lower = overlay.lower!
+            let id = try OverlayBase.identity(lower: lower)
+            if overlay.directory == OverlayOptions.defaultDirectory {
+                mkdir("/var/lib/ublk-http", 0o755)
+                mkdir(overlay.directory, 0o700)  // overlays hold data: root's only
+            }
+            var st = stat()
+            guard stat(overlay.directory, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR else {
+                throw Failure("--overlay-dir \(overlay.directory) is not a directory")
+            }
+            let o = OverlayTargetOptions(lower: lower, directory: overlay.directory, name: overlay.name!, identity: id)
+            do { return try OverlayTarget(o) } catch { throw Failure(error) }
         default:
             throw Failure("unknown target type '\(type)'")
         }
@@ -229,9 +274,12 @@ struct Add: ParsableCommand {
         } else {
             // Check what can be checked here, so that errors need no round trip
             // (http probes the network and locks its bitmap: the server does that).
-            if type != "http" && type != "cache" { _ = try makeTarget() }
+            if type != "http" && type != "cache" && type != "overlay" { _ = try makeTarget() }
             try requireRoot()
             _ = try openControl()
+            if type == "http" && overlay.name != nil {
+                return print(try OverlayBase.attach(self, arguments: Array(CommandLine.arguments.dropFirst())))
+            }
             let line = try Daemon.spawnServer(arguments: Array(CommandLine.arguments.dropFirst()))
             print(line)
         }

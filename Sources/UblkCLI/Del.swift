@@ -25,7 +25,15 @@ struct Del: ParsableCommand {
 
     func run() throws {
         let control = try openControl()
-        let ids = all ? Devices.existing() : [try deviceID(number!)]
+        // Overlays before their bases: a base goes only when nothing reads through it.
+        let ids = all ? Devices.existing().sorted { a, b in OverlayBase.isOverlay(a) && !OverlayBase.isOverlay(b) }
+                      : [try deviceID(number!)]
+        if !all, let id = ids.first {
+            let users = OverlayBase.overlays(over: id)
+            if !users.isEmpty {
+                throw Failure("ublk\(id) is the base of \(users.map { "ublk\($0)" }.joined(separator: ", ")): del \(users.count == 1 ? "that overlay device" : "those overlay devices") first")
+            }
+        }
         var failures: [String] = []
         for id in ids {
             do { try Devices.remove(id, control: control, mustExist: !all) } catch let f as Failure {
