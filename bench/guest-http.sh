@@ -22,6 +22,10 @@
 #                64 MiB sequential read (dd bs=1M iflag=direct)
 #   warm-rand4k  fio 4k random reads QD32, IOPS          } ublk-http (prefetched),
 #   warm-seq1m   fio 1 MiB sequential reads QD8, MiB/s   } kloop, nbdkit-cache
+#   shared       a boot read set (mount a 128 MiB ext4 image, read its 80
+#                files) by one device, then by BENCH_SHARED_N (4) devices
+#                attached at once from one URL (add --overlay: one shared
+#                base): bytes nginx served, N devices / one device
 # The server RSS (VmRSS/VmHWM) is taken right after each cold-seq run.
 #
 # Pinning: this script, fio and nginx run on vCPU 0 (FIO_CPU); every "server"
@@ -32,7 +36,7 @@
 # Settings (environment, from bench/run.sh --suite http through vm/run.sh --env):
 #   BENCH_REPS (3)  BENCH_RUNTIME (10 s: cold random)  BENCH_WARM_RUNTIME (10 s)
 #   BENCH_RAMP (2 s: warm runs)  BENCH_IMG_MB (256)  BENCH_REQ_MB (64)  BENCH_WQ_PIN (1)
-#   BENCH_CASES ("cold-seq cold-rand4k reqcount warm-rand4k warm-seq1m")
+#   BENCH_CASES ("cold-seq cold-rand4k reqcount warm-rand4k warm-seq1m shared")  BENCH_SHARED_N (4)
 #   BENCH_NBD (1: include the nbdkit devices)
 
 WRUNTIME=${BENCH_WARM_RUNTIME:-10}
@@ -40,7 +44,7 @@ WRAMP=$RAMP
 IMG_MB=${BENCH_IMG_MB:-256}
 REQ_MB=${BENCH_REQ_MB:-64}
 NBD=${BENCH_NBD:-1}
-read -r -a CASES <<<"${BENCH_CASES:-cold-seq cold-rand4k reqcount warm-rand4k warm-seq1m}"
+read -r -a CASES <<<"${BENCH_CASES:-cold-seq cold-rand4k reqcount warm-rand4k warm-seq1m shared}"
 SRV_CPU=$SERVER_CPU
 WWW=/tmp/www IMG=/tmp/www/img URL=http://127.0.0.1:8080/img
 CDIR=/tmp/ublk-cache COPY=/tmp/copy.img
@@ -303,6 +307,83 @@ case_reqcount() {
     log "rep $rep reqcount ublk-http: $n Range requests for a cold $REQ_MB MiB sequential read ($n0 when dd ended; goal <= $goal); fetched $(jq -r '.bytes_fetched // "?"' <<<"$stats") bytes"
     ublk_del "$U_ID"
     rm -f "$CDIR"/req.*
+}
+
+# ---- one image, many devices; boot read sets (issue 11) --------------------------------------------
+BOOT_IMG=$WWW/boot.img BOOT_URL=http://127.0.0.1:8080/boot.img BOOT_SRC=/tmp/boot-src
+SHARED_N=${BENCH_SHARED_N:-4}
+BOOT_UP=0
+# boot_image: an ext4 image holding a set of files of mixed sizes (a boot's
+# read set: mount it, read every file), made once per boot of the VM.
+boot_image() {
+    [[ $BOOT_UP == 1 ]] && return 0
+    BOOT_UP=1
+    rm -rf "$BOOT_SRC"; mkdir -p "$BOOT_SRC/lib" "$BOOT_SRC/etc"
+    local i
+    for i in $(seq 1 48); do head -c $(( (i * 7919 % 61 + 4) * 8192 + i )) /dev/urandom > "$BOOT_SRC/lib/f$i"; done
+    for i in $(seq 1 32); do seq 1 $((i * 50)) > "$BOOT_SRC/etc/c$i"; done
+    truncate -s 128M "$BOOT_IMG"
+    mkfs.ext4 -q -F -d "$BOOT_SRC" "$BOOT_IMG" || h_die "mkfs.ext4 of the boot image failed"
+    log "boot image: 128 MiB ext4, $(du -sk "$BOOT_SRC" | cut -f1) KiB in $(find "$BOOT_SRC" -type f | wc -l) files"
+}
+# boot_read DEV MNT: mount read-only, read every file, umount; prints the microseconds it took.
+boot_read() {
+    local t0
+    mkdir -p "$2"
+    t0=$(now_us)
+    mount -t ext4 -o ro,noload "$1" "$2" || return 1
+    cat "$2"/lib/* "$2"/etc/* > /dev/null || { umount "$2"; return 1; }
+    umount "$2" || return 1
+    echo $(( $(now_us) - t0 ))
+}
+# The body bytes and Range requests nginx logged for FILE so far.
+served_bytes() { awk -v f="/$1" '$5 == f { s += $8 } END { print s + 0 }' "$NGINX_LOG"; }
+served_reqs() { awk -v f="/$1" '$5 == f && $7 == 206 { n++ } END { print n + 0 }' "$NGINX_LOG"; }
+
+# shared: one device alone reads the boot set from a fresh base; then
+# SHARED_N devices attached at once from the same URL (add --overlay: one
+# shared base) read it together. Bytes nginx served, N devices / one device.
+case_shared() {
+    local rep=$1 b0 b1 bn t1 id base i ids=() tmax=0
+    boot_image
+    start_mark shared ublk-http "$rep"
+    rm -rf "$CDIR"/sh.* "$CDIR/ov"; mkdir -p "$CDIR/ov"
+    local opts=(--url "$BOOT_URL" --cache "$CDIR/sh.cache" --bitmap "$CDIR/sh.bitmap" --overlay-dir "$CDIR/ov")
+    b0=$(served_bytes boot.img)
+    U_JSON=$(taskset -c "$SRV_CPU" timeout 60 "$UBLK" add -t http "${opts[@]}" --overlay one 2>&1) \
+        || { err shared ublk-http "$rep" "add: $(tail -n 2 <<<"$U_JSON" | tr '\n' ' ')"; return; }
+    id=$(jq -r .dev_id <<<"$U_JSON")
+    base=$(jq -r .target_options.lower <<<"$U_JSON"); base=${base#/dev/ublkb}
+    t1=$(boot_read "/dev/ublkb$id" /mnt/sh0) || { err shared ublk-http "$rep" "boot read of one device failed"; ublk_del "$id"; ublk_del "$base"; return; }
+    b1=$(( $(served_bytes boot.img) - b0 ))
+    ublk_del "$id"; ublk_del "$base"
+    rm -rf "$CDIR"/sh.* "$CDIR/ov"; mkdir -p "$CDIR/ov"
+    b0=$(served_bytes boot.img)
+    for i in $(seq 1 "$SHARED_N"); do
+        U_JSON=$(taskset -c "$SRV_CPU" timeout 60 "$UBLK" add -t http "${opts[@]}" --overlay "d$i" 2>&1) \
+            || { err shared ublk-http "$rep" "add $i: $(tail -n 2 <<<"$U_JSON" | tr '\n' ' ')"; break; }
+        ids+=("$(jq -r .dev_id <<<"$U_JSON")")
+    done
+    base=$(jq -r .target_options.lower <<<"$U_JSON"); base=${base#/dev/ublkb}
+    if [[ ${#ids[@]} == "$SHARED_N" ]]; then
+        for i in "${!ids[@]}"; do boot_read "/dev/ublkb${ids[$i]}" "/mnt/sh$((i + 1))" > "/tmp/shared-$i.us" & done
+        wait
+        for i in "${!ids[@]}"; do
+            local t; t=$(cat "/tmp/shared-$i.us")
+            [[ -n $t ]] || { err shared ublk-http "$rep" "boot read of device $((i + 1)) failed"; tmax=-1; break; }
+            (( t > tmax )) && tmax=$t
+        done
+        bn=$(( $(served_bytes boot.img) - b0 ))
+        if (( tmax > 0 && b1 > 0 )); then
+            emit "$(jq -cn --argjson r "$rep" --argjson n "$SHARED_N" --argjson b1 "$b1" --argjson bn "$bn" --argjson t1 "$t1" --argjson tn "$tmax" \
+                '{case: "shared", device: "ublk-http", rep: $r, metric: "bytes vs one device", value: ($bn / $b1), devices: $n,
+                  bytes_one: $b1, bytes_n: $bn, time_one_s: ($t1 / 1e6), time_n_max_s: ($tn / 1e6)}')"
+            log "rep $rep shared: $SHARED_N devices fetched $bn bytes, one alone $b1 ($(jq -n "$bn / $b1 * 100 | floor / 100")x); boot read $((t1 / 1000)) ms alone, $((tmax / 1000)) ms the slowest of $SHARED_N"
+        fi
+    fi
+    for i in "${ids[@]}"; do ublk_del "$i"; done
+    [[ -n $base && $base != null ]] && ublk_del "$base"
+    rm -rf "$CDIR"/sh.* "$CDIR/ov"
 }
 
 # ---- warm devices (set up once, before the first warm case) -------------------------------------

@@ -176,13 +176,24 @@ def report(out_dir, host):
     if reqcount["values"]:
         rows.append(["reqcount", "ublk-http", f"{statistics.median(reqcount['values']):g} requests",
                      f"{min(reqcount['values'])}–{max(reqcount['values'])}", f"goal <= {reqcount['goal_max']}", "", "", "", str(len(req))])
+    # One image, many devices: bytes N devices at once fetched / one device alone.
+    sh = [r for r in runs if r["case"] == "shared" and "error" not in r]
+    shared = {"values": [r["value"] for r in sh], "devices": sh[0]["devices"] if sh else None,
+              "bytes_one": [r["bytes_one"] for r in sh], "bytes_n": [r["bytes_n"] for r in sh],
+              "time_one_s": [r["time_one_s"] for r in sh], "time_n_max_s": [r["time_n_max_s"] for r in sh]}
+    if sh:
+        v = shared["values"]
+        rows.append(["shared", f"{shared['devices']} devices, one URL", f"{statistics.median(v):.2f}× bytes",
+                     f"{min(v):.2f}–{max(v):.2f}", "vs one device alone", "", "", "", str(len(sh))])
+    goals.append(g(f"bytes fetched by {shared['devices'] or 4} devices from one URL at once vs one device alone",
+                   max(shared["values"]) if shared["values"] else None, 1.1, "<=", "worst rep (issue 11)"))
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(hdr)]
     def line(cols):
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |"
     table = [line(hdr), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
 
     res = {"host": host, "meta": meta, "complete": done, "summary": list(summary.values()), "goals": goals,
-           "reqcount": reqcount, "rss_kb_cold_seq": rss_runs, "rss_limit_kib": rss_limit_kib,
+           "reqcount": reqcount, "shared": shared, "rss_kb_cold_seq": rss_runs, "rss_limit_kib": rss_limit_kib,
            "info": infos, "setup_errors": errors, "runs": runs}
     json.dump(res, open(os.path.join(out_dir, "results.json"), "w"), indent=1)
 
@@ -288,6 +299,6 @@ def report(out_dir, host):
               + (f"; storing {image_mib} MiB alone (dd from /dev/zero, no network) runs at {so:.1f} MiB/s" if so else ""))
     for e in errors:
         print(f"setup error: {e.get('error')}")
-    nfail = sum(len(s["failed"]) for s in summary.values()) + sum(1 for r in runs if r["case"] == "reqcount" and "error" in r)
+    nfail = sum(len(s["failed"]) for s in summary.values()) + sum(1 for r in runs if r["case"] in ("reqcount", "shared") and "error" in r)
     print(f"\nresults: {os.path.join(out_dir, 'results.json')}, chart: {chart}" + ("" if done else "  (INCOMPLETE: no @@DONE)"))
     return 0 if done and nfail == 0 and not errors else 1

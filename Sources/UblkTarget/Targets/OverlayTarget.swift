@@ -73,7 +73,7 @@ public final class OverlayTarget: Target {
         ["lower": settings.lower, "overlay": settings.name, "overlay_file": store.data.path,
          "image_url": settings.identity.url, "etag": settings.identity.etag ?? "",
          "last_modified": settings.identity.lastModified ?? "",
-         "pages_local": String(store.local.count), "overlay_state": store.created ? "created" : "reattached",
+         "overlay_state": store.created ? "created" : "reattached",
          "lower_io": lowerIO.description]
     }
 
