@@ -32,6 +32,8 @@
 //                 later one (the data it covered may be lost; Linux will not
 //                 say so again) until the device is added again.
 //   DISCARD, WRITE_ZEROES  not offered (the kernel writes zeros itself).
+//   `dirty`, `sync`  as for `http --writable` (CachingControl.swift): the
+//                 dirty bitmap lists the pages written since the last clear.
 // Two writes never race on one page's copy-up: a write that needs a copy-up
 // waits while any write in flight touches its pages, and any write waits
 // while a copy-up of one of its pages is in flight (`busy`, `copying`).
@@ -181,6 +183,8 @@ final class OverlayHandler: QueueHandler {
     var flushResult: [Int32]
     /// A data sync failed: every FLUSH fails from now on.
     var durabilityLost = false
+    /// `sync` snapshots handed out and not yet confirmed.
+    var syncs = SyncTracker()
 
     init(store: OverlayStore, lowerFD: Int32, size: UInt64, depth: Int) {
         self.store = store
@@ -289,6 +293,7 @@ final class OverlayHandler: QueueHandler {
         if result >= 0 {
             local.markPresent(pages(r))
             dirty.markPresent(pages(r))
+            syncs.written(pages(r))
         }
         if result >= 0 && r.fua {
             flushResult[t] = result
@@ -435,8 +440,19 @@ final class OverlayHandler: QueueHandler {
         }
     }
 
+    /// `dirty` and `sync` (CachingControl.swift's contract): cleared bits reach
+    /// the disk with the next cycle, after the data they vouch for.
     func control(_ request: ControlRequest, queue: IOQueue) -> String {
-        controlError("the \(request.op) command is not supported by an overlay device")
+        switch request.op {
+        case .dirty, .syncBegin, .syncEnd:
+            return DirtyControl.answer(request, dirty: dirty, syncs: &syncs, pageSize: OverlayHandler.page, imageSize: size) { runs in
+                // After a failed data sync the pages may be lost: they stay dirty.
+                guard !durabilityLost else { return }
+                for r in runs { dirty.markAbsent(r) }
+            }
+        default:
+            return controlError("the \(request.op) command is not supported by an overlay device")
+        }
     }
 
     func shutdown(queue: IOQueue) {
