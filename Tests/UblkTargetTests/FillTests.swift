@@ -17,6 +17,7 @@ import Glibc
 import PageCache
 import XCTest
 @testable import UblkTarget
+@testable import UblkCLI
 
 final class FillTests: XCTestCase {
     typealias World = PageStateModelTests.World
@@ -142,6 +143,9 @@ final class FillTests: XCTestCase {
         let reply = w.handler.control(ControlRequest(op: .fillStop), queue: w.queue)
         let stopped = try JSONDecoder().decode(FillStatus.self, from: Data(reply.utf8))
         XCTAssertEqual(stopped.state, .stopped)
+        // A status, not an error reply (ControlClient takes any "error" key for one).
+        XCTAssertFalse(reply.contains("\"error\""), reply)
+        XCTAssertEqual(stopped.reason, "stopped by fill-stop")
         let requests = stopped.requests
         XCTAssertEqual(try runFill(w).requests, requests)
         XCTAssertLessThan(w.handler.bitmap.count, UInt64(PageStateModelTests.pages))
@@ -152,7 +156,7 @@ final class FillTests: XCTestCase {
         try hydrate(f)
         let failed = try runFill(f)
         XCTAssertEqual(failed.state, .failed)
-        XCTAssertTrue(failed.error?.contains("could not be fetched: injected failure") ?? false, "\(failed)")
+        XCTAssertTrue(failed.reason?.contains("could not be fetched: injected failure") ?? false, "\(failed)")
         XCTAssertGreaterThan(failed.failedRuns, 0)
 
         // A cache bounded below the image cannot hold it: refused, one line.
@@ -270,5 +274,39 @@ final class FillTests: XCTestCase {
             }
         }
         if seeds.count > 1 { XCTAssertGreaterThan(crashes, 0, "crashes were exercised") }
+    }
+}
+
+/// `hydrate`'s command line, without a kernel: --rate as people write it, bad input in one line.
+final class HydrateCLITests: XCTestCase {
+    func testRates() {
+        XCTAssertEqual(Hydrate.parseRate("4M/s"), 4 << 20)
+        XCTAssertEqual(Hydrate.parseRate("4MiB/s"), 4 << 20)
+        XCTAssertEqual(Hydrate.parseRate("500K"), 500 << 10)
+        XCTAssertEqual(Hydrate.parseRate("1048576"), 1 << 20)
+        for bad in ["0", "0/s", "-1M/s", "abc", "/s", "", "4M/m", "1e6"] { XCTAssertNil(Hydrate.parseRate(bad), bad) }
+    }
+
+    func testBadInputsAreOneLine() {
+        func failure(_ args: [String]) -> String {
+            do {
+                var c = try UblkHTTP.parseAsRoot(args)
+                try c.validate()
+                return "parsed"
+            } catch {
+                return UblkHTTP.message(for: error)
+            }
+        }
+        for (args, want) in [(["hydrate", "-n", "0", "--rate", "0"], "bad --rate '0'"),
+                             (["hydrate", "-n", "0", "--rate", "fast"], "bad --rate 'fast'"),
+                             (["hydrate", "-n", "0", "--stop", "--rate", "1M"], "--stop takes no"),
+                             (["hydrate"], "Missing expected argument")] {
+            let m = failure(args)
+            XCTAssertTrue(m.contains(want), "\(args): \(m)")
+            XCTAssertEqual(UblkHTTP.oneLine(m).contains("\n"), false)
+        }
+        let h = try? UblkHTTP.parseAsRoot(["hydrate", "-n", "2", "--rate", "4M/s"]) as? Hydrate
+        XCTAssertEqual(h?.number, 2)
+        XCTAssertEqual(h?.rate, "4M/s")
     }
 }

@@ -66,7 +66,7 @@ public enum FillState: String, Codable, Sendable {
     case done
     /// `fill-stop`, another job replaced it, or the device is stopping.
     case stopped
-    /// Pages stayed missing after a pass that gained nothing (`error` says why).
+    /// Pages stayed missing after a pass that gained nothing (`reason` says why).
     case failed
     /// No job ran on this device since its server started.
     case idle
@@ -95,12 +95,14 @@ public struct FillStatus: Codable, Sendable, Equatable {
     public var elapsedSeconds: Double
     /// Every present bit is on the disk (its data was synced before it).
     public var persisted: Bool
-    public var error: String?
+    /// Why the job stopped or failed. Not named "error": a reply with that
+    /// key is an error reply to ControlClient (and this one is a status).
+    public var reason: String?
 
     enum CodingKeys: String, CodingKey {
         case kind, state, pagesPresent = "pages_present", pagesTotal = "pages_total", percent
         case fillPages = "fill_pages", fillPagesPresent = "fill_pages_present", bytesFetched = "bytes_fetched"
-        case requests, failedRuns = "failed_runs", rate, passes, elapsedSeconds = "elapsed_seconds", persisted, error
+        case requests, failedRuns = "failed_runs", rate, passes, elapsedSeconds = "elapsed_seconds", persisted, reason
     }
 
     /// Percent with one decimal, never rounded up to 100 while a page is missing.
@@ -137,7 +139,7 @@ final class FillJob {
 
     let spec: FillJobSpec
     var state = FillState.running
-    var error: String?
+    var reason: String?
     /// The walk: the range at `index`, from page `cursor` on.
     var index = 0
     var cursor: UInt64 = 0
@@ -189,10 +191,10 @@ final class FillJob {
         return UInt64((-tokens / Double(rate)) * 1e9) + 1
     }
 
-    func end(_ s: FillState, now: UInt64, error: String? = nil) {
+    func end(_ s: FillState, now: UInt64, reason: String? = nil) {
         guard state == .running else { return }
         state = s
-        self.error = error
+        self.reason = reason
         ended = now
     }
 }
@@ -226,7 +228,7 @@ extension CachingHandler {
     @discardableResult
     func startFill(_ spec: FillJobSpec, queue: IOQueue) -> FillJob {
         let now = monotonicNanos()
-        filling.job?.end(.stopped, now: now, error: "replaced by a \(spec.kind.rawValue) job")
+        filling.job?.end(.stopped, now: now, reason: "replaced by a \(spec.kind.rawValue) job")
         let job = FillJob(spec, pageCount: bitmap.pageCount, now: now)
         job.size(pageSize: pageSize, plannerMax: planner.maxRunPages)
         job.presentAtPassStart = fillPresent(job)
@@ -238,7 +240,7 @@ extension CachingHandler {
 
     /// Stops the job (its runs in flight finish; their pages count).
     func stopFill(reason: String? = nil) {
-        filling.job?.end(.stopped, now: monotonicNanos(), error: reason)
+        filling.job?.end(.stopped, now: monotonicNanos(), reason: reason)
     }
 
     /// Pages of `job`'s list present now.
@@ -253,14 +255,14 @@ extension CachingHandler {
             return FillStatus(kind: nil, state: .idle, pagesPresent: present, pagesTotal: total,
                               percent: FillStatus.percent(present, of: total), fillPages: 0, fillPagesPresent: 0,
                               bytesFetched: 0, requests: 0, failedRuns: 0, rate: 0, passes: 0, elapsedSeconds: 0,
-                              persisted: persisted, error: nil)
+                              persisted: persisted, reason: nil)
         }
         let elapsed = Double((job.ended ?? monotonicNanos()) &- job.started) / 1e9
         return FillStatus(kind: job.spec.kind, state: job.state, pagesPresent: present, pagesTotal: total,
                           percent: FillStatus.percent(present, of: total), fillPages: job.listPages,
                           fillPagesPresent: fillPresent(job), bytesFetched: job.bytesFetched, requests: job.requests,
                           failedRuns: job.failedRuns, rate: job.rate, passes: job.pass,
-                          elapsedSeconds: (elapsed * 1000).rounded() / 1000, persisted: persisted, error: job.error)
+                          elapsedSeconds: (elapsed * 1000).rounded() / 1000, persisted: persisted, reason: job.reason)
     }
 
     /// The next gap of the walk: missing pages, not local, either all covered
@@ -306,7 +308,7 @@ extension CachingHandler {
         if draining { return fillDrain() }
         if presentFrozen {
             return job.end(.failed, now: monotonicNanos(),
-                           error: "a sync of the cache file failed: nothing more is persisted until the device is restarted")
+                           reason: "a sync of the cache file failed: nothing more is persisted until the device is restarted")
         }
         // One slot stays free for the device's own misses (with one slot: it must be idle).
         let slots = planner.maxActiveRuns > 1 ? planner.maxActiveRuns - 1 : 1
@@ -352,7 +354,7 @@ extension CachingHandler {
             return
         }
         let missing = job.listPages - present
-        job.end(.failed, now: now, error: "\(missing) pages could not be fetched"
+        job.end(.failed, now: now, reason: "\(missing) pages could not be fetched"
                 + (filling.lastFetchError.map { ": \($0)" } ?? ""))
     }
 
@@ -366,7 +368,7 @@ extension CachingHandler {
         guard !filling.timerArmed else { return }
         let fd = filling.timer()
         guard fd >= 0, cu_timerfd_arm(fd, max(1, nanos)) == 0 else {
-            filling.job?.end(.failed, now: monotonicNanos(), error: "cannot arm the rate timer: \(Errno.current)")
+            filling.job?.end(.failed, now: monotonicNanos(), reason: "cannot arm the rate timer: \(Errno.current)")
             return
         }
         filling.timerArmed = true
@@ -382,7 +384,7 @@ extension CachingHandler {
 
     /// The device is stopping: the job ends (its runs are cancelled with the rest).
     func fillDrain() {
-        filling.job?.end(.stopped, now: monotonicNanos(), error: "the device is stopping")
+        filling.job?.end(.stopped, now: monotonicNanos(), reason: "the device is stopping")
     }
 
     /// `hydrate`, `fill-status`, `fill-stop`; nil for any other operation.
