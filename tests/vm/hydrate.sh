@@ -55,9 +55,9 @@ else
     fail "add -t http" "$DEV_JSON"
 fi
 
-section "reads during hydration return the image's bytes"
+section "reads during hydration return the image's bytes (-q 2: misses of both queues go to the home)"
 rm -f $CACHE/r.*
-if add -t http --url $URL --cache $CACHE/r.cache --bitmap $CACHE/r.bitmap; then
+if add -t http --url $URL --cache $CACHE/r.cache --bitmap $CACHE/r.bitmap -q 2; then
     # 1 MiB/s: the reads below (and their readahead) leave it well over 10 s.
     timeout 300 "$UBLK" hydrate -n $DEV_ID --rate 1M/s > /tmp/r.out 2>&1 &
     H=$!
@@ -134,6 +134,19 @@ if add -t http --url $URL --cache $CACHE/w.cache --bitmap $CACHE/w.bitmap --writ
     del $DEV_ID >/dev/null
 else
     fail "add --writable" "$DEV_JSON"
+fi
+
+section "the cache target: hydrate copies the backing store into the cache"
+cp $WWW/blob.img /var/tmp/back.img
+rm -f $CACHE/k.*
+if add -t cache --backing /var/tmp/back.img --cache $CACHE/k.cache --bitmap $CACHE/k.bitmap; then
+    timeout 300 "$UBLK" hydrate -n $DEV_ID > /tmp/k.out; rc=$?
+    eq "hydrate exits 0" 0 "$rc"
+    check "100%, every page" bash -c "tail -n 1 /tmp/k.out | jq -e '.percent == 100 and .pages_present == .pages_total'"
+    check "the device is the backing store" cmp_device $DEV_B /var/tmp/back.img
+    del $DEV_ID >/dev/null
+else
+    fail "add -t cache" "$DEV_JSON"
 fi
 
 section "bad input: one line, non-zero"

@@ -245,7 +245,10 @@ extension CachingHandler {
 
     /// Pages of `job`'s list present now.
     func fillPresent(_ job: FillJob) -> UInt64 {
-        job.spec.ranges.reduce(0) { $0 + bitmap.bits.count(in: $1) }
+        // Hydration's list is the whole image: the bitmap keeps that count (no
+        // scan of every word of a large image each time the CLI asks).
+        if job.spec.ranges == [0..<bitmap.pageCount] { return bitmap.count }
+        return job.spec.ranges.reduce(0) { $0 + bitmap.bits.count(in: $1) }
     }
 
     func fillStatus() -> FillStatus {
