@@ -115,6 +115,28 @@ else
     fail "add for stop" "$DEV_JSON"
 fi
 
+section "kill -9 during hydration: what was fetched stays, the device reads the image"
+rm -f $CACHE/x.*
+if add -t http --url $URL --cache $CACHE/x.cache --bitmap $CACHE/x.bitmap; then
+    check "hydrate --detach --rate 4M/s" bash -c "$UBLK hydrate -n $DEV_ID --rate 4M/s --detach | jq -e '.state == \"running\"'"
+    sleep 3
+    kill -9 $DEV_PID
+    wait_for 30 dead $DEV_PID
+    check "del the dead device" del $DEV_ID
+    if add -t http --url $URL --cache $CACHE/x.cache --bitmap $CACHE/x.bitmap; then
+        P=$("$UBLK" hydrate -n $DEV_ID --stop | jq -r .pages_present)
+        echo "# pages present after kill -9 and add: $P of 10240"
+        check "pages hydrated before the kill are still present" test "$P" -gt 1000
+        check "the device reads the image" cmp_device $DEV_B $WWW/disk.img
+        eq "hydrate to the end" 0 "$(timeout 300 "$UBLK" hydrate -n $DEV_ID >/dev/null; echo $?)"
+        del $DEV_ID >/dev/null
+    else
+        fail "add after kill -9" "$DEV_JSON"
+    fi
+else
+    fail "add for kill -9" "$DEV_JSON"
+fi
+
 section "http --writable: local writes are never fetched over"
 rm -f $CACHE/w.*
 if add -t http --url $URL --cache $CACHE/w.cache --bitmap $CACHE/w.bitmap --writable; then
