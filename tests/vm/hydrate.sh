@@ -110,6 +110,9 @@ if add -t http --url $URL --cache $CACHE/c.cache --bitmap $CACHE/c.bitmap; then
     eq "nothing more requested after --stop" "$R" "$(lines)"
     P=$("$UBLK" hydrate -n $DEV_ID --stop | jq -r .percent)
     check "stopped short of 100% ($P)" holds "$P" "<" 100
+    sleep 1.5  # stats are published once a second
+    L=$("$UBLK" list -n $DEV_ID | jq -r '.[0].hydrated_percent')
+    check "list shows the same partial percentage ($L)" holds "$L" "==" "$P"
     del $DEV_ID >/dev/null
 else
     fail "add for stop" "$DEV_JSON"
