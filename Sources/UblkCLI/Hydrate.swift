@@ -132,16 +132,20 @@ struct Hydrate: ParsableCommand {
         }
     }
 
-    /// One line, rewritten in place: [#####.....]  42.0%  12.3 MiB fetched  3.1 MiB/s
     static func bar(_ s: FillStatus) {
+        print("\r" + barLine(s) + "\u{1b}[K", terminator: "")
+        fflush(stdout)
+    }
+
+    /// The bar, rewritten in place on a terminal: [#####.....]  42.0%  12.3 MiB fetched  3.1 MiB/s
+    static func barLine(_ s: FillStatus) -> String {
         let width = 30
         let filled = min(width, Int(s.percent / 100 * Double(width)))
         let speed = s.elapsedSeconds > 0 ? UInt64(Double(s.bytesFetched) / s.elapsedSeconds) : 0
-        var line = "\r[" + String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled) + "] "
+        var line = "[" + String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled) + "] "
         line += String(repeating: " ", count: max(0, 5 - "\(s.percent)".count)) + "\(s.percent)%  "
         line += "\(Size.format(s.bytesFetched)) fetched  \(Size.format(speed))/s"
         if s.rate > 0 { line += " (at most \(Size.format(s.rate))/s)" }
-        print(line + "\u{1b}[K", terminator: "")
-        fflush(stdout)
+        return line
     }
 }

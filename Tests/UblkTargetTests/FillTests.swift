@@ -287,6 +287,17 @@ final class HydrateCLITests: XCTestCase {
         for bad in ["0", "0/s", "-1M/s", "abc", "/s", "", "4M/m", "1e6"] { XCTAssertNil(Hydrate.parseRate(bad), bad) }
     }
 
+    func testProgressBar() {
+        var s = FillStatus(kind: .hydrate, state: .running, pagesPresent: 5, pagesTotal: 10, percent: 50, fillPages: 10,
+                           fillPagesPresent: 5, bytesFetched: 3 << 20, requests: 1, failedRuns: 0, rate: 4 << 20, passes: 1,
+                           elapsedSeconds: 2, persisted: false, reason: nil)
+        XCTAssertEqual(Hydrate.barLine(s), "[###############...............]  50.0%  3.0 MiB fetched  1.5 MiB/s (at most 4.0 MiB/s)")
+        s.percent = 100
+        s.rate = 0
+        XCTAssertEqual(Hydrate.barLine(s), "[##############################] 100.0%  3.0 MiB fetched  1.5 MiB/s")
+        XCTAssertFalse(Hydrate.barLine(s).contains("\n"))
+    }
+
     func testBadInputsAreOneLine() {
         func failure(_ args: [String]) -> String {
             do {

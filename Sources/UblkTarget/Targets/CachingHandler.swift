@@ -42,7 +42,8 @@
 // a fake queue and fault-injecting files (Tests/UblkTargetTests/PageStateModelTests).
 // Requests live here; persistence cycles in CachingPersistence.swift, eviction
 // in CachingEviction.swift, write-back in CachingWriteback.swift, control
-// operations in CachingControl.swift, fetchers in RunFetcher.swift.
+// operations in CachingControl.swift, fetchers in RunFetcher.swift, background
+// fills (hydration, profile replay) in CachingFill.swift.
 //
 // PAGE STATES. What a page *is* and what was *reported* about it are separate
 // facts, persisted in separate bitmaps (all bound to one cache file):
