@@ -232,18 +232,36 @@ final class FillTests: XCTestCase {
     /// Seeded: hydration under random reads, writes, FLUSH, sync, kill -9 and
     /// power losses (the model's own checks run at every step), 1-4 queues,
     /// every target mode. A restart ends the job: it is asked for again.
-    func testHydrationUnderRandomLoadAndCrashes() throws {
+    func testHydrationUnderRandomLoadAndCrashes() throws { try randomHydration(faults: false) }
+
+    /// The same with the model's faults: failed fdatasyncs (a job then fails:
+    /// nothing more may be persisted), ENOSPC, failed fetches. Whatever the job
+    /// ends as, the model's checks hold at every step; then the faults stop,
+    /// the power goes out, and a hydration on the restarted device must finish.
+    func testHydrationUnderFaults() throws { try randomHydration(faults: true) }
+
+    func randomHydration(faults: Bool) throws {
         let env = ProcessInfo.processInfo.environment
-        let seeds: [UInt64] = env["FILL_SEED"].flatMap { UInt64($0) }.map { [$0] } ?? Array(1...12)
+        let seeds: [UInt64] = env["FILL_SEED"].flatMap { UInt64($0) }.map { [$0] } ?? Array(1...UInt64(env["FILL_SEEDS"].flatMap { Int($0) } ?? 12))
         let steps = env["FILL_STEPS"].flatMap { Int($0) } ?? 600
-        var crashes = 0
+        var crashes = 0, failedJobs = 0
+        var failed = Set<ObjectIdentifier>()
         for seed in seeds {
             let w = try quietWorld(seed: seed)
+            if faults {
+                w.faulty = true
+                w.setFaults(fsync: 40, write: 10)
+                w.fake?.failPermille = 30
+            }
             do {
                 var home = ObjectIdentifier(w.handler)
                 var hydrations = 0
                 for i in 0..<steps {
                     if i == steps / 4 { try hydrate(w); hydrations += 1 }
+                    // With faults, pages a failed fdatasync dropped are missing again: hydrate again now and then.
+                    if faults && i > steps / 4 && i % 40 == 0 && w.handler.filling.job?.state != .running {
+                        try hydrate(w)
+                    }
                     try w.step()
                     if ObjectIdentifier(w.handler) != home {
                         // A new server (kill -9 or power loss): the files decide, hydrate again.
@@ -253,8 +271,21 @@ final class FillTests: XCTestCase {
                         if i >= steps / 4 { try hydrate(w); hydrations += 1 }
                     }
                     try checkInvariants(w)
+                    if let job = w.handler.filling.job, job.state == .failed, !failed.contains(ObjectIdentifier(job)) {
+                        failed.insert(ObjectIdentifier(job))
+                        failedJobs += 1
+                    }
                 }
-                if hydrations == 0 || w.handler.filling.job == nil { try hydrate(w) }
+                if faults {
+                    if w.handler.filling.job?.state == .running { _ = try runFill(w) }
+                    // Faults off, a power loss (it checks every sector), then hydrate on the new server.
+                    w.faulty = false
+                    w.setFaults(fsync: 0, write: 0)
+                    w.fake?.failPermille = 0
+                    try w.powerLoss()
+                    w.handler.context.maxCacheBytes = 0
+                }
+                if hydrations == 0 || faults || w.handler.filling.job == nil { try hydrate(w) }
                 var end = try runFill(w)
                 if end.state == .stopped {
                     // Stopped by a restart in quiesce's way: once more.
@@ -274,6 +305,7 @@ final class FillTests: XCTestCase {
             }
         }
         if seeds.count > 1 { XCTAssertGreaterThan(crashes, 0, "crashes were exercised") }
+        if faults && seeds.count > 1 { XCTAssertGreaterThan(failedJobs, 0, "a fault ended a hydration") }
     }
 }
 
