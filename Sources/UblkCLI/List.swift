@@ -26,10 +26,12 @@ struct List: ParsableCommand {
         var readOnly: Bool?
         var stats: HTTPStats?
         var dataPath: String?
+        /// Caching targets: the pages present, in percent (`hydrate` brings it to 100).
+        var hydratedPercent: Double?
         enum CodingKeys: String, CodingKey {
             case devID = "dev_id", state, queues, depth, size, target, targetOptions = "target_options", pid
             case serverRunning = "server_running", blockDevice = "block_device", charDevice = "char_device"
-            case readOnly = "read_only", stats, dataPath = "data_path"
+            case readOnly = "read_only", stats, dataPath = "data_path", hydratedPercent = "hydrated_percent"
         }
     }
 
@@ -54,13 +56,15 @@ struct List: ParsableCommand {
                 continue
             }
             let saved = DeviceState.load(id)
+            let stats = HTTPStats.load(id)
             let size = (try? control.params(id)).map { $0.basic.dev_sectors << 9 } ?? saved?.size ?? 0
             out.append(Entry(devID: id, state: List.stateName(info.state), queues: Int(info.nr_hw_queues),
                              depth: Int(info.queue_depth), size: size, target: saved?.target,
                              targetOptions: saved?.redacted.targetOptions, pid: info.ublksrv_pid,
                              serverRunning: Devices.processAlive(info.ublksrv_pid),
                              blockDevice: "/dev/ublkb\(id)", charDevice: "/dev/ublkc\(id)", readOnly: saved?.readOnly,
-                             stats: HTTPStats.load(id), dataPath: saved?.dataPath))
+                             stats: stats, dataPath: saved?.dataPath,
+                             hydratedPercent: stats.map { FillStatus.percent($0.pagesPresent, of: $0.pagesTotal) }))
         }
         print(jsonLine(out))
     }

@@ -31,6 +31,14 @@ public enum ControlOp: String, Codable, Sendable {
     case syncEnd = "sync-end"
     /// Write-back: start copying, report what is left (`WritebackStatus`).
     case flush
+    /// Fetch every missing page in the background, at most `rate` bytes/s
+    /// (CachingFill.swift); replies `FillStatus`. A hydration running already
+    /// goes on (with the new `rate`, when given).
+    case hydrate
+    /// The background fill's progress (`FillStatus`).
+    case fillStatus = "fill-status"
+    /// Stop the background fill (`FillStatus`).
+    case fillStop = "fill-stop"
 }
 
 /// The reply to `flush`.
@@ -55,6 +63,8 @@ public struct ControlRequest: Codable, Sendable, Equatable {
     public var clear: Bool?
     public var token: UInt64?
     public var ok: Bool?
+    /// `hydrate`: bytes per second (nil: unbounded).
+    public var rate: UInt64?
     public init(op: ControlOp, clear: Bool? = nil, token: UInt64? = nil, ok: Bool? = nil) {
         self.op = op
         self.clear = clear
