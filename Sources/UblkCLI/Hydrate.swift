@@ -29,6 +29,8 @@ struct Hydrate: ParsableCommand {
             device then serves with the source gone). Ctrl-C stops the watching
             only: the hydration goes on in the server until done, `hydrate --stop`,
             or the device stops. `list` shows each device's hydration percentage.
+            An overlay device (`add --overlay`) hydrates its base, which every
+            device of that image reads through.
             """)
 
     @Option(name: [.short, .customLong("number")], parsing: .unconditional, help: "Device id N (/dev/ublkbN).")
@@ -60,8 +62,13 @@ struct Hydrate: ParsableCommand {
 
     func run() throws {
         try requireRoot()
-        let id = try deviceID(number)
-        guard let state = DeviceState.load(id) else { throw Failure("no such device: ublk\(id)") }
+        var id = try deviceID(number)
+        guard var state = DeviceState.load(id) else { throw Failure("no such device: ublk\(id)") }
+        // An overlay device's other pages come from its base: hydrating it is hydrating the base.
+        if state.target == "overlay", let b = OverlayBase.baseID(of: state), let s = DeviceState.load(b) {
+            id = b
+            state = s
+        }
         guard state.target == "http" || state.target == "cache" else {
             throw Failure("ublk\(id) is a \(state.target) device: only http and cache devices have a cache to hydrate")
         }

@@ -57,6 +57,12 @@ enum OverlayBase {
         return nil
     }
 
+    /// The id of an overlay device's lower device, when that is a ublk device.
+    static func baseID(of state: DeviceState) -> UInt32? {
+        guard state.target == "overlay", let lower = state.targetOptions["lower"], lower.hasPrefix("/dev/ublkb") else { return nil }
+        return UInt32(lower.dropFirst("/dev/ublkb".count))
+    }
+
     static func isOverlay(_ id: UInt32) -> Bool { DeviceState.load(id)?.target == "overlay" }
 
     /// The running overlay devices whose lower device is ublkb`id`.

@@ -101,6 +101,16 @@ else
 fi
 expect_error "an overlay in use is refused" "overlay 'vm2' is in use by another device" "$UBLK" add -t http $OPTS --overlay vm2
 
+section "hydrate through an overlay device fills the base; then nginx can go"
+check "hydrate -n device 4 (its base)" bash -c "timeout 300 $UBLK hydrate -n ${IDS[3]} | tail -n 1 | jq -e '.percent == 100'"
+eq "the base is whole" "$("$UBLK" list -n $BASE | jq '.[0].stats.pages_total')" "$("$UBLK" list -n $BASE | jq '.[0].stats.pages_present')"
+nginx-stop
+N0=$(wc -l < $LOG)
+echo 3 > /proc/sys/vm/drop_caches
+check "device 4 reads every file with nginx stopped" bash -c "cd /mnt/s4 && sha256sum -c --quiet /tmp/sums && cmp /tmp/own-4 own-4"
+eq "nothing requested" "$N0" "$(wc -l < $LOG)"
+check "nginx again" nginx-start $WWW 8080
+
 section "kill -9 of one server leaves the others serving"
 P2=$("$UBLK" list -n ${IDS[1]} | jq -r '.[0].pid')
 kill -9 $P2; wait_for 10 dead $P2
