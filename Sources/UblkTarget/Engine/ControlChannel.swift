@@ -31,6 +31,12 @@ public enum ControlOp: String, Codable, Sendable {
     case syncEnd = "sync-end"
     /// Write-back: start copying, report what is left (`WritebackStatus`).
     case flush
+    /// Boot profiles (ProfileControl.swift): start recording first reads (`pages`, `seconds`: bounds).
+    case profileStart = "profile-start"
+    /// End the recording (`ProfileStatus`).
+    case profileStop = "profile-stop"
+    /// The recording's state; once ended, its runs (`clear`: and forget it).
+    case profileStatus = "profile-status"
 }
 
 /// The reply to `flush`.
@@ -55,11 +61,17 @@ public struct ControlRequest: Codable, Sendable, Equatable {
     public var clear: Bool?
     public var token: UInt64?
     public var ok: Bool?
-    public init(op: ControlOp, clear: Bool? = nil, token: UInt64? = nil, ok: Bool? = nil) {
+    /// profile-start: at most this many pages, for at most this many seconds.
+    public var pages: UInt64?
+    public var seconds: UInt64?
+    public init(op: ControlOp, clear: Bool? = nil, token: UInt64? = nil, ok: Bool? = nil,
+                pages: UInt64? = nil, seconds: UInt64? = nil) {
         self.op = op
         self.clear = clear
         self.token = token
         self.ok = ok
+        self.pages = pages
+        self.seconds = seconds
     }
 }
 

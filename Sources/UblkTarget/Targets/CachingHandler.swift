@@ -265,6 +265,8 @@ final class CachingHandler: QueueHandler {
 
     /// `sync` snapshots handed out and not yet confirmed (CachingControl.swift).
     var syncs = SyncTracker()
+    /// A boot profile being recorded, or ended and not yet taken (ProfileControl.swift).
+    var profile: ProfileRecorder?
     let timerFD: Int32
     var timerArmed = false
     var draining = false
@@ -504,6 +506,7 @@ final class CachingHandler: QueueHandler {
         if !isHome { return handleOnOtherQueue(r, queue: queue) }
         switch r.op {
         case Op.read, Op.write, Op.discard, Op.writeZeroes:
+            if r.op == Op.read && profile != nil { recordRead(offset: r.offset, length: r.length) }
             if r.op != Op.read && !context.writable { return completeSlot(r.tag, -EROFS, queue) }
             if draining { return completeSlot(r.tag, -EIO, queue) }
             // Evicted pages are being punched: nothing may touch the cache file's holes meanwhile.

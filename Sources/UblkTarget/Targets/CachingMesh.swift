@@ -317,6 +317,7 @@ extension CachingHandler {
             case .hitsChanged:
                 break  // `idle` follows, and publishes
             case .hint(let offset, let length, let q):
+                if profile != nil { recordRead(offset: offset, length: length) }
                 // Only readahead: dropped while evicted pages are being punched
                 // (a run planned now could land before a punch of its pages).
                 if draining || punchesInFlight > 0 { continue }
