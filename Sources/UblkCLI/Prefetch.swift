@@ -20,7 +20,13 @@ struct Prefetch: ParsableCommand {
     @Option(name: .customLong("range"), help: "Only bytes A-B of the image (K/M/G suffixes; B inclusive, or empty for the end).")
     var range: String?
 
-    func validate() throws { try http.check() }
+    @Option(name: .customLong("profile"), help: "Only the pages a boot profile lists (`ublk-http profile --help`), in its order, coalesced into large ranges. Refused for another image.")
+    var profile: String?
+
+    func validate() throws {
+        try http.check()
+        if profile != nil && range != nil { throw Failure("give --range or --profile, not both") }
+    }
 
     func parseRange(size: UInt64) throws -> Range<UInt64> {
         guard let r = range else { return 0..<size }
@@ -60,7 +66,19 @@ struct Prefetch: ParsableCommand {
         let bytes = try parseRange(size: remote.size)
         let prefetcher = Prefetcher(source: source, bitmap: bitmap, cache: cache, imageSize: remote.size,
                                     maxConnections: o.http.maxConnections)
-        let runs = prefetcher.missingRuns(in: bytes)
+        var runs = prefetcher.missingRuns(in: bytes)
+        if let path = profile {
+            let p = try loadProfile(path)
+            if let why = p.mismatch(url: HTTPTarget.identityURL(o.http.url), imageSize: remote.size,
+                                    etag: remote.etag, lastModified: remote.lastModified) {
+                throw Failure("the profile \(path) does not fit \(Redact.url(o.http.url)): \(why)")
+            }
+            // The profile's order, coalesced (BootProfile's REPLAY); only what is missing.
+            let ps = UInt64(o.pageSize)
+            runs = p.replayRanges(targetPageSize: o.pageSize, maxRunBytes: UInt64(prefetcher.maxRunBytes)).flatMap {
+                prefetcher.missingRuns(in: $0.lowerBound * ps..<min($0.upperBound * ps, remote.size))
+            }
+        }
         let progress = Progress(total: prefetcher.byteCount(runs))
         defer { progress.finish() }
         do {
