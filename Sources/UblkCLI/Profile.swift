@@ -95,6 +95,8 @@ struct ProfileRecord: ParsableCommand {
             _ = try ControlClient.send(ControlRequest(op: .profileStart, pages: maxPages.map { UInt64($0) },
                                                       seconds: seconds.map { UInt64($0) }), device: id)
         } catch { throw Failure(error) }
+        // On stderr, so that a script can wait for it before the reads it records.
+        printError("profile: recording ublk\(id)'s first reads until `ublk-http profile stop -n \(id)`, Ctrl-C or a bound\n")
         signal(SIGINT) { _ in interrupted = 1 }
         signal(SIGTERM) { _ in interrupted = 1 }
         var stopSent = false
