@@ -39,12 +39,18 @@ struct Prefetch: ParsableCommand {
 
     func run() throws {
         let o = try http.targetOptions()
+        // A bad profile is refused before the network or the cache is touched.
+        let bootProfile = try profile.map(loadProfile)
         let source: HTTPSource
         let remote: RemoteImage
         do {
             source = try HTTPSource(config: o.http)
             remote = try source.probeBlocking()
         } catch { throw Failure("\(error)") }
+        if let p = bootProfile, let why = p.mismatch(url: HTTPTarget.identityURL(o.http.url), imageSize: remote.size,
+                                                     etag: remote.etag, lastModified: remote.lastModified) {
+            throw Failure("the profile \(profile!) does not fit \(Redact.url(o.http.url)): \(why)")
+        }
         let identity = BitmapIdentity(kind: .present, pageSize: o.pageSize, imageSize: remote.size,
                                       url: HTTPTarget.identityURL(o.http.url), etag: remote.etag, lastModified: remote.lastModified)
         // The same files and policy as `add -t http` (CacheStore): a local
@@ -67,12 +73,7 @@ struct Prefetch: ParsableCommand {
         let prefetcher = Prefetcher(source: source, bitmap: bitmap, cache: cache, imageSize: remote.size,
                                     maxConnections: o.http.maxConnections)
         var runs = prefetcher.missingRuns(in: bytes)
-        if let path = profile {
-            let p = try loadProfile(path)
-            if let why = p.mismatch(url: HTTPTarget.identityURL(o.http.url), imageSize: remote.size,
-                                    etag: remote.etag, lastModified: remote.lastModified) {
-                throw Failure("the profile \(path) does not fit \(Redact.url(o.http.url)): \(why)")
-            }
+        if let p = bootProfile {
             // The profile's order, coalesced (BootProfile's REPLAY); only what is missing.
             let ps = UInt64(o.pageSize)
             runs = p.replayRanges(targetPageSize: o.pageSize, maxRunBytes: UInt64(prefetcher.maxRunBytes)).flatMap {

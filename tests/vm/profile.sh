@@ -119,6 +119,7 @@ section "bad input: one line each"
 expect_error "prefetch: a profile of another image" "another image" "$UBLK" prefetch --url http://127.0.0.1:8080/other.img --cache $CACHE/x.cache --bitmap $CACHE/x.bitmap --profile $PROFILE
 echo '{"format":"ublk-http-profile","version":1}' > /tmp/bad.profile
 expect_error "prefetch: a malformed profile" "not a ublk-http profile" "$UBLK" prefetch --url $URL --cache $CACHE/x.cache --bitmap $CACHE/x.bitmap --profile /tmp/bad.profile
+check "a refused profile leaves no cache behind" test ! -e $CACHE/x.cache -a ! -e $CACHE/x.bitmap
 expect_error "prefetch: a missing profile" "cannot read the profile" "$UBLK" prefetch --url $URL --cache $CACHE/x.cache --bitmap $CACHE/x.bitmap --profile /tmp/none.profile
 expect_error "prefetch: --range and --profile" "not both" "$UBLK" prefetch --url $URL --range 0-1M --profile $PROFILE
 if add -t null --size 1G; then

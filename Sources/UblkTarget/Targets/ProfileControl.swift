@@ -5,8 +5,8 @@
 // Contract:
 // - `profile-start` begins recording the pages reads touch for the first
 //   time, in order, on the home queue (where every read is planned: misses
-//   and, with -q N, the other queues' sequential hits as they tell the home
-//   of them; hits another queue serves out of sequence are not seen).
+//   and, with -q N, the other queues' hits, which they tell the home of
+//   (`touched`) only while a recording runs: a relaxed load per hit otherwise).
 //   Bounded by `pages`, `seconds` and ProfileRecorder.defaultMaxRuns.
 // - `profile-stop` ends it; so does a bound. An ended recording stays until
 //   a `profile-status` with `clear` takes it (its runs are in that reply), or
@@ -45,15 +45,18 @@ extension CachingHandler {
             let deadline = request.seconds.map { monotonicNanos() &+ min($0, 1 << 32) * 1_000_000_000 } ?? 0
             let p = ProfileRecorder(pageCount: bitmap.pageCount, maxPages: maxPages, deadline: deadline)
             profile = p
+            mesh?.recordingProfile = true
             return profileStatus(p, runs: false)
         case .profileStop:
             guard let p = profile else { return controlError("\(name) is not recording a profile") }
             p.stop()
+            mesh?.recordingProfile = false
             return profileStatus(p, runs: false)
         case .profileStatus:
             guard let p = profile else { return controlError("\(name) has no profile recording (start one with `ublk-http profile record`)") }
             p.check(now: monotonicNanos())
             if p.isRecording { return profileStatus(p, runs: false) }
+            mesh?.recordingProfile = false
             if request.clear == true { profile = nil }
             return profileStatus(p, runs: true)
         default:
@@ -72,5 +75,6 @@ extension CachingHandler {
     func recordRead(offset: UInt64, length: UInt32) {
         guard let p = profile, p.isRecording else { return }
         p.touch(planner.pages(offset: offset, length: Int(length)), now: monotonicNanos())
+        if !p.isRecording { mesh?.recordingProfile = false }
     }
 }
