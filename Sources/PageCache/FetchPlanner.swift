@@ -175,6 +175,35 @@ public final class FetchPlanner {
         return plan
     }
 
+    /// Background filling (hydration, profile replay: CachingFill.swift): pages
+    /// `r` as a read would need them (missing pages become runs, pages a run
+    /// covers are waited for, `context` comes back exactly once, satisfied or
+    /// failed), but no stream's sequential state is touched and nothing is read
+    /// ahead: a fill is not a reader, and must not grow a reader's window.
+    public func planFill(_ r: Range<UInt64>, context: UInt64, present: PageBits) -> ReadPlan {
+        let r = r.clamped(to: 0..<pageCount)
+        var plan = ReadPlan()
+        if r.isEmpty || present.allSet(r) {
+            plan.presentPages = UInt64(r.count)
+            return plan
+        }
+        let key = nextWaiterID
+        nextWaiterID += 1
+        waiters[key] = Waiter(context: context, first: r.lowerBound, end: r.upperBound, remaining: 0)
+        var p = r.lowerBound
+        var missing: UInt64 = 0
+        while p < r.upperBound, let m = present.nextClear(in: p..<r.upperBound) {
+            let e = present.nextSet(in: m..<r.upperBound) ?? r.upperBound
+            missing += e - m
+            cover(m..<e, waiter: key, plan: &plan, readahead: false)
+            p = e
+        }
+        plan.presentPages = UInt64(r.count) - missing
+        plan.waiter = key
+        plan.runsWaitedOn = waiters[key]!.remaining
+        return plan
+    }
+
     /// A read of `stream` served without `plan` (its pages were present):
     /// sequential detection and readahead as `plan` would do them, no waiter.
     public func hint(offset: UInt64, length: Int, stream: Int, present: PageBits) -> ReadPlan {

@@ -37,6 +37,14 @@ public enum ControlOp: String, Codable, Sendable {
     case profileStop = "profile-stop"
     /// The recording's state; once ended, its runs (`clear`: and forget it).
     case profileStatus = "profile-status"
+    /// Fetch every missing page in the background, at most `rate` bytes/s
+    /// (CachingFill.swift); replies `FillStatus`. A hydration running already
+    /// goes on (with the new `rate`, when given).
+    case hydrate
+    /// The background fill's progress (`FillStatus`).
+    case fillStatus = "fill-status"
+    /// Stop the background fill (`FillStatus`).
+    case fillStop = "fill-stop"
 }
 
 /// The reply to `flush`.
@@ -64,6 +72,8 @@ public struct ControlRequest: Codable, Sendable, Equatable {
     /// profile-start: at most this many pages, for at most this many seconds.
     public var pages: UInt64?
     public var seconds: UInt64?
+    /// `hydrate`: bytes per second (nil: unbounded).
+    public var rate: UInt64?
     public init(op: ControlOp, clear: Bool? = nil, token: UInt64? = nil, ok: Bool? = nil,
                 pages: UInt64? = nil, seconds: UInt64? = nil) {
         self.op = op

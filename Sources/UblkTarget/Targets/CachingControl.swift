@@ -166,6 +166,8 @@ enum DirtyControl {
             return controlError("this device has no write-back")
         case .profileStart, .profileStop, .profileStatus:
             return controlError("not a dirty-tracking operation")
+        case .hydrate, .fillStatus, .fillStop:
+            return controlError("\(request.op.rawValue) is a fill operation (CachingFill.swift)")
         }
     }
 }
@@ -175,6 +177,7 @@ extension CachingHandler {
 
     func control(_ request: ControlRequest, queue: IOQueue) -> String {
         if let reply = profileControl(request, queue: queue) { return reply }
+        if let reply = fillControl(request, queue: queue) { return reply }
         if request.op == .flush {
             guard let wb = context.writeback else { return controlJSON(WritebackStatus(writebackPages: 0, inFlight: false, unpersisted: false)) }
             startWriteback(queue)

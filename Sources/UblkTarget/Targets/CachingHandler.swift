@@ -270,6 +270,8 @@ final class CachingHandler: QueueHandler {
     let timerFD: Int32
     var timerArmed = false
     var draining = false
+    /// Background filling: hydration, profile replay (CachingFill.swift; the home's).
+    let filling = CacheFilling()
     /// Host tests: a line per state change, for a failing seed's replay.
     var trace: ((String) -> Void)?
 
@@ -889,6 +891,7 @@ final class CachingHandler: QueueHandler {
         if let s = staging.removeValue(forKey: run.id), let b = s.buffer { free(b) }
         if let e = error {
             log("ublk-http: fetch of bytes \(run.offset)-\(run.offset + UInt64(run.length) - 1) failed: \(e)")
+            filling.lastFetchError = e
             serve(planner.complete(run: run.id, success: false), queue)
         } else if got < UInt64(run.length) {
             log("ublk-http: fetch of bytes \(run.offset)-\(run.offset + UInt64(run.length) - 1) ended short (\(got) bytes)")
@@ -902,12 +905,14 @@ final class CachingHandler: QueueHandler {
     func serve(_ outcome: RunOutcome, _ queue: IOQueue) {
         let now = monotonicNanos()
         for ctx in outcome.satisfied {
+            if ctx >= FillJob.contextBase { fillOutcome(ctx, ok: true); continue }
             let tag = UInt16(ctx)
             guard stage[Int(tag)] == .waitingFetch, let r = requests[Int(tag)] else { continue }
             if r.op == Op.read { context.stats.missLatency.record(nanoseconds: now &- missStart[Int(tag)]) }
             proceed(r, queue: queue)
         }
         for ctx in outcome.failed {
+            if ctx >= FillJob.contextBase { fillOutcome(ctx, ok: false); continue }
             let tag = UInt16(ctx)
             if stage[Int(tag)] == .waitingFetch { finish(tag, -EIO, queue) }
         }
@@ -932,6 +937,8 @@ final class CachingHandler: QueueHandler {
             timerArmed = false
             var v: UInt64 = 0
             _ = read(timerFD, &v, 8)
+        case CachingHandler.fillTimerEvent:
+            fillTimerFired()
         case CachingHandler.meshEvent:
             received(mesh!.inboxes[Int(queueID)].take(), queue: queue)
             queue.poll(fd: mesh!.inboxes[Int(queueID)].fd, data: CachingHandler.meshEvent)
@@ -947,6 +954,7 @@ final class CachingHandler: QueueHandler {
         if !fetcher.isIdle { armPoll(queue) }
         let statsDirty = context.publishStats && statsSignature != writtenStatsSignature
         if writeback != nil && !draining { startWriteback(queue) }
+        if filling.job != nil { fillStep(queue) }
         if context.maxCacheBytes > 0 && cycle == nil && punchesInFlight == 0 && !presentFrozen { evictIfNeeded(queue) }
         let now = monotonicNanos()
         if statsDirty && now &- lastStats >= persistInterval {
@@ -985,6 +993,7 @@ final class CachingHandler: QueueHandler {
         guard isHome else { return }
         if !flushWaiters.isEmpty { startCycle(queue, full: true) }
         draining = true
+        fillDrain()
         fetcher.cancelAll(handler: self, queue: queue)
         for t in 0..<stage.count where stage[t] == .waitingFetch {
             finish(UInt16(t), -EIO, queue)

@@ -1,0 +1,274 @@
+// The background fill (CachingFill.swift: `hydrate`, profile replay) on the
+// host, through the page-state model's world (PageStateModelTests.World: a
+// FakeQueue over real files, a FakeFetcher serving a fixed remote, the
+// reference of what each sector may read as):
+// - hydration ends with every page present, the device reading exactly what
+//   the reference says (the remote's bytes, or what was written locally: a
+//   local page is never fetched over), in coalesced runs;
+// - the same with random reads, writes, FLUSH, `sync`, kill -9 and power
+//   losses while it runs (each restart hydrates again), 1-4 queues by the
+//   seed, every target mode;
+// - a read miss during hydration starts its own run at once (a slot stays free);
+// - at most `maxInFlight` gaps of the fill at once, never a run planned behind;
+// - stop, failure after a pass that gains nothing, refusal on a bounded cache;
+// - the token bucket, and planFill leaving readers' readahead alone.
+import Foundation
+import Glibc
+import PageCache
+import XCTest
+@testable import UblkTarget
+
+final class FillTests: XCTestCase {
+    typealias World = PageStateModelTests.World
+
+    /// A world without injected faults or an eviction bound (hydration refuses a bounded cache).
+    func quietWorld(seed: UInt64, queues: Int? = nil) throws -> World {
+        let w = try World(seed: seed, queues: queues)
+        w.faulty = false
+        w.setFaults(fsync: 0, write: 0)
+        w.fake?.failPermille = 0
+        w.evictBound = 0
+        w.handler.context.maxCacheBytes = 0
+        return w
+    }
+
+    func status(_ w: World) throws -> FillStatus {
+        let reply = w.handler.control(ControlRequest(op: .fillStatus), queue: w.queue)
+        return try JSONDecoder().decode(FillStatus.self, from: Data(reply.utf8))
+    }
+
+    @discardableResult
+    func hydrate(_ w: World, rate: UInt64? = nil) throws -> FillStatus {
+        var req = ControlRequest(op: .hydrate)
+        req.rate = rate
+        let reply = w.handler.control(req, queue: w.queue)
+        guard !reply.contains("\"error\"") else { throw PageStateModelTests.Failure(description: "hydrate refused: \(reply)") }
+        return try JSONDecoder().decode(FillStatus.self, from: Data(reply.utf8))
+    }
+
+    /// Pumps until the fill is no longer running and nothing is in flight.
+    func runFill(_ w: World, limit: Int = 200_000) throws -> FillStatus {
+        var n = 0
+        while w.handler.filling.job?.state == .running || !w.inFlight.isEmpty || w.queuesBusy || !w.fetcher.isIdle {
+            try w.pump()
+            try checkInvariants(w)
+            n += 1
+            if n > limit { throw PageStateModelTests.Failure(description: "the fill never ended: \(try status(w))") }
+        }
+        return try status(w)
+    }
+
+    func checkInvariants(_ w: World) throws {
+        guard let job = w.handler.filling.job else { return }
+        if job.inFlight.count > job.spec.maxInFlight {
+            throw PageStateModelTests.Failure(description: "\(job.inFlight.count) fill gaps in flight, more than \(job.spec.maxInFlight)")
+        }
+    }
+
+    /// Every sector reads as the reference allows.
+    func checkDevice(_ w: World) throws {
+        let device = try w.readAll()
+        for s in 0..<PageStateModelTests.sectors {
+            let got = device.withUnsafeBytes { PageStateModelTests.decode($0.baseAddress! + s * PageStateModelTests.sector, sector: s) }
+            if !w.current[s].contains(got) {
+                throw PageStateModelTests.Failure(description: "sector \(s) reads \(got), expected one of \(w.current[s].sorted()); \(w.describePage(UInt64(s / 8)))")
+            }
+        }
+    }
+
+    func testHydrationFillsEveryPageAndKeepsLocalWrites() throws {
+        let w = try quietWorld(seed: 3, queues: 1)  // an http --writable overlay
+        XCTAssertEqual(w.mode, .overlay)
+        w.handler.persistInterval = 0
+        // Local writes first: whole pages (claimed, never fetched) and partial ones.
+        w.submit(op: Op.write, sector: 16, count: 16)  // pages 2-3 whole
+        w.submit(op: Op.write, sector: 83, count: 3)   // part of page 10
+        try w.quiesce()
+        let before = w.handler.bitmap.count
+        XCTAssertGreaterThan(before, 0)
+        let start = try hydrate(w)
+        XCTAssertEqual(start.state, .running)
+        XCTAssertEqual(start.kind, .hydrate)
+        let end = try runFill(w)
+        XCTAssertEqual(end.state, .done, "\(end)")
+        XCTAssertEqual(end.pagesPresent, end.pagesTotal)
+        XCTAssertEqual(end.percent, 100)
+        XCTAssertEqual(w.handler.bitmap.count, UInt64(PageStateModelTests.pages))
+        // Coalesced: runs of up to 4 pages (the world's 16 KiB planner runs).
+        let fetched = UInt64(PageStateModelTests.pages) - before
+        XCTAssertGreaterThan(end.requests, 0)
+        XCTAssertLessThanOrEqual(end.requests, (fetched + 3) / 4 + 3, "\(end)")
+        XCTAssertEqual(end.bytesFetched, fetched * 4096)
+        try checkDevice(w)
+        // The bits reach the disk after the data (a full cycle): persisted once one ran.
+        var n = 0
+        while !(try status(w)).persisted {
+            w.handler.idle(queue: w.queue)
+            try w.quiesce()
+            n += 1
+            if n > 1000 { return XCTFail("the present bits never persisted") }
+        }
+        // Nothing left to fetch: hydrating again ends at once, fetching nothing.
+        let again = try hydrate(w)
+        XCTAssertEqual(again.requests, 0)
+        XCTAssertEqual(try runFill(w).state, .done)
+    }
+
+    func testAMissDuringHydrationStartsAtOnce() throws {
+        let w = try quietWorld(seed: 3, queues: 1)
+        let planner = w.handler.planner
+        XCTAssertEqual(planner.maxActiveRuns, 3)
+        try hydrate(w)
+        // The fill took what it may: two gaps, one slot left for misses.
+        XCTAssertEqual(w.handler.filling.job?.inFlight.count, 2)
+        XCTAssertEqual(planner.activeRunCount, 2)
+        XCTAssertEqual(planner.plannedRunCount, 0)
+        // A read of the last page (far from the fill's cursor): its run starts now.
+        w.submit(op: Op.read, sector: PageStateModelTests.sectors - 8, count: 8)
+        XCTAssertEqual(planner.plannedRunCount, 0, "the miss waits behind fill runs")
+        XCTAssertTrue(w.fake!.active.contains { $0.run.firstPage + $0.run.pageCount == UInt64(PageStateModelTests.pages) })
+        // While the miss's run is active no slot is free: the fill adds nothing.
+        let requests = w.handler.filling.job!.requests
+        w.handler.idle(queue: w.queue)
+        XCTAssertEqual(w.handler.filling.job!.requests, requests)
+        XCTAssertEqual(try runFill(w).state, .done)
+        try checkDevice(w)
+    }
+
+    func testStopFailureAndRefusal() throws {
+        // Stopped: no new run after fill-stop; its runs in flight finish.
+        let w = try quietWorld(seed: 3, queues: 1)
+        try hydrate(w)
+        let reply = w.handler.control(ControlRequest(op: .fillStop), queue: w.queue)
+        let stopped = try JSONDecoder().decode(FillStatus.self, from: Data(reply.utf8))
+        XCTAssertEqual(stopped.state, .stopped)
+        let requests = stopped.requests
+        XCTAssertEqual(try runFill(w).requests, requests)
+        XCTAssertLessThan(w.handler.bitmap.count, UInt64(PageStateModelTests.pages))
+
+        // Every fetch fails: the pass gains nothing, the job fails with the reason.
+        let f = try quietWorld(seed: 6, queues: 1)
+        f.fake!.failPermille = 1000
+        try hydrate(f)
+        let failed = try runFill(f)
+        XCTAssertEqual(failed.state, .failed)
+        XCTAssertTrue(failed.error?.contains("could not be fetched: injected failure") ?? false, "\(failed)")
+        XCTAssertGreaterThan(failed.failedRuns, 0)
+
+        // A cache bounded below the image cannot hold it: refused, one line.
+        let b = try quietWorld(seed: 9, queues: 1)
+        b.handler.context.maxCacheBytes = 8 * 4096
+        let refused = b.handler.control(ControlRequest(op: .hydrate), queue: b.queue)
+        XCTAssertTrue(refused.contains("\"error\"") && refused.contains("--cache-max-size"), refused)
+        XCTAssertNil(b.handler.filling.job)
+    }
+
+    func testRateLimitedHydrationWaitsOnItsTimer() throws {
+        let w = try quietWorld(seed: 3, queues: 1)
+        // 8 KiB/s: runs of one page (a quarter second's worth, at least a page).
+        let s = try hydrate(w, rate: 8 << 10)
+        XCTAssertEqual(s.rate, 8 << 10)
+        let job = w.handler.filling.job!
+        XCTAssertEqual(job.runPages, 1)
+        XCTAssertEqual(job.requests, 1, "one run, then the bucket is in debt")
+        XCTAssertTrue(w.handler.filling.timerArmed)
+        // Pumping without time passing starts nothing more.
+        for _ in 0..<200 { try w.pump() }
+        XCTAssertEqual(job.requests, 1)
+    }
+
+    func testTokenBucket() {
+        var spec = FillJobSpec(kind: .hydrate, ranges: [0..<1000])
+        spec.rate = 1 << 20
+        let job = FillJob(spec, pageCount: 1000, now: 0)
+        job.size(pageSize: 4096, plannerMax: 1024)
+        XCTAssertEqual(job.runPages, 64)  // 256 KiB: a quarter second at 1 MiB/s
+        XCTAssertEqual(job.refill(now: 0), 0)
+        job.tokens -= 256 * 1024
+        let wait = job.refill(now: 0)
+        XCTAssertEqual(Double(wait) / 1e9, 0.25, accuracy: 0.001)
+        XCTAssertEqual(job.refill(now: 250_000_001), 0)
+        // Idle time saves up at most one run.
+        XCTAssertEqual(job.refill(now: 60_000_000_000), 0)
+        XCTAssertEqual(job.tokens, 256 * 1024)
+        // Unbounded: never waits.
+        let free = FillJob(FillJobSpec(kind: .hydrate, ranges: [0..<10]), pageCount: 10, now: 0)
+        free.size(pageSize: 4096, plannerMax: 1024)
+        XCTAssertEqual(free.runPages, 1024)
+        free.tokens = -1e12
+        XCTAssertEqual(free.refill(now: 1), 0)
+        XCTAssertEqual(FillStatus.percent(999, of: 1000), 99.9)
+        XCTAssertEqual(FillStatus.percent(9999, of: 10000), 99.9, "never rounded up to 100")
+        XCTAssertEqual(FillStatus.percent(5, of: 5), 100)
+    }
+
+    func testPlanFillLeavesReadaheadAlone() {
+        let p = FetchPlanner(imageSize: 1 << 24, pageSize: 4096, maxRunBytes: 1 << 20,
+                             initialReadaheadBytes: 64 << 10, maxReadaheadBytes: 1 << 20, maxActiveRuns: 4)
+        let bits = PageBits(pageCount: 4096)
+        _ = p.plan(offset: 0, length: 4096, context: 1, present: bits)
+        _ = p.plan(offset: 4096, length: 4096, context: 2, present: bits)
+        let window = p.readaheadWindowPages
+        XCTAssertGreaterThan(window, 0)
+        let runs = p.runCount
+        let fill = p.planFill(1000..<1100, context: FillJob.contextBase, present: bits)
+        XCTAssertEqual(fill.newPages, 100)
+        XCTAssertEqual(fill.readaheadPages, 0)
+        XCTAssertEqual(p.runCount, runs + 1)
+        XCTAssertEqual(p.readaheadWindowPages, window)
+        // The reader's next sequential read still grows its window.
+        _ = p.plan(offset: 8192, length: 4096, context: 3, present: bits)
+        XCTAssertGreaterThan(p.readaheadWindowPages, window)
+        // Pages a run covers are waited for, not fetched again.
+        let over = p.planFill(1050..<1150, context: FillJob.contextBase + 1, present: bits)
+        XCTAssertEqual(over.inFlightPages, 50)
+        XCTAssertEqual(over.newPages, 50)
+    }
+
+    /// Seeded: hydration under random reads, writes, FLUSH, sync, kill -9 and
+    /// power losses (the model's own checks run at every step), 1-4 queues,
+    /// every target mode. A restart ends the job: it is asked for again.
+    func testHydrationUnderRandomLoadAndCrashes() throws {
+        let env = ProcessInfo.processInfo.environment
+        let seeds: [UInt64] = env["FILL_SEED"].flatMap { UInt64($0) }.map { [$0] } ?? Array(1...12)
+        let steps = env["FILL_STEPS"].flatMap { Int($0) } ?? 600
+        var crashes = 0
+        for seed in seeds {
+            let w = try quietWorld(seed: seed)
+            do {
+                var home = ObjectIdentifier(w.handler)
+                var hydrations = 0
+                for i in 0..<steps {
+                    if i == steps / 4 { try hydrate(w); hydrations += 1 }
+                    try w.step()
+                    if ObjectIdentifier(w.handler) != home {
+                        // A new server (kill -9 or power loss): the files decide, hydrate again.
+                        home = ObjectIdentifier(w.handler)
+                        crashes += 1
+                        w.handler.context.maxCacheBytes = 0
+                        if i >= steps / 4 { try hydrate(w); hydrations += 1 }
+                    }
+                    try checkInvariants(w)
+                }
+                if hydrations == 0 || w.handler.filling.job == nil { try hydrate(w) }
+                var end = try runFill(w)
+                if end.state == .stopped {
+                    // Stopped by a restart in quiesce's way: once more.
+                    try hydrate(w)
+                    end = try runFill(w)
+                }
+                guard end.state == .done, end.pagesPresent == end.pagesTotal else {
+                    throw PageStateModelTests.Failure(description: "hydration ended \(end)")
+                }
+                try checkDevice(w)
+            } catch {
+                return XCTFail("""
+                    seed \(seed) (\(w.mode.rawValue), \(w.queueCount) queues): \(error)
+                    replay: FILL_SEED=\(seed) swift test --filter FillTests
+                      \(w.trace.suffix(60).joined(separator: "\n  "))
+                    """)
+            }
+        }
+        if seeds.count > 1 { XCTAssertGreaterThan(crashes, 0, "crashes were exercised") }
+    }
+}
