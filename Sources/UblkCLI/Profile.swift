@@ -20,6 +20,10 @@ struct Profile: ParsableCommand {
             ublk-http add -t http --url URL --prefetch-profile FILE
                 fetches them in the background on attach, in recorded order
                 (coalesced into large ranges, after the device's own misses).
+            ublk-http profile status -n ID [--wait]
+                the replay's progress (JSON: state running, done, stopped or
+                failed; fill_pages, fill_pages_present, requests); --wait
+                returns once it ended, non-zero unless it is done.
             ublk-http prefetch --url URL --profile FILE
                 fetches them into the cache without a device.
 
@@ -32,7 +36,7 @@ struct Profile: ParsableCommand {
             A profile is refused, in one line, for an image of another size or
             with other validators (ETag, Last-Modified), and when malformed.
             """,
-        subcommands: [ProfileRecord.self, ProfileStop.self])
+        subcommands: [ProfileRecord.self, ProfileStop.self, ProfileStatusCommand.self])
 }
 
 /// What the profile of a live device is recorded against (its state file, which the server wrote).
@@ -144,6 +148,54 @@ struct ProfileStop: ParsableCommand {
             let data = try ControlClient.send(ControlRequest(op: .profileStop), device: id)
             print(String(decoding: data, as: UTF8.self))
         } catch { throw Failure(error) }
+    }
+}
+
+struct ProfileStatusCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "status",
+        abstract: "Print the progress of a device's profile replay (add --prefetch-profile) as JSON.",
+        discussion: """
+            The device's background fill (a profile replay, or `hydrate`):
+            {"kind":"profile","state":"running|done|stopped|failed",
+             "fill_pages":N,"fill_pages_present":N,"requests":N,...}.
+            --wait polls until it is no longer running; the exit status is
+            then 0 only if it is done.
+            """)
+
+    @Option(name: [.short, .customLong("number")], parsing: .unconditional, help: "Device id N (/dev/ublkbN).")
+    var number: Int
+
+    @Flag(name: .customLong("wait"), help: "Return once the replay has ended (done, stopped or failed).")
+    var wait = false
+
+    func run() throws {
+        try requireRoot()
+        let id = try deviceID(number)
+        while true {
+            let data: Data
+            let status: FillStatus
+            do {
+                data = try ControlClient.send(ControlRequest(op: .fillStatus), device: id)
+                status = try JSONDecoder().decode(FillStatus.self, from: data)
+            } catch let e as UblkError {
+                throw Failure(e)
+            } catch {
+                throw Failure("ublk\(id): unexpected reply to fill-status")
+            }
+            if status.state == .idle {
+                throw Failure("ublk\(id) has no profile replay (add --prefetch-profile) nor hydration running or ended")
+            }
+            if wait && status.state == .running {
+                usleep(100_000)
+                continue
+            }
+            print(String(decoding: data, as: UTF8.self))
+            if wait && status.state != .done {
+                throw Failure("ublk\(id): the replay \(status.state.rawValue)\(status.error.map { ": \($0)" } ?? "")")
+            }
+            return
+        }
     }
 }
 

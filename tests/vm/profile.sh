@@ -31,6 +31,7 @@ touch -d '2031-01-01 00:00:00' $WWW/other.img
 check "nginx" nginx-start $WWW 8080
 URL=http://127.0.0.1:8080/disk.img
 PROFILE=/tmp/boot.profile
+echo '{"format":"ublk-http-profile","version":1}' > /tmp/bad.profile
 
 section "record: mount and read the set while profile record runs"
 rm -f $CACHE/rec.*
@@ -115,9 +116,49 @@ else
     fail "add after prefetch --profile" "$DEV_JSON"
 fi
 
+section "cold, without a profile: the same reads, for comparison"
+rm -f $CACHE/cold.*
+if add -t http --url $URL --cache $CACHE/cold.cache --bitmap $CACHE/cold.bitmap; then
+    sleep 1.5
+    B=$(ranges disk.img)
+    H0=$(stat_of $DEV_ID hits); M0=$(stat_of $DEV_ID misses)
+    T0=$(date +%s.%N)
+    check "cold reads" reads $DEV_B
+    T1=$(date +%s.%N)
+    sleep 1.5
+    echo "# cold: $(awk "BEGIN { print $T1 - $T0 }") s, $(( $(ranges disk.img) - B )) range requests, hits $(( $(stat_of $DEV_ID hits) - H0 )), misses $(( $(stat_of $DEV_ID misses) - M0 ))"
+    del $DEV_ID >/dev/null
+fi
+
+section "add --prefetch-profile: a fresh cache, the replay in the background, then the same reads"
+rm -f $CACHE/on.*
+B=$(ranges disk.img)
+T0=$(date +%s.%N)
+if add -t http --url $URL --cache $CACHE/on.cache --bitmap $CACHE/on.bitmap --prefetch-profile $PROFILE; then
+    check "profile status --wait: the replay is done" "$UBLK" profile status -n $DEV_ID --wait
+    T1=$(date +%s.%N)
+    FS=$("$UBLK" profile status -n $DEV_ID)
+    echo "# replay: $FS"
+    N=$(( $(ranges disk.img) - B ))
+    RQ=$(echo "$FS" | jq .requests)
+    echo "# replay: $RQ range requests for $P profile pages ($N range requests since add, the partition scan's included), $(awk "BEGIN { print $T1 - $T0 }") s from add to done"
+    eq "the replay is a profile fill" profile "$(echo "$FS" | jq -r .kind)"
+    check "every page of the replay is present" bash -c "echo '$FS' | jq -e '.fill_pages_present == .fill_pages and .fill_pages >= $P'"
+    check "coalesced: at most one range request per 16 profile pages" test $(( RQ * 16 )) -le "$P" -a "$RQ" -gt 0
+    check "nginx agrees: at most one range request per 16 profile pages, the partition scan's aside" test $(( (N - 4) * 16 )) -le "$P"
+    T0=$(date +%s.%N)
+    replay_hits "after add --prefetch-profile"
+    del $DEV_ID >/dev/null
+else
+    fail "add --prefetch-profile" "$DEV_JSON"
+fi
+
 section "bad input: one line each"
+expect_error "add --prefetch-profile: a profile of another image" "another image" "$UBLK" add -t http --url http://127.0.0.1:8080/other.img --cache $CACHE/y.cache --bitmap $CACHE/y.bitmap --prefetch-profile $PROFILE
+expect_error "add --prefetch-profile: a malformed profile" "not a ublk-http profile" "$UBLK" add -t http --url $URL --cache $CACHE/y.cache --bitmap $CACHE/y.bitmap --prefetch-profile /tmp/bad.profile
+expect_error "add --prefetch-profile: a missing profile" "cannot read the profile" "$UBLK" add -t http --url $URL --prefetch-profile /tmp/none.profile
+expect_error "add --prefetch-profile on a null device" "http target only" "$UBLK" add -t null --size 1G --prefetch-profile $PROFILE
 expect_error "prefetch: a profile of another image" "another image" "$UBLK" prefetch --url http://127.0.0.1:8080/other.img --cache $CACHE/x.cache --bitmap $CACHE/x.bitmap --profile $PROFILE
-echo '{"format":"ublk-http-profile","version":1}' > /tmp/bad.profile
 expect_error "prefetch: a malformed profile" "not a ublk-http profile" "$UBLK" prefetch --url $URL --cache $CACHE/x.cache --bitmap $CACHE/x.bitmap --profile /tmp/bad.profile
 check "a refused profile leaves no cache behind" test ! -e $CACHE/x.cache -a ! -e $CACHE/x.bitmap
 expect_error "prefetch: a missing profile" "cannot read the profile" "$UBLK" prefetch --url $URL --cache $CACHE/x.cache --bitmap $CACHE/x.bitmap --profile /tmp/none.profile

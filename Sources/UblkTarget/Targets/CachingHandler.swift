@@ -155,6 +155,8 @@ final class CacheContext {
     /// With `dataFD` direct: the offset (and length) alignment of its I/O, which
     /// fetched bytes are staged to (`received`); 0: buffered, written as they come.
     var directAlignment = 0
+    /// A background fill the home starts once it serves (`add --prefetch-profile`: ProfileControl.swift).
+    var startFill: FillJobSpec?
 
     init(cache: CacheFile, bitmap: Bitmap, dirty: Bitmap?, imageSize: UInt64, pageSize: Int, stats: CacheStats,
          snapshot: @escaping () -> HTTPStats) {
@@ -372,6 +374,7 @@ final class CachingHandler: QueueHandler {
             h.charFD = queue.charFD
         }
         if let m = mesh { queue.poll(fd: m.inboxes[Int(queue.id)].fd, data: CachingHandler.meshEvent) }
+        if h.isHome, let spec = context.startFill { h.scheduleFill(spec, queue: queue) }
         if context.publishStats && h.isHome {
             h.statsFD = open(HTTPStats.path(queue.deviceID), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         }

@@ -13,6 +13,11 @@
 //   until the next `profile-start`. One recording per device at a time.
 // - Nothing here does file I/O: the CLI writes the profile, as its caller,
 //   in its own working directory. Recording costs a bit test per read.
+// Replay (`add --prefetch-profile`) is a fill job of kind `profile`
+// (CachingFill.swift: in order, coalesced, yielding to the device's misses),
+// set up when the home handler is made and started by its first `idle`;
+// `fill-status` (`ublk-http profile status`) says when it is done.
+import CUring
 import PageCache
 
 /// The reply to the profile operations.
@@ -68,6 +73,20 @@ extension CachingHandler {
         controlJSON(ProfileStatus(recording: p.isRecording, ended: p.ended?.rawValue, pages: p.pages, runCount: p.runs.count,
                                   pageSize: Int(pageSize), imageSize: imageSize,
                                   runs: runs ? p.runs.map { [$0.lowerBound, UInt64($0.count)] } : nil))
+    }
+
+    /// Sets `spec` up as the fill job before the queue serves: `idle` (the
+    /// fill's driver) takes its first step, which a one-shot timer makes come
+    /// even if the device reads nothing.
+    func scheduleFill(_ spec: FillJobSpec, queue: IOQueue) {
+        let job = FillJob(spec, pageCount: bitmap.pageCount, now: monotonicNanos())
+        job.size(pageSize: pageSize, plannerMax: planner.maxRunPages)
+        job.presentAtPassStart = fillPresent(job)
+        filling.job = job
+        if !timerArmed, timerFD >= 0, cu_timerfd_arm(timerFD, 1_000_000) == 0 {
+            timerArmed = true
+            queue.poll(fd: timerFD, data: CachingHandler.timerEvent)
+        }
     }
 
     /// A read of these bytes reached the home (recorded while a profile records).
