@@ -13,6 +13,8 @@ LOG=/var/log/nginx/access.log
 ranges() { grep -c "GET /$1 HTTP/1.1\" 206" $LOG || true; }
 # The boot-like read set: mount, read every file of the set, unmount.
 reads() { mount -t ext4 -o ro "$1" /mnt/p && (cd /mnt/p && sha256sum -c /tmp/sums >/dev/null) && umount /mnt/p; }
+# The same from vCPU 1: with -q 2 its requests go to queue 1, which serves hits by itself.
+reads_on_cpu1() { taskset -cp 1 $BASHPID >/dev/null && reads "$1"; }
 stat_of() { "$UBLK" stats -n "$1" --json | jq -r ".$2"; }
 
 section "an ext4 image: a set of small files among a large filler nobody reads"
@@ -83,7 +85,7 @@ if add -t http --url $URL --cache $CACHE/rec.cache --bitmap $CACHE/rec.bitmap -q
     check "profile record on -q 2 starts" wait_for 30 grep -q recording /tmp/warm.err
     H0=$(stat_of $DEV_ID hits); M0=$(stat_of $DEV_ID misses)
     T0=$(date +%s.%N)
-    check "reads on the warm cache" reads $DEV_B
+    check "reads on the warm cache, from vCPU 1 (queue 1)" reads_on_cpu1 $DEV_B
     T1=$(date +%s.%N)
     "$UBLK" profile stop -n $DEV_ID >/dev/null
     wait $REC
@@ -91,7 +93,7 @@ if add -t http --url $URL --cache $CACHE/rec.cache --bitmap $CACHE/rec.bitmap -q
     echo "# warm: $(awk "BEGIN { print $T1 - $T0 }") s, hits $(( $(stat_of $DEV_ID hits) - H0 )), misses $(( $(stat_of $DEV_ID misses) - M0 ))"
     P2=$(jq .pages /tmp/warm.profile 2>/dev/null || echo 0)
     echo "# the warm -q 2 recording: $P2 pages (the cold one: $P)"
-    check "all hits, on both queues, are recorded: the same pages within 5%" test $(( P2 * 100 )) -ge $(( P * 95 )) -a $(( P2 * 100 )) -le $(( P * 105 ))
+    check "queue 1's hits are recorded: the same pages within 5%" test $(( P2 * 100 )) -ge $(( P * 95 )) -a $(( P2 * 100 )) -le $(( P * 105 ))
     del $DEV_ID >/dev/null
 fi
 
