@@ -20,10 +20,10 @@
 // image rebuilt under the same URL has other blocks where its files are). A
 // server with no validators at all leaves only the (redacted) URL to compare.
 //
-// RECORDING (`ProfileRecorder`): first touches only (a bitset of pages seen),
-// appended to the last run when they continue it; bounded in memory by
-// `maxRuns` and in size by `maxPages`, and in time by a deadline: whichever
-// comes first ends the recording.
+// RECORDING (`ProfileRecorder`): first touches only (the pages seen, kept as
+// sorted ranges), appended to the last run when they continue it; bounded in
+// memory by `maxRuns` (whatever the image's size), in size by `maxPages`, and
+// in time by a deadline: whichever comes first ends the recording.
 //
 // REPLAY (`replayRanges`): the recorded order matters (what a boot reads
 // first should arrive first), but one request per small run would cost a
@@ -198,13 +198,17 @@ public final class ProfileRecorder {
     public let maxRuns: Int
     /// Monotonic nanoseconds at which the recording ends (0: none).
     public let deadline: UInt64
-    private let seen: PageBits
+    /// The pages seen so far: sorted, disjoint, adjacent ones merged. Never
+    /// more entries than `runs` (each new run adds at most one), so memory is
+    /// bounded by `maxRuns` whatever the image's size (a bitset of a 16 TiB
+    /// image's pages would be 512 MiB).
+    private var seen: [Range<UInt64>] = []
     public private(set) var runs: [Range<UInt64>] = []
     public private(set) var pages: UInt64 = 0
     /// Why the recording ended; nil while it runs.
     public private(set) var ended: End?
 
-    /// Memory: `maxRuns` ranges plus a bit per page of the image.
+    /// Memory: at most twice `maxRuns` ranges (16 bytes each).
     public static let defaultMaxRuns = 1 << 16
     public static let defaultMaxPages: UInt64 = 1 << 20
 
@@ -214,7 +218,6 @@ public final class ProfileRecorder {
         self.maxPages = max(1, maxPages)
         self.maxRuns = max(1, maxRuns)
         self.deadline = deadline
-        seen = PageBits(pageCount: pageCount)
     }
 
     public var isRecording: Bool { ended == nil }
@@ -233,19 +236,52 @@ public final class ProfileRecorder {
         guard ended == nil else { return }
         let range = touched.clamped(to: 0..<pageCount)
         var p = range.lowerBound
-        while p < range.upperBound, let s = seen.nextClear(in: p..<range.upperBound) {
-            var e = seen.nextSet(in: s..<range.upperBound) ?? range.upperBound
-            e = min(e, s + (maxPages - pages))
-            _ = seen.set(s..<e)
-            pages += e - s
-            if let last = runs.last, last.upperBound == s {
+        while p < range.upperBound {
+            let i = firstSeen(endingAfter: p)
+            if i < seen.count && seen[i].lowerBound <= p {
+                p = seen[i].upperBound
+                continue
+            }
+            // Not seen from p up to the next seen range (or the read's end).
+            var e = i < seen.count ? min(range.upperBound, seen[i].lowerBound) : range.upperBound
+            e = min(e, p + (maxPages - pages))
+            insertSeen(p..<e, at: i)
+            pages += e - p
+            if let last = runs.last, last.upperBound == p {
                 runs[runs.count - 1] = last.lowerBound..<e
             } else {
-                runs.append(s..<e)
+                runs.append(p..<e)
             }
             if pages >= maxPages { return stop(.pages) }
             if runs.count >= maxRuns { return stop(.runs) }
             p = e
+        }
+    }
+
+    /// The index of the first seen range that ends after `page` (binary search).
+    private func firstSeen(endingAfter page: UInt64) -> Int {
+        var lo = 0, hi = seen.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if seen[mid].upperBound <= page { lo = mid + 1 } else { hi = mid }
+        }
+        return lo
+    }
+
+    /// Adds `r` (unseen, between seen[i - 1] and seen[i]), merged with the neighbours it touches.
+    private func insertSeen(_ r: Range<UInt64>, at i: Int) {
+        let joinsPrevious = i > 0 && seen[i - 1].upperBound == r.lowerBound
+        let joinsNext = i < seen.count && seen[i].lowerBound == r.upperBound
+        switch (joinsPrevious, joinsNext) {
+        case (true, true):
+            seen[i - 1] = seen[i - 1].lowerBound..<seen[i].upperBound
+            seen.remove(at: i)
+        case (true, false):
+            seen[i - 1] = seen[i - 1].lowerBound..<r.upperBound
+        case (false, true):
+            seen[i] = r.lowerBound..<seen[i].upperBound
+        case (false, false):
+            seen.insert(r, at: i)
         }
     }
 }

@@ -77,6 +77,34 @@ final class BootProfileTests: XCTestCase {
         XCTAssertEqual(r.ended, .stopped)
     }
 
+    func testRecorderAgainstABitsetModel() {
+        // Random reads: the runs must be exactly the first touches, in order.
+        var rng = SystemRandomNumberGenerator()
+        for _ in 0..<20 {
+            let n = UInt64.random(in: 50...400, using: &rng)
+            let r = ProfileRecorder(pageCount: n)
+            var seen = [Bool](repeating: false, count: Int(n))
+            var expected: [UInt64] = []
+            for _ in 0..<200 {
+                let a = UInt64.random(in: 0..<n, using: &rng)
+                let b = min(n + 5, a + UInt64.random(in: 1...20, using: &rng))
+                r.touch(a..<b, now: 0)
+                for p in a..<min(b, n) where !seen[Int(p)] { seen[Int(p)] = true; expected.append(p) }
+            }
+            XCTAssertEqual(r.runs.flatMap { Array($0) }, expected)
+            XCTAssertEqual(r.pages, UInt64(expected.count))
+            for (x, y) in zip(r.runs, r.runs.dropFirst()) { XCTAssertNotEqual(x.upperBound, y.lowerBound, "unmerged runs") }
+        }
+    }
+
+    func testRecorderMemoryDoesNotGrowWithTheImage() {
+        // 2^32 pages (16 TiB at 4 KiB): nothing proportional to it is allocated.
+        let r = ProfileRecorder(pageCount: 1 << 32)
+        r.touch((1 << 32) - 2..<(1 << 32), now: 0)
+        r.touch(0..<1, now: 0)
+        XCTAssertEqual(r.runs, [(1 << 32) - 2..<(1 << 32), 0..<1])
+    }
+
     func testRecorderBounds() {
         let pages = ProfileRecorder(pageCount: 100, maxPages: 5)
         pages.touch(0..<3, now: 0)
