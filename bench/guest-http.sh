@@ -22,6 +22,14 @@
 #                64 MiB sequential read (dd bs=1M iflag=direct)
 #   warm-rand4k  fio 4k random reads QD32, IOPS          } ublk-http (prefetched),
 #   warm-seq1m   fio 1 MiB sequential reads QD8, MiB/s   } kloop, nbdkit-cache
+#   boot         a boot-like read set (mount a 96 MiB ext4 image, read its 32
+#                small files, umount), seconds from `add` to the reads' end and
+#                Range requests: ublk-http-warm (the cache a recording run
+#                left), ublk-http-cold (a fresh cache), ublk-http-profile (a
+#                fresh cache, `add --prefetch-profile` of the recording run's
+#                profile, the reads at once, as a boot would), ublk-http-
+#                profile-wait (the same, the reads after `profile status
+#                --wait`). Not in the default cases (BENCH_CASES=boot).
 # The server RSS (VmRSS/VmHWM) is taken right after each cold-seq run.
 #
 # Pinning: this script, fio and nginx run on vCPU 0 (FIO_CPU); every "server"
@@ -303,6 +311,73 @@ case_reqcount() {
     log "rep $rep reqcount ublk-http: $n Range requests for a cold $REQ_MB MiB sequential read ($n0 when dd ended; goal <= $goal); fetched $(jq -r '.bytes_fetched // "?"' <<<"$stats") bytes"
     ublk_del "$U_ID"
     rm -f "$CDIR"/req.*
+}
+
+# ---- boot: a boot-like read set with and without a profile ------------------------------------------
+BOOT_UP=0
+BOOT_URL=http://127.0.0.1:8080/boot.img BOOT_PROFILE=/tmp/boot.profile
+boot_ranges() { grep -c 'GET /boot.img HTTP/1.1" 206' "$NGINX_LOG" || true; }
+boot_reads() { mount -t ext4 -o ro "$1" /mnt/boot && (cd /mnt/boot && cat etc/* lib/* >/dev/null) && umount /mnt/boot; }
+# boot_setup: the image (once), and a profile recorded while the reads run on a fresh cache.
+boot_setup() {
+    [[ $BOOT_UP == 1 ]] && return 0
+    local src i
+    src=$(mktemp -d)
+    mkdir -p "$src/etc" "$src/lib" "$src/bin" /mnt/boot
+    for i in $(seq 1 24); do head -c $(( (i * 7919) % 60000 + 3000 )) /dev/urandom > "$src/etc/conf$i"; done
+    for i in $(seq 1 8); do head -c $(( i * 90000 + 1234 )) /dev/urandom > "$src/lib/lib$i.so"; done
+    head -c $((40 << 20)) /dev/urandom > "$src/bin/filler"
+    truncate -s 96M "$WWW/boot.img"
+    mkfs.ext4 -q -F -d "$src" "$WWW/boot.img" || { rm -rf "$src"; return 1; }
+    rm -rf "$src" "$CDIR"/bootwarm.*
+    U_JSON=$(taskset -c "$SRV_CPU" timeout 60 "$UBLK" add -t http --url "$BOOT_URL" --cache "$CDIR/bootwarm.cache" \
+        --bitmap "$CDIR/bootwarm.bitmap" 2>&1) || return 1
+    U_ID=$(jq -r .dev_id <<<"$U_JSON") U_DEV=$(jq -r .block_device <<<"$U_JSON")
+    sleep 1
+    timeout 60 "$UBLK" profile record -n "$U_ID" --out "$BOOT_PROFILE" >/tmp/bootrec.out 2>/tmp/bootrec.err &
+    local rec=$! t=0
+    until grep -q recording /tmp/bootrec.err || [[ $t -ge 300 ]]; do sleep 0.1; t=$((t + 1)); done
+    taskset -c "$FIO_CPU" bash -c "$(declare -f boot_reads); boot_reads $U_DEV" || { ublk_del "$U_ID"; return 1; }
+    timeout 10 "$UBLK" profile stop -n "$U_ID" >/dev/null
+    wait "$rec" || { ublk_del "$U_ID"; return 1; }
+    ublk_del "$U_ID"
+    emit "$(jq -c '{case: "info", device: "ublk-http", what: "boot_profile", rep: 0, pages: .pages, runs: (.runs | length)}' "$BOOT_PROFILE")"
+    log "boot profile: $(cat /tmp/bootrec.out)"
+    BOOT_UP=1
+}
+# boot_run MODE REP: warm | cold | profile | profile-wait (the case header).
+boot_run() {
+    local mode=$1 rep=$2 base=$CDIR/boot args=() b t0 t1 stats
+    start_mark boot "ublk-http-$mode" "$rep"
+    rm -f "$CDIR"/boot.cache "$CDIR"/boot.bitmap*
+    [[ $mode == warm ]] && base=$CDIR/bootwarm
+    [[ $mode == profile* ]] && args=(--prefetch-profile "$BOOT_PROFILE")
+    b=$(boot_ranges)
+    t0=$(now_us)
+    U_JSON=$(taskset -c "$SRV_CPU" timeout 60 "$UBLK" add -t http --url "$BOOT_URL" --cache "$base.cache" \
+        --bitmap "$base.bitmap" "${args[@]}" 2>&1) || { err boot "ublk-http-$mode" "$rep" "add: $(tail -n 1 <<<"$U_JSON")"; return; }
+    U_ID=$(jq -r .dev_id <<<"$U_JSON") U_DEV=$(jq -r .block_device <<<"$U_JSON")
+    if [[ $mode == profile-wait ]] && ! timeout 120 "$UBLK" profile status -n "$U_ID" --wait >/dev/null 2>/tmp/boot.err; then
+        err boot "ublk-http-$mode" "$rep" "replay: $(cat /tmp/boot.err)"; ublk_del "$U_ID"; return
+    fi
+    if ! taskset -c "$FIO_CPU" bash -c "$(declare -f boot_reads); boot_reads $U_DEV"; then
+        err boot "ublk-http-$mode" "$rep" "mount or reads failed"; ublk_del "$U_ID"; return
+    fi
+    t1=$(now_us)
+    stats=$(ublk_stats "$U_ID")
+    emit "$(jq -cn --arg d "ublk-http-$mode" --argjson r "$rep" --argjson us $((t1 - t0)) --argjson n $(( $(boot_ranges) - b )) --argjson st "$stats" \
+        '{case: "boot", device: $d, rep: $r, metric: "seconds", value: ($us / 1e6), requests: $n, hits: ($st.hits // null),
+          misses: ($st.misses // null), bytes_fetched: ($st.bytes_fetched // null)}')"
+    log "rep $rep boot ublk-http-$mode: $(awk -v u=$((t1 - t0)) 'BEGIN { printf "%.2f", u / 1e6 }') s from add to the reads' end, $(( $(boot_ranges) - b )) Range requests; stats $(jq -c '{hits, misses, bytes_fetched}' <<<"$stats")"
+    ublk_del "$U_ID"
+}
+case_boot() {
+    local rep=$1
+    boot_setup || { err boot ublk-http "$rep" "setup (mkfs, recording the profile) failed"; return; }
+    boot_run warm "$rep"
+    boot_run cold "$rep"
+    boot_run profile "$rep"
+    boot_run profile-wait "$rep"
 }
 
 # ---- warm devices (set up once, before the first warm case) -------------------------------------
