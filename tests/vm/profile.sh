@@ -70,6 +70,15 @@ if add -t http --url $URL --cache $CACHE/rec.cache --bitmap $CACHE/rec.bitmap; t
     eq "and holds 5 pages" 5 "$(jq .pages /tmp/small.profile 2>/dev/null)"
     eq "ended by the page bound" pages "$(jq -r .ended /tmp/small.out 2>/dev/null)"
     "$UBLK" profile record -n $DEV_ID --out /tmp/timed.profile --seconds 1 >/tmp/timed.out 2>/dev/null
+    # Ctrl-C ends the recording and still writes the profile.
+    "$UBLK" profile record -n $DEV_ID --out /tmp/int.profile >/tmp/int.out 2>/tmp/int.err &
+    INT=$!
+    check "profile record (for Ctrl-C) starts" wait_for 30 grep -q recording /tmp/int.err
+    dd if=$DEV_B of=/dev/null bs=4k count=3 skip=3000 iflag=direct 2>/dev/null
+    kill -INT $INT
+    wait $INT; eq "record ended by SIGINT exits 0" 0 $?
+    eq "and wrote what it had" 3 "$(jq .pages /tmp/int.profile 2>/dev/null)"
+    expect_error "no recording runs after it" "not recording" "$UBLK" profile stop -n $DEV_ID
     eq "record with --seconds 1 ends by itself" seconds "$(jq -r .ended /tmp/timed.out 2>/dev/null)"
     del $DEV_ID >/dev/null
 else
