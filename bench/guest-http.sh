@@ -26,6 +26,14 @@
 #                files) by one device, then by BENCH_SHARED_N (4) devices
 #                attached at once from one URL (add --overlay: one shared
 #                base): bytes nginx served, N devices / one device
+#   boot         a boot-like read set (mount a 96 MiB ext4 image, read its 32
+#                small files, umount), seconds from `add` to the reads' end and
+#                Range requests: ublk-http-warm (the cache a recording run
+#                left), ublk-http-cold (a fresh cache), ublk-http-profile (a
+#                fresh cache, `add --prefetch-profile` of the recording run's
+#                profile, the reads at once, as a boot would), ublk-http-
+#                profile-wait (the same, the reads after `profile status
+#                --wait`).
 # The server RSS (VmRSS/VmHWM) is taken right after each cold-seq run.
 #
 # Pinning: this script, fio and nginx run on vCPU 0 (FIO_CPU); every "server"
@@ -36,7 +44,7 @@
 # Settings (environment, from bench/run.sh --suite http through vm/run.sh --env):
 #   BENCH_REPS (3)  BENCH_RUNTIME (10 s: cold random)  BENCH_WARM_RUNTIME (10 s)
 #   BENCH_RAMP (2 s: warm runs)  BENCH_IMG_MB (256)  BENCH_REQ_MB (64)  BENCH_WQ_PIN (1)
-#   BENCH_CASES ("cold-seq cold-rand4k reqcount warm-rand4k warm-seq1m shared")  BENCH_SHARED_N (4)
+#   BENCH_CASES ("cold-seq cold-rand4k reqcount warm-rand4k warm-seq1m shared boot")  BENCH_SHARED_N (4)
 #   BENCH_NBD (1: include the nbdkit devices)
 
 WRUNTIME=${BENCH_WARM_RUNTIME:-10}
@@ -44,7 +52,7 @@ WRAMP=$RAMP
 IMG_MB=${BENCH_IMG_MB:-256}
 REQ_MB=${BENCH_REQ_MB:-64}
 NBD=${BENCH_NBD:-1}
-read -r -a CASES <<<"${BENCH_CASES:-cold-seq cold-rand4k reqcount warm-rand4k warm-seq1m shared}"
+read -r -a CASES <<<"${BENCH_CASES:-cold-seq cold-rand4k reqcount warm-rand4k warm-seq1m shared boot}"
 SRV_CPU=$SERVER_CPU
 WWW=/tmp/www IMG=/tmp/www/img URL=http://127.0.0.1:8080/img
 CDIR=/tmp/ublk-cache COPY=/tmp/copy.img
@@ -309,25 +317,25 @@ case_reqcount() {
     rm -f "$CDIR"/req.*
 }
 
-# ---- one image, many devices; boot read sets (issue 11) --------------------------------------------
-BOOT_IMG=$WWW/boot.img BOOT_URL=http://127.0.0.1:8080/boot.img BOOT_SRC=/tmp/boot-src
+# ---- one image, many devices (issue 11) ----------------------------------------------------------
+SHARED_IMG=$WWW/shared.img SHARED_URL=http://127.0.0.1:8080/shared.img SHARED_SRC=/tmp/shared-src
 SHARED_N=${BENCH_SHARED_N:-4}
-BOOT_UP=0
-# boot_image: an ext4 image holding a set of files of mixed sizes (a boot's
+SHARED_UP=0
+# shared_image: an ext4 image holding a set of files of mixed sizes (a boot's
 # read set: mount it, read every file), made once per boot of the VM.
-boot_image() {
-    [[ $BOOT_UP == 1 ]] && return 0
-    BOOT_UP=1
-    rm -rf "$BOOT_SRC"; mkdir -p "$BOOT_SRC/lib" "$BOOT_SRC/etc"
+shared_image() {
+    [[ $SHARED_UP == 1 ]] && return 0
+    SHARED_UP=1
+    rm -rf "$SHARED_SRC"; mkdir -p "$SHARED_SRC/lib" "$SHARED_SRC/etc"
     local i
-    for i in $(seq 1 48); do head -c $(( (i * 7919 % 61 + 4) * 8192 + i )) /dev/urandom > "$BOOT_SRC/lib/f$i"; done
-    for i in $(seq 1 32); do seq 1 $((i * 50)) > "$BOOT_SRC/etc/c$i"; done
-    truncate -s 128M "$BOOT_IMG"
-    mkfs.ext4 -q -F -d "$BOOT_SRC" "$BOOT_IMG" || h_die "mkfs.ext4 of the boot image failed"
-    log "boot image: 128 MiB ext4, $(du -sk "$BOOT_SRC" | cut -f1) KiB in $(find "$BOOT_SRC" -type f | wc -l) files"
+    for i in $(seq 1 48); do head -c $(( (i * 7919 % 61 + 4) * 8192 + i )) /dev/urandom > "$SHARED_SRC/lib/f$i"; done
+    for i in $(seq 1 32); do seq 1 $((i * 50)) > "$SHARED_SRC/etc/c$i"; done
+    truncate -s 128M "$SHARED_IMG"
+    mkfs.ext4 -q -F -d "$SHARED_SRC" "$SHARED_IMG" || h_die "mkfs.ext4 of the boot image failed"
+    log "shared image: 128 MiB ext4, $(du -sk "$SHARED_SRC" | cut -f1) KiB in $(find "$SHARED_SRC" -type f | wc -l) files"
 }
-# boot_read DEV MNT: mount read-only, read every file, umount; prints the microseconds it took.
-boot_read() {
+# shared_read DEV MNT: mount read-only, read every file, umount; prints the microseconds it took.
+shared_read() {
     local t0
     mkdir -p "$2"
     t0=$(now_us)
@@ -345,20 +353,20 @@ served_reqs() { awk -v f="/$1" '$5 == f && $7 == 206 { n++ } END { print n + 0 }
 # shared base) read it together. Bytes nginx served, N devices / one device.
 case_shared() {
     local rep=$1 b0 b1 bn t1 id base i ids=() tmax=0
-    boot_image
+    shared_image
     start_mark shared ublk-http "$rep"
     rm -rf "$CDIR"/sh.* "$CDIR/ov"; mkdir -p "$CDIR/ov"
-    local opts=(--url "$BOOT_URL" --cache "$CDIR/sh.cache" --bitmap "$CDIR/sh.bitmap" --overlay-dir "$CDIR/ov")
-    b0=$(served_bytes boot.img)
+    local opts=(--url "$SHARED_URL" --cache "$CDIR/sh.cache" --bitmap "$CDIR/sh.bitmap" --overlay-dir "$CDIR/ov")
+    b0=$(served_bytes shared.img)
     U_JSON=$(taskset -c "$SRV_CPU" timeout 60 "$UBLK" add -t http "${opts[@]}" --overlay one 2>&1) \
         || { err shared ublk-http "$rep" "add: $(tail -n 2 <<<"$U_JSON" | tr '\n' ' ')"; return; }
     id=$(jq -r .dev_id <<<"$U_JSON")
     base=$(jq -r .target_options.lower <<<"$U_JSON"); base=${base#/dev/ublkb}
-    t1=$(boot_read "/dev/ublkb$id" /mnt/sh0) || { err shared ublk-http "$rep" "boot read of one device failed"; ublk_del "$id"; ublk_del "$base"; return; }
-    b1=$(( $(served_bytes boot.img) - b0 ))
+    t1=$(shared_read "/dev/ublkb$id" /mnt/sh0) || { err shared ublk-http "$rep" "boot read of one device failed"; ublk_del "$id"; ublk_del "$base"; return; }
+    b1=$(( $(served_bytes shared.img) - b0 ))
     ublk_del "$id"; ublk_del "$base"
     rm -rf "$CDIR"/sh.* "$CDIR/ov"; mkdir -p "$CDIR/ov"
-    b0=$(served_bytes boot.img)
+    b0=$(served_bytes shared.img)
     for i in $(seq 1 "$SHARED_N"); do
         U_JSON=$(taskset -c "$SRV_CPU" timeout 60 "$UBLK" add -t http "${opts[@]}" --overlay "d$i" 2>&1) \
             || { err shared ublk-http "$rep" "add $i: $(tail -n 2 <<<"$U_JSON" | tr '\n' ' ')"; break; }
@@ -366,14 +374,14 @@ case_shared() {
     done
     base=$(jq -r .target_options.lower <<<"$U_JSON"); base=${base#/dev/ublkb}
     if [[ ${#ids[@]} == "$SHARED_N" ]]; then
-        for i in "${!ids[@]}"; do boot_read "/dev/ublkb${ids[$i]}" "/mnt/sh$((i + 1))" > "/tmp/shared-$i.us" & done
+        for i in "${!ids[@]}"; do shared_read "/dev/ublkb${ids[$i]}" "/mnt/sh$((i + 1))" > "/tmp/shared-$i.us" & done
         wait
         for i in "${!ids[@]}"; do
             local t; t=$(cat "/tmp/shared-$i.us")
             [[ -n $t ]] || { err shared ublk-http "$rep" "boot read of device $((i + 1)) failed"; tmax=-1; break; }
             (( t > tmax )) && tmax=$t
         done
-        bn=$(( $(served_bytes boot.img) - b0 ))
+        bn=$(( $(served_bytes shared.img) - b0 ))
         if (( tmax > 0 && b1 > 0 )); then
             emit "$(jq -cn --argjson r "$rep" --argjson n "$SHARED_N" --argjson b1 "$b1" --argjson bn "$bn" --argjson t1 "$t1" --argjson tn "$tmax" \
                 '{case: "shared", device: "ublk-http", rep: $r, metric: "bytes vs one device", value: ($bn / $b1), devices: $n,
@@ -384,6 +392,73 @@ case_shared() {
     for i in "${ids[@]}"; do ublk_del "$i"; done
     [[ -n $base && $base != null ]] && ublk_del "$base"
     rm -rf "$CDIR"/sh.* "$CDIR/ov"
+}
+
+# ---- boot: a boot-like read set with and without a profile ------------------------------------------
+BOOT_UP=0
+BOOT_URL=http://127.0.0.1:8080/boot.img BOOT_PROFILE=/tmp/boot.profile
+boot_ranges() { grep -c 'GET /boot.img HTTP/1.1" 206' "$NGINX_LOG" || true; }
+boot_reads() { mount -t ext4 -o ro "$1" /mnt/boot && (cd /mnt/boot && cat etc/* lib/* >/dev/null) && umount /mnt/boot; }
+# boot_setup: the image (once), and a profile recorded while the reads run on a fresh cache.
+boot_setup() {
+    [[ $BOOT_UP == 1 ]] && return 0
+    local src i
+    src=$(mktemp -d)
+    mkdir -p "$src/etc" "$src/lib" "$src/bin" /mnt/boot
+    for i in $(seq 1 24); do head -c $(( (i * 7919) % 60000 + 3000 )) /dev/urandom > "$src/etc/conf$i"; done
+    for i in $(seq 1 8); do head -c $(( i * 90000 + 1234 )) /dev/urandom > "$src/lib/lib$i.so"; done
+    head -c $((40 << 20)) /dev/urandom > "$src/bin/filler"
+    truncate -s 96M "$WWW/boot.img"
+    mkfs.ext4 -q -F -d "$src" "$WWW/boot.img" || { rm -rf "$src"; return 1; }
+    rm -rf "$src" "$CDIR"/bootwarm.*
+    U_JSON=$(taskset -c "$SRV_CPU" timeout 60 "$UBLK" add -t http --url "$BOOT_URL" --cache "$CDIR/bootwarm.cache" \
+        --bitmap "$CDIR/bootwarm.bitmap" 2>&1) || return 1
+    U_ID=$(jq -r .dev_id <<<"$U_JSON") U_DEV=$(jq -r .block_device <<<"$U_JSON")
+    sleep 1
+    timeout 60 "$UBLK" profile record -n "$U_ID" --out "$BOOT_PROFILE" >/tmp/bootrec.out 2>/tmp/bootrec.err &
+    local rec=$! t=0
+    until grep -q recording /tmp/bootrec.err || [[ $t -ge 300 ]]; do sleep 0.1; t=$((t + 1)); done
+    taskset -c "$FIO_CPU" bash -c "$(declare -f boot_reads); boot_reads $U_DEV" || { ublk_del "$U_ID"; return 1; }
+    timeout 10 "$UBLK" profile stop -n "$U_ID" >/dev/null
+    wait "$rec" || { ublk_del "$U_ID"; return 1; }
+    ublk_del "$U_ID"
+    emit "$(jq -c '{case: "info", device: "ublk-http", what: "boot_profile", rep: 0, pages: .pages, runs: (.runs | length)}' "$BOOT_PROFILE")"
+    log "boot profile: $(cat /tmp/bootrec.out)"
+    BOOT_UP=1
+}
+# boot_run MODE REP: warm | cold | profile | profile-wait (the case header).
+boot_run() {
+    local mode=$1 rep=$2 base=$CDIR/boot args=() b t0 t1 stats
+    start_mark boot "ublk-http-$mode" "$rep"
+    rm -f "$CDIR"/boot.cache "$CDIR"/boot.bitmap*
+    [[ $mode == warm ]] && base=$CDIR/bootwarm
+    [[ $mode == profile* ]] && args=(--prefetch-profile "$BOOT_PROFILE")
+    b=$(boot_ranges)
+    t0=$(now_us)
+    U_JSON=$(taskset -c "$SRV_CPU" timeout 60 "$UBLK" add -t http --url "$BOOT_URL" --cache "$base.cache" \
+        --bitmap "$base.bitmap" "${args[@]}" 2>&1) || { err boot "ublk-http-$mode" "$rep" "add: $(tail -n 1 <<<"$U_JSON")"; return; }
+    U_ID=$(jq -r .dev_id <<<"$U_JSON") U_DEV=$(jq -r .block_device <<<"$U_JSON")
+    if [[ $mode == profile-wait ]] && ! timeout 120 "$UBLK" profile status -n "$U_ID" --wait >/dev/null 2>/tmp/boot.err; then
+        err boot "ublk-http-$mode" "$rep" "replay: $(cat /tmp/boot.err)"; ublk_del "$U_ID"; return
+    fi
+    if ! taskset -c "$FIO_CPU" bash -c "$(declare -f boot_reads); boot_reads $U_DEV"; then
+        err boot "ublk-http-$mode" "$rep" "mount or reads failed"; ublk_del "$U_ID"; return
+    fi
+    t1=$(now_us)
+    stats=$(ublk_stats "$U_ID")
+    emit "$(jq -cn --arg d "ublk-http-$mode" --argjson r "$rep" --argjson us $((t1 - t0)) --argjson n $(( $(boot_ranges) - b )) --argjson st "$stats" \
+        '{case: "boot", device: $d, rep: $r, metric: "seconds", value: ($us / 1e6), requests: $n, hits: ($st.hits // null),
+          misses: ($st.misses // null), bytes_fetched: ($st.bytes_fetched // null)}')"
+    log "rep $rep boot ublk-http-$mode: $(awk -v u=$((t1 - t0)) 'BEGIN { printf "%.2f", u / 1e6 }') s from add to the reads' end, $(( $(boot_ranges) - b )) Range requests; stats $(jq -c '{hits, misses, bytes_fetched}' <<<"$stats")"
+    ublk_del "$U_ID"
+}
+case_boot() {
+    local rep=$1
+    boot_setup || { err boot ublk-http "$rep" "setup (mkfs, recording the profile) failed"; return; }
+    boot_run warm "$rep"
+    boot_run cold "$rep"
+    boot_run profile "$rep"
+    boot_run profile-wait "$rep"
 }
 
 # ---- warm devices (set up once, before the first warm case) -------------------------------------

@@ -187,13 +187,25 @@ def report(out_dir, host):
                      f"{min(v):.2f}–{max(v):.2f}", "vs one device alone", "", "", "", str(len(sh))])
     goals.append(g(f"bytes fetched by {shared['devices'] or 4} devices from one URL at once vs one device alone",
                    max(shared["values"]) if shared["values"] else None, 1.1, "<=", "worst rep (issue 11)"))
+    # boot: a boot-like read set, seconds from add to the reads' end and Range
+    # requests, cold with and without a profile, relative to the warm cache.
+    boot = {}
+    for m in ("warm", "cold", "profile", "profile-wait"):
+        rs = [r for r in runs if r["case"] == "boot" and r["device"] == f"ublk-http-{m}" and "error" not in r]
+        if rs:
+            boot[m] = {"seconds": statistics.median([r["value"] for r in rs]), "min": min(r["value"] for r in rs),
+                       "max": max(r["value"] for r in rs), "requests": statistics.median([r["requests"] for r in rs]), "runs": len(rs)}
+    warm_s = boot.get("warm", {}).get("seconds")
+    for m, b in boot.items():
+        rows.append(["boot", f"ublk-http {m}", f"{b['seconds']:.2f} s, {b['requests']:g} requests",
+                     f"{b['min']:.2f}–{b['max']:.2f} s", f"{b['seconds'] / warm_s:.2f}× warm" if warm_s else "-", "", "", "", str(b["runs"])])
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(hdr)]
     def line(cols):
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |"
     table = [line(hdr), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
 
     res = {"host": host, "meta": meta, "complete": done, "summary": list(summary.values()), "goals": goals,
-           "reqcount": reqcount, "shared": shared, "rss_kb_cold_seq": rss_runs, "rss_limit_kib": rss_limit_kib,
+           "reqcount": reqcount, "shared": shared, "boot": boot, "rss_kb_cold_seq": rss_runs, "rss_limit_kib": rss_limit_kib,
            "info": infos, "setup_errors": errors, "runs": runs}
     json.dump(res, open(os.path.join(out_dir, "results.json"), "w"), indent=1)
 

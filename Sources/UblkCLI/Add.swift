@@ -98,6 +98,8 @@ struct Add: ParsableCommand {
 
     @OptionGroup(title: "overlays (many devices from one image)")
     var overlay: OverlayOptions
+    @Option(name: .customLong("prefetch-profile"), help: "http: replay a boot profile (`ublk-http profile --help`) in the background: its pages in recorded order, coalesced into large ranges, after the device's own misses. `ublk-http profile status -n ID --wait` returns once it is done. Refused in one line for another image or a malformed file.")
+    var prefetchProfile: String?
 
     @Flag(name: .customLong("read-only"), help: "Expose the device read-only.")
     var readOnly = false
@@ -166,6 +168,7 @@ struct Add: ParsableCommand {
         if (type == "http" || type == "cache") && queues * depth >= 65535 {
             throw Failure("the \(type) target takes at most 65534 requests in flight in all: lower -q or -d")
         }
+        if prefetchProfile != nil && type != "http" { throw Failure("--prefetch-profile applies to the http target only") }
         if type != "cache" && (backing != nil || noDirtyTracking) { throw Failure("--backing and --no-dirty-tracking apply to the cache target only") }
         if let m = cacheMaxSize {
             guard type == "http" || type == "cache" else { throw Failure("--cache-max-size applies to the http and cache targets only") }
@@ -185,6 +188,7 @@ struct Add: ParsableCommand {
             var options = try http.targetOptions()
             options.maxCacheBytes = cacheMaxSize.flatMap { Size.parse($0) } ?? 0
             options.queues = queues
+            if let path = prefetchProfile { options.prefetchProfile = (path, try loadProfile(path)) }
             do { return try HTTPTarget(options) } catch { throw Failure(error) }
         case "cache":
             var o = CacheTargetOptions(backing: backing!, cachePath: http.cache!, bitmapPath: http.bitmap!)
@@ -242,9 +246,10 @@ struct Add: ParsableCommand {
         var skip = false
         for a in args {
             if skip { skip = false; continue }
-            if a == "--ready-fd" || a == "--recover-id" || a == "--arguments-fd" { skip = true; continue }
+            // A profile replay is for the attach: `recover` needs neither it nor its file.
+            if a == "--ready-fd" || a == "--recover-id" || a == "--arguments-fd" || a == "--prefetch-profile" { skip = true; continue }
             if a == "--foreground" || a.hasPrefix("--ready-fd=") || a.hasPrefix("--recover-id=")
-                || a.hasPrefix("--arguments-fd=") { continue }
+                || a.hasPrefix("--arguments-fd=") || a.hasPrefix("--prefetch-profile=") { continue }
             out.append(a)
         }
         return out
@@ -275,6 +280,8 @@ struct Add: ParsableCommand {
             // Check what can be checked here, so that errors need no round trip
             // (http probes the network and locks its bitmap: the server does that).
             if type != "http" && type != "cache" && type != "overlay" { _ = try makeTarget() }
+            // A malformed profile is refused here; whether it fits the image, the server says.
+            if let path = prefetchProfile { _ = try loadProfile(path) }
             try requireRoot()
             _ = try openControl()
             if type == "http" && overlay.name != nil {

@@ -63,6 +63,11 @@ enum OverlayBase {
         return UInt32(lower.dropFirst("/dev/ublkb".count))
     }
 
+    /// `id`, or for an overlay device the base it reads through (which fetches, records and replays for it).
+    static func follow(_ id: UInt32) -> UInt32 {
+        DeviceState.load(id).flatMap { baseID(of: $0) } ?? id
+    }
+
     static func isOverlay(_ id: UInt32) -> Bool { DeviceState.load(id)?.target == "overlay" }
 
     /// The running overlay devices whose lower device is ublkb`id`.
@@ -93,6 +98,19 @@ enum OverlayBase {
         let url = add.http.url!
         var base = findBase(url: url)
         var started = false
+        if let b = base, let path = add.prefetchProfile {
+            // The base runs already: the profile is replayed there (a base this
+            // add starts replays it itself, from its own --prefetch-profile).
+            let p = try loadProfile(path)
+            let o = b.targetOptions
+            if let why = p.mismatch(url: HTTPTarget.identityURL(o["url"] ?? ""), imageSize: UInt64(o["image_size"] ?? "") ?? 0,
+                                    etag: o["etag"], lastModified: o["last_modified"]) {
+                throw Failure("the profile \(path) does not fit \(Redact.url(url)): \(why)")
+            }
+            var request = ControlRequest(op: .profileReplay)
+            request.runs = p.replayRanges(targetPageSize: Int(o["page_size"] ?? "") ?? 4096).map { [$0.lowerBound, UInt64($0.count)] }
+            _ = try Hydrate.send(request, b.devID)
+        }
         if base == nil {
             let line = try Daemon.spawnServer(arguments: baseArguments(arguments))
             guard let s = try? JSONDecoder().decode(DeviceState.self, from: Data(line.utf8)) else {

@@ -20,7 +20,13 @@ struct Prefetch: ParsableCommand {
     @Option(name: .customLong("range"), help: "Only bytes A-B of the image (K/M/G suffixes; B inclusive, or empty for the end).")
     var range: String?
 
-    func validate() throws { try http.check() }
+    @Option(name: .customLong("profile"), help: "Only the pages a boot profile lists (`ublk-http profile --help`), in its order, coalesced into large ranges. Refused for another image.")
+    var profile: String?
+
+    func validate() throws {
+        try http.check()
+        if profile != nil && range != nil { throw Failure("give --range or --profile, not both") }
+    }
 
     func parseRange(size: UInt64) throws -> Range<UInt64> {
         guard let r = range else { return 0..<size }
@@ -33,12 +39,18 @@ struct Prefetch: ParsableCommand {
 
     func run() throws {
         let o = try http.targetOptions()
+        // A bad profile is refused before the network or the cache is touched.
+        let bootProfile = try profile.map(loadProfile)
         let source: HTTPSource
         let remote: RemoteImage
         do {
             source = try HTTPSource(config: o.http)
             remote = try source.probeBlocking()
         } catch { throw Failure("\(error)") }
+        if let p = bootProfile, let why = p.mismatch(url: HTTPTarget.identityURL(o.http.url), imageSize: remote.size,
+                                                     etag: remote.etag, lastModified: remote.lastModified) {
+            throw Failure("the profile \(profile!) does not fit \(Redact.url(o.http.url)): \(why)")
+        }
         let identity = BitmapIdentity(kind: .present, pageSize: o.pageSize, imageSize: remote.size,
                                       url: HTTPTarget.identityURL(o.http.url), etag: remote.etag, lastModified: remote.lastModified)
         // The same files and policy as `add -t http` (CacheStore): a local
@@ -60,7 +72,14 @@ struct Prefetch: ParsableCommand {
         let bytes = try parseRange(size: remote.size)
         let prefetcher = Prefetcher(source: source, bitmap: bitmap, cache: cache, imageSize: remote.size,
                                     maxConnections: o.http.maxConnections)
-        let runs = prefetcher.missingRuns(in: bytes)
+        var runs = prefetcher.missingRuns(in: bytes)
+        if let p = bootProfile {
+            // The profile's order, coalesced (BootProfile's REPLAY); only what is missing.
+            let ps = UInt64(o.pageSize)
+            runs = p.replayRanges(targetPageSize: o.pageSize, maxRunBytes: UInt64(prefetcher.maxRunBytes)).flatMap {
+                prefetcher.missingRuns(in: $0.lowerBound * ps..<min($0.upperBound * ps, remote.size))
+            }
+        }
         let progress = Progress(total: prefetcher.byteCount(runs))
         defer { progress.finish() }
         do {

@@ -150,5 +150,47 @@ section "cleanup"
 for n in 1 2 4; do umount /mnt/s$n 2>/dev/null; done
 for i in "${IDS[@]}"; do del $i >/dev/null 2>&1; done
 check "del the base when no overlay is left" del $BASE
+
+section "boot profiles through overlay devices: recorded and replayed by the base"
+# No readahead, so that a read the replay did not cover is a miss.
+POPTS="--url $URL --cache $C/p.cache --bitmap $C/p.bitmap --overlay-dir $OV --readahead 0"
+bstats() { "$UBLK" list -n $1 | jq -r ".[0].stats.$2"; }
+reads() { mount -t ext4 -o ro,noload $1 /mnt/p && (cd /mnt/p && cat d/* numbers.txt > /dev/null) && umount /mnt/p; }
+mkdir -p /mnt/p
+rm -f $C/p.*
+if add -t http $POPTS --overlay p1; then
+    P1=$DEV_ID; PB=$(base_of $DEV_ID)
+    "$UBLK" profile record -n $P1 --out /tmp/ov.profile >/tmp/ovrec.out 2>/tmp/ovrec.err &
+    REC=$!
+    check "profile record on an overlay device starts (on its base)" wait_for 30 grep -q recording /tmp/ovrec.err
+    check "mount and read the files" reads $DEV_B
+    check "profile stop" "$UBLK" profile stop -n $P1
+    wait $REC
+    check "the profile holds the pages read" jq -e '.pages > 100' /tmp/ov.profile
+    del $P1 >/dev/null; del $PB >/dev/null
+fi
+rm -f $C/p.*
+if add -t http $POPTS --overlay p2 --prefetch-profile /tmp/ov.profile; then
+    P2=$DEV_ID; PB=$(base_of $DEV_ID)
+    check "the replay on the fresh base ends done" "$UBLK" profile status -n $P2 --wait
+    sleep 1.5
+    H0=$(bstats $PB hits); M0=$(bstats $PB misses)
+    check "the same reads again" reads $DEV_B
+    sleep 1.5
+    H=$(( $(bstats $PB hits) - H0 )); M=$(( $(bstats $PB misses) - M0 ))
+    echo "# after the replay: $H hits, $M misses"
+    check "at least 90% of the reads are hits" test $((H * 10)) -ge $(((H + M) * 9))
+    if add -t http $POPTS --overlay p3 --prefetch-profile /tmp/ov.profile; then
+        check "a later device's profile is replayed on the running base" "$UBLK" profile status -n $DEV_ID --wait
+        del $DEV_ID >/dev/null
+    else
+        fail "add p3 with a profile over the running base" "$DEV_JSON"
+    fi
+    jq -c '.etag = "\"other\""' /tmp/ov.profile > /tmp/other.profile
+    expect_error "a profile of another image is refused in one line" "does not fit" "$UBLK" add -t http $POPTS --overlay p4 --prefetch-profile /tmp/other.profile
+    del $P2 >/dev/null; del $PB >/dev/null
+else
+    fail "add p2 with a profile" "$DEV_JSON"
+fi
 nginx-stop
 finish

@@ -31,6 +31,15 @@ public enum ControlOp: String, Codable, Sendable {
     case syncEnd = "sync-end"
     /// Write-back: start copying, report what is left (`WritebackStatus`).
     case flush
+    /// Boot profiles (ProfileControl.swift): start recording first reads (`pages`, `seconds`: bounds).
+    case profileStart = "profile-start"
+    /// End the recording (`ProfileStatus`).
+    case profileStop = "profile-stop"
+    /// The recording's state; once ended, its runs (`clear`: and forget it).
+    case profileStatus = "profile-status"
+    /// Replay `runs` ([first page, count] in the device's pages, in order) in
+    /// the background, as `add --prefetch-profile` does at attach; replies `FillStatus`.
+    case profileReplay = "profile-replay"
     /// Fetch every missing page in the background, at most `rate` bytes/s
     /// (CachingFill.swift); replies `FillStatus`. A hydration running already
     /// goes on (with the new `rate`, when given).
@@ -63,13 +72,21 @@ public struct ControlRequest: Codable, Sendable, Equatable {
     public var clear: Bool?
     public var token: UInt64?
     public var ok: Bool?
+    /// profile-start: at most this many pages, for at most this many seconds.
+    public var pages: UInt64?
+    public var seconds: UInt64?
     /// `hydrate`: bytes per second (nil: unbounded).
     public var rate: UInt64?
-    public init(op: ControlOp, clear: Bool? = nil, token: UInt64? = nil, ok: Bool? = nil) {
+    /// `profile-replay`: the runs to fill, [first page, page count] each.
+    public var runs: [[UInt64]]?
+    public init(op: ControlOp, clear: Bool? = nil, token: UInt64? = nil, ok: Bool? = nil,
+                pages: UInt64? = nil, seconds: UInt64? = nil) {
         self.op = op
         self.clear = clear
         self.token = token
         self.ok = ok
+        self.pages = pages
+        self.seconds = seconds
     }
 }
 

@@ -164,6 +164,8 @@ enum DirtyControl {
             return controlJSON(SyncEnded(ok: true, pagesCleared: before - min(before, dirty.count)))
         case .flush:
             return controlError("this device has no write-back")
+        case .profileStart, .profileStop, .profileStatus, .profileReplay:
+            return controlError("not a dirty-tracking operation")
         case .hydrate, .fillStatus, .fillStop:
             return controlError("\(request.op.rawValue) is a fill operation (CachingFill.swift)")
         }
@@ -174,6 +176,7 @@ extension CachingHandler {
     // MARK: Control (dirty tracking)
 
     func control(_ request: ControlRequest, queue: IOQueue) -> String {
+        if let reply = profileControl(request, queue: queue) { return reply }
         if let reply = fillControl(request, queue: queue) { return reply }
         if request.op == .flush {
             guard let wb = context.writeback else { return controlJSON(WritebackStatus(writebackPages: 0, inFlight: false, unpersisted: false)) }

@@ -156,6 +156,8 @@ final class CacheContext {
     /// With `dataFD` direct: the offset (and length) alignment of its I/O, which
     /// fetched bytes are staged to (`received`); 0: buffered, written as they come.
     var directAlignment = 0
+    /// A background fill the home starts once it serves (`add --prefetch-profile`: ProfileControl.swift).
+    var startFill: FillJobSpec?
 
     init(cache: CacheFile, bitmap: Bitmap, dirty: Bitmap?, imageSize: UInt64, pageSize: Int, stats: CacheStats,
          snapshot: @escaping () -> HTTPStats) {
@@ -266,6 +268,8 @@ final class CachingHandler: QueueHandler {
 
     /// `sync` snapshots handed out and not yet confirmed (CachingControl.swift).
     var syncs = SyncTracker()
+    /// A boot profile being recorded, or ended and not yet taken (ProfileControl.swift).
+    var profile: ProfileRecorder?
     let timerFD: Int32
     var timerArmed = false
     var draining = false
@@ -371,6 +375,7 @@ final class CachingHandler: QueueHandler {
             h.charFD = queue.charFD
         }
         if let m = mesh { queue.poll(fd: m.inboxes[Int(queue.id)].fd, data: CachingHandler.meshEvent) }
+        if h.isHome, let spec = context.startFill { h.scheduleFill(spec, queue: queue) }
         if context.publishStats && h.isHome {
             h.statsFD = open(HTTPStats.path(queue.deviceID), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         }
@@ -507,6 +512,7 @@ final class CachingHandler: QueueHandler {
         if !isHome { return handleOnOtherQueue(r, queue: queue) }
         switch r.op {
         case Op.read, Op.write, Op.discard, Op.writeZeroes:
+            if r.op == Op.read && profile != nil { recordRead(offset: r.offset, length: r.length) }
             if r.op != Op.read && !context.writable { return completeSlot(r.tag, -EROFS, queue) }
             if draining { return completeSlot(r.tag, -EIO, queue) }
             // Evicted pages are being punched: nothing may touch the cache file's holes meanwhile.

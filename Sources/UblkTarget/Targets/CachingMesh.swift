@@ -52,6 +52,8 @@ enum MeshMessage {
     /// A hit the sender served that continues its previous read: the home's
     /// planner grows and refills that queue's readahead window with it.
     case hint(offset: UInt64, length: UInt32, queue: UInt16)
+    /// A hit the sender served while a boot profile records (`recordingProfile`): the home records its pages.
+    case touched(offset: UInt64, length: UInt32)
     /// The sender's hit count changed (at most once a second): the home wakes to publish statistics.
     case hitsChanged
     /// The read the home handed over with `read` is done (the home kept its pages from eviction till now).
@@ -121,6 +123,9 @@ final class CachingMesh {
     private let words: UnsafeMutablePointer<UInt64>
     /// Home only: the counter parity a grace period waits for, if one runs.
     private var graceParity: UInt64?
+    /// Non-zero while the home records a boot profile: the other queues then
+    /// tell it of their hits (ProfileControl.swift). A relaxed load per hit.
+    private let recordingWord = UnsafeMutablePointer<UInt64>.allocate(capacity: 1)
 
     init(queues: Int) {
         precondition(queues >= 2)
@@ -129,9 +134,18 @@ final class CachingMesh {
         let n = (2 * queues + 2) * 8
         words = .allocate(capacity: n)
         words.initialize(repeating: 0, count: n)
+        recordingWord.initialize(to: 0)
     }
 
-    deinit { words.deallocate() }
+    deinit {
+        words.deallocate()
+        recordingWord.deallocate()
+    }
+
+    var recordingProfile: Bool {
+        get { cu_atomic_load_relaxed_u64(recordingWord) != 0 }
+        set { cu_atomic_store_relaxed_u64(recordingWord, newValue ? 1 : 0) }
+    }
 
     /// The home addresses every queue's requests by slot (queue × depth + tag), in a 16-bit tag.
     func check(depth: Int) throws(UblkError) {
@@ -248,8 +262,9 @@ extension CachingHandler {
             let sequential = r.offset >= lastReadStart && r.offset <= lastReadEnd
             lastReadStart = r.offset
             lastReadEnd = r.offset + UInt64(r.length)
-            if tryHit(r, queue: queue) {
+            if let m = mesh, tryHit(r, queue: queue) {
                 peerHits &+= 1
+                if m.recordingProfile { send(.touched(offset: r.offset, length: r.length), to: 0) }
                 if sequential { send(.hint(offset: r.offset, length: r.length, queue: queueID), to: 0) }
                 return
             }
@@ -314,6 +329,8 @@ extension CachingHandler {
                 partDone(r, result, queue: queue)
             case .graceDrained:
                 advanceGrace(queue)
+            case .touched(let offset, let length):
+                if profile != nil { recordRead(offset: offset, length: length) }
             case .hitsChanged:
                 break  // `idle` follows, and publishes
             case .hint(let offset, let length, let q):

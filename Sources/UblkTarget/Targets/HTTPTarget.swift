@@ -51,6 +51,8 @@ public struct HTTPTargetOptions {
     public var liveState: LiveConfig? = LiveConfig.system(required: true)
     /// The device's queues (-q): one thread and ring each.
     public var queues = 1
+    /// A boot profile to replay in the background once the device serves (and the file it came from).
+    public var prefetchProfile: (path: String, profile: BootProfile)?
 
     public init(http: HTTPConfig, cachePath: String, bitmapPath: String) {
         self.http = http
@@ -102,6 +104,10 @@ public final class HTTPTarget: Target {
             throw UblkError(error.description)
         }
         guard remote.size > 0 else { throw UblkError("\(o.http.url) is empty: nothing to serve") }
+        if let (path, p) = o.prefetchProfile, let why = p.mismatch(url: HTTPTarget.identityURL(o.http.url), imageSize: remote.size,
+                                                                 etag: remote.etag, lastModified: remote.lastModified) {
+            throw UblkError("the profile \(path) does not fit \(Redact.url(o.http.url)): \(why)")
+        }
         let identity = BitmapIdentity(kind: .present, pageSize: o.pageSize, imageSize: remote.size,
                                       url: HTTPTarget.identityURL(o.http.url), etag: remote.etag, lastModified: remote.lastModified)
         // CacheStore opens, validates and binds the files, and decides what a
@@ -206,6 +212,14 @@ public final class HTTPTarget: Target {
         context.chunks = chunks
         context.dataFD = cacheDataFD
         context.directAlignment = cacheIO.isDirect ? cacheIO.offsetAlignment : 0
+        if queue.id == 0, let p = settings.prefetchProfile?.profile {
+            // In recorded order, coalesced (BootProfile's REPLAY); what is present is skipped.
+            var spec = FillJobSpec(kind: .profile, ranges: p.replayRanges(targetPageSize: settings.pageSize,
+                                                                          maxRunBytes: UInt64(settings.maxRunBytes)))
+            spec.maxInFlight = max(1, min(2, settings.http.maxConnections - 1))
+            spec.maxPasses = 3
+            context.startFill = spec
+        }
         return try CachingHandler.make(context: context, fetcher: fetcher,
                                        planner: HTTPTarget.makePlanner(settings, imageSize: remote.size),
                                        queue: queue, deviceSize: params.size, mesh: mesh)
