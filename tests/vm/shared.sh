@@ -151,6 +151,29 @@ for n in 1 2 4; do umount /mnt/s$n 2>/dev/null; done
 for i in "${IDS[@]}"; do del $i >/dev/null 2>&1; done
 check "del the base when no overlay is left" del $BASE
 
+section "one --cache-max-size for the base, whichever device read a page"
+rm -f $C/m.*
+MOPTS="--url $URL --cache $C/m.cache --bitmap $C/m.bitmap --overlay-dir $OV --readahead 1M --cache-max-size 4M"
+if add -t http $MOPTS --overlay m1; then
+    M1=$DEV_ID; M1B=$DEV_B; MB=$(base_of $DEV_ID)
+    if add -t http $MOPTS --overlay m2; then
+        M2=$DEV_ID
+        for d in $M1B $DEV_B; do (mkdir -p /mnt/m$(basename $d) && mount -t ext4 -o ro,noload $d /mnt/m$(basename $d) && cd /mnt/m$(basename $d) && sha256sum -c --quiet /tmp/sums; r=$?; cd /; umount /mnt/m$(basename $d); exit $r) > /tmp/m-$(basename $d).log 2>&1 & done
+        wait
+        check "two devices read every file through a base bounded far below the files" bash -c "cat /tmp/m-*.log; ! grep -q . /tmp/m-*.log"
+        sleep 2  # eviction runs behind the fetches
+        PRESENT=$("$UBLK" list -n $MB | jq '.[0].stats.pages_present * .[0].stats.page_size')
+        echo "# base holds $PRESENT bytes under a 4 MiB bound; nginx served $(served) bytes in all so far"
+        check "the base holds at most its bound" test "$PRESENT" -le $((4 << 20))
+        del $M2 >/dev/null
+    else
+        fail "add m2" "$DEV_JSON"
+    fi
+    del $M1 >/dev/null; del $MB >/dev/null
+else
+    fail "add m1 with --cache-max-size" "$DEV_JSON"
+fi
+
 section "boot profiles through overlay devices: recorded and replayed by the base"
 # No readahead, so that a read the replay did not cover is a miss.
 POPTS="--url $URL --cache $C/p.cache --bitmap $C/p.bitmap --overlay-dir $OV --readahead 0"
