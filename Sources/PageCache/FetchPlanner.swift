@@ -156,20 +156,7 @@ public final class FetchPlanner {
         if present.allSet(r) {
             plan.presentPages = UInt64(r.count)
         } else {
-            let key = nextWaiterID
-            nextWaiterID += 1
-            waiters[key] = Waiter(context: context, first: r.lowerBound, end: r.upperBound, remaining: 0)
-            var p = r.lowerBound
-            var missing: UInt64 = 0
-            while p < r.upperBound, let m = present.nextClear(in: p..<r.upperBound) {
-                let e = present.nextSet(in: m..<r.upperBound) ?? r.upperBound
-                missing += e - m
-                cover(m..<e, waiter: key, plan: &plan, readahead: false)
-                p = e
-            }
-            plan.presentPages = UInt64(r.count) - missing
-            plan.waiter = key
-            plan.runsWaitedOn = waiters[key]!.remaining
+            wait(for: r, context: context, present: present, plan: &plan)
         }
         if sequential { readahead(after: r.upperBound, window: streams[stream].window, present: present, plan: &plan) }
         return plan
@@ -187,6 +174,13 @@ public final class FetchPlanner {
             plan.presentPages = UInt64(r.count)
             return plan
         }
+        wait(for: r, context: context, present: present, plan: &plan)
+        return plan
+    }
+
+    /// A waiter for the pages of `r` not present: each is covered by a run
+    /// (started or joined), and `context` comes back once they all landed.
+    private func wait(for r: Range<UInt64>, context: UInt64, present: PageBits, plan: inout ReadPlan) {
         let key = nextWaiterID
         nextWaiterID += 1
         waiters[key] = Waiter(context: context, first: r.lowerBound, end: r.upperBound, remaining: 0)
@@ -201,7 +195,6 @@ public final class FetchPlanner {
         plan.presentPages = UInt64(r.count) - missing
         plan.waiter = key
         plan.runsWaitedOn = waiters[key]!.remaining
-        return plan
     }
 
     /// A read of `stream` served without `plan` (its pages were present):
