@@ -174,6 +174,25 @@ else
     fail "add m1 with --cache-max-size" "$DEV_JSON"
 fi
 
+section "the base's server killed: devices added with --recovery wait for recover"
+rm -f $C/r.*
+ROPTS="--url $URL --cache $C/r.cache --bitmap $C/r.bitmap --overlay-dir $OV --recovery"
+if add -t http $ROPTS --overlay r1; then
+    R1=$DEV_ID; R1B=$DEV_B; RB=$(base_of $DEV_ID)
+    RBP=$("$UBLK" list -n $RB | jq -r '.[0].pid')
+    kill -9 $RBP; wait_for 10 dead $RBP
+    dd if=$R1B of=/tmp/r1.out bs=1M count=4 skip=8 iflag=direct 2>/dev/null &
+    DD=$!
+    sleep 2
+    check "a read through the dead base waits, not fails" alive $DD
+    check "recover the base" "$UBLK" recover -n $RB
+    wait $DD; eq "the held read completes" 0 $?
+    check "with the image's bytes" bash -c "cmp /tmp/r1.out <(dd if=$WWW/disk.img bs=1M count=4 skip=8 2>/dev/null)"
+    del $R1 >/dev/null; del $RB >/dev/null
+else
+    fail "add r1 --recovery" "$DEV_JSON"
+fi
+
 section "boot profiles through overlay devices: recorded and replayed by the base"
 # No readahead, so that a read the replay did not cover is a miss.
 POPTS="--url $URL --cache $C/p.cache --bitmap $C/p.bitmap --overlay-dir $OV --readahead 0"
