@@ -59,13 +59,16 @@ smp_of() { # SUITE -> its vCPUs
     local n; n=$(sed -n 's/^# vm-smp: *\([0-9]*\)$/\1/p' "tests/vm/$1.sh" | head -n 1)
     echo "${UBLK_VM_SMP:-${n:-2}}"
 }
-boots=() cur="" curkey=""
+# Suites of one kernel and vCPU count share boots, whatever their order (a
+# 4-vCPU suite between two 2-vCPU ones does not cost the others a boot).
+boots=()
+declare -A open_boot=()
 for spec in "${SUITES[@]}"; do
     key="${spec#*@}/$(smp_of "${spec%@*}")"
-    if [[ -n $cur && $key == "$curkey" && $(wc -w <<<"$cur") -lt $GROUP ]]; then cur+=" $spec"
-    else [[ -n $cur ]] && boots+=("$cur"); cur=$spec curkey=$key; fi
+    i=${open_boot[$key]:-}
+    if [[ -n $i && $(wc -w <<<"${boots[$i]}") -lt $GROUP ]]; then boots[$i]+=" $spec"
+    else boots+=("$spec"); open_boot[$key]=$((${#boots[@]} - 1)); fi
 done
-[[ -n $cur ]] && boots+=("$cur")
 failed=() times=()
 for boot in "${boots[@]}"; do
     read -r -a specs <<<"$boot"
