@@ -62,10 +62,12 @@ if add -t http --url $URL --cache $CACHE/r.cache --bitmap $CACHE/r.bitmap -q 2; 
     timeout 300 "$UBLK" hydrate -n $DEV_ID --rate 1M/s > /tmp/r.out 2>&1 &
     H=$!
     sleep 0.5
+    # The reads' own misses (and their readahead) may finish the rest sooner
+    # on a busy host: what counts is that the hydration runs as they start.
+    eq "hydrating as the reads start" running "$("$UBLK" hydrate -n $DEV_ID --detach | jq -r .state)"
     check "mount and checksums while hydrating" bash -c "mount -t ext4 -o ro $DEV_B /mnt/h && cd /mnt/h && sha256sum -c --quiet /tmp/sums && cd / && umount /mnt/h"
     check "a region read (O_DIRECT) while hydrating matches" \
         bash -c "cmp <(dd if=$DEV_B bs=64k skip=500 count=40 iflag=direct 2>/dev/null) <(dd if=$WWW/disk.img bs=64k skip=500 count=40 2>/dev/null)"
-    eq "still hydrating after the reads" running "$("$UBLK" hydrate -n $DEV_ID --detach | jq -r .state)"
     wait $H; rc=$?
     eq "hydrate --rate 1M/s exits 0" 0 "$rc"
     check "cmp of the whole device afterwards" cmp_device $DEV_B $WWW/disk.img
