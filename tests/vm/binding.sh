@@ -105,13 +105,13 @@ rm -f $C/d.*
 
 section "cache: the backing file replaced by another (same size) while down"
 CK="--cache $C/k.cache --bitmap $C/k.bitmap"
-head -c $((32 << 20)) /dev/urandom > /var/tmp/back.img
+head -c $((16 << 20)) /dev/urandom > /var/tmp/back.img
 if add -t cache --backing /var/tmp/back.img $CK; then
     check "read it all (cached)" cmp $DEV_B /var/tmp/back.img
     sleep 1.5
     del $DEV_ID >/dev/null
 fi
-head -c $((32 << 20)) /dev/urandom > /var/tmp/back.new; mv -f /var/tmp/back.new /var/tmp/back.img
+head -c $((16 << 20)) /dev/urandom > /var/tmp/back.new; mv -f /var/tmp/back.new /var/tmp/back.img
 if add -t cache --backing /var/tmp/back.img $CK; then
     check "another file: afresh, and says why" bash -c "echo '$(state)' | grep -q 'afresh.*replaced'"
     check "the device reads the new backing" cmp $DEV_B /var/tmp/back.img
@@ -120,7 +120,7 @@ if add -t cache --backing /var/tmp/back.img $CK; then
 else
     fail "add after the backing was replaced" "$DEV_JSON"
 fi
-dd if=/dev/urandom of=/var/tmp/back.img bs=1M count=32 conv=notrunc 2>/dev/null
+dd if=/dev/urandom of=/var/tmp/back.img bs=1M count=16 conv=notrunc 2>/dev/null
 if add -t cache --backing /var/tmp/back.img $CK; then
     check "rewritten in place (same inode): afresh, and says why" bash -c "echo '$(state)' | grep -q 'afresh.*differs'"
     check "the device reads the rewritten backing" cmp $DEV_B /var/tmp/back.img
@@ -136,7 +136,7 @@ if add -t cache --backing /var/tmp/back.img $CK --write-mode back; then
     # a backlog builds), the server killed under them.
     # Time-based: still writing when the server is killed (a run of fixed size
     # may finish, and be written back, before the kill).
-    fio --name=wb --filename=$DEV_B --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k --offset=8M --size=16M \
+    fio --name=wb --filename=$DEV_B --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k --offset=4M --size=8M \
         --iodepth=16 --randseed=7 --time_based --runtime=60 --output=/tmp/fio-wb.txt >/dev/null 2>&1 &
     FIO=$!
     sleep 3
@@ -147,7 +147,7 @@ if add -t cache --backing /var/tmp/back.img $CK --write-mode back; then
     echo "# status: $("$UBLK" status --bitmap $C/k.bitmap 2>&1 | head -c 400)"
     check "pages await write-back" bash -c "$UBLK status --bitmap $C/k.bitmap | jq -e '.pages_writeback > 0'"
     mv /var/tmp/back.img /var/tmp/back.keep # the same inode, put back below
-    head -c $((32 << 20)) /dev/urandom > /var/tmp/back.new; mv -f /var/tmp/back.new /var/tmp/back.img
+    head -c $((16 << 20)) /dev/urandom > /var/tmp/back.new; mv -f /var/tmp/back.new /var/tmp/back.img
     expect_error "another backing: add refuses" "replaced.*not written back.*refusing" "$UBLK" add -t cache --backing /var/tmp/back.img $CK --write-mode back
     mv -f /var/tmp/back.keep /var/tmp/back.img
     mv $C/k.cache $C/k.cache.keep

@@ -5,15 +5,15 @@ set -o pipefail
 C=/var/tmp/cache; mkdir -p $C
 FIO="fio --ioengine=io_uring --direct=1 --bs=4k --iodepth=16 --randrepeat=1 --randseed=42"
 
-section "write-through: fio --verify=crc32c over 64 MiB of 256; backing equals the device after a FLUSH"
-truncate -s 256M /tmp/back1.img
+section "write-through: fio --verify=crc32c over 32 MiB of 128; backing equals the device after a FLUSH"
+truncate -s 128M /tmp/back1.img
 if add -t cache --backing /tmp/back1.img --cache $C/t.cache --bitmap $C/t.bitmap --write-mode through; then
     eq "target cache, through" through "$(echo "$DEV_JSON" | jq -r .target_options.write_mode)"
-    check "fio randwrite verify 64M" $FIO --name=t --filename=$DEV_B --rw=randwrite --size=64M \
+    check "fio randwrite verify 32M" $FIO --name=t --filename=$DEV_B --rw=randwrite --size=32M \
         --verify=crc32c --do_verify=1 --verify_fatal=1 --output=/tmp/fio-t.txt
     sleep 1.2
     F=$("$UBLK" stats -n $DEV_ID --json | jq -r .bytes_fetched)
-    echo "# read from the backing store while writing 64 MiB of whole pages: $F bytes"
+    echo "# read from the backing store while writing 32 MiB of whole pages: $F bytes"
     check "whole-page writes read (almost) nothing from the backing store" test "$F" -lt $((1 << 20))
     check "a FLUSH" dd if=/dev/urandom of=$DEV_B bs=4k count=1 seek=7 oflag=direct conv=fsync
     check "backing equals the device" cmp $DEV_B /tmp/back1.img
@@ -36,11 +36,11 @@ if add -t cache --backing /tmp/back1.img --cache $C/t.cache --bitmap $C/t.bitmap
 fi
 
 section "write-back: kill -9 under writes, add again, flush, the backing alone verifies"
-truncate -s 256M /tmp/back2.img
+truncate -s 128M /tmp/back2.img
 if add -t cache --backing /tmp/back2.img --cache $C/b.cache --bitmap $C/b.bitmap --write-mode back; then
-    check "fio randwrite 64M, verified, fsync at the end" $FIO --name=b --filename=$DEV_B --rw=randwrite --size=64M \
+    check "fio randwrite 32M, verified, fsync at the end" $FIO --name=b --filename=$DEV_B --rw=randwrite --size=32M \
         --verify=crc32c --do_verify=1 --verify_fatal=1 --end_fsync=1 --output=/tmp/fio-b.txt
-    $FIO --name=more --filename=$DEV_B --rw=randwrite --offset=128M --size=128M --time_based --runtime=60 \
+    $FIO --name=more --filename=$DEV_B --rw=randwrite --offset=64M --size=64M --time_based --runtime=60 \
         --output=/tmp/fio-more.txt >/dev/null 2>&1 &
     MORE=$!
     sleep 3
@@ -53,7 +53,7 @@ if add -t cache --backing /tmp/back2.img --cache $C/b.cache --bitmap $C/b.bitmap
         F=$(timeout 300 "$UBLK" flush -n $DEV_ID)
         eq "flush returns when nothing is left" 0 "$(echo "$F" | jq -r .writeback_pages)"
         check "del" del $DEV_ID
-        check "the backing store alone verifies" $FIO --name=b --filename=/tmp/back2.img --rw=randwrite --size=64M \
+        check "the backing store alone verifies" $FIO --name=b --filename=/tmp/back2.img --rw=randwrite --size=32M \
             --verify=crc32c --verify_only=1 --verify_fatal=1 --direct=0 --output=/tmp/fio-verify.txt
     else
         fail "add back again" "$DEV_JSON"
@@ -85,10 +85,10 @@ if check "ext4 on /dev/ram1 for the cache, on /dev/ram0 for the backing" bash -c
         eq "logical block size follows the files' alignment" 512 "$(cat /sys/block/ublkb$DEV_ID/queue/logical_block_size)"
         check "read half of it cold" cmp -n $((16 << 20)) $DEV_B /mnt/b/back3.img
         check "fio randrw 512 B-1 MiB, partial and whole pages, verify" $FIO --name=e --filename=$DEV_B \
-            --rw=randrw --bsrange=512-1m --blockalign=512 --size=32M --verify=crc32c --do_verify=1 --verify_fatal=1 \
+            --rw=randrw --bsrange=512-1m --blockalign=512 --size=16M --verify=crc32c --do_verify=1 --verify_fatal=1 \
             --output=/tmp/fio-e.txt
         check "fio randwrite 512 B-1 MiB, verify after all writes" $FIO --name=e2 --filename=$DEV_B \
-            --rw=randwrite --bsrange=512-1m --blockalign=512 --size=32M --verify=crc32c --do_verify=1 --verify_fatal=1 \
+            --rw=randwrite --bsrange=512-1m --blockalign=512 --size=16M --verify=crc32c --do_verify=1 --verify_fatal=1 \
             --verify_backlog=0 --output=/tmp/fio-e2.txt
         check "a 1 MiB write that half covers cached pages reads back" bash -c "head -c 1048576 /dev/urandom > /tmp/e1 && dd if=/tmp/e1 of=$DEV_B bs=1M seek=15 oflag=direct 2>/dev/null && cmp <(dd if=$DEV_B bs=1M skip=15 count=1 iflag=direct 2>/dev/null) /tmp/e1"
         check "a FLUSH" sync $DEV_B
@@ -105,7 +105,7 @@ if check "ext4 on /dev/ram1 for the cache, on /dev/ram0 for the backing" bash -c
         eq "cache_io direct (through)" direct "$(echo "$DEV_JSON" | jq -r .target_options.cache_io)"
         eq "cache reused" reused "$(echo "$DEV_JSON" | jq -r .target_options.cache_state)"
         check "fio randrw 512 B-1 MiB, verify (through)" $FIO --name=w --filename=$DEV_B \
-            --rw=randrw --bsrange=512-1m --blockalign=512 --size=32M --verify=crc32c --do_verify=1 --verify_fatal=1 \
+            --rw=randrw --bsrange=512-1m --blockalign=512 --size=16M --verify=crc32c --do_verify=1 --verify_fatal=1 \
             --output=/tmp/fio-w.txt
         check "the backing store equals the device (through)" cmp $DEV_B /mnt/b/back3.img
         check "del" del $DEV_ID
@@ -175,7 +175,7 @@ if check "ext4 on /dev/ram1 for the cache, on /dev/ram0 for the backing" bash -c
             eq "cache_io and backing_io direct (4Kn cache)" "direct direct" "$(echo "$DEV_JSON" | jq -r '.target_options | "\(.cache_io) \(.backing_io)"')"
             eq "logical block 4096 (4Kn cache)" 4096 "$(cat /sys/block/ublkb$DEV_ID/queue/logical_block_size)"
             check "fio randrw 4 KiB-1 MiB, verify (4Kn)" $FIO --name=k --filename=$DEV_B \
-                --rw=randrw --bsrange=4k-1m --blockalign=4k --size=32M --verify=crc32c --do_verify=1 --verify_fatal=1 \
+                --rw=randrw --bsrange=4k-1m --blockalign=4k --size=16M --verify=crc32c --do_verify=1 --verify_fatal=1 \
                 --output=/tmp/fio-k.txt
             check "flush (4Kn)" "$UBLK" flush -n $DEV_ID
             check "the backing store equals the device (4Kn)" cmp $DEV_B /mnt/b/back3.img

@@ -13,9 +13,9 @@ check "nginx" nginx-start $WWW 8080
 URL=http://127.0.0.1:8080/disk.img
 FIO="fio --ioengine=io_uring --direct=1 --bs=4k --iodepth=16 --randrepeat=1"
 # Large enough that fio is still in its write phase at the kill (2 s in).
-SIZE=96M
+SIZE=48M
 
-# under_fio NAME ADD-ARGS...: fio randwrite --verify over 32 MiB (no FLUSH
+# under_fio NAME ADD-ARGS...: fio randwrite --verify over $SIZE (no FLUSH
 # until its end), kill -9 of the server in the write phase, recover; fio then
 # completes and verifies every block it wrote.
 under_fio() {

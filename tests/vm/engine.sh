@@ -52,9 +52,9 @@ if add -t loop -f /tmp/loop.img; then
     check "write-zeroes zeroes the range" bash -c "blkdiscard -z -o 2097152 -l 1048576 $DEV_B && dd if=$DEV_B bs=1M skip=2 count=1 iflag=direct 2>/dev/null | cmp -s - <(head -c 1048576 /dev/zero)"
     eq "list shows loop file" /tmp/loop.img "$("$UBLK" list -n "$DEV_ID" | jq -r '.[0].target_options.file')"
 
-    section "loop: fio --verify=crc32c, random writes over 256 MiB"
-    check "fio randwrite verify 256M" fio --name=verify --filename="$DEV_B" --ioengine=io_uring --direct=1 \
-        --rw=randwrite --bsrange=4k-128k --size=256M --iodepth=32 --verify=crc32c --do_verify=1 \
+    section "loop: fio --verify=crc32c, random writes over 128 MiB"
+    check "fio randwrite verify 128M" fio --name=verify --filename="$DEV_B" --ioengine=io_uring --direct=1 \
+        --rw=randwrite --bsrange=4k-128k --size=128M --iodepth=32 --verify=crc32c --do_verify=1 \
         --verify_fatal=1 --randrepeat=0 --output=/tmp/fio-verify.txt
     check "del loop" del "$DEV_ID"
 else
@@ -67,7 +67,7 @@ if add -t loop -f /tmp/fs.img; then
     check "mkfs.ext4" mkfs.ext4 -q -F "$DEV_B"
     mkdir -p /mnt/a
     check "mount" mount -t ext4 "$DEV_B" /mnt/a
-    for i in 1 2 3 4 5; do head -c $(( (i * 3 + 1) << 20 )) /dev/urandom > /mnt/a/file$i; done
+    for i in 1 2 3 4 5; do head -c $(( (i * 3 + 1) << 19 )) /dev/urandom > /mnt/a/file$i; done
     mkdir -p /mnt/a/dir && seq 1 20000 > /mnt/a/dir/numbers
     (cd /mnt/a && sha256sum file* dir/numbers) > /tmp/sums
     check "umount" umount /mnt/a
@@ -89,7 +89,7 @@ if add -t loop -f /tmp/loop.img -q 2 -d 64; then
     eq "two hardware queues" 2 "$(ls /sys/block/ublkb$DEV_ID/mq | wc -l)"
     eq "list shows 2 queues" 2 "$("$UBLK" list -n "$DEV_ID" | jq -r '.[0].queues')"
     check "fio verify on both queues" fio --name=q2 --filename="$DEV_B" --ioengine=io_uring --direct=1 \
-        --rw=randwrite --bs=4k --size=64M --iodepth=16 --numjobs=2 --offset_increment=64M \
+        --rw=randwrite --bs=4k --size=32M --iodepth=16 --numjobs=2 --offset_increment=32M \
         --verify=crc32c --do_verify=1 --verify_fatal=1 --cpus_allowed_policy=split --cpus_allowed=0-1 \
         --output=/tmp/fio-q2.txt
     check "del two-queue device" del "$DEV_ID"

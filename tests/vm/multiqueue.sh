@@ -10,16 +10,16 @@ set -o pipefail
 
 WWW=/srv/www; C=/var/tmp/mq
 mkdir -p $WWW $C
-head -c $((64 << 20)) /dev/urandom > $WWW/disk.img
+head -c $((32 << 20)) /dev/urandom > $WWW/disk.img
 check "nginx" nginx-start $WWW 8080
 URL=http://127.0.0.1:8080/disk.img
 LOG=/var/log/nginx/access.log
 ranges() { grep -c "GET /$1 HTTP/1.1\" 206" $LOG || true; }
 stat_of() { "$UBLK" stats -n $DEV_ID --json | jq -r ".$1"; }
-# 4 jobs, each on its own 16 MiB (overlapping writes of two jobs have no
+# 4 jobs, each on its own 8 MiB (overlapping writes of two jobs have no
 # defined result), random sizes 512 B-256 KiB, reads and writes, verified.
 FIO4="fio --ioengine=io_uring --direct=1 --iodepth=16 --randrepeat=1 --randseed=7 --numjobs=4 \
-    --cpus_allowed=0-$(( $(nproc) - 1 )) --cpus_allowed_policy=split --size=16M --offset_increment=16M \
+    --cpus_allowed=0-$(( $(nproc) - 1 )) --cpus_allowed_policy=split --size=8M --offset_increment=8M \
     --bsrange=512-256k --blockalign=512 --rw=randrw --verify=crc32c --do_verify=1 --verify_fatal=1"
 
 # cold4 DEV FILE BYTES: 4 readers, two per vCPU, read the first BYTES of DEV at once; each compares with FILE.
@@ -45,11 +45,11 @@ if add -t http --url $URL --cache $C/h.cache --bitmap $C/h.bitmap -q 4; then
     F=$(stat_of bytes_fetched); P=$(stat_of pages_present)
     echo "# bytes fetched $F, pages present $P, range requests $(( $(ranges disk.img) - B ))"
     eq "every page fetched once: bytes fetched = pages present × 4096" $((P * 4096)) "$F"
-    check "the whole image, 4 readers at once" cold4 $DEV_B $WWW/disk.img $((64 << 20))
+    check "the whole image, 4 readers at once" cold4 $DEV_B $WWW/disk.img $((32 << 20))
     sleep 1.2
     eq "still every page once" $(( $(stat_of pages_present) * 4096 )) "$(stat_of bytes_fetched)"
     H=$(stat_of hits)
-    check "warm: 4 readers again" cold4 $DEV_B $WWW/disk.img $((64 << 20))
+    check "warm: 4 readers again" cold4 $DEV_B $WWW/disk.img $((32 << 20))
     sleep 1.2
     check "warm reads are hits (counted on every queue)" test "$(stat_of hits)" -gt "$H"
     eq "warm: nothing fetched" $(( $(stat_of pages_present) * 4096 )) "$(stat_of bytes_fetched)"
@@ -99,7 +99,7 @@ section "cache back -q 4 with eviction: hits on one queue race punches from the 
 cp $WWW/disk.img /var/tmp/back-evict.img
 if add -t cache --backing /var/tmp/back-evict.img --cache $C/e.cache --bitmap $C/e.bitmap --write-mode back \
     --cache-max-size 8M -q 4; then
-    check "4 readers of the whole device, far above the bound, read the backing's bytes" cold4 $DEV_B $WWW/disk.img $((64 << 20))
+    check "4 readers of the whole device, far above the bound, read the backing's bytes" cold4 $DEV_B $WWW/disk.img $((32 << 20))
     check "fio randrw verify under eviction" $FIO4 --name=e --filename=$DEV_B --output=/tmp/fio-e.txt
     grep -q 'err= 0' /tmp/fio-e.txt || tail -n 20 /tmp/fio-e.txt
     check "del" del $DEV_ID

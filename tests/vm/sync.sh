@@ -12,12 +12,12 @@ WWW=/srv/www; C=/var/tmp/sy
 mkdir -p $WWW $C
 # Zeros, sparse: the device reads zeros where nothing was written, and so does a
 # sparse replica, so that `cmp` of the two checks exactly what `sync` copied.
-truncate -s 160M $WWW/disk.img
+truncate -s 96M $WWW/disk.img
 check "nginx" nginx-start $WWW 8080
 URL=http://127.0.0.1:8080/disk.img
 OPTS="--url $URL --cache $C/d.cache --bitmap $C/d.bitmap --writable"
 R=/tmp/replica.img   # tmpfs: st_blocks shows how far a copy got
-N=20000
+N=12000
 pages() { "$UBLK" dirty -n $DEV_ID | jq -r .pages; }
 # A raw client: curl's gopher over the UNIX socket sends the selector and then
 # CRLF (a second write), and reads the reply to EOF. The selector has no newline
@@ -26,7 +26,7 @@ pages() { "$UBLK" dirty -n $DEV_ID | jq -r .pages; }
 GOPHER='gopher://x/_%7B%22op%22%3A%22dirty%22%7D'
 raw_dirty() { curl -s --unix-socket /run/ublk-http/ublk$DEV_ID.sock "$GOPHER"; }
 answers() { timeout 60 "$UBLK" dirty -n $DEV_ID | jq -e ".extents | length == $N" >/dev/null; }
-serves_io() { timeout 60 dd if=$DEV_B of=/dev/null bs=1M count=4 skip=100 iflag=direct 2>/dev/null; }
+serves_io() { timeout 60 dd if=$DEV_B of=/dev/null bs=1M count=4 skip=60 iflag=direct 2>/dev/null; }
 blocks() { stat -c %b $R 2>/dev/null || echo 0; }
 
 if ! add -t http $OPTS; then
@@ -40,7 +40,7 @@ check "cache the image" dd if=$DEV_B of=/dev/null bs=4M iflag=direct
 section "$N separate dirty extents: the reply arrives whole"
 T0=$(date +%s)
 check "fio writes every other 4 KiB page" fio --name=ext --filename=$DEV_B --rw=write:4k --bs=4k \
-    --number_ios=$N --size=160M --direct=1 --ioengine=io_uring --iodepth=32 --output=/dev/null
+    --number_ios=$N --size=96M --direct=1 --ioengine=io_uring --iodepth=32 --output=/dev/null
 echo "# fio took $(( $(date +%s) - T0 ))s"
 "$UBLK" dirty -n $DEV_ID > /tmp/dirty.json 2>/tmp/dirty.err
 echo "# the reply is $(wc -c < /tmp/dirty.json) bytes"

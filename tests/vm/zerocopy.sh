@@ -32,7 +32,7 @@ check "mount" mount -t ext4 /dev/ram0 /mnt/e
 E=/mnt/e
 
 section "loop over a file on ext4: the chosen path, data both ways"
-truncate -s 96M $E/loop.img
+truncate -s 48M $E/loop.img
 if add -t loop -f $E/loop.img; then
     eq "add JSON data_path" "$EXPECT" "$(echo "$DEV_JSON" | jq -r .data_path)"
     eq "list data_path" "$EXPECT" "$(path_of "$DEV_ID")"
@@ -40,9 +40,9 @@ if add -t loop -f $E/loop.img; then
     check "write 3 MiB at an odd sector" dd if=/tmp/pat of="$DEV_B" bs=512 seek=4097 oflag=direct conv=fsync
     check "read it back" bash -c "dd if=$DEV_B bs=512 skip=4097 count=6144 iflag=direct 2>/dev/null | cmp - /tmp/pat"
     check "the bytes are in the file" bash -c "dd if=$E/loop.img bs=512 skip=4097 count=6144 2>/dev/null | cmp - /tmp/pat"
-    check "fio randwrite 512B-1M verify, 64M" $VERIFY --name=loop --filename="$DEV_B" --rw=randwrite --size=64M --output=/tmp/fio-loop.txt
+    check "fio randwrite 512B-1M verify, 32M" $VERIFY --name=loop --filename="$DEV_B" --rw=randwrite --size=32M --output=/tmp/fio-loop.txt
     check "fio randrw 512B-1M" fio --name=mix --filename="$DEV_B" --ioengine=io_uring --direct=1 --iodepth=16 \
-        --bsrange=512-1m --rw=randrw --size=64M --io_size=64M --output=/tmp/fio-mix.txt
+        --bsrange=512-1m --rw=randrw --size=32M --io_size=32M --output=/tmp/fio-mix.txt
     D=$(md5sum < "$DEV_B")
     check "del" del "$DEV_ID"
     eq "device and file hold the same bytes" "$D" "$(md5sum < $E/loop.img)"
@@ -53,10 +53,10 @@ fi
 section "loop over a block device"
 if add -t loop -f /dev/ram1; then
     eq "data_path" "$EXPECT" "$(path_of "$DEV_ID")"
-    check "fio randwrite 512B-1M verify, 64M" $VERIFY --name=blk --filename="$DEV_B" --rw=randwrite --size=64M --output=/tmp/fio-blk.txt
-    D=$(dd if="$DEV_B" bs=1M count=64 iflag=direct 2>/dev/null | md5sum)
+    check "fio randwrite 512B-1M verify, 32M" $VERIFY --name=blk --filename="$DEV_B" --rw=randwrite --size=32M --output=/tmp/fio-blk.txt
+    D=$(dd if="$DEV_B" bs=1M count=32 iflag=direct 2>/dev/null | md5sum)
     del "$DEV_ID" >/dev/null
-    eq "device and RAM disk hold the same bytes" "$D" "$(dd if=/dev/ram1 bs=1M count=64 iflag=direct 2>/dev/null | md5sum)"
+    eq "device and RAM disk hold the same bytes" "$D" "$(dd if=/dev/ram1 bs=1M count=32 iflag=direct 2>/dev/null | md5sum)"
 else
     fail "add -t loop on /dev/ram1" "$DEV_JSON"
 fi
@@ -76,7 +76,7 @@ for p in auto-zero-copy zero-copy user-copy kernel-copy; do
     if add -t loop -f $E/loop.img --data-path $p; then
         eq "forced $p: list says so" "$p" "$(path_of "$DEV_ID")"
         check "forced $p: write 3 MiB at an odd sector" dd if=/tmp/pat of="$DEV_B" bs=512 seek=4097 oflag=direct conv=fsync
-        check "forced $p: fio 512B-1M verify, 16M" $VERIFY --name=f --filename="$DEV_B" --rw=randwrite --size=16M --offset=32M --output=/tmp/fio-$p.txt
+        check "forced $p: fio 512B-1M verify, 8M" $VERIFY --name=f --filename="$DEV_B" --rw=randwrite --size=8M --offset=16M --output=/tmp/fio-$p.txt
         check "forced $p: read the 3 MiB back" bash -c "dd if=$DEV_B bs=512 skip=4097 count=6144 iflag=direct 2>/dev/null | cmp - /tmp/pat"
         del "$DEV_ID" >/dev/null
     else
@@ -88,7 +88,7 @@ expect_error "inline-user-copy needs a file in memory" "does not apply" "$UBLK" 
 check "no server left behind by refused adds" bash -c "! pgrep -x ublk-http"
 
 section "cache: cache file and backing on ext4"
-head -c $((64 << 20)) /dev/urandom > $E/back.img
+head -c $((32 << 20)) /dev/urandom > $E/back.img
 cp $E/back.img /tmp/back.orig
 if add -t cache --backing $E/back.img --cache $E/c.cache --bitmap $E/c.bitmap --write-mode through; then
     eq "data_path" "$EXPECT" "$(path_of "$DEV_ID")"
@@ -98,7 +98,7 @@ if add -t cache --backing $E/back.img --cache $E/c.cache --bitmap $E/c.bitmap --
     check "warm read equals the backing (hits)" cmp "$DEV_B" /tmp/back.orig
     sleep 1.2
     eq "the warm read fetched nothing" "$B" "$("$UBLK" stats -n "$DEV_ID" --json | jq -r .bytes_fetched)"
-    check "fio randwrite 512B-1M verify, 48M (write-through)" $VERIFY --name=c --filename="$DEV_B" --rw=randwrite --size=48M --output=/tmp/fio-c.txt
+    check "fio randwrite 512B-1M verify, 24M (write-through)" $VERIFY --name=c --filename="$DEV_B" --rw=randwrite --size=24M --output=/tmp/fio-c.txt
     check "a FLUSH" dd if=/tmp/pat of="$DEV_B" bs=4k count=1 seek=3 oflag=direct conv=fsync
     check "backing equals the device" cmp "$DEV_B" $E/back.img
     del "$DEV_ID" >/dev/null
@@ -107,7 +107,7 @@ else
 fi
 if add -t cache --backing $E/back.img --cache $E/c.cache --bitmap $E/c.bitmap --write-mode back; then
     eq "write-back: data_path" "$EXPECT" "$(path_of "$DEV_ID")"
-    check "write-back: fio randwrite 512B-1M verify, 48M" $VERIFY --name=b --filename="$DEV_B" --rw=randwrite --size=48M --offset=8M --output=/tmp/fio-b.txt
+    check "write-back: fio randwrite 512B-1M verify, 24M" $VERIFY --name=b --filename="$DEV_B" --rw=randwrite --size=24M --offset=4M --output=/tmp/fio-b.txt
     D=$(md5sum < "$DEV_B")
     check "flush" timeout 120 "$UBLK" flush -n "$DEV_ID"
     del "$DEV_ID" >/dev/null
@@ -118,7 +118,7 @@ fi
 
 section "http: hits served from a cache file on ext4"
 mkdir -p /srv/zc
-head -c $((48 << 20)) /dev/urandom > /srv/zc/img
+head -c $((24 << 20)) /dev/urandom > /srv/zc/img
 head -c 1000003 /dev/urandom > /srv/zc/odd
 check "nginx" nginx-start /srv/zc 8080
 if add -t http --url http://127.0.0.1:8080/img --cache $E/h.cache --bitmap $E/h.bitmap; then
@@ -126,7 +126,7 @@ if add -t http --url http://127.0.0.1:8080/img --cache $E/h.cache --bitmap $E/h.
     check "cold read equals the object" cmp "$DEV_B" /srv/zc/img
     check "hits: read again" cmp "$DEV_B" /srv/zc/img
     check "hits: fio random reads 512B-1M" fio --name=h --filename="$DEV_B" --ioengine=io_uring --direct=1 --iodepth=16 \
-        --bsrange=512-1m --rw=randread --size=48M --io_size=96M --output=/tmp/fio-h.txt
+        --bsrange=512-1m --rw=randread --size=24M --io_size=48M --output=/tmp/fio-h.txt
     check "hits: read again after fio" cmp "$DEV_B" /srv/zc/img
     del "$DEV_ID" >/dev/null
 else
@@ -141,7 +141,7 @@ else
 fi
 if add -t http --url http://127.0.0.1:8080/img --cache $E/w.cache --bitmap $E/w.bitmap --writable; then
     eq "overlay: data_path" "$EXPECT" "$(path_of "$DEV_ID")"
-    check "overlay: fio randwrite 512B-1M verify, 32M (writes, then hits)" $VERIFY --name=w --filename="$DEV_B" --rw=randwrite --size=32M --output=/tmp/fio-w.txt
+    check "overlay: fio randwrite 512B-1M verify, 16M (writes, then hits)" $VERIFY --name=w --filename="$DEV_B" --rw=randwrite --size=16M --output=/tmp/fio-w.txt
     del "$DEV_ID" >/dev/null
 else
     fail "add -t http --writable" "$DEV_JSON"
