@@ -8,8 +8,9 @@
 #   path, which 7.x's zero copy replaces). Up to 7 suites share a boot
 #   (UBLK_VM_GROUP; tests/vm-suites.sh resets the guest between them). A
 #   suite boots with 2 vCPUs unless a line "# vm-smp: N" in it asks for N
-#   (UBLK_VM_SMP overrides both). Exits non-zero if any suite fails or
-#   the guest kernel logged an oops, a BUG or a hung task.
+#   (UBLK_VM_SMP overrides both). UBLK_VM_JOBS (2) boots run at once, each
+#   boot's output printed whole when it ends. Exits non-zero if any suite
+#   fails or the guest kernel logged an oops, a BUG or a hung task.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -32,14 +33,12 @@ BIN="$(tests/build-static.sh)"
 VM_CACHE="${UBLK_VM_CACHE:-/var/cache/ublk-http-vm}"
 mkdir -p "$VM_CACHE"
 declare -A INITRDS=()
-LOG=$(mktemp /tmp/ublk-http-vm-suite.XXXXXX)
 cleanup() {
-    rm -f "$LOG"
     for f in "${INITRDS[@]}"; do rm -f "$f" "$f.kver" "$f.manifest"; done
 }
 trap cleanup EXIT
 # One initramfs per run and kernel: several checkouts may run their suites at once.
-initrd_for() { # KERNEL -> sets INITRD
+initrd_for() { # KERNEL -> builds INITRDS[KERNEL] once
     local k="$1"
     if [[ -z "${INITRDS[$k]:-}" ]]; then
         UBLK_VM_KERNEL="$k" vm/kernel.sh >/dev/null
@@ -49,7 +48,6 @@ initrd_for() { # KERNEL -> sets INITRD
         UBLK_VM_KERNEL="$k" vm/initramfs.sh "${INITRDS[$k]}" --bin "$BIN:/usr/local/bin/ublk-http" --bin /usr/bin/jq \
             --bin /usr/bin/setpriv --bin /usr/sbin/dmsetup --module dm_mod --module dm_flakey --module dm_delay >/dev/null
     fi
-    INITRD="${INITRDS[$k]}"
 }
 # Boots: consecutive suites with the same kernel and vCPU count share one,
 # at most UBLK_VM_GROUP (7) of them (tests/vm-suites.sh runs them in turn and
@@ -69,40 +67,75 @@ for spec in "${SUITES[@]}"; do
     if [[ -n $i && $(wc -w <<<"${boots[$i]}") -lt $GROUP ]]; then boots[$i]+=" $spec"
     else boots+=("$spec"); open_boot[$key]=$((${#boots[@]} - 1)); fi
 done
-failed=() times=()
-for boot in "${boots[@]}"; do
-    read -r -a specs <<<"$boot"
-    k="${specs[0]#*@}" names=()
+# Boots run side by side, UBLK_VM_JOBS (2) at a time: a TCG guest keeps a
+# little over one host core busy (its vCPUs wait on timers, sleeps and each
+# other), so two guests on a 2-core host take far less than twice one's time.
+# Each boot's output is kept apart and printed whole when the boot ends.
+JOBS="${UBLK_VM_JOBS:-2}"
+[[ "$JOBS" =~ ^[1-9][0-9]*$ ]] || { echo "[tests] UBLK_VM_JOBS must be a positive number" >&2; exit 2; }
+OUT=$(mktemp -d /tmp/ublk-http-vm-boots.XXXXXX)
+for boot in "${boots[@]}"; do k="${boot%% *}"; initrd_for "${k#*@}"; done
+# run_boot I: boots[I] in one VM; its output in $OUT/I.out, one "fail ..." or
+# "time ..." line per suite in $OUT/I.res.
+run_boot() {
+    local i=$1 specs names=() k smp started=$SECONDS rc=0 attempt n res
+    read -r -a specs <<<"${boots[$i]}"
+    k="${specs[0]#*@}"
     for spec in "${specs[@]}"; do names+=("${spec%@*}"); done
     smp=$(smp_of "${names[0]}")
-    initrd_for "$k"
     export UBLK_VM_KERNEL="$k"
-    echo "[tests] suites ${names[*]} on kernel $k ($smp vCPUs, one boot)"
-    started=$SECONDS rc=0
-    # Under TCG the guest kernel now and then oopses while booting, before
-    # its init runs (no @@BOOTED line): that is qemu's, not the suites', and
-    # the guest is booted again (twice at most). A failure after boot counts.
-    for attempt in 1 2 3; do
-        rc=0
-        vm/run.sh --initrd "$INITRD" --timeout "${UBLK_VM_TIMEOUT:-$((900 * ${#names[@]} + 300))}" --smp "$smp" \
-            --file "$ROOT/tests/vm:/tests" --log "$LOG" tests/vm-suites.sh "${names[@]}" || rc=$?
-        if [[ $rc -eq 0 ]] || grep -aq '@@BOOTED' "$LOG" || [[ $attempt == 3 ]]; then break; fi
-        echo "[tests] the guest died while booting, before the suites started: booting again"
-    done
+    {
+        echo "[tests] suites ${names[*]} on kernel $k ($smp vCPUs, one boot)"
+        # Under TCG the guest kernel now and then oopses while booting, before
+        # its init runs (no @@BOOTED line): that is qemu's, not the suites', and
+        # the guest is booted again (twice at most). A failure after boot counts.
+        for attempt in 1 2 3; do
+            rc=0
+            vm/run.sh --initrd "${INITRDS[$k]}" --timeout "${UBLK_VM_TIMEOUT:-$((900 * ${#names[@]} + 300))}" --smp "$smp" \
+                --file "$ROOT/tests/vm:/tests" --log "$OUT/$i.log" tests/vm-suites.sh "${names[@]}" || rc=$?
+            if [[ $rc -eq 0 ]] || grep -aq '@@BOOTED' "$OUT/$i.log" || [[ $attempt == 3 ]]; then break; fi
+            echo "[tests] the guest died while booting, before the suites started: booting again"
+        done
+    } >"$OUT/$i.out" 2>&1
     for n in "${names[@]}"; do
         # "@@SUITE NAME STATUS SECONDS@@" from tests/vm-suites.sh; a suite without one never finished.
-        res=$(grep -ao "@@SUITE $n [0-9]* [0-9]*@@" "$LOG" | tail -n 1 | tr -d @)
+        res=$(grep -ao "@@SUITE $n [0-9]* [0-9]*@@" "$OUT/$i.log" | tail -n 1 | tr -d @)
         if [[ -z $res ]]; then
-            failed+=("$n@$k(did not finish: vm/run.sh status $rc)")
+            echo "fail $n@$k(did not finish: vm/run.sh status $rc)"
         elif [[ $(cut -d' ' -f3 <<<"$res") != 0 ]]; then
-            failed+=("$n@$k")
+            echo "fail $n@$k"
         elif [[ $rc -eq 99 ]]; then
-            failed+=("$n@$k(the guest kernel logged an oops, a BUG or a hung task in this boot)")
+            echo "fail $n@$k(the guest kernel logged an oops, a BUG or a hung task in this boot)"
         fi
-        [[ -n $res ]] && times+=("$n@$k $(cut -d' ' -f4 <<<"$res")s")
+        [[ -n $res ]] && echo "time $n@$k $(cut -d' ' -f4 <<<"$res")s"
+    done >"$OUT/$i.res"
+    echo "time [boot $((SECONDS - started))s]" >>"$OUT/$i.res"
+}
+# Boots of more suites first, so that the short ones fill in at the end.
+mapfile -t order < <(for i in "${!boots[@]}"; do echo "$(wc -w <<<"${boots[$i]}") $i"; done | sort -s -k1,1nr | cut -d' ' -f2)
+set -m  # each boot in a process group of its own, stopped whole on exit
+declare -A running=()
+stop_boots() { local p; for p in "${!running[@]}"; do kill -TERM -- "-$p" 2>/dev/null; done; }
+trap 'stop_boots; cleanup; rm -rf "$OUT"' EXIT
+failed=() times=() next=0 T_ALL=$SECONDS
+while [[ $next -lt ${#order[@]} || ${#running[@]} -gt 0 ]]; do
+    while [[ ${#running[@]} -lt $JOBS && $next -lt ${#order[@]} ]]; do
+        i=${order[$next]}; next=$((next + 1))
+        run_boot "$i" &
+        running[$!]=$i
+        echo "[tests] boot $((i + 1)) of ${#boots[@]} started: ${boots[$i]}"
     done
-    times+=("[boot $((SECONDS - started))s]")
+    done_pid=
+    wait -n -p done_pid "${!running[@]}" || true
+    [[ -n $done_pid && -n ${running[$done_pid]:-} ]] || continue
+    i=${running[$done_pid]}; unset "running[$done_pid]"
+    cat "$OUT/$i.out"
+    while read -r kind rest; do
+        if [[ $kind == fail ]]; then failed+=("$rest"); else times+=("$rest"); fi
+    done <"$OUT/$i.res"
 done
+set +m
+times+=("[all boots $((SECONDS - T_ALL))s, $JOBS at a time]")
 echo "[tests] time per suite: ${times[*]}"
 if [[ ${#failed[@]} -gt 0 ]]; then echo "[tests] FAILED suites: ${failed[*]}"; exit 1; fi
 echo "[tests] all VM suites passed: ${SUITES[*]}"
