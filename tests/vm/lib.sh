@@ -54,9 +54,8 @@ add() {
         tail -n 30 /run/ublk-http/server.log >&2 2>/dev/null
         return 1
     }
-    DEV_ID=$(echo "$DEV_JSON" | jq -r .dev_id)
-    DEV_B=$(echo "$DEV_JSON" | jq -r .block_device)
-    DEV_PID=$(echo "$DEV_JSON" | jq -r .pid)
+    # One jq, not three: a jq start costs about 0.25 s under TCG.
+    read -r DEV_ID DEV_B DEV_PID < <(echo "$DEV_JSON" | jq -r '"\(.dev_id) \(.block_device) \(.pid)"')
 }
 
 del() { timeout 60 "$UBLK" del -n "$1"; }
