@@ -37,9 +37,9 @@ if add -t loop -f $E/loop.img; then
     eq "add JSON data_path" "$EXPECT" "$(echo "$DEV_JSON" | jq -r .data_path)"
     eq "list data_path" "$EXPECT" "$(path_of "$DEV_ID")"
     head -c $((3 << 20)) /dev/urandom > /tmp/pat
-    check "write 3 MiB at an odd sector" dd if=/tmp/pat of="$DEV_B" bs=512 seek=4097 oflag=direct conv=fsync
-    check "read it back" bash -c "dd if=$DEV_B bs=512 skip=4097 count=6144 iflag=direct 2>/dev/null | cmp - /tmp/pat"
-    check "the bytes are in the file" bash -c "dd if=$E/loop.img bs=512 skip=4097 count=6144 2>/dev/null | cmp - /tmp/pat"
+    check "write 3 MiB at an odd sector" dd if=/tmp/pat of="$DEV_B" bs=64k seek=$((4097 * 512)) oflag=direct,seek_bytes conv=fsync
+    check "read it back" bash -c "dd if=$DEV_B bs=64k skip=$((4097 * 512)) count=48 iflag=direct,skip_bytes 2>/dev/null | cmp - /tmp/pat"
+    check "the bytes are in the file" bash -c "dd if=$E/loop.img bs=64k skip=$((4097 * 512)) count=48 iflag=skip_bytes 2>/dev/null | cmp - /tmp/pat"
     check "fio randwrite 512B-1M verify, 32M" $VERIFY --name=loop --filename="$DEV_B" --rw=randwrite --size=32M --output=/tmp/fio-loop.txt
     check "fio randrw 512B-1M" fio --name=mix --filename="$DEV_B" --ioengine=io_uring --direct=1 --iodepth=16 \
         --bsrange=512-1m --rw=randrw --size=32M --io_size=32M --output=/tmp/fio-mix.txt
@@ -75,9 +75,9 @@ for p in auto-zero-copy zero-copy user-copy kernel-copy; do
     fi
     if add -t loop -f $E/loop.img --data-path $p; then
         eq "forced $p: list says so" "$p" "$(path_of "$DEV_ID")"
-        check "forced $p: write 3 MiB at an odd sector" dd if=/tmp/pat of="$DEV_B" bs=512 seek=4097 oflag=direct conv=fsync
+        check "forced $p: write 3 MiB at an odd sector" dd if=/tmp/pat of="$DEV_B" bs=64k seek=$((4097 * 512)) oflag=direct,seek_bytes conv=fsync
         check "forced $p: fio 512B-1M verify, 8M" $VERIFY --name=f --filename="$DEV_B" --rw=randwrite --size=8M --offset=16M --output=/tmp/fio-$p.txt
-        check "forced $p: read the 3 MiB back" bash -c "dd if=$DEV_B bs=512 skip=4097 count=6144 iflag=direct 2>/dev/null | cmp - /tmp/pat"
+        check "forced $p: read the 3 MiB back" bash -c "dd if=$DEV_B bs=64k skip=$((4097 * 512)) count=48 iflag=direct,skip_bytes 2>/dev/null | cmp - /tmp/pat"
         del "$DEV_ID" >/dev/null
     else
         fail "add --data-path $p" "$DEV_JSON"
