@@ -33,7 +33,7 @@
 #                fresh cache, `add --prefetch-profile` of the recording run's
 #                profile, the reads at once, as a boot would), ublk-http-
 #                profile-wait (the same, the reads after `profile status
-#                --wait`).
+#                --wait`); each request waits a round trip of BENCH_BOOT_RTT_MS.
 # The server RSS (VmRSS/VmHWM) is taken right after each cold-seq run.
 #
 # Pinning: this script, fio and nginx run on vCPU 0 (FIO_CPU); every "server"
@@ -45,6 +45,7 @@
 #   BENCH_REPS (3)  BENCH_RUNTIME (10 s: cold random)  BENCH_WARM_RUNTIME (10 s)
 #   BENCH_RAMP (2 s: warm runs)  BENCH_IMG_MB (256)  BENCH_REQ_MB (64)  BENCH_WQ_PIN (1)
 #   BENCH_CASES ("cold-seq cold-rand4k reqcount warm-rand4k warm-seq1m shared boot")  BENCH_SHARED_N (4)
+#   BENCH_BOOT_RTT_MS (50: the boot case's round trip to nginx, netem on lo; 0: none)
 #   BENCH_NBD (1: include the nbdkit devices)
 
 WRUNTIME=${BENCH_WARM_RUNTIME:-10}
@@ -447,18 +448,35 @@ boot_run() {
     t1=$(now_us)
     stats=$(ublk_stats "$U_ID")
     emit "$(jq -cn --arg d "ublk-http-$mode" --argjson r "$rep" --argjson us $((t1 - t0)) --argjson n $(( $(boot_ranges) - b )) --argjson st "$stats" \
-        '{case: "boot", device: $d, rep: $r, metric: "seconds", value: ($us / 1e6), requests: $n, hits: ($st.hits // null),
+        --argjson rtt "$BOOT_RTT_MS" '{case: "boot", device: $d, rep: $r, metric: "seconds", value: ($us / 1e6), requests: $n, rtt_ms: $rtt, hits: ($st.hits // null),
           misses: ($st.misses // null), bytes_fetched: ($st.bytes_fetched // null)}')"
     log "rep $rep boot ublk-http-$mode: $(awk -v u=$((t1 - t0)) 'BEGIN { printf "%.2f", u / 1e6 }') s from add to the reads' end, $(( $(boot_ranges) - b )) Range requests; stats $(jq -c '{hits, misses, bytes_fetched}' <<<"$stats")"
     ublk_del "$U_ID"
 }
+# The remote's latency: netem on the loopback delays each packet by half of
+# BENCH_BOOT_RTT_MS, so a request waits a round trip as it would for an
+# object store (nginx is on the guest's loopback, with no latency of its
+# own). It is on for the boot runs only, not for the recording.
+BOOT_RTT_MS=${BENCH_BOOT_RTT_MS:-50}
+boot_latency() { # on | off
+    [[ $BOOT_RTT_MS -gt 0 ]] || return 0
+    if [[ $1 == on ]]; then
+        [[ -e /sys/module/sch_netem ]] || kmod-load sch_netem || return 1
+        tc qdisc replace dev lo root netem delay "$(awk -v r="$BOOT_RTT_MS" 'BEGIN { printf "%.1f", r / 2 }')ms"
+    else
+        tc qdisc del dev lo root 2>/dev/null || true
+    fi
+}
 case_boot() {
     local rep=$1
     boot_setup || { err boot ublk-http "$rep" "setup (mkfs, recording the profile) failed"; return; }
+    if ! boot_latency on; then err boot ublk-http "$rep" "tc netem on lo failed (BENCH_BOOT_RTT_MS=$BOOT_RTT_MS)"; return; fi
+    [[ $rep == 1 ]] && log "boot: a round trip of ${BOOT_RTT_MS} ms to nginx (netem on lo): $(ping -c 3 -q 127.0.0.1 2>/dev/null | tail -n 1)"
     boot_run warm "$rep"
     boot_run cold "$rep"
     boot_run profile "$rep"
     boot_run profile-wait "$rep"
+    boot_latency off
 }
 
 # ---- warm devices (set up once, before the first warm case) -------------------------------------

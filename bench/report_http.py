@@ -194,10 +194,12 @@ def report(out_dir, host):
         rs = [r for r in runs if r["case"] == "boot" and r["device"] == f"ublk-http-{m}" and "error" not in r]
         if rs:
             boot[m] = {"seconds": statistics.median([r["value"] for r in rs]), "min": min(r["value"] for r in rs),
-                       "max": max(r["value"] for r in rs), "requests": statistics.median([r["requests"] for r in rs]), "runs": len(rs)}
+                       "max": max(r["value"] for r in rs), "requests": statistics.median([r["requests"] for r in rs]), "runs": len(rs),
+                       "rtt_ms": rs[0].get("rtt_ms")}
     warm_s = boot.get("warm", {}).get("seconds")
     for m, b in boot.items():
-        rows.append(["boot", f"ublk-http {m}", f"{b['seconds']:.2f} s, {b['requests']:g} requests",
+        # The round trip netem gave nginx (runs before it had none).
+        rows.append([f"boot, RTT {b['rtt_ms']} ms" if b["rtt_ms"] else "boot", f"ublk-http {m}", f"{b['seconds']:.2f} s, {b['requests']:g} requests",
                      f"{b['min']:.2f}–{b['max']:.2f} s", f"{b['seconds'] / warm_s:.2f}× warm" if warm_s else "-", "", "", "", str(b["runs"])])
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(hdr)]
     def line(cols):

@@ -49,6 +49,8 @@
 #                   files on ext4 on a brd RAM disk) or tmpfs (in memory)
 #     --alternate   every other rep runs the devices in reverse order
 #     --no-nbd      http: leave the nbdkit devices out
+#     --boot-rtt MS http: the boot case's round trip to nginx, made by netem on
+#                   the guest's loopback (default 50; 0: none, as before)
 #     --no-kublk    cache: leave the kublk devices out
 #     --label TEXT  what was measured, for the report (default: the git
 #                   revision, +dirty when Sources/ has uncommitted changes)
@@ -59,7 +61,7 @@ cd "$ROOT"
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//' >&2; exit 2; }
 
 QUICK=0 REPS="" RUNTIME="" RAMP="" WRUNTIME="" OUT="" CASES="" DEVICES="" SCHED="none" BIN="" BUILD=1 LABEL="" WAIT_IDLE=0 WQ_PIN=1
-SUITE=loop MEM="" ALTERNATE=0 FLASH="" KERNELS="" NBD=1 KUBLK=1 REPORT_ONLY=""
+SUITE=loop MEM="" ALTERNATE=0 FLASH="" KERNELS="" NBD=1 KUBLK=1 REPORT_ONLY="" BOOT_RTT=50
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) QUICK=1; shift ;;
@@ -82,6 +84,7 @@ while [[ $# -gt 0 ]]; do
         --wait-idle) WAIT_IDLE="$2"; shift 2 ;;
         --no-wq-pin) WQ_PIN=0; shift ;;
         --no-nbd) NBD=0; shift ;;
+        --boot-rtt) BOOT_RTT="$2"; shift 2 ;;
         --no-kublk) KUBLK=0; shift ;;
         --report) REPORT_ONLY="$2"; shift 2 ;;
         -h|--help) usage ;;
@@ -109,6 +112,7 @@ esac
 [[ $FLASH == tmpfs || $FLASH == ext4 ]] || { echo "bench/run.sh: --flash is tmpfs or ext4, not '$FLASH'" >&2; exit 2; }
 [[ $FLASH == tmpfs || $SUITE == cache ]] || { echo "bench/run.sh: --flash applies to --suite cache only" >&2; exit 2; }
 [[ "$MEM" =~ ^[0-9]+$ && "$MEM" -ge 512 ]] || { echo "bench/run.sh: bad --mem '$MEM' (MiB, >= 512)" >&2; exit 2; }
+[[ "$BOOT_RTT" =~ ^[0-9]+$ && "$BOOT_RTT" -le 10000 ]] || { echo "bench/run.sh: bad --boot-rtt '$BOOT_RTT' (milliseconds, 0-10000)" >&2; exit 2; }
 for k in $KERNELS; do [[ $k == 7 || $k == 6.12 ]] || { echo "bench/run.sh: --kernel takes 7 and/or 6.12, not '$k'" >&2; exit 2; }; done
 if [[ $QUICK == 1 ]]; then
     REPS=${REPS:-1} RUNTIME=${RUNTIME:-3} RAMP=${RAMP:-1} WRUNTIME=${WRUNTIME:-3} WARMUP=1 WAITB=45 RETRYB=4
@@ -199,9 +203,11 @@ boot() {
                 --bin "$NBDKIT_DIR/plugins/nbdkit-curl-plugin.so:$NBDKIT_DIR/plugins/nbdkit-curl-plugin.so"
                 --bin "$NBDKIT_DIR/filters/nbdkit-cache-filter.so:$NBDKIT_DIR/filters/nbdkit-cache-filter.so")
     fi
+    # tc and netem: the http suite's boot case gives nginx a round trip.
+    EXTRA+=(--bin /usr/sbin/tc:/usr/sbin/tc --module sch_netem)
     INITRD="$VM_CACHE/initramfs-bench-$kind-$KVER.cpio"
-    # Repacked when the binary (path, size, mtime), the kernel or anything under vm/ changed.
-    STAMP="$(realpath "$BIN") $(stat -c '%s %Y' "$BIN")"
+    # Repacked when the binary (path, size, mtime), the kernel, anything under vm/ or the extras changed.
+    STAMP="$(realpath "$BIN") $(stat -c '%s %Y' "$BIN") ${EXTRA[*]}"
     if [[ ! -f "$INITRD" || "$(cat "$INITRD.bin" 2>/dev/null)" != "$STAMP" || "$(cat "$INITRD.kver" 2>/dev/null)" != "$KVER" ]] \
        || [[ -n "$(find "$VM_DIR" -type f -newer "$INITRD" -print -quit)" ]]; then
         blog "packing $INITRD with $BIN"
@@ -232,6 +238,7 @@ boot() {
           --env "BENCH_WAIT_BUDGET=$WAITB" --env "BENCH_RETRY_BUDGET=$RETRYB" --env "BENCH_ALTERNATE=$ALTERNATE" --env "BENCH_FLASH=$FLASH"
           --env "BENCH_WARM_RUNTIME=$WRUNTIME" --env "BENCH_NBD=$NBD")
     [[ -n "$CASES" ]] && ENVS+=(--env "BENCH_CASES=$CASES")
+    [[ $SUITE == http ]] && ENVS+=(--env "BENCH_BOOT_RTT_MS=$BOOT_RTT")
     [[ -n "$DEVICES" && $SUITE != http ]] && ENVS+=(--env "BENCH_DEVICES=$DEVICES")
     blog "booting the VM (kernel $KVER, suite $SUITE): $REPS rep(s) x ${CASES:-all cases} x ${DEVICES:-all devices}, ${RUNTIME}s + ${RAMP}s ramp per run (timeout ${TIMEOUT}s); host load $HOST_BEFORE"
     # Disturbance check: host CPU time used by processes other than this run (the
