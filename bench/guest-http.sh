@@ -318,7 +318,7 @@ case_reqcount() {
     rm -f "$CDIR"/req.*
 }
 
-# ---- one image, many devices (issue 11) ----------------------------------------------------------
+# ---- one image, many devices ------------------------------------------------------------------
 SHARED_IMG=$WWW/shared.img SHARED_URL=http://127.0.0.1:8080/shared.img SHARED_SRC=/tmp/shared-src
 SHARED_N=${BENCH_SHARED_N:-4}
 SHARED_UP=0

@@ -46,7 +46,7 @@ UBLKSRV_REF = {
     ("ublk-null", "seqread-1m-qd8"): 1.42,
 }
 
-# Issue 4: what dirty tracking costs, 4k random writes QD32, per write mode:
+# What dirty tracking costs, 4k random writes QD32, per write mode:
 # (label, device with tracking, device without, case, maximum cost).
 TRACKING = [
     ("write-through", "ublk-cache-through", "ublk-cache-through-notrack", "randwrite-4k-qd32", 0.05),

@@ -186,7 +186,7 @@ def report(out_dir, host):
         rows.append(["shared", f"{shared['devices']} devices, one URL", f"{statistics.median(v):.2f}× bytes",
                      f"{min(v):.2f}–{max(v):.2f}", "vs one device alone", "", "", "", str(len(sh))])
     goals.append(g(f"bytes fetched by {shared['devices'] or 4} devices from one URL at once vs one device alone",
-                   max(shared["values"]) if shared["values"] else None, 1.1, "<=", "worst rep (issue 11)"))
+                   max(shared["values"]) if shared["values"] else None, 1.1, "<=", "worst rep"))
     # boot: a boot-like read set, seconds from add to the reads' end and Range
     # requests, cold with and without a profile, relative to the warm cache.
     boot = {}

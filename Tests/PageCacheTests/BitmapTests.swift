@@ -347,7 +347,7 @@ final class BitmapTests: XCTestCase {
     }
 }
 
-/// Issue 9, class 10: a bitmap header is read from a file anyone may have
+/// A bitmap header is read from a file anyone may have
 /// crafted (its checksum is no secret): every field is bounded before use.
 final class CraftedHeaderTests: XCTestCase {
     func crafted(imageSize: UInt64, pageSize: UInt32, fileSize: off_t = 8192) throws -> String {

@@ -301,7 +301,7 @@ final class ResettingListener {
     deinit { stop() }
 }
 
-/// Issue 9, class 12: transient network faults are retried like 5xx and resets.
+/// Transient network faults are retried like 5xx and resets.
 final class TransientFaultTests: XCTestCase {
     func config(_ url: String, attempts: Int = 3) -> HTTPConfig {
         var c = HTTPConfig(url: url)
@@ -371,7 +371,7 @@ final class TransientFaultTests: XCTestCase {
     }
 }
 
-/// Issue 9, class 10: numbers and strings a source is given are bounded.
+/// Numbers and strings a source is given are bounded.
 final class HTTPConfigBoundsTests: XCTestCase {
     func testTimeoutsThatWouldTrapAreRefused() {
         for t in [Double.infinity, -.infinity, .nan, 1e300, -1, 0.0000001] {

@@ -140,7 +140,7 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(names, ["UBLK_F_USER_RECOVERY", "UBLK_F_CMD_IOCTL_ENCODE", "bit 40"])
     }
 
-    // MARK: Issue 9, class 10: every numeric option is bounded, with one line
+    // MARK: Every numeric option is bounded, with one line
 
     func testBadNumbersAreOneLineErrors() {
         let http = ["add", "-t", "http", "--url", "http://h/x"]
@@ -209,7 +209,7 @@ final class CLITests: XCTestCase {
         XCTAssertNil(Size.parse("18446744073709551615"))
     }
 
-    // MARK: class 10: CR/LF in headers and URLs
+    // MARK: CR/LF in headers and URLs
 
     func testHeaderAndURLLineBreaksAreRefusedWithoutEchoingTheValue() {
         let http = ["add", "-t", "http", "--url", "http://h/x"]
@@ -234,7 +234,7 @@ final class CLITests: XCTestCase {
         }
     }
 
-    // MARK: class 9: --header-file, credentials file, redaction
+    // MARK: --header-file, credentials file, redaction
 
     func secretFile(_ text: String, mode: mode_t = 0o600) -> String {
         let path = NSTemporaryDirectory() + "/ublk-secret-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
@@ -391,7 +391,7 @@ final class CLITests: XCTestCase {
     }
 }
 
-/// Issue 9, class 9: a presigned URL's signature is no part of a cache's
+/// A presigned URL's signature is no part of a cache's
 /// identity: not in the bitmap header (`status` prints it), and a URL signed
 /// again finds the same default cache files.
 final class PresignedURLTests: XCTestCase {

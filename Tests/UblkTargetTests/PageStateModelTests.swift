@@ -1,4 +1,4 @@
-// The randomised crash/fault model test of the caching handler (issue 9).
+// The randomised crash/fault model test of the caching handler.
 //
 // A writable overlay (the http target's `--writable`: present, local and dirty
 // bitmaps) runs on a FakeQueue over real files with a durability model
@@ -702,7 +702,7 @@ extension FakeQueue {
     func lastResult(_ tag: UInt16) -> Int32 { lastResults[tag] ?? -1 }
 }
 
-/// Issue 9, class 8: the queue thread blocks only in io_uring_enter. Every
+/// The queue thread blocks only in io_uring_enter. Every
 /// write and fdatasync of a FLUSH (cache file, bitmaps) is handed to the
 /// queue's ring, none made by the handler itself.
 final class RingOnlyPersistenceTests: XCTestCase {

@@ -47,7 +47,7 @@ expect_error "status of a missing bitmap" "No such file" "$UBLK" status --bitmap
 expect_error "status of a file that is no bitmap" "bitmap|magic" "$UBLK" status --bitmap $W/www/img.bin
 expect_error "a bitmap of another image" "size|bitmap" "$UBLK" prefetch --url $URL --cache $W/c3 --bitmap $W/b2 --page-size 8192
 
-section "bad input: one line, non-zero, never a trap (issue 9)"
+section "bad input: one line, non-zero, never a trap"
 expect_error "--page-size abc (a parse error) is one line" "invalid for '--page-size" "$UBLK" prefetch --url $URL --page-size abc
 expect_error "--connections 99999999999999999999 is one line" "invalid for '--connections" "$UBLK" prefetch --url $URL --connections 99999999999999999999
 expect_error "--timeout inf" "--timeout must be between" "$UBLK" prefetch --url $URL --timeout inf
@@ -69,7 +69,7 @@ expect_error "an image of more than 2^32 pages is refused at the probe, not allo
     "$UBLK" prefetch --url http://127.0.0.1:$PORT/huge.img --page-size 512 --cache $W/hc2 --bitmap $W/hb2
 check "and no cache file was made" test ! -e $W/hc2
 
-section "transient faults and redaction (issue 9)"
+section "transient faults and redaction"
 S=$(date +%s)
 expect_error "an unresolvable name: retried, then one line, query redacted" "nonexistent.invalid.*X-Amz-Signature=REDACTED.*after 5 attempts" \
     "$UBLK" prefetch --url "http://nonexistent.invalid:8080/x?X-Amz-Signature=SECRETSIG" --cache $W/dc --bitmap $W/db

@@ -1,4 +1,4 @@
-# Issue 9, classes 1, 3 and 4 on the real driver: a cache file lost,
+# On the real driver: a cache file lost,
 # replaced or truncated between runs; a local overlay whose dirty list was
 # cleared; the cache target's backing replaced while the device was down.
 # The bitmap never vouches for bytes that are not its cache file's: reads
@@ -87,7 +87,7 @@ else
     fail "add --writable" "$DEV_JSON"
 fi
 
-section "http --writable: local pages outlive a cleared dirty list (class 1)"
+section "http --writable: local pages outlive a cleared dirty list"
 # Written, then `sync` (the dirty list is empty now), then the remote changes:
 # the overlay must not be wiped.
 check "sync of the stopped overlay clears its dirty list" "$UBLK" sync --dirty-bitmap $C/d.bitmap.dirty --cache $C/d.cache --to /var/tmp/replica.img

@@ -1,4 +1,4 @@
-# Issue 4, the cache target on the real driver: write-through and write-back,
+# The cache target on the real driver: write-through and write-back,
 # kill -9 under writes in back mode, flush, a block device as backing store.
 source /tests/lib.sh
 set -o pipefail

@@ -1,4 +1,4 @@
-# Issue 9, class 11 on the real driver: a server crash is not a power loss.
+# On the real driver: a server crash is not a power loss.
 # A caching server killed (-9) under load in the same boot loses no write it
 # acknowledged, FLUSHed or not: the page states it had set in memory are in
 # a shared mapping on /run/ublk-http/live and the next server takes them over

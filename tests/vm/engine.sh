@@ -1,4 +1,4 @@
-# Issue 2 on the real driver: null and loop targets, the CLI, lifecycle under
+# On the real driver: null and loop targets, the CLI, lifecycle under
 # load, kill -9, bad inputs. Runs inside the VM (see tests/vm.sh).
 source /tests/lib.sh
 set -o pipefail

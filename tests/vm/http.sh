@@ -1,4 +1,4 @@
-# Issue 3 on the real driver: the http target against nginx in the guest.
+# On the real driver: the http target against nginx in the guest.
 source /tests/lib.sh
 set -o pipefail
 

@@ -1,4 +1,4 @@
-# Issue 11, part 3 on the real driver: `hydrate` against nginx. The device's
+# On the real driver: `hydrate` against nginx. The device's
 # server fetches every missing page in the background (CachingFill.swift);
 # once at 100% the device serves with nginx stopped, requesting nothing.
 source /tests/lib.sh

@@ -1,4 +1,4 @@
-# Issue 9, classes 9, 10 and 12 on the real driver: secrets (a --header-file, a
+# On the real driver: secrets (a --header-file, a
 # presigned query string) appear nowhere another user can read them (the
 # server's /proc/PID/cmdline, files under /run/ublk-http/, `list`, the logs);
 # bad numbers and crafted input are one line on stderr and a non-zero exit;
@@ -109,7 +109,7 @@ expect_error "an image larger than the bitmap can address (2^32 pages)" "more th
     "$UBLK" add -t http --url http://127.0.0.1:8080/huge.img --page-size 512 --cache $CACHE/h.cache --bitmap $CACHE/h.bitmap
 rm -f $WWW/huge.img
 
-section "class 12: a name that stops resolving for a moment: the read is retried, not failed"
+section "a name that stops resolving for a moment: the read is retried, not failed"
 # The name goes from /etc/hosts after add; nginx restarts (no connection to
 # reuse) and the DNS cache (--dns-cache 2 s instead of 60) runs out; the name
 # comes back a second after a cold read starts, within the retries' backoff.

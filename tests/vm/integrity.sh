@@ -1,4 +1,4 @@
-# Issue 9 on the real driver: the page-state model of the caching targets.
+# On the real driver: the page-state model of the caching targets.
 # Local writes are never replaced by remote bytes (whatever their dirty bit
 # says), eviction never races I/O in flight, a cache file system that runs
 # full fails reads with EIO and never hangs or serves wrong bytes.
@@ -13,7 +13,7 @@ URL=http://127.0.0.1:8080/disk.img
 FIO="fio --ioengine=io_uring --direct=1 --iodepth=16 --randrepeat=1 --randseed=7 --verify_fatal=1"
 same() { cmp <(dd if=$1 bs=1M skip=$2 count=$3 iflag=direct 2>/dev/null) <(dd if=$4 bs=1M skip=$2 count=$3 2>/dev/null); }
 
-section "class 1: written pages survive dirty --clear and eviction (not refetched)"
+section "written pages survive dirty --clear and eviction (not refetched)"
 if add -t http --url $URL --cache $C/o.cache --bitmap $C/o.bitmap --writable --cache-max-size 4M; then
     head -c $((8 << 20)) /dev/urandom > /tmp/w8
     check "write 8 MiB" dd if=/tmp/w8 of=$DEV_B bs=1M oflag=direct conv=fsync
@@ -32,13 +32,13 @@ else
     fail "add --writable --cache-max-size" "$DEV_JSON"
 fi
 
-section "class 1: a changed remote does not wipe an overlay whose dirty list is empty"
+section "a changed remote does not wipe an overlay whose dirty list is empty"
 touch -d '2030-01-01' $WWW/disk.img   # new Last-Modified and ETag, same bytes
 expect_error "add refuses (local pages would be lost)" "local|written" \
     "$UBLK" add -t http --url $URL --cache $C/o.cache --bitmap $C/o.bitmap --writable
 touch -d '2031-01-01' $WWW/disk.img
 
-section "class 2: eviction under fio --verify on a writable overlay (bound far below the working set)"
+section "eviction under fio --verify on a writable overlay (bound far below the working set)"
 if add -t http --url $URL --cache $C/e.cache --bitmap $C/e.bitmap --writable --cache-max-size 2M; then
     check "fio randrw verify 12M" $FIO --name=ev --filename=$DEV_B --rw=randrw --bs=4k --size=12M \
         --verify=crc32c --do_verify=1 --output=/tmp/fio-ev.txt
@@ -50,7 +50,7 @@ else
     fail "add overlay --cache-max-size 2M" "$DEV_JSON"
 fi
 
-section "class 2: eviction under fio --verify on a write-back cache"
+section "eviction under fio --verify on a write-back cache"
 truncate -s 64M /tmp/back.img
 if add -t cache --backing /tmp/back.img --cache $C/b.cache --bitmap $C/b.bitmap --write-mode back --cache-max-size 2M; then
     check "fio randwrite verify 16M" $FIO --name=wb --filename=$DEV_B --rw=randwrite --bs=4k --size=16M \
@@ -62,7 +62,7 @@ else
     fail "add cache back --cache-max-size 2M" "$DEV_JSON"
 fi
 
-section "class 6: the cache file system runs full: reads fail with EIO, never hang, never wrong bytes"
+section "the cache file system runs full: reads fail with EIO, never hang, never wrong bytes"
 mkdir -p /mnt/small && mount -t tmpfs -o size=8m tmpfs /mnt/small
 if add -t http --url $URL --cache /mnt/small/c --bitmap $C/s.bitmap; then
     check "the first 4 MiB read back" same $DEV_B 0 4 $WWW/disk.img
@@ -89,7 +89,7 @@ else
 fi
 umount /mnt/small
 
-section "class 6: EIO from the cache's disk (device mapper): FLUSH fails, nothing hangs, reads never lie"
+section "EIO from the cache's disk (device mapper): FLUSH fails, nothing hangs, reads never lie"
 # Two 128 MiB RAM disks: room for a whole 64 MiB cache file and its bitmaps.
 export DM_DISABLE_UDEV=1
 kmod-load brd rd_nr=2 rd_size=131072 && kmod-load dm_mod && kmod-load dm_flakey
@@ -132,7 +132,7 @@ if check "a device-mapper disk" dm create flaky --table "0 $SECTORS linear /dev/
     dmsetup --noudevsync remove flaky >/dev/null 2>&1
 fi
 
-section "class 7: a power loss (the cache's disk drops every write from one moment on)"
+section "a power loss (the cache's disk drops every write from one moment on)"
 # From the switch on nothing reaches ram1, as when the power goes: what the
 # file system shows after a remount is what a power loss would have left.
 # /run dies with the machine, and with it the live page states.
@@ -173,7 +173,7 @@ if check "a device-mapper disk for the cache and its bitmaps" bash -c "dmsetup -
     dmsetup --noudevsync remove pl >/dev/null 2>&1
 fi
 
-section "class 8: a slow disk under the bitmaps stalls no read (the queue blocks only in io_uring_enter)"
+section "a slow disk under the bitmaps stalls no read (the queue blocks only in io_uring_enter)"
 # Every write and flush to the bitmaps' disk takes 4 s (dm-delay). Persisting
 # goes through the ring, so reads of cached pages go on meanwhile; a server
 # that wrote and fdatasync'ed its bitmaps on the queue's thread stalled them,

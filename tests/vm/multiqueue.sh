@@ -1,4 +1,4 @@
-# Issue 10, part 4 on the real driver: -q 4 for the http and cache targets.
+# On the real driver: -q 4 for the http and cache targets.
 # Queue 0 is the home (fetches, page states, persistence); the others serve
 # hits themselves and hand misses, writes and FLUSH to it. fio jobs are
 # pinned one per vCPU (blk-mq maps each CPU to one queue), so requests

@@ -1,4 +1,4 @@
-# Issue 4 on the real driver: a writable http overlay with dirty tracking,
+# On the real driver: a writable http overlay with dirty tracking,
 # `dirty`, `sync --to REPLICA`, writes racing a sync, persistence across
 # del/add and kill -9.
 source /tests/lib.sh

@@ -1,4 +1,4 @@
-# Issue 11, part 2 on the real driver: boot profiles against nginx. Record the
+# On the real driver: boot profiles against nginx. Record the
 # pages a mount and a set of file reads touch first; replay them on a fresh
 # cache (offline with `prefetch --profile`, and in the background with `add
 # --prefetch-profile`), then repeat the same reads: at least 90% hits, and

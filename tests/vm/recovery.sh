@@ -1,4 +1,4 @@
-# Issue 4, user recovery on the real driver: kill -9 under fio with --recovery,
+# User recovery on the real driver: kill -9 under fio with --recovery,
 # `recover`, fio completes and verifies.
 source /tests/lib.sh
 set -o pipefail

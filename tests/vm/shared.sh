@@ -1,4 +1,4 @@
-# Issue 11, part 1 on the real driver: many writable devices from one image.
+# On the real driver: many writable devices from one image.
 # `add -t http --url URL --overlay NAME` attaches an overlay device over the
 # image's shared base (one read-only http device per URL, started by the
 # first add): four devices mount one ext4 image, each writes its own files;

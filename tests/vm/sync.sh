@@ -1,4 +1,4 @@
-# Issue 9, class 5 on the real driver: `sync` and the control protocol.
+# On the real driver: `sync` and the control protocol.
 # A writable http overlay with 20,000 separate dirty extents: the control reply
 # (~1 MB) arrives whole; clients that stall, never read or disconnect midway do
 # not hurt the server; a `sync` killed with kill -9 midway, or whose server is

@@ -1,4 +1,4 @@
-# Zero copy chosen at run time (issue 10, part 2), on the real driver: the
+# Zero copy chosen at run time, on the real driver: the
 # data path each device reports, fio --verify (random sizes 512 B - 1 MiB)
 # through it for loop (a file on ext4, a block device), cache (cache file and
 # backing on ext4) and http (hits, and an overlay's writes), every path forced
