@@ -130,6 +130,10 @@ final class FakeQueue: IOQueue {
     let charFD: Int32 = -1
     let userCopy = false
     func userCopyOffset(_ tag: UInt16) -> Int64 { 0 }
+    func copyRequest(_ r: Request, at: UInt32, _ buf: UnsafeMutableRawPointer, length: Int, toRequest: Bool) -> Int32 {
+        if toRequest { memcpy(r.buffer + Int(at), buf, length) } else { memcpy(buf, r.buffer + Int(at), length) }
+        return 0
+    }
     /// Request data lives in the request's plain buffer (the tag's buffer of kernel copy).
     let dataPath = DataPath.kernelCopy
 

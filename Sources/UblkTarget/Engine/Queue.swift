@@ -320,8 +320,12 @@ public final class Queue: IOQueue {
         handler.handle(r, queue: self)
     }
 
-    /// pread / pwrite of `length` bytes of `tag`'s request data at `at` on /dev/ublkcN
-    /// (`out`: into the request). A CPU copy of pinned pages, never a wait. 0 or -errno.
+    /// pread / pwrite of `length` bytes of `r`'s request data at `at` on /dev/ublkcN
+    /// (`toRequest`: into the request). A CPU copy of pinned pages, never a wait. 0 or -errno.
+    public func copyRequest(_ r: Request, at: UInt32, _ buf: UnsafeMutableRawPointer, length: Int, toRequest: Bool) -> Int32 {
+        copyRequest(tag: r.tag, out: toRequest, buf, length: length, at: Int(at))
+    }
+
     private func copyRequest(tag: UInt16, out: Bool, _ buf: UnsafeMutableRawPointer, length: Int, at: Int) -> Int32 {
         let pos = off_t(userCopyOffset(tag)) + off_t(at)
         var done = 0

@@ -127,6 +127,10 @@ public protocol IOQueue: AnyObject {
                           tag: UInt16, sub: UInt8, data: UInt32)
     /// Zeros `length` bytes of `r`'s data from byte `at`, now (a read past a file's end). 0 or -errno.
     func zeroFill(_ r: Request, at: UInt32, length: UInt32) -> Int32
+    /// Inline user copy: copies `length` bytes between `buf` and `r`'s data from
+    /// byte `at`, now (`toRequest`: into the request). The one routine that
+    /// moves request data through /dev/ublkcN. 0 or -errno.
+    func copyRequest(_ r: Request, at: UInt32, _ buf: UnsafeMutableRawPointer, length: Int, toRequest: Bool) -> Int32
     func read(fd: Int32, into buf: UnsafeMutableRawPointer, length: UInt32, offset: UInt64,
               tag: UInt16, sub: UInt8, data: UInt32)
     func write(fd: Int32, from buf: UnsafeRawPointer, length: UInt32, offset: UInt64, flags: Int32,

@@ -339,13 +339,12 @@ final class CachingHandler: QueueHandler {
     var writtenStatsSignature: UInt64 = .max
 
     /// User-copy mode (the cache file lives in memory and the device has
-    /// UBLK_F_USER_COPY): the cache file mapped, and the queue's char device.
+    /// UBLK_F_USER_COPY): the cache file mapped.
     /// Request data then moves with one copy between the cache's pages and the
     /// kernel's request pages (pwrite/pread on /dev/ublkcN), like the loop
     /// target's; the tag buffers are unused.
     var mapping: UnsafeMutableRawPointer?
     var mappingSize = 0
-    var charFD: Int32 = -1
 
     /// The data paths a caching target over `cacheFD` can run, best first. A cache
     /// file in memory: zero copy where the driver has it (measured faster than the
@@ -372,7 +371,6 @@ final class CachingHandler: QueueHandler {
             }
             h.mapping = m
             h.mappingSize = Int(deviceSize)
-            h.charFD = queue.charFD
         }
         if let m = mesh { queue.poll(fd: m.inboxes[Int(queue.id)].fd, data: CachingHandler.meshEvent) }
         if h.isHome, let spec = context.startFill { h.scheduleFill(spec, queue: queue) }
@@ -478,18 +476,8 @@ final class CachingHandler: QueueHandler {
     func copyMapped(_ r: Request, queue: IOQueue, mapping: UnsafeMutableRawPointer) -> Int32 {
         let len = Int(r.length)
         guard Int(r.offset) + len <= mappingSize else { return -EIO }
-        let at = mapping + Int(r.offset)
-        let pos = off_t(queue.userCopyOffset(r.tag))
-        var done = 0
-        while done < len {
-            let n = r.op == Op.read
-                ? pwrite(charFD, at + done, len - done, pos + off_t(done))
-                : pread(charFD, at + done, len - done, pos + off_t(done))
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 { return n < 0 ? -errno : -EIO }
-            done += n
-        }
-        return Int32(len)
+        let e = queue.copyRequest(r, at: 0, mapping + Int(r.offset), length: len, toRequest: r.op == Op.read)
+        return e < 0 ? e : Int32(len)
     }
 
     /// Write-through: `r`'s data from byte `at` to the backing store; inline, from

@@ -3,6 +3,7 @@
 // for `list` and `stats` to read from another process.
 import FoundationEssentials
 import Glibc
+import PageCache
 
 public struct HTTPStats: Codable, Sendable {
     public var hits: UInt64
@@ -78,5 +79,19 @@ public struct HTTPStats: Codable, Sendable {
         if let p = missLatencyP50Ms { metric("miss_latency_p50_seconds", "gauge", "Median miss latency.", "\(p / 1000)") }
         if let p = missLatencyP99Ms { metric("miss_latency_p99_seconds", "gauge", "99th percentile miss latency.", "\(p / 1000)") }
         return out
+    }
+}
+
+extension CacheStats {
+    /// What a caching target reports (`list`, `stats`): these counters, the
+    /// other queues' hits (`mesh`), and what the present bitmap holds.
+    func snapshot(mesh: CachingMesh?, present: Bitmap, pageSize: Int) -> HTTPStats {
+        HTTPStats(hits: hits &+ (mesh?.peerHits ?? 0), misses: misses, bytesFetched: bytesFetched, requests: requests,
+                  retries: retries, errors: errors,
+                  missLatencyP50Ms: missLatency.percentile(50).map { Double($0) / 1e6 },
+                  missLatencyP99Ms: missLatency.percentile(99).map { Double($0) / 1e6 },
+                  pagesPresent: present.count, pagesTotal: present.pageCount, pageSize: pageSize,
+                  writes: writes, writesHeldForIntent: writesHeldForIntent,
+                  intentCycles: intentCycles, fullCycles: fullCycles)
     }
 }

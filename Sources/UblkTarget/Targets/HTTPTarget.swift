@@ -173,13 +173,7 @@ public final class HTTPTarget: Target {
 
     /// Counters for `list` and `stats`.
     public func snapshot() -> HTTPStats {
-        HTTPStats(hits: stats.hits &+ (mesh?.peerHits ?? 0), misses: stats.misses, bytesFetched: stats.bytesFetched, requests: stats.requests,
-                  retries: stats.retries, errors: stats.errors,
-                  missLatencyP50Ms: stats.missLatency.percentile(50).map { Double($0) / 1e6 },
-                  missLatencyP99Ms: stats.missLatency.percentile(99).map { Double($0) / 1e6 },
-                  pagesPresent: bitmap.count, pagesTotal: bitmap.pageCount, pageSize: settings.pageSize,
-                  writes: stats.writes, writesHeldForIntent: stats.writesHeldForIntent,
-                  intentCycles: stats.intentCycles, fullCycles: stats.fullCycles)
+        stats.snapshot(mesh: mesh, present: bitmap, pageSize: settings.pageSize)
     }
 
     /// Readahead starts at 1 MiB on the second sequential read and doubles up to

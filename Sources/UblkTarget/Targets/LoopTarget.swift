@@ -184,18 +184,8 @@ public final class LoopTarget: Target {
         func copyMapped(_ r: Request, queue: IOQueue, mapping: UnsafeMutableRawPointer) -> Int32 {
             let len = Int(r.length)
             guard Int(r.offset) + len <= mappingSize else { return -EIO }
-            let at = mapping + Int(r.offset)
-            let pos = off_t(queue.userCopyOffset(r.tag))
-            var done = 0
-            while done < len {
-                let n = r.op == Op.read
-                    ? pwrite(queue.charFD, at + done, len - done, pos + off_t(done))
-                    : pread(queue.charFD, at + done, len - done, pos + off_t(done))
-                if n < 0 && errno == EINTR { continue }
-                if n <= 0 { return n < 0 ? -errno : -EIO }
-                done += n
-            }
-            return Int32(len)
+            let e = queue.copyRequest(r, at: 0, mapping + Int(r.offset), length: len, toRequest: r.op == Op.read)
+            return e < 0 ? e : Int32(len)
         }
 
         /// The same semantics, done with plain syscalls (memory-backed files only).
