@@ -66,7 +66,7 @@ struct Add: ParsableCommand {
     @Option(name: [.short, .customLong("number")], parsing: .unconditional, help: "Device id N for /dev/ublkbN (default: the first free one).")
     var number: Int?
 
-    @Option(name: [.short, .customLong("queues")], parsing: .unconditional, help: "Number of hardware queues, each with its own thread and io_uring (1-64). http, cache: every queue serves cache hits itself; misses, writes and FLUSH go through queue 0, which fetches, persists and evicts.")
+    @Option(name: [.short, .customLong("queues")], parsing: .unconditional, help: "Number of hardware queues, each with its own thread and io_uring (1-64). http, cache, overlay: every queue serves cache hits itself; misses, writes and FLUSH go through queue 0, which fetches, persists and evicts.")
     var queues: Int = 1
 
     @Option(name: [.short, .customLong("depth")], parsing: .unconditional, help: "Queue depth (1-4096).")
@@ -130,7 +130,6 @@ struct Add: ParsableCommand {
         }
         if type == "overlay" {
             guard overlay.lower != nil else { throw Failure("the overlay target needs --lower DEVICE (a read-only base)") }
-            guard queues == 1 else { throw Failure("an overlay device has one queue (-q 1)") }
         } else if overlay.lower != nil {
             throw Failure("--lower applies to the overlay target only")
         }
@@ -165,7 +164,7 @@ struct Add: ParsableCommand {
         } else if http.given {
             throw Failure("--url and the other http options apply to the http target only")
         }
-        if (type == "http" || type == "cache") && queues * depth >= 65535 {
+        if (type == "http" || type == "cache" || type == "overlay") && queues * depth >= 65535 {
             throw Failure("the \(type) target takes at most 65534 requests in flight in all: lower -q or -d")
         }
         if prefetchProfile != nil && type != "http" { throw Failure("--prefetch-profile applies to the http target only") }
@@ -210,7 +209,8 @@ struct Add: ParsableCommand {
             guard stat(overlay.directory, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR else {
                 throw Failure("--overlay-dir \(overlay.directory) is not a directory")
             }
-            let o = OverlayTargetOptions(lower: lower, directory: overlay.directory, name: overlay.name!, identity: id)
+            var o = OverlayTargetOptions(lower: lower, directory: overlay.directory, name: overlay.name!, identity: id)
+            o.queues = queues
             do { return try OverlayTarget(o) } catch { throw Failure(error) }
         default:
             throw Failure("unknown target type '\(type)'")

@@ -120,7 +120,7 @@ enum OverlayBase {
             started = true
         }
         var args = ["add", "-t", "overlay", "--lower", base!.blockDevice, "--overlay", add.overlay.name!,
-                    "--overlay-dir", add.overlay.directory, "-d", String(add.depth)]
+                    "--overlay-dir", add.overlay.directory, "-q", String(add.queues), "-d", String(add.depth)]
         if let n = add.number { args += ["-n", String(n)] }
         if add.recovery { args.append("--recovery") }
         do { return try Daemon.spawnServer(arguments: args) } catch {

@@ -1,232 +1,188 @@
-// The randomised crash model test of the overlay handler (OverlayTarget.swift):
-// a writable device over a read-only lower image, keeping only its own pages.
-//
-// Each seed runs random reads, writes (partial pages included, FUA some of
-// the time) and FLUSHes on a FakeQueue, I/O completing in random order, with
-// crashes at random points: the server dies (the kernel carries out some of
-// what was submitted), and half the time the power goes too (every file back
-// to its last good fdatasync). The overlay is then opened again from its
-// files, as `add --overlay NAME` does, and checked page by page:
-// - every read returns, sector for sector, the latest completed write's
-//   bytes or the image's (reads never overlap a write in flight);
-// - after a crash every page reads as a state a FLUSH (or FUA) vouched for
-//   or a later completed write left: never zeros, never a torn copy-up;
-// - the lower image is never written; every request completes exactly once.
+// The overlay device (OverlayTarget.swift: a writable device over a read-only
+// lower image) under the same seeded crash model as the caching targets
+// (PageStateModelTests' World in its `layered` mode: the overlay's files
+// opened by OverlayStore, reads through to the lower file, copy-ups for
+// partial writes), and its files' rules:
+// - kill -9 (the server dies; the page cache and the live words on /run
+//   outlive it), then the overlay opened again as `recover` or `add` does:
+//   every acknowledged write reads back, FLUSHed or not;
+// - power loss: every FLUSHed write reads back; nothing reads as zeros or
+//   another page; `dirty` lists every page that may differ from the last
+//   `sync`, so `sync` afterwards yields an exact replica;
+// - the data file deleted, truncated, replaced or restored from a backup
+//   while the bitmaps hold written pages: refused with one line, nothing
+//   changed;
+// - reattached by name only over the image it was written over;
+// - an overlay of the layout before the shared engine is migrated, pages kept.
 // A failing seed prints itself: `OVERLAY_SEED=N swift test --filter OverlayModel`.
 import Foundation
-import CUring
 import Glibc
 import PageCache
 import XCTest
 @testable import UblkTarget
 
 final class OverlayModelTests: XCTestCase {
-    static let page = 4096, sector = 512, pages = 24, depth = 6
-
-    func testRandomSeeds() throws {
+    func testRandomSequencesWithCrashes() throws {
         let env = ProcessInfo.processInfo.environment
-        let seeds: [UInt64] = env["OVERLAY_SEED"].flatMap(UInt64.init).map { [$0] } ?? Array(1...40)
-        for seed in seeds { try run(seed: seed) }
+        let seeds: [UInt64] = env["OVERLAY_SEED"].flatMap(UInt64.init).map { [$0] } ?? Array(1...60)
+        let steps = env["MODEL_STEPS"].flatMap { Int($0) } ?? 800
+        var crashes = 0, ran = 0, syncs = 0, writes = 0
+        // Bounded in time (MODEL_SECONDS), never below 20 seeds: a loaded machine runs longer instead of testing less.
+        let deadline = Date().addingTimeInterval(Double(env["MODEL_SECONDS"].flatMap { Int($0) } ?? 40))
+        for seed in seeds {
+            if Date() > deadline && ran >= 20 { break }
+            let w = try PageStateModelTests.World(seed: seed, mode: .layered)
+            var at = 0
+            do {
+                while at < steps { try w.step(); at += 1 }
+                try w.quiesce()
+                try w.powerLoss(processOnly: true)
+                try w.powerLoss()
+            } catch {
+                return XCTFail("""
+                    seed \(seed) failed at step \(at): \(error)
+                    queues: \(w.queueCount), faulty \(w.faulty)
+                    replay: OVERLAY_SEED=\(seed) MODEL_STEPS=\(at + 1) swift test --filter OverlayModelTests
+                    last actions:
+                      \(w.trace.joined(separator: "\n  "))
+                    """)
+            }
+            crashes += w.crashes
+            syncs += w.syncs
+            writes += w.writes
+            ran += 1
+        }
+        if seeds.count > 1 {
+            XCTAssertGreaterThan(crashes, 2 * ran, "crashes were exercised")
+            XCTAssertGreaterThan(syncs, ran)
+            XCTAssertGreaterThan(writes, 50 * ran)
+        }
+        print("overlay model: \(ran) seeds of \(steps) steps passed: \(crashes) crashes, \(syncs) syncs, \(writes) writes")
+    }
+
+    // MARK: The overlay's files
+
+    static let size: UInt64 = 1 << 20
+    let a = BitmapIdentity(kind: .present, pageSize: 4096, imageSize: OverlayModelTests.size, url: "http://h/a.img", etag: "\"1\"")
+
+    func scratch(_ name: String) -> String {
+        let dir = NSTemporaryDirectory() + "overlay-\(name)-\(getpid())"
+        try? FileManager.default.removeItem(atPath: dir)
+        mkdir(dir, 0o700)
+        return dir
+    }
+
+    /// Writes `byte` over page `page` of the overlay as the handler would (data, its sync, then the bits).
+    func write(_ s: CacheStore, page: UInt64, byte: UInt8) throws {
+        let buf = [UInt8](repeating: byte, count: 4096)
+        XCTAssertEqual(buf.withUnsafeBytes { pwrite(s.cache.fd, $0.baseAddress!, 4096, off_t(page * 4096)) }, 4096)
+        try s.cache.sync()
+        for b in [s.present, s.local!, s.dirty!] {
+            _ = b.markPresent(page..<page + 1)
+            try b.persist(b.stage())
+        }
+    }
+
+    func open(_ dir: String, _ id: BitmapIdentity? = nil, create: Bool = true) throws -> CacheStore {
+        try OverlayStore.open(directory: dir, name: "vm1", lower: id ?? a, create: create, live: nil).store
+    }
+
+    func refusal(_ body: () throws -> Any) -> String? {
+        do { _ = try body() } catch { return "\(error)" }
+        return nil
     }
 
     /// Reattaching: by name, only over the image it was written over; never a new one by mistake.
     func testReattachRules() throws {
-        let dir = NSTemporaryDirectory() + "overlay-store-\(getpid())"
-        mkdir(dir, 0o700)
+        let dir = scratch("reattach")
         defer { _ = try? FileManager.default.removeItem(atPath: dir) }
-        let a = BitmapIdentity(kind: .local, pageSize: 4096, imageSize: 1 << 20, url: "http://h/a.img", etag: "\"1\"")
-        XCTAssertThrowsError(try OverlayStore(directory: dir, name: "vm1", lower: a, create: false)) { e in
-            XCTAssertTrue("\(e)".contains("no overlay named 'vm1'"), "\(e)")
-        }
-        XCTAssertThrowsError(try OverlayStore(directory: dir, name: "../x", lower: a, create: true)) { e in
-            XCTAssertTrue("\(e)".contains("invalid overlay name"), "\(e)")
+        XCTAssertEqual(refusal { try self.open(dir, create: false) }.map { $0.contains("no overlay named 'vm1'") }, true)
+        XCTAssertEqual(refusal { try OverlayStore.open(directory: dir, name: "../x", lower: self.a, create: true, live: nil) }
+                        .map { $0.contains("invalid overlay name") }, true)
+        do {
+            let (s, created) = try OverlayStore.open(directory: dir, name: "vm1", lower: a, create: true, live: nil)
+            XCTAssertTrue(created)
+            try write(s, page: 3, byte: 0x33)
+            XCTAssertEqual(refusal { try self.open(dir) }.map { $0.contains("overlay 'vm1' is in use by another device") }, true)
         }
         do {
-            let s = try OverlayStore(directory: dir, name: "vm1", lower: a, create: true)
-            XCTAssertTrue(s.created)
-            s.local.markPresent(3..<4)
-            XCTAssertTrue(s.persistAll())
-            XCTAssertThrowsError(try OverlayStore(directory: dir, name: "vm1", lower: a, create: true)) { e in
-                XCTAssertTrue("\(e)".contains("in use by another device"), "\(e)")
-            }
-        }
-        do {
-            let again = try OverlayStore(directory: dir, name: "vm1", lower: a, create: false)
-            XCTAssertFalse(again.created)
-            XCTAssertTrue(again.local.test(3))
+            let (again, created) = try OverlayStore.open(directory: dir, name: "vm1", lower: a, create: false, live: nil)
+            XCTAssertFalse(created)
+            XCTAssertTrue(again.local!.test(3))
         }
         var b = a
         b.etag = "\"2\""
-        XCTAssertThrowsError(try OverlayStore(directory: dir, name: "vm1", lower: b, create: true)) { e in
-            XCTAssertTrue("\(e)".contains("written over another image (ETag \"1\", not \"2\")"), "\(e)")
-        }
+        let why = refusal { try self.open(dir, b) }
+        XCTAssertEqual(why.map { $0.contains("written over another image (ETag \"1\", not \"2\")") }, true, why ?? "opened")
+        b = a
+        b.url = "http://h/b.img"
+        XCTAssertNotNil(refusal { try self.open(dir, b) })
         // Refused, and kept: the page written is still there.
-        XCTAssertTrue(try OverlayStore(directory: dir, name: "vm1", lower: a, create: false).local.test(3))
+        XCTAssertTrue(try open(dir, create: false).local!.test(3))
     }
 
-    struct Failure: Error, CustomStringConvertible { let description: String }
-
-    func run(seed: UInt64) throws {
-        let dir = NSTemporaryDirectory() + "overlay-model-\(getpid())-\(seed)"
-        mkdir(dir, 0o700)
+    /// The data file lost, truncated, replaced or restored from a backup while
+    /// the bitmaps say pages were written there: one line, and nothing changed.
+    func testFilesBoundTogether() throws {
+        let dir = scratch("bound")
         defer { _ = try? FileManager.default.removeItem(atPath: dir) }
-        let size = OverlayModelTests.pages * OverlayModelTests.page
-        var rng = SplitMix(seed: seed)
-        // The lower image: every byte from the seed, so a page in the wrong place shows.
-        var image = [UInt8](repeating: 0, count: size)
-        for i in 0..<size { image[i] = UInt8(truncatingIfNeeded: rng.next() | 1) }
-        let lowerPath = dir + "/lower"
-        FileManager.default.createFile(atPath: lowerPath, contents: Data(image))
-        let lowerFD = open(lowerPath, O_RDONLY)
-        defer { close(lowerFD) }
-        let identity = BitmapIdentity(kind: .local, pageSize: 4096, imageSize: UInt64(size), url: "lower:model")
-
-        // What each page may read as after a crash: the versions since the last one vouched for.
-        var model = image
-        var history: [[[UInt8]]] = (0..<OverlayModelTests.pages).map { p in
-            [Array(image[p * OverlayModelTests.page..<(p + 1) * OverlayModelTests.page])]
+        let data = OverlayStore.dataPath(directory: dir, name: "vm1")
+        do { try write(try open(dir), page: 5, byte: 0x55) }
+        let good = try Data(contentsOf: URL(fileURLWithPath: data))
+        do { _ = try open(dir) }  // a new generation: `good` is a backup now
+        func refusedWith(_ damage: () throws -> Void, _ what: String) throws {
+            let now = try Data(contentsOf: URL(fileURLWithPath: data))
+            try damage()
+            let why = refusal { try self.open(dir) }
+            XCTAssertNotNil(why, "\(what): opened")
+            if let why {
+                XCTAssertTrue(why.contains("locally written pages"), "\(what): \(why)")
+                XCTAssertFalse(why.contains("\n"), "\(what): not one line: \(why)")
+            }
+            try now.write(to: URL(fileURLWithPath: data))
+            let s = try open(dir)
+            XCTAssertTrue(s.local!.test(5), "\(what): the written page is still local")
+            var byte: UInt8 = 0
+            XCTAssertEqual(pread(s.cache.fd, &byte, 1, 5 * 4096), 1)
+            XCTAssertEqual(byte, 0x55, "\(what): the written page still reads back")
         }
-        let buffers = (0..<OverlayModelTests.depth).map { _ in
-            UnsafeMutableRawPointer.allocate(byteCount: 4 * OverlayModelTests.page, alignment: 4096)
-        }
-        defer { for b in buffers { b.deallocate() } }
-
-        for round in 0..<4 {
-            let files = FaultFiles()
-            let store: OverlayStore
-            do { store = try OverlayStore(directory: dir, name: "dev", lower: identity, create: true) } catch {
-                throw Failure(description: "seed \(seed) round \(round): reopen: \(error)")
-            }
-            files.track(store.data.fd, path: store.data.path)
-            files.track(store.local.fd, path: store.local.path)
-            files.track(store.dirty.fd, path: store.dirty.path)
-            let queue = FakeQueue(depth: OverlayModelTests.depth, files: files)
-            queue.rng = SplitMix(seed: seed &* 31 &+ UInt64(round))
-            let handler = OverlayHandler(store: store, lowerFD: lowerFD, size: UInt64(size), depth: OverlayModelTests.depth)
-            queue.handler = handler
-
-            // After a crash: every page is one of its allowed versions; then it is the model.
-            for p in 0..<OverlayModelTests.pages {
-                let got = try readNow(handler, queue, buffers[0], page: p)
-                guard let k = history[p].firstIndex(of: got) else {
-                    let img = Array(image[p * OverlayModelTests.page..<(p + 1) * OverlayModelTests.page])
-                    let what = got == img ? "the image's page" : got.allSatisfy { $0 == 0 } ? "zeros" : "other bytes"
-                    let local = store.local.test(UInt64(p))
-                    throw Failure(description: "seed \(seed) round \(round): page \(p) reads as \(what) (local \(local)), none of its \(history[p].count) allowed versions")
-                }
-                history[p] = [got]  // what it is now; later crashes start from here
-                model.replaceSubrange(p * OverlayModelTests.page..<(p + 1) * OverlayModelTests.page, with: got)
-                _ = k
-            }
-
-            // In flight: tag -> (op, byte range, write bytes, issue time); completed flushes vouch.
-            var inFlight: [UInt16: (op: UInt8, range: Range<Int>, data: [UInt8], issued: Int, fua: Bool)] = [:]
-            var time = 0
-            /// Per page: the history index current at each time a write completed (for FLUSH issue times).
-            var versionAt: [[(time: Int, index: Int)]] = (0..<OverlayModelTests.pages).map { p in [(0, history[p].count - 1)] }
-            /// A FLUSH issued at `issued` completed: every write completed before then is durable.
-            func vouch(before issued: Int) {
-                for p in 0..<OverlayModelTests.pages {
-                    guard let k = versionAt[p].lastIndex(where: { $0.time < issued }) else { continue }
-                    let drop = versionAt[p][k].index
-                    if drop > 0 {
-                        history[p].removeFirst(drop)
-                        versionAt[p] = versionAt[p][k...].map { ($0.time, $0.index - drop) }
-                    }
-                }
-            }
-            let steps = 60 + Int(rng.next() % 120)
-            for _ in 0..<steps {
-                time += 1
-                let free = (0..<UInt16(OverlayModelTests.depth)).filter { inFlight[$0] == nil }
-                if let tag = free.first, rng.next() % 3 != 0 {
-                    let kind = rng.next() % 10
-                    let sector = Int(rng.next() % UInt64(size / OverlayModelTests.sector))
-                    let count = min(1 + Int(rng.next() % 16), size / OverlayModelTests.sector - sector)
-                    let range = sector * OverlayModelTests.sector..<(sector + count) * OverlayModelTests.sector
-                    let busy = inFlight.values.contains { $0.op != Op.flush && $0.range.overlaps(range) }
-                    let buf = buffers[Int(tag)]
-                    if kind < 4 && !busy {
-                        inFlight[tag] = (Op.read, range, [], time, false)
-                        queue.open.insert(tag)
-                        handler.handle(Request(tag: tag, op: Op.read, flags: 0, offset: UInt64(range.lowerBound),
-                                               length: UInt32(range.count), buffer: buf), queue: queue)
-                    } else if kind < 8 && !busy {
-                        var data = [UInt8](repeating: 0, count: range.count)
-                        for i in 0..<data.count { data[i] = UInt8(truncatingIfNeeded: rng.next()) }
-                        data.withUnsafeBytes { _ = memcpy(buf, $0.baseAddress!, $0.count) }
-                        let fua = rng.next() % 5 == 0
-                        inFlight[tag] = (Op.write, range, data, time, fua)
-                        queue.open.insert(tag)
-                        handler.handle(Request(tag: tag, op: Op.write, flags: fua ? UInt32(UBLK_IO_F_FUA) : 0,
-                                               offset: UInt64(range.lowerBound), length: UInt32(range.count), buffer: buf),
-                                       queue: queue)
-                    } else if kind >= 8 {
-                        inFlight[tag] = (Op.flush, 0..<0, [], time, false)
-                        queue.open.insert(tag)
-                        handler.handle(Request(tag: tag, op: Op.flush, flags: 0, offset: 0, length: 0, buffer: buf), queue: queue)
-                    }
-                } else {
-                    queue.runOne()
-                }
-                if !queue.doubleCompletions.isEmpty { throw Failure(description: "seed \(seed): a request completed twice") }
-                for (tag, result) in queue.completed {
-                    guard let f = inFlight.removeValue(forKey: tag) else { throw Failure(description: "seed \(seed): tag \(tag) completed, not in flight") }
-                    switch f.op {
-                    case Op.read:
-                        guard result == Int32(f.range.count) else { throw Failure(description: "seed \(seed): read \(f.range) -> \(result)") }
-                        let got = [UInt8](UnsafeRawBufferPointer(start: buffers[Int(tag)], count: f.range.count))
-                        if got != Array(model[f.range]) {
-                            throw Failure(description: "seed \(seed) round \(round): read of bytes \(f.range) differs from the model")
-                        }
-                    case Op.write:
-                        guard result == Int32(f.range.count) else { throw Failure(description: "seed \(seed): write \(f.range) -> \(result)") }
-                        model.replaceSubrange(f.range, with: f.data)
-                        let ps = OverlayModelTests.page
-                        for p in f.range.lowerBound / ps...(f.range.upperBound - 1) / ps {
-                            history[p].append(Array(model[p * ps..<(p + 1) * ps]))
-                            versionAt[p].append((time, history[p].count - 1))
-                        }
-                        // FUA: its data is durable, and (the overlay's cycle) every write completed before it was issued.
-                        if f.fua { vouch(before: f.issued) }
-                    default:
-                        guard result == 0 else { throw Failure(description: "seed \(seed): FLUSH -> \(result)") }
-                        vouch(before: f.issued)
-                    }
-                }
-                queue.completed = []
-            }
-
-            // Crash: a write still in flight may have landed (its one write op) on any version a page may be in.
-            for f in inFlight.values where f.op == Op.write {
-                let ps = OverlayModelTests.page
-                for p in f.range.lowerBound / ps...(f.range.upperBound - 1) / ps {
-                    let a = max(f.range.lowerBound, p * ps), b = min(f.range.upperBound, (p + 1) * ps)
-                    history[p] += history[p].map { v in
-                        var w = v
-                        w.replaceSubrange(a - p * ps..<b - p * ps, with: f.data[a - f.range.lowerBound..<b - f.range.lowerBound])
-                        return w
-                    }
-                }
-            }
-            queue.processDied()
-            files.processDied()
-            if rng.next() % 2 == 0 { files.powerLoss() }
-            _ = handler
-        }
-        // The lower image was never written.
-        let lower = [UInt8](FileManager.default.contents(atPath: lowerPath)!)
-        if lower != image { throw Failure(description: "seed \(seed): the lower image was written") }
+        try refusedWith({ unlink(data) }, "deleted")
+        try refusedWith({ truncate(data, 4096) }, "truncated")
+        try refusedWith({ let n = try Data(contentsOf: URL(fileURLWithPath: data)).count; try Data(count: n).write(to: URL(fileURLWithPath: data)) }, "replaced")
+        try refusedWith({ try good.write(to: URL(fileURLWithPath: data)) }, "restored from a backup")
     }
 
-    /// One page read through the handler, run to completion.
-    func readNow(_ h: OverlayHandler, _ q: FakeQueue, _ buf: UnsafeMutableRawPointer, page: Int) throws -> [UInt8] {
-        let ps = OverlayModelTests.page
-        q.open.insert(0)
-        h.handle(Request(tag: 0, op: Op.read, flags: 0, offset: UInt64(page * ps), length: UInt32(ps), buffer: buf), queue: q)
-        while q.completed.isEmpty { guard q.runOne() else { throw Failure(description: "read of page \(page) never completed") } }
-        let r = q.completed.removeFirst()
-        guard r.result == Int32(ps) else { throw Failure(description: "read of page \(page) -> \(r.result)") }
-        return [UInt8](UnsafeRawBufferPointer(start: buf, count: ps))
+    /// An overlay of the layout before the shared engine (NAME.overlay.local
+    /// and .dirty, no present bitmap, unbound) keeps its pages.
+    func testOldLayoutIsMigrated() throws {
+        let dir = scratch("migrate")
+        defer { _ = try? FileManager.default.removeItem(atPath: dir) }
+        let data = OverlayStore.dataPath(directory: dir, name: "vm1")
+        do {
+            let file = try CacheFile(path: data, size: OverlayModelTests.size)
+            let buf = [UInt8](repeating: 0x77, count: 4096)
+            _ = buf.withUnsafeBytes { pwrite(file.fd, $0.baseAddress!, 4096, 7 * 4096) }
+            try file.sync()
+            for (suffix, kind) in [(".local", BitmapKind.local), (".dirty", .dirty)] {
+                var id = a
+                id.kind = kind
+                let b = try Bitmap.open(path: data + suffix, identity: id).bitmap
+                _ = b.markPresent(7..<8)
+                try b.persist(b.stage())
+            }
+        }
+        XCTAssertTrue(OverlayStore.exists(directory: dir, name: "vm1"))
+        for _ in 0..<2 {
+            let (s, created) = try OverlayStore.open(directory: dir, name: "vm1", lower: a, create: false, live: nil)
+            XCTAssertFalse(created)
+            XCTAssertEqual(s.state, .reused)
+            XCTAssertTrue(s.present.test(7) && s.local!.test(7) && s.dirty!.test(7))
+            XCTAssertEqual(s.local!.count, 1)
+            var byte: UInt8 = 0
+            XCTAssertEqual(pread(s.cache.fd, &byte, 1, 7 * 4096), 1)
+            XCTAssertEqual(byte, 0x77)
+        }
+        XCTAssertNotEqual(access(data + ".local", F_OK), 0, "the old names are gone")
+        XCTAssertEqual(access(data + ".bitmap.dirty", F_OK), 0)
     }
 }

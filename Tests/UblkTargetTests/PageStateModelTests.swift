@@ -74,8 +74,10 @@ final class PageStateModelTests: XCTestCase {
         let description: String
     }
 
-    /// Which target the world runs: the http overlay, or the cache target over a backing file.
-    enum Mode: String { case overlay, cacheThrough = "cache-through", cacheBack = "cache-back" }
+    /// Which target the world runs: the http target with `--writable` (`overlay`), the cache
+    /// target over a backing file, or an overlay device over a read-only lower file
+    /// (`layered`: reads through to the lower, copy-ups for partial writes).
+    enum Mode: String { case overlay, cacheThrough = "cache-through", cacheBack = "cache-back", layered }
 
     final class World {
         // (also driven directly by RingOnlyPersistenceTests)
@@ -116,6 +118,10 @@ final class PageStateModelTests: XCTestCase {
         /// Tags in flight: the request, and for a FLUSH its snapshot.
         var inFlight: [UInt16: (op: UInt8, offset: Int, length: Int, id: Int64)] = [:]
         var flushSnapshots: [UInt16: (current: [Set<Int64>], inflight: [Set<Int64>], maxID: Int64, order: Int)] = [:]
+        /// A read in flight may return, sector by sector, what was there when it
+        /// was sent or anything written while it is in flight (a read racing a
+        /// write has no order: a read-through reads run by run, at different times).
+        var readAllowed: [UInt16: [Set<Int64>]] = [:]
         /// FLUSHes in the order they were sent, and the latest sent of those that
         /// completed: with several queues an older FLUSH may complete after a
         /// newer one, and then it promises nothing the newer one did not.
@@ -131,12 +137,12 @@ final class PageStateModelTests: XCTestCase {
         /// The machine's boot: a power loss starts another (live bits on /run die with it).
         var boots = 0
 
-        init(seed: UInt64, queues: Int? = nil) throws {
+        init(seed: UInt64, queues: Int? = nil, mode: Mode? = nil) throws {
             logMuted = true
             self.seed = seed
             rng = SplitMix(seed: seed)
-            mode = ProcessInfo.processInfo.environment["MODEL_MODE"].flatMap { Mode(rawValue: $0) }
-                ?? [Mode.overlay, .cacheThrough, .cacheBack][Int(seed % 3)]
+            self.mode = mode ?? ProcessInfo.processInfo.environment["MODEL_MODE"].flatMap { Mode(rawValue: $0) }
+                ?? [Mode.overlay, .cacheThrough, .cacheBack][Int(seed % 3)]  // `layered`: OverlayModelTests
             // 1-4 queues by the seed, or MODEL_QUEUES of them (0: by the seed).
             let q = ProcessInfo.processInfo.environment["MODEL_QUEUES"].flatMap { Int($0) } ?? 0
             queueCount = queues ?? (q == 0 ? 1 + Int((seed / 3) % 4) : q)
@@ -162,9 +168,7 @@ final class PageStateModelTests: XCTestCase {
             bitmaps = []
             for b in buffers { b.deallocate() }
             if backingFD >= 0 { close(backingFD) }
-            for f in ["c", "b", "b.dirty", "b.local", "b.writeback", "b.unsettled", "backing"] { unlink(dir + "/" + f) }
-            removeLive()
-            rmdir(dir)
+            try? FileManager.default.removeItem(atPath: dir)
         }
 
         func removeLive() {
@@ -188,33 +192,40 @@ final class PageStateModelTests: XCTestCase {
                 close(fd)
             }
             if backingFD >= 0 { close(backingFD) }
-            backingFD = mode == .overlay ? -1 : open(dir + "/backing", O_RDWR)
+            backingFD = mode == .overlay ? -1 : open(dir + "/backing", mode == .layered ? O_RDONLY : O_RDWR)
             let id = BitmapIdentity(kind: .present, pageSize: PageStateModelTests.page,
                                     imageSize: UInt64(PageStateModelTests.imageSize), url: "model://image",
-                                    etag: mode == .overlay ? "e\(remoteVersion)" : "backing-1")
+                                    etag: mode == .overlay || mode == .layered ? "e\(remoteVersion)" : "backing-1")
             // Opened as the targets open it: CacheStore binds the files and adopts live bits.
-            var spec = CacheStoreSpec(cachePath: dir + "/c", bitmapPath: dir + "/b", identity: id)
-            spec.dirty = .open
-            spec.live = LiveConfig(directory: dir + "/live", bootID: "boot-\(boots)", required: true)
-            if mode == .overlay {
-                spec.local = .open
+            let live = LiveConfig(directory: dir + "/live", bootID: "boot-\(boots)", required: true)
+            let store: CacheStore
+            if mode == .layered {
+                // As `add -t overlay` opens it (the image's identity checked, the old layout migrated).
+                do { store = try OverlayStore.open(directory: dir, name: "m", lower: id, create: true, live: live).store } catch {
+                    throw Failure(description: "the overlay did not open: \(error)")
+                }
             } else {
-                spec.companionValidators = false
-                spec.sourceName = "the backing store"
-                spec.writeback = mode == .cacheBack ? .open : .refuse { n in "\(n) pages not written back" }
-                spec.unsettled = true
-                spec.backing = BackingCheck(fd: backingFD, path: dir + "/backing")
+                var spec = CacheStoreSpec(cachePath: dir + "/c", bitmapPath: dir + "/b", identity: id)
+                spec.dirty = .open
+                spec.live = live
+                if mode == .overlay {
+                    spec.local = .open
+                } else {
+                    spec.companionValidators = false
+                    spec.sourceName = "the backing store"
+                    spec.writeback = mode == .cacheBack ? .open : .refuse { n in "\(n) pages not written back" }
+                    spec.unsettled = true
+                    spec.backing = BackingCheck(fd: backingFD, path: dir + "/backing")
+                }
+                store = try CacheStore.open(spec)
             }
-            let store = try CacheStore.open(spec)
             lastState = store.state
             let bitmap = store.present, dirty = store.dirty!, local = store.local, writeback = store.writeback
             let unsettled = store.unsettled, cache = store.cache
             if case .startedAfresh(let why) = store.state { note("store started afresh: \(why)") }
             bitmaps = [bitmap, dirty] + [local, writeback, unsettled].compactMap { $0 }
-            for (b, p) in [(bitmap, "b"), (dirty, "b.dirty"), (local, "b.local"), (writeback, "b.writeback"), (unsettled, "b.unsettled")] {
-                if let b { files.track(b.fd, path: dir + "/" + p) }
-            }
-            files.track(cache.fd, path: dir + "/c")
+            for b in bitmaps { files.track(b.fd, path: b.path) }
+            files.track(cache.fd, path: cache.path)
             if backingFD >= 0 { files.track(backingFD, path: dir + "/backing") }
             // What opening wrote it made durable (and what a dead server left in
             // the page cache may always become durable: see FaultFiles).
@@ -228,7 +239,8 @@ final class PageStateModelTests: XCTestCase {
             context.local = local
             context.writeback = writeback
             context.unsettled = unsettled
-            context.backingFD = backingFD
+            context.backingFD = mode == .layered ? -1 : backingFD
+            context.readThroughFD = mode == .layered ? backingFD : -1
             context.writeThrough = mode == .cacheThrough
             context.publishStats = false
             context.maxCacheBytes = evictBound
@@ -310,7 +322,13 @@ final class PageStateModelTests: XCTestCase {
             if op == Op.write || op == Op.discard {
                 for s in sector..<sector + count { inflight[s].insert(id); since[s].insert(id) }
                 writes += 1
+                for t in Array(readAllowed.keys) {
+                    let f = inFlight[t]!
+                    let lo = max(sector, f.offset), hi = min(sector + count, f.offset + f.length)
+                    for s in lo..<max(lo, hi) { readAllowed[t]![s - f.offset].insert(id) }
+                }
             }
+            if op == Op.read { readAllowed[slot] = (sector..<sector + count).map { current[$0].union(inflight[$0]) } }
             if op == Op.flush {
                 flushSnapshots[slot] = (current, inflight, nextWrite - 1, flushesSent)
                 flushesSent += 1
@@ -341,6 +359,7 @@ final class PageStateModelTests: XCTestCase {
                 let range = f.offset..<f.offset + f.length
                 switch f.op {
                 case Op.read:
+                    let allowedThen = readAllowed.removeValue(forKey: tag) ?? []
                     if result < 0 {
                         if !faulty { throw Failure(description: "read of sectors \(range) failed (\(result)) with no fault injected") }
                         continue
@@ -350,8 +369,9 @@ final class PageStateModelTests: XCTestCase {
                     }
                     for s in range {
                         let got = PageStateModelTests.decode(buffers[Int(tag)] + (s - f.offset) * PageStateModelTests.sector, sector: s)
-                        if !current[s].contains(got) && !inflight[s].contains(got) {
-                            throw Failure(description: "sector \(s) read as \(got); expected one of \(current[s].union(inflight[s]).sorted()); \(describePage(UInt64(s / 8)))")
+                        let then = s - f.offset < allowedThen.count ? allowedThen[s - f.offset] : []
+                        if !current[s].contains(got) && !inflight[s].contains(got) && !then.contains(got) {
+                            throw Failure(description: "sector \(s) read as \(got); expected one of \(current[s].union(inflight[s]).union(then).sorted()); \(describePage(UInt64(s / 8)))")
                         }
                     }
                 case Op.write, Op.discard:
@@ -490,6 +510,7 @@ final class PageStateModelTests: XCTestCase {
             }
             inFlight = [:]
             flushSnapshots = [:]
+            readAllowed = [:]
             for s in 0..<PageStateModelTests.sectors {
                 // kill -9: every acknowledged write is still there (the page cache and the
                 // live bits outlive the process). Power loss: what FLUSHes made durable.
@@ -569,7 +590,7 @@ final class PageStateModelTests: XCTestCase {
         /// The cache target: after a FLUSH and `ublk-http flush` (write-back
         /// drained), the backing store alone holds exactly what the device reads.
         func backingMatches() throws {
-            guard mode != .overlay else { return }
+            guard mode == .cacheThrough || mode == .cacheBack else { return }
             let was = (queue.fsyncFailPermille, queue.writeFailPermille)
             setFaults(fsync: 0, write: 0)
             defer { setFaults(fsync: was.0, write: was.1) }
@@ -639,9 +660,9 @@ final class PageStateModelTests: XCTestCase {
     /// What the seeds did, summed (printed at the end: a run that exercised nothing shows).
     var totals = (crashes: 0, reads: 0, writes: 0, flushes: 0, syncs: 0, remoteChanges: 0, remoteRefusals: 0, peerHits: UInt64(0))
 
-    func runSeed(_ seed: UInt64, steps: Int) -> String? {
+    func runSeed(_ seed: UInt64, steps: Int, mode: Mode? = nil) -> String? {
         let world: World
-        do { world = try World(seed: seed) } catch { return "seed \(seed): cannot start: \(error)" }
+        do { world = try World(seed: seed, mode: mode) } catch { return "seed \(seed): cannot start: \(error)" }
         for i in 0..<steps {
             do { try world.step() } catch {
                 return """

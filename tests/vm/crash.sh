@@ -77,6 +77,53 @@ under_fio "cache back" -t cache --backing /var/tmp/back.img --cache $C/b.cache -
 plain "http --writable" -t http --url $URL --cache $C/h.cache --bitmap $C/h.bitmap --writable
 plain "cache back" -t cache --backing /var/tmp/back.img --cache $C/b.cache --bitmap $C/b.bitmap --write-mode back
 
+# Two overlay devices of one image's shared base at once: fio --verify on
+# both, kill -9 of both servers in the write phase, recover both; then del
+# and add again (the overlays are reattached by name). The base is not
+# killed: it holds no written page.
+section "two overlay devices of one base: kill -9 under fio --verify, recover"
+OVO="--url $URL --cache $C/ob.cache --bitmap $C/ob.bitmap --overlay-dir $C/ov"
+mkdir -p $C/ov
+OIDS=() OPIDS=() OFIOS=()
+for n in 1 2; do
+    if add -t http $OVO --overlay f$n --recovery; then OIDS+=($DEV_ID); OPIDS+=($DEV_PID); else fail "overlay f$n: add --recovery" "$DEV_JSON"; fi
+done
+if [ ${#OIDS[@]} -eq 2 ]; then
+    OBASE=$("$UBLK" list -n ${OIDS[0]} | jq -r '.[0].target_options.lower' | sed 's|/dev/ublkb||')
+    for n in 0 1; do
+        $FIO --name=ov$n --filename=/dev/ublkb${OIDS[$n]} --rw=randwrite --size=$SIZE --randseed=$((21 + n)) \
+            --verify=crc32c --do_verify=1 --verify_fatal=1 --output=/tmp/fio-ov$n.txt >/dev/null 2>&1 &
+        OFIOS+=($!)
+    done
+    sleep 2
+    for n in 0 1; do alive ${OFIOS[$n]} || fail "overlay $n: fio still writing at the kill" "$(tail -n 5 /tmp/fio-ov$n.txt)"; done
+    kill -9 ${OPIDS[@]}
+    for n in 0 1; do check "overlay $n: the server died" wait_for 5 dead ${OPIDS[$n]}; done
+    for n in 0 1; do
+        r=$(timeout 60 "$UBLK" recover -n ${OIDS[$n]} 2>&1)
+        if [ $? -eq 0 ]; then ok "overlay $n: recover"; else fail "overlay $n: recover" "$r"; fi
+    done
+    for n in 0 1; do
+        check "overlay $n: fio completes" wait_for 300 dead ${OFIOS[$n]}
+        wait ${OFIOS[$n]}; eq "overlay $n: fio verified every block it wrote (exit 0)" 0 $?
+        grep -q 'err= 0' /tmp/fio-ov$n.txt || tail -n 20 /tmp/fio-ov$n.txt
+    done
+    for n in 0 1; do check "overlay $n: del" del ${OIDS[$n]}; done
+    for n in 0 1; do
+        if add -t http $OVO --overlay f$((n + 1)); then
+            check "overlay $n: after del and add, fio verifies again" $FIO --name=ov$n --filename=$DEV_B --rw=randwrite \
+                --size=$SIZE --randseed=$((21 + n)) --verify=crc32c --verify_only=1 --verify_fatal=1 --output=/tmp/fio-ov-again.txt
+            del $DEV_ID >/dev/null
+        else
+            fail "overlay $n: add again" "$DEV_JSON"
+        fi
+    done
+    del $OBASE >/dev/null
+fi
+
+plain "overlay" -t http $OVO --overlay p1
+"$UBLK" del -a >/dev/null 2>&1
+
 section "a clean del leaves nothing behind on /run"
 eq "no live files left" "" "$(ls /run/ublk-http/live/ 2>/dev/null)"
 eq "nothing left" "[]" "$("$UBLK" list)"

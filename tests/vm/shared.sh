@@ -193,6 +193,111 @@ else
     fail "add r1 --recovery" "$DEV_JSON"
 fi
 
+section "an overlay server killed is not a power loss: unflushed writes read back after recover"
+rm -f $C/k.*
+KOPTS="--url $URL --cache $C/k.cache --bitmap $C/k.bitmap --overlay-dir $OV"
+if add -t http $KOPTS --overlay k1 --recovery; then
+    K1=$DEV_ID; K1B=$DEV_B; KB=$(base_of $DEV_ID)
+    head -c $((2 << 20)) /dev/urandom > /tmp/k-whole
+    head -c 1536 /dev/urandom > /tmp/k-part
+    # Whole pages, and three sectors inside a page (a copy-up): O_DIRECT, no FLUSH.
+    check "write 2 MiB of whole pages, no FLUSH" dd if=/tmp/k-whole of=$K1B bs=4k seek=2048 oflag=direct
+    check "write 3 sectors inside a page, no FLUSH" dd if=/tmp/k-part of=$K1B bs=512 seek=$((3000 * 8 + 3)) count=3 oflag=direct
+    expect_part() { cmp <(dd if=$K1B bs=512 skip=$((3000 * 8)) count=8 iflag=direct 2>/dev/null) \
+        <(dd if=$WWW/disk.img bs=512 skip=$((3000 * 8)) count=3 2>/dev/null; cat /tmp/k-part; dd if=$WWW/disk.img bs=512 skip=$((3000 * 8 + 6)) count=2 2>/dev/null); }
+    kill -9 $DEV_PID; wait_for 10 dead $DEV_PID
+    r=$(timeout 60 "$UBLK" recover -n $K1 2>&1)
+    if [ $? -eq 0 ]; then ok "recover the overlay device"; else fail "recover the overlay device" "$r"; fi
+    echo 3 > /proc/sys/vm/drop_caches
+    check "every acknowledged whole-page write reads back" bash -c "cmp <(dd if=$K1B bs=4k skip=2048 count=512 iflag=direct 2>/dev/null) /tmp/k-whole"
+    check "the partial write reads back over the image's bytes" expect_part
+    check "dirty lists every page written before the kill" bash -c "$UBLK dirty -n $K1 | jq -e '.pages >= 513'"
+    check "a FLUSH succeeds" blockdev --flushbufs $K1B
+    check "and the writes are still there" bash -c "cmp <(dd if=$K1B bs=4k skip=2048 count=512 iflag=direct 2>/dev/null) /tmp/k-whole"
+
+    # After a sync, pages rewritten and the server killed: listed dirty, so a sync gives an exact replica.
+    cp $WWW/disk.img /var/tmp/k-replica.img
+    check "sync --to a replica" "$UBLK" sync -n $K1 --to /var/tmp/k-replica.img
+    eq "nothing dirty after sync" 0 "$("$UBLK" dirty -n $K1 | jq .pages)"
+    head -c $((256 << 10)) /dev/urandom > /tmp/k-again
+    check "rewrite 64 pages after the sync, no FLUSH" dd if=/tmp/k-again of=$K1B bs=4k seek=2100 oflag=direct
+    P=$("$UBLK" list -n $K1 | jq -r '.[0].pid')
+    kill -9 $P; wait_for 10 dead $P
+    r=$(timeout 60 "$UBLK" recover -n $K1 2>&1)
+    if [ $? -eq 0 ]; then ok "recover again"; else fail "recover again" "$r"; fi
+    check "dirty after the crash lists the rewritten pages" bash -c "$UBLK dirty -n $K1 | jq -e '.pages >= 64'"
+    check "sync after the crash" "$UBLK" sync -n $K1 --to /var/tmp/k-replica.img
+    check "the replica equals the device" cmp $K1B /var/tmp/k-replica.img
+
+    # The plain way back: kill -9, del, add again (no recover).
+    head -c $((128 << 10)) /dev/urandom > /tmp/k-third
+    check "write 32 more pages, no FLUSH" dd if=/tmp/k-third of=$K1B bs=4k seek=4000 oflag=direct
+    P=$("$UBLK" list -n $K1 | jq -r '.[0].pid')
+    kill -9 $P; wait_for 10 dead $P
+    del $K1 >/dev/null 2>&1
+    if add -t http $KOPTS --overlay k1; then
+        K1=$DEV_ID; K1B=$DEV_B
+        check "after del and add: the unflushed writes read back" bash -c "cmp <(dd if=$K1B bs=4k skip=4000 count=32 iflag=direct 2>/dev/null) /tmp/k-third"
+        check "and the earlier ones" bash -c "cmp <(dd if=$K1B bs=4k skip=2048 count=52 iflag=direct 2>/dev/null) <(head -c $((52 * 4096)) /tmp/k-whole)"
+        check "and the replica still matches up to the new pages" bash -c "cmp <(dd if=$K1B bs=4k count=4000 iflag=direct 2>/dev/null) <(head -c $((4000 * 4096)) /var/tmp/k-replica.img)"
+    else
+        fail "add k1 again" "$DEV_JSON"
+    fi
+
+    section "an overlay's files are bound together: a lost or replaced data file is refused"
+    del $K1 >/dev/null 2>&1
+    KD=$OV/k1.overlay
+    cp --sparse=always $KD /var/tmp/k-backup.overlay
+    # A new generation on the next add: the copy becomes an older backup.
+    if add -t http $KOPTS --overlay k1; then del $DEV_ID >/dev/null; else fail "add k1 for a new generation" "$DEV_JSON"; fi
+    cp --sparse=always $KD /var/tmp/k-good.overlay
+    damaged() { # NAME DAMAGE...: the add is one line, and nothing was changed
+        "${@:2}"
+        expect_error "$1: refused in one line" "locally written pages" "$UBLK" add -t http $KOPTS --overlay k1
+        cp --sparse=always /var/tmp/k-good.overlay $KD
+    }
+    damaged "the data file deleted" rm -f $KD
+    damaged "the data file truncated" truncate -s 1M $KD
+    damaged "the data file replaced by another of its size" bash -c "rm -f $KD; truncate -s $(stat -c %s /var/tmp/k-good.overlay) $KD"
+    damaged "the data file restored from an older backup" cp --sparse=always /var/tmp/k-backup.overlay $KD
+    if add -t http $KOPTS --overlay k1; then
+        check "with the files together again every write reads back" bash -c "cmp <(dd if=$DEV_B bs=4k skip=4000 count=32 iflag=direct 2>/dev/null) /tmp/k-third"
+        del $DEV_ID >/dev/null
+    else
+        fail "add k1 with its files together" "$DEV_JSON"
+    fi
+    del $KB >/dev/null 2>&1
+    rm -f /var/tmp/k-*.overlay /var/tmp/k-replica.img
+else
+    fail "add k1 --recovery" "$DEV_JSON"
+fi
+
+section "an overlay device with two queues: fio --verify, DISCARD and WRITE_ZEROES"
+rm -f $C/q.*
+if add -t http --url $URL --cache $C/q.cache --bitmap $C/q.bitmap --overlay-dir $OV --overlay q1 -q 2; then
+    Q1=$DEV_ID; Q1B=$DEV_B; QB=$(base_of $DEV_ID)
+    eq "two queues" 2 "$("$UBLK" list -n $Q1 | jq '.[0].queues')"
+    eq "discard is offered" 1 "$(cat /sys/block/ublkb$Q1/queue/discard_granularity | awk '{print ($1 > 0)}')"
+    check "fio --verify, two jobs on two CPUs (both queues)" fio --name=q --filename=$Q1B --ioengine=io_uring --direct=1 \
+        --rw=randrw --bs=4k --iodepth=8 --numjobs=2 --offset_increment=16M --size=8M --verify=crc32c --verify_fatal=1 \
+        --cpus_allowed=0,1 --cpus_allowed_policy=split --output=/tmp/fio-q.txt
+    check "reads past the writes are still the image's" bash -c "cmp <(dd if=$Q1B bs=1M skip=40 count=8 iflag=direct 2>/dev/null) <(dd if=$WWW/disk.img bs=1M skip=40 count=8 2>/dev/null)"
+    check "discard 64K inside the image" blkdiscard -o $((48 << 20)) -l 65536 $Q1B
+    check "the discarded range reads as zeros" bash -c "cmp <(dd if=$Q1B bs=64k skip=768 count=1 iflag=direct 2>/dev/null) <(head -c 65536 /dev/zero)"
+    check "write zeroes over 3 sectors inside a page" blkdiscard -z -o $(((50 << 20) + 1024)) -l 1536 $Q1B
+    check "the zeroed sectors read as zeros, the rest of the page as the image" bash -c "cmp <(dd if=$Q1B bs=512 skip=$(((50 << 20) / 512)) count=8 iflag=direct 2>/dev/null) <(dd if=$WWW/disk.img bs=512 skip=$(((50 << 20) / 512)) count=2 2>/dev/null; head -c 1536 /dev/zero; dd if=$WWW/disk.img bs=512 skip=$(((50 << 20) / 512 + 5)) count=3 2>/dev/null)"
+    del $Q1 >/dev/null
+    if add -t http --url $URL --cache $C/q.cache --bitmap $C/q.bitmap --overlay-dir $OV --overlay q1; then
+        check "after del and add the zeros are kept" bash -c "cmp <(dd if=$DEV_B bs=64k skip=768 count=1 iflag=direct 2>/dev/null) <(head -c 65536 /dev/zero)"
+        del $DEV_ID >/dev/null
+    else
+        fail "add q1 again" "$DEV_JSON"
+    fi
+    del $QB >/dev/null 2>&1
+else
+    fail "add q1 -q 2" "$DEV_JSON"
+fi
+
 section "boot profiles through overlay devices: recorded and replayed by the base"
 # No readahead, so that a read the replay did not cover is a miss.
 POPTS="--url $URL --cache $C/p.cache --bitmap $C/p.bitmap --overlay-dir $OV --readahead 0"

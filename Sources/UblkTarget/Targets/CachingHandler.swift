@@ -158,6 +158,12 @@ final class CacheContext {
     var directAlignment = 0
     /// A background fill the home starts once it serves (`add --prefetch-profile`: ProfileControl.swift).
     var startFill: FillJobSpec?
+    /// Reads through, with no admission (an overlay over a shared base): a
+    /// read's pages that are not present are read from this fd straight into
+    /// the request, run by run, and nothing read is kept; only a write's
+    /// partial pages are fetched into the cache file (-1: every read miss is
+    /// fetched into the cache first, as for `http` and `cache`).
+    var readThroughFD: Int32 = -1
 
     init(cache: CacheFile, bitmap: Bitmap, dirty: Bitmap?, imageSize: UInt64, pageSize: Int, stats: CacheStats,
          snapshot: @escaping () -> HTTPStats) {
@@ -506,6 +512,15 @@ final class CachingHandler: QueueHandler {
             // Evicted pages are being punched: nothing may touch the cache file's holes meanwhile.
             if punchesInFlight > 0 { return deferred.append(r) }
             if let c = context.chunks { c.touch(offset: r.offset, length: r.length) }
+            if r.op == Op.read && context.readThroughFD >= 0 {
+                // Nothing is fetched for a read: present runs come from the cache file, the rest from the source.
+                if CachingMesh.allSet(presentWords, planner.pages(offset: r.offset, length: Int(r.length))) {
+                    context.stats.hits += 1
+                } else {
+                    context.stats.misses += 1
+                }
+                return readFromCache(r, queue: queue)
+            }
             // A write needs every page it touches present first (see the header),
             // except pages it covers whole: those it claims (reads of them wait).
             if r.op != Op.read,
@@ -692,6 +707,7 @@ final class CachingHandler: QueueHandler {
         requests[Int(r.tag)] = r
         stage[Int(r.tag)] = .reading
         done[Int(r.tag)] = 0
+        if context.readThroughFD >= 0 { return readNextRun(r, queue: queue) }
         if let m = mapping { return finish(r.tag, copyMapped(r, queue: queue, mapping: m), queue) }
         if r.offset >= imageSize {
             let z = queue.zeroFill(r, at: 0, length: r.length)
@@ -708,6 +724,24 @@ final class CachingHandler: QueueHandler {
         }
         queue.readIntoRequest(r, at: 0, length: r.length, fd: cacheFD, offset: r.offset, tag: r.tag,
                               sub: CachingHandler.subRead, data: 0)
+    }
+
+    /// Read-through: the next run of `r` from `done` on, of pages all present
+    /// (from the cache file) or all not (from the source). The bits are
+    /// tested anew for each run (with atomic loads: another queue reads them
+    /// too); a page that turns present meanwhile is read either way, as a
+    /// read racing a write may be. Pages under the read stay pinned
+    /// (`requests`; on another queue, the grace gate), as for a hit.
+    func readNextRun(_ r: Request, queue: IOQueue) {
+        let t = Int(r.tag)
+        let start = r.offset + UInt64(done[t]), end = r.offset + UInt64(r.length)
+        let first = start / pageSize
+        let present = CachingMesh.allSet(presentWords, first..<first + 1)
+        var stop = (first + 1) * pageSize
+        while stop < end && CachingMesh.allSet(presentWords, stop / pageSize..<stop / pageSize + 1) == present { stop += pageSize }
+        stop = min(stop, end)
+        queue.readIntoRequest(r, at: done[t], length: UInt32(stop - start), fd: present ? cacheFD : context.readThroughFD,
+                              offset: start, tag: r.tag, sub: CachingHandler.subRead, data: 0)
     }
 
     /// The cache file lives in memory (tmpfs, ramfs).
@@ -774,6 +808,7 @@ final class CachingHandler: QueueHandler {
         }
         // Past the end of the object (the device is rounded up to 512 bytes): zeros.
         if let final = queue.readProgress(r, result, done: &done[t]) { return finish(tag, final, queue) }
+        if context.readThroughFD >= 0 { return readNextRun(r, queue: queue) }
         queue.readIntoRequest(r, at: done[t], length: r.length - done[t], fd: cacheFD,
                               offset: r.offset + UInt64(done[t]), tag: tag, sub: CachingHandler.subRead, data: 0)
     }

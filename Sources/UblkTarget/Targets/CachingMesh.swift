@@ -262,13 +262,16 @@ extension CachingHandler {
             let sequential = r.offset >= lastReadStart && r.offset <= lastReadEnd
             lastReadStart = r.offset
             lastReadEnd = r.offset + UInt64(r.length)
-            if let m = mesh, tryHit(r, queue: queue) {
+            switch readHere(r, queue: queue) {
+            case .hit:
                 peerHits &+= 1
-                if m.recordingProfile { send(.touched(offset: r.offset, length: r.length), to: 0) }
+                if mesh!.recordingProfile { send(.touched(offset: r.offset, length: r.length), to: 0) }
                 if sequential { send(.hint(offset: r.offset, length: r.length, queue: queueID), to: 0) }
-                return
+            case .readThrough:
+                if mesh!.recordingProfile { send(.touched(offset: r.offset, length: r.length), to: 0) }
+            case .notHere:
+                forward(r)
             }
-            forward(r)
         case Op.write, Op.discard, Op.writeZeroes:
             if !context.writable { return queue.complete(tag: r.tag, result: -EROFS) }
             forward(r)
@@ -280,18 +283,24 @@ extension CachingHandler {
         }
     }
 
-    /// Reads `r` from the cache file if every page of it is present; false (nothing done) if not.
+    enum LocalRead { case hit, readThrough, notHere }
+
+    /// Reads `r` on this queue when it can: from the cache file if every page
+    /// of it is present (`hit`), or on a read-through target whatever is
+    /// present from the cache file and the rest from the source
+    /// (`readThrough`); else nothing is done (`notHere`: the home fetches).
     @inline(__always)
-    func tryHit(_ r: Request, queue: IOQueue) -> Bool {
+    func readHere(_ r: Request, queue: IOQueue) -> LocalRead {
         let m = mesh!
         let parity = m.enter(queueID)
-        if CachingMesh.allSet(presentWords, planner.pages(offset: r.offset, length: Int(r.length))) {
+        let all = CachingMesh.allSet(presentWords, planner.pages(offset: r.offset, length: Int(r.length)))
+        if all || context.readThroughFD >= 0 {
             hitParity[Int(r.tag)] = parity
             readFromCache(r, queue: queue)  // `finish` leaves the gate
-            return true
+            return all ? .hit : .readThrough
         }
         if m.exit(queueID, parity) { send(.graceDrained, to: 0) }
-        return false
+        return .notHere
     }
 
     /// Hands `r` to the home queue; it answers with `read`, `write` or `complete`.
