@@ -13,7 +13,7 @@ extension CachingHandler {
     /// Pages some I/O in flight covers: requests on the cache file, the write-back copy.
     func pinnedRanges() -> [Range<UInt64>] {
         var out: [Range<UInt64>] = []
-        for case let r? in requests { out.append(planner.pages(offset: r.offset, length: max(Int(r.length), 1))) }
+        for case let r? in slots.map(\.request) { out.append(planner.pages(offset: r.offset, length: max(Int(r.length), 1))) }
         if let run = writebackRun { out.append(run.pages) }
         return out
     }

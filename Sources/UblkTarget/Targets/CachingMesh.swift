@@ -295,7 +295,7 @@ extension CachingHandler {
         let parity = m.enter(queueID)
         let all = CachingMesh.allSet(presentWords, planner.pages(offset: r.offset, length: Int(r.length)))
         if all || context.readThroughFD >= 0 {
-            hitParity[Int(r.tag)] = parity
+            slots[Int(r.tag)].hitParity = parity
             readFromCache(r, queue: queue)  // `finish` leaves the gate
             return all ? .hit : .readThrough
         }
@@ -305,9 +305,9 @@ extension CachingHandler {
 
     /// Hands `r` to the home queue; it answers with `read`, `write` or `complete`.
     func forward(_ r: Request) {
-        viaHome[Int(r.tag)] = true
-        requests[Int(r.tag)] = r
-        stage[Int(r.tag)] = .waitingFetch
+        slots[Int(r.tag)].viaHome = true
+        slots[Int(r.tag)].request = r
+        slots[Int(r.tag)].stage = .waitingFetch
         send(.request(r, queue: queueID), to: 0)
     }
 
@@ -334,7 +334,7 @@ extension CachingHandler {
                 r.tag = UInt16(Int(q) * depth + Int(r.tag))
                 handle(r, queue: queue)
             case .written(let slot, let result):
-                guard let r = requests[Int(slot)], stage[Int(slot)] == .writing else { continue }
+                guard let r = slots[Int(slot)].request, slots[Int(slot)].stage == .writing else { continue }
                 partDone(r, result, queue: queue)
             case .graceDrained:
                 advanceGrace(queue)
@@ -349,17 +349,17 @@ extension CachingHandler {
                 _ = planner.hint(offset: offset, length: Int(length), stream: Int(q), present: bitmap.bits)
                 if planner.plannedRunCount > 0 { startRuns(queue) }
             case .readDone(let slot):
-                if stage[Int(slot)] == .reading {
-                    requests[Int(slot)] = nil
-                    stage[Int(slot)] = .idle
+                if slots[Int(slot)].stage == .reading {
+                    slots[Int(slot)].request = nil
+                    slots[Int(slot)].stage = .idle
                 }
             case .read(let tag):
-                guard let r = requests[Int(tag)] else { continue }
+                guard let r = slots[Int(tag)].request else { continue }
                 // The home keeps the pages till `readDone`; the gate is entered all the same (`finish` leaves it).
-                hitParity[Int(tag)] = mesh!.enter(queueID)
+                slots[Int(tag)].hitParity = mesh!.enter(queueID)
                 readFromCache(r, queue: queue)
             case .write(let tag):
-                guard let r = requests[Int(tag)] else { continue }
+                guard let r = slots[Int(tag)].request else { continue }
                 issueWrite(r, queue: queue)
             case .complete(let tag, let result):
                 finish(tag, result, queue)

@@ -176,10 +176,10 @@ extension CachingHandler {
             heldWrites = c.held + heldWrites
         }
         for tag in c.held where c.dataFailure >= 0 {
-            guard let r = requests[Int(tag)] else { continue }
+            guard let r = slots[Int(tag)].request else { continue }
             // Bits not durable: the write must not go ahead (or be acknowledged).
             if metaFailed { finish(tag, -EIO, queue); continue }
-            if stage[Int(tag)] == .waitingIntent { issueWrite(r, queue: queue) } else { acknowledge(r, queue: queue) }
+            if slots[Int(tag)].stage == .waitingIntent { issueWrite(r, queue: queue) } else { acknowledge(r, queue: queue) }
         }
         if !flushWaiters.isEmpty || !heldWrites.isEmpty { startCycle(queue, full: !flushWaiters.isEmpty) }
     }
@@ -192,8 +192,8 @@ extension CachingHandler {
     func dataSyncFailed(_ c: Cycle, queue: IOQueue) {
         log("ublk-http: fdatasync failed: \(Errno(returned: c.dataFailure)); pages written since the last good one may be lost")
         var lost = c.writtenPages + unsyncedWrites
-        for (t, s) in stage.enumerated() where s == .writing || s == .waitingAck {
-            if let r = requests[t] { lost.append(planner.pages(offset: r.offset, length: Int(r.length))) }
+        for (t, s) in slots.map(\.stage).enumerated() where s == .writing || s == .waitingAck {
+            if let r = slots[t].request { lost.append(planner.pages(offset: r.offset, length: Int(r.length))) }
         }
         unsyncedWrites = []
         for r in lost { dirty?.markPresent(r) }

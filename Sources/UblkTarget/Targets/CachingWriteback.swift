@@ -83,16 +83,16 @@ extension CachingHandler {
     /// The pages of every write (or discard) in flight, or waiting for its intent bits.
     func writesInFlight() -> [Range<UInt64>] {
         var out: [Range<UInt64>] = []
-        for (t, s) in stage.enumerated() where s == .writing || s == .waitingIntent || s == .waitingAck {
-            if let r = requests[t] { out.append(planner.pages(offset: r.offset, length: Int(r.length))) }
+        for (t, s) in slots.map(\.stage).enumerated() where s == .writing || s == .waitingIntent || s == .waitingAck {
+            if let r = slots[t].request { out.append(planner.pages(offset: r.offset, length: Int(r.length))) }
         }
         return out
     }
 
     /// Whether a write (or discard) in flight, or waiting for its intent bits, covers one of `pages`.
     func writeInFlight(overlapping pages: Range<UInt64>) -> Bool {
-        for (t, s) in stage.enumerated() where s == .writing || s == .waitingIntent || s == .waitingAck {
-            if let r = requests[t], planner.pages(offset: r.offset, length: Int(r.length)).overlaps(pages) { return true }
+        for (t, s) in slots.map(\.stage).enumerated() where s == .writing || s == .waitingIntent || s == .waitingAck {
+            if let r = slots[t].request, planner.pages(offset: r.offset, length: Int(r.length)).overlaps(pages) { return true }
         }
         return false
     }

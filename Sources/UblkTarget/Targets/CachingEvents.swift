@@ -1,0 +1,115 @@
+// CachingEvents: the caching handler's ring events and idle work (polls,
+// timers, the other queues' inboxes; persistence and eviction due; statistics),
+// and the end of a device: drain, then shutdown.
+import CUring
+import Glibc
+import PageCache
+
+extension CachingHandler {
+    // MARK: Events
+
+    func armPoll(_ queue: IOQueue) {
+        if !pollArmed, let fd = fetcher.pollFD {
+            pollArmed = true
+            queue.poll(fd: fd, data: CachingHandler.sourceEvent)
+        }
+    }
+
+    func eventFired(data: UInt32, result: Int32, queue: IOQueue) {
+        switch data {
+        case CachingHandler.sourceEvent:
+            pollArmed = false
+            fetcher.perform()
+            if !fetcher.isIdle { armPoll(queue) }
+        case CachingHandler.timerEvent:
+            timerArmed = false
+            var v: UInt64 = 0
+            _ = read(timerFD, &v, 8)
+        case CachingHandler.fillTimerEvent:
+            fillTimerFired()
+        case CachingHandler.meshEvent:
+            received(mesh!.inboxes[Int(queueID)].take(), queue: queue)
+            queue.poll(fd: mesh!.inboxes[Int(queueID)].fd, data: CachingHandler.meshEvent)
+        default:
+            break
+        }
+    }
+
+    func idle(queue: IOQueue) {
+        if mesh != nil && !isHome { return otherQueueIdle() }
+        defer { if mesh != nil { flushOutbox() } }
+        if let m = mesh, !graceNext.isEmpty || m.gracePending { advanceGrace(queue) }
+        if !fetcher.isIdle { armPoll(queue) }
+        let statsDirty = context.publishStats && statsSignature != writtenStatsSignature
+        if writeback != nil && !draining { startWriteback(queue) }
+        if filling.job != nil { fillStep(queue) }
+        if context.maxCacheBytes > 0 && cycle == nil && punchesInFlight == 0 && !presentFrozen { evictIfNeeded(queue) }
+        let now = monotonicNanos()
+        if statsDirty && now &- lastStats >= persistInterval {
+            lastStats = now
+            publishStats(queue)
+        }
+        // Present bits (and what rides with them) go out once per interval,
+        // in a full cycle; intent bits left over go out at once.
+        let presentDirty = presentNeedsCycle
+        let fullDue = presentDirty && now &- lastPersist >= persistInterval
+        let intentLeft = intentBitmaps.contains(where: { $0.bits.hasDirty })
+        if cycle == nil {
+            if fullDue {
+                startCycle(queue, full: true)
+            } else if intentLeft && now >= retryAfter {
+                startCycle(queue, full: false)
+            }
+        }
+        let statsWait = statsDirty && now &- lastStats < persistInterval
+        if (presentDirty && !fullDue) || statsWait || (intentLeft && now < retryAfter), !timerArmed {
+            let untilFull = persistInterval &- min(now &- lastPersist, persistInterval)
+            let untilStats = persistInterval &- min(now &- lastStats, persistInterval)
+            _ = cu_timerfd_arm(timerFD, max(1, min(presentDirty ? untilFull : .max, statsWait ? untilStats : .max)))
+            timerArmed = true
+            queue.poll(fd: timerFD, data: CachingHandler.timerEvent)
+        }
+    }
+
+    /// Something only a full cycle persists is waiting.
+    var presentNeedsCycle: Bool {
+        bitmap.bits.hasDirty || !writebackCopied.isEmpty || !evicting.isEmpty || (settled?.count ?? 0) > 0
+    }
+
+    func drain(queue: IOQueue) {
+        // Another queue's requests are the home's to end (it answers each).
+        guard isHome else { return }
+        if !flushWaiters.isEmpty { startCycle(queue, full: true) }
+        draining = true
+        fillDrain()
+        fetcher.cancelAll(handler: self, queue: queue)
+        for t in slots.indices where slots[t].stage == .waitingFetch {
+            finish(UInt16(t), -EIO, queue)
+        }
+        if punchesInFlight == 0 {
+            let waiting = deferred
+            deferred = []
+            for r in waiting { completeSlot(r.tag, -EIO, queue) }
+        }
+    }
+
+    func shutdown(queue: IOQueue) {
+        guard isHome else { return }
+        if context.publishStats { context.snapshot().saveAtomically(device: queue.deviceID) }
+        // The loop ended with no target I/O outstanding: no cycle is in flight. Blocking is allowed here.
+        do {
+            if let wb = writeback, !writebackCopied.isEmpty, context.backingFD >= 0, fdatasync(context.backingFD) == 0 {
+                for r in writebackCopied { wb.markAbsent(r) }
+                writebackCopied = []
+            }
+            if let u = unsettled, let st = settled, st.count > 0, context.backingFD >= 0, fdatasync(context.backingFD) == 0 {
+                try context.cache.sync()
+                for r in DirtyExtents.runs(st) { u.markAbsent(r) }
+            }
+            if !durabilityLost { try bitmap.commit(syncing: context.cache) }
+            for b in intentBitmaps { try b.commit(syncing: context.cache) }
+        } catch {
+            log("ublk-http: cannot persist the bitmaps at shutdown: \(error)")
+        }
+    }
+}

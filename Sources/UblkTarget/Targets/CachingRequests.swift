@@ -1,0 +1,343 @@
+// CachingRequests: the caching handler's request path (CachingHandler.swift's
+// header states it): reads, hits and read-through; writes with their intent
+// bits, parts and acknowledgement; DISCARD and WRITE_ZEROES; FLUSH; the
+// completions of the request I/O it issued.
+import CUring
+import Glibc
+import PageCache
+
+extension CachingHandler {
+    /// User-copy mode: moves `r`'s data between the mapped cache file and the
+    /// kernel's request pages (read: to the request; write: from it). One copy.
+    func copyMapped(_ r: Request, queue: IOQueue, mapping: UnsafeMutableRawPointer) -> Int32 {
+        let len = Int(r.length)
+        guard Int(r.offset) + len <= mappingSize else { return -EIO }
+        let e = queue.copyRequest(r, at: 0, mapping + Int(r.offset), length: len, toRequest: r.op == Op.read)
+        return e < 0 ? e : Int32(len)
+    }
+
+    /// Write-through: `r`'s data from byte `at` to the backing store; inline, from
+    /// the cache's mapped pages (they hold it now), else from the request.
+    func writeBacking(_ r: Request, at: UInt32, queue: IOQueue) {
+        let flags = r.fua ? cu_rwf_dsync : 0
+        if let m = mapping {
+            return queue.write(fd: context.backingFD, from: m + Int(r.offset) + Int(at), length: r.length - at,
+                               offset: r.offset + UInt64(at), flags: flags, tag: r.tag, sub: CachingHandler.subBackingWrite)
+        }
+        queue.writeFromRequest(r, at: at, length: r.length - at, fd: context.backingFD, offset: r.offset + UInt64(at),
+                               flags: flags, tag: r.tag, sub: CachingHandler.subBackingWrite, data: 0)
+    }
+
+    var through: Bool { context.writeThrough && context.backingFD >= 0 }
+
+    // MARK: Requests
+
+    func handle(_ r: Request, queue: IOQueue) {
+        if !isHome { return handleOnOtherQueue(r, queue: queue) }
+        switch r.op {
+        case Op.read, Op.write, Op.discard, Op.writeZeroes:
+            if r.op == Op.read && profile != nil { recordRead(offset: r.offset, length: r.length) }
+            if r.op != Op.read && !context.writable { return completeSlot(r.tag, -EROFS, queue) }
+            if draining { return completeSlot(r.tag, -EIO, queue) }
+            // Evicted pages are being punched: nothing may touch the cache file's holes meanwhile.
+            if punchesInFlight > 0 { return deferred.append(r) }
+            if let c = context.chunks { c.touch(offset: r.offset, length: r.length) }
+            if r.op == Op.read && context.readThroughFD >= 0 {
+                // Nothing is fetched for a read: present runs come from the cache file, the rest from the source.
+                if CachingMesh.allSet(presentWords, planner.pages(offset: r.offset, length: Int(r.length))) {
+                    context.stats.hits += 1
+                } else {
+                    context.stats.misses += 1
+                }
+                return readFromCache(r, queue: queue)
+            }
+            // A write needs every page it touches present first (see the header),
+            // except pages it covers whole: those it claims (reads of them wait).
+            if r.op != Op.read,
+               let claims = planner.claimForWrite(offset: r.offset, length: Int(r.length), present: bitmap.bits) {
+                slots[Int(r.tag)].claimed = claims
+                return startWrite(r, queue: queue)
+            }
+            // Sequential reads are told apart per queue (each CPU's arrive on one).
+            let plan = planner.plan(offset: r.offset, length: Int(r.length), context: UInt64(r.tag), present: bitmap.bits,
+                                    stream: mesh == nil ? 0 : Int(r.tag) / depth)
+            if plan.isHit {
+                if r.op == Op.read { context.stats.hits += 1 }
+                proceed(r, queue: queue)
+            } else {
+                if r.op == Op.read { context.stats.misses += 1 }
+                slots[Int(r.tag)].request = r
+                slots[Int(r.tag)].stage = .waitingFetch
+                slots[Int(r.tag)].missStart = monotonicNanos()
+            }
+            if planner.plannedRunCount > 0 { startRuns(queue) }
+        case Op.flush:
+            if !context.writable { return completeSlot(r.tag, 0, queue) }
+            flushWaiters.append(r.tag)
+            startCycle(queue, full: true)
+        default:
+            completeSlot(r.tag, -EOPNOTSUPP, queue)
+        }
+    }
+
+    /// Every page of `r` is present: read it, or write it.
+    func proceed(_ r: Request, queue: IOQueue) {
+        if r.op == Op.read { readFromCache(r, queue: queue) } else { startWrite(r, queue: queue) }
+    }
+
+    /// Sets a write's intent bits (local, dirty, write-back); true when some of
+    /// them are not durable yet, so its data must wait for an intent cycle.
+    func setIntent(_ pages: Range<UInt64>) -> Bool {
+        if let run = writebackRun, run.pages.overlaps(pages) { writebackRun!.dirtied = true }
+        if writebackCopied.contains(where: { $0.overlaps(pages) }) { writebackCopied = writebackCopied.flatMap { $0.subtracting(pages) } }
+        if let st = settled, st.count > 0 { st.clear(pages) }
+        var wait = false
+        for b in intentBitmaps {
+            b.markPresent(pages)
+            if b.hasUnstaged(pages) { wait = true }
+            if let c = cycle, c.commits.contains(where: { $0.bitmap === b && $0.commit.touches(pages) }) { wait = true }
+        }
+        return wait
+    }
+
+    func startWrite(_ r: Request, queue: IOQueue) {
+        let t = Int(r.tag)
+        slots[t].request = r
+        context.stats.writes += 1
+        if setIntent(planner.pages(offset: r.offset, length: Int(r.length))) {
+            context.stats.writesHeldForIntent += 1
+            slots[t].stage = .waitingIntent
+            heldWrites.append(r.tag)
+            return startCycle(queue, full: false)
+        }
+        issueWrite(r, queue: queue)
+    }
+
+    /// The write's intent bits are durable: its data goes to the cache file (and the backing store).
+    func issueWrite(_ r: Request, queue: IOQueue) {
+        trace?("issue tag \(r.tag) op \(r.op) at \(r.offset)+\(r.length)")
+        let t = Int(r.tag)
+        slots[t].request = r
+        slots[t].stage = .writing
+        slots[t].partFailed = 0
+        switch r.op {
+        case Op.write:
+            if mesh != nil && isHome && t >= depth {
+                // Another queue's request: its data moves there (the request's
+                // buffer is that queue's), which answers `written` when done.
+                slots[t].parts = 1
+                return send(.write(tag: r.tag % UInt16(depth)), to: r.tag / UInt16(depth))
+            }
+            slots[t].done = 0
+            slots[t].backingDone = 0
+            slots[t].parts = through ? 2 : 1
+            if let m = mapping {
+                // The data lands in the cache's pages straight from the request.
+                let copied = copyMapped(r, queue: queue, mapping: m)
+                if copied < 0 {
+                    slots[t].parts = 1
+                    return partDone(r, copied, queue: queue)
+                }
+            } else {
+                queue.writeFromRequest(r, at: 0, length: r.length, fd: cacheFD, offset: r.offset, flags: 0,
+                                       tag: r.tag, sub: CachingHandler.subWrite, data: 0)
+            }
+            if through { writeBacking(r, at: 0, queue: queue) }
+            if mapping != nil { partDone(r, 0, queue: queue) }
+        default:
+            // DISCARD / WRITE_ZEROES: a hole reads as zeros; partial pages are zeroed by the punch.
+            let end = min(r.offset + UInt64(r.length), imageSize)
+            if r.offset >= end { slots[t].parts = 1; return partDone(r, 0, queue: queue) }
+            slots[t].parts = through ? 2 : 1
+            queue.fallocate(fd: cacheFD, mode: cu_falloc_punch, offset: r.offset, length: end - r.offset,
+                            tag: r.tag, sub: CachingHandler.subPunch)
+            if through {
+                queue.fallocate(fd: context.backingFD, mode: r.op == Op.writeZeroes && r.noUnmap ? cu_falloc_zero : cu_falloc_punch,
+                                offset: r.offset, length: end - r.offset, tag: r.tag, sub: CachingHandler.subBackingPunch)
+            }
+        }
+    }
+
+    /// One part of a write is done (or failed); the write completes when all are.
+    func partDone(_ r: Request, _ result: Int32, queue: IOQueue) {
+        let t = Int(r.tag)
+        if result < 0 && slots[t].partFailed == 0 { slots[t].partFailed = result }
+        slots[t].parts -= 1
+        guard slots[t].parts == 0 else { return }
+        if !isHome {
+            // The data moved for the home's state machine, which completes the request.
+            slots[t].stage = .waitingFetch
+            return send(.written(slot: UInt16(Int(queueID) * depth + t), result: slots[t].partFailed), to: 0)
+        }
+        let failed = slots[t].partFailed < 0
+        let pages = planner.pages(offset: r.offset, length: Int(r.length))
+        if !slots[t].claimed.isEmpty {
+            // Pages the write covered whole: present now that their data is in the cache.
+            let claims = slots[t].claimed
+            slots[t].claimed = []
+            if !failed {
+                markPresent(pages)
+            } else {
+                // Never present, and no data of it counts: the page is still the remote's.
+                for b in [local, writeback].compactMap({ $0 }) {
+                    for p in pages where !bitmap.test(p) { b.markAbsent(p..<p + 1) }
+                }
+            }
+            for id in claims { serve(planner.complete(run: id, success: !failed), queue) }
+        }
+        if failed {
+            // Write-through: one copy may have it and the other not. The cache's
+            // goes (the page is read from the backing store again); the
+            // unsettled bit stays until a write of the page succeeds.
+            if through { for p in pages where bitmap.test(p) { bitmap.markAbsent(p..<p + 1); evicting.append(p..<p + 1) } }
+            // Some of it may have landed: a `sync` under way must not clear these pages.
+            syncs.written(pages)
+            return finish(r.tag, slots[t].partFailed, queue)
+        }
+        written(r, pages, queue: queue)
+    }
+
+    /// A write's data is in the cache file. Its intent bits were set before it
+    /// was issued; a `dirty --clear` meanwhile may have cleared them, so they
+    /// are set again, and the write is acknowledged once they are durable.
+    func written(_ r: Request, _ pages: Range<UInt64>, queue: IOQueue) {
+        syncs.written(pages)
+        unsyncedWrites.append(pages)
+        settled?.set(pages)
+        var newly = false
+        for b in intentBitmaps where b.markPresent(pages) > 0 { newly = true }
+        let t = Int(r.tag)
+        if newly {
+            slots[t].stage = .waitingAck
+            heldWrites.append(r.tag)
+            return startCycle(queue, full: false)
+        }
+        acknowledge(r, queue: queue)
+    }
+
+    func acknowledge(_ r: Request, queue: IOQueue) {
+        if r.fua {
+            slots[Int(r.tag)].request = nil
+            slots[Int(r.tag)].stage = .idle
+            flushWaiters.append(r.tag)
+            startCycle(queue, full: true)
+        } else {
+            finish(r.tag, r.op == Op.write ? Int32(r.length) : 0, queue)
+        }
+    }
+
+    func readFromCache(_ r: Request, queue: IOQueue) {
+        if mesh != nil && isHome && Int(r.tag) >= depth {
+            // Another queue's read: its pages are present, that queue reads them;
+            // they stay pinned here (`requests`: not evicted) until it says `readDone`.
+            slots[Int(r.tag)].request = r
+            slots[Int(r.tag)].stage = .reading
+            return send(.read(tag: r.tag % UInt16(depth)), to: r.tag / UInt16(depth))
+        }
+        slots[Int(r.tag)].request = r
+        slots[Int(r.tag)].stage = .reading
+        slots[Int(r.tag)].done = 0
+        if context.readThroughFD >= 0 { return readNextRun(r, queue: queue) }
+        if let m = mapping { return finish(r.tag, copyMapped(r, queue: queue, mapping: m), queue) }
+        if r.offset >= imageSize {
+            let z = queue.zeroFill(r, at: 0, length: r.length)
+            return finish(r.tag, z < 0 ? z : Int32(r.length), queue)
+        }
+        if cacheInMemory && queue.dataPath == .kernelCopy {
+            // As for loop: io_uring would punt a tmpfs read to an io-wq worker; the copy is cheaper.
+            var got: UInt32 = 0
+            while true {
+                let n = pread(cacheFD, r.buffer + Int(got), Int(r.length - got), off_t(r.offset) + off_t(got))
+                if n < 0 && errno == EINTR { continue }
+                if let final = r.readProgress(n < 0 ? -errno : Int32(n), done: &got) { return finish(r.tag, final, queue) }
+            }
+        }
+        queue.readIntoRequest(r, at: 0, length: r.length, fd: cacheFD, offset: r.offset, tag: r.tag,
+                              sub: CachingHandler.subRead, data: 0)
+    }
+
+    /// Read-through: the next run of `r` from `done` on, of pages all present
+    /// (from the cache file) or all not (from the source). The bits are
+    /// tested anew for each run (with atomic loads: another queue reads them
+    /// too); a page that turns present meanwhile is read either way, as a
+    /// read racing a write may be. Pages under the read stay pinned
+    /// (`requests`; on another queue, the grace gate), as for a hit.
+    func readNextRun(_ r: Request, queue: IOQueue) {
+        let t = Int(r.tag)
+        let start = r.offset + UInt64(slots[t].done), end = r.offset + UInt64(r.length)
+        let first = start / pageSize
+        let present = CachingMesh.allSet(presentWords, first..<first + 1)
+        var stop = (first + 1) * pageSize
+        while stop < end && CachingMesh.allSet(presentWords, stop / pageSize..<stop / pageSize + 1) == present { stop += pageSize }
+        stop = min(stop, end)
+        queue.readIntoRequest(r, at: slots[t].done, length: UInt32(stop - start), fd: present ? cacheFD : context.readThroughFD,
+                              offset: start, tag: r.tag, sub: CachingHandler.subRead, data: 0)
+    }
+
+
+    @inline(__always)
+    func finish(_ tag: UInt16, _ result: Int32, _ queue: IOQueue) {
+        if let m = mesh, !isHome {
+            if slots[Int(tag)].stage == .reading {
+                if m.exit(queueID, slots[Int(tag)].hitParity) { send(.graceDrained, to: 0) }
+                if slots[Int(tag)].viaHome { send(.readDone(slot: UInt16(Int(queueID) * depth + Int(tag))), to: 0) }
+            }
+            slots[Int(tag)].viaHome = false
+        }
+        slots[Int(tag)].request = nil
+        slots[Int(tag)].stage = .idle
+        completeSlot(tag, result, queue)
+    }
+
+    /// Completes the request in `slot`: on this queue, or (the home, for
+    /// another queue's request) by that queue, from its own thread.
+    @inline(__always)
+    func completeSlot(_ slot: UInt16, _ result: Int32, _ queue: IOQueue) {
+        if mesh != nil && isHome && Int(slot) >= depth {
+            return send(.complete(tag: slot % UInt16(depth), result: result), to: slot / UInt16(depth))
+        }
+        queue.complete(tag: slot, result: result)
+    }
+
+    func ioCompleted(tag: UInt16, sub: UInt8, data: UInt32, result: Int32, queue: IOQueue) {
+        switch sub {
+        case CachingHandler.subSync, CachingHandler.subBackingSync, CachingHandler.subMetaWrite, CachingHandler.subMetaSync:
+            return cycleIO(sub, data: data, result: result, queue: queue)
+        case CachingHandler.subWritebackRead, CachingHandler.subWritebackWrite:
+            return writebackProgress(sub, result, queue: queue)
+        case CachingHandler.subFetch:
+            return fetcher.ioCompleted(data: data, result: result, handler: self, queue: queue)
+        case CachingHandler.subEvictPunch:
+            return punched(result, queue: queue)
+        case CachingHandler.subStats:
+            statsInFlight = false
+            return
+        default:
+            break
+        }
+        let t = Int(tag)
+        guard let r = slots[t].request else { return }
+        switch sub {
+        case CachingHandler.subPunch, CachingHandler.subBackingPunch:
+            return partDone(r, result == -EOPNOTSUPP && r.op == Op.discard ? 0 : min(result, 0), queue: queue)
+        case CachingHandler.subWrite:
+            if result <= 0 { return partDone(r, result < 0 ? result : -EIO, queue: queue) }
+            slots[t].done += UInt32(result)
+            if slots[t].done >= r.length { return partDone(r, 0, queue: queue) }
+            return queue.writeFromRequest(r, at: slots[t].done, length: r.length - slots[t].done, fd: cacheFD,
+                                          offset: r.offset + UInt64(slots[t].done), flags: 0, tag: tag, sub: CachingHandler.subWrite, data: 0)
+        case CachingHandler.subBackingWrite:
+            if result <= 0 { return partDone(r, result < 0 ? result : -EIO, queue: queue) }
+            slots[t].backingDone += UInt32(result)
+            if slots[t].backingDone >= r.length { return partDone(r, 0, queue: queue) }
+            return writeBacking(r, at: slots[t].backingDone, queue: queue)
+        default:
+            break
+        }
+        // Past the end of the object (the device is rounded up to 512 bytes): zeros.
+        if let final = queue.readProgress(r, result, done: &slots[t].done) { return finish(tag, final, queue) }
+        if context.readThroughFD >= 0 { return readNextRun(r, queue: queue) }
+        queue.readIntoRequest(r, at: slots[t].done, length: r.length - slots[t].done, fd: cacheFD,
+                              offset: r.offset + UInt64(slots[t].done), tag: tag, sub: CachingHandler.subRead, data: 0)
+    }
+}
