@@ -64,7 +64,9 @@ struct List: ParsableCommand {
                              serverRunning: Devices.processAlive(info.ublksrv_pid),
                              blockDevice: "/dev/ublkb\(id)", charDevice: "/dev/ublkc\(id)", readOnly: saved?.readOnly,
                              stats: stats, dataPath: saved?.dataPath,
-                             hydratedPercent: stats.map { FillStatus.percent($0.pagesPresent, of: $0.pagesTotal) }))
+                             // An overlay holds only its written pages: its base is what hydrates.
+                             hydratedPercent: saved?.target == "overlay" ? nil
+                                 : stats.map { FillStatus.percent($0.pagesPresent, of: $0.pagesTotal) }))
         }
         print(jsonLine(out))
     }

@@ -277,6 +277,7 @@ rm -f $C/q.*
 if add -t http --url $URL --cache $C/q.cache --bitmap $C/q.bitmap --overlay-dir $OV --overlay q1 -q 2; then
     Q1=$DEV_ID; Q1B=$DEV_B; QB=$(base_of $DEV_ID)
     eq "two queues" 2 "$("$UBLK" list -n $Q1 | jq '.[0].queues')"
+    eq "no hydrated_percent for an overlay device (its base hydrates)" null "$("$UBLK" list -n $Q1 | jq '.[0].hydrated_percent')"
     eq "discard is offered" 1 "$(cat /sys/block/ublkb$Q1/queue/discard_granularity | awk '{print ($1 > 0)}')"
     check "fio --verify, two jobs on two CPUs (both queues)" fio --name=q --filename=$Q1B --ioengine=io_uring --direct=1 \
         --rw=randrw --bs=4k --iodepth=8 --numjobs=2 --offset_increment=16M --size=8M --verify=crc32c --verify_fatal=1 \
