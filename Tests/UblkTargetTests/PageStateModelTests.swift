@@ -280,7 +280,7 @@ final class PageStateModelTests: XCTestCase {
                 h.persistInterval = persistInterval
                 h.trace = { [unowned self] in self.note("  handler \(q): " + $0) }
                 queues[q].handler = h
-                if let m = mesh { queues[q].poll(fd: m.inboxes[q].fd, data: CachingHandler.meshEvent) }
+                if let m = mesh { queues[q].poll(fd: m.inboxes[q].fd, data: CachingHandler.Event.mesh.rawValue) }
             }
         }
 

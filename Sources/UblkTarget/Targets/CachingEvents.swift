@@ -11,27 +11,26 @@ extension CachingHandler {
     func armPoll(_ queue: IOQueue) {
         if !pollArmed, let fd = fetcher.pollFD {
             pollArmed = true
-            queue.poll(fd: fd, data: CachingHandler.sourceEvent)
+            queue.poll(fd: fd, data: Event.source.rawValue)
         }
     }
 
     func eventFired(data: UInt32, result: Int32, queue: IOQueue) {
-        switch data {
-        case CachingHandler.sourceEvent:
+        guard let event = Event(rawValue: data) else { preconditionFailure("an unknown event \(data)") }
+        switch event {
+        case .source:
             pollArmed = false
             fetcher.perform()
             if !fetcher.isIdle { armPoll(queue) }
-        case CachingHandler.timerEvent:
+        case .timer:
             timerArmed = false
             var v: UInt64 = 0
             _ = read(timerFD, &v, 8)
-        case CachingHandler.fillTimerEvent:
+        case .fillTimer:
             fillTimerFired()
-        case CachingHandler.meshEvent:
+        case .mesh:
             received(mesh!.inboxes[Int(queueID)].take(), queue: queue)
-            queue.poll(fd: mesh!.inboxes[Int(queueID)].fd, data: CachingHandler.meshEvent)
-        default:
-            break
+            queue.poll(fd: mesh!.inboxes[Int(queueID)].fd, data: Event.mesh.rawValue)
         }
     }
 
@@ -67,7 +66,7 @@ extension CachingHandler {
             let untilStats = persistInterval &- min(now &- lastStats, persistInterval)
             _ = cu_timerfd_arm(timerFD, max(1, min(presentDirty ? untilFull : .max, statsWait ? untilStats : .max)))
             timerArmed = true
-            queue.poll(fd: timerFD, data: CachingHandler.timerEvent)
+            queue.poll(fd: timerFD, data: Event.timer.rawValue)
         }
     }
 

@@ -102,7 +102,7 @@ extension CachingHandler {
                 punchesInFlight += 1
                 trace?("punch \(p..<e)")
                 queue.fallocate(fd: cacheFD, mode: cu_falloc_punch, offset: p * ps, length: min(e * ps, imageSize) - p * ps,
-                                tag: Queue.internalTag, sub: CachingHandler.subEvictPunch)
+                                tag: Queue.internalTag, sub: Sub.evictPunch.rawValue)
                 p = e
             }
         }

@@ -221,7 +221,6 @@ final class CacheFilling {
 extension CachingHandler {
     // MARK: Background fill (the header above)
 
-    static let fillTimerEvent: UInt32 = 4
 
     /// Starts `spec` as the device's fill job, replacing a running one. The
     /// home queue only.
@@ -375,7 +374,7 @@ extension CachingHandler {
             return
         }
         filling.timerArmed = true
-        queue.poll(fd: fd, data: CachingHandler.fillTimerEvent)
+        queue.poll(fd: fd, data: Event.fillTimer.rawValue)
     }
 
     /// The rate timer fired: `idle`, which follows, takes the next step.

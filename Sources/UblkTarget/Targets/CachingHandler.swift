@@ -239,10 +239,11 @@ final class CachingHandler: QueueHandler {
     /// Host tests: a line per state change, for a failing seed's replay.
     var trace: ((String) -> Void)?
 
-    static let subRead: UInt8 = 0, subSync: UInt8 = 1, subWrite: UInt8 = 2, subPunch: UInt8 = 3, subFetch: UInt8 = 4
-    static let subBackingWrite: UInt8 = 5, subBackingPunch: UInt8 = 6, subBackingSync: UInt8 = 7
-    static let subWritebackRead: UInt8 = 8, subWritebackWrite: UInt8 = 9
-    static let subMetaWrite: UInt8 = 10, subMetaSync: UInt8 = 11, subEvictPunch: UInt8 = 12, subStats: UInt8 = 13
+    /// What each target I/O of the handler is (its `sub`): decoded once, in `ioCompleted`.
+    enum Sub: UInt8 {
+        case read, sync, write, punch, fetch, backingWrite, backingPunch, backingSync
+        case writebackRead, writebackWrite, metaWrite, metaSync, evictPunch, stats
+    }
 
     /// Write-back: the one run being copied to the backing store (the throttle), and
     /// whether a write touched it meanwhile (then its bits stay set).
@@ -262,7 +263,8 @@ final class CachingHandler: QueueHandler {
     var punchesInFlight = 0
     var deferred: [Request] = []
     static let chunkShift: UInt64 = 20
-    static let sourceEvent: UInt32 = 1, timerEvent: UInt32 = 2, meshEvent: UInt32 = 3
+    /// What each poll or timer of the handler is (its `data`): decoded once, in `eventFired`.
+    enum Event: UInt32 { case source = 1, timer, mesh, fillTimer }
 
     // MARK: Queues (-q N; CachingMesh.swift)
 
@@ -330,7 +332,7 @@ final class CachingHandler: QueueHandler {
             h.mapping = m
             h.mappingSize = Int(deviceSize)
         }
-        if let m = mesh { queue.poll(fd: m.inboxes[Int(queue.id)].fd, data: CachingHandler.meshEvent) }
+        if let m = mesh { queue.poll(fd: m.inboxes[Int(queue.id)].fd, data: Event.mesh.rawValue) }
         if h.isHome, let spec = context.startFill { h.scheduleFill(spec, queue: queue) }
         if context.publishStats && h.isHome {
             h.statsFD = open(HTTPStats.path(queue.deviceID), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)

@@ -77,12 +77,12 @@ extension CachingHandler {
         cycle = c
         if full {
             cycle!.outstanding = 1
-            queue.fsync(fd: cacheFD, tag: Queue.internalTag, sub: CachingHandler.subSync)
+            queue.fsync(fd: cacheFD, tag: Queue.internalTag, sub: Sub.sync.rawValue)
             // The backing store too: a FLUSH covers written-through data, and a cleared
             // write-back bit may reach the disk only after the data it stood for.
             if context.backingFD >= 0 {
                 cycle!.outstanding += 1
-                queue.fsync(fd: context.backingFD, tag: Queue.internalTag, sub: CachingHandler.subBackingSync)
+                queue.fsync(fd: context.backingFD, tag: Queue.internalTag, sub: Sub.backingSync.rawValue)
             }
         } else {
             writeBitmaps(queue)
@@ -99,7 +99,7 @@ extension CachingHandler {
             for (k, run) in w.runs.enumerated() {
                 c.outstanding += 1
                 queue.write(fd: w.fd, from: w.buffer + run.bufferOffset, length: UInt32(run.count), offset: run.fileOffset,
-                            tag: Queue.internalTag, sub: CachingHandler.subMetaWrite,
+                            tag: Queue.internalTag, sub: Sub.metaWrite.rawValue,
                             data: UInt32(i) << CachingHandler.metaRunShift | UInt32(k))
             }
         }
@@ -107,14 +107,14 @@ extension CachingHandler {
         if c.outstanding == 0 { endCycle(queue) }
     }
 
-    func cycleIO(_ sub: UInt8, data: UInt32, result: Int32, queue: IOQueue) {
+    func cycleIO(_ sub: Sub, data: UInt32, result: Int32, queue: IOQueue) {
         guard cycle != nil else { return }
         cycle!.outstanding -= 1
         switch sub {
-        case CachingHandler.subSync, CachingHandler.subBackingSync:
+        case .sync, .backingSync:
             if result < 0 && cycle!.dataFailure == 0 { cycle!.dataFailure = result }
             if cycle!.outstanding == 0 { writeBitmaps(queue) }
-        case CachingHandler.subMetaWrite:
+        case .metaWrite:
             let i = Int(data >> CachingHandler.metaRunShift), k = Int(data & (1 << CachingHandler.metaRunShift - 1))
             if result != Int32(cycle!.writes[i].runs[k].count) { cycle!.failedWrites.insert(i) }
             if cycle!.outstanding == 0 {
@@ -122,11 +122,11 @@ extension CachingHandler {
                 for (j, w) in cycle!.writes.enumerated() where !cycle!.failedWrites.contains(j) {
                     if cycle!.dataFailure < 0 { continue }
                     cycle!.outstanding += 1
-                    queue.fsync(fd: w.fd, tag: Queue.internalTag, sub: CachingHandler.subMetaSync, data: UInt32(j))
+                    queue.fsync(fd: w.fd, tag: Queue.internalTag, sub: Sub.metaSync.rawValue, data: UInt32(j))
                 }
                 if cycle!.outstanding == 0 { endCycle(queue) }
             }
-        default:  // subMetaSync
+        default:  // .metaSync
             if result < 0 { cycle!.failedWrites.insert(Int(data)) }
             if cycle!.outstanding == 0 { endCycle(queue) }
         }
@@ -245,6 +245,6 @@ extension CachingHandler {
         json.withUnsafeBytes { buf.copyMemory(from: $0.baseAddress!, byteCount: json.count) }
         buf.storeBytes(of: 0x0A, toByteOffset: 4095, as: UInt8.self)
         statsInFlight = true
-        queue.write(fd: statsFD, from: buf, length: 4096, offset: 0, tag: Queue.internalTag, sub: CachingHandler.subStats)
+        queue.write(fd: statsFD, from: buf, length: 4096, offset: 0, tag: Queue.internalTag, sub: Sub.stats.rawValue)
     }
 }

@@ -22,10 +22,10 @@ extension CachingHandler {
         let flags = r.fua ? cu_rwf_dsync : 0
         if let m = mapping {
             return queue.write(fd: context.backingFD, from: m + Int(r.offset) + Int(at), length: r.length - at,
-                               offset: r.offset + UInt64(at), flags: flags, tag: r.tag, sub: CachingHandler.subBackingWrite)
+                               offset: r.offset + UInt64(at), flags: flags, tag: r.tag, sub: Sub.backingWrite.rawValue)
         }
         queue.writeFromRequest(r, at: at, length: r.length - at, fd: context.backingFD, offset: r.offset + UInt64(at),
-                               flags: flags, tag: r.tag, sub: CachingHandler.subBackingWrite, data: 0)
+                               flags: flags, tag: r.tag, sub: Sub.backingWrite.rawValue, data: 0)
     }
 
     var through: Bool { context.writeThrough && context.backingFD >= 0 }
@@ -140,7 +140,7 @@ extension CachingHandler {
                 }
             } else {
                 queue.writeFromRequest(r, at: 0, length: r.length, fd: cacheFD, offset: r.offset, flags: 0,
-                                       tag: r.tag, sub: CachingHandler.subWrite, data: 0)
+                                       tag: r.tag, sub: Sub.write.rawValue, data: 0)
             }
             if through { writeBacking(r, at: 0, queue: queue) }
             if mapping != nil { partDone(r, 0, queue: queue) }
@@ -150,10 +150,10 @@ extension CachingHandler {
             if r.offset >= end { slots[t].parts = 1; return partDone(r, 0, queue: queue) }
             slots[t].parts = through ? 2 : 1
             queue.fallocate(fd: cacheFD, mode: cu_falloc_punch, offset: r.offset, length: end - r.offset,
-                            tag: r.tag, sub: CachingHandler.subPunch)
+                            tag: r.tag, sub: Sub.punch.rawValue)
             if through {
                 queue.fallocate(fd: context.backingFD, mode: r.op == Op.writeZeroes && r.noUnmap ? cu_falloc_zero : cu_falloc_punch,
-                                offset: r.offset, length: end - r.offset, tag: r.tag, sub: CachingHandler.subBackingPunch)
+                                offset: r.offset, length: end - r.offset, tag: r.tag, sub: Sub.backingPunch.rawValue)
             }
         }
     }
@@ -253,7 +253,7 @@ extension CachingHandler {
             }
         }
         queue.readIntoRequest(r, at: 0, length: r.length, fd: cacheFD, offset: r.offset, tag: r.tag,
-                              sub: CachingHandler.subRead, data: 0)
+                              sub: Sub.read.rawValue, data: 0)
     }
 
     /// Read-through: the next run of `r` from `done` on, of pages all present
@@ -271,7 +271,7 @@ extension CachingHandler {
         while stop < end && CachingMesh.allSet(presentWords, stop / pageSize..<stop / pageSize + 1) == present { stop += pageSize }
         stop = min(stop, end)
         queue.readIntoRequest(r, at: slots[t].done, length: UInt32(stop - start), fd: present ? cacheFD : context.readThroughFD,
-                              offset: start, tag: r.tag, sub: CachingHandler.subRead, data: 0)
+                              offset: start, tag: r.tag, sub: Sub.read.rawValue, data: 0)
     }
 
 
@@ -299,45 +299,48 @@ extension CachingHandler {
         queue.complete(tag: slot, result: result)
     }
 
-    func ioCompleted(tag: UInt16, sub: UInt8, data: UInt32, result: Int32, queue: IOQueue) {
+    func ioCompleted(tag: UInt16, sub raw: UInt8, data: UInt32, result: Int32, queue: IOQueue) {
+        guard let sub = Sub(rawValue: raw) else { preconditionFailure("a target I/O with an unknown sub-operation \(raw)") }
         switch sub {
-        case CachingHandler.subSync, CachingHandler.subBackingSync, CachingHandler.subMetaWrite, CachingHandler.subMetaSync:
+        case .sync, .backingSync, .metaWrite, .metaSync:
             return cycleIO(sub, data: data, result: result, queue: queue)
-        case CachingHandler.subWritebackRead, CachingHandler.subWritebackWrite:
+        case .writebackRead, .writebackWrite:
             return writebackProgress(sub, result, queue: queue)
-        case CachingHandler.subFetch:
+        case .fetch:
             return fetcher.ioCompleted(data: data, result: result, handler: self, queue: queue)
-        case CachingHandler.subEvictPunch:
+        case .evictPunch:
             return punched(result, queue: queue)
-        case CachingHandler.subStats:
+        case .stats:
             statsInFlight = false
             return
-        default:
-            break
+        case .read, .write, .punch, .backingWrite, .backingPunch:
+            break  // the request's own I/O, below
         }
         let t = Int(tag)
         guard let r = slots[t].request else { return }
         switch sub {
-        case CachingHandler.subPunch, CachingHandler.subBackingPunch:
+        case .punch, .backingPunch:
             return partDone(r, result == -EOPNOTSUPP && r.op == Op.discard ? 0 : min(result, 0), queue: queue)
-        case CachingHandler.subWrite:
+        case .write:
             if result <= 0 { return partDone(r, result < 0 ? result : -EIO, queue: queue) }
             slots[t].done += UInt32(result)
             if slots[t].done >= r.length { return partDone(r, 0, queue: queue) }
             return queue.writeFromRequest(r, at: slots[t].done, length: r.length - slots[t].done, fd: cacheFD,
-                                          offset: r.offset + UInt64(slots[t].done), flags: 0, tag: tag, sub: CachingHandler.subWrite, data: 0)
-        case CachingHandler.subBackingWrite:
+                                          offset: r.offset + UInt64(slots[t].done), flags: 0, tag: tag, sub: Sub.write.rawValue, data: 0)
+        case .backingWrite:
             if result <= 0 { return partDone(r, result < 0 ? result : -EIO, queue: queue) }
             slots[t].backingDone += UInt32(result)
             if slots[t].backingDone >= r.length { return partDone(r, 0, queue: queue) }
             return writeBacking(r, at: slots[t].backingDone, queue: queue)
-        default:
+        case .read:
             break
+        default:
+            preconditionFailure("\(sub) is not a request's I/O")
         }
         // Past the end of the object (the device is rounded up to 512 bytes): zeros.
         if let final = queue.readProgress(r, result, done: &slots[t].done) { return finish(tag, final, queue) }
         if context.readThroughFD >= 0 { return readNextRun(r, queue: queue) }
         queue.readIntoRequest(r, at: slots[t].done, length: r.length - slots[t].done, fd: cacheFD,
-                              offset: r.offset + UInt64(slots[t].done), tag: tag, sub: CachingHandler.subRead, data: 0)
+                              offset: r.offset + UInt64(slots[t].done), tag: tag, sub: Sub.read.rawValue, data: 0)
     }
 }

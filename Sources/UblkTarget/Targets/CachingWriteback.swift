@@ -46,10 +46,10 @@ extension CachingHandler {
         trace?("write-back copy \(first..<end)")
         writebackCursor = end
         queue.read(fd: cacheFD, into: buf, length: UInt32(length), offset: first * ps,
-                   tag: Queue.internalTag, sub: CachingHandler.subWritebackRead)
+                   tag: Queue.internalTag, sub: Sub.writebackRead.rawValue)
     }
 
-    func writebackProgress(_ sub: UInt8, _ result: Int32, queue: IOQueue) {
+    func writebackProgress(_ sub: Sub, _ result: Int32, queue: IOQueue) {
         guard var run = writebackRun else { return }
         let ps = UInt64(context.pageSize)
         let offset = run.pages.lowerBound * ps
@@ -62,17 +62,17 @@ extension CachingHandler {
             log("ublk-http: write-back of bytes \(offset)-\(offset + UInt64(length) - 1) failed: \(result < 0 ? "\(Errno(returned: result))" : "short")")
             return end()  // the bits stay set: tried again later
         }
-        if sub == CachingHandler.subWritebackRead {
+        if sub == .writebackRead {
             // Read it all (a page cache read is rarely short), then write it out.
             if Int(result) < length { return end() }
             return queue.write(fd: context.backingFD, from: run.buffer, length: UInt32(length), offset: offset,
-                               tag: Queue.internalTag, sub: CachingHandler.subWritebackWrite)
+                               tag: Queue.internalTag, sub: Sub.writebackWrite.rawValue)
         }
         run.done += Int(result)
         writebackRun = run
         if run.done < length {
             return queue.write(fd: context.backingFD, from: run.buffer + run.done, length: UInt32(length - run.done),
-                               offset: offset + UInt64(run.done), tag: Queue.internalTag, sub: CachingHandler.subWritebackWrite)
+                               offset: offset + UInt64(run.done), tag: Queue.internalTag, sub: Sub.writebackWrite.rawValue)
         }
         // On the backing store now; the bits are cleared by the next full cycle, after its fdatasync.
         if !run.dirtied && !writeInFlight(overlapping: run.pages) { writebackCopied.append(run.pages) }

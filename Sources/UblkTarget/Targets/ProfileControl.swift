@@ -98,7 +98,7 @@ extension CachingHandler {
         filling.job = job
         if !timerArmed, timerFD >= 0, cu_timerfd_arm(timerFD, 1_000_000) == 0 {
             timerArmed = true
-            queue.poll(fd: timerFD, data: CachingHandler.timerEvent)
+            queue.poll(fd: timerFD, data: CachingHandler.Event.timer.rawValue)
         }
     }
 

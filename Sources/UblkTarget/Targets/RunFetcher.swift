@@ -14,7 +14,7 @@ protocol RunFetcher: AnyObject {
     /// An fd the queue polls for the fetcher's progress (then `perform()`), if it has one.
     var pollFD: Int32? { get }
     func perform()
-    /// A target I/O the fetcher submitted with `CachingHandler.subFetch` completed.
+    /// A target I/O the fetcher submitted with `CachingHandler.Sub.fetch.rawValue` completed.
     func ioCompleted(data: UInt32, result: Int32, handler: CachingHandler, queue: IOQueue)
     /// Ends every run now (device stopping); each still gets its `runEnded`.
     func cancelAll(handler: CachingHandler, queue: IOQueue)
@@ -78,7 +78,7 @@ final class FileFetcher: RunFetcher {
         slots[slot] = (run, buf, 0)
         handler.context.stats.requests += 1
         queue.read(fd: fd, into: buf, length: UInt32(run.length), offset: run.offset,
-                   tag: Queue.internalTag, sub: CachingHandler.subFetch, data: slot)
+                   tag: Queue.internalTag, sub: CachingHandler.Sub.fetch.rawValue, data: slot)
     }
 
     var isIdle: Bool { slots.isEmpty }
@@ -104,7 +104,7 @@ final class FileFetcher: RunFetcher {
         slots[data] = s
         if s.done >= s.run.length { return end(nil) }
         queue.read(fd: fd, into: s.buffer + s.done, length: UInt32(s.run.length - s.done),
-                   offset: s.run.offset + UInt64(s.done), tag: Queue.internalTag, sub: CachingHandler.subFetch, data: data)
+                   offset: s.run.offset + UInt64(s.done), tag: Queue.internalTag, sub: CachingHandler.Sub.fetch.rawValue, data: data)
     }
 
     func cancelAll(handler: CachingHandler, queue: IOQueue) {
