@@ -42,23 +42,12 @@ public final class CacheTarget: Target {
     public let params: DeviceParams
     public let settings: CacheTargetOptions
     let backingFD: Int32
-    let cache: CacheFile
-    /// The cache file opened with O_DIRECT (-1: buffered or in memory), and how each file is used.
-    let cacheDataFD: Int32
-    public let cacheIO: FileIO
+    /// How the cache file's data pages and the backing store are read and written.
+    public var cacheIO: FileIO { device.dataIO }
     public let backingIO: FileIO
-    let bitmap: Bitmap
-    let dirty: Bitmap?
-    let writeback: Bitmap?
-    let unsettled: Bitmap?
-    /// The cache's files, opened and bound (CacheStore).
-    let store: CacheStore
-    public let stats = CacheStats()
+    /// The cache's files, statistics and queues (CachingDevice).
+    let device: CachingDevice
     let cacheState: String
-    /// -q N > 1: what the queues share.
-    let mesh: CachingMesh?
-    /// Eviction's chunk clock, shared by the queues.
-    let chunks: ChunkUse?
 
     public var options: [String: String] {
         ["backing": settings.backing, "cache": settings.cachePath, "bitmap": settings.bitmapPath,
@@ -116,67 +105,41 @@ public final class CacheTarget: Target {
         spec.backing = BackingCheck(fd: fd, path: o.backing)
         spec.unsettled = true
         spec.live = o.liveState
-        do {
-            let opened = try CacheStore.open(spec)
-            store = opened
-            bitmap = opened.present
-            cache = opened.cache
-            dirty = opened.dirty
-            writeback = opened.writeback
-            unsettled = opened.unsettled
-            cacheState = opened.state.description
-            for note in opened.notes { log("ublk-http: \(note)") }
-            if case .startedAfresh(let why) = opened.state { log("ublk-http: \(o.backing): \(why); the cache starts afresh") }
-        } catch {
+        let opened: CacheStore
+        do { opened = try CacheStore.open(spec) } catch {
             close(fd)
             throw UblkError(error.description)
         }
-        // The cache file's data pages with O_DIRECT too (a second fd: the
-        // buffered one keeps only the trailer, past the image; see CacheFile).
-        let cacheDirect = DirectIO.open(path: o.cachePath, flags: O_RDWR, existing: cache.fd, pageSize: o.pageSize,
-                                        size: size, padsTail: false)
-        cacheDataFD = cacheDirect.fd
-        cacheIO = cacheDirect.io
+        cacheState = opened.state.description
+        for note in opened.notes { log("ublk-http: \(note)") }
+        if case .startedAfresh(let why) = opened.state { log("ublk-http: \(o.backing): \(why); the cache starts afresh") }
+        device = CachingDevice(store: opened, pageSize: o.pageSize, imageSize: size, queues: o.queues,
+                               maxCacheBytes: o.maxCacheBytes, padsTail: false)
         var p = DeviceParams(size: size)
         // Requests aligned for both files: offsets and lengths (logical block), buffers (dma_align).
-        p.logicalBlockShift = DirectIO.logicalBlockShift([cacheIO, backingIO])
-        p.dmaAlignment = DirectIO.dmaAlignment([cacheIO, backingIO])
+        p.logicalBlockShift = DirectIO.logicalBlockShift([device.dataIO, backingIO])
+        p.dmaAlignment = DirectIO.dmaAlignment([device.dataIO, backingIO])
         p.readOnly = o.readOnly
         p.writeCache = true
         p.discard = !o.readOnly
-        p.dataPaths = CachingHandler.dataPaths(cacheFD: cache.fd)
+        p.dataPaths = CachingHandler.dataPaths(cacheFD: opened.cache.fd)
         params = p
-        mesh = o.queues > 1 ? CachingMesh(queues: o.queues) : nil
-        chunks = o.maxCacheBytes > 0 ? ChunkUse(chunks: Int((size >> CachingHandler.chunkShift) + 1)) : nil
     }
 
-    deinit {
-        close(backingFD)
-        if cacheDataFD >= 0 { close(cacheDataFD) }
-    }
+    deinit { close(backingFD) }
 
-    public func snapshot() -> HTTPStats {
-        stats.snapshot(mesh: mesh, present: bitmap, pageSize: settings.pageSize)
-    }
+    public func snapshot() -> HTTPStats { device.snapshot() }
 
     public func makeHandler(for queue: Queue) throws(UblkError) -> QueueHandler {
         guard Int(queue.id) < settings.queues else { throw UblkError("queue \(queue.id) of \(settings.queues)?") }
-        let context = CacheContext(cache: cache, bitmap: bitmap, dirty: dirty, imageSize: params.size,
-                                   pageSize: settings.pageSize, stats: stats) { [unowned self] in self.snapshot() }
-        context.backingFD = backingFD
-        context.dataFD = cacheDataFD
-        context.directAlignment = cacheIO.isDirect ? cacheIO.offsetAlignment : 0
-        context.writeThrough = !settings.writeBack
-        context.writable = !settings.readOnly
-        context.writeback = writeback
-        context.unsettled = unsettled
-        context.maxCacheBytes = settings.maxCacheBytes
-        context.chunks = chunks
         // Local reads: runs of up to 1 MiB, modest readahead, a few in flight.
         let planner = FetchPlanner(imageSize: params.size, pageSize: settings.pageSize, maxRunBytes: 1 << 20,
                                    initialReadaheadBytes: 128 << 10, maxReadaheadBytes: 1 << 20, maxActiveRuns: 8)
-        // Queues other than 0 never fetch: their misses go to queue 0.
-        return try CachingHandler.make(context: context, fetcher: queue.id == 0 ? FileFetcher(fd: backingFD) : NoFetcher(),
-                                       planner: planner, queue: queue, deviceSize: params.size, mesh: mesh)
+        return try device.makeHandler(for: queue, deviceSize: params.size, planner: planner,
+                                      fetcher: { FileFetcher(fd: backingFD) }) { context in
+            context.backingFD = backingFD
+            context.writeThrough = !settings.writeBack
+            context.writable = !settings.readOnly
+        }
     }
 }

@@ -53,16 +53,12 @@ public final class OverlayTarget: Target {
     public let name = "overlay"
     public let params: DeviceParams
     public let settings: OverlayTargetOptions
-    let store: CacheStore
+    /// The overlay's files, statistics and queues (CachingDevice).
+    let device: CachingDevice
+    var store: CacheStore { device.store }
     let created: Bool
     let lowerFD: Int32
     let lowerIO: FileIO
-    /// The data file opened with O_DIRECT (-1: buffered or in memory), and how it is used.
-    let dataFD: Int32
-    let dataIO: FileIO
-    public let stats = CacheStats()
-    /// -q N > 1: what the queues share.
-    let mesh: CachingMesh?
 
     public var options: [String: String] {
         ["lower": settings.lower, "overlay": settings.name, "overlay_file": store.cache.path,
@@ -70,7 +66,7 @@ public final class OverlayTarget: Target {
          "image_url": settings.identity.url, "etag": settings.identity.etag ?? "",
          "last_modified": settings.identity.lastModified ?? "",
          "overlay_state": created ? "created" : "reattached", "cache_state": store.state.description,
-         "lower_io": lowerIO.description, "cache_io": dataIO.description]
+         "lower_io": lowerIO.description, "cache_io": device.dataIO.description]
     }
 
     public init(_ o: OverlayTargetOptions) throws(UblkError) {
@@ -120,50 +116,35 @@ public final class OverlayTarget: Target {
             close(fd)
             throw UblkError(error.description)
         }
-        store = opened.store
         created = opened.created
-        for note in store.notes { log("ublk-http: overlay '\(o.name)': \(note)") }
+        for note in opened.store.notes { log("ublk-http: overlay '\(o.name)': \(note)") }
         lowerFD = fd
-        // The data pages with O_DIRECT too (a second fd: the buffered one keeps
-        // only the trailer, past the image; see CacheFile).
-        let d = DirectIO.open(path: store.cache.path, flags: O_RDWR, existing: store.cache.fd, pageSize: OverlayStore.pageSize,
-                              size: size, padsTail: false)
-        dataFD = d.fd
-        dataIO = d.io
+        device = CachingDevice(store: opened.store, pageSize: OverlayStore.pageSize, imageSize: size, queues: o.queues,
+                               maxCacheBytes: 0, padsTail: false)
         var p = DeviceParams(size: size)
-        p.logicalBlockShift = DirectIO.logicalBlockShift([io, dataIO])
-        p.dmaAlignment = DirectIO.dmaAlignment([io, dataIO])
+        p.logicalBlockShift = DirectIO.logicalBlockShift([io, device.dataIO])
+        p.dmaAlignment = DirectIO.dmaAlignment([io, device.dataIO])
         p.writeCache = true
         p.discard = true
         // Read-through moves data by runs into the request: every path but the
         // inline copy, which maps the whole request from the cache file.
         p.dataPaths = [.autoZeroCopy, .zeroCopy, .userCopy, .kernelCopy]
         params = p
-        mesh = o.queues > 1 ? CachingMesh(queues: o.queues) : nil
     }
 
-    deinit {
-        close(lowerFD)
-        if dataFD >= 0 { close(dataFD) }
-    }
+    deinit { close(lowerFD) }
 
-    public func snapshot() -> HTTPStats {
-        stats.snapshot(mesh: mesh, present: store.present, pageSize: OverlayStore.pageSize)
-    }
+    public func snapshot() -> HTTPStats { device.snapshot() }
 
     public func makeHandler(for queue: Queue) throws(UblkError) -> QueueHandler {
         guard Int(queue.id) < settings.queues else { throw UblkError("queue \(queue.id) of \(settings.queues)?") }
-        let context = CacheContext(cache: store.cache, bitmap: store.present, dirty: store.dirty, imageSize: params.size,
-                                   pageSize: OverlayStore.pageSize, stats: stats) { [unowned self] in self.snapshot() }
-        context.local = store.local
-        context.writable = true
-        context.dataFD = dataFD
-        context.directAlignment = dataIO.isDirect ? dataIO.offsetAlignment : 0
-        context.readThroughFD = lowerFD
         // Copy-ups only (a write's partial pages): no readahead.
         let planner = FetchPlanner(imageSize: params.size, pageSize: OverlayStore.pageSize, maxRunBytes: 1 << 20,
                                    initialReadaheadBytes: 0, maxReadaheadBytes: 0, maxActiveRuns: 8)
-        return try CachingHandler.make(context: context, fetcher: queue.id == 0 ? FileFetcher(fd: lowerFD) : NoFetcher(),
-                                       planner: planner, queue: queue, deviceSize: params.size, mesh: mesh)
+        return try device.makeHandler(for: queue, deviceSize: params.size, planner: planner,
+                                      fetcher: { FileFetcher(fd: lowerFD) }) { context in
+            context.writable = true
+            context.readThroughFD = lowerFD
+        }
     }
 }

@@ -1,0 +1,65 @@
+// CachingDevice: what every caching target (`http`, `cache`, `overlay`) is
+// made of once its source is known: the files CacheStore opened and bound,
+// the cache file's data pages opened with O_DIRECT where its file system
+// takes it (DirectIO), the statistics, what the queues share (CachingMesh,
+// the eviction clock) and the CachingHandler each queue gets. A target adds
+// only its own part: how it finds its source and identity, the store spec,
+// its fetcher and the policy it sets in the CacheContext.
+import CUring
+import Glibc
+import PageCache
+
+final class CachingDevice {
+    let store: CacheStore
+    /// The cache file's data pages with O_DIRECT (-1: buffered or in memory; see CacheFile), and how they are used.
+    let dataFD: Int32
+    let dataIO: FileIO
+    let pageSize: Int
+    let imageSize: UInt64
+    let stats = CacheStats()
+    /// -q N > 1: what the queues share.
+    let mesh: CachingMesh?
+    /// Eviction's chunk clock, shared by the queues (nil: no bound).
+    let chunks: ChunkUse?
+    let maxCacheBytes: UInt64
+
+    /// `padsTail`: fetched bytes at the image's end are written padded to the
+    /// alignment (the source may end off a block; CachingHandler.receivedDirect).
+    init(store: CacheStore, pageSize: Int, imageSize: UInt64, queues: Int, maxCacheBytes: UInt64, padsTail: Bool) {
+        self.store = store
+        self.pageSize = pageSize
+        self.imageSize = imageSize
+        // A second fd: the buffered one keeps only the trailer, past the image.
+        let direct = DirectIO.open(path: store.cache.path, flags: O_RDWR, existing: store.cache.fd, pageSize: pageSize,
+                                   size: imageSize, padsTail: padsTail)
+        dataFD = direct.fd
+        dataIO = direct.io
+        mesh = queues > 1 ? CachingMesh(queues: queues) : nil
+        self.maxCacheBytes = maxCacheBytes
+        chunks = maxCacheBytes > 0 ? ChunkUse(chunks: Int((imageSize >> CachingHandler.chunkShift) + 1)) : nil
+    }
+
+    deinit { if dataFD >= 0 { close(dataFD) } }
+
+    /// Counters for `list` and `stats`.
+    func snapshot() -> HTTPStats { stats.snapshot(mesh: mesh, present: store.present, pageSize: pageSize) }
+
+    /// The handler of `queue`: the context filled as every caching target
+    /// fills it, `configure` adding the target's policy. Queues other than 0
+    /// never fetch (their misses go to queue 0): only queue 0 gets `fetcher`.
+    func makeHandler(for queue: Queue, deviceSize: UInt64, planner: FetchPlanner, fetcher: () -> RunFetcher,
+                     configure: (CacheContext) -> Void) throws(UblkError) -> QueueHandler {
+        let context = CacheContext(cache: store.cache, bitmap: store.present, dirty: store.dirty, imageSize: imageSize,
+                                   pageSize: pageSize, stats: stats) { [unowned self] in self.snapshot() }
+        context.local = store.local
+        context.writeback = store.writeback
+        context.unsettled = store.unsettled
+        context.dataFD = dataFD
+        context.directAlignment = dataIO.isDirect ? dataIO.offsetAlignment : 0
+        context.maxCacheBytes = maxCacheBytes
+        context.chunks = chunks
+        configure(context)
+        return try CachingHandler.make(context: context, fetcher: queue.id == 0 ? fetcher() : NoFetcher(),
+                                       planner: planner, queue: queue, deviceSize: deviceSize, mesh: mesh)
+    }
+}
