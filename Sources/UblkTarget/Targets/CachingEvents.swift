@@ -39,14 +39,14 @@ extension CachingHandler {
         defer { if mesh != nil { flushOutbox() } }
         if let m = mesh, !graceNext.isEmpty || m.gracePending { advanceGrace(queue) }
         if !fetcher.isIdle { armPoll(queue) }
-        let statsDirty = context.publishStats && statsSignature != writtenStatsSignature
+        let statsDirty = statsFile?.changed(statsSignature) ?? false
         if writeback != nil && !draining { startWriteback(queue) }
         if filling.job != nil { fillStep(queue) }
         if context.maxCacheBytes > 0 && cycle == nil && punchesInFlight == 0 && !presentFrozen { evictIfNeeded(queue) }
         let now = monotonicNanos()
         if statsDirty && now &- lastStats >= persistInterval {
             lastStats = now
-            publishStats(queue)
+            statsFile?.publish(context.snapshot(), signature: statsSignature, queue: queue, sub: Sub.stats.rawValue)
         }
         // Present bits (and what rides with them) go out once per interval,
         // in a full cycle; intent bits left over go out at once.

@@ -292,11 +292,8 @@ final class CachingHandler: QueueHandler {
     var graceRanges: [Range<UInt64>] = []
     var graceNext: [Range<UInt64>] = []
 
-    /// Statistics published through the ring (a fixed 4 KiB record, rewritten in place).
-    var statsFD: Int32 = -1
-    var statsBuffer: UnsafeMutableRawPointer?
-    var statsInFlight = false
-    var writtenStatsSignature: UInt64 = .max
+    /// The home's statistics file (StatsFile.swift), when it publishes.
+    var statsFile: StatsFile?
 
     /// User-copy mode (the cache file lives in memory and the device has
     /// UBLK_F_USER_COPY): the cache file mapped.
@@ -334,9 +331,7 @@ final class CachingHandler: QueueHandler {
         }
         if let m = mesh { queue.poll(fd: m.inboxes[Int(queue.id)].fd, data: Event.mesh.rawValue) }
         if h.isHome, let spec = context.startFill { h.scheduleFill(spec, queue: queue) }
-        if context.publishStats && h.isHome {
-            h.statsFD = open(HTTPStats.path(queue.deviceID), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        }
+        if context.publishStats && h.isHome { h.statsFile = StatsFile(device: queue.deviceID) }
         return h
     }
 
@@ -411,8 +406,6 @@ final class CachingHandler: QueueHandler {
 
     deinit {
         if timerFD >= 0 { close(timerFD) }
-        if statsFD >= 0 { close(statsFD) }
-        statsBuffer?.deallocate()
         if let m = mapping { munmap(m, mappingSize) }
         for s in staging.values { free(s.buffer) }
     }

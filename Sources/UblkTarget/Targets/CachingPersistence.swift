@@ -227,24 +227,9 @@ extension CachingHandler {
         return out
     }
 
+    /// What the published statistics depend on, folded (StatsFile rewrites its record when it changes).
     var statsSignature: UInt64 {
         let s = context.stats
         return s.hits &+ (mesh?.peerHits ?? 0) &+ s.misses &* 3 &+ s.requests &* 7 &+ s.errors &* 11 &+ bitmap.count &* 13 &+ s.writes &* 17
-    }
-
-    /// Rewrites the statistics file in place through the ring: one 4 KiB
-    /// record, JSON padded with spaces (readers parse it as it is).
-    func publishStats(_ queue: IOQueue) {
-        guard statsFD >= 0, !statsInFlight else { return }
-        writtenStatsSignature = statsSignature
-        let json = Array(controlJSON(context.snapshot()).utf8)
-        guard json.count < 4096 else { return }
-        if statsBuffer == nil { statsBuffer = .allocate(byteCount: 4096, alignment: 4096) }
-        let buf = statsBuffer!
-        memset(buf, 0x20, 4096)
-        json.withUnsafeBytes { buf.copyMemory(from: $0.baseAddress!, byteCount: json.count) }
-        buf.storeBytes(of: 0x0A, toByteOffset: 4095, as: UInt8.self)
-        statsInFlight = true
-        queue.write(fd: statsFD, from: buf, length: 4096, offset: 0, tag: Queue.internalTag, sub: Sub.stats.rawValue)
     }
 }

@@ -311,7 +311,7 @@ extension CachingHandler {
         case .evictPunch:
             return punched(result, queue: queue)
         case .stats:
-            statsInFlight = false
+            statsFile?.written()
             return
         case .read, .write, .punch, .backingWrite, .backingPunch:
             break  // the request's own I/O, below
