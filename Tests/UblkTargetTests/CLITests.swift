@@ -405,4 +405,21 @@ final class PresignedURLTests: XCTestCase {
         XCTAssertNotEqual(HTTPOptions.defaultPaths(for: a).bitmap,
                           HTTPOptions.defaultPaths(for: "https://bucket.s3.amazonaws.com/other.img").bitmap)
     }
+
+    func testURLsThatDifferInAQueryValueGetTheirOwnCacheFiles() {
+        let a = HTTPOptions.defaultPaths(for: "http://h/download?id=a")
+        let b = HTTPOptions.defaultPaths(for: "http://h/download?id=b")
+        XCTAssertNotEqual(a.cache, b.cache)
+        XCTAssertNotEqual(a.bitmap, b.bitmap)
+        XCTAssertNotEqual(HTTPTarget.identityURL("http://h/download?id=a"), HTTPTarget.identityURL("http://h/download?id=b"))
+        XCTAssertEqual(HTTPOptions.defaultPaths(for: "http://h/download?id=a&X-Amz-Signature=S1&X-Amz-Date=D1").cache,
+                       HTTPOptions.defaultPaths(for: "http://h/download?id=a&X-Amz-Signature=S2&X-Amz-Date=D2").cache)
+    }
+
+    func testAPlainURLKeepsItsCacheFileNames() {
+        // FNV-1a 64 of the URL itself, as before: existing caches stay found.
+        let p = HTTPOptions.defaultPaths(for: "http://127.0.0.1:8080/disk.img")
+        XCTAssertEqual(p.cache, "/var/cache/ublk-http/disk.img-3e20fe1502bb6067.cache")
+        XCTAssertEqual(p.bitmap, "/var/cache/ublk-http/disk.img-3e20fe1502bb6067.bitmap")
+    }
 }
