@@ -511,6 +511,14 @@ public enum ImageIdentity {
         return Redact.url(p.authority + p.path + q) + "#sha256=" + sha256Hex(canonical).prefix(32)
     }
 
+    /// Whether `old` is the identity an earlier version recorded for the image
+    /// now named `new`: every query value redacted, no digest. Such a cache
+    /// cannot tell which of the URLs that differ only in a query value filled
+    /// it, so it is not reused; this only lets a message say why.
+    public static func isEarlierForm(_ old: String, of new: String) -> Bool {
+        old != new && (new.hasPrefix(old + "#sha256=") || of(old) == new)
+    }
+
     /// Whether the query parameter `name` signs or expires a URL whose
     /// parameter names (lowercased) are `names`.
     public static func isSigning(_ name: Substring, among names: Set<String>) -> Bool {

@@ -1,5 +1,5 @@
-import PageCache
 import XCTest
+@testable import PageCache
 
 /// An image's identity (what a cache's bitmaps record, default cache names
 /// hash, an overlay finds its base by): the whole URL minus only what signs
@@ -105,5 +105,46 @@ final class ImageIdentityTests: XCTestCase {
             XCTAssertEqual(id(u), u)
         }
         XCTAssertEqual(id("http://u:secret@h/disk.img"), "http://u:REDACTED@h/disk.img")
+    }
+
+    /// A cache recorded under the earlier identity (every query value
+    /// redacted) cannot tell which URL filled it: it starts afresh, or with
+    /// local writes in it is refused, and the message says why.
+    func testACacheUnderTheEarlierIdentityIsNotReusedAndTheMessageSaysWhy() throws {
+        let dir = TempDir()
+        let url = "http://h/download?id=a"
+        let size: UInt64 = 64 << 10
+        func spec(_ name: String, identity: String, writable: Bool) -> CacheStoreSpec {
+            var s = CacheStoreSpec(cachePath: dir.file(name + ".cache"), bitmapPath: dir.file(name + ".bitmap"),
+                                   identity: BitmapIdentity(pageSize: 4096, imageSize: size, url: identity, etag: "\"e\""))
+            s.dirty = writable ? .open : .none
+            s.local = writable ? .open : .none
+            return s
+        }
+        func fill(_ name: String, written: Bool) throws {
+            let store = try CacheStore.open(spec(name, identity: Redact.url(url), writable: written))
+            let page = [UInt8](repeating: 7, count: 4096)
+            try page.withUnsafeBytes { try store.cache.write($0, at: 0) }
+            store.present.markPresent(0..<1)
+            if written { store.local?.markPresent(0..<1); store.dirty?.markPresent(0..<1) }
+            try store.present.commit(syncing: store.cache)
+            try store.local?.commit(syncing: store.cache)
+            try store.dirty?.commit(syncing: store.cache)
+        }
+        let why = "the remote image is named differently now: by its URL minus what signs it, where every query value used to be redacted "
+            + "(http://h/download?id=REDACTED is now \(ImageIdentity.of(url)))"
+        try fill("ro", written: false)
+        let s = try CacheStore.open(spec("ro", identity: ImageIdentity.of(url), writable: false))
+        XCTAssertEqual(s.state, .startedAfresh(why))
+        XCTAssertEqual(s.present.count, 0)
+
+        try fill("rw", written: true)
+        XCTAssertThrowsError(try CacheStore.open(spec("rw", identity: ImageIdentity.of(url), writable: true))) { error in
+            let text = "\(error)"
+            XCTAssertTrue(text.hasPrefix(why + ", but the cache holds 1 locally written page"), text)
+            XCTAssertFalse(text.contains("\n"))
+        }
+        XCTAssertTrue(ImageIdentity.isEarlierForm("https://b/d.img?X-Amz-Signature=REDACTED", of: ImageIdentity.of("https://b/d.img?X-Amz-Signature=S")))
+        XCTAssertFalse(ImageIdentity.isEarlierForm("http://h/other?id=REDACTED", of: ImageIdentity.of(url)))
     }
 }
