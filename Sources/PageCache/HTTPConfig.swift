@@ -521,7 +521,7 @@ public enum ImageIdentity {
 
     /// Whether the query parameter `name` signs or expires a URL whose
     /// parameter names (lowercased) are `names`.
-    public static func isSigning(_ name: Substring, among names: Set<String>) -> Bool {
+    static func isSigning(_ name: Substring, among names: Set<String>) -> Bool {
         let n = name.lowercased()
         if n.hasPrefix("x-amz-") || n.hasPrefix("x-goog-") || n == "expires" || n == "signature" { return true }
         if names.contains("signature") && signatureCompanions.contains(n) { return true }

@@ -9,7 +9,7 @@ struct HTTPOptions: ParsableArguments {
     @Option(name: .customLong("url"), help: ArgumentHelp(
         "http(s)://HOST/PATH or s3://BUCKET/KEY of the disk image.",
         discussion: """
-            The image is the whole URL (every query parameter with its value) minus what signs or expires it: \
+            The image is the whole URL (every query parameter with its value, in the order given) minus what signs or expires it: \
             URLs that differ in a query value are different images, with their own caches; a presigned URL \
             signed again finds its cache (an ETag or Last-Modified that changed still starts it afresh). \
             Left out: X-Amz-* (AWS SigV4), X-Goog-* (Google Cloud Storage), Expires and Signature; with \
