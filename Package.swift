@@ -38,11 +38,16 @@ let package = Package(
             name: "CCurl",
             linkerSettings: [.linkedLibrary("curl")]
         ),
+        // ABI only: SHA-256 from OpenSSL's libcrypto (an image's identity digest).
+        .target(
+            name: "CLibcrypto",
+            linkerSettings: [.linkedLibrary("crypto")]
+        ),
         // The cache engine: page bitmap, cache file, fetch planner, HTTP range source.
         // No kernel, no io_uring: fully host-testable.
         .target(
             name: "PageCache",
-            dependencies: ["CCurl"]
+            dependencies: ["CCurl", "CLibcrypto"]
         ),
         .testTarget(
             name: "PageCacheTests",

@@ -5,8 +5,8 @@
 //
 // THE FILE (version 1): one JSON object, UTF-8, at most `maxFileBytes`:
 //   {"format":"ublk-http-profile","version":1,
-//    "url":"https://host/img.ext4?X-Amz-Signature=REDACTED",   the URL as the cache's
-//                                     identity records it (query values and a password redacted)
+//    "url":"https://host/img.ext4?v=REDACTED#sha256=…",   the image's identity as the
+//                                     cache records it (`ImageIdentity`: no secret in clear)
 //    "image_size":1073741824,"etag":"\"65a-...\"","last_modified":"Mon, ...",  validators;
 //                                     absent (or null) when the server sent none
 //    "page_size":4096,                the unit of `runs`
@@ -18,7 +18,7 @@
 // IDENTITY. A profile is for one image: it is refused (one line) when the
 // size differs, or when either side has validators and they differ (an
 // image rebuilt under the same URL has other blocks where its files are). A
-// server with no validators at all leaves only the (redacted) URL to compare.
+// server with no validators at all leaves only the image's identity to compare.
 //
 // RECORDING (`ProfileRecorder`): first touches only (the pages seen, kept as
 // sorted ranges), appended to the last run when they continue it; bounded in

@@ -494,6 +494,8 @@ public final class CacheStore {
 
     static func describe(_ why: InvalidationReason, source: String, backing: Bool) -> String {
         switch why {
+        case .urlChanged(let old, let new) where ImageIdentity.isEarlierForm(old, of: new):
+            return "\(source) is named differently now: by its URL minus what signs it, where every query value used to be redacted (\(old) is now \(new))"
         case .urlChanged(let old, let new): return "\(source) changed: \(old) is now \(new)"
         case .etagChanged(let old, let new):
             return backing ? "\(source) was replaced (\(old ?? "none") is now \(new ?? "none"))"

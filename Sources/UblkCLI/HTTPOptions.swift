@@ -6,7 +6,20 @@ import UblkTarget
 
 /// The http target's options, shared by `add -t http`, `prefetch` and `status`.
 struct HTTPOptions: ParsableArguments {
-    @Option(name: .customLong("url"), help: "http(s)://HOST/PATH or s3://BUCKET/KEY of the disk image.")
+    @Option(name: .customLong("url"), help: ArgumentHelp(
+        "http(s)://HOST/PATH or s3://BUCKET/KEY of the disk image.",
+        discussion: """
+            The image is the whole URL (every query parameter with its value, in the order given) minus what signs or expires it: \
+            URLs that differ in a query value are different images, with their own caches; a presigned URL \
+            signed again finds its cache (an ETag or Last-Modified that changed still starts it afresh). \
+            Left out: X-Amz-* (AWS SigV4), X-Goog-* (Google Cloud Storage), Expires and Signature; with \
+            Signature also AWSAccessKeyId, GoogleAccessId, Key-Pair-Id and Policy (AWS SigV2, GCS, CloudFront); \
+            with sig the Azure SAS fields sv ss srt sr sp st se sip spr si sig sdd ses skoid sktid skt ske sks skv \
+            skdutid saoid suoid sduoid scid rscc rscd rsce rscl rsct. Names are matched ignoring case. The \
+            password is left out too. Query values are never recorded in clear: the identity shows them as \
+            REDACTED plus a SHA-256 digest (e.g. https://h/download?id=REDACTED#sha256=...).
+            """,
+        valueName: "url"))
     var url: String?
 
     @Option(name: .customLong("cache"), help: "The cache file (default: under /var/cache/ublk-http/, keyed by URL).")
@@ -162,8 +175,11 @@ struct HTTPOptions: ParsableArguments {
     static let cacheDirectory = "/var/cache/ublk-http"
 
     /// Default cache and bitmap paths: a readable name from the URL plus a hash
-    /// of the URL with its query values and password redacted (a presigned URL
-    /// signed again finds the same cache; ETag and Last-Modified tell a changed object).
+    /// (FNV-1a 64: a file name, not a check; the bitmap header holds the
+    /// identity itself) of the image's identity (`ImageIdentity`): URLs that
+    /// differ in a query value get their own files, a presigned URL signed
+    /// again finds the same ones (ETag and Last-Modified tell a changed
+    /// object), and a plain URL keeps the name it always had.
     static func defaultPaths(for url: String) -> (cache: String, bitmap: String) {
         var h: UInt64 = 0xcbf2_9ce4_8422_2325
         for b in HTTPTarget.identityURL(url).utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }

@@ -405,4 +405,30 @@ final class PresignedURLTests: XCTestCase {
         XCTAssertNotEqual(HTTPOptions.defaultPaths(for: a).bitmap,
                           HTTPOptions.defaultPaths(for: "https://bucket.s3.amazonaws.com/other.img").bitmap)
     }
+
+    func testURLsThatDifferInAQueryValueGetTheirOwnCacheFiles() {
+        let a = HTTPOptions.defaultPaths(for: "http://h/download?id=a")
+        let b = HTTPOptions.defaultPaths(for: "http://h/download?id=b")
+        XCTAssertNotEqual(a.cache, b.cache)
+        XCTAssertNotEqual(a.bitmap, b.bitmap)
+        XCTAssertNotEqual(HTTPTarget.identityURL("http://h/download?id=a"), HTTPTarget.identityURL("http://h/download?id=b"))
+        XCTAssertEqual(HTTPOptions.defaultPaths(for: "http://h/download?id=a&X-Amz-Signature=S1&X-Amz-Date=D1").cache,
+                       HTTPOptions.defaultPaths(for: "http://h/download?id=a&X-Amz-Signature=S2&X-Amz-Date=D2").cache)
+    }
+
+    func testAddHelpSaysWhatIsLeftOutOfTheIdentity() {
+        // Wrapped lines and their indent joined: one space between words.
+        let help = Add.helpMessage(columns: 200).split(whereSeparator: { $0 == " " || $0 == "\n" }).joined(separator: " ")
+        for word in ["X-Amz-*", "X-Goog-*", "Expires and Signature", "AWSAccessKeyId", "Azure SAS", "skoid",
+                     "URLs that differ in a query value are different images", "signed again finds its cache", "REDACTED"] {
+            XCTAssertTrue(help.contains(word), "add --help does not mention \(word)")
+        }
+    }
+
+    func testAPlainURLKeepsItsCacheFileNames() {
+        // FNV-1a 64 of the URL itself, as before: existing caches stay found.
+        let p = HTTPOptions.defaultPaths(for: "http://127.0.0.1:8080/disk.img")
+        XCTAssertEqual(p.cache, "/var/cache/ublk-http/disk.img-3e20fe1502bb6067.cache")
+        XCTAssertEqual(p.bitmap, "/var/cache/ublk-http/disk.img-3e20fe1502bb6067.bitmap")
+    }
 }

@@ -150,4 +150,117 @@ expect_error "a bitmap of another image is refused" "bitmap" "$UBLK" add -t http
 eq "nothing left" "[]" "$("$UBLK" list)"
 nginx-stop
 
+section "URLs that differ in a query value are different images (default cache paths)"
+# Two images of the same size and mtime (so nginx gives them the same ETag and
+# Last-Modified) behind one path, told apart by ?id=: a second nginx on 8081.
+IDW=/srv/id; IDOV=/var/tmp/id-overlays; IDLOG=/var/log/nginx/id-access.log
+cmp_device() { dd if="$1" bs=1M iflag=direct 2>/dev/null | cmp - "$2"; }
+mkdir -p $IDW $IDOV /var/cache  # the default caches go to /var/cache/ublk-http
+head -c $((8 << 20)) /dev/urandom > $IDW/a.img
+head -c $((8 << 20)) /dev/urandom > $IDW/b.img
+touch -d '2025-01-01 00:00:00' $IDW/a.img $IDW/b.img
+cat > /run/nginx/id.conf <<NGINX
+user root;
+worker_processes 1;
+pid /run/nginx/id.pid;
+error_log /var/log/nginx/id-error.log warn;
+events { worker_connections 64; }
+http {
+    default_type application/octet-stream;
+    access_log $IDLOG;
+    map \$arg_id \$image { a /a.img; b /b.img; default ""; }
+    server {
+        listen 127.0.0.1:8081;
+        root $IDW;
+        location = /download { try_files \$image =404; }
+    }
+}
+NGINX
+rm -f $IDLOG
+check "nginx for ?id=" /usr/sbin/nginx -c /run/nginx/id.conf
+wait_for 10 curl -sf -o /dev/null "http://127.0.0.1:8081/download?id=a"
+check "nginx serves ?id=a and ?id=b apart, with the same ETag" bash -c "
+    curl -sf 'http://127.0.0.1:8081/download?id=a' | cmp - $IDW/a.img && curl -sf 'http://127.0.0.1:8081/download?id=b' | cmp - $IDW/b.img &&
+    [ \"\$(curl -sfI 'http://127.0.0.1:8081/download?id=a' | grep -i '^etag')\" = \"\$(curl -sfI 'http://127.0.0.1:8081/download?id=b' | grep -i '^etag')\" ]"
+IDA="http://127.0.0.1:8081/download?id=a"; IDB="http://127.0.0.1:8081/download?id=b"
+rm -f /var/cache/ublk-http/download-*
+CA=""; CB=""
+if add -t http --url "$IDA"; then
+    CA=$(echo "$DEV_JSON" | jq -r .target_options.cache)
+    check "?id=a: the device is a.img" cmp_device $DEV_B $IDW/a.img
+    del $DEV_ID >/dev/null
+else
+    fail "add ?id=a" "$DEV_JSON"
+fi
+if add -t http --url "$IDB"; then
+    CB=$(echo "$DEV_JSON" | jq -r .target_options.cache)
+    eq "?id=b after ?id=a: a cache of its own, fresh" fresh "$(echo "$DEV_JSON" | jq -r .target_options.cache_state)"
+    check "?id=b after ?id=a: the device is b.img, not a.img's cached bytes" cmp_device $DEV_B $IDW/b.img
+    del $DEV_ID >/dev/null
+else
+    fail "add ?id=b" "$DEV_JSON"
+fi
+check "default cache files differ for ?id=a and ?id=b" test -n "$CA" -a -n "$CB" -a "$CA" != "$CB"
+check "no query value in a cache file name" bash -c "! ls /var/cache/ublk-http | grep -q 'id=\|id_a\|id_b'"
+if add -t http --url "$IDA"; then
+    A_ID=$DEV_ID; A_B=$DEV_B
+    if add -t http --url "$IDB"; then
+        check "both at once: ?id=a is a.img" cmp_device $A_B $IDW/a.img
+        check "both at once: ?id=b is b.img" cmp_device $DEV_B $IDW/b.img
+        del $DEV_ID >/dev/null
+    else
+        fail "add ?id=b beside ?id=a" "$DEV_JSON"
+    fi
+    del $A_ID >/dev/null
+else
+    fail "add ?id=a again" "$DEV_JSON"
+fi
+eq "status of ?id=a's cache: the URL without its query value, and a digest" 1 \
+    "$("$UBLK" status --bitmap "${CA%.cache}.bitmap" | jq -r .url | grep -c '^http://127.0.0.1:8081/download?id=REDACTED#sha256=[0-9a-f]\{32\}$')"
+
+section "URLs that differ in a query value get their own overlay bases"
+lower_of() { "$UBLK" list -n "$1" | jq -r '.[0].target_options.lower' | sed 's|/dev/ublkb||'; }
+if add -t http --url "$IDA" --overlay-dir $IDOV --overlay ida; then
+    OA=$DEV_ID; OA_B=$DEV_B; BA=$(lower_of $OA)
+    if add -t http --url "$IDB" --overlay-dir $IDOV --overlay idb; then
+        OB=$DEV_ID; BB=$(lower_of $OB)
+        check "overlay over ?id=a reads a.img" cmp_device $OA_B $IDW/a.img
+        check "overlay over ?id=b reads b.img" cmp_device $DEV_B $IDW/b.img
+        check "two bases" test "$BA" != "$BB"
+        eq "list shows two read-only http devices" 2 "$("$UBLK" list | jq '[.[] | select(.target == "http" and .read_only)] | length')"
+        del $OB >/dev/null
+        [ "$BB" = "$BA" ] || del $BB >/dev/null
+    else
+        fail "add --overlay idb" "$DEV_JSON"
+    fi
+    del $OA >/dev/null
+    del $BA >/dev/null
+else
+    fail "add --overlay ida" "$DEV_JSON"
+fi
+
+section "a URL signed again finds its cache"
+S1="$IDA&X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=K1&X-Amz-Date=20250101T000000Z&X-Amz-Expires=60&X-Amz-Signature=1111"
+S2="$IDA&X-Amz-Date=20250202T000000Z&X-Amz-Expires=3600&X-Amz-Security-Token=T2&X-Amz-Signature=2222&X-Amz-Credential=K2"
+if add -t http --url "$S1"; then
+    eq "signed: the cache of the unsigned URL" "$CA" "$(echo "$DEV_JSON" | jq -r .target_options.cache)"
+    eq "signed: reused" reused "$(echo "$DEV_JSON" | jq -r .target_options.cache_state)"
+    check "signed: a.img" cmp_device $DEV_B $IDW/a.img
+    del $DEV_ID >/dev/null
+else
+    fail "add signed" "$DEV_JSON"
+fi
+R=$(grep -c '" 206 ' $IDLOG || true)
+if add -t http --url "$S2"; then
+    eq "signed again: the same cache" "$CA" "$(echo "$DEV_JSON" | jq -r .target_options.cache)"
+    eq "signed again: reused" reused "$(echo "$DEV_JSON" | jq -r .target_options.cache_state)"
+    check "signed again: a.img" cmp_device $DEV_B $IDW/a.img
+    eq "signed again: no range fetched" "$R" "$(grep -c '" 206 ' $IDLOG || true)"
+    del $DEV_ID >/dev/null
+else
+    fail "add signed again" "$DEV_JSON"
+fi
+eq "nothing left" "[]" "$("$UBLK" list)"
+/usr/sbin/nginx -c /run/nginx/id.conf -s stop 2>/dev/null
+
 finish

@@ -157,11 +157,12 @@ public final class HTTPTarget: Target {
 
     deinit { if cacheDataFD >= 0 { close(cacheDataFD) } }
 
-    /// The URL a cache's bitmap records (and `status` prints): query values and
-    /// a password redacted. They may be secrets (a presigned S3 URL's
-    /// signature), and a URL signed again must find its cache; whether the
-    /// object is the same is what its ETag and Last-Modified say.
-    public static func identityURL(_ url: String) -> String { Redact.url(url) }
+    /// The image's identity a cache's bitmap records (and `status` prints):
+    /// the whole URL minus what signs or expires it, with no secret in clear
+    /// (see `ImageIdentity`). URLs that differ in a query value are different
+    /// images; a URL signed again finds its cache, and whether the object is
+    /// the same is what its ETag and Last-Modified say.
+    public static func identityURL(_ url: String) -> String { ImageIdentity.of(url) }
 
     static func describe(_ why: InvalidationReason) -> String {
         switch why {
