@@ -14,7 +14,8 @@
 //   changed;
 // - reattached by name only over the image it was written over;
 // - an overlay of the layout before the shared engine is migrated, pages kept.
-// A failing seed prints itself: `OVERLAY_SEED=N swift test --filter OverlayModel`.
+// A failing seed prints itself: `OVERLAY_SEED=N swift test --filter OverlayModel`; a long run:
+// `OVERLAY_SEEDS=5000 MODEL_SECONDS=600 swift test --filter OverlayModel`.
 import Foundation
 import Glibc
 import PageCache
@@ -24,7 +25,8 @@ import XCTest
 final class OverlayModelTests: XCTestCase {
     func testRandomSequencesWithCrashes() throws {
         let env = ProcessInfo.processInfo.environment
-        let seeds: [UInt64] = env["OVERLAY_SEED"].flatMap(UInt64.init).map { [$0] } ?? Array(1...60)
+        let seeds: [UInt64] = env["OVERLAY_SEED"].flatMap(UInt64.init).map { [$0] }
+            ?? Array(1...UInt64(env["OVERLAY_SEEDS"].flatMap { Int($0) } ?? 60))
         let steps = env["MODEL_STEPS"].flatMap { Int($0) } ?? 800
         var crashes = 0, ran = 0, syncs = 0, writes = 0
         // Bounded in time (MODEL_SECONDS), never below 20 seeds: a loaded machine runs longer instead of testing less.
