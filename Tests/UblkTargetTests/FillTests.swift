@@ -137,7 +137,8 @@ final class FillTests: XCTestCase {
     }
 
     /// The world's home handler again, over a planner with one connection
-    /// (`--connections 1`): runs of up to 16 pages, a first readahead of 2.
+    /// (`--connections 1`): runs of up to 16 pages, a first readahead of 2
+    /// (a fill run is then 4: a quarter of the largest, at least).
     func singleConnection(_ w: World) -> FetchPlanner {
         let planner = FetchPlanner(imageSize: UInt64(PageStateModelTests.imageSize), pageSize: PageStateModelTests.page,
                                    maxRunBytes: 64 << 10, initialReadaheadBytes: 8 << 10, maxReadaheadBytes: 64 << 10,
@@ -152,7 +153,7 @@ final class FillTests: XCTestCase {
     }
 
     /// With one connection a miss arriving while a fill run holds it waits
-    /// for that run only, and that run is one readahead unit (2 pages here),
+    /// for that run only, and that run is small (4 pages here),
     /// not the planner's largest (16): the order of events on the fake queue
     /// and fetcher is checked, not time.
     func testWithOneConnectionAMissWaitsForOneSmallFillRunAtMost() throws {
@@ -161,12 +162,12 @@ final class FillTests: XCTestCase {
         try hydrate(w)
         let job = w.handler.filling.job!
         XCTAssertEqual(job.spec.maxInFlight, 1)
-        XCTAssertEqual(job.runPages, 2, "fill runs of one readahead unit")
+        XCTAssertEqual(job.runPages, 4, "small fill runs")
         XCTAssertEqual(planner.activeRunCount, 1)
         let fake = w.fake!
         XCTAssertEqual(fake.active.count, 1)
         let fillRun = fake.active[0].run
-        XCTAssertLessThanOrEqual(fillRun.pageCount, 2)
+        XCTAssertLessThanOrEqual(fillRun.pageCount, 4)
         // A read of the last page, far from the fill: planned, waiting for the connection.
         let last = UInt64(PageStateModelTests.pages - 1)
         w.submit(op: Op.read, sector: PageStateModelTests.sectors - 8, count: 8)
@@ -177,7 +178,7 @@ final class FillTests: XCTestCase {
         // The fill run ends (its bytes arrive in pieces): what starts next is the miss's run.
         var rng = SplitMix(seed: 1)
         while fake.active.first?.run.id == fillRun.id { fake.step(&rng, handler: w.handler, queue: w.queue) }
-        XCTAssertLessThanOrEqual(fillRun.length, 2 * 4096, "the miss waited behind at most one readahead unit")
+        XCTAssertLessThanOrEqual(fillRun.length, 4 * 4096, "the miss waited behind one small fill run at most")
         XCTAssertEqual(fake.active.count, 1)
         XCTAssertEqual(fake.active[0].run.firstPage, last, "the miss's run starts before any other fill run")
         XCTAssertEqual(job.requests, 1)

@@ -30,9 +30,9 @@
 // then waits for that run, never for more: by (a) and (b) the miss's run is
 // the next to start. So that this wait stays short, a fill run is then at
 // most one readahead unit (`fillRunLimit`: the planner's first readahead
-// window, 1 MiB by default for `http`) instead of the planner's largest
-// (4 MiB): a miss waits behind at most what it could wait behind for another
-// reader's readahead. Nothing is cancelled (a run's pages keep the usual
+// window, 1 MiB by default for `http`, at least a quarter of the largest
+// run) instead of the planner's largest (4 MiB): a miss waits behind at most
+// what it could wait behind for another reader's readahead. Nothing is cancelled (a run's pages keep the usual
 // order: data, then the bit); hydration with one connection costs more round
 // trips instead.
 //
@@ -306,10 +306,12 @@ extension CachingHandler {
     }
 
     /// The longest fill run (pages): the planner's largest; with one
-    /// connection one readahead unit (the header's ONE CONNECTION).
+    /// connection one readahead unit (the header's ONE CONNECTION), and no
+    /// less than a quarter of the largest (--readahead 0 has no unit: runs
+    /// of a page would make hydration a round trip per page).
     var fillRunLimit: UInt64 {
         if planner.maxActiveRuns > 1 { return planner.maxRunPages }
-        return max(1, min(planner.maxRunPages, planner.initialReadaheadPages))
+        return max(1, min(planner.maxRunPages, max(planner.initialReadaheadPages, planner.maxRunPages / 4)))
     }
 
     /// Stops the job (its runs in flight finish; their pages count).
