@@ -207,7 +207,7 @@ check "nginx (again)" nginx-start $WWW 8080
 # them, so the request to the running base carries 6000 ranges (~80 KB).
 truncate -s 64G $WWW/wide.img
 WOPTS="--url http://127.0.0.1:8080/wide.img --cache $CACHE/wide.cache --bitmap $CACHE/wide.bitmap --overlay-dir $CACHE/ov --readahead 0"
-rm -rf $CACHE/wide.* $CACHE/ov
+rm -rf $CACHE/wide.* $CACHE/ov; mkdir -p $CACHE/ov
 if add -t http $WOPTS --overlay w1; then
     W1=$DEV_ID
     WB=$("$UBLK" list -n $W1 | jq -r '.[0].target_options.lower' | sed 's|/dev/ublkb||')
@@ -254,7 +254,7 @@ for f in over_size over_run over_sum neg; do
     expect_error "prefetch --profile: $f" "$want" "$UBLK" prefetch --url $URL --cache $CACHE/x.cache --bitmap $CACHE/x.bitmap --profile /tmp/$f.profile
 done
 OOPTS="--url $URL --cache $CACHE/o.cache --bitmap $CACHE/o.bitmap --overlay-dir $CACHE/ov"
-rm -rf $CACHE/o.* $CACHE/ov
+rm -rf $CACHE/o.* $CACHE/ov; mkdir -p $CACHE/ov
 if add -t http $OOPTS --overlay o1; then
     O1=$DEV_ID
     OB=$("$UBLK" list -n $O1 | jq -r '.[0].target_options.lower' | sed 's|/dev/ublkb||')
