@@ -15,6 +15,16 @@
 // Runs are disjoint: a page is in the profile once, where it was first read.
 // It holds offsets only, no secrets, so it may be world-readable.
 //
+// HOSTILE NUMBERS. A profile is input: `decode` refuses, in one line, any
+// number that would make later arithmetic overflow (Swift traps on it):
+// image_size above `maxImageSize` (what the http target serves at most, so
+// that every byte offset of a page fits an off_t), more than `maxRuns` runs
+// (what a recording holds at most, and so what a `profile-replay` control
+// request carries), more than `maxPages` pages (what a recording holds at
+// most: it bounds the ranges replay makes), runs that overlap or leave the
+// image, and counts whose sum is not `pages`. Every sum and product below is computed so that it
+// cannot overflow even for a profile made in code (`init`) with any numbers.
+//
 // IDENTITY. A profile is for one image: it is refused (one line) when the
 // size differs, or when either side has validators and they differ (an
 // image rebuilt under the same URL has other blocks where its files are). A
@@ -36,8 +46,17 @@ import FoundationEssentials
 public struct BootProfile: Equatable, Sendable {
     public static let formatName = "ublk-http-profile"
     public static let version = 1
-    /// A profile file larger than this is refused unread (a recording is bounded far below it).
-    public static let maxFileBytes = 64 << 20
+    /// A profile file larger than this is refused unread: `maxRuns` runs of
+    /// the largest numbers take under 3 MiB, the rest is the URL and validators.
+    public static let maxFileBytes = 8 << 20
+    /// Runs a profile holds at most (a recording ends at this many).
+    public static let maxRuns = 1 << 16
+    /// Pages a profile holds at most (a recording ends at this many): what
+    /// bounds the ranges replay makes (at most 1 TiB of 1 MiB pages, cut
+    /// into runs of 4 MiB: 2^18 ranges).
+    public static let maxPages: UInt64 = 1 << 20
+    /// The largest image_size (bytes) a profile may name: the largest image the http target serves.
+    public static let maxImageSize = UInt64(Int64.max)
 
     public var url: String
     public var imageSize: UInt64
@@ -56,7 +75,13 @@ public struct BootProfile: Equatable, Sendable {
         self.runs = runs
     }
 
-    public var pageCount: UInt64 { runs.reduce(0) { $0 + UInt64($1.count) } }
+    /// Pages of the runs (saturating: a profile made in code may hold any ranges).
+    public var pageCount: UInt64 {
+        runs.reduce(0) { sum, r in
+            let (s, o) = sum.addingReportingOverflow(r.upperBound - r.lowerBound)
+            return o ? .max : s
+        }
+    }
 
     public struct FormatError: Error, CustomStringConvertible {
         public let description: String
@@ -93,12 +118,13 @@ public struct BootProfile: Equatable, Sendable {
     }
 
     /// Parses and checks a profile file's bytes: every rule of the format
-    /// above, so that replay never sees a run outside the image.
+    /// above, so that replay never sees a run outside the image and no
+    /// number in the file can make arithmetic overflow (HOSTILE NUMBERS).
     public static func decode(_ bytes: [UInt8]) throws(FormatError) -> BootProfile {
         guard bytes.count <= maxFileBytes else { throw FormatError("larger than \(maxFileBytes >> 20) MiB: not a profile") }
         let f: File
         do { f = try JSONDecoder().decode(File.self, from: Data(bytes)) } catch {
-            throw FormatError("not a ublk-http profile (malformed JSON or missing fields)")
+            throw FormatError("not a ublk-http profile (malformed JSON, missing fields, or a number that is negative or too large)")
         }
         guard f.format == formatName else { throw FormatError("not a ublk-http profile (format \"\(f.format)\")") }
         guard f.version == version else { throw FormatError("profile version \(f.version) is not supported (this program reads version \(version))") }
@@ -106,7 +132,14 @@ public struct BootProfile: Equatable, Sendable {
             throw FormatError("bad page_size \(f.pageSize): expected a power of two from 512 to 1M")
         }
         guard f.imageSize > 0 else { throw FormatError("bad image_size 0") }
+        guard f.imageSize <= maxImageSize else {
+            throw FormatError("bad image_size \(f.imageSize): larger than any image (at most \(maxImageSize) bytes)")
+        }
+        guard f.runs.count <= maxRuns else {
+            throw FormatError("\(f.runs.count) runs: a profile holds at most \(maxRuns)")
+        }
         let ps = UInt64(f.pageSize)
+        // No overflow: imageSize <= Int64.max.
         let pageCount = (f.imageSize + ps - 1) / ps
         var runs: [Range<UInt64>] = []
         runs.reserveCapacity(f.runs.count)
@@ -116,8 +149,17 @@ public struct BootProfile: Equatable, Sendable {
                 throw FormatError("run \(i) is not [first page, page count] within the image's \(pageCount) pages")
             }
             runs.append(r[0]..<r[0] + r[1])
-            total += r[1]
+            // Bounded by pageCount once the runs are known disjoint (below); checked meanwhile.
+            let (t, overflow) = total.addingReportingOverflow(r[1])
+            guard !overflow, t <= pageCount else { throw FormatError("the runs hold more pages than the image's \(pageCount): they overlap") }
+            total = t
         }
+        let order = runs.indices.sorted { runs[$0].lowerBound < runs[$1].lowerBound }
+        for k in order.indices.dropFirst() where runs[order[k]].lowerBound < runs[order[k - 1]].upperBound {
+            let (a, b) = (min(order[k - 1], order[k]), max(order[k - 1], order[k]))
+            throw FormatError("runs \(a) and \(b) overlap (a page is in a profile once)")
+        }
+        guard total <= maxPages else { throw FormatError("the runs hold \(total) pages: a profile holds at most \(maxPages) pages") }
         guard total == f.pages else { throw FormatError("pages is \(f.pages) but the runs hold \(total)") }
         return BootProfile(url: f.url, imageSize: f.imageSize, etag: f.etag, lastModified: f.lastModified,
                            pageSize: f.pageSize, runs: runs)
@@ -145,10 +187,16 @@ public struct BootProfile: Equatable, Sendable {
 
     /// The ranges to fetch, in units of `targetPageSize` pages, in replay
     /// order (the header's REPLAY). Pages past the image are never included.
+    /// `maxRunBytes` .max: ranges are not cut (at most one per run: what a
+    /// `profile-replay` request carries; the fill cuts its own runs). Never
+    /// traps, whatever the profile's numbers (a run past the image is dropped
+    /// or clamped; sums saturate).
     public func replayRanges(targetPageSize: Int, gapBytes: UInt64 = 256 << 10, windowBytes: UInt64 = 32 << 20,
                              maxRunBytes: UInt64 = 4 << 20) -> [Range<UInt64>] {
-        let ps = UInt64(pageSize), tps = UInt64(max(1, targetPageSize))
-        let targetPages = (imageSize + tps - 1) / tps
+        let ps = UInt64(max(1, pageSize)), tps = UInt64(max(1, targetPageSize))
+        // Ceilings by division: imageSize + tps - 1 may overflow.
+        let targetPages = imageSize / tps + (imageSize % tps == 0 ? 0 : 1)
+        let profilePages = imageSize / ps + (imageSize % ps == 0 ? 0 : 1)
         let gap = gapBytes / tps
         let window = max(1, windowBytes / tps)
         let maxRun = max(1, maxRunBytes / tps)
@@ -159,7 +207,8 @@ public struct BootProfile: Equatable, Sendable {
             batch.sort { $0.lowerBound < $1.lowerBound }
             var merged: [Range<UInt64>] = []
             for r in batch {
-                if let last = merged.last, r.lowerBound <= last.upperBound + gap {
+                // r.lowerBound <= last.upperBound + gap, without the sum.
+                if let last = merged.last, r.lowerBound <= last.upperBound || r.lowerBound - last.upperBound <= gap {
                     merged[merged.count - 1] = last.lowerBound..<max(last.upperBound, r.upperBound)
                 } else {
                     merged.append(r)
@@ -167,18 +216,27 @@ public struct BootProfile: Equatable, Sendable {
             }
             for r in merged {
                 var s = r.lowerBound
-                while s < r.upperBound { out.append(s..<min(r.upperBound, s + maxRun)); s = min(r.upperBound, s + maxRun) }
+                while s < r.upperBound {
+                    let e = r.upperBound - s > maxRun ? s + maxRun : r.upperBound
+                    out.append(s..<e)
+                    s = e
+                }
             }
             batch = []
             batchPages = 0
         }
         for r in runs {
-            // Bytes to the target's pages: any page the run touches.
-            let lo = r.lowerBound * ps / tps
-            let hi = min((min(r.upperBound * ps, imageSize) + tps - 1) / tps, targetPages)
+            // Bytes to the target's pages: any page the run touches. A page
+            // below profilePages starts below imageSize, so the products fit.
+            guard r.lowerBound < profilePages, r.lowerBound < r.upperBound else { continue }
+            let loByte = r.lowerBound * ps
+            let hiByte = r.upperBound >= profilePages ? imageSize : min(r.upperBound * ps, imageSize)
+            let lo = loByte / tps
+            let hi = min(hiByte / tps + (hiByte % tps == 0 ? 0 : 1), targetPages)
             guard lo < hi else { continue }
             batch.append(lo..<hi)
-            batchPages += hi - lo
+            let (sum, overflow) = batchPages.addingReportingOverflow(hi - lo)
+            batchPages = overflow ? .max : sum
             if batchPages >= window { flush() }
         }
         flush()
@@ -209,8 +267,8 @@ public final class ProfileRecorder {
     public private(set) var ended: End?
 
     /// Memory: at most twice `maxRuns` ranges (16 bytes each).
-    public static let defaultMaxRuns = 1 << 16
-    public static let defaultMaxPages: UInt64 = 1 << 20
+    public static let defaultMaxRuns = BootProfile.maxRuns
+    public static let defaultMaxPages: UInt64 = BootProfile.maxPages
 
     public init(pageCount: UInt64, maxPages: UInt64 = ProfileRecorder.defaultMaxPages,
                 maxRuns: Int = ProfileRecorder.defaultMaxRuns, deadline: UInt64 = 0) {
@@ -244,7 +302,8 @@ public final class ProfileRecorder {
             }
             // Not seen from p up to the next seen range (or the read's end).
             var e = i < seen.count ? min(range.upperBound, seen[i].lowerBound) : range.upperBound
-            e = min(e, p + (maxPages - pages))
+            // At most the pages left (maxPages may be .max: no sum that overflows).
+            if e - p > maxPages - pages { e = p + (maxPages - pages) }
             insertSeen(p..<e, at: i)
             pages += e - p
             if let last = runs.last, last.upperBound == p {

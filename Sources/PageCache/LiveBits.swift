@@ -35,6 +35,11 @@
 //   brought up to date by the normal persist cycle (data sync first), which
 //   the adopting server starts because the differing words are marked dirty.
 // - A bitmap closed with everything persisted removes its live file.
+// - The file's blocks are reserved (fallocate) before it is mapped: a store
+//   to a page of a MAP_SHARED mapping that the file system cannot back
+//   (a full tmpfs) kills the process with SIGBUS, long after `add` said yes.
+//   No room is an error at open instead, naming the directory and the bytes
+//   (and a file made for it is removed again).
 import Glibc
 
 public struct LiveConfig: Sendable, Equatable {
@@ -104,9 +109,23 @@ public final class LiveFile {
         return config.directory + "/" + String(repeating: "0", count: 16 - hex.count) + hex + "." + role
     }
 
-    /// Opens (creating, 0600) and maps the live file of `bitmapPath`. nil when
-    /// the directory is unusable and `config.required` is false.
-    static func open(config: LiveConfig, bitmapPath: String, role: String, pageCount: UInt64) throws(FileError) -> LiveFile? {
+    /// Reserves the blocks of the file's first `length` bytes: 0, or the
+    /// errno (ENOSPC: no room). posix_fallocate: fallocate(2), or where the
+    /// file system has none, glibc writes a zero byte into each block that
+    /// reads as zero (so words already there are kept).
+    static func reserveBlocks(_ fd: Int32, _ length: Int) -> Int32 {
+        while true {
+            let e = posix_fallocate(fd, 0, off_t(length))
+            if e == EINTR { continue }
+            return e
+        }
+    }
+
+    /// Opens (creating, 0600), reserves and maps the live file of
+    /// `bitmapPath`. nil when the directory is unusable and `config.required`
+    /// is false. `reserve` is `reserveBlocks` (a test passes a failing one).
+    static func open(config: LiveConfig, bitmapPath: String, role: String, pageCount: UInt64,
+                     reserve: (Int32, Int) -> Int32 = LiveFile.reserveBlocks) throws(FileError) -> LiveFile? {
         let path = LiveFile.path(config: config, bitmapPath: bitmapPath, role: role)
         if !makeDirectory(config.directory) {
             let e = errno
@@ -125,10 +144,21 @@ public final class LiveFile {
         var st = stat()
         if fstat(fd, &st) != 0 { let e = errno; close(fd); throw FileError("fstat", path: path, errno: e) }
         if (st.st_mode & S_IFMT) != S_IFREG { close(fd); throw FileError("open", path: path, errno: EINVAL) }
-        if Int(st.st_size) != length {
-            // Another geometry: its header cannot match; start it over.
+        let remade = Int(st.st_size) != length
+        if remade {
+            // New, or another geometry: its header cannot match; start it over.
             if case .failure(let e) = retryingEINTR({ ftruncate(fd, 0) }) { close(fd); throw FileError("ftruncate", path: path, errno: e) }
             if case .failure(let e) = retryingEINTR({ ftruncate(fd, off_t(length)) }) { close(fd); throw FileError("ftruncate", path: path, errno: e) }
+        }
+        let e = reserve(fd, length)
+        if e != 0 {
+            close(fd)
+            // A file made here holds nothing yet: removed. One that was there
+            // may hold the bits of a server that died: kept, and an error.
+            if remade { unlink(path) }
+            if remade && !config.required { return nil }
+            throw FileError("cannot reserve \(length) bytes for the live page states of \(bitmapPath) in",
+                            path: config.directory, errno: e)
         }
         _ = fchmod(fd, 0o600)
         guard let m = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), m != MAP_FAILED else {

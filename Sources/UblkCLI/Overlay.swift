@@ -108,7 +108,10 @@ enum OverlayBase {
                 throw Failure("the profile \(path) does not fit \(Redact.url(url)): \(why)")
             }
             var request = ControlRequest(op: .profileReplay)
-            request.runs = p.replayRanges(targetPageSize: Int(o["page_size"] ?? "") ?? 4096).map { [$0.lowerBound, UInt64($0.count)] }
+            // Not cut into runs (the fill cuts its own): at most one range per
+            // profile run, so the request stays within the control socket's bound.
+            request.runs = p.replayRanges(targetPageSize: Int(o["page_size"] ?? "") ?? 4096, maxRunBytes: .max)
+                .map { [$0.lowerBound, $0.upperBound - $0.lowerBound] }
             _ = try Hydrate.send(request, b.devID)
         }
         if base == nil {

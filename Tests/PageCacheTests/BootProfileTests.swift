@@ -156,4 +156,109 @@ final class BootProfileTests: XCTestCase {
         let q = BootProfile(url: "u", imageSize: 10_000, etag: "e", lastModified: nil, pageSize: 4096, runs: [2..<3])
         XCTAssertEqual(q.replayRanges(targetPageSize: 512, gapBytes: 0), [16..<20])
     }
+
+    // MARK: Hostile numbers: each a thrown one-line error, never a trap
+
+    /// A profile's JSON with these fields replaced (raw JSON values).
+    func profileJSON(imageSize: String = "8388608", pageSize: String = "4096", pages: String = "1",
+                     runs: String = "[[0,1]]") -> String {
+        "{\"format\":\"ublk-http-profile\",\"version\":1,\"url\":\"u\",\"image_size\":\(imageSize),"
+            + "\"page_size\":\(pageSize),\"pages\":\(pages),\"runs\":\(runs)}"
+    }
+
+    func expectOneLineError(_ json: String, _ pattern: String, line: UInt = #line) {
+        XCTAssertThrowsError(try decode(json), line: line) { e in
+            let text = "\(e)"
+            XCTAssertFalse(text.contains("\n"), "one line: \(text)", line: line)
+            XCTAssertTrue(text.range(of: pattern, options: .regularExpression) != nil, "'\(text)' !~ /\(pattern)/", line: line)
+        }
+    }
+
+    func testOverflowingSizesAreOneLineErrors() {
+        // image_size + page_size - 1 would overflow.
+        expectOneLineError(profileJSON(imageSize: "18446744073709551615"), "bad image_size 18446744073709551615")
+        expectOneLineError(profileJSON(imageSize: "18446744073709547521"), "bad image_size")
+        expectOneLineError(profileJSON(imageSize: "9223372036854775808"), "larger than any image")
+        // Past UInt64, negative, fractional: not numbers the format has.
+        expectOneLineError(profileJSON(imageSize: "18446744073709551616"), "negative or too large")
+        expectOneLineError(profileJSON(imageSize: "-1"), "negative or too large")
+        expectOneLineError(profileJSON(imageSize: "1e300"), "negative or too large")
+        expectOneLineError(profileJSON(pageSize: "-4096"), "bad page_size")
+        expectOneLineError(profileJSON(pageSize: "9223372036854775807"), "bad page_size")
+        expectOneLineError(profileJSON(pageSize: "4611686018427387904"), "bad page_size")
+        expectOneLineError(profileJSON(pages: "-1"), "negative or too large")
+        expectOneLineError(profileJSON(pages: "18446744073709551615"), "pages is 18446744073709551615 but the runs hold 1")
+        expectOneLineError(profileJSON(runs: "[[-1,1]]"), "negative or too large")
+        expectOneLineError(profileJSON(runs: "[[0,-1]]"), "negative or too large")
+        // The largest image there is decodes, and its pages fit.
+        let big = profileJSON(imageSize: "9223372036854775807", pageSize: "512", pages: "1", runs: "[[18014398509481983,1]]")
+        XCTAssertEqual(try decode(big).runs, [18014398509481983..<18014398509481984])
+    }
+
+    func testOverflowingRunsAreOneLineErrors() {
+        // The largest image in 512-byte pages: 2^54 pages.
+        let size = "9223372036854775807", pages: UInt64 = 1 << 54
+        func runs(_ rs: [(UInt64, UInt64)]) -> String { "[" + rs.map { "[\($0.0),\($0.1)]" }.joined(separator: ",") + "]" }
+        // Start + count past the image, or wrapping around 2^64.
+        expectOneLineError(profileJSON(imageSize: size, pageSize: "512", runs: runs([(pages - 1, UInt64.max)])), "run 0 is not")
+        expectOneLineError(profileJSON(imageSize: size, pageSize: "512", runs: runs([(UInt64.max, 2)])), "run 0 is not")
+        expectOneLineError(profileJSON(imageSize: size, pageSize: "512", runs: runs([(1, pages)])), "run 0 is not")
+        // Counts whose sum overflows 2^64 (each run alone is valid): 1025 runs of the whole image.
+        let whole = Array(repeating: (UInt64(0), pages), count: 1025)
+        expectOneLineError(profileJSON(imageSize: size, pageSize: "512", pages: "0", runs: runs(whole)), "overlap")
+        // Overlapping runs whose sum does not overflow.
+        expectOneLineError(profileJSON(pages: "3", runs: runs([(0, 2), (5, 1), (1, 1)])), "runs 0 and 2 overlap")
+        // More runs than a profile holds.
+        let many = (0..<UInt64(BootProfile.maxRuns + 1)).map { ($0 * 2, UInt64(1)) }
+        expectOneLineError(profileJSON(imageSize: "1073741824", pages: "\(many.count)", runs: runs(many)), "65537 runs: a profile holds at most 65536")
+        // More pages than a recording holds (what replay would cut into ranges).
+        expectOneLineError(profileJSON(imageSize: size, pageSize: "512", pages: "\(pages)", runs: runs([(0, pages)])),
+                           "holds at most 1048576 pages")
+        // As many as it holds: decoded.
+        let most = Array(many.dropLast())
+        XCTAssertEqual(try decode(profileJSON(imageSize: "1073741824", pages: "\(most.count)", runs: runs(most))).runs.count, BootProfile.maxRuns)
+    }
+
+    /// Profiles made in code (not decoded) with any numbers: replay and the
+    /// page count never trap, and nothing past the image comes out.
+    func testReplayOfExtremeNumbersNeverTraps() {
+        let m = UInt64.max
+        let runs: [Range<UInt64>] = [0..<1, m / 4096 - 1..<m / 4096 + 1, m - 5..<m, 0..<m, m / 512..<m]
+        for size in [m, m - 1, UInt64(Int64.max), 1] {
+            for ps in [512, 4096, 1 << 20, 0, -4096] {
+                let p = BootProfile(url: "u", imageSize: size, etag: nil, lastModified: nil, pageSize: ps, runs: runs)
+                XCTAssertEqual(p.pageCount, m, "saturates")
+                for tps in [1, 512, 4096, 1 << 20, 0, -1] {
+                    let t = UInt64(max(1, tps))
+                    let targetPages = size / t + (size % t == 0 ? 0 : 1)
+                    // Uncut (runs this long would be cut into 2^40 pieces and more).
+                    for (gap, window) in [(UInt64(256 << 10), UInt64(32 << 20)), (m, m), (0, 0)] {
+                        let out = p.replayRanges(targetPageSize: tps, gapBytes: gap, windowBytes: window, maxRunBytes: m)
+                        XCTAssertFalse(out.isEmpty)
+                        for r in out { XCTAssertTrue(r.lowerBound < r.upperBound && r.upperBound <= targetPages, "\(r) of \(targetPages)") }
+                    }
+                }
+            }
+        }
+        // Cut at the end of the largest image, in its largest pages.
+        let end = BootProfile(url: "u", imageSize: m, etag: nil, lastModified: nil, pageSize: 1 << 20,
+                              runs: [m >> 20 - 2..<m >> 20 + 1])
+        XCTAssertEqual(end.replayRanges(targetPageSize: 1 << 20, gapBytes: m, windowBytes: m, maxRunBytes: 1 << 20),
+                       [m >> 20 - 2..<m >> 20 - 1, m >> 20 - 1..<m >> 20, m >> 20..<m >> 20 + 1])
+        // Uncut ranges: at most one per run (what a profile-replay request carries).
+        let q = BootProfile(url: "u", imageSize: 1 << 40, etag: nil, lastModified: nil, pageSize: 4096,
+                            runs: [0..<(1 << 28), 5..<6])
+        XCTAssertEqual(q.replayRanges(targetPageSize: 4096, maxRunBytes: .max), [0..<(1 << 28), 5..<6])
+    }
+
+    func testRecorderWithoutAPageBoundNeverTraps() {
+        let r = ProfileRecorder(pageCount: 100, maxPages: .max)
+        r.touch(10..<20, now: 0)
+        r.touch(0..<200, now: 0)
+        XCTAssertEqual(r.pages, 100)
+        XCTAssertEqual(r.runs, [10..<20, 0..<10, 20..<100])
+        let huge = ProfileRecorder(pageCount: .max, maxPages: .max)
+        huge.touch(UInt64.max - 3..<UInt64.max, now: 0)
+        XCTAssertEqual(huge.pages, 3)
+    }
 }

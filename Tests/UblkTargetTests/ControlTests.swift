@@ -441,7 +441,7 @@ final class ControlChannelTests: XCTestCase {
 
     func testRequestTooLongOrMalformedGetsAnError() throws {
         let driver = try ChannelDriver(path: path) { _ in "{}" }
-        for (request, expected) in [(String(repeating: "a", count: 100 << 10), "request too long"),
+        for (request, expected) in [(String(repeating: "a", count: ControlConnection.maxRequest + 100), "request too long"),
                                     ("not json\n", "malformed request"), ("{\"op\":\"x\"", "incomplete request")] {
             let done = DispatchSemaphore(value: 0)
             let got = Box("")
@@ -522,6 +522,79 @@ final class ControlChannelTests: XCTestCase {
         XCTAssertEqual(driver.channel.connectionCount, ControlChannel.maxConnections)
         XCTAssertEqual(readAll(clients[0]).count, 0, "the evicted client sees EOF")
         for fd in clients { close(fd) }
+    }
+
+    /// A profile-replay of a profile's most runs, each of the largest numbers:
+    /// megabytes in one line, read and answered in full.
+    func testARequestOfAProfilesMostRunsIsServed() throws {
+        var request = ControlRequest(op: .profileReplay)
+        request.runs = (0..<UInt64(BootProfile.maxRuns)).map { [UInt64.max - $0, UInt64.max - $0] }
+        let size = try JSONEncoder().encode(request).count
+        XCTAssertGreaterThan(size, 2 << 20)
+        let got = Box<ControlRequest?>(nil)
+        let driver = try ChannelDriver(path: path) { r in
+            got.value = r
+            return "{\"runs\":\(r.runs?.count ?? 0)}"
+        }
+        let done = DispatchSemaphore(value: 0)
+        let reply = Box("")
+        let p = path, sent = request
+        DispatchQueue.global().async {
+            do { reply.value = String(decoding: try ControlClient.send(sent, path: p, name: "test"), as: UTF8.self) } catch {
+                reply.value = "\(error)"
+            }
+            done.signal()
+        }
+        XCTAssertTrue(driver.run(until: done))
+        XCTAssertEqual(reply.value, "{\"runs\":\(BootProfile.maxRuns)}")
+        XCTAssertEqual(got.value, request, "every run arrived")
+        XCTAssertLessThan(driver.slowestCall, 2, "no call waited for the client")
+    }
+
+    /// Over the bound: the client says so in one line before sending; the
+    /// server, sent one anyway, answers with one line and serves on.
+    func testARequestOverTheBoundIsOneLine() throws {
+        var request = ControlRequest(op: .profileReplay)
+        request.runs = Array(repeating: [UInt64.max, UInt64.max], count: ControlConnection.maxRequest / 40)
+        let driver = try ChannelDriver(path: path) { _ in "{}" }
+        let done = DispatchSemaphore(value: 0)
+        let failure = Box("")
+        let p = path, sent = request
+        DispatchQueue.global().async {
+            do { _ = try ControlClient.send(sent, path: p, name: "test") } catch { failure.value = "\(error)" }
+            done.signal()
+        }
+        XCTAssertTrue(driver.run(until: done))
+        XCTAssertTrue(failure.value.contains("request too long (more than 4 MiB)"), failure.value)
+        XCTAssertFalse(failure.value.contains("\n"))
+        XCTAssertEqual(driver.requests, 0)
+    }
+
+    /// Requests held together are bounded: one that would take more is told the socket is busy.
+    func testRequestsHeldTogetherAreBounded() throws {
+        let driver = try ChannelDriver(path: path) { _ in "{}" }
+        let chunk = String(repeating: " ", count: ControlConnection.maxRequest - 1000)
+        var held: [Int32] = []
+        for _ in 0..<(ControlChannel.maxBuffered / ControlConnection.maxRequest) {
+            let fd = connectUnix(path)
+            let sent = DispatchSemaphore(value: 0)
+            DispatchQueue.global().async { sendAll(fd, chunk); sent.signal() }
+            XCTAssertTrue(driver.run(until: sent))
+            for _ in 0..<20 { driver.step(timeoutMs: 2) }
+            held.append(fd)
+        }
+        let fd = connectUnix(path)
+        let done = DispatchSemaphore(value: 0)
+        let got = Box("")
+        DispatchQueue.global().async {
+            sendAll(fd, chunk)
+            got.value = String(decoding: readAll(fd), as: UTF8.self)
+            done.signal()
+        }
+        XCTAssertTrue(driver.run(until: done))
+        XCTAssertTrue(got.value.contains("busy") && got.value.hasSuffix("\n"), got.value)
+        for h in held { close(h) }
+        close(fd)
     }
 
     /// One more client, read normally, gets its whole reply.

@@ -136,6 +136,107 @@ final class FillTests: XCTestCase {
         try checkDevice(w)
     }
 
+    /// The world's home handler again, over a planner with one connection
+    /// (`--connections 1`): runs of up to 16 pages, a first readahead of 2
+    /// (a fill run is then 4: a quarter of the largest, at least).
+    func singleConnection(_ w: World) -> FetchPlanner {
+        let planner = FetchPlanner(imageSize: UInt64(PageStateModelTests.imageSize), pageSize: PageStateModelTests.page,
+                                   maxRunBytes: 64 << 10, initialReadaheadBytes: 8 << 10, maxReadaheadBytes: 64 << 10,
+                                   maxActiveRuns: 1)
+        let h = CachingHandler(context: w.handler.context, fetcher: w.fetcher, planner: planner, depth: w.depth, queueID: 0)
+        h.persistInterval = w.handler.persistInterval
+        h.trace = w.handler.trace
+        w.handler = h
+        w.handlers = [h]
+        w.queue.handler = h
+        return planner
+    }
+
+    /// With one connection a miss arriving while a fill run holds it waits
+    /// for that run only, and that run is small (4 pages here),
+    /// not the planner's largest (16): the order of events on the fake queue
+    /// and fetcher is checked, not time.
+    func testWithOneConnectionAMissWaitsForOneSmallFillRunAtMost() throws {
+        let w = try quietWorld(seed: 3, queues: 1)
+        let planner = singleConnection(w)
+        try hydrate(w)
+        let job = w.handler.filling.job!
+        XCTAssertEqual(job.spec.maxInFlight, 1)
+        XCTAssertEqual(job.runPages, 4, "small fill runs")
+        XCTAssertEqual(planner.activeRunCount, 1)
+        let fake = w.fake!
+        XCTAssertEqual(fake.active.count, 1)
+        let fillRun = fake.active[0].run
+        XCTAssertLessThanOrEqual(fillRun.pageCount, 4)
+        // A read of the last page, far from the fill: planned, waiting for the connection.
+        let last = UInt64(PageStateModelTests.pages - 1)
+        w.submit(op: Op.read, sector: PageStateModelTests.sectors - 8, count: 8)
+        XCTAssertEqual(planner.plannedRunCount, 1, "the miss waits for the only connection")
+        // The fill takes no more while the miss waits, whatever runs.
+        for _ in 0..<5 { w.handler.idle(queue: w.queue) }
+        XCTAssertEqual(fake.active.map(\.run.id), [fillRun.id])
+        // The fill run ends (its bytes arrive in pieces): what starts next is the miss's run.
+        var rng = SplitMix(seed: 1)
+        while fake.active.first?.run.id == fillRun.id { fake.step(&rng, handler: w.handler, queue: w.queue) }
+        XCTAssertLessThanOrEqual(fillRun.length, 4 * 4096, "the miss waited behind one small fill run at most")
+        XCTAssertEqual(fake.active.count, 1)
+        XCTAssertEqual(fake.active[0].run.firstPage, last, "the miss's run starts before any other fill run")
+        XCTAssertEqual(job.requests, 1)
+        XCTAssertEqual(try runFill(w).state, .done)
+        try checkDevice(w)
+    }
+
+    /// `profile-replay` requests are input: runs whose sums would overflow or
+    /// leave the device, or too many of them, are one-line errors; runs that
+    /// overlap (any number of times) count each page once.
+    func testProfileReplayRequestsAreChecked() throws {
+        let w = try quietWorld(seed: 3, queues: 1)
+        let pages = UInt64(PageStateModelTests.pages)
+        func replay(_ runs: [[UInt64]]) -> String {
+            var r = ControlRequest(op: .profileReplay)
+            r.runs = runs
+            return w.handler.control(r, queue: w.queue)
+        }
+        for bad in [[[1, UInt64.max]], [[UInt64.max, 1]], [[UInt64.max, UInt64.max]], [[0, pages + 1]], [[pages, 1]],
+                    [[0, 0]], [[1]], [[1, 2, 3]]] {
+            let reply = replay(bad)
+            XCTAssertTrue(reply.contains("\"error\"") && reply.contains("profile-replay"), "\(bad): \(reply)")
+            XCTAssertFalse(reply.contains("\n"))
+        }
+        let tooMany = replay(Array(repeating: [0, 1], count: BootProfile.maxRuns + 1))
+        XCTAssertTrue(tooMany.contains("at most \(BootProfile.maxRuns)"), tooMany)
+        XCTAssertNil(w.handler.filling.job, "nothing started")
+        // A profile's most runs, each the whole device: one walk of its pages.
+        let reply = replay(Array(repeating: [0, pages], count: BootProfile.maxRuns))
+        let status = try JSONDecoder().decode(FillStatus.self, from: Data(reply.utf8))
+        XCTAssertEqual(status.fillPages, pages)
+        XCTAssertEqual(w.handler.filling.job!.spec.ranges, [0..<pages])
+        let end = try runFill(w)
+        XCTAssertEqual(end.state, .done)
+        XCTAssertEqual(end.fillPagesPresent, pages)
+        try checkDevice(w)
+    }
+
+    /// Each page once, in the range that lists it first, against a page model.
+    func testFirstCoversKeepsEachPageOnceInListOrder() {
+        var rng = SplitMix(seed: 11)
+        for _ in 0..<300 {
+            let n = 1 + Int(rng.next() % 40)
+            let ranges = (0..<n).map { _ -> Range<UInt64> in
+                let a = rng.next() % 200
+                return a..<a + rng.next() % 30
+            }
+            var seen = Set<UInt64>()
+            var expected: [UInt64] = []
+            for r in ranges { for p in r where seen.insert(p).inserted { expected.append(p) } }
+            let got = FillJob.firstCovers(ranges)
+            XCTAssertEqual(got.flatMap { Array($0) }, expected, "\(ranges)")
+            XCTAssertFalse(got.contains { $0.isEmpty })
+            for (x, y) in zip(got, got.dropFirst()) { XCTAssertNotEqual(x.upperBound, y.lowerBound, "unjoined pieces") }
+        }
+        XCTAssertEqual(FillJob.firstCovers([0..<UInt64.max, 5..<6, UInt64.max - 1..<UInt64.max]), [0..<UInt64.max])
+    }
+
     func testStopFailureAndRefusal() throws {
         // Stopped: no new run after fill-stop; its runs in flight finish.
         let w = try quietWorld(seed: 3, queues: 1)

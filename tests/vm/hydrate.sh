@@ -204,4 +204,37 @@ fi
 eq "nothing left" "[]" "$("$UBLK" list)"
 nginx-stop
 
+section "--connections 1: a read during hydration is served while it runs, behind fill runs of 1 MiB at most"
+check "nginx (again)" nginx-start $WWW 8080
+head -c 64M /dev/urandom > $WWW/one.img
+rm -f $CACHE/one.*
+if add -t http --url http://127.0.0.1:8080/one.img --cache $CACHE/one.cache --bitmap $CACHE/one.bitmap --connections 1 --readahead 0; then
+    sleep 1  # the kernel's partition scan
+    L0=$(lines)
+    # 16M/s: runs would be 4 MiB (a quarter second's worth) but for the one-connection bound; about 4 s in all.
+    check "hydrate --detach --rate 16M/s" bash -c "$UBLK hydrate -n $DEV_ID --rate 16M/s --detach | jq -e '.state == \"running\"'"
+    sleep 0.5
+    # A page near the end, far from the fill's cursor: a miss of its own (no readahead: exactly that page).
+    check "a read at 60 MiB during the hydration returns the image's bytes" \
+        bash -c "cmp <(dd if=$DEV_B bs=4k skip=15360 count=1 iflag=direct 2>/dev/null) <(dd if=$WWW/one.img bs=4k skip=15360 count=1 2>/dev/null)"
+    eq "the hydration still runs when the read has returned" running "$("$UBLK" hydrate -n $DEV_ID --detach | jq -r .state)"
+    timeout 120 "$UBLK" hydrate -n $DEV_ID > /tmp/one.out; eq "hydrate to the end" 0 "$?"
+    # nginx's log, in the order it served them (one connection): "first length" of each range.
+    tail -n +$((L0 + 1)) $LOG | grep '"GET /one.img' \
+        | awk 'match($0, /bytes=[0-9]+-[0-9]+/) { split(substr($0, RSTART + 6, RLENGTH - 6), a, "-"); print a[1], a[2] - a[1] + 1 }' > /tmp/one.ranges
+    MAX=$(awk '$2 > m { m = $2 } END { print m + 0 }' /tmp/one.ranges)
+    echo "# --connections 1: $(wc -l < /tmp/one.ranges) range requests, the longest $MAX bytes"
+    check "fill runs of 1 MiB at most (one readahead unit), not 4 MiB" test "$MAX" -gt 0 -a "$MAX" -le 1048576
+    AT=$(grep -n '^62914560 4096$' /tmp/one.ranges | cut -d: -f1)
+    check "the read's own request is in nginx's log" test -n "$AT"
+    check "fill requests came after it: it did not wait for the hydration" test "${AT:-999999}" -lt "$(wc -l < /tmp/one.ranges)"
+    check "the device is the image" cmp_device $DEV_B $WWW/one.img
+    del $DEV_ID >/dev/null
+else
+    fail "add --connections 1" "$DEV_JSON"
+fi
+rm -f $CACHE/one.* $WWW/one.img
+eq "nothing left after --connections 1" "[]" "$("$UBLK" list)"
+nginx-stop
+
 finish

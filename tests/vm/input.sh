@@ -136,4 +136,32 @@ cp /tmp/hosts.orig /etc/hosts
 eq "nothing left" "[]" "$("$UBLK" list)"
 nginx-stop
 
+section "/run too small for the live words: one line at add, no SIGBUS, nothing left"
+check "nginx (again)" nginx-start $WWW 8080
+truncate -s 1G $WWW/big.img
+mkdir -p $RUN/live
+# 8 KiB: a 1 GiB image's words are 32 KiB per bitmap (present, local, dirty).
+if mount -t tmpfs -o size=8k,mode=0700 tmpfs $RUN/live; then
+    rm -f $CACHE/tiny.*
+    expect_error "add -t http --writable with the live words too big for /run" \
+        "cannot reserve [0-9]+ bytes for the live page states of .* in $RUN/live: No space left on device" \
+        "$UBLK" add -t http --writable --url http://127.0.0.1:8080/big.img --cache $CACHE/tiny.cache --bitmap $CACHE/tiny.bitmap
+    eq "no device left behind" "[]" "$("$UBLK" list)"
+    check "no block device left" bash -c "! ls /dev/ublkb* 2>/dev/null"
+    check "no live file left in the tiny /run" bash -c "[ -z \"\$(ls -A $RUN/live)\" ]"
+    check "umount the tiny /run/ublk-http/live" umount $RUN/live
+    # With room again, the same add works.
+    if add -t http --writable --url http://127.0.0.1:8080/big.img --cache $CACHE/tiny.cache --bitmap $CACHE/tiny.bitmap; then
+        ok "the same add with room in /run"
+        del $DEV_ID >/dev/null
+    else
+        fail "the same add with room in /run" "$DEV_JSON"
+    fi
+else
+    fail "mount a tmpfs of 8 KiB on $RUN/live"
+fi
+rm -f $CACHE/tiny.* $WWW/big.img
+eq "nothing left after the tiny /run" "[]" "$("$UBLK" list)"
+nginx-stop
+
 finish

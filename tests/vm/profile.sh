@@ -201,4 +201,72 @@ expect_error "profile record --max-pages 0" "max-pages" "$UBLK" profile record -
 eq "nothing left" "[]" "$("$UBLK" list)"
 nginx-stop
 
+section "a profile of more than 64 KiB of runs replays on a running base (add --overlay)"
+check "nginx (again)" nginx-start $WWW 8080
+# 6000 single pages 8 MiB apart in a sparse 64 GiB image: no window merges
+# them, so the request to the running base carries 6000 ranges (~80 KB).
+truncate -s 64G $WWW/wide.img
+WOPTS="--url http://127.0.0.1:8080/wide.img --cache $CACHE/wide.cache --bitmap $CACHE/wide.bitmap --overlay-dir $CACHE/ov --readahead 0"
+rm -rf $CACHE/wide.* $CACHE/ov; mkdir -p $CACHE/ov
+if add -t http $WOPTS --overlay w1; then
+    W1=$DEV_ID
+    WB=$("$UBLK" list -n $W1 | jq -r '.[0].target_options.lower' | sed 's|/dev/ublkb||')
+    # For the image as the base sees it (its size and validators).
+    "$UBLK" list -n $WB | jq -c '.[0].target_options | {format: "ublk-http-profile", version: 1, url,
+        image_size: (.image_size | tonumber), etag, last_modified, page_size: 4096, pages: 6000,
+        runs: [range(6000) | [. * 2048 + 2048, 1]]}' > /tmp/wide.profile
+    echo "# the wide profile: $(stat -c %s /tmp/wide.profile) bytes"
+    B=$(ranges wide.img)
+    if add -t http $WOPTS --overlay w2 --prefetch-profile /tmp/wide.profile; then
+        ok "add --overlay with a profile of 6000 runs over the running base"
+        check "the replay on the running base ends done" timeout 300 "$UBLK" profile status -n $WB --wait
+        FS=$("$UBLK" profile status -n $WB)
+        echo "# wide replay: $(echo "$FS" | jq -c '{state, fill_pages, fill_pages_present, requests}')"
+        eq "every page of the profile is present" "6000 6000" "$(echo "$FS" | jq -r '"\(.fill_pages) \(.fill_pages_present)"')"
+        check "nginx served the replay: a range request per page" test $(( $(ranges wide.img) - B )) -ge 6000
+        del $DEV_ID >/dev/null
+    else
+        fail "add --overlay with a profile of 6000 runs over the running base" "$DEV_JSON"
+    fi
+    del $W1 >/dev/null; del $WB >/dev/null
+else
+    fail "add --overlay w1 (the base)" "$DEV_JSON"
+fi
+rm -rf $CACHE/wide.* $CACHE/ov $WWW/wide.img
+
+section "a profile with overflowing numbers: one line at add, prefetch and an overlay's add over a running base"
+# Written as text: the numbers are past what jq computes exactly.
+head='{"format":"ublk-http-profile","version":1,"url":"u","etag":null,"last_modified":null,'
+echo "$head"'"image_size":18446744073709551615,"page_size":4096,"pages":1,"runs":[[0,1]]}' > /tmp/over_size.profile
+echo "$head"'"image_size":100663296,"page_size":4096,"pages":1,"runs":[[18446744073709551615,18446744073709551615]]}' > /tmp/over_run.profile
+# The largest image in 512-byte pages (2^54): 1025 runs of all of it add up past 2^64.
+whole=$(printf '[0,18014398509481984],%.0s' $(seq 1025) | sed 's/,$//')
+echo "$head"'"image_size":9223372036854775807,"page_size":512,"pages":0,"runs":['"$whole"']}' > /tmp/over_sum.profile
+echo "$head"'"image_size":100663296,"page_size":-4096,"pages":1,"runs":[[0,1]]}' > /tmp/neg.profile
+for f in over_size over_run over_sum neg; do
+    case $f in
+        over_size) want="bad image_size 18446744073709551615" ;;
+        over_run) want="run 0 is not \[first page, page count\]" ;;
+        over_sum) want="overlap" ;;
+        neg) want="bad page_size -4096" ;;
+    esac
+    expect_error "add --prefetch-profile: $f" "$want" "$UBLK" add -t http --url $URL --cache $CACHE/y.cache --bitmap $CACHE/y.bitmap --prefetch-profile /tmp/$f.profile
+    expect_error "prefetch --profile: $f" "$want" "$UBLK" prefetch --url $URL --cache $CACHE/x.cache --bitmap $CACHE/x.bitmap --profile /tmp/$f.profile
+done
+OOPTS="--url $URL --cache $CACHE/o.cache --bitmap $CACHE/o.bitmap --overlay-dir $CACHE/ov"
+rm -rf $CACHE/o.* $CACHE/ov; mkdir -p $CACHE/ov
+if add -t http $OOPTS --overlay o1; then
+    O1=$DEV_ID
+    OB=$("$UBLK" list -n $O1 | jq -r '.[0].target_options.lower' | sed 's|/dev/ublkb||')
+    expect_error "an overlay's add over a running base: a run at 2^64-1" "run 0 is not" "$UBLK" add -t http $OOPTS --overlay o2 --prefetch-profile /tmp/over_run.profile
+    expect_error "an overlay's add over a running base: counts past 2^64" "overlap" "$UBLK" add -t http $OOPTS --overlay o2 --prefetch-profile /tmp/over_sum.profile
+    check "the base serves on" alive "$("$UBLK" list -n $OB | jq -r '.[0].pid')"
+    del $O1 >/dev/null; del $OB >/dev/null
+else
+    fail "add --overlay o1" "$DEV_JSON"
+fi
+rm -rf $CACHE/o.* $CACHE/ov
+eq "nothing left after the overflowing profiles" "[]" "$("$UBLK" list)"
+nginx-stop
+
 finish

@@ -2,8 +2,13 @@
 // on queue 0's own ring (the state it asks about lives on that thread).
 //
 // Contract:
-// - One connection carries one JSON request line (at most `maxRequest` bytes)
-//   and gets one JSON reply line, of any size, then is closed.
+// - One connection carries one JSON request line (at most `maxRequest` bytes:
+//   room for a `profile-replay` of a profile's most runs, BootProfile.maxRuns,
+//   each of the largest numbers) and gets one JSON reply line, of any size,
+//   then is closed. A longer request is answered with a one-line error (the
+//   client checks first and says so itself, before sending).
+// - Requests held while they arrive are bounded together by `maxBuffered`:
+//   a request that would take more gets a one-line "busy" error.
 // - Nothing here blocks the queue: sockets are non-blocking, and accepting,
 //   reading and writing each wait for readiness through a one-shot poll on the
 //   ring (`Next.poll`). A reply the socket does not take at once is kept, and
@@ -11,7 +16,8 @@
 // - A client cannot hurt the server: writes use MSG_NOSIGNAL (no SIGPIPE), a
 //   client that disconnects midway only ends its connection, at most
 //   `maxConnections` are held (past that the oldest is shut down and closed),
-//   so memory is bounded by `maxConnections` replies.
+//   so memory is bounded by `maxConnections` replies and `maxBuffered`
+//   request bytes.
 // - Each connection has a token (slot and generation) that its polls carry; a
 //   poll that fires for a connection already closed (its fd number maybe reused)
 //   is recognised and ignored. A closed connection is shut down first, which
@@ -105,7 +111,8 @@ public func controlJSON<T: Encodable>(_ value: T) -> String {
 /// One connection's bytes: the request line coming in, the reply going out.
 /// Only non-blocking calls on its (non-blocking) socket; no ring here.
 struct ControlConnection {
-    static let maxRequest = 64 << 10
+    /// 64Ki runs of `[20 digits,20 digits],` are 2.8 MiB.
+    static let maxRequest = 4 << 20
 
     let fd: Int32
     private(set) var input: [UInt8] = []
@@ -124,16 +131,21 @@ struct ControlConnection {
         case gone
     }
 
-    /// Reads what has arrived, up to the end of the request line.
-    mutating func receive() -> Received {
-        var buf = [UInt8](repeating: 0, count: 4096)
+    /// Reads what has arrived, up to the end of the request line; at most
+    /// `limit` bytes are held (the request's bound, or less when the channel's
+    /// buffers are taken by other requests).
+    mutating func receive(limit: Int = ControlConnection.maxRequest) -> Received {
+        var buf = [UInt8](repeating: 0, count: 64 << 10)
         while true {
             let n = recv(fd, &buf, buf.count, Int32(MSG_DONTWAIT))
             if n > 0 {
                 let had = input.count
                 input += buf[0..<n]
-                if let end = input[had...].firstIndex(of: 10) { return decode(input[..<end]) }
-                if input.count > ControlConnection.maxRequest { return .bad("request too long") }
+                if let end = input[had...].firstIndex(of: 10), end - input.startIndex <= ControlConnection.maxRequest {
+                    return decode(input[..<end])
+                }
+                if input.count > ControlConnection.maxRequest { return .bad(ControlConnection.tooLong) }
+                if input.count > limit { return .bad("the control socket is busy reading other large requests: try again") }
                 continue
             }
             if n == 0 { return input.isEmpty ? .gone : .bad("incomplete request") }
@@ -185,10 +197,17 @@ struct ControlConnection {
 
     /// Bytes of the reply not sent yet.
     var unsent: Int { output.count - sent }
+
+    /// Bytes of a request held (while it arrives).
+    var buffered: Int { input.count }
+
+    static let tooLong = "request too long (more than \(maxRequest >> 20) MiB)"
 }
 
 final class ControlChannel {
     static let maxConnections = 64
+    /// Request bytes held at once, all connections together.
+    static let maxBuffered = 4 * ControlConnection.maxRequest
     static let slotBits: UInt32 = 6
     static let generationBits: UInt32 = 20
     /// Tokens are below this (the queue carries them in its reserved event data).
@@ -284,7 +303,8 @@ final class ControlChannel {
     func ready(_ token: UInt32) -> Next {
         guard let i = slot(token) else { return .none }
         if slots[i]!.replying { return sendMore(i, token) }
-        switch slots[i]!.connection.receive() {
+        let others = slots.indices.reduce(0) { $0 + ($1 == i ? 0 : (slots[$1]?.connection.buffered ?? 0)) }
+        switch slots[i]!.connection.receive(limit: max(0, ControlChannel.maxBuffered - others)) {
         case .more: return .poll(fd: slots[i]!.connection.fd, out: false, token: token)
         case .request(let r): return .request(token: token, r)
         case .bad(let message): return respond(token, controlError(message))
@@ -343,6 +363,12 @@ public enum ControlClient {
     }
 
     static func send(_ request: ControlRequest, path: String, name: String, timeoutSeconds: Int = 600) throws(UblkError) -> Data {
+        var line = Array((try? JSONEncoder().encode(request)) ?? Data())
+        line.append(10)
+        // The server would refuse it: say so before sending megabytes.
+        guard line.count - 1 <= ControlConnection.maxRequest else {
+            throw UblkError("\(name): the \(request.op.rawValue) request is \(line.count - 1) bytes, \(ControlConnection.tooLong)")
+        }
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         if fd < 0 { throw UblkError("socket", errno: .current) }
         defer { close(fd) }
@@ -365,8 +391,6 @@ public enum ControlClient {
         var tv = timeval(tv_sec: timeoutSeconds, tv_usec: 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        var line = Array((try? JSONEncoder().encode(request)) ?? Data())
-        line.append(10)
         var off = 0
         while off < line.count {
             // MSG_NOSIGNAL: a server gone meanwhile is an error line, not SIGPIPE.

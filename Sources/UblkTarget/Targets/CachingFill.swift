@@ -25,6 +25,22 @@
 // of missing pages, at most `runPages` long, so it becomes at most one new
 // run: one Range GET (`http`) or one read of the backing store (`cache`).
 //
+// ONE CONNECTION (`maxActiveRuns` 1: `--connections 1`). No slot can be kept
+// free, so a miss may arrive while a fill run holds the only connection; it
+// then waits for that run, never for more: by (a) and (b) the miss's run is
+// the next to start. So that this wait stays short, a fill run is then at
+// most one readahead unit (`fillRunLimit`: the planner's first readahead
+// window, 1 MiB by default for `http`, at least a quarter of the largest
+// run) instead of the planner's largest (4 MiB): a miss waits behind at most
+// what it could wait behind for another reader's readahead. Nothing is cancelled (a run's pages keep the usual
+// order: data, then the bit); hydration with one connection costs more round
+// trips instead.
+//
+// The list (a profile's runs, a `profile-replay` request) may hold any
+// ranges, overlapping ones included: the job keeps each page once, in the
+// range that lists it first (`FillJob.firstCovers`), so a walk costs at most
+// the image's pages and the list's pages never add up past the image's.
+//
 // Rate (`rate` bytes/s, 0: none): a token bucket refilled by the clock,
 // spent per run started (debt allowed: a run starts when the bucket is not
 // negative), at most one run's worth saved up; while it is negative the job
@@ -109,7 +125,9 @@ public struct FillStatus: Codable, Sendable, Equatable {
     public static func percent(_ present: UInt64, of total: UInt64) -> Double {
         guard total > 0 else { return 100 }
         if present >= total { return 100 }
-        return Double(present * 1000 / total) / 10
+        // present * 1000 fits for any image below 2^54 pages; above, a ratio (still never 100).
+        if present <= UInt64.max / 1000 { return Double(present * 1000 / total) / 10 }
+        return min(99.9, (Double(present) / Double(total) * 1000).rounded(.down) / 10)
     }
 }
 
@@ -164,14 +182,63 @@ final class FillJob {
 
     init(_ spec: FillJobSpec, pageCount: UInt64, now: UInt64) {
         var s = spec
-        s.ranges = spec.ranges.map { $0.clamped(to: 0..<pageCount) }.filter { !$0.isEmpty }
+        s.ranges = FillJob.firstCovers(spec.ranges.map { $0.clamped(to: 0..<pageCount) }.filter { !$0.isEmpty })
         s.maxInFlight = max(1, spec.maxInFlight)
         s.maxPasses = max(1, spec.maxPasses)
         self.spec = s
         rate = spec.rate
         started = now
         refilled = now
-        listPages = s.ranges.reduce(0) { $0 + UInt64($1.count) }
+        // Disjoint and within the image: no overflow.
+        listPages = s.ranges.reduce(0) { $0 + ($1.upperBound - $1.lowerBound) }
+    }
+
+    /// Each page of `ranges` once, in the range that lists it first: the
+    /// parts of each range no earlier range covers, in the list's order
+    /// (pieces that continue the previous one are joined). O(n log n): the
+    /// bounds cut the line into segments, and a "next segment not yet
+    /// taken" forest (path-halving) skips what earlier ranges took.
+    static func firstCovers(_ ranges: [Range<UInt64>]) -> [Range<UInt64>] {
+        guard ranges.count > 1 else { return ranges }
+        var points = ranges.flatMap { [$0.lowerBound, $0.upperBound] }
+        points.sort()
+        var unique: [UInt64] = []
+        unique.reserveCapacity(points.count)
+        for p in points where unique.last != p { unique.append(p) }
+        func index(_ v: UInt64) -> Int {
+            var lo = 0, hi = unique.count
+            while lo < hi {
+                let mid = (lo + hi) / 2
+                if unique[mid] < v { lo = mid + 1 } else { hi = mid }
+            }
+            return lo
+        }
+        // next[k]: k if segment k (unique[k]..<unique[k + 1]) is free, else toward the next free one.
+        var next = Array(0..<unique.count)
+        func free(_ k: Int) -> Int {
+            var k = k
+            while next[k] != k {
+                next[k] = next[next[k]]
+                k = next[k]
+            }
+            return k
+        }
+        var out: [Range<UInt64>] = []
+        for r in ranges where !r.isEmpty {
+            let end = index(r.upperBound)
+            var k = free(index(r.lowerBound))
+            while k < end {
+                let piece = unique[k]..<unique[k + 1]
+                if let last = out.last, last.upperBound == piece.lowerBound {
+                    out[out.count - 1] = last.lowerBound..<piece.upperBound
+                } else {
+                    out.append(piece)
+                }
+                next[k] = k + 1
+                k = free(k + 1)
+            }
+        }
+        return out
     }
 
     /// Runs sized for the rate: a quarter of a second's worth, one page to the planner's largest.
@@ -229,12 +296,21 @@ extension CachingHandler {
         let now = monotonicNanos()
         filling.job?.end(.stopped, now: now, reason: "replaced by a \(spec.kind.rawValue) job")
         let job = FillJob(spec, pageCount: bitmap.pageCount, now: now)
-        job.size(pageSize: pageSize, plannerMax: planner.maxRunPages)
+        job.size(pageSize: pageSize, plannerMax: fillRunLimit)
         job.presentAtPassStart = fillPresent(job)
         filling.job = job
         trace?("fill \(spec.kind.rawValue) start: \(job.listPages) pages, rate \(job.rate)")
         fillStep(queue)
         return job
+    }
+
+    /// The longest fill run (pages): the planner's largest; with one
+    /// connection one readahead unit (the header's ONE CONNECTION), and no
+    /// less than a quarter of the largest (--readahead 0 has no unit: runs
+    /// of a page would make hydration a round trip per page).
+    var fillRunLimit: UInt64 {
+        if planner.maxActiveRuns > 1 { return planner.maxRunPages }
+        return max(1, min(planner.maxRunPages, max(planner.initialReadaheadPages, planner.maxRunPages / 4)))
     }
 
     /// Stops the job (its runs in flight finish; their pages count).
@@ -333,7 +409,9 @@ extension CachingHandler {
             if plan.isHit { continue }
             var bytes: UInt64 = 0
             if plan.newPages > 0 {
-                bytes = min(gap.upperBound * pageSize, imageSize) - gap.lowerBound * pageSize
+                // The gap is within the image's pages: only its last page may end past imageSize.
+                let end = gap.upperBound >= bitmap.pageCount ? imageSize : min(gap.upperBound * pageSize, imageSize)
+                bytes = end - gap.lowerBound * pageSize
                 job.requests += 1
                 job.tokens -= Double(bytes)
             }
@@ -400,7 +478,7 @@ extension CachingHandler {
                 // Already hydrating: a new rate applies from now on.
                 if let r = request.rate {
                     job.rate = r
-                    job.size(pageSize: pageSize, plannerMax: planner.maxRunPages)
+                    job.size(pageSize: pageSize, plannerMax: fillRunLimit)
                     job.tokens = min(job.tokens, 0)
                 }
             } else {

@@ -45,7 +45,8 @@ extension CachingHandler {
             if let p = profile, p.isRecording {
                 return controlError("\(name) is already recording a profile (end it with `ublk-http profile stop -n \(queue.deviceID)`)")
             }
-            let maxPages = request.pages ?? ProfileRecorder.defaultMaxPages
+            // No more than a profile may hold (BootProfile.decode refuses more).
+            let maxPages = min(request.pages ?? ProfileRecorder.defaultMaxPages, BootProfile.maxPages)
             guard maxPages > 0 else { return controlError("a profile needs room for at least one page") }
             let deadline = request.seconds.map { monotonicNanos() &+ min($0, 1 << 32) * 1_000_000_000 } ?? 0
             let p = ProfileRecorder(pageCount: bitmap.pageCount, maxPages: maxPages, deadline: deadline)
@@ -67,10 +68,19 @@ extension CachingHandler {
         case .profileReplay:
             // A running base of several overlay devices: the profile comes with a later device's add.
             guard let runs = request.runs, !runs.isEmpty else { return controlError("profile-replay needs runs") }
+            // The CLI sends a profile's replay ranges, one per run at most (BootProfile.maxRuns).
+            guard runs.count <= BootProfile.maxRuns else {
+                return controlError("profile-replay: \(runs.count) runs, at most \(BootProfile.maxRuns)")
+            }
+            let pages = bitmap.pageCount
             var ranges: [Range<UInt64>] = []
+            ranges.reserveCapacity(runs.count)
             for r in runs {
-                guard r.count == 2, r[1] > 0, r[0] < bitmap.pageCount else { return controlError("profile-replay: bad run \(r)") }
-                ranges.append(r[0]..<min(bitmap.pageCount, r[0] &+ min(r[1], bitmap.pageCount)))
+                // Within the device's pages, checked without a sum that could overflow.
+                guard r.count == 2, r[1] > 0, r[0] < pages, r[1] <= pages - r[0] else {
+                    return controlError("profile-replay: run \(r) is not [first page, page count] within the device's \(pages) pages")
+                }
+                ranges.append(r[0]..<r[0] + r[1])
             }
             var spec = FillJobSpec(kind: .profile, ranges: ranges)
             spec.maxInFlight = max(1, min(2, planner.maxActiveRuns - 1))
@@ -93,7 +103,7 @@ extension CachingHandler {
     /// even if the device reads nothing.
     func scheduleFill(_ spec: FillJobSpec, queue: IOQueue) {
         let job = FillJob(spec, pageCount: bitmap.pageCount, now: monotonicNanos())
-        job.size(pageSize: pageSize, plannerMax: planner.maxRunPages)
+        job.size(pageSize: pageSize, plannerMax: fillRunLimit)
         job.presentAtPassStart = fillPresent(job)
         filling.job = job
         if !timerArmed, timerFD >= 0, cu_timerfd_arm(timerFD, 1_000_000) == 0 {
