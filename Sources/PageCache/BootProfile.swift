@@ -169,19 +169,18 @@ public struct BootProfile: Equatable, Sendable {
     public func mismatch(url: String, imageSize: UInt64, etag: String?, lastModified: String?) -> String? {
         let etag = etag.flatMap { $0.isEmpty ? nil : $0 }
         let lastModified = lastModified.flatMap { $0.isEmpty ? nil : $0 }
+        // The identity first: two URLs that differ in more than their signature
+        // are two images, even when sizes and validators agree (ImageIdentity).
+        if self.url != url { return "it was recorded against another image (\(self.url), not \(url))" }
         if imageSize != self.imageSize {
             return "it was recorded against another image (size \(self.imageSize), the image is \(imageSize) bytes)"
         }
-        if self.etag != nil || etag != nil || self.lastModified != nil || lastModified != nil {
-            if self.etag != etag {
-                return "it was recorded against another image (ETag \(self.etag ?? "none"), the image has \(etag ?? "none"))"
-            }
-            if self.lastModified != lastModified {
-                return "it was recorded against another image (Last-Modified \(self.lastModified ?? "none"), the image has \(lastModified ?? "none"))"
-            }
-            return nil
+        if self.etag != etag {
+            return "it was recorded against another image (ETag \(self.etag ?? "none"), the image has \(etag ?? "none"))"
         }
-        if self.url != url { return "it was recorded against another image (\(self.url); neither has validators to compare)" }
+        if self.lastModified != lastModified {
+            return "it was recorded against another image (Last-Modified \(self.lastModified ?? "none"), the image has \(lastModified ?? "none"))"
+        }
         return nil
     }
 

@@ -48,7 +48,10 @@ final class BootProfileTests: XCTestCase {
 
     func testAnotherImageIsRefused() {
         let p = sample()
-        XCTAssertNil(p.mismatch(url: "http://other/img", imageSize: 8 << 20, etag: "\"abc\"", lastModified: "Mon, 01 Jan 2024 00:00:00 GMT"))
+        XCTAssertNil(p.mismatch(url: p.url, imageSize: 8 << 20, etag: "\"abc\"", lastModified: "Mon, 01 Jan 2024 00:00:00 GMT"))
+        // Another image's identity (another URL, or a query value that differs), whatever its validators.
+        XCTAssertNotNil(p.mismatch(url: "http://other/img", imageSize: 8 << 20, etag: "\"abc\"", lastModified: "Mon, 01 Jan 2024 00:00:00 GMT"))
+        XCTAssertNotNil(p.mismatch(url: ImageIdentity.of("http://h/download?id=b"), imageSize: 8 << 20, etag: p.etag, lastModified: p.lastModified))
         XCTAssertNotNil(p.mismatch(url: p.url, imageSize: 8 << 20, etag: "\"abd\"", lastModified: p.lastModified))
         XCTAssertNotNil(p.mismatch(url: p.url, imageSize: 8 << 20, etag: "\"abc\"", lastModified: "Tue, 02 Jan 2024 00:00:00 GMT"))
         XCTAssertNotNil(p.mismatch(url: p.url, imageSize: 4 << 20, etag: p.etag, lastModified: p.lastModified))
