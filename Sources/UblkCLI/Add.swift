@@ -31,7 +31,9 @@ struct Add: ParsableCommand {
             /var/cache/ublk-http/NAME-HASH.{cache,bitmap}, keyed by the URL;
             the next `add` of the same URL reuses what was fetched, unless the
             remote changed (ETag, Last-Modified, size): then the cache starts
-            afresh. S3 credentials come from AWS_ACCESS_KEY_ID,
+            afresh. A cache whose every page is present (`hydrate`) serves when
+            the remote cannot be reached: `list` says "remote": "unreachable,
+            serving the complete cache". S3 credentials come from AWS_ACCESS_KEY_ID,
             AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN, else from the
             shared credentials file ($AWS_SHARED_CREDENTIALS_FILE, default
             ~/.aws/credentials), profile $AWS_PROFILE (default "default").
