@@ -31,7 +31,9 @@ struct Add: ParsableCommand {
             /var/cache/ublk-http/NAME-HASH.{cache,bitmap}, keyed by the URL;
             the next `add` of the same URL reuses what was fetched, unless the
             remote changed (ETag, Last-Modified, size): then the cache starts
-            afresh. S3 credentials come from AWS_ACCESS_KEY_ID,
+            afresh. A cache whose every page is present (`hydrate`) serves when
+            the remote cannot be reached: `list` says "remote": "unreachable,
+            serving the complete cache". S3 credentials come from AWS_ACCESS_KEY_ID,
             AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN, else from the
             shared credentials file ($AWS_SHARED_CREDENTIALS_FILE, default
             ~/.aws/credentials), profile $AWS_PROFILE (default "default").
@@ -46,6 +48,9 @@ struct Add: ParsableCommand {
             The same NAME later reattaches the overlay; an overlay written over
             another image is refused. `del` of an overlay device keeps its
             overlay and leaves the base running (`del` it when none is left).
+            A base added with --recovery whose server died is recovered by the
+            next such add. With --foreground the base runs in the background
+            and the overlay device's server in the foreground.
 
             Secrets: the server is started without them on its command line
             (they travel through a pipe), and --header values, passwords and
@@ -184,6 +189,11 @@ struct Add: ParsableCommand {
         case "loop":
             do { return try LoopTarget(path: file!, buffered: buffered, readOnly: readOnly) } catch { throw Failure(error) }
         case "http":
+            // With --overlay the device is an overlay over the image's base
+            // (OverlayBase), never an http device on the base's cache files.
+            guard overlay.name == nil else {
+                throw Failure("an http device with --overlay is an overlay device over the image's base: `add` starts both, it is not one target")
+            }
             var options = try http.targetOptions()
             options.maxCacheBytes = cacheMaxSize.flatMap { Size.parse($0) } ?? 0
             options.queues = queues
@@ -258,6 +268,12 @@ struct Add: ParsableCommand {
     func run() throws {
         if foreground {
             guard let fd = argumentsFD else {
+                if type == "http" && overlay.name != nil {
+                    // The same devices as without --foreground: the base in the
+                    // background, the overlay device served here.
+                    return try OverlayBase.serveInForeground(self, arguments: Array(CommandLine.arguments.dropFirst()),
+                                                             report: readyFD.map { ReadyPipe(fd: $0) })
+                }
                 return try serve(report: readyFD.map { ReadyPipe(fd: $0) }, arguments: Array(CommandLine.arguments.dropFirst()))
             }
             // Started by Daemon: argv is the redacted copy, the real arguments come through `fd`.

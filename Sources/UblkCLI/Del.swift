@@ -29,9 +29,12 @@ struct Del: ParsableCommand {
         let ids = all ? Devices.existing().sorted { a, b in OverlayBase.isOverlay(a) && !OverlayBase.isOverlay(b) }
                       : [try deviceID(number!)]
         if !all, let id = ids.first {
-            let users = OverlayBase.overlays(over: id)
+            // An overlay device whose server died and that waits for `recover`
+            // counts too: recovered, it reads through this base again.
+            let users = OverlayBase.overlays(over: id, control: control)
             if !users.isEmpty {
-                throw Failure("ublk\(id) is the base of \(users.map { "ublk\($0)" }.joined(separator: ", ")): del \(users.count == 1 ? "that overlay device" : "those overlay devices") first")
+                let names = users.map { "ublk\($0.id)" + ($0.waiting ? " (its server died; it waits for `ublk-http recover -n \($0.id)`)" : "") }
+                throw Failure("ublk\(id) is the base of \(names.joined(separator: ", ")): del \(users.count == 1 ? "that overlay device" : "those overlay devices") first (`del -a` removes overlay devices before their bases)")
             }
         }
         var failures: [String] = []
@@ -63,6 +66,21 @@ enum Devices {
             if rest.hasPrefix("Z") || rest.hasPrefix("X") { return false }
         }
         return true
+    }
+
+    /// Device `id` was added with --recovery, its server died, and it waits
+    /// for `recover` (its block device and the I/O sent to it are kept).
+    static func awaitsRecovery(_ id: UInt32, control: Control) -> Bool {
+        guard var info = try? control.info(id), info.flags & UBLK_F_USER_RECOVERY != 0,
+              !processAlive(info.ublksrv_pid) else { return false }
+        // Just after its server died the driver may not have quiesced it yet.
+        let deadline = Date().addingTimeInterval(5)
+        while info.state == UInt16(UBLK_S_DEV_LIVE) && Date() < deadline {
+            usleep(20_000)
+            guard let i = try? control.info(id) else { return false }
+            info = i
+        }
+        return info.state == UInt16(UBLK_S_DEV_QUIESCED) || info.state == UInt16(UBLK_S_DEV_FAIL_IO)
     }
 
     static func waitGone(_ pid: Int32, seconds: Double) -> Bool {
@@ -126,7 +144,11 @@ struct Recover: ParsableCommand {
 
     func run() throws {
         let id = try deviceID(number)
-        let control = try openControl()
+        print(try Recover.start(id, control: try openControl()))
+    }
+
+    /// Starts the new server of device `id`; returns its JSON line.
+    static func start(_ id: UInt32, control: Control) throws -> String {
         let info: ublksrv_ctrl_dev_info
         do { info = try control.info(id) } catch {
             throw Failure(error == .noDevice ? "no such device: ublk\(id)" : "ublk\(id): GET_DEV_INFO failed: \(error)")
@@ -137,7 +159,6 @@ struct Recover: ParsableCommand {
         guard let args = DeviceState.loadArguments(id), args.first == "add" else {
             throw Failure("ublk\(id) has no saved arguments in \(DeviceState.argumentsPath(id)): cannot tell how to serve it")
         }
-        let line = try Daemon.spawnServer(arguments: args + ["--recover-id", String(id)])
-        print(line)
+        return try Daemon.spawnServer(arguments: args + ["--recover-id", String(id)])
     }
 }

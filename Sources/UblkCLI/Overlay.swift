@@ -46,15 +46,29 @@ enum OverlayBase {
                               url: "lower:" + BackingIdentity.describe(fd: fd))
     }
 
-    /// The running read-only http device of this URL (the image's base), if any.
-    static func findBase(url: String) -> DeviceState? {
+    /// The image's base as `add --overlay` finds it.
+    enum Base {
+        /// Its server runs.
+        case running(DeviceState)
+        /// Added with --recovery, its server died, and the device waits for
+        /// `recover`: it still owns the cache files (a second base must never be
+        /// started on them) and its overlays' reads wait in it.
+        case awaitingRecovery(DeviceState)
+    }
+
+    /// The read-only http device of this URL (the image's base), if any: one
+    /// whose server runs, else one that waits for `recover`. A base whose
+    /// server died without --recovery is gone (the kernel stopped it).
+    static func findBase(url: String, control: Control) -> Base? {
         let want = HTTPTarget.identityURL(url)
+        var waiting: DeviceState?
         for id in DeviceState.knownIDs().sorted() {
             guard let s = DeviceState.load(id), s.target == "http", s.targetOptions["writable"] != "true",
-                  HTTPTarget.identityURL(s.targetOptions["url"] ?? "") == want, kill(s.pid, 0) == 0 else { continue }
-            return s
+                  HTTPTarget.identityURL(s.targetOptions["url"] ?? "") == want else { continue }
+            if Devices.processAlive(s.pid) { return .running(s) }
+            if waiting == nil, Devices.awaitsRecovery(id, control: control) { waiting = s }
         }
-        return nil
+        return waiting.map { .awaitingRecovery($0) }
     }
 
     /// The id of an overlay device's lower device, when that is a ublk device.
@@ -70,65 +84,133 @@ enum OverlayBase {
 
     static func isOverlay(_ id: UInt32) -> Bool { DeviceState.load(id)?.target == "overlay" }
 
-    /// The running overlay devices whose lower device is ublkb`id`.
-    static func overlays(over id: UInt32) -> [UInt32] {
-        DeviceState.knownIDs().filter { o in
-            guard let s = DeviceState.load(o), s.target == "overlay", Devices.processAlive(s.pid) else { return false }
-            return s.targetOptions["lower"] == "/dev/ublkb\(id)"
+    /// The overlay devices that read through ublkb`id`: those whose server runs,
+    /// and those whose server died and that wait for `recover` (`waiting`: a
+    /// recovered server reads through the base again).
+    static func overlays(over id: UInt32, control: Control) -> [(id: UInt32, waiting: Bool)] {
+        DeviceState.knownIDs().compactMap { o in
+            guard let s = DeviceState.load(o), s.target == "overlay", s.targetOptions["lower"] == "/dev/ublkb\(id)" else { return nil }
+            if Devices.processAlive(s.pid) { return (o, false) }
+            return Devices.awaitsRecovery(o, control: control) ? (o, true) : nil
         }
     }
 
-    /// `args` without the options that make it an overlay (and its device id).
+    /// `args` without the options that make it an overlay (and its device id),
+    /// nor those of how this process serves (--foreground: the base always
+    /// runs in the background, as without it).
     static func baseArguments(_ args: [String]) -> [String] {
-        let dropWithValue: Set<String> = ["--overlay", "--overlay-dir", "--lower", "-n", "--number"]
+        let dropWithValue: Set<String> = ["--overlay", "--overlay-dir", "--lower", "-n", "--number",
+                                          "--ready-fd", "--arguments-fd", "--recover-id"]
+        let dropFlags: Set<String> = ["--writable", "--foreground"]
         var out: [String] = []
         var skip = false
         for a in args {
             if skip { skip = false; continue }
             if dropWithValue.contains(a) { skip = true; continue }
-            if a == "--writable" || dropWithValue.contains(where: { a.hasPrefix($0 + "=") }) { continue }
+            if dropFlags.contains(a) || dropWithValue.contains(where: { a.hasPrefix($0 + "=") }) { continue }
             out.append(a)
         }
         return out
     }
 
-    /// `add -t http --url URL --overlay NAME`: the base of URL (started when
-    /// none runs), then the overlay device over it. Returns the overlay's line.
-    static func attach(_ add: Add, arguments: [String]) throws -> String {
-        let url = add.http.url!
-        var base = findBase(url: url)
-        var started = false
-        if let b = base, let path = add.prefetchProfile {
-            // The base runs already: the profile is replayed there (a base this
-            // add starts replays it itself, from its own --prefetch-profile).
-            let p = try loadProfile(path)
-            let o = b.targetOptions
-            if let why = p.mismatch(url: HTTPTarget.identityURL(o["url"] ?? ""), imageSize: UInt64(o["image_size"] ?? "") ?? 0,
-                                    etag: o["etag"], lastModified: o["last_modified"]) {
-                throw Failure("the profile \(path) does not fit \(Redact.url(url)): \(why)")
-            }
-            var request = ControlRequest(op: .profileReplay)
-            // Not cut into runs (the fill cuts its own): at most one range per
-            // profile run, so the request stays within the control socket's bound.
-            request.runs = p.replayRanges(targetPageSize: Int(o["page_size"] ?? "") ?? 4096, maxRunBytes: .max)
-                .map { [$0.lowerBound, $0.upperBound - $0.lowerBound] }
-            _ = try Hydrate.send(request, b.devID)
-        }
-        if base == nil {
-            let line = try Daemon.spawnServer(arguments: baseArguments(arguments))
-            guard let s = try? JSONDecoder().decode(DeviceState.self, from: Data(line.utf8)) else {
-                throw Failure("the base device did not start: \(line)")
-            }
-            base = s
-            started = true
-        }
-        var args = ["add", "-t", "overlay", "--lower", base!.blockDevice, "--overlay", add.overlay.name!,
+    /// The `add` arguments of the overlay device over `lower`, for an
+    /// `add -t http --url URL --overlay NAME`: the same with or without --foreground.
+    static func overlayArguments(_ add: Add, lower: String) -> [String] {
+        var args = ["add", "-t", "overlay", "--lower", lower, "--overlay", add.overlay.name!,
                     "--overlay-dir", add.overlay.directory, "-q", String(add.queues), "-d", String(add.depth)]
         if let n = add.number { args += ["-n", String(n)] }
         if add.recovery { args.append("--recovery") }
-        do { return try Daemon.spawnServer(arguments: args) } catch {
+        return args
+    }
+
+    /// The base of the add's URL, serving: the running one (a --prefetch-profile
+    /// is replayed there), the one waiting for `recover` (recovered), or a new
+    /// one started in the background. `started`: this call started it.
+    static func base(for add: Add, arguments: [String], control: Control) throws -> (state: DeviceState, started: Bool) {
+        let url = add.http.url!
+        switch findBase(url: url, control: control) {
+        case .running(let b)?:
+            try replayProfile(add, on: b)
+            return (b, false)
+        case .awaitingRecovery(let b)?:
+            // Recovered here rather than refused: its saved arguments say
+            // exactly how to serve it (as `recover -n ID` would), its
+            // overlays' waiting reads complete too, and the add the user
+            // asked for goes on. Starting another base instead would put two
+            // servers on one cache; waiting for it would hang.
+            let line: String
+            do { line = try Recover.start(b.devID, control: control) } catch {
+                throw Failure("the base ublk\(b.devID) of \(Redact.url(url)) waits for `ublk-http recover -n \(b.devID)` and could not be recovered: \(error)")
+            }
+            let s = try decodeState(line, what: "the recovered base ublk\(b.devID)")
+            try replayProfile(add, on: s)
+            return (s, false)
+        case nil:
+            let line = try Daemon.spawnServer(arguments: baseArguments(arguments))
+            return (try decodeState(line, what: "the base device"), true)
+        }
+    }
+
+    static func decodeState(_ line: String, what: String) throws -> DeviceState {
+        guard let s = try? JSONDecoder().decode(DeviceState.self, from: Data(line.utf8)) else {
+            throw Failure("\(what) did not start: \(line)")
+        }
+        return s
+    }
+
+    /// A base that runs already replays the add's profile (a base the add
+    /// starts replays it itself, from its own --prefetch-profile).
+    static func replayProfile(_ add: Add, on b: DeviceState) throws {
+        guard let path = add.prefetchProfile else { return }
+        let p = try loadProfile(path)
+        let o = b.targetOptions
+        if let why = p.mismatch(url: HTTPTarget.identityURL(o["url"] ?? ""), imageSize: UInt64(o["image_size"] ?? "") ?? 0,
+                                etag: o["etag"], lastModified: o["last_modified"]) {
+            throw Failure("the profile \(path) does not fit \(Redact.url(add.http.url!)): \(why)")
+        }
+        var request = ControlRequest(op: .profileReplay)
+        // Not cut into runs (the fill cuts its own): at most one range per
+        // profile run, so the request stays within the control socket's bound.
+        request.runs = p.replayRanges(targetPageSize: Int(o["page_size"] ?? "") ?? 4096, maxRunBytes: .max)
+            .map { [$0.lowerBound, $0.upperBound - $0.lowerBound] }
+        _ = try Hydrate.send(request, b.devID)
+    }
+
+    /// `add -t http --url URL --overlay NAME`: the base of URL (started when
+    /// none runs), then the overlay device over it. Returns the overlay's line.
+    static func attach(_ add: Add, arguments: [String]) throws -> String {
+        let control = try openControl()
+        let (base, started) = try base(for: add, arguments: arguments, control: control)
+        do { return try Daemon.spawnServer(arguments: overlayArguments(add, lower: base.blockDevice)) } catch {
             // Nothing is left behind by a failed add: a base it started goes again.
-            if started, let control = try? openControl() { try? Devices.remove(base!.devID, control: control, mustExist: false) }
+            if started { try? Devices.remove(base.devID, control: control, mustExist: false) }
+            throw error
+        }
+    }
+
+    /// `add --foreground -t http --url URL --overlay NAME`: the same devices as
+    /// `attach`, the base in the background as always, the overlay device's
+    /// server in this process (until SIGTERM, SIGINT or `del`).
+    static func serveInForeground(_ add: Add, arguments: [String], report: ReadyPipe?) throws {
+        do {
+            if let path = add.prefetchProfile { _ = try loadProfile(path) }
+            let control = try openControl()
+            let (base, started) = try base(for: add, arguments: arguments, control: control)
+            let args = overlayArguments(add, lower: base.blockDevice)
+            do {
+                guard let device = try UblkHTTP.parseAsRoot(args) as? Add else { throw Failure("the overlay device's arguments do not parse") }
+                try device.serve(report: report, arguments: args)
+            } catch {
+                // The overlay device did not come up: a base this add started goes again.
+                if started { try? Devices.remove(base.devID, control: control, mustExist: false) }
+                throw error
+            }
+        } catch {
+            // ExitCode: the overlay device's server reported its failure itself.
+            if let r = report, !(error is ExitCode) {
+                r.send("error: \(Redact.text(UblkHTTP.oneLine(UblkHTTP.message(for: error))))")
+                throw ExitCode.failure
+            }
             throw error
         }
     }

@@ -432,3 +432,56 @@ final class PresignedURLTests: XCTestCase {
         XCTAssertEqual(p.bitmap, "/var/cache/ublk-http/disk.img-3e20fe1502bb6067.bitmap")
     }
 }
+
+/// `add -t http --url URL --overlay NAME` makes the same devices with and
+/// without --foreground: the image's base in the background, and an overlay
+/// device over it (served in the foreground with --foreground), never an
+/// http device on the base's cache files.
+final class OverlayAddTests: XCTestCase {
+    let url = "http://127.0.0.1:1/disk.img"
+
+    func parseAdd(_ args: [String]) throws -> Add {
+        try XCTUnwrap(try UblkHTTP.parseAsRoot(["add"] + args) as? Add)
+    }
+
+    func testAnHTTPAddWithAnOverlayIsNeverBuiltAsOneHTTPTarget() throws {
+        let dir = NSTemporaryDirectory() + "/overlay-add-\(getpid())"
+        mkdir(dir, 0o700)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        for extra in [[], ["--writable"]] {
+            let a = try parseAdd(["--foreground", "-t", "http", "--url", url, "--cache", dir + "/c", "--bitmap", dir + "/b",
+                                  "--overlay", "fg"] + extra)
+            do {
+                _ = try a.makeTarget()
+                XCTFail("an http target was made for an overlay add \(extra)")
+            } catch {
+                let m = UblkHTTP.message(for: error)
+                XCTAssertTrue(m.contains("overlay device over the image's base"), m)
+            }
+            XCTAssertFalse(FileManager.default.fileExists(atPath: dir + "/b"), "the base's cache files are not touched")
+        }
+    }
+
+    func testTheBaseOfAForegroundAddIsStartedInTheBackground() {
+        let args = ["add", "--foreground", "-t", "http", "--url", url, "--readahead", "1M", "--overlay", "x", "--writable",
+                    "--overlay-dir=/o", "-n", "5", "--ready-fd", "3", "--recovery"]
+        XCTAssertEqual(OverlayBase.baseArguments(args), ["add", "-t", "http", "--url", url, "--readahead", "1M", "--recovery"])
+        XCTAssertEqual(OverlayBase.baseArguments(["add", "--ready-fd=3", "--arguments-fd=4", "--recover-id", "2", "-t", "http"]),
+                       ["add", "-t", "http"])
+    }
+
+    func testTheOverlayDeviceIsTheSameWithAndWithoutForeground() throws {
+        let common = ["-t", "http", "--url", url, "--overlay", "vm1", "--overlay-dir", "/o", "-n", "7", "-d", "64", "--recovery"]
+        let background = try parseAdd(common)
+        let foreground = try parseAdd(common + ["--foreground"])
+        let expected = ["add", "-t", "overlay", "--lower", "/dev/ublkb3", "--overlay", "vm1", "--overlay-dir", "/o",
+                        "-d", "64", "-n", "7", "--recovery"]
+        XCTAssertEqual(OverlayBase.overlayArguments(background, lower: "/dev/ublkb3"), expected)
+        XCTAssertEqual(OverlayBase.overlayArguments(foreground, lower: "/dev/ublkb3"), expected)
+        // They parse as the overlay device they name.
+        let device = try XCTUnwrap(try UblkHTTP.parseAsRoot(expected) as? Add)
+        XCTAssertEqual(device.type, "overlay")
+        XCTAssertEqual(device.overlay.lower, "/dev/ublkb3")
+        XCTAssertTrue(device.recovery)
+    }
+}

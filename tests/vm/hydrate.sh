@@ -237,4 +237,51 @@ rm -f $CACHE/one.* $WWW/one.img
 eq "nothing left after --connections 1" "[]" "$("$UBLK" list)"
 nginx-stop
 
+section "a hydrated device needs no remote: recovered, and added again, with nginx stopped"
+check "nginx again" nginx-start $WWW 8080
+rm -f $CACHE/o.*
+OOPTS="--url $URL --cache $CACHE/o.cache --bitmap $CACHE/o.bitmap"
+# cmp_device, bounded: a read may wait in a device that no server serves.
+cmp_within() { timeout 120 bash -c "dd if=$1 bs=1M iflag=direct 2>/dev/null | cmp - $2"; }
+if add -t http $OOPTS --recovery; then
+    O=$DEV_ID
+    check "hydrate to 100%, persisted" bash -c "timeout 300 $UBLK hydrate -n $O | tail -n 1 | jq -e '.percent == 100 and .persisted'"
+    check "nginx stopped" nginx-stop
+    kill -9 $DEV_PID; wait_for 30 dead $DEV_PID
+    R=$(timeout 60 "$UBLK" recover -n $O 2>&1)
+    if [ $? -eq 0 ]; then ok "recover with nginx stopped"; else fail "recover with nginx stopped" "$R"; fi
+    eq "list says it serves the complete cache" "unreachable, serving the complete cache" \
+        "$("$UBLK" list -n $O | jq -r '.[0].target_options.remote')"
+    eq "with the image's size" "$(stat -c %s $WWW/disk.img)" "$("$UBLK" list -n $O | jq -r '.[0].target_options.image_size')"
+    check "cmp of the whole device with the image" cmp_within /dev/ublkb$O $WWW/disk.img
+    check "del" del $O
+    if add -t http $OOPTS; then
+        ok "add again with the same --cache and --bitmap, nginx stopped"
+        eq "list says it serves the complete cache" "unreachable, serving the complete cache" \
+            "$("$UBLK" list -n $DEV_ID | jq -r '.[0].target_options.remote')"
+        check "cmp of the whole device with the image" cmp_within $DEV_B $WWW/disk.img
+        check "mount and checksums" bash -c "mount -t ext4 -o ro $DEV_B /mnt/h && cd /mnt/h && sha256sum -c --quiet /tmp/sums && cd / && umount /mnt/h"
+        del $DEV_ID >/dev/null
+    else
+        fail "add again with nginx stopped" "$DEV_JSON"
+    fi
+else
+    fail "add --recovery for the hydrated device" "$DEV_JSON"
+fi
+
+section "a partly hydrated cache with nginx stopped: add is one line"
+check "nginx again" nginx-start $WWW 8080
+rm -f $CACHE/q.*
+if add -t http --url $URL --cache $CACHE/q.cache --bitmap $CACHE/q.bitmap; then
+    check "read part of the device" dd if=$DEV_B of=/dev/null bs=1M count=4 iflag=direct
+    del $DEV_ID >/dev/null
+    check "nginx stopped" nginx-stop
+    check "the cache is partly hydrated" bash -c "$UBLK status --bitmap $CACHE/q.bitmap --cache $CACHE/q.cache | jq -e '.pages_present > 0 and .pages_present < .pages_total'"
+    expect_error "add of the partly hydrated cache" "127\.0\.0\.1:8080/disk\.img: cannot connect" \
+        "$UBLK" add -t http --url $URL --cache $CACHE/q.cache --bitmap $CACHE/q.bitmap
+    eq "nothing left" "[]" "$("$UBLK" list)"
+else
+    fail "add for the partly hydrated cache" "$DEV_JSON"
+fi
+
 finish

@@ -341,4 +341,108 @@ else
     fail "add p2 with a profile" "$DEV_JSON"
 fi
 nginx-stop
+
+section "a base waiting for recover is not absent: add --overlay recovers it, never starts a second"
+check "nginx again" nginx-start $WWW 8080
+rm -f $C/w.*
+WOPTS="--url $URL --cache $C/w.cache --bitmap $C/w.bitmap --overlay-dir $OV --recovery"
+# The processes that hold FILE open.
+holders() { for p in /proc/[0-9]*; do ls -l $p/fd 2>/dev/null | grep -q -- " -> $1\$" && echo ${p#/proc/}; done | xargs; }
+# kill9 PID: kill -9 of a server and wait for it to die (nothing for a pid that is not one).
+kill9() { [ "${1:-0}" -gt 0 ] 2>/dev/null && kill -9 $1 && wait_for 10 dead $1; }
+bases_of_w() { "$UBLK" list | jq "[.[] | select(.target == \"http\" and .target_options.cache == \"$C/w.cache\")] | length"; }
+# region DEV MIB: 2 MiB of DEV (O_DIRECT) from MIB on equal the image's, read
+# within 60 s (a read may wait in a device that no server serves).
+region() { timeout 60 bash -c "cmp <(dd if=$1 bs=1M skip=$2 count=2 iflag=direct 2>/dev/null) <(dd if=$WWW/disk.img bs=1M skip=$2 count=2 2>/dev/null)"; }
+if add -t http $WOPTS --overlay w1; then
+    W1=$DEV_ID; W1B=$DEV_B; WB=$(base_of $DEV_ID)
+    WBP=$("$UBLK" list -n $WB | jq -r '.[0].pid')
+    kill9 $WBP
+    dd if=$W1B of=/tmp/w1.out bs=1M count=4 skip=20 iflag=direct 2>/dev/null &
+    DD=$!
+    sleep 1
+    check "a read through the dead base waits" alive $DD
+    T0=$(date +%s)
+    W2JSON=$(timeout 60 "$UBLK" add -t http $WOPTS --overlay w2 2>/tmp/w2.err); rc=$?
+    echo "# add --overlay over the waiting base: exit $rc in $(( $(date +%s) - T0 )) s: $W2JSON $(cat /tmp/w2.err)"
+    eq "add --overlay of the same image succeeds and returns (within 60 s)" 0 $rc
+    W2=$(echo "$W2JSON" | jq -r .dev_id 2>/dev/null)
+    eq "one base of the image in list" 1 "$(bases_of_w)"
+    eq "the new device is over the same base" "$WB" "$(base_of $W2 2>/dev/null)"
+    WBP2=$("$UBLK" list -n $WB | jq -r '.[0].pid')
+    check "the base was recovered: a new server runs it" bash -c "[ '$WBP2' -gt 0 ] && [ '$WBP2' != '$WBP' ] && kill -0 $WBP2"
+    eq "the base is LIVE" LIVE "$("$UBLK" list -n $WB | jq -r '.[0].state')"
+    eq "one process holds the base's cache file" "$WBP2" "$(holders $C/w.cache)"
+    if wait_for 60 dead $DD; then
+        wait $DD; eq "the read held in the base completes with exit 0" 0 $?
+        check "with the image's bytes" bash -c "cmp /tmp/w1.out <(dd if=$WWW/disk.img bs=1M count=4 skip=20 2>/dev/null)"
+    else
+        fail "the read held in the base completes" "still waiting after 60 s"
+    fi
+    check "reads through the new device complete" region /dev/ublkb$W2 30
+    kill9 $WBP2
+    check "recover of the base works after that (nothing else holds its cache)" timeout 60 "$UBLK" recover -n $WB
+    check "reads through the first device complete" region $W1B 40
+    check "and through the second" region /dev/ublkb$W2 50
+
+    del $W2 >/dev/null; del $W1 >/dev/null
+    check "del the base when no overlay is left" del $WB
+else
+    fail "add w1 --recovery" "$DEV_JSON"
+fi
+# Whatever a failure above left on these cache files goes.
+for d in $("$UBLK" list | jq -r ".[] | select(.target_options.cache == \"$C/w.cache\") | .dev_id"); do del $d >/dev/null 2>&1; done
+
+section "del of a base sees an overlay device waiting for recover"
+rm -f $C/w.*
+if add -t http $WOPTS --overlay w3; then
+    W3=$DEV_ID; W3B=$DEV_B; WB=$(base_of $DEV_ID)
+    kill9 $DEV_PID
+    expect_error "del of its base is refused while it waits for recover" \
+        "ublk$WB is the base of ublk$W3 \(its server died; it waits for .ublk-http recover -n $W3.\): del that overlay device first" "$UBLK" del -n $WB
+    eq "the base still runs" LIVE "$("$UBLK" list -n $WB | jq -r '.[0].state')"
+    check "recover the overlay device" timeout 60 "$UBLK" recover -n $W3
+    check "it reads through its base" region $W3B 12
+    kill9 "$("$UBLK" list -n $W3 | jq -r '.[0].pid')"
+    check "del the dead overlay device" del $W3
+    check "its block device is gone" wait_for 10 gone $W3B
+    check "then del of the base" del $WB
+else
+    fail "add w3 --recovery" "$DEV_JSON"
+fi
+
+section "add --foreground --overlay: the base in the background, the overlay device served in the foreground"
+rm -f $C/f.*
+FOPTS="--url $URL --cache $C/f.cache --bitmap $C/f.bitmap --overlay-dir $OV"
+# --writable too: an overlay device is writable, the base never is.
+"$UBLK" add --foreground -t http $FOPTS --overlay fg --writable > /tmp/fg.out 2>/tmp/fg.err &
+FG=$!
+if wait_for 60 grep -q '^{' /tmp/fg.out; then
+    FGID=$(jq -r .dev_id /tmp/fg.out); FGB=/dev/ublkb$FGID
+    eq "list: an overlay device" overlay "$("$UBLK" list -n $FGID | jq -r '.[0].target')"
+    FB=$(base_of $FGID)
+    eq "over a read-only http base of the image" "http true false $URL" \
+        "$("$UBLK" list -n $FB | jq -r '.[0] | "\(.target) \(.read_only) \(.target_options.writable) \(.target_options.url)"')"
+    eq "the overlay device is served by the foreground process" "$FG" "$("$UBLK" list -n $FGID | jq -r '.[0].pid')"
+    check "the base by another, in the background" bash -c "[ \"\$($UBLK list -n $FB | jq -r '.[0].pid')\" != $FG ]"
+    check "the overlay is the named one" test -f $OV/fg.overlay
+    head -c 1M /dev/urandom > /tmp/fg.data
+    check "write to the device" dd if=/tmp/fg.data of=$FGB bs=1M seek=3 oflag=direct conv=fsync
+    check "read it back" bash -c "cmp <(dd if=$FGB bs=1M skip=3 count=1 iflag=direct 2>/dev/null) /tmp/fg.data"
+    check "the base still reads the image there" bash -c "cmp <(dd if=/dev/ublkb$FB bs=1M skip=3 count=1 iflag=direct 2>/dev/null) <(dd if=$WWW/disk.img bs=1M skip=3 count=1 2>/dev/null)"
+    kill -TERM $FG
+    check "SIGTERM ends the foreground process" wait_for 30 dead $FG
+    wait $FG; eq "which exits 0" 0 $?
+    check "the overlay device goes" wait_for 10 gone $FGB
+    eq "list no longer has it" 0 "$("$UBLK" list | jq "[.[] | select(.dev_id == $FGID)] | length")"
+    eq "the base stays" LIVE "$("$UBLK" list -n $FB | jq -r '.[0].state')"
+    del $FB >/dev/null
+else
+    fail "add --foreground --overlay" "$(cat /tmp/fg.out /tmp/fg.err)"
+    kill $FG 2>/dev/null
+fi
+expect_error "a foreground overlay add that fails is one line" "overlay 'solo' was written over another image" \
+    "$UBLK" add --foreground -t http --url http://127.0.0.1:8080/other.img --cache $C/other.cache --bitmap $C/other.bitmap --overlay-dir $OV --overlay solo
+eq "and leaves no base behind" 0 "$("$UBLK" list | jq '[.[] | select(.target == "http")] | length')"
+nginx-stop
 finish

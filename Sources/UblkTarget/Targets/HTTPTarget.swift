@@ -83,6 +83,9 @@ public final class HTTPTarget: Target {
     /// Eviction's chunk clock, shared by the queues.
     let chunks: ChunkUse?
 
+    /// nil: the probe answered; else why the device serves without the remote.
+    public let remoteState: String?
+
     public var options: [String: String] {
         [
             "url": settings.http.url, "cache": settings.cachePath, "bitmap": settings.bitmapPath,
@@ -90,6 +93,30 @@ public final class HTTPTarget: Target {
             "etag": remote.etag ?? "", "last_modified": remote.lastModified ?? "", "cache_state": cacheState,
             "writable": settings.writable ? "true" : "false", "cache_io": cacheIO.description,
         ].merging(settings.writable ? ["dirty_bitmap": settings.dirtyPath, "local_bitmap": settings.localPath] : [:]) { a, _ in a }
+            .merging(remoteState.map { ["remote": $0] } ?? [:]) { a, _ in a }
+    }
+
+    /// A probe that reached no answer: refused, unreachable, timed out, a
+    /// broken transfer or TLS handshake, or a gateway without its origin (502-504).
+    static func isUnreachable(_ e: HTTPError) -> Bool {
+        switch e.reason {
+        case .connectFailed, .timedOut, .transport, .tls: return true
+        case .status(let c): return (502...504).contains(c)
+        default: return false
+        }
+    }
+
+    /// The image as the cache's bitmap records it, when every page of it is
+    /// present and the bitmap is this URL's (its identity URL and page size);
+    /// nil otherwise. Read without taking the files (the live bits of a
+    /// server of this boot that died count, as at open).
+    static func completeCache(_ o: HTTPTargetOptions) -> RemoteImage? {
+        guard let info = try? CacheStore.inspect(bitmapPath: o.bitmapPath, cachePath: o.cachePath, live: o.liveState) else { return nil }
+        let id = info.present.identity
+        guard id.kind == .present, id.url == identityURL(o.http.url), id.pageSize == o.pageSize, id.imageSize > 0,
+              info.present.present == id.pageCount,
+              info.cacheFile == "ok" || info.cacheFile == "ok (unbound)" else { return nil }
+        return RemoteImage(effectiveURL: o.http.url, size: id.imageSize, etag: id.etag, lastModified: id.lastModified)
     }
 
     public init(_ o: HTTPTargetOptions) throws(UblkError) {
@@ -97,12 +124,24 @@ public final class HTTPTarget: Target {
         guard o.pageSize >= 512, o.pageSize.nonzeroBitCount == 1, o.pageSize <= 1 << 20 else {
             throw UblkError("--page-size must be a power of two between 512 and 1M, not \(o.pageSize)")
         }
+        // The probe asks the remote what the image is. A remote that cannot be
+        // reached is no obstacle where nothing needs fetching: a cache whose
+        // every page is present (hydrated) for this URL serves as the image
+        // its bitmaps name. Where a page is missing, the probe's error stands.
+        // A remote that answers with another identity is handled below, as
+        // always (afresh, or refused when local writes are at stake).
+        var unreachable: HTTPError?
         do {
             let probe = try HTTPSource(config: o.http)
             remote = try probe.probeBlocking()
         } catch {
-            throw UblkError(error.description)
+            guard HTTPTarget.isUnreachable(error), let cached = HTTPTarget.completeCache(o) else {
+                throw UblkError(error.description)
+            }
+            remote = cached
+            unreachable = error
         }
+        remoteState = unreachable == nil ? nil : "unreachable, serving the complete cache"
         guard remote.size > 0 else { throw UblkError("\(o.http.url) is empty: nothing to serve") }
         if let (path, p) = o.prefetchProfile, let why = p.mismatch(url: HTTPTarget.identityURL(o.http.url), imageSize: remote.size,
                                                                  etag: remote.etag, lastModified: remote.lastModified) {
@@ -126,6 +165,14 @@ public final class HTTPTarget: Target {
         cache = opened.cache
         dirty = opened.dirty
         cacheState = opened.state.description
+        if let e = unreachable {
+            // The files opened may tell otherwise than the look before (a cache
+            // file of another set starts afresh): then the probe's error stands.
+            guard opened.state == .reused, opened.present.count == opened.present.pageCount else {
+                throw UblkError(e.description)
+            }
+            log(Redact.text("ublk-http: \(e.description); every page is in the cache: serving it as the image its bitmap names"))
+        }
         for note in opened.notes { log(Redact.text("ublk-http: \(note)")) }
         if case .startedAfresh(let why) = opened.state {
             log(Redact.text("ublk-http: \(o.http.url): \(why); the cache starts afresh"))
