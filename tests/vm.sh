@@ -130,7 +130,9 @@ while [[ $next -lt ${#order[@]} || ${#running[@]} -gt 0 ]]; do
     [[ -n $done_pid && -n ${running[$done_pid]:-} ]] || continue
     i=${running[$done_pid]}; unset "running[$done_pid]"
     cat "$OUT/$i.out"
-    while read -r kind rest; do
+    # A boot whose run_boot was itself stopped leaves no complete results: that is a failure too.
+    if ! grep -qs '^time \[boot' "$OUT/$i.res"; then failed+=("${boots[$i]// /,}(the boot ended without its results)"); fi
+    [[ -f $OUT/$i.res ]] && while read -r kind rest; do
         if [[ $kind == fail ]]; then failed+=("$rest"); else times+=("$rest"); fi
     done <"$OUT/$i.res"
 done
