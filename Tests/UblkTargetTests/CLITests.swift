@@ -471,11 +471,12 @@ final class OverlayAddTests: XCTestCase {
     }
 
     func testTheOverlayDeviceIsTheSameWithAndWithoutForeground() throws {
-        let common = ["-t", "http", "--url", url, "--overlay", "vm1", "--overlay-dir", "/o", "-n", "7", "-d", "64", "--recovery"]
+        let common = ["-t", "http", "--url", url, "--overlay", "vm1", "--overlay-dir", "/o", "-n", "7", "-q", "2", "-d", "64", "--recovery"]
         let background = try parseAdd(common)
         let foreground = try parseAdd(common + ["--foreground"])
+        // -q applies to the overlay device as to its base: both serve from every queue.
         let expected = ["add", "-t", "overlay", "--lower", "/dev/ublkb3", "--overlay", "vm1", "--overlay-dir", "/o",
-                        "-d", "64", "-n", "7", "--recovery"]
+                        "-q", "2", "-d", "64", "-n", "7", "--recovery"]
         XCTAssertEqual(OverlayBase.overlayArguments(background, lower: "/dev/ublkb3"), expected)
         XCTAssertEqual(OverlayBase.overlayArguments(foreground, lower: "/dev/ublkb3"), expected)
         // They parse as the overlay device they name.

@@ -57,7 +57,7 @@ final class HTTPOfflineStartTests: XCTestCase {
         XCTAssertEqual(t.options["remote"], "unreachable, serving the complete cache")
         XCTAssertEqual(t.params.size, UInt64(imageSize + 512 - imageSize % 512))
         var page = [UInt8](repeating: 0, count: 4096)
-        _ = page.withUnsafeMutableBytes { pread(t.store.cache.fd, $0.baseAddress, 4096, 4096) }
+        _ = page.withUnsafeMutableBytes { pread(t.device.store.cache.fd, $0.baseAddress, 4096, 4096) }
         XCTAssertEqual(page, Array(image[4096..<8192]), "the cache was kept, not started afresh")
     }
 

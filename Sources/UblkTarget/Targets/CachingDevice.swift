@@ -47,7 +47,7 @@ final class CachingDevice {
     /// The handler of `queue`: the context filled as every caching target
     /// fills it, `configure` adding the target's policy. Queues other than 0
     /// never fetch (their misses go to queue 0): only queue 0 gets `fetcher`.
-    func makeHandler(for queue: Queue, deviceSize: UInt64, planner: FetchPlanner, fetcher: () -> RunFetcher,
+    func makeHandler(for queue: Queue, deviceSize: UInt64, planner: FetchPlanner, fetcher: () throws(UblkError) -> RunFetcher,
                      configure: (CacheContext) -> Void) throws(UblkError) -> QueueHandler {
         let context = CacheContext(cache: store.cache, bitmap: store.present, dirty: store.dirty, imageSize: imageSize,
                                    pageSize: pageSize, stats: stats) { [unowned self] in self.snapshot() }
@@ -59,7 +59,7 @@ final class CachingDevice {
         context.maxCacheBytes = maxCacheBytes
         context.chunks = chunks
         configure(context)
-        return try CachingHandler.make(context: context, fetcher: queue.id == 0 ? fetcher() : NoFetcher(),
+        return try CachingHandler.make(context: context, fetcher: queue.id == 0 ? try fetcher() : NoFetcher(),
                                        planner: planner, queue: queue, deviceSize: deviceSize, mesh: mesh)
     }
 }

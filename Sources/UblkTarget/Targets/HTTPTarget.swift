@@ -68,20 +68,11 @@ public final class HTTPTarget: Target {
     public let remote: RemoteImage
     /// What happened to the cache at open: fresh, reused, or started afresh (and why).
     public let cacheState: String
-    let cache: CacheFile
-    /// The cache file opened with O_DIRECT (-1: buffered or in memory), and how it is used.
-    let cacheDataFD: Int32
-    public let cacheIO: FileIO
-    let bitmap: Bitmap
-    /// Pages written locally since the last clear (writable only).
-    let dirty: Bitmap?
-    /// The cache's files, opened and bound (CacheStore).
-    let store: CacheStore
-    public let stats = CacheStats()
-    /// -q N > 1: what the queues share.
-    let mesh: CachingMesh?
-    /// Eviction's chunk clock, shared by the queues.
-    let chunks: ChunkUse?
+    /// The cache's files, statistics and queues (CachingDevice).
+    let device: CachingDevice
+    /// How the cache file's data pages are read and written.
+    public var cacheIO: FileIO { device.dataIO }
+    var stats: CacheStats { device.stats }
 
     /// nil: the probe answered; else why the device serves without the remote.
     public let remoteState: String?
@@ -160,10 +151,6 @@ public final class HTTPTarget: Target {
         spec.live = o.liveState
         let opened: CacheStore
         do { opened = try CacheStore.open(spec) } catch { throw UblkError(error.description) }
-        store = opened
-        bitmap = opened.present
-        cache = opened.cache
-        dirty = opened.dirty
         cacheState = opened.state.description
         if let e = unreachable {
             // The files opened may tell otherwise than the look before (a cache
@@ -177,14 +164,11 @@ public final class HTTPTarget: Target {
         if case .startedAfresh(let why) = opened.state {
             log(Redact.text("ublk-http: \(o.http.url): \(why); the cache starts afresh"))
         }
-        // The cache file's data pages with O_DIRECT where its file system takes
-        // it (a second fd: the buffered one keeps only the trailer, past the
-        // image). Fetched bytes are then written in aligned blocks, the
+        // Fetched bytes reach an O_DIRECT cache file in aligned blocks, the
         // image's last one padded (CachingHandler.receivedDirect).
-        let direct = DirectIO.open(path: o.cachePath, flags: O_RDWR, existing: opened.cache.fd, pageSize: o.pageSize,
-                                   size: remote.size, padsTail: true)
-        cacheDataFD = direct.fd
-        cacheIO = direct.io
+        device = CachingDevice(store: opened, pageSize: o.pageSize, imageSize: remote.size, queues: o.queues,
+                               maxCacheBytes: o.maxCacheBytes, padsTail: true)
+        let cacheIO = device.dataIO
         // The device: the image rounded up to whole logical blocks, at least
         // the cache file's direct I/O alignment (never past the trailer, which
         // starts at the image end rounded up to 4096).
@@ -196,13 +180,9 @@ public final class HTTPTarget: Target {
         p.readOnly = !o.writable
         p.writeCache = o.writable
         p.discard = o.writable
-        p.dataPaths = CachingHandler.dataPaths(cacheFD: cache.fd)
+        p.dataPaths = CachingHandler.dataPaths(cacheFD: opened.cache.fd)
         params = p
-        mesh = o.queues > 1 ? CachingMesh(queues: o.queues) : nil
-        chunks = o.maxCacheBytes > 0 ? ChunkUse(chunks: Int((remote.size >> CachingHandler.chunkShift) + 1)) : nil
     }
-
-    deinit { if cacheDataFD >= 0 { close(cacheDataFD) } }
 
     /// The image's identity a cache's bitmap records (and `status` prints):
     /// the whole URL minus what signs or expires it, with no secret in clear
@@ -220,9 +200,7 @@ public final class HTTPTarget: Target {
     }
 
     /// Counters for `list` and `stats`.
-    public func snapshot() -> HTTPStats {
-        stats.snapshot(mesh: mesh, present: bitmap, pageSize: settings.pageSize)
-    }
+    public func snapshot() -> HTTPStats { device.snapshot() }
 
     /// Readahead starts at 1 MiB on the second sequential read and doubles up to
     /// `readaheadBytes`; runs are capped at `maxRunBytes`.
@@ -234,36 +212,25 @@ public final class HTTPTarget: Target {
 
     public func makeHandler(for queue: Queue) throws(UblkError) -> QueueHandler {
         guard Int(queue.id) < settings.queues else { throw UblkError("queue \(queue.id) of \(settings.queues)?") }
-        let fetcher: RunFetcher
-        if queue.id == 0 {
+        return try device.makeHandler(for: queue, deviceSize: params.size,
+                                      planner: HTTPTarget.makePlanner(settings, imageSize: remote.size),
+                                      fetcher: { () throws(UblkError) -> RunFetcher in
             var config = settings.http
             config.maxAttempts = max(1, config.maxAttempts)
             let source: HTTPSource
-            do { source = try HTTPSource(config: config, stats: stats) } catch { throw UblkError(error.description) }
+            do { source = try HTTPSource(config: config, stats: stats) } catch { throw UblkError("\(error)") }
             source.expected = remote
-            fetcher = HTTPFetcher(source)
-        } else {
-            fetcher = NoFetcher()  // misses go to queue 0
+            return HTTPFetcher(source)
+        }) { context in
+            context.writable = settings.writable
+            if queue.id == 0, let p = settings.prefetchProfile?.profile {
+                // In recorded order, coalesced (BootProfile's REPLAY); what is present is skipped.
+                var spec = FillJobSpec(kind: .profile, ranges: p.replayRanges(targetPageSize: settings.pageSize,
+                                                                              maxRunBytes: UInt64(settings.maxRunBytes)))
+                spec.maxInFlight = max(1, min(2, settings.http.maxConnections - 1))
+                spec.maxPasses = 3
+                context.startFill = spec
+            }
         }
-        let context = CacheContext(cache: cache, bitmap: bitmap, dirty: dirty, imageSize: remote.size,
-                                   pageSize: settings.pageSize, stats: stats) { [unowned self] in self.snapshot() }
-        context.maxCacheBytes = settings.maxCacheBytes
-        context.writable = settings.writable
-        // What a page is: local data (never evicted, never replaced by remote bytes).
-        context.local = store.local
-        context.chunks = chunks
-        context.dataFD = cacheDataFD
-        context.directAlignment = cacheIO.isDirect ? cacheIO.offsetAlignment : 0
-        if queue.id == 0, let p = settings.prefetchProfile?.profile {
-            // In recorded order, coalesced (BootProfile's REPLAY); what is present is skipped.
-            var spec = FillJobSpec(kind: .profile, ranges: p.replayRanges(targetPageSize: settings.pageSize,
-                                                                          maxRunBytes: UInt64(settings.maxRunBytes)))
-            spec.maxInFlight = max(1, min(2, settings.http.maxConnections - 1))
-            spec.maxPasses = 3
-            context.startFill = spec
-        }
-        return try CachingHandler.make(context: context, fetcher: fetcher,
-                                       planner: HTTPTarget.makePlanner(settings, imageSize: remote.size),
-                                       queue: queue, deviceSize: params.size, mesh: mesh)
     }
 }
