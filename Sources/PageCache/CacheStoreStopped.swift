@@ -63,7 +63,7 @@ extension CacheStore {
     }
 
     public static func inspect(bitmapPath: String, cachePath: String?, live: LiveConfig?) throws(CacheStoreError) -> Info {
-        do {
+        try typed {
             let main = try bits(path: bitmapPath, role: "present", live: live)
             var info = main.info
             info.present = main.bits.count
@@ -94,14 +94,6 @@ extension CacheStore {
                 }
             }
             return out
-        } catch let e as CacheStoreError {
-            throw e
-        } catch let e as BitmapError {
-            throw .bitmap(e)
-        } catch let e as FileError {
-            throw .file(e)
-        } catch {
-            throw .refused("\(error)")
         }
     }
 }
