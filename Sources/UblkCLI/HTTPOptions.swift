@@ -5,6 +5,8 @@ import PageCache
 import UblkTarget
 
 /// The http target's options, shared by `add -t http`, `prefetch` and `status`.
+extension RedirectCredentials: ExpressibleByArgument {}
+
 struct HTTPOptions: ParsableArguments {
     @Option(name: .customLong("url"), help: "http(s)://HOST/PATH or s3://BUCKET/KEY of the disk image.")
     var url: String?
@@ -32,6 +34,12 @@ struct HTTPOptions: ParsableArguments {
 
     @Option(name: .customLong("password-file"), help: "A file holding the password (never on the command line; not readable by its group or other users: chmod 600).")
     var passwordFile: String?
+
+    @Option(name: .customLong("redirect-credentials"), help: ArgumentHelp(
+        "What a redirect to another host does with the credentials: drop (default) or refuse.",
+        discussion: "Credentials are the --header and --header-file headers, --user/--password-file and S3 signing. They go only to the scheme, host and port of --url. A redirect elsewhere, or from https to http, is followed without them with drop (so an API that redirects to a presigned or CDN URL works), or fails the request with refuse. Every request starts again at --url.",
+        valueName: "drop|refuse"))
+    var redirectCredentials: RedirectCredentials = .drop
 
     @Option(name: .customLong("cacert"), help: "CA certificate bundle to verify the server with.")
     var cacert: String?
@@ -64,11 +72,13 @@ struct HTTPOptions: ParsableArguments {
     var httpOnlyGiven: Bool {
         url != nil || !headers.isEmpty || headerFile != nil || user != nil || passwordFile != nil
             || cacert != nil || insecure || s3Endpoint != nil || region != nil || writable
+            || redirectCredentials != .drop
     }
 
     var given: Bool {
         url != nil || cache != nil || bitmap != nil || !headers.isEmpty || headerFile != nil || user != nil || passwordFile != nil
             || cacert != nil || insecure || s3Endpoint != nil || region != nil || writable
+            || redirectCredentials != .drop
     }
 
     /// The fetch size (largest Range GET): a page must fit in one.
@@ -188,6 +198,7 @@ struct HTTPOptions: ParsableArguments {
         config.requestTimeout = timeout
         config.dnsCacheSeconds = dnsCache
         config.maxConnections = connections
+        config.redirectCredentials = redirectCredentials
         // One bit per page in memory: 2^32 pages (512 MiB of bitmap) at most.
         config.maxImageSize = UInt64(pageSize) << 32
         if let user, let password = try readPassword() {

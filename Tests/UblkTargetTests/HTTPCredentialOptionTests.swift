@@ -4,7 +4,7 @@ import XCTest
 @testable import UblkCLI
 @testable import UblkTarget
 
-/// Files of secrets must be private to their owner.
+/// Files of secrets must be private to their owner; where credentials may go on a redirect.
 final class HTTPCredentialOptionTests: XCTestCase {
     func failure(_ args: [String]) -> String {
         do {
@@ -39,5 +39,17 @@ final class HTTPCredentialOptionTests: XCTestCase {
         XCTAssertTrue(failure(["add", "-t", "http", "--url", "http://h/x", "--header-file", world]).contains("readable by every user"))
         let own = secretFile("X-Secret: SECRETVALUE\n", mode: 0o600)
         XCTAssertEqual(failure(["add", "-t", "http", "--url", "http://h/x", "--header-file", own]), "parsed")
+    }
+
+    func testRedirectCredentialsOption() throws {
+        let parse = { (args: [String]) throws -> HTTPTargetOptions in
+            let cmd = try XCTUnwrap(try UblkHTTP.parseAsRoot(["add", "-t", "http", "--url", "http://h/x"] + args) as? Add)
+            return try cmd.http.targetOptions()
+        }
+        XCTAssertEqual(try parse([]).http.redirectCredentials, .drop)
+        XCTAssertEqual(try parse(["--redirect-credentials", "refuse"]).http.redirectCredentials, .refuse)
+        let msg = failure(["add", "-t", "http", "--url", "http://h/x", "--redirect-credentials", "maybe"])
+        XCTAssertTrue(msg.contains("drop") && msg.contains("refuse"), msg)
+        XCTAssertFalse(msg.contains("\n"), msg)
     }
 }
