@@ -14,6 +14,12 @@
 //   Content-Range asked for (and, once `expected` is set, the same total size
 //   and validators). 200 (Range ignored), another range, a changed ETag or size
 //   is a typed error: data is never delivered at a wrong offset.
+// - Validators: when `expected` has an ETag (else a Last-Modified) and a 206
+//   lacks it, the body is held in memory (the range, at most) and handed over
+//   only after a HEAD started after that 206 arrived shows the same size and
+//   validators; otherwise the fetch fails with `.validatorChanged` or
+//   `.sizeChanged`, as a 206 with a different ETag does. Fetches held at once
+//   share one HEAD.
 // - Redirects (301, 302, 303, 307, 308; at most `maxRedirects`) are followed
 //   here, hop by hop, not by curl: each hop is a request of its own, to the
 //   Location curl resolved (CURLINFO_REDIRECT_URL), http or https only. The
@@ -34,8 +40,8 @@
 //   (404, 403, a certificate that does not verify, a bad Content-Range) are
 //   never retried. The probe retries the same faults except a refused
 //   connection, which at `add` time is a prompt error, not a fault in passing.
-// - Callbacks: `onData` runs inside curl's write callback and must not call
-//   back into the source. `completion` runs after curl's callbacks have
+// - Callbacks: `onData` runs inside curl's write callback (or, for a held
+//   body, from `perform()` after its HEAD) and must not call back into the source. `completion` runs after curl's callbacks have
 //   returned (from `perform()`), and may start new fetches.
 // - `probe` learns size and validators: HEAD; on 403/405/501, or when HEAD
 //   does not announce `Accept-Ranges: bytes`, a GET of `Range: bytes=0-0`
@@ -71,6 +77,10 @@ public final class HTTPSource {
     private var performing = false
     /// Requests to the URL's origin carry credentials: headers, a user name, S3 signing, a user in the URL.
     private let credentialed: Bool
+    /// Fetches whose bodies are held for a HEAD not started yet, and those the HEAD in flight decides.
+    private var awaitingCheck: [Transfer] = []
+    private var checking: [Transfer] = []
+    private var checkInFlight = false
 
     private static let globalInit: Bool = {
         curl_global_init(ccurl_global_default) == CURLE_OK
@@ -122,7 +132,7 @@ public final class HTTPSource {
             if let e = t.easy { curl_multi_remove_handle(multi, e); curl_easy_cleanup(e) }
             t.release()
         }
-        for t in retryQueue { t.release() }
+        for t in retryQueue + awaitingCheck + checking { t.release() }
         for e in pool { curl_easy_cleanup(e) }
         curl_multi_cleanup(multi)
         close(fd)
@@ -131,8 +141,10 @@ public final class HTTPSource {
     }
 
     /// No request is running, waiting for a retry, or waiting to report.
-    public var isIdle: Bool { active.isEmpty && retryQueue.isEmpty && finished.isEmpty }
-    public var activeCount: Int { active.count + retryQueue.count }
+    public var isIdle: Bool {
+        active.isEmpty && retryQueue.isEmpty && finished.isEmpty && awaitingCheck.isEmpty && checking.isEmpty
+    }
+    public var activeCount: Int { active.count + retryQueue.count + awaitingCheck.count + checking.count }
 
     // MARK: Requests
 
@@ -190,8 +202,10 @@ public final class HTTPSource {
             detach(t)
             finish(t, .failure(HTTPError(.cancelled, url: url, attempts: t.attempt)))
         }
-        let waiting = retryQueue
+        // The fetches `checking` holds fail with the cancelled HEAD.
+        let waiting = retryQueue + awaitingCheck
         retryQueue = []
+        awaitingCheck = []
         for t in waiting { finish(t, .failure(HTTPError(.cancelled, url: url, attempts: t.attempt))) }
         runCompletions()
     }
@@ -423,10 +437,16 @@ public final class HTTPSource {
         stats.bytesFetched += UInt64(n)
         switch t.kind {
         case .fetch:
-            let remaining = t.length - t.delivered
+            let remaining = t.length - t.delivered - t.held.count
             if n > remaining {
                 t.failure = .rangeMismatch(expected: t.rangeAsked, got: "more than \(remaining) bytes")
                 return ccurl_writefunc_error
+            }
+            if t.hold {
+                // Not the caller's until `revalidate` has seen the same object.
+                if t.held.isEmpty { t.held.reserveCapacity(t.length - t.delivered) }
+                t.held.append(contentsOf: bytes)
+                return n
             }
             if !t.onData!(t.offset + UInt64(t.delivered), bytes) {
                 t.failure = .aborted
@@ -483,9 +503,16 @@ public final class HTTPSource {
                     t.failure = .validatorChanged(expected: want, got: got)
                     return false
                 }
-                if x.etag == nil, let want = x.lastModified, let got = t.headers.lastModified, want != got {
+                if let want = x.lastModified, let got = t.headers.lastModified, want != got,
+                   x.etag == nil || t.headers.etag == nil {
                     t.failure = .validatorChanged(expected: want, got: got)
                     return false
+                }
+                // A 206 without the validator the image has proves nothing: its
+                // bytes are held until a HEAD sees the same object (`revalidate`).
+                if t.kind == .fetch {
+                    if x.etag != nil { t.hold = t.headers.etag == nil }
+                    else if x.lastModified != nil { t.hold = t.headers.lastModified == nil }
                 }
             }
             return true
@@ -577,9 +604,10 @@ public final class HTTPSource {
             finish(t, .success(()))
         case .fetch:
             if !t.bodyOK { return fail(.status(status), retryable: false) }
-            if t.delivered < t.length {
-                return fail(.shortBody(expected: t.length, got: t.delivered), retryable: true)
+            if t.delivered + t.held.count < t.length {
+                return fail(.shortBody(expected: t.length, got: t.delivered + t.held.count), retryable: true)
             }
+            if t.hold { return revalidate(t) }
             stats.fetchLatency.record(nanoseconds: monotonicNanos() - t.startedAt)
             finish(t, .success(()))
         }
@@ -644,6 +672,75 @@ public final class HTTPSource {
         var scheme: String
         var host: String
         var port: String
+    }
+
+    // MARK: Validators
+
+    /// Holds `t`'s bytes until a HEAD started after its 206 arrived sees the
+    /// image's size and validators; then delivers them, or fails `t` as a
+    /// changed image does. Fetches waiting at once share one HEAD.
+    private func revalidate(_ t: Transfer) {
+        awaitingCheck.append(t)
+        startCheck()
+    }
+
+    private func startCheck() {
+        guard !checkInFlight, !awaitingCheck.isEmpty else { return }
+        let batch = awaitingCheck
+        awaitingCheck = []
+        checkInFlight = true
+        checking = batch
+        let h = Transfer(id: nextID, kind: .head, offset: 0, length: 0)
+        nextID += 1
+        h.startedAt = monotonicNanos()
+        h.completion = { [unowned h, weak self] result in
+            guard let self else { return }
+            self.checkInFlight = false
+            let batch = self.checking
+            self.checking = []
+            var verdict: HTTPError.Reason?
+            switch result {
+            case .failure(let e): verdict = e.reason
+            case .success: verdict = self.expected.flatMap { HTTPSource.difference(from: $0, to: h.image!) }
+            }
+            for t in batch { self.settle(t, verdict) }
+            self.startCheck()
+        }
+        start(h)
+    }
+
+    /// How `now` differs from `was` (size, then ETag, then Last-Modified), or nil.
+    static func difference(from was: RemoteImage, to now: RemoteImage) -> HTTPError.Reason? {
+        if now.size != was.size { return .sizeChanged(expected: was.size, got: now.size) }
+        if let want = was.etag {
+            if now.etag != want { return .validatorChanged(expected: want, got: now.etag ?? "(none)") }
+        } else if let want = was.lastModified, now.lastModified != want {
+            return .validatorChanged(expected: want, got: now.lastModified ?? "(none)")
+        }
+        return nil
+    }
+
+    /// Delivers a held body (`verdict` nil) or fails its fetch.
+    private func settle(_ t: Transfer, _ verdict: HTTPError.Reason?) {
+        if let verdict {
+            t.held = []
+            return finish(t, .failure(HTTPError(verdict, url: url, attempts: t.attempt)))
+        }
+        let chunk = 512 << 10
+        var at = 0
+        while at < t.held.count {
+            let n = min(chunk, t.held.count - at)
+            let ok = t.held.withUnsafeBytes { t.onData!(t.offset + UInt64(t.delivered), UnsafeRawBufferPointer(rebasing: $0[at..<at + n])) }
+            if !ok {
+                t.held = []
+                return finish(t, .failure(HTTPError(.aborted, url: url, attempts: t.attempt)))
+            }
+            t.delivered += n
+            at += n
+        }
+        t.held = []
+        stats.fetchLatency.record(nanoseconds: monotonicNanos() - t.startedAt)
+        finish(t, .success(()))
     }
 
     private func switchToRangeProbe(_ t: Transfer) {
@@ -783,6 +880,8 @@ final class Transfer {
     var target = ""
     var hops = 0
     var credentials = true
+    /// Body bytes not yet the caller's: the 206 lacked the image's validator.
+    var held: [UInt8] = []
 
     // Per attempt.
     var headers = Headers()
@@ -790,6 +889,7 @@ final class Transfer {
     var checked = false
     var bodyOK = false
     var failure: HTTPError.Reason?
+    var hold = false
     let errorBuffer: UnsafeMutablePointer<CChar>
     private var slist: UnsafeMutablePointer<curl_slist>?
 
@@ -820,6 +920,8 @@ final class Transfer {
         checked = false
         bodyOK = false
         failure = nil
+        hold = false
+        held = []
         errorBuffer[0] = 0
     }
 

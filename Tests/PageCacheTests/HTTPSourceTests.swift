@@ -539,3 +539,59 @@ final class RedirectCredentialTests: XCTestCase {
         XCTAssertFalse(HTTPSource.hasUserInfo("http://h/x?a=b@c"))
     }
 }
+
+/// A 206 lacking the validator the image had at the probe proves nothing: its
+/// bytes reach the caller only after a HEAD sees the same image.
+final class PartialResponseValidatorTests: XCTestCase {
+    static let image = makeImage(size: 1 << 20, seed: 11)
+    var server: FaultServer!
+
+    override func setUpWithError() throws { server = try FaultServer(image: Self.image) }
+    override func tearDown() { server?.stop() }
+
+    func source(_ query: String) throws -> HTTPSource {
+        var c = HTTPConfig(url: server.url(query))
+        c.retryBaseDelay = 0.01
+        c.maxAttempts = 3
+        return try HTTPSource(config: c)
+    }
+
+    func testBytesOfA206WithoutTheETagWaitForAHEADOfTheSameImage() throws {
+        let src = try source("mode=novalidators&id=nv1")
+        XCTAssertEqual(try src.probeBlocking().etag, "\"fixed-1\"")
+        let sink = Sink(offset: 8192, length: 65536)
+        var askedBeforeData: [String]?
+        src.fetch(offset: 8192, length: 65536, onData: { [server] offset, bytes in
+            if askedBeforeData == nil { askedBeforeData = server!.requests(id: "nv1").map(\.method) }
+            return sink.handler(offset, bytes)
+        }) { sink.result = $0 }
+        src.runUntilIdle(timeout: 20)
+        XCTAssertNil(failure(sink.result), "\(String(describing: sink.result))")
+        assertBytes(sink.data, Self.image[8192..<73728])
+        XCTAssertEqual(askedBeforeData, ["HEAD", "GET", "HEAD"], "bytes handed over before the image was checked again")
+    }
+
+    func testA206WithoutTheETagOfAChangedImageFailsAsAChangedImage() throws {
+        let src = try source("mode=novalidators&changeafter=1&id=nv2")
+        XCTAssertEqual(try src.probeBlocking().etag, "\"fixed-1\"")
+        let sink = src.fetchBlocking(offset: 0, length: 4096)
+        XCTAssertEqual(failure(sink.result)?.reason, .validatorChanged(expected: "\"fixed-1\"", got: "\"fixed-2\""))
+        XCTAssertEqual(sink.calls, 0, "bytes of a changed image were delivered")
+    }
+
+    func testConcurrent206sWithoutTheETagAreAllCheckedAndDelivered() throws {
+        let src = try source("mode=novalidators&id=nv3")
+        _ = try src.probeBlocking()
+        let n = 131_072
+        let sinks = (0..<4).map { Sink(offset: UInt64($0 * n), length: n) }
+        for s in sinks { src.fetch(offset: s.base, length: n, onData: s.handler) { s.result = $0 } }
+        src.runUntilIdle(timeout: 20)
+        for (i, s) in sinks.enumerated() {
+            XCTAssertNil(failure(s.result), "\(String(describing: s.result))")
+            assertBytes(s.data, Self.image[i * n..<(i + 1) * n])
+        }
+        let checks = server.requests(id: "nv3").filter { $0.method == "HEAD" }.count - 1
+        XCTAssertTrue((1...4).contains(checks), "\(checks) HEADs after the probe")
+        XCTAssertTrue(src.isIdle)
+    }
+}
