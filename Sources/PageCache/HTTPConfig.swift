@@ -151,6 +151,10 @@ public struct HTTPConfig: Sendable {
     public var lowSpeedTime = 20
     public var maxConnections = 8
     public var maxRedirects = 5
+    /// What a redirect to another origin (scheme, host or port differ from the
+    /// URL's) or from https to http does with the credentials: the headers,
+    /// the user name and password, S3 signing (see `HTTPSource`).
+    public var redirectCredentials = RedirectCredentials.drop
     /// Attempts per request, the first included.
     public var maxAttempts = 5
     /// The largest image the probe accepts (a bitmap has one bit per page in
@@ -207,6 +211,14 @@ public struct HTTPConfig: Sendable {
     }
 }
 
+/// What a redirect that leaves the URL's origin does while credentials are attached.
+public enum RedirectCredentials: String, CaseIterable, Sendable {
+    /// Follow it without them (a presigned or CDN URL on another host works).
+    case drop
+    /// Fail the request (`HTTPError.Reason.redirectRefused`).
+    case refuse
+}
+
 /// What a probe learned about the remote image.
 public struct RemoteImage: Equatable, Sendable {
     /// The URL after redirects.
@@ -248,6 +260,9 @@ public struct HTTPError: Error, Equatable, CustomStringConvertible, Sendable {
         case tls
         case timedOut
         case tooManyRedirects
+        /// A redirect not followed: to a scheme other than http(s), or (with
+        /// `RedirectCredentials.refuse`) to another origin while credentials were attached.
+        case redirectRefused(String)
         /// The data handler asked to stop.
         case aborted
         case cancelled
@@ -299,6 +314,7 @@ public struct HTTPError: Error, Equatable, CustomStringConvertible, Sendable {
         case .tls: s = "TLS failure"
         case .timedOut: s = "timed out"
         case .tooManyRedirects: s = "too many redirects"
+        case .redirectRefused(let why): s = "redirect refused: \(why)"
         case .aborted: s = "aborted by the data handler"
         case .cancelled: s = "cancelled"
         case .transport(let c): s = "transfer failed (curl error \(c))"

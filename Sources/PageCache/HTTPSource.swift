@@ -14,6 +14,23 @@
 //   Content-Range asked for (and, once `expected` is set, the same total size
 //   and validators). 200 (Range ignored), another range, a changed ETag or size
 //   is a typed error: data is never delivered at a wrong offset.
+// - Validators: when `expected` has an ETag (else a Last-Modified) and a 206
+//   lacks it, the body is held in memory (the range, at most) and handed over
+//   only after a HEAD started after that 206 arrived shows the same size and
+//   validators; otherwise the fetch fails with `.validatorChanged` or
+//   `.sizeChanged`, as a 206 with a different ETag does. Fetches held at once
+//   share one HEAD.
+// - Redirects (301, 302, 303, 307, 308; at most `maxRedirects`) are followed
+//   here, hop by hop, not by curl: each hop is a request of its own, to the
+//   Location curl resolved (CURLINFO_REDIRECT_URL), http or https only. The
+//   credentials (headers, user and password, a user in the URL, S3 signing)
+//   go only to the URL's origin (scheme, host and port): a hop elsewhere,
+//   https to http included, is sent without them (`RedirectCredentials.drop`,
+//   the default) or refused (`.refuse`, `.redirectRefused`, not retried);
+//   once dropped they stay off for the rest of the attempt. Every request and
+//   every retry starts again at the URL: the final URL is never remembered
+//   (a presigned redirect target may expire; the probe's `effectiveURL` is
+//   for display only).
 // - Retries: 5xx/429, timeouts, resets, short bodies, and the transient
 //   network faults (a name that did not resolve, a TLS handshake that failed
 //   or was reset, a refused connection) are retried with exponential backoff,
@@ -23,8 +40,8 @@
 //   (404, 403, a certificate that does not verify, a bad Content-Range) are
 //   never retried. The probe retries the same faults except a refused
 //   connection, which at `add` time is a prompt error, not a fault in passing.
-// - Callbacks: `onData` runs inside curl's write callback and must not call
-//   back into the source. `completion` runs after curl's callbacks have
+// - Callbacks: `onData` runs inside curl's write callback (or, for a held
+//   body, from `perform()` after its HEAD) and must not call back into the source. `completion` runs after curl's callbacks have
 //   returned (from `perform()`), and may start new fetches.
 // - `probe` learns size and validators: HEAD; on 403/405/501, or when HEAD
 //   does not announce `Accept-Ranges: bytes`, a GET of `Range: bytes=0-0`
@@ -58,6 +75,12 @@ public final class HTTPSource {
     private var nextID: UInt64 = 1
     private var events = [epoll_event](repeating: epoll_event(), count: 64)
     private var performing = false
+    /// Requests to the URL's origin carry credentials: headers, a user name, S3 signing, a user in the URL.
+    private let credentialed: Bool
+    /// Fetches whose bodies are held for a HEAD not started yet, and those the HEAD in flight decides.
+    private var awaitingCheck: [Transfer] = []
+    private var checking: [Transfer] = []
+    private var checkInFlight = false
 
     private static let globalInit: Bool = {
         curl_global_init(ccurl_global_default) == CURLE_OK
@@ -81,6 +104,8 @@ public final class HTTPSource {
         }
         self.config = config
         self.url = url
+        self.credentialed = !config.headers.isEmpty || config.username != nil || config.password != nil
+            || config.s3 != nil || HTTPSource.hasUserInfo(url)
         self.stats = stats
         self.multi = m
         self.fd = ep
@@ -107,7 +132,7 @@ public final class HTTPSource {
             if let e = t.easy { curl_multi_remove_handle(multi, e); curl_easy_cleanup(e) }
             t.release()
         }
-        for t in retryQueue { t.release() }
+        for t in retryQueue + awaitingCheck + checking { t.release() }
         for e in pool { curl_easy_cleanup(e) }
         curl_multi_cleanup(multi)
         close(fd)
@@ -116,8 +141,10 @@ public final class HTTPSource {
     }
 
     /// No request is running, waiting for a retry, or waiting to report.
-    public var isIdle: Bool { active.isEmpty && retryQueue.isEmpty && finished.isEmpty }
-    public var activeCount: Int { active.count + retryQueue.count }
+    public var isIdle: Bool {
+        active.isEmpty && retryQueue.isEmpty && finished.isEmpty && awaitingCheck.isEmpty && checking.isEmpty
+    }
+    public var activeCount: Int { active.count + retryQueue.count + awaitingCheck.count + checking.count }
 
     // MARK: Requests
 
@@ -175,8 +202,10 @@ public final class HTTPSource {
             detach(t)
             finish(t, .failure(HTTPError(.cancelled, url: url, attempts: t.attempt)))
         }
-        let waiting = retryQueue
+        // The fetches `checking` holds fail with the cancelled HEAD.
+        let waiting = retryQueue + awaitingCheck
         retryQueue = []
+        awaitingCheck = []
         for t in waiting { finish(t, .failure(HTTPError(.cancelled, url: url, attempts: t.attempt))) }
         runCompletions()
     }
@@ -303,8 +332,14 @@ public final class HTTPSource {
 
     // MARK: Transfers
 
-    private func start(_ t: Transfer) {
-        t.attempt += 1
+    /// Starts an attempt at the URL (or, with `hop`, the next hop of a redirect).
+    private func start(_ t: Transfer, hop: Bool = false) {
+        if !hop {
+            t.attempt += 1
+            t.target = url
+            t.hops = 0
+            t.credentials = true
+        }
         t.resetAttempt()
         let easy: UnsafeMutableRawPointer
         if let e = pool.popLast() {
@@ -333,7 +368,7 @@ public final class HTTPSource {
 
     private func configure(_ e: UnsafeMutableRawPointer, for t: Transfer) {
         let c = config
-        ccurl_easy_setopt_string(e, CURLOPT_URL, url)
+        ccurl_easy_setopt_string(e, CURLOPT_URL, t.target)
         ccurl_easy_setopt_pointer(e, CURLOPT_PRIVATE, Unmanaged.passUnretained(t).toOpaque())
         ccurl_easy_setopt_write_callback(e, CURLOPT_WRITEFUNCTION, HTTPSource.writeCallback)
         ccurl_easy_setopt_pointer(e, CURLOPT_WRITEDATA, Unmanaged.passUnretained(t).toOpaque())
@@ -341,8 +376,8 @@ public final class HTTPSource {
         ccurl_easy_setopt_pointer(e, CURLOPT_HEADERDATA, Unmanaged.passUnretained(t).toOpaque())
         ccurl_easy_setopt_pointer(e, CURLOPT_ERRORBUFFER, t.errorBuffer)
         ccurl_easy_setopt_long(e, CURLOPT_NOSIGNAL, 1)
-        ccurl_easy_setopt_long(e, CURLOPT_FOLLOWLOCATION, 1)
-        ccurl_easy_setopt_long(e, CURLOPT_MAXREDIRS, c.maxRedirects)
+        // Redirects are followed by `redirect`, hop by hop, so credentials are chosen per hop.
+        ccurl_easy_setopt_long(e, CURLOPT_FOLLOWLOCATION, 0)
         ccurl_easy_setopt_string(e, CURLOPT_PROTOCOLS_STR, "http,https")
         ccurl_easy_setopt_string(e, CURLOPT_REDIR_PROTOCOLS_STR, "http,https")
         ccurl_easy_setopt_long(e, CURLOPT_HTTP_VERSION, c.http2 ? ccurl_http_version_2tls : ccurl_http_version_1_1)
@@ -360,18 +395,21 @@ public final class HTTPSource {
         ccurl_easy_setopt_long(e, CURLOPT_SSL_VERIFYHOST, c.insecure ? 0 : 2)
         if let ca = c.caCertPath { ccurl_easy_setopt_string(e, CURLOPT_CAINFO, ca) }
         if c.verbose { ccurl_easy_setopt_long(e, CURLOPT_VERBOSE, 1) }
-        if let s3 = c.s3 {
-            ccurl_easy_setopt_string(e, CURLOPT_AWS_SIGV4, "aws:amz:\(s3.region):s3")
-            ccurl_easy_setopt_string(e, CURLOPT_USERNAME, s3.accessKeyID)
-            ccurl_easy_setopt_string(e, CURLOPT_PASSWORD, s3.secretAccessKey)
-        } else {
-            if let u = c.username { ccurl_easy_setopt_string(e, CURLOPT_USERNAME, u) }
-            if let p = c.password { ccurl_easy_setopt_string(e, CURLOPT_PASSWORD, p) }
-        }
         var list: UnsafeMutablePointer<curl_slist>?
-        for h in c.headers { list = curl_slist_append(list, h) }
-        if let token = c.s3?.sessionToken { list = curl_slist_append(list, "x-amz-security-token: \(token)") }
-        if c.s3 != nil { list = curl_slist_append(list, "x-amz-content-sha256: UNSIGNED-PAYLOAD") }
+        // Credentials go only to the URL's own origin (see `redirect`).
+        if t.credentials {
+            if let s3 = c.s3 {
+                ccurl_easy_setopt_string(e, CURLOPT_AWS_SIGV4, "aws:amz:\(s3.region):s3")
+                ccurl_easy_setopt_string(e, CURLOPT_USERNAME, s3.accessKeyID)
+                ccurl_easy_setopt_string(e, CURLOPT_PASSWORD, s3.secretAccessKey)
+            } else {
+                if let u = c.username { ccurl_easy_setopt_string(e, CURLOPT_USERNAME, u) }
+                if let p = c.password { ccurl_easy_setopt_string(e, CURLOPT_PASSWORD, p) }
+            }
+            for h in c.headers { list = curl_slist_append(list, h) }
+            if let token = c.s3?.sessionToken { list = curl_slist_append(list, "x-amz-security-token: \(token)") }
+            if c.s3 != nil { list = curl_slist_append(list, "x-amz-content-sha256: UNSIGNED-PAYLOAD") }
+        }
         t.setHeaders(list)
         if let list { ccurl_easy_setopt_slist(e, CURLOPT_HTTPHEADER, list) }
         switch t.kind {
@@ -399,10 +437,16 @@ public final class HTTPSource {
         stats.bytesFetched += UInt64(n)
         switch t.kind {
         case .fetch:
-            let remaining = t.length - t.delivered
+            let remaining = t.length - t.delivered - t.held.count
             if n > remaining {
                 t.failure = .rangeMismatch(expected: t.rangeAsked, got: "more than \(remaining) bytes")
                 return ccurl_writefunc_error
+            }
+            if t.hold {
+                // Not the caller's until `revalidate` has seen the same object.
+                if t.held.isEmpty { t.held.reserveCapacity(t.length - t.delivered) }
+                t.held.append(contentsOf: bytes)
+                return n
             }
             if !t.onData!(t.offset + UInt64(t.delivered), bytes) {
                 t.failure = .aborted
@@ -459,9 +503,16 @@ public final class HTTPSource {
                     t.failure = .validatorChanged(expected: want, got: got)
                     return false
                 }
-                if x.etag == nil, let want = x.lastModified, let got = t.headers.lastModified, want != got {
+                if let want = x.lastModified, let got = t.headers.lastModified, want != got,
+                   x.etag == nil || t.headers.etag == nil {
                     t.failure = .validatorChanged(expected: want, got: got)
                     return false
+                }
+                // A 206 without the validator the image has proves nothing: its
+                // bytes are held until a HEAD sees the same object (`revalidate`).
+                if t.kind == .fetch {
+                    if x.etag != nil { t.hold = t.headers.etag == nil }
+                    else if x.lastModified != nil { t.hold = t.headers.lastModified == nil }
                 }
             }
             return true
@@ -491,10 +542,15 @@ public final class HTTPSource {
         let status = t.status
         let detail = t.errorMessage
         var effective: String?
+        var location: String?
         if let e = t.easy {
             var p: UnsafePointer<CChar>?
             ccurl_easy_getinfo_string(e, CURLINFO_EFFECTIVE_URL, &p)
             effective = p.map { String(cString: $0) }
+            // Location resolved against this hop's URL by curl itself.
+            var r: UnsafePointer<CChar>?
+            ccurl_easy_getinfo_string(e, CURLINFO_REDIRECT_URL, &r)
+            location = r.map { String(cString: $0) }
         }
         detach(t)
 
@@ -517,6 +573,11 @@ public final class HTTPSource {
         }
         if status >= 500 || status == 429 || status == 408 {
             return fail(.status(status), retryable: true)
+        }
+        if [301, 302, 303, 307, 308].contains(status) {
+            guard let location else { return fail(.status(status), retryable: false) }
+            if let refused = redirect(t, to: location) { return fail(refused, retryable: false) }
+            return
         }
         switch t.kind {
         case .head:
@@ -543,12 +604,143 @@ public final class HTTPSource {
             finish(t, .success(()))
         case .fetch:
             if !t.bodyOK { return fail(.status(status), retryable: false) }
-            if t.delivered < t.length {
-                return fail(.shortBody(expected: t.length, got: t.delivered), retryable: true)
+            if t.delivered + t.held.count < t.length {
+                return fail(.shortBody(expected: t.length, got: t.delivered + t.held.count), retryable: true)
             }
+            if t.hold { return revalidate(t) }
             stats.fetchLatency.record(nanoseconds: monotonicNanos() - t.startedAt)
             finish(t, .success(()))
         }
+    }
+
+    // MARK: Redirects
+
+    /// Follows a 3xx to `next` (already absolute) as the next hop of `t`'s
+    /// attempt, or returns why not. A hop to another origin than the URL's
+    /// (scheme, host or port differ; so https to http too) goes without the
+    /// credentials (`.drop`), or is refused (`.refuse`) while they are attached;
+    /// once dropped they stay off for the rest of the attempt.
+    private func redirect(_ t: Transfer, to next: String) -> HTTPError.Reason? {
+        if t.hops >= config.maxRedirects { return .tooManyRedirects }
+        guard let to = HTTPSource.origin(next), to.scheme == "http" || to.scheme == "https" else {
+            return .redirectRefused("\(Redact.url(next)) is not an http(s) URL")
+        }
+        if t.credentials && credentialed && to != HTTPSource.origin(url) {
+            switch config.redirectCredentials {
+            case .refuse:
+                return .redirectRefused("\(Redact.url(next)) is another origin than the URL's (scheme, host or port) "
+                                        + "and the request carries credentials")
+            case .drop:
+                t.credentials = false
+            }
+        }
+        t.target = next
+        t.hops += 1
+        start(t, hop: true)
+        return nil
+    }
+
+    /// A URL's scheme, host and port (the default port when none is written),
+    /// lowercased, as curl's URL parser reads them; nil when it does not parse.
+    static func origin(_ u: String) -> Origin? {
+        guard let h = curl_url() else { return nil }
+        defer { curl_url_cleanup(h) }
+        guard curl_url_set(h, CURLUPART_URL, u, 0) == CURLUE_OK else { return nil }
+        func part(_ what: CURLUPart, _ flags: UInt32) -> String? {
+            var out: UnsafeMutablePointer<CChar>?
+            guard curl_url_get(h, what, &out, flags) == CURLUE_OK, let out else { return nil }
+            defer { curl_free(out) }
+            return String(cString: out).lowercased()
+        }
+        guard let scheme = part(CURLUPART_SCHEME, 0), let host = part(CURLUPART_HOST, 0),
+              let port = part(CURLUPART_PORT, UInt32(CURLU_DEFAULT_PORT)) else { return nil }
+        return Origin(scheme: scheme, host: host, port: port)
+    }
+
+    /// Whether a URL names a user (and maybe a password) before its host.
+    static func hasUserInfo(_ u: String) -> Bool {
+        guard let h = curl_url() else { return false }
+        defer { curl_url_cleanup(h) }
+        guard curl_url_set(h, CURLUPART_URL, u, 0) == CURLUE_OK else { return false }
+        var out: UnsafeMutablePointer<CChar>?
+        let r = curl_url_get(h, CURLUPART_USER, &out, 0)
+        if let out { curl_free(out) }
+        return r == CURLUE_OK
+    }
+
+    struct Origin: Equatable {
+        var scheme: String
+        var host: String
+        var port: String
+    }
+
+    // MARK: Validators
+
+    /// Holds `t`'s bytes until a HEAD started after its 206 arrived sees the
+    /// image's size and validators; then delivers them, or fails `t` as a
+    /// changed image does. Fetches waiting at once share one HEAD.
+    private func revalidate(_ t: Transfer) {
+        awaitingCheck.append(t)
+        startCheck()
+    }
+
+    private func startCheck() {
+        guard !checkInFlight, !awaitingCheck.isEmpty else { return }
+        let batch = awaitingCheck
+        awaitingCheck = []
+        checkInFlight = true
+        checking = batch
+        let h = Transfer(id: nextID, kind: .head, offset: 0, length: 0)
+        nextID += 1
+        h.startedAt = monotonicNanos()
+        h.completion = { [unowned h, weak self] result in
+            guard let self else { return }
+            self.checkInFlight = false
+            let batch = self.checking
+            self.checking = []
+            var verdict: HTTPError.Reason?
+            switch result {
+            case .failure(let e): verdict = e.reason
+            case .success: verdict = self.expected.flatMap { HTTPSource.difference(from: $0, to: h.image!) }
+            }
+            for t in batch { self.settle(t, verdict) }
+            self.startCheck()
+        }
+        start(h)
+    }
+
+    /// How `now` differs from `was` (size, then ETag, then Last-Modified), or nil.
+    static func difference(from was: RemoteImage, to now: RemoteImage) -> HTTPError.Reason? {
+        if now.size != was.size { return .sizeChanged(expected: was.size, got: now.size) }
+        if let want = was.etag {
+            if now.etag != want { return .validatorChanged(expected: want, got: now.etag ?? "(none)") }
+        } else if let want = was.lastModified, now.lastModified != want {
+            return .validatorChanged(expected: want, got: now.lastModified ?? "(none)")
+        }
+        return nil
+    }
+
+    /// Delivers a held body (`verdict` nil) or fails its fetch.
+    private func settle(_ t: Transfer, _ verdict: HTTPError.Reason?) {
+        if let verdict {
+            t.held = []
+            return finish(t, .failure(HTTPError(verdict, url: url, attempts: t.attempt)))
+        }
+        let chunk = 512 << 10
+        var at = 0
+        while at < t.held.count {
+            let n = min(chunk, t.held.count - at)
+            let ok = t.held.withUnsafeBytes { t.onData!(t.offset + UInt64(t.delivered), UnsafeRawBufferPointer(rebasing: $0[at..<at + n])) }
+            if !ok {
+                t.held = []
+                return finish(t, .failure(HTTPError(.aborted, url: url, attempts: t.attempt)))
+            }
+            t.delivered += n
+            at += n
+        }
+        t.held = []
+        stats.fetchLatency.record(nanoseconds: monotonicNanos() - t.startedAt)
+        finish(t, .success(()))
     }
 
     private func switchToRangeProbe(_ t: Transfer) {
@@ -684,6 +876,12 @@ final class Transfer {
     var onData: HTTPSource.DataHandler?
     var completion: HTTPSource.Completion?
     var image: RemoteImage?
+    /// This hop's URL, how many redirects led to it, and whether it gets the credentials.
+    var target = ""
+    var hops = 0
+    var credentials = true
+    /// Body bytes not yet the caller's: the 206 lacked the image's validator.
+    var held: [UInt8] = []
 
     // Per attempt.
     var headers = Headers()
@@ -691,6 +889,7 @@ final class Transfer {
     var checked = false
     var bodyOK = false
     var failure: HTTPError.Reason?
+    var hold = false
     let errorBuffer: UnsafeMutablePointer<CChar>
     private var slist: UnsafeMutablePointer<curl_slist>?
 
@@ -721,6 +920,8 @@ final class Transfer {
         checked = false
         bodyOK = false
         failure = nil
+        hold = false
+        held = []
         errorBuffer[0] = 0
     }
 

@@ -5,6 +5,8 @@ import PageCache
 import UblkTarget
 
 /// The http target's options, shared by `add -t http`, `prefetch` and `status`.
+extension RedirectCredentials: ExpressibleByArgument {}
+
 struct HTTPOptions: ParsableArguments {
     @Option(name: .customLong("url"), help: ArgumentHelp(
         "http(s)://HOST/PATH or s3://BUCKET/KEY of the disk image.",
@@ -36,15 +38,21 @@ struct HTTPOptions: ParsableArguments {
 
     @Option(name: .customLong("header-file"), help: ArgumentHelp(
         "Extra request headers from FILE: one 'Name: value' per line; empty lines and lines starting with # are skipped.",
-        discussion: "The file must not be readable by other users (chmod 600); its values are never printed, logged or passed on a command line. Read again by `recover`.",
+        discussion: "The file must not be readable by its group or other users (chmod 600); its values are never printed, logged or passed on a command line. Read again by `recover`.",
         valueName: "file"))
     var headerFile: String?
 
     @Option(name: .customLong("user"), help: "User name for HTTP authentication (with --password-file).")
     var user: String?
 
-    @Option(name: .customLong("password-file"), help: "A file holding the password (never on the command line; not readable by other users).")
+    @Option(name: .customLong("password-file"), help: "A file holding the password (never on the command line; not readable by its group or other users: chmod 600).")
     var passwordFile: String?
+
+    @Option(name: .customLong("redirect-credentials"), help: ArgumentHelp(
+        "What a redirect to another host does with the credentials: drop (default) or refuse.",
+        discussion: "Credentials are the --header and --header-file headers, --user/--password-file and S3 signing. They go only to the scheme, host and port of --url. A redirect elsewhere, or from https to http, is followed without them with drop (so an API that redirects to a presigned or CDN URL works), or fails the request with refuse. Every request starts again at --url.",
+        valueName: "drop|refuse"))
+    var redirectCredentials: RedirectCredentials = .drop
 
     @Option(name: .customLong("cacert"), help: "CA certificate bundle to verify the server with.")
     var cacert: String?
@@ -77,11 +85,13 @@ struct HTTPOptions: ParsableArguments {
     var httpOnlyGiven: Bool {
         url != nil || !headers.isEmpty || headerFile != nil || user != nil || passwordFile != nil
             || cacert != nil || insecure || s3Endpoint != nil || region != nil || writable
+            || redirectCredentials != .drop
     }
 
     var given: Bool {
         url != nil || cache != nil || bitmap != nil || !headers.isEmpty || headerFile != nil || user != nil || passwordFile != nil
             || cacert != nil || insecure || s3Endpoint != nil || region != nil || writable
+            || redirectCredentials != .drop
     }
 
     /// The fetch size (largest Range GET): a page must fit in one.
@@ -148,7 +158,7 @@ struct HTTPOptions: ParsableArguments {
         return password
     }
 
-    /// A file of secrets: a regular file of at most 64K that other users cannot read.
+    /// A file of secrets: a regular file of at most 64K that neither its group nor other users can read.
     static func readSecretFile(_ path: String, option: String) throws -> String {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw Failure("cannot read \(option) \(path): \(Errno.current)") }
@@ -156,8 +166,9 @@ struct HTTPOptions: ParsableArguments {
         var st = stat()
         guard fstat(fd, &st) == 0 else { throw Failure("cannot read \(option) \(path): \(Errno.current)") }
         guard st.st_mode & S_IFMT == S_IFREG else { throw Failure("\(option) \(path) is not a regular file") }
-        if st.st_mode & 0o004 != 0 {
-            throw Failure("\(option) \(path) is readable by every user (mode \(String(st.st_mode & 0o777, radix: 8))): chmod 600 it")
+        if st.st_mode & 0o044 != 0 {
+            let who = st.st_mode & 0o004 != 0 ? "every user" : "its group"
+            throw Failure("\(option) \(path) is readable by \(who) (mode \(String(st.st_mode & 0o777, radix: 8))): chmod 600 it")
         }
         guard st.st_size <= 64 << 10 else { throw Failure("\(option) \(path) is larger than 64K") }
         var data = [UInt8]()
@@ -203,6 +214,7 @@ struct HTTPOptions: ParsableArguments {
         config.requestTimeout = timeout
         config.dnsCacheSeconds = dnsCache
         config.maxConnections = connections
+        config.redirectCredentials = redirectCredentials
         // One bit per page in memory: 2^32 pages (512 MiB of bitmap) at most.
         config.maxImageSize = UInt64(pageSize) << 32
         if let user, let password = try readPassword() {

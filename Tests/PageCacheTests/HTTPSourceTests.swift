@@ -426,3 +426,172 @@ final class HTTPConfigBoundsTests: XCTestCase {
                       e.description)
     }
 }
+
+/// Credentials (headers, a user and password) go only to the scheme, host and
+/// port of the URL, whatever a redirect names; 127.0.0.2 is another host.
+final class RedirectCredentialTests: XCTestCase {
+    static let image = makeImage(size: 1 << 20, seed: 7)
+    var named: FaultServer!
+    var other: FaultServer!
+
+    override func setUpWithError() throws {
+        named = try FaultServer(image: Self.image)
+        other = try FaultServer(image: Self.image, host: "127.0.0.2")
+    }
+
+    override func tearDown() {
+        named?.stop()
+        other?.stop()
+    }
+
+    /// A URL on `server` that redirects to `target`.
+    func redirecting(_ server: FaultServer, to target: String, id: String, status: Int = 302) -> String {
+        server.url("mode=redirect&status=\(status)&to=\(target.addingPercentEncoding(withAllowedCharacters: .alphanumerics)!)&id=\(id)")
+    }
+
+    func config(_ url: String) -> HTTPConfig {
+        var c = HTTPConfig(url: url)
+        c.headers = ["X-Secret: SECRETVALUE"]
+        c.username = "me"
+        c.password = "SECRETPW"
+        c.retryBaseDelay = 0.01
+        c.maxAttempts = 2
+        return c
+    }
+
+    func testRedirectToAnotherHostIsFollowedWithoutCredentials() throws {
+        let src = try HTTPSource(config: config(redirecting(named, to: other.url("mode=ok&id=dropB"), id: "dropA", status: 307)))
+        XCTAssertEqual(try src.probeBlocking().size, UInt64(Self.image.count))
+        let sink = src.fetchBlocking(offset: 4096, length: 8192)
+        XCTAssertNil(failure(sink.result), "\(String(describing: sink.result))")
+        assertBytes(sink.data, Self.image[4096..<12288])
+        let asked = named.requests(id: "dropA")
+        XCTAssertEqual(asked.map(\.method), ["HEAD", "GET"], "every request starts at the URL")
+        XCTAssertTrue(asked.allSatisfy { $0.secret == "SECRETVALUE" && $0.auth != nil }, "\(asked)")
+        let redirected = other.requests(id: "dropB")
+        XCTAssertEqual(redirected.map(\.method), ["HEAD", "GET"])
+        XCTAssertTrue(redirected.allSatisfy { $0.secret == nil && $0.auth == nil }, "credentials reached another host: \(redirected)")
+    }
+
+    func testRedirectToAnotherHostIsRefusedWhenAsked() throws {
+        var c = config(redirecting(named, to: other.url("mode=ok&id=refB"), id: "refA"))
+        c.redirectCredentials = .refuse
+        let src = try HTTPSource(config: c)
+        XCTAssertThrowsError(try src.probeBlocking()) { error in
+            guard case .redirectRefused = (error as? HTTPError)?.reason else { return XCTFail("\(error)") }
+            XCTAssertTrue("\(error)".contains("127.0.0.2"), "\(error)")
+            XCTAssertFalse("\(error)".contains("SECRET"), "\(error)")
+        }
+        let sink = src.fetchBlocking(offset: 0, length: 4096)
+        guard case .redirectRefused = failure(sink.result)?.reason else { return XCTFail("\(String(describing: sink.result))") }
+        XCTAssertEqual(sink.calls, 0)
+        XCTAssertEqual(named.requests(id: "refA").count, 2, "a refused redirect is not retried")
+        XCTAssertEqual(other.requests(id: "refB").count, 0)
+    }
+
+    func testSameOriginRedirectKeepsCredentials() throws {
+        // A relative Location, resolved by curl against the URL.
+        let src = try HTTPSource(config: config(redirecting(named, to: "/image?mode=ok&id=sameB", id: "sameA")))
+        let sink = src.fetchBlocking(offset: 0, length: 4096)
+        XCTAssertNil(failure(sink.result), "\(String(describing: sink.result))")
+        assertBytes(sink.data, Self.image[0..<4096])
+        let hop = named.requests(id: "sameB")
+        XCTAssertEqual(hop.map(\.range), ["bytes=0-4095"])
+        XCTAssertEqual(hop.first?.secret, "SECRETVALUE")
+        XCTAssertNotNil(hop.first?.auth)
+    }
+
+    func testHTTPSToHTTPRedirectOnTheSameHostGetsNoCredentials() throws {
+        let tls = try FaultServer(image: Self.image, tls: true)
+        defer { tls.stop() }
+        var c = config(redirecting(tls, to: named.url("mode=ok&id=downB"), id: "downA"))
+        c.caCertPath = tls.certificate
+        let src = try HTTPSource(config: c)
+        let sink = src.fetchBlocking(offset: 0, length: 4096)
+        XCTAssertNil(failure(sink.result), "\(String(describing: sink.result))")
+        assertBytes(sink.data, Self.image[0..<4096])
+        XCTAssertEqual(tls.requests(id: "downA").first?.secret, "SECRETVALUE")
+        let clear = named.requests(id: "downB")
+        XCTAssertEqual(clear.count, 1)
+        XCTAssertNil(clear.first?.secret, "a header went out in clear text")
+        XCTAssertNil(clear.first?.auth, "a password went out in clear text")
+        c.redirectCredentials = .refuse
+        let strict = try HTTPSource(config: c).fetchBlocking(offset: 0, length: 4096)
+        guard case .redirectRefused = failure(strict.result)?.reason else { return XCTFail("\(String(describing: strict.result))") }
+        XCTAssertEqual(named.requests(id: "downB").count, 1)
+    }
+
+    func testRedirectToAnotherSchemeIsRefused() throws {
+        var c = HTTPConfig(url: redirecting(named, to: "ftp://127.0.0.1/image", id: "ftpA"))
+        c.maxAttempts = 1
+        let sink = try HTTPSource(config: c).fetchBlocking(offset: 0, length: 4096)
+        guard case .redirectRefused = failure(sink.result)?.reason else { return XCTFail("\(String(describing: sink.result))") }
+    }
+
+    func testOriginIsSchemeHostAndPort() {
+        XCTAssertEqual(HTTPSource.origin("https://Example.COM/x"), HTTPSource.origin("https://example.com:443/y?z=1"))
+        XCTAssertEqual(HTTPSource.origin("http://u:p@h/x"), HTTPSource.origin("http://h:80/"))
+        XCTAssertNotEqual(HTTPSource.origin("https://h/x"), HTTPSource.origin("http://h/x"))
+        XCTAssertNotEqual(HTTPSource.origin("http://h:8080/x"), HTTPSource.origin("http://h/x"))
+        XCTAssertNotEqual(HTTPSource.origin("http://127.0.0.1/x"), HTTPSource.origin("http://127.0.0.2/x"))
+        XCTAssertNil(HTTPSource.origin("no scheme"))
+        XCTAssertTrue(HTTPSource.hasUserInfo("http://u:p@h/x"))
+        XCTAssertFalse(HTTPSource.hasUserInfo("http://h/x?a=b@c"))
+    }
+}
+
+/// A 206 lacking the validator the image had at the probe proves nothing: its
+/// bytes reach the caller only after a HEAD sees the same image.
+final class PartialResponseValidatorTests: XCTestCase {
+    static let image = makeImage(size: 1 << 20, seed: 11)
+    var server: FaultServer!
+
+    override func setUpWithError() throws { server = try FaultServer(image: Self.image) }
+    override func tearDown() { server?.stop() }
+
+    func source(_ query: String) throws -> HTTPSource {
+        var c = HTTPConfig(url: server.url(query))
+        c.retryBaseDelay = 0.01
+        c.maxAttempts = 3
+        return try HTTPSource(config: c)
+    }
+
+    func testBytesOfA206WithoutTheETagWaitForAHEADOfTheSameImage() throws {
+        let src = try source("mode=novalidators&id=nv1")
+        XCTAssertEqual(try src.probeBlocking().etag, "\"fixed-1\"")
+        let sink = Sink(offset: 8192, length: 65536)
+        var askedBeforeData: [String]?
+        src.fetch(offset: 8192, length: 65536, onData: { [server] offset, bytes in
+            if askedBeforeData == nil { askedBeforeData = server!.requests(id: "nv1").map(\.method) }
+            return sink.handler(offset, bytes)
+        }) { sink.result = $0 }
+        src.runUntilIdle(timeout: 20)
+        XCTAssertNil(failure(sink.result), "\(String(describing: sink.result))")
+        assertBytes(sink.data, Self.image[8192..<73728])
+        XCTAssertEqual(askedBeforeData, ["HEAD", "GET", "HEAD"], "bytes handed over before the image was checked again")
+    }
+
+    func testA206WithoutTheETagOfAChangedImageFailsAsAChangedImage() throws {
+        let src = try source("mode=novalidators&changeafter=1&id=nv2")
+        XCTAssertEqual(try src.probeBlocking().etag, "\"fixed-1\"")
+        let sink = src.fetchBlocking(offset: 0, length: 4096)
+        XCTAssertEqual(failure(sink.result)?.reason, .validatorChanged(expected: "\"fixed-1\"", got: "\"fixed-2\""))
+        XCTAssertEqual(sink.calls, 0, "bytes of a changed image were delivered")
+    }
+
+    func testConcurrent206sWithoutTheETagAreAllCheckedAndDelivered() throws {
+        let src = try source("mode=novalidators&id=nv3")
+        _ = try src.probeBlocking()
+        let n = 131_072
+        let sinks = (0..<4).map { Sink(offset: UInt64($0 * n), length: n) }
+        for s in sinks { src.fetch(offset: s.base, length: n, onData: s.handler) { s.result = $0 } }
+        src.runUntilIdle(timeout: 20)
+        for (i, s) in sinks.enumerated() {
+            XCTAssertNil(failure(s.result), "\(String(describing: s.result))")
+            assertBytes(s.data, Self.image[i * n..<(i + 1) * n])
+        }
+        let checks = server.requests(id: "nv3").filter { $0.method == "HEAD" }.count - 1
+        XCTAssertTrue((1...4).contains(checks), "\(checks) HEADs after the probe")
+        XCTAssertTrue(src.isIdle)
+    }
+}

@@ -73,6 +73,10 @@ struct LoggedRequest: Equatable {
     var path: String
     var range: String?
     var status: Int
+    /// The Host, X-Secret and Authorization headers the request carried.
+    var host: String? = nil
+    var secret: String? = nil
+    var auth: String? = nil
 }
 
 /// The project's fault-injecting server (Tests/tools/faultserver.py).
@@ -90,7 +94,15 @@ final class FaultServer {
             .appendingPathComponent("tools/faultserver.py").path
     }
 
-    init(image: [UInt8]) throws {
+    /// The loopback address it listens on (127.0.0.2 is another host than 127.0.0.1).
+    let host: String
+    /// With `tls`, HTTPS with a self-signed certificate for `host` (at `certificate`).
+    let tls: Bool
+    var certificate: String { dir.file("cert.pem") }
+
+    init(image: [UInt8], host: String = "127.0.0.1", tls: Bool = false) throws {
+        self.host = host
+        self.tls = tls
         dir = TempDir()
         let imagePath = dir.file("image.bin")
         _ = FileManager.default.createFile(atPath: imagePath, contents: Data(image))
@@ -98,7 +110,21 @@ final class FaultServer {
         _ = FileManager.default.createFile(atPath: logPath, contents: nil)
         let python = FileManager.default.isExecutableFile(atPath: "/usr/bin/python3") ? "/usr/bin/python3" : "/usr/bin/env"
         process.executableURL = URL(fileURLWithPath: python)
-        var args = [FaultServer.script, "--file", imagePath, "--log", logPath]
+        var args = [FaultServer.script, "--file", imagePath, "--log", logPath, "--host", host]
+        if tls {
+            guard FileManager.default.isExecutableFile(atPath: "/usr/bin/openssl") else { throw missingTool("no /usr/bin/openssl") }
+            let openssl = Process()
+            openssl.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
+            openssl.arguments = ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                                 "-days", "2", "-subj", "/CN=\(host)", "-addext", "subjectAltName=IP:\(host)",
+                                 "-keyout", dir.file("key.pem"), "-out", dir.file("cert.pem")]
+            openssl.standardError = FileHandle.nullDevice
+            openssl.standardOutput = FileHandle.nullDevice
+            try openssl.run()
+            openssl.waitUntilExit()
+            guard openssl.terminationStatus == 0 else { throw missingTool("openssl could not make a certificate") }
+            args += ["--tls-cert", dir.file("cert.pem"), "--tls-key", dir.file("key.pem")]
+        }
         if python == "/usr/bin/env" { args.insert("python3", at: 0) }
         process.arguments = args
         let out = Pipe()
@@ -123,7 +149,7 @@ final class FaultServer {
     }
 
     func url(_ query: String = "") -> String {
-        "http://127.0.0.1:\(port)/image" + (query.isEmpty ? "" : "?" + query)
+        "\(tls ? "https" : "http")://\(host):\(port)/image" + (query.isEmpty ? "" : "?" + query)
     }
 
     /// Requests logged whose path contains `id=<id>` (or all when nil).
@@ -135,7 +161,9 @@ final class FaultServer {
             let path = obj["path"] as? String ?? ""
             if let id, !path.contains("id=\(id)&") && !path.hasSuffix("id=\(id)") { continue }
             out.append(LoggedRequest(method: obj["method"] as? String ?? "", path: path,
-                                     range: obj["range"] as? String, status: obj["status"] as? Int ?? 0))
+                                     range: obj["range"] as? String, status: obj["status"] as? Int ?? 0,
+                                     host: obj["host"] as? String, secret: obj["secret"] as? String,
+                                     auth: obj["auth"] as? String))
         }
         return out
     }

@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
 """Fault-injecting HTTP range server for the PageCache tests (stdlib only).
 
-Usage: faultserver.py --file IMAGE --log LOG.jsonl [--port 0]
-Prints "PORT <n>" on stdout once listening.
+Usage: faultserver.py --file IMAGE --log LOG.jsonl [--port 0] [--host 127.0.0.1]
+                      [--tls-cert CERT.pem --tls-key KEY.pem]
+Prints "PORT <n>" on stdout once listening (on --host, a loopback address;
+with --tls-cert, HTTPS).
 
-Every request is logged as one JSON line {"method", "path", "range", "status"}
-(flushed before the response is sent), so tests can count requests.
+Every request is logged as one JSON line {"method", "path", "range", "status",
+"host", "secret", "auth"} (the Host, X-Secret and Authorization request
+headers; flushed before the response is sent), so tests can count requests
+and see which credentials reached this server.
 
 The behaviour is chosen per request by the query string of the URL, e.g.
 /image?mode=5xx&n=2&id=test1 . Counters are kept per distinct query string, so
@@ -20,8 +24,12 @@ each test (with its own id=) has its own. Modes:
   nohead    HEAD answers 405; GET ok
   badrange  206 with a Content-Range (and body) one byte later than asked
   missing   404
+  redirect  HEAD and GET answer `status` (default 302) with Location: `to`
+            (a percent-encoded URL, absolute or relative)
+  novalidators  GET answers 206 without ETag and Last-Modified; HEAD has the
+            ETag "fixed-1", or "fixed-2" after the first `changeafter` HEADs
 """
-import argparse, json, os, socket, struct, sys, threading, time
+import argparse, json, os, socket, ssl, struct, sys, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit, parse_qs
 
@@ -45,7 +53,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_request_line(self, status):
         entry = {"method": self.command, "path": self.path,
-                 "range": self.headers.get("Range"), "status": status}
+                 "range": self.headers.get("Range"), "status": status,
+                 "host": self.headers.get("Host"), "secret": self.headers.get("X-Secret"),
+                 "auth": self.headers.get("Authorization")}
         with LOCK:
             LOG.write(json.dumps(entry) + "\n")
             LOG.flush()
@@ -64,7 +74,14 @@ class Handler(BaseHTTPRequestHandler):
         if not head:
             self.wfile.write(body)
 
-    def common_headers(self, mode, count):
+    def common_headers(self, mode, count, p=None, key=""):
+        if mode == "novalidators":
+            if self.command != "HEAD":
+                return [("Accept-Ranges", "bytes")]
+            after = int((p or {}).get("changeafter", "-1"))
+            heads = bump(key + "#head")
+            etag = '"fixed-2"' if 0 <= after < heads else '"fixed-1"'
+            return [("ETag", etag), ("Last-Modified", "Mon, 01 Jan 2024 00:00:00 GMT"), ("Accept-Ranges", "bytes")]
         etag = '"v%d"' % count if mode == "etag" else '"fixed-1"'
         h = [("ETag", etag), ("Last-Modified", "Mon, 01 Jan 2024 00:00:00 GMT")]
         if mode != "norange":
@@ -79,9 +96,11 @@ class Handler(BaseHTTPRequestHandler):
             return self.send(404, [], head=True)
         if mode == "nohead":
             return self.send(405, [("Allow", "GET")], head=True)
+        if mode == "redirect":
+            return self.send(int(p.get("status", "302")), [("Location", p.get("to", "/"))], head=True)
         self.log_request_line(200)
         self.send_response(200)
-        for k, v in self.common_headers(mode, count):
+        for k, v in self.common_headers(mode, count, p, key):
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(IMAGE)))
         self.end_headers()
@@ -96,7 +115,9 @@ class Handler(BaseHTTPRequestHandler):
             return self.send(404, [], b"not found\n")
         if mode == "5xx" and gets <= n:
             return self.send(503, [("Retry-After", "0")], b"busy\n")
-        headers = self.common_headers(mode, count)
+        if mode == "redirect":
+            return self.send(int(p.get("status", "302")), [("Location", p.get("to", "/"))], b"moved\n")
+        headers = self.common_headers(mode, count, p, key)
         rng = self.headers.get("Range")
         if mode == "norange" or rng is None:
             return self.send(200, headers, IMAGE)
@@ -151,13 +172,22 @@ def main():
     ap.add_argument("--file", required=True)
     ap.add_argument("--log", required=True)
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--tls-cert")
+    ap.add_argument("--tls-key")
     args = ap.parse_args()
     with open(args.file, "rb") as f:
         IMAGE = f.read()
     LOG = open(args.log, "a")
     ThreadingHTTPServer.daemon_threads = True
     ThreadingHTTPServer.allow_reuse_address = True
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+    if not args.host.startswith("127."):
+        sys.exit("--host must be a loopback address (127.x.y.z)")
+    server = ThreadingHTTPServer((args.host, args.port), Handler)
+    if args.tls_cert:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
     print("PORT %d" % server.server_address[1], flush=True)
     # Exit when the test process goes away (its end of our stdin closes).
     def watch_stdin():

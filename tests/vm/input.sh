@@ -164,4 +164,69 @@ rm -f $CACHE/tiny.* $WWW/big.img
 eq "nothing left after the tiny /run" "[]" "$("$UBLK" list)"
 nginx-stop
 
+section "redirects: a --header-file reaches the host of --url, never a redirect's other host"
+# nginx on 127.0.0.1:8090 redirects the image to 127.0.0.2:8091 (another host on
+# loopback); both log the X-Secret and Authorization headers each request carried.
+RD=/run/nginx-redir RDLOG=/var/log/nginx-redir
+mkdir -p $RD $RDLOG /var/lib/nginx
+: > $RDLOG/named.log; : > $RDLOG/other.log
+cat > $RD/nginx.conf <<CONF
+user root;
+worker_processes 1;
+pid $RD/nginx.pid;
+error_log $RDLOG/error.log warn;
+events { worker_connections 64; }
+http {
+    log_format creds '\$server_addr "\$request" \$status "\$http_user_agent" "\$http_x_secret" "\$http_authorization"';
+    client_body_temp_path /var/lib/nginx/body;
+    proxy_temp_path /var/lib/nginx/proxy;
+    fastcgi_temp_path /var/lib/nginx/fastcgi;
+    uwsgi_temp_path /var/lib/nginx/uwsgi;
+    scgi_temp_path /var/lib/nginx/scgi;
+    server {
+        listen 127.0.0.1:8090;
+        access_log $RDLOG/named.log creds;
+        location = /disk.img { return 302 http://127.0.0.2:8091/disk.img; }
+    }
+    server {
+        listen 127.0.0.2:8091;
+        access_log $RDLOG/other.log creds;
+        root $WWW;
+    }
+}
+CONF
+check "nginx with two hosts" /usr/sbin/nginx -c $RD/nginx.conf
+wait_for 10 curl -sf -o /dev/null -r 0-0 http://127.0.0.2:8091/disk.img
+printf 'X-Secret: SECRETREDIR\nAuthorization: Bearer SECRETREDIRTOKEN\n' > /tmp/redir-headers
+chmod 600 /tmp/redir-headers
+RADD="-t http --url http://127.0.0.1:8090/disk.img --header-file /tmp/redir-headers --cache $CACHE/rd.cache --bitmap $CACHE/rd.bitmap --readahead 0"
+rm -f $CACHE/rd.*
+if add $RADD; then
+    ok "add with a URL that redirects to another host"
+    check "the first MiB reads right (through the redirect)" cmp -n $((1 << 20)) $DEV_B $WWW/disk.img
+    check "the host of --url got the header file's headers" grep -q '"SECRETREDIR" "Bearer SECRETREDIRTOKEN"' $RDLOG/named.log
+    N=$(grep -c '"ublk-http"' $RDLOG/other.log)
+    check "the redirect's host was asked by ublk-http ($N requests)" test "$N" -ge 2
+    eq "the redirect's host got no header of the file" 0 "$(grep -c SECRETREDIR $RDLOG/other.log)"
+    check "del" del $DEV_ID
+else
+    fail "add with a URL that redirects to another host" "$DEV_JSON"
+fi
+BEFORE=$(wc -l < $RDLOG/other.log)
+rm -f $CACHE/rd.*
+expect_error "with --redirect-credentials refuse, add fails in one line" "redirect refused: http://127.0.0.2:8091/disk.img" \
+    "$UBLK" add $RADD --redirect-credentials refuse
+eq "and the redirect's host was not asked" "$BEFORE" "$(wc -l < $RDLOG/other.log)"
+eq "the redirect's host never got a header of the file" 0 "$(grep -c SECRETREDIR $RDLOG/other.log)"
+chmod 640 /tmp/redir-headers
+expect_error "a --header-file its group can read is refused" "--header-file /tmp/redir-headers is readable by its group .*chmod 600" \
+    "$UBLK" add $RADD
+printf 'SECRETREDIRPW\n' > /tmp/redir-pw
+chmod 660 /tmp/redir-pw
+expect_error "a --password-file its group can read is refused" "--password-file /tmp/redir-pw is readable by its group .*chmod 600" \
+    "$UBLK" add -t http --url http://127.0.0.1:8090/disk.img --user me --password-file /tmp/redir-pw
+/usr/sbin/nginx -c $RD/nginx.conf -s quit
+wait_for 10 gone $RD/nginx.pid
+eq "nothing left" "[]" "$("$UBLK" list)"
+
 finish
