@@ -11,14 +11,6 @@ final class CLITests: XCTestCase {
         return try XCTUnwrap(cmd as? Add)
     }
 
-    func failure(_ args: [String]) -> String {
-        do {
-            _ = try UblkHTTP.parseAsRoot(args)
-            return "parsed"
-        } catch {
-            return UblkHTTP.message(for: error)
-        }
-    }
 
     func testAddDefaults() throws {
         let a = try parseAdd(["-t", "null"])

@@ -6,15 +6,6 @@ import XCTest
 
 /// Files of secrets must be private to their owner; where credentials may go on a redirect.
 final class HTTPCredentialOptionTests: XCTestCase {
-    func failure(_ args: [String]) -> String {
-        do {
-            _ = try UblkHTTP.parseAsRoot(args)
-            return "parsed"
-        } catch {
-            return UblkHTTP.message(for: error)
-        }
-    }
-
     func secretFile(_ text: String, mode: mode_t) -> String {
         let path = NSTemporaryDirectory() + "/ublk-secret-mode-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         FileManager.default.createFile(atPath: path, contents: Data(text.utf8))

@@ -6,15 +6,6 @@ import XCTest
 
 /// Boot profiles on the command line: what is refused before any device or network.
 final class ProfileCLITests: XCTestCase {
-    func failure(_ args: [String]) -> String {
-        do {
-            _ = try UblkHTTP.parseAsRoot(args)
-            return "parsed"
-        } catch {
-            return UblkHTTP.message(for: error)
-        }
-    }
-
     func testPrefetchProfileIsForHTTPOnly() {
         XCTAssertTrue(failure(["add", "-t", "null", "--prefetch-profile", "/tmp/p"]).contains("http target only"))
         XCTAssertEqual(failure(["add", "-t", "http", "--url", "http://h/x", "--prefetch-profile", "/tmp/p"]), "parsed")
