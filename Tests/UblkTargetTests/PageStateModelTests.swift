@@ -23,6 +23,7 @@
 // I/O and inbox deliveries interleave in the seeded random order, so
 // eviction, FLUSH and write-back race hits and writes on other queues.
 // A failing seed prints its replay: `MODEL_SEED=N MODEL_STEPS=K swift test --filter PageStateModel`.
+import CUring
 import Foundation
 import Glibc
 import PageCache
@@ -338,7 +339,9 @@ final class PageStateModelTests: XCTestCase {
             inFlight[slot] = (op, sector, count, id)
             queues[q].open.insert(tag)
             note("submit queue \(q) tag \(tag) op \(op) sectors \(sector)+\(count) id \(id)")
-            let r = Request(tag: tag, op: op, flags: 0, offset: UInt64(sector * PageStateModelTests.sector),
+            // Some writes are FUA: acknowledged only after a full cycle, with their byte count.
+            let fua = op == Op.write && rng.next() % 5 == 0
+            let r = Request(tag: tag, op: op, flags: fua ? UInt32(UBLK_IO_F_FUA) : 0, offset: UInt64(sector * PageStateModelTests.sector),
                             length: UInt32(op == Op.flush ? 0 : count * PageStateModelTests.sector), buffer: buf)
             handlers[q].handle(r, queue: queues[q])
         }
@@ -375,6 +378,10 @@ final class PageStateModelTests: XCTestCase {
                         }
                     }
                 case Op.write, Op.discard:
+                    let whole = f.op == Op.write ? Int32(f.length * PageStateModelTests.sector) : 0
+                    if result >= 0 && result != whole {
+                        throw Failure(description: "op \(f.op) of sectors \(range) completed with \(result), not \(whole): the kernel would send the rest again")
+                    }
                     for s in range {
                         inflight[s].remove(f.id)
                         if result >= 0 { current[s] = [f.id] } else { current[s].insert(f.id) }

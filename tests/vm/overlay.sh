@@ -106,6 +106,17 @@ if add -t http $OPTS; then
 fi
 check "offline replica has the flushed write" bash -c "cmp <(dd if=/var/tmp/replica2.img bs=512 skip=800 count=12 2>/dev/null) /tmp/p2"
 
+section "FUA writes complete with their byte count (a shorter count makes the kernel resend them)"
+if add -t http $OPTS; then
+    head -c 8192 /dev/urandom > /tmp/fua
+    check "two 4k FUA writes (O_DIRECT, O_DSYNC), bounded" timeout 60 dd if=/tmp/fua of=$DEV_B bs=4k seek=3000 count=2 oflag=direct,dsync
+    check "a 512 B FUA write inside a page, bounded" timeout 60 dd if=/tmp/fua of=$DEV_B bs=512 seek=$((3100 * 8 + 3)) count=1 oflag=direct,dsync
+    check "they read back" bash -c "cmp <(dd if=$DEV_B bs=4k skip=3000 count=2 iflag=direct 2>/dev/null) /tmp/fua"
+    del $DEV_ID >/dev/null
+else
+    fail "add for FUA writes" "$DEV_JSON"
+fi
+
 section "bad inputs"
 expect_error "dirty needs -n or --dirty-bitmap" "either -n" "$UBLK" dirty
 expect_error "dirty of a missing device" "no running server" "$UBLK" dirty -n 5

@@ -203,6 +203,7 @@ if add -t http $KOPTS --overlay k1 --recovery; then
     # Whole pages, and three sectors inside a page (a copy-up): O_DIRECT, no FLUSH.
     check "write 2 MiB of whole pages, no FLUSH" dd if=/tmp/k-whole of=$K1B bs=4k seek=2048 oflag=direct
     check "write 3 sectors inside a page, no FLUSH" dd if=/tmp/k-part of=$K1B bs=512 seek=$((3000 * 8 + 3)) count=3 oflag=direct
+    check "a FUA write completes (the page after), bounded" timeout 60 dd if=/tmp/k-part of=$K1B bs=512 seek=$((3001 * 8)) count=3 oflag=direct,dsync
     expect_part() { cmp <(dd if=$K1B bs=512 skip=$((3000 * 8)) count=8 iflag=direct 2>/dev/null) \
         <(dd if=$WWW/disk.img bs=512 skip=$((3000 * 8)) count=3 2>/dev/null; cat /tmp/k-part; dd if=$WWW/disk.img bs=512 skip=$((3000 * 8 + 6)) count=2 2>/dev/null); }
     kill -9 $DEV_PID; wait_for 10 dead $DEV_PID

@@ -159,6 +159,9 @@ final class CachingHandler: QueueHandler {
         /// whether the request went to the home (which then awaits `readDone` of a read it handed back).
         var hitParity: UInt64 = 0
         var viaHome = false
+        /// Waiting in `flushWaiters`: what the request completes with once a full
+        /// cycle made it durable (a FUA write: its byte count; a FLUSH: 0).
+        var durableResult: Int32 = 0
     }
     var slots: [Slot]
     /// Bytes of each started run written so far.

@@ -170,7 +170,7 @@ extension CachingHandler {
             if !c.punch.isEmpty { punchAfterGrace(c.punch, queue: queue) }
         }
         let flushStatus: Int32 = (c.dataFailure < 0 || metaFailed || durabilityLost) ? -EIO : 0
-        for tag in c.flushes { completeSlot(tag, flushStatus, queue) }
+        for tag in c.flushes { completeSlot(tag, flushStatus < 0 ? flushStatus : slots[Int(tag)].durableResult, queue) }
         if c.dataFailure < 0 {
             // Their intent bits did not go out: they wait for the next cycle.
             heldWrites = c.held + heldWrites

@@ -73,6 +73,7 @@ extension CachingHandler {
             if planner.plannedRunCount > 0 { startRuns(queue) }
         case Op.flush:
             if !context.writable { return completeSlot(r.tag, 0, queue) }
+            slots[Int(r.tag)].durableResult = 0
             flushWaiters.append(r.tag)
             startCycle(queue, full: true)
         default:
@@ -219,6 +220,9 @@ extension CachingHandler {
         if r.fua {
             slots[Int(r.tag)].request = nil
             slots[Int(r.tag)].stage = .idle
+            // A write completes with its byte count, FUA or not: a shorter count
+            // makes the kernel send the rest again (6.12 requeues it, forever).
+            slots[Int(r.tag)].durableResult = r.op == Op.write ? Int32(r.length) : 0
             flushWaiters.append(r.tag)
             startCycle(queue, full: true)
         } else {
