@@ -87,7 +87,10 @@
 //      their cleared bits are durable.
 //   3. Cleared bits (dirty after `sync`/`dirty --clear`, write-back after the
 //      copy, unsettled once both copies are durable) ride only on full
-//      cycles, after the data they vouch for is durable.
+//      cycles, after the data they vouch for is durable. Cleared dirty bits go
+//      after the cycle's other words are durable too: a page whose present
+//      bit did not land is dropped at open (it reads the source again), so
+//      it must still be listed dirty.
 //   4. A failed fdatasync of the cache file means the pages written since the
 //      last good one may be lost, and a later fdatasync will not say so:
 //      fetched pages among them not under I/O become absent (refetched),
@@ -187,6 +190,11 @@ final class CachingHandler: QueueHandler {
         var commits: [(bitmap: Bitmap, commit: BitmapCommit, write: Int?)] = []
         /// The non-empty commits, laid out for writing (index = `data` of their I/O).
         var writes: [Bitmap.PendingWrite] = []
+        /// Writes held for a second phase, issued once the others are durable:
+        /// the dirty bitmap's words when they carry cleared bits, since a clear
+        /// may reach the disk only after the present bits it relies on.
+        var later: Set<Int> = []
+        var phase = 1
         var failedWrites: Set<Int> = []
         var outstanding = 0
         var dataFailure: Int32 = 0

@@ -20,6 +20,7 @@ extension CachingHandler {
         // A full cycle due (the interval passed) is not put off by a stream of intent cycles.
         let full = wantFull || !flushWaiters.isEmpty || !evicting.isEmpty || dirtyCleared
             || (presentNeedsCycle && now &- lastPersist >= persistInterval)
+        let clears = full && dirtyCleared
         if full {
             dirtyCleared = false
             lastPersist = now
@@ -68,6 +69,7 @@ extension CachingHandler {
             if staged.isEmpty {
                 c.commits.append((b, staged, nil))
             } else {
+                if clears && b === dirty { c.later.insert(c.writes.count) }
                 c.commits.append((b, staged, c.writes.count))
                 c.writes.append(b.pendingWrite(staged))
             }
@@ -89,13 +91,16 @@ extension CachingHandler {
         }
     }
 
-    /// Writes every staged commit's words; their fdatasyncs follow.
+    /// Writes the staged commits' words of the cycle's current phase; their
+    /// fdatasyncs follow, then the next phase's.
     func writeBitmaps(_ queue: IOQueue) {
         guard var c = cycle else { return }
         c.outstanding = 0
-        for (i, w) in c.writes.enumerated() {
+        for (i, w) in c.writes.enumerated() where c.later.contains(i) == (c.phase == 2) {
             // The data is not known to be durable: no bits of this cycle go to the disk.
             if c.dataFailure < 0 { continue }
+            // A word of the first phase failed: the held ones wait for a later cycle.
+            if c.phase == 2 && !c.failedWrites.isEmpty { c.failedWrites.insert(i); continue }
             for (k, run) in w.runs.enumerated() {
                 c.outstanding += 1
                 queue.write(fd: w.fd, from: w.buffer + run.bufferOffset, length: UInt32(run.count), offset: run.fileOffset,
@@ -104,7 +109,7 @@ extension CachingHandler {
             }
         }
         cycle = c
-        if c.outstanding == 0 { endCycle(queue) }
+        if c.outstanding == 0 { endPhase(queue) }
     }
 
     func cycleIO(_ sub: Sub, data: UInt32, result: Int32, queue: IOQueue) {
@@ -118,17 +123,28 @@ extension CachingHandler {
             let i = Int(data >> CachingHandler.metaRunShift), k = Int(data & (1 << CachingHandler.metaRunShift - 1))
             if result != Int32(cycle!.writes[i].runs[k].count) { cycle!.failedWrites.insert(i) }
             if cycle!.outstanding == 0 {
-                // Every word is written: make each bitmap file durable.
-                for (j, w) in cycle!.writes.enumerated() where !cycle!.failedWrites.contains(j) {
+                // Every word of the phase is written: make each bitmap file durable.
+                for (j, w) in cycle!.writes.enumerated()
+                    where !cycle!.failedWrites.contains(j) && cycle!.later.contains(j) == (cycle!.phase == 2) {
                     if cycle!.dataFailure < 0 { continue }
                     cycle!.outstanding += 1
                     queue.fsync(fd: w.fd, tag: Queue.internalTag, sub: Sub.metaSync.rawValue, data: UInt32(j))
                 }
-                if cycle!.outstanding == 0 { endCycle(queue) }
+                if cycle!.outstanding == 0 { endPhase(queue) }
             }
         default:  // .metaSync
             if result < 0 { cycle!.failedWrites.insert(Int(data)) }
-            if cycle!.outstanding == 0 { endCycle(queue) }
+            if cycle!.outstanding == 0 { endPhase(queue) }
+        }
+    }
+
+    /// The phase's words are durable (or failed): the held words follow, or the cycle ends.
+    func endPhase(_ queue: IOQueue) {
+        if cycle!.phase == 1 && !cycle!.later.isEmpty {
+            cycle!.phase = 2
+            writeBitmaps(queue)
+        } else {
+            endCycle(queue)
         }
     }
 
