@@ -101,7 +101,8 @@ final class PageStateModelTests: XCTestCase {
         var handler: CachingHandler!
         let queueCount: Int
         var queues: [FakeQueue] = []
-        var handlers: [CachingHandler] = []
+        var handlers: [QueueHandler] = []
+        var peers: [CachingPeer] { handlers.dropFirst().map { $0 as! CachingPeer } }
         var mesh: CachingMesh?
         var bitmaps: [Bitmap] = []
         let depth = 8
@@ -273,13 +274,14 @@ final class PageStateModelTests: XCTestCase {
             let planner = FetchPlanner(imageSize: UInt64(PageStateModelTests.imageSize), pageSize: PageStateModelTests.page,
                                        maxRunBytes: 16 << 10, initialReadaheadBytes: 8 << 10, maxReadaheadBytes: 16 << 10,
                                        maxActiveRuns: 3)
-            handler = CachingHandler(context: context, fetcher: fetcher, planner: planner, depth: depth, mesh: mesh, queueID: 0)
+            handler = CachingHandler(context: context, fetcher: fetcher, planner: planner, depth: depth, mesh: mesh)
+            handler.persistInterval = persistInterval
+            handler.trace = { [unowned self] in self.note("  handler 0: " + $0) }
             handlers = [handler] + (1..<queueCount).map {
-                CachingHandler(context: context, fetcher: NoFetcher(), planner: planner, depth: depth, mesh: mesh, queueID: UInt16($0))
+                CachingPeer(context: context, mesh: mesh!, queueID: UInt16($0), depth: depth)
             }
+            for p in peers { p.wakeInterval = persistInterval }
             for (q, h) in handlers.enumerated() {
-                h.persistInterval = persistInterval
-                h.trace = { [unowned self] in self.note("  handler \(q): " + $0) }
                 queues[q].handler = h
                 if let m = mesh { queues[q].poll(fd: m.inboxes[q].fd, data: CachingHandler.Event.mesh.rawValue) }
             }
@@ -427,7 +429,7 @@ final class PageStateModelTests: XCTestCase {
         /// Work left between the queues: I/O, inbox deliveries, posts, punches awaiting a grace period.
         var queuesBusy: Bool {
             if queueCount == 1 { return !queue.pending.isEmpty }
-            return queues.contains { !$0.pending.isEmpty || !$0.readyPolls().isEmpty } || handlers.contains { $0.outboxPending }
+            return queues.contains { !$0.pending.isEmpty || !$0.readyPolls().isEmpty } || handler.outboxPending || peers.contains { $0.outboxPending }
                 || (mesh?.gracePending ?? false) || !handler.graceNext.isEmpty
         }
 
@@ -501,7 +503,7 @@ final class PageStateModelTests: XCTestCase {
                 if processOnly { q.processDied() } else { q.pending = []; q.armed = [] }
                 q.handler = nil
             }
-            peerHits += handlers.dropFirst().reduce(0) { $0 + $1.peerHits }
+            peerHits += peers.reduce(0) { $0 + $1.peerHits }
             handler = nil
             handlers = []
             mesh = nil

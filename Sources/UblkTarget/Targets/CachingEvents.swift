@@ -29,13 +29,12 @@ extension CachingHandler {
         case .fillTimer:
             fillTimerFired()
         case .mesh:
-            received(mesh!.inboxes[Int(queueID)].take(), queue: queue)
-            queue.poll(fd: mesh!.inboxes[Int(queueID)].fd, data: Event.mesh.rawValue)
+            received(mesh!.inboxes[0].take(), queue: queue)
+            queue.poll(fd: mesh!.inboxes[0].fd, data: Event.mesh.rawValue)
         }
     }
 
     func idle(queue: IOQueue) {
-        if mesh != nil && !isHome { return otherQueueIdle() }
         defer { if mesh != nil { flushOutbox() } }
         if let m = mesh, !graceNext.isEmpty || m.gracePending { advanceGrace(queue) }
         if !fetcher.isIdle { armPoll(queue) }
@@ -76,8 +75,7 @@ extension CachingHandler {
     }
 
     func drain(queue: IOQueue) {
-        // Another queue's requests are the home's to end (it answers each).
-        guard isHome else { return }
+        // Another queue's requests are the home's to end too (it answers each).
         if !flushWaiters.isEmpty { startCycle(queue, full: true) }
         draining = true
         fillDrain()
@@ -93,7 +91,6 @@ extension CachingHandler {
     }
 
     func shutdown(queue: IOQueue) {
-        guard isHome else { return }
         if context.publishStats { context.snapshot().saveAtomically(device: queue.deviceID) }
         // The loop ended with no target I/O outstanding: no cycle is in flight. Blocking is allowed here.
         do {

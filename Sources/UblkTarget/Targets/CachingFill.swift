@@ -382,7 +382,7 @@ extension CachingHandler {
 
     /// Adds the job's next gaps to the planner while the rules of the header allow.
     func fillStep(_ queue: IOQueue) {
-        guard let job = filling.job, job.state == .running, isHome else { return }
+        guard let job = filling.job, job.state == .running else { return }
         if draining { return fillDrain() }
         if presentFrozen {
             return job.end(.failed, now: monotonicNanos(),

@@ -8,9 +8,10 @@
 // exception is `writeNow`, the pwrite of fetched bytes into the cache file.
 //
 // QUEUES (-q N; with one queue there is only the home and none of this runs).
-// Queue 0's handler is the HOME: it alone owns the mutable state (planner,
-// fetcher, page states, persistence cycles, eviction, write-back, control
-// socket, statistics file). Every other queue's handler is a thin one:
+// Queue 0's handler is the HOME, this class: it alone owns the mutable state
+// (planner, fetcher, page states, persistence cycles, eviction, write-back,
+// control socket, statistics file). Every other queue's handler is a
+// CachingPeer (CachingPeer.swift), chosen once when the queue starts:
 //   - a READ whose pages are all present is a hit, served there and then:
 //     the present bits are tested with atomic loads inside the grace gate
 //     (CachingMesh.swift), the cache file is read into the request on that
@@ -40,7 +41,8 @@
 // (CachingMesh.swift proves it). Queue threads block only in io_uring_enter.
 // It talks to an `IOQueue`, so the whole state machine runs on the host with
 // a fake queue and fault-injecting files (Tests/UblkTargetTests/PageStateModelTests).
-// The handler's state lives here (one `Slot` per request); the request path
+// The handler's state lives here (one `Slot` per request); how a request's
+// data moves (for the home and the peers alike) in CacheIO.swift; the request path
 // in CachingRequests.swift, fetched bytes in CachingFetch.swift, ring events,
 // idle work and shutdown in CachingEvents.swift, persistence cycles in
 // CachingPersistence.swift, eviction in CachingEviction.swift, write-back in
@@ -74,7 +76,7 @@
 //   evicting              bits cleared, persisted, punch in flight: new requests wait (`deferred`)
 //   syncing               handed to `sync`: stays dirty until the copy is confirmed (CachingControl)
 //
-// ORDER ON DISK (the crash-safety argument; `Cycle` issues it):
+// ORDER ON DISK (the crash-safety argument; PersistenceCycle.swift orders each cycle's I/O):
 //   1. A write's local/dirty/writeback bits reach the disk BEFORE its data is
 //      issued (an "intent" cycle: write the bitmap words, fdatasync them). So
 //      after any crash a page that holds new data is local, dirty and pending
@@ -143,25 +145,16 @@ final class CachingHandler: QueueHandler {
     enum Stage: UInt8 {
         case idle, waitingFetch, waitingIntent, waitingAck, reading, writing
     }
-    /// One request slot's state, all of it (the home: slot = queue × depth + tag; elsewhere the tag).
+    /// One request slot's state, all of it (slot = queue × depth + tag).
     struct Slot {
         var request: Request?
         var stage = Stage.idle
         /// When its read missed (the miss latency).
         var missStart: UInt64 = 0
-        /// Bytes of the request moved so far (a read; a write to the cache file).
-        var done: UInt32 = 0
-        /// Write-through: parts of the write still outstanding (cache, backing),
-        /// the backing's progress, and the first part's failure.
-        var parts: UInt8 = 0
-        var backingDone: UInt32 = 0
-        var partFailed: Int32 = 0
+        /// How far its data moved (its own queue's requests; another queue moves its own).
+        var transfer = Transfer()
         /// Pages the write covers whole and claimed instead of fetching (FetchPlanner.claimForWrite).
         var claimed: [RunID] = []
-        /// Another queue's: the grace parity its read registered with (CachingMesh), and
-        /// whether the request went to the home (which then awaits `readDone` of a read it handed back).
-        var hitParity: UInt64 = 0
-        var viaHome = false
         /// Waiting in `flushWaiters`: what the request completes with once a full
         /// cycle made it durable (a FUA write: its byte count; a FLUSH: 0).
         var durableResult: Int32 = 0
@@ -182,38 +175,10 @@ final class CachingHandler: QueueHandler {
 
     // MARK: Persistence state
 
-    /// One persistence cycle (ORDER ON DISK): `full` syncs the data first and
-    /// carries the present bitmap; an intent cycle carries only the bitmaps a
-    /// write sets before its data.
-    struct Cycle {
-        let full: Bool
-        var commits: [(bitmap: Bitmap, commit: BitmapCommit, write: Int?)] = []
-        /// The non-empty commits, laid out for writing (index = `data` of their I/O).
-        var writes: [Bitmap.PendingWrite] = []
-        /// Writes held for a second phase, issued once the others are durable:
-        /// the dirty bitmap's words when they carry cleared bits, since a clear
-        /// may reach the disk only after the present bits it relies on.
-        var later: Set<Int> = []
-        var phase = 1
-        var failedWrites: Set<Int> = []
-        var outstanding = 0
-        var dataFailure: Int32 = 0
-        /// FLUSH (and FUA) tags completed when the cycle ends.
-        var flushes: [UInt16] = []
-        /// Writes whose intent bits this cycle persists (then issued, or acknowledged).
-        var held: [UInt16] = []
-        /// Present pages whose data this cycle's fdatasync covers.
-        var unsynced: [Range<UInt64>] = []
-        /// Evicted pages, punched once the cleared bits are durable.
-        var punch: [Range<UInt64>] = []
-        /// Write-back bits cleared by this cycle (set again if the backing's fdatasync fails).
-        var writebackCleared: [Range<UInt64>] = []
-        /// Pages written before this cycle's fdatasync.
-        var writtenPages: [Range<UInt64>] = []
-        /// Unsettled bits cleared by this cycle (set again if a data sync fails).
-        var settledCleared: [Range<UInt64>] = []
-    }
-    var cycle: Cycle?
+    /// The persistence cycle running, if any (PersistenceCycle.swift: a full
+    /// one syncs the data first and carries the present bitmap; an intent
+    /// cycle carries only the bitmaps a write sets before its data).
+    var cycle: PersistenceCycle?
     var flushWaiters: [UInt16] = []
     var heldWrites: [UInt16] = []
     var unsyncedPresent: [Range<UInt64>] = []
@@ -277,42 +242,27 @@ final class CachingHandler: QueueHandler {
     /// What each poll or timer of the handler is (its `data`): decoded once, in `eventFired`.
     enum Event: UInt32 { case source = 1, timer, mesh, fillTimer }
 
-    // MARK: Queues (-q N; CachingMesh.swift)
+    // MARK: Queues (-q N; CachingMesh.swift, CachingPeer.swift)
 
     /// The device's queues when there are several (nil: one queue, the home alone).
     let mesh: CachingMesh?
-    /// This handler's queue; queue 0 is the home.
-    let queueID: UInt16
-    /// Tags per queue. The home's per-request arrays have a slot per tag of
-    /// every queue: slot = queue × depth + tag (its own tags: slot = tag), and
+    /// Tags per queue. The per-request arrays have a slot per tag of every
+    /// queue: slot = queue × depth + tag (the home's own tags: slot = tag), and
     /// a request handed over by another queue carries its slot as its tag here.
     let depth: Int
-    @inline(__always) var isHome: Bool { queueID == 0 }
     /// Messages for each queue, posted in `idle`.
     var outbox: [[MeshMessage]] = []
     var outboxPending = false
-    /// Another queue's: hits served.
-    var peerHits: UInt64 = 0
-    var publishedHits: UInt64 = 0
-    /// Another queue's last read (hit or not), to tell the home of sequential hits (readahead).
-    var lastReadStart: UInt64 = .max
-    var lastReadEnd: UInt64 = .max
-    let presentWords: UnsafePointer<UInt64>
-    /// The home's: evicted ranges whose punch waits for the running grace
+    /// The home's request data moves (CacheIO.swift).
+    let io: CacheIO
+    var presentWords: UnsafePointer<UInt64> { io.presentWords }
+    /// Evicted ranges whose punch waits for the running grace
     /// period (cleared before its flip), and for the next one (cleared after).
     var graceRanges: [Range<UInt64>] = []
     var graceNext: [Range<UInt64>] = []
 
-    /// The home's statistics file (StatsFile.swift), when it publishes.
+    /// The statistics file (StatsFile.swift), when it publishes.
     var statsFile: StatsFile?
-
-    /// User-copy mode (the cache file lives in memory and the device has
-    /// UBLK_F_USER_COPY): the cache file mapped.
-    /// Request data then moves with one copy between the cache's pages and the
-    /// kernel's request pages (pwrite/pread on /dev/ublkcN), like the loop
-    /// target's; the tag buffers are unused.
-    var mapping: UnsafeMutableRawPointer?
-    var mappingSize = 0
 
     /// The data paths a caching target over `cacheFD` can run, best first. A cache
     /// file in memory: zero copy where the driver has it (measured faster than the
@@ -324,34 +274,23 @@ final class CachingHandler: QueueHandler {
     }
     static let memoryFS: [Int64] = [0x0102_1994 /* tmpfs */, 0x8584_58f6 /* ramfs */]
 
-    /// A handler for `queue`; maps the cache file when the queue copies data itself.
+    /// The handler of queue 0 (`queue`); maps the cache file when the queue copies data itself.
     static func make(context: CacheContext, fetcher: RunFetcher, planner: FetchPlanner, queue: IOQueue,
                      deviceSize: UInt64, mesh: CachingMesh? = nil) throws(UblkError) -> CachingHandler {
+        precondition(queue.id == 0, "the home is queue 0; the others get a CachingPeer")
         if let m = mesh { try m.check(depth: queue.depth) }
-        let h = CachingHandler(context: context, fetcher: fetcher, planner: planner, depth: queue.depth,
-                               mesh: mesh, queueID: queue.id)
-        if queue.dataPath == .inlineUserCopy {
-            // The mapping covers the device (the image rounded up to 512 bytes,
-            // so never past the cache file's last page): bytes past the end read as zeros.
-            guard deviceSize > 0, let m = mmap(nil, Int(deviceSize), PROT_READ | PROT_WRITE, MAP_SHARED, context.cache.fd, 0),
-                  m != MAP_FAILED else {
-                throw UblkError("cannot map the cache file \(context.cache.path)", errno: .current)
-            }
-            h.mapping = m
-            h.mappingSize = Int(deviceSize)
-        }
+        let h = CachingHandler(context: context, fetcher: fetcher, planner: planner, depth: queue.depth, mesh: mesh)
+        if queue.dataPath == .inlineUserCopy { try h.io.map(context.cache, deviceSize: deviceSize) }
         if let m = mesh { queue.poll(fd: m.inboxes[Int(queue.id)].fd, data: Event.mesh.rawValue) }
-        if h.isHome, let spec = context.startFill { h.scheduleFill(spec, queue: queue) }
-        if context.publishStats && h.isHome { h.statsFile = StatsFile(device: queue.deviceID) }
+        if let spec = context.startFill { h.scheduleFill(spec, queue: queue) }
+        if context.publishStats { h.statsFile = StatsFile(device: queue.deviceID) }
         return h
     }
 
-    init(context: CacheContext, fetcher: RunFetcher, planner: FetchPlanner, depth: Int,
-         mesh: CachingMesh? = nil, queueID: UInt16 = 0) {
+    init(context: CacheContext, fetcher: RunFetcher, planner: FetchPlanner, depth: Int, mesh: CachingMesh? = nil) {
         self.mesh = mesh
-        self.queueID = queueID
         self.depth = depth
-        self.presentWords = context.bitmap.bits.sharedWords
+        self.io = CacheIO(context: context)
         self.context = context
         self.fetcher = fetcher
         self.planner = planner
@@ -364,21 +303,19 @@ final class CachingHandler: QueueHandler {
         // bitmap is opened so that a crash of an earlier write-through run is settled.
         intentBitmaps = [context.local, context.dirty, context.writeback,
                          context.writeThrough && context.backingFD >= 0 ? context.unsettled : nil].compactMap { $0 }
-        if context.writeThrough && context.backingFD >= 0 && context.unsettled != nil && queueID == 0 {
+        if context.writeThrough && context.backingFD >= 0 && context.unsettled != nil {
             settled = PageBits(pageCount: context.bitmap.pageCount)
         }
         self.cacheFD = context.dataFD >= 0 ? context.dataFD : context.cache.fd
         self.imageSize = context.imageSize
         self.pageSize = UInt64(context.pageSize)
-        slots = Array(repeating: Slot(), count: queueID == 0 ? depth * (mesh?.queueCount ?? 1) : depth)
+        slots = Array(repeating: Slot(), count: depth * (mesh?.queueCount ?? 1))
         if context.maxCacheBytes > 0 && context.chunks == nil {
             context.chunks = ChunkUse(chunks: Int((context.imageSize >> CachingHandler.chunkShift) + 1))
         }
         if let m = mesh { outbox = Array(repeating: [], count: m.queueCount) }
-        // The other queues only serve hits and move data: what follows is the home's.
-        timerFD = queueID == 0 ? cu_timerfd() : -1
+        timerFD = cu_timerfd()
         lastPersist = monotonicNanos()
-        if queueID != 0 { return }
         settleAfterCrash()
         // A local or write-back bit without a present one is a write whose data
         // never became durable (its present bit comes after the data): the page
@@ -417,12 +354,8 @@ final class CachingHandler: QueueHandler {
 
     deinit {
         if timerFD >= 0 { close(timerFD) }
-        if let m = mapping { munmap(m, mappingSize) }
         for s in staging.values { free(s.buffer) }
     }
-
-    /// The cache file lives in memory (tmpfs, ramfs).
-    lazy var cacheInMemory: Bool = CachingHandler.memoryFS.contains(cu_fs_type(cacheFD))
 }
 
 extension Range where Bound == UInt64 {
