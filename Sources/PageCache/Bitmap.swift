@@ -80,7 +80,7 @@ public final class Bitmap {
             let stored = try readHeader(fd: fd, path: path, expected: identity)
             let bitmap = Bitmap(path: path, fd: fd, identity: stored, requested: identity)
             bitmap.binding = try readBinding(fd: fd, path: path)
-            try bitmap.loadBits()
+            try readWords(fd: fd, path: path, into: bitmap.bits)
             if created { return (bitmap, .fresh) }
             if stored.url != identity.url {
                 return (bitmap, .invalidated(.urlChanged(old: stored.url, new: identity.url)))
@@ -165,22 +165,6 @@ public final class Bitmap {
             throw .io(FileError("fdatasync", path: path, errno: e))
         }
         identity = id
-    }
-
-    private func loadBits() throws(BitmapError) {
-        var failure: FileError?
-        let count = bits.wordCount * 8
-        bits.load { buf in
-            guard count > 0 else { return }
-            switch preadFully(fd, buf.baseAddress!, count, UInt64(Bitmap.headerSize)) {
-            case .success(let n) where n == count: break
-            case .success: failure = FileError("pread", path: path, errno: EIO)
-            case .failure(let e): failure = FileError("pread", path: path, errno: e)
-            }
-            let words = buf.bindMemory(to: UInt64.self)
-            for i in words.indices { words[i] = UInt64(littleEndian: words[i]) }
-        }
-        if let failure { throw .io(failure) }
     }
 }
 

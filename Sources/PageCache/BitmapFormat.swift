@@ -54,22 +54,27 @@ extension Bitmap {
         // A crafted header must not make us divide by zero, overflow or allocate without bound.
         guard probe.hasValidGeometry else { throw .corruptHeader(path: path) }
         let identity = try readHeader(fd: fd, path: path, expected: probe)
-        let words = Int((identity.pageCount + 63) / 64)
         let bits = PageBits(pageCount: identity.pageCount)
+        try readWords(fd: fd, path: path, into: bits)
+        return (BitmapInfo(identity: identity, present: bits.count, binding: try readBinding(fd: fd, path: path)), bits)
+    }
+
+    /// Reads the words after the header into `bits` (which counts them); a
+    /// short file is an I/O error.
+    static func readWords(fd: Int32, path: String, into bits: PageBits) throws(BitmapError) {
         var failure: FileError?
+        let count = bits.wordCount * 8
         bits.load { buf in
-            guard words > 0 else { return }
-            switch preadFully(fd, buf.baseAddress!, words * 8, UInt64(headerSize)) {
-            case .success(let n) where n == words * 8: break
+            guard count > 0 else { return }
+            switch preadFully(fd, buf.baseAddress!, count, UInt64(headerSize)) {
+            case .success(let n) where n == count: break
             case .success: failure = FileError("pread", path: path, errno: EIO)
             case .failure(let e): failure = FileError("pread", path: path, errno: e)
             }
-            let w = buf.bindMemory(to: UInt64.self)
-            for i in w.indices { w[i] = UInt64(littleEndian: w[i]) }
+            let words = buf.bindMemory(to: UInt64.self)
+            for i in words.indices { words[i] = UInt64(littleEndian: words[i]) }
         }
         if let failure { throw .io(failure) }
-        bits.recount()
-        return (BitmapInfo(identity: identity, present: bits.count, binding: try readBinding(fd: fd, path: path)), bits)
     }
 
     static func create(path: String, identity: BitmapIdentity, binding: SetBinding?) throws(BitmapError) {
