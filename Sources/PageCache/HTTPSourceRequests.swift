@@ -1,12 +1,9 @@
 // HTTPSource, requests: the options, headers and credentials one attempt
 // (or one redirect hop) is sent with, and `Transfer`, one request across
-// its attempts (with the response headers it parses).
-//
-// Contract: a request goes to its hop's URL, http or https only, with
-// redirects never followed by curl (HTTPSourceRedirects.swift chooses each
-// hop); the credentials (headers, user and password, S3 SigV4 signing) are
-// attached only while the transfer's `credentials` is set; a fetch's Range
-// asks only for the bytes not yet delivered.
+// its attempts (with the response headers it parses). The contracts it
+// serves are stated where they are decided: which hop gets the credentials
+// (`Transfer.credentials`) in HTTPSourceRedirects.swift, what a retry asks
+// for in HTTPSourceAttempts.swift.
 import CCurl
 
 extension HTTPSource {
