@@ -430,7 +430,7 @@ final class PageStateModelTests: XCTestCase {
         var queuesBusy: Bool {
             if queueCount == 1 { return !queue.pending.isEmpty }
             return queues.contains { !$0.pending.isEmpty || !$0.readyPolls().isEmpty } || handler.outboxPending || peers.contains { $0.outboxPending }
-                || (mesh?.gracePending ?? false) || !handler.graceNext.isEmpty
+                || (mesh.map { handler.eviction.graceWaiting($0) } ?? false)
         }
 
         /// Runs until nothing is in flight (bounded).
@@ -611,7 +611,7 @@ final class PageStateModelTests: XCTestCase {
                 try quiesce()
                 let st = try JSONDecoder().decode(WritebackStatus.self, from: Data(reply.utf8))
                 if st.writebackPages == 0 && !st.inFlight && !st.unpersisted && handler.cycle == nil
-                    && handler.writebackCopied.isEmpty { break }
+                    && handler.writebackCopy.copied.isEmpty { break }
                 handler.idle(queue: queue)
                 try quiesce()
                 rounds += 1

@@ -36,12 +36,12 @@ extension CachingHandler {
 
     func idle(queue: IOQueue) {
         defer { if mesh != nil { flushOutbox() } }
-        if let m = mesh, !graceNext.isEmpty || m.gracePending { advanceGrace(queue) }
+        if let m = mesh, eviction.graceWaiting(m) { advanceGrace(queue) }
         if !fetcher.isIdle { armPoll(queue) }
         let statsDirty = statsFile?.changed(statsSignature) ?? false
         if writeback != nil && !draining { startWriteback(queue) }
         if filling.job != nil { fillStep(queue) }
-        if context.maxCacheBytes > 0 && cycle == nil && punchesInFlight == 0 && !presentFrozen { evictIfNeeded(queue) }
+        if context.maxCacheBytes > 0 && cycle == nil && !eviction.isPunching && !presentFrozen { evictIfNeeded(queue) }
         let now = monotonicNanos()
         if statsDirty && now &- lastStats >= persistInterval {
             lastStats = now
@@ -71,7 +71,7 @@ extension CachingHandler {
 
     /// Something only a full cycle persists is waiting.
     var presentNeedsCycle: Bool {
-        bitmap.bits.hasDirty || !writebackCopied.isEmpty || !evicting.isEmpty || (settled?.count ?? 0) > 0
+        bitmap.bits.hasDirty || !writebackCopy.copied.isEmpty || !eviction.cleared.isEmpty || (settled?.count ?? 0) > 0
     }
 
     func drain(queue: IOQueue) {
@@ -83,20 +83,15 @@ extension CachingHandler {
         for t in slots.indices where slots[t].stage == .waitingFetch {
             finish(UInt16(t), -EIO, queue)
         }
-        if punchesInFlight == 0 {
-            let waiting = deferred
-            deferred = []
-            for r in waiting { completeSlot(r.tag, -EIO, queue) }
-        }
+        for r in eviction.takeWaiting() { completeSlot(r.tag, -EIO, queue) }
     }
 
     func shutdown(queue: IOQueue) {
         if context.publishStats { context.snapshot().saveAtomically(device: queue.deviceID) }
         // The loop ended with no target I/O outstanding: no cycle is in flight. Blocking is allowed here.
         do {
-            if let wb = writeback, !writebackCopied.isEmpty, context.backingFD >= 0, fdatasync(context.backingFD) == 0 {
-                for r in writebackCopied { wb.markAbsent(r) }
-                writebackCopied = []
+            if let wb = writeback, !writebackCopy.copied.isEmpty, context.backingFD >= 0, fdatasync(context.backingFD) == 0 {
+                for r in writebackCopy.takeCopied() { wb.markAbsent(r) }
             }
             if let u = unsettled, let st = settled, st.count > 0, context.backingFD >= 0, fdatasync(context.backingFD) == 0 {
                 try context.cache.sync()

@@ -391,7 +391,7 @@ extension CachingHandler {
         // One slot stays free for the device's own misses (with one slot: it must be idle).
         let slots = planner.maxActiveRuns > 1 ? planner.maxActiveRuns - 1 : 1
         while job.inFlight.count < job.spec.maxInFlight {
-            if planner.plannedRunCount > 0 || planner.activeRunCount >= slots || punchesInFlight > 0 { break }
+            if planner.plannedRunCount > 0 || planner.activeRunCount >= slots || eviction.isPunching { break }
             if job.rate > 0 {
                 let wait = job.refill(now: monotonicNanos())
                 if wait > 0 {

@@ -73,7 +73,7 @@
 //   fetching              in a planner run (FetchPlanner): reads wait for it, never fetched twice
 //   reading / writing     a request in flight on the cache file covers it (`requests`)
 //   intent                a write waits for its intent bits to be durable (`heldWrites`)
-//   evicting              bits cleared, persisted, punch in flight: new requests wait (`deferred`)
+//   evicting              bits cleared, persisted, punch in flight: new requests wait (`Eviction`)
 //   syncing               handed to `sync`: stays dirty until the copy is confirmed (CachingControl)
 //
 // ORDER ON DISK (the crash-safety argument; PersistenceCycle.swift orders each cycle's I/O):
@@ -221,23 +221,16 @@ final class CachingHandler: QueueHandler {
         case writebackRead, writebackWrite, metaWrite, metaSync, evictPunch, stats
     }
 
-    /// Write-back: the one run being copied to the backing store (the throttle), and
-    /// whether a write touched it meanwhile (then its bits stay set).
-    var writebackRun: (pages: Range<UInt64>, buffer: UnsafeMutableRawPointer, done: Int, dirtied: Bool)?
-    var writebackCursor: UInt64 = 0
-    /// Copied to the backing store, bits to clear at the next full cycle (after the backing's fdatasync).
-    var writebackCopied: [Range<UInt64>] = []
+    /// Write-back's copy to the backing store (CachingWriteback.swift).
+    var writebackCopy = WritebackCopy()
     /// Write-through: pages written to both, whose unsettled bits the next full
     /// cycle clears (a bitset: one entry per write would cost per write).
     var settled: PageBits?
-    static let writebackRunPages: UInt64 = 256
 
-    /// Eviction: the ranges whose bits were cleared and go out (punched) once
-    /// that is durable (the last use of each chunk is in `context.chunks`).
-    var evicting: [Range<UInt64>] = []
-    /// Punches in flight; requests arriving meanwhile wait in `deferred`.
-    var punchesInFlight = 0
-    var deferred: [Request] = []
+    /// Evicted pages on their way out: cleared, persisted, after a grace
+    /// period punched, while requests wait (CachingEviction.swift; the last
+    /// use of each chunk is in `context.chunks`).
+    var eviction = Eviction()
     static let chunkShift: UInt64 = 20
     /// What each poll or timer of the handler is (its `data`): decoded once, in `eventFired`.
     enum Event: UInt32 { case source = 1, timer, mesh, fillTimer }
@@ -256,10 +249,6 @@ final class CachingHandler: QueueHandler {
     /// The home's request data moves (CacheIO.swift).
     let io: CacheIO
     var presentWords: UnsafePointer<UInt64> { io.presentWords }
-    /// Evicted ranges whose punch waits for the running grace
-    /// period (cleared before its flip), and for the next one (cleared after).
-    var graceRanges: [Range<UInt64>] = []
-    var graceNext: [Range<UInt64>] = []
 
     /// The statistics file (StatsFile.swift), when it publishes.
     var statsFile: StatsFile?
@@ -346,7 +335,7 @@ final class CachingHandler: QueueHandler {
         while p < u.pageCount, let s = u.bits.nextSet(in: p..<u.pageCount) {
             let e = u.bits.nextClear(in: s..<u.pageCount) ?? u.pageCount
             bitmap.markAbsent(s..<e)
-            evicting.append(s..<e)
+            eviction.clearedBits(s..<e)
             u.markAbsent(s..<e)
             p = e
         }

@@ -271,7 +271,7 @@ extension CachingHandler {
             case .hint(let offset, let length, let q):
                 // Only readahead: dropped while evicted pages are being punched
                 // (a run planned now could land before a punch of its pages).
-                if draining || punchesInFlight > 0 { continue }
+                if draining || eviction.isPunching { continue }
                 _ = planner.hint(offset: offset, length: Int(length), stream: Int(q), present: bitmap.bits)
                 if planner.plannedRunCount > 0 { startRuns(queue) }
             case .readDone(let slot):

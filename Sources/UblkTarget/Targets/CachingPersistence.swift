@@ -19,7 +19,7 @@ extension CachingHandler {
         guard cycle == nil else { return }
         let now = monotonicNanos()
         // A full cycle due (the interval passed) is not put off by a stream of intent cycles.
-        let full = wantFull || !flushWaiters.isEmpty || !evicting.isEmpty || dirtyCleared
+        let full = wantFull || !flushWaiters.isEmpty || !eviction.cleared.isEmpty || dirtyCleared
             || (presentNeedsCycle && now &- lastPersist >= persistInterval)
         let clears = full && dirtyCleared
         if full {
@@ -31,9 +31,8 @@ extension CachingHandler {
         if full {
             // Copied pages: the backing's fdatasync below covers them, so their bits may go.
             if let wb = writeback {
-                for r in writebackCopied { wb.markAbsent(r) }
-                c.writebackCleared = writebackCopied
-                writebackCopied = []
+                c.writebackCleared = writebackCopy.takeCopied()
+                for r in c.writebackCleared { wb.markAbsent(r) }
             }
             // Written to both: the fdatasyncs below make both copies durable. Not
             // where another write is still in flight (it keeps its bit).
@@ -60,8 +59,7 @@ extension CachingHandler {
             unsyncedPresent = []
             c.writtenPages = unsyncedWrites
             unsyncedWrites = []
-            c.punch = evicting
-            evicting = []
+            c.punch = eviction.takeCleared()
             c.flushes = flushWaiters
             flushWaiters = []
         }

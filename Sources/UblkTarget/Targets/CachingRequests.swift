@@ -18,7 +18,7 @@ extension CachingHandler {
             if r.op != Op.read && !context.writable { return completeSlot(r.tag, -EROFS, queue) }
             if draining { return completeSlot(r.tag, -EIO, queue) }
             // Evicted pages are being punched: nothing may touch the cache file's holes meanwhile.
-            if punchesInFlight > 0 { return deferred.append(r) }
+            if eviction.isPunching { return eviction.wait(r) }
             if let c = context.chunks { c.touch(offset: r.offset, length: r.length) }
             if r.op == Op.read && context.readThroughFD >= 0 {
                 // Nothing is fetched for a read: present runs come from the cache file, the rest from the source.
@@ -67,8 +67,7 @@ extension CachingHandler {
     /// Sets a write's intent bits (local, dirty, write-back); true when some of
     /// them are not durable yet, so its data must wait for an intent cycle.
     func setIntent(_ pages: Range<UInt64>) -> Bool {
-        if let run = writebackRun, run.pages.overlaps(pages) { writebackRun!.dirtied = true }
-        if writebackCopied.contains(where: { $0.overlaps(pages) }) { writebackCopied = writebackCopied.flatMap { $0.subtracting(pages) } }
+        writebackCopy.written(pages)
         if let st = settled, st.count > 0 { st.clear(pages) }
         var wait = false
         for b in intentBitmaps {
@@ -143,7 +142,7 @@ extension CachingHandler {
             // Write-through: one copy may have it and the other not. The cache's
             // goes (the page is read from the backing store again); the
             // unsettled bit stays until a write of the page succeeds.
-            if through { for p in pages where bitmap.test(p) { bitmap.markAbsent(p..<p + 1); evicting.append(p..<p + 1) } }
+            if through { for p in pages where bitmap.test(p) { bitmap.markAbsent(p..<p + 1); eviction.clearedBits(p..<p + 1) } }
             // Some of it may have landed: a `sync` under way must not clear these pages.
             syncs.written(pages)
             return finish(r.tag, result, queue)
