@@ -37,7 +37,7 @@ final class CLITests: XCTestCase {
 
     func testLoopTargetOpensFileAndSizesIt() throws {
         let path = NSTemporaryDirectory() + "/ublk-cli-test-\(getpid()).img"
-        FileManager.default.createFile(atPath: path, contents: Data(count: 1 << 20 + 100))
+        XCTAssertTrue(FileManager.default.createFile(atPath: path, contents: Data(count: 1 << 20 + 100)), "cannot create \(path)")
         defer { unlink(path) }
         let a = try parseAdd(["-t", "loop", "-f", path, "--buffered"])
         let t = try a.makeTarget()
@@ -118,7 +118,7 @@ final class CLITests: XCTestCase {
 
     func testPasswordComesFromAFile() throws {
         let path = NSTemporaryDirectory() + "/ublk-pw-\(getpid())"
-        FileManager.default.createFile(atPath: path, contents: Data("s3cret\n".utf8))
+        XCTAssertTrue(FileManager.default.createFile(atPath: path, contents: Data("s3cret\n".utf8)), "cannot create \(path)")
         chmod(path, 0o600)  // a file of secrets must not be readable by others
         defer { unlink(path) }
         let a = try parseAdd(["-t", "http", "--url", "http://h/x", "--user", "me", "--password-file", path])
@@ -230,7 +230,7 @@ final class CLITests: XCTestCase {
 
     func secretFile(_ text: String, mode: mode_t = 0o600) -> String {
         let path = NSTemporaryDirectory() + "/ublk-secret-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        FileManager.default.createFile(atPath: path, contents: Data(text.utf8))
+        XCTAssertTrue(FileManager.default.createFile(atPath: path, contents: Data(text.utf8)), "cannot create \(path)")
         chmod(path, mode)
         addTeardownBlock { unlink(path) }
         return path
