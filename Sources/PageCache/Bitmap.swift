@@ -108,7 +108,7 @@ public final class Bitmap {
 
     deinit {
         // Every change is on disk: the live copy says nothing more, drop it.
-        if let live, !bits.hasDirty, nextToPersist == nextSequence { live.remove() }
+        if let live, !bits.hasChanged, nextToPersist == nextSequence { live.remove() }
         close(fd)
     }
 
@@ -133,7 +133,7 @@ public final class Bitmap {
     /// Zeroes every bit, in memory and on disk, and records `requested` as the
     /// identity. Pending stages are void: stage again after this.
     public func startAfresh() throws(BitmapError) {
-        _ = bits.takeDirty()
+        _ = bits.takeChanged()
         bits.load { $0.initializeMemory(as: UInt8.self, repeating: 0) }
         nextToPersist = nextSequence
         let size = Bitmap.fileSize(pageCount: bits.pageCount)
@@ -188,7 +188,7 @@ extension Bitmap {
     /// (see LiveBits.swift). When that file holds the words of this file,
     /// set and generation in this boot (a server of this boot died with
     /// them), they are the truth: adopted, and every word that differs from
-    /// the disk is marked dirty so that the next persist writes it (after the
+    /// the disk is marked changed so that the next persist writes it (after the
     /// cache file's data sync, as always). Otherwise the file is (re)made from
     /// the words read from disk. Returns whether live words were adopted.
     /// Needs a binding. Without a usable live directory: `config.required`
@@ -205,7 +205,7 @@ extension Bitmap {
         let adopted = file.matches(bootID: config.bootID, kind: identity.kind, binding: binding, pageCount: pageCount)
         if adopted {
             mapped.recount()
-            for w in 0..<mapped.wordCount where mapped.word(w) != bits.word(w) { mapped.markDirty(w) }
+            for w in 0..<mapped.wordCount where mapped.word(w) != bits.word(w) { mapped.markChanged(w) }
         } else {
             file.invalidate()
             let old = bits
@@ -216,7 +216,7 @@ extension Bitmap {
             file.validate(bootID: config.bootID, kind: identity.kind, binding: binding, pageCount: pageCount)
         }
         // Words changed before the move still have to reach the disk.
-        for w in bits.takeDirty() { mapped.markDirty(w) }
+        for w in bits.takeChanged() { mapped.markChanged(w) }
         bits = mapped
         live = file
         return adopted

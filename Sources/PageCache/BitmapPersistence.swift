@@ -1,4 +1,4 @@
-// Bitmap, persistence: staging dirty words and writing them, in the crash
+// Bitmap, persistence: staging changed words and writing them, in the crash
 // order of the bit's kind.
 //
 // Contract:
@@ -6,28 +6,28 @@
 //   data has. The order is spelled out by the API:
 //     1. write the page data into the cache file (pwrite completed);
 //     2. `markPresent(pages)`: the bits are set in memory (reads may use the
-//        pages now: the data is in the page cache) and recorded as dirty;
-//     3. `let c = stage()`: snapshots every dirty word *now*; pages marked
+//        pages now: the data is in the page cache) and their words recorded as changed;
+//     3. `let c = stage()`: snapshots every changed word *now*; pages marked
 //        after this call are not covered by `c`;
 //     4. `cacheFile.sync()` (fdatasync): the data of every page in `c` is durable;
 //     5. `persist(c)`: pwrites only the changed words (coalesced into ranges),
 //        then fdatasync of the bitmap.
 //   `commit(syncing:)` does 3–5 in a row, blocking. Commits are persisted in
-//   the order they were staged (one may be skipped: `abandon` it to re-mark
-//   its words dirty); a failed persist re-marks its words dirty.
+//   the order they were staged (one may be skipped: `abandon` it to mark
+//   its words changed again); a failed persist marks them changed again.
 //   For the dirty kind the order is the reverse (bits before the FLUSH that
 //   acknowledges the write): stage, persist, then acknowledge.
 import Glibc
 
 extension Bitmap {
-    /// Step 3: snapshot every dirty word. Cheap; no I/O.
+    /// Step 3: snapshot every changed word. Cheap; no I/O.
     public func stage() -> BitmapCommit {
-        let dirty = bits.takeDirty().sorted()
+        let changed = bits.takeChanged().sorted()
         var values = [UInt64]()
-        values.reserveCapacity(dirty.count)
-        for w in dirty { values.append(bits.word(w)) }
+        values.reserveCapacity(changed.count)
+        for w in changed { values.append(bits.word(w)) }
         defer { nextSequence += 1 }
-        return BitmapCommit(sequence: nextSequence, indices: dirty, values: values)
+        return BitmapCommit(sequence: nextSequence, indices: changed, values: values)
     }
 
     /// Step 5: write the snapshotted words (contiguous words in one pwrite),
@@ -56,7 +56,7 @@ extension Bitmap {
         }
         if let failure {
             // The words are not known to be on disk: write them again next time.
-            redirty(commit.indices)
+            markChangedAgain(commit.indices)
             throw .io(failure)
         }
     }
@@ -111,9 +111,9 @@ extension Bitmap {
     public func hasUnstaged(_ pages: Range<UInt64>) -> Bool { bits.hasPendingWords(pages) }
 
     /// Gives up on a staged commit (its data sync failed or will not happen):
-    /// its words become dirty again, for a later stage.
+    /// its words are marked changed again, for a later stage.
     public func abandon(_ commit: BitmapCommit) {
-        redirty(commit.indices)
+        markChangedAgain(commit.indices)
     }
 
     /// Steps 3–5, blocking: stage, fdatasync the cache file, persist.
@@ -130,7 +130,7 @@ extension Bitmap {
         try persist(c)
     }
 
-    private func redirty(_ indices: [Int]) {
-        for w in indices { bits.markDirty(w) }
+    private func markChangedAgain(_ indices: [Int]) {
+        for w in indices { bits.markChanged(w) }
     }
 }

@@ -314,9 +314,9 @@ public final class CacheStore {
         // Bring the disk up to date (adopted live words, local pages taken
         // over): the cache file's data first, then the bits.
         let all = [p, dirty?.bitmap, local?.bitmap, writeback?.bitmap, unsettled?.bitmap].compactMap { $0 }
-        if all.contains(where: { $0.bits.hasDirty }) {
+        if all.contains(where: { $0.bits.hasChanged }) {
             try file.sync()
-            for b in all where b.bits.hasDirty { try b.persist(b.stage()) }
+            for b in all where b.bits.hasChanged { try b.persist(b.stage()) }
         }
         return CacheStore(cache: file, present: p, dirty: dirty?.bitmap, local: local?.bitmap, writeback: writeback?.bitmap,
                           unsettled: unsettled?.bitmap, state: state, notes: notes, adoptedLive: adopted)

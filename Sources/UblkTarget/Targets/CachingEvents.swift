@@ -51,7 +51,7 @@ extension CachingHandler {
         // in a full cycle; intent bits left over go out at once.
         let presentDirty = presentNeedsCycle
         let fullDue = presentDirty && now &- lastPersist >= persistInterval
-        let intentLeft = intentBitmaps.contains(where: { $0.bits.hasDirty })
+        let intentLeft = intentBitmaps.contains(where: { $0.bits.hasChanged })
         if cycle == nil {
             if fullDue {
                 startCycle(queue, full: true)
@@ -71,7 +71,7 @@ extension CachingHandler {
 
     /// Something only a full cycle persists is waiting.
     var presentNeedsCycle: Bool {
-        bitmap.bits.hasDirty || !writebackCopy.copied.isEmpty || !eviction.cleared.isEmpty || (settled?.count ?? 0) > 0
+        bitmap.bits.hasChanged || !writebackCopy.copied.isEmpty || !eviction.cleared.isEmpty || (settled?.count ?? 0) > 0
     }
 
     func drain(queue: IOQueue) {

@@ -328,7 +328,7 @@ extension CachingHandler {
 
     func fillStatus() -> FillStatus {
         let present = bitmap.count, total = bitmap.pageCount
-        let persisted = unsyncedPresent.isEmpty && !bitmap.bits.hasDirty && cycle?.full != true && !presentFrozen
+        let persisted = unsyncedPresent.isEmpty && !bitmap.bits.hasChanged && cycle?.full != true && !presentFrozen
         guard let job = filling.job else {
             return FillStatus(kind: nil, state: .idle, pagesPresent: present, pagesTotal: total,
                               percent: FillStatus.percent(present, of: total), fillPages: 0, fillPagesPresent: 0,

@@ -38,7 +38,7 @@ extension CachingHandler {
             // where another write is still in flight (it keeps its bit).
             if let u = unsettled, let st = settled, st.count > 0 {
                 let busy = writesInFlight()
-                for w in st.takeDirty() where st.word(w) != 0 {
+                for w in st.takeChanged() where st.word(w) != 0 {
                     let first = UInt64(w) << 6
                     var p = first
                     let end = min(first + 64, st.pageCount)
