@@ -130,12 +130,20 @@ final class PageStateModelTests: XCTestCase {
         var flushesSent = 0
         var latestFlushDone = -1
         var faulty = false
+        /// Some writes are sent with FUA (off: none, for tests that count cycles).
+        var fuaWrites = true
         var readMostly = false
         var evictBound: UInt64 = 0
+        /// Write-ahead regions of the cache modes (CacheContext.intentRegionPages), by the
+        /// seed without drawing from `rng` (so earlier seeds replay): 1 (page by page),
+        /// 4, 16, or 64 (more than the image).
+        var intentRegion: UInt64 { [1, 4, 16, 64][Int((seed / 12) % 4)] }
         var persistInterval: UInt64 = 0
         var crashes = 0, reads = 0, writes = 0, flushes = 0, syncs = 0, remoteChanges = 0, remoteRefusals = 0
         /// Reads other queues served by themselves (-q N), over the handlers' lives.
         var peerHits: UInt64 = 0
+        /// Pages whose bits writes set ahead (write-ahead by region), over every server run.
+        var pagesSetAhead: UInt64 = 0
         /// The machine's boot: a power loss starts another (live bits on /run die with it).
         var boots = 0
 
@@ -246,6 +254,7 @@ final class PageStateModelTests: XCTestCase {
             context.writeThrough = mode == .cacheThrough
             context.publishStats = false
             context.maxCacheBytes = evictBound
+            context.intentRegionPages = intentRegion
             mesh = queueCount > 1 ? CachingMesh(queues: queueCount) : nil
             try mesh?.check(depth: depth)
             queues = (0..<queueCount).map { FakeQueue(depth: depth, files: files, id: UInt16($0)) }
@@ -342,7 +351,7 @@ final class PageStateModelTests: XCTestCase {
             queues[q].open.insert(tag)
             note("submit queue \(q) tag \(tag) op \(op) sectors \(sector)+\(count) id \(id)")
             // Some writes are FUA: acknowledged only after a full cycle, with their byte count.
-            let fua = op == Op.write && rng.next() % 5 == 0
+            let fua = op == Op.write && fuaWrites && rng.next() % 5 == 0
             let r = Request(tag: tag, op: op, flags: fua ? UInt32(UBLK_IO_F_FUA) : 0, offset: UInt64(sector * PageStateModelTests.sector),
                             length: UInt32(op == Op.flush ? 0 : count * PageStateModelTests.sector), buffer: buf)
             handlers[q].handle(r, queue: queues[q])
@@ -504,6 +513,7 @@ final class PageStateModelTests: XCTestCase {
                 q.handler = nil
             }
             peerHits += peers.reduce(0) { $0 + $1.peerHits }
+            pagesSetAhead += handler?.context.stats.pagesSetAhead ?? 0
             handler = nil
             handlers = []
             mesh = nil
@@ -611,7 +621,7 @@ final class PageStateModelTests: XCTestCase {
                 try quiesce()
                 let st = try JSONDecoder().decode(WritebackStatus.self, from: Data(reply.utf8))
                 if st.writebackPages == 0 && !st.inFlight && !st.unpersisted && handler.cycle == nil
-                    && handler.writebackCopy.copied.isEmpty { break }
+                    && !handler.writebackCopy.hasCopied { break }
                 handler.idle(queue: queue)
                 try quiesce()
                 rounds += 1
@@ -667,7 +677,7 @@ final class PageStateModelTests: XCTestCase {
     }
 
     /// What the seeds did, summed (printed at the end: a run that exercised nothing shows).
-    var totals = (crashes: 0, reads: 0, writes: 0, flushes: 0, syncs: 0, remoteChanges: 0, remoteRefusals: 0, peerHits: UInt64(0))
+    var totals = (crashes: 0, reads: 0, writes: 0, flushes: 0, syncs: 0, remoteChanges: 0, remoteRefusals: 0, peerHits: UInt64(0), pagesSetAhead: UInt64(0))
 
     func runSeed(_ seed: UInt64, steps: Int, mode: Mode? = nil) -> String? {
         let world: World
@@ -676,7 +686,7 @@ final class PageStateModelTests: XCTestCase {
             do { try world.step() } catch {
                 return """
                     seed \(seed) failed at step \(i): \(error)
-                    (faulty \(world.faulty), evict bound \(world.evictBound), persist interval \(world.persistInterval))
+                    (faulty \(world.faulty), evict bound \(world.evictBound), persist interval \(world.persistInterval), write-ahead region \(world.intentRegion))
                     target: \(world.mode.rawValue)
                     queues: \(world.queueCount)
                     replay: MODEL_SEED=\(seed) MODEL_STEPS=\(i + 1) swift test --filter PageStateModelTests
@@ -700,6 +710,7 @@ final class PageStateModelTests: XCTestCase {
         totals.remoteChanges += world.remoteChanges
         totals.remoteRefusals += world.remoteRefusals
         totals.peerHits += world.peerHits
+        totals.pagesSetAhead += world.pagesSetAhead
         return nil
     }
 
@@ -723,6 +734,7 @@ final class PageStateModelTests: XCTestCase {
             XCTAssertGreaterThan(totals.crashes, ran, "crashes were exercised")
             XCTAssertGreaterThan(totals.syncs, 0)
             XCTAssertGreaterThan(totals.remoteChanges + totals.remoteRefusals, 0, "remote changes were exercised")
+            XCTAssertGreaterThan(totals.pagesSetAhead, 0, "write-ahead regions were exercised")
         }
     }
 }

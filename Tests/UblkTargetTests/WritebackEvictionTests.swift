@@ -21,10 +21,10 @@ final class WritebackEvictionTests: XCTestCase {
 
     func testWritebackCopiesPresentWritebackRunsAndSkipsWhatWritesFill() {
         // Only what the cache holds: 10..<15, not 15..<20.
-        var w = WritebackCopy()
+        var w = WritebackCopy(pageCount: 1024)
         XCTAssertEqual(w.next(writeback: bits(1024, 10..<20), present: bits(1024, 0..<15), busy: { _ in false }), 10..<15)
         // A write fills the run: none now, and the search moves past it.
-        var v = WritebackCopy()
+        var v = WritebackCopy(pageCount: 1024)
         let wb = bits(1024, 500..<900), all = bits(1024, 0..<1024)
         XCTAssertNil(v.next(writeback: wb, present: all, busy: { $0.overlaps(500..<501) }))
         // At most runPages per copy, from where the search stopped, then from the start again.
@@ -33,7 +33,7 @@ final class WritebackEvictionTests: XCTestCase {
     }
 
     func testACopyRunsToTheEndThenItsPagesWaitForACycle() {
-        var w = WritebackCopy()
+        var w = WritebackCopy(pageCount: 1024)
         w.begin(10..<12, buffer: buffer(8192), offset: 40960, length: 8192)
         XCTAssertTrue(w.isCopying)
         XCTAssertNil(w.next(writeback: bits(64, 0..<64), present: bits(64, 0..<64), busy: { _ in false }), "one copy at a time")
@@ -43,34 +43,34 @@ final class WritebackEvictionTests: XCTestCase {
         XCTAssertEqual(rest, 40960 + 4096); XCTAssertEqual(left, 4096)
         XCTAssertEqual(w.wrote(4096, busy: { _ in false }), .copied)
         XCTAssertFalse(w.isCopying)
-        XCTAssertEqual(w.copied, [10..<12])
         XCTAssertEqual(w.takeCopied(), [10..<12])
-        XCTAssertTrue(w.copied.isEmpty)
+        XCTAssertFalse(w.hasCopied)
+        XCTAssertEqual(w.takeCopied(), [])
     }
 
     func testAWriteDuringTheCopyKeepsThePagesPending() {
-        var w = WritebackCopy()
+        var w = WritebackCopy(pageCount: 1024)
         w.begin(10..<12, buffer: buffer(8192), offset: 40960, length: 8192)
         w.written(11..<12)
         _ = w.read(8192)
         XCTAssertEqual(w.wrote(8192, busy: { _ in false }), .copied)
-        XCTAssertTrue(w.copied.isEmpty, "a copy a write overtook does not clear the bits")
+        XCTAssertFalse(w.hasCopied, "a copy a write overtook does not clear the bits")
         // A write after the copy: the copied run loses those pages.
         w.begin(20..<24, buffer: buffer(16384), offset: 81920, length: 16384)
         _ = w.read(16384)
         _ = w.wrote(16384, busy: { _ in false })
         w.written(21..<22)
-        XCTAssertEqual(w.copied, [20..<21, 22..<24])
+        XCTAssertEqual(w.takeCopied(), [20..<21, 22..<24])
     }
 
     func testAFailedOrShortCopyEndsWithItsBitsSet() {
-        var w = WritebackCopy()
+        var w = WritebackCopy(pageCount: 1024)
         w.begin(0..<2, buffer: buffer(8192), offset: 0, length: 8192)
         XCTAssertEqual(w.read(4096), .ended, "a short read is tried again later")
         w.begin(0..<2, buffer: buffer(8192), offset: 0, length: 8192)
         _ = w.read(8192)
         XCTAssertEqual(w.wrote(-EIO, busy: { _ in false }), .ended)
-        XCTAssertTrue(w.copied.isEmpty)
+        XCTAssertFalse(w.hasCopied)
         XCTAssertFalse(w.isCopying)
     }
 

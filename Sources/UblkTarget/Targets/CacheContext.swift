@@ -52,6 +52,12 @@ final class CacheContext {
     /// partial pages are fetched into the cache file (-1: every read miss is
     /// fetched into the cache first, as for `http` and `cache`).
     var readThroughFD: Int32 = -1
+    /// Write-ahead by region (`cache` target): a write's write-back or
+    /// unsettled bits are set, in the same intent cycle, for every present
+    /// page of the aligned region of this many pages around it, so that the
+    /// next writes there find their bits durable and do not wait for a cycle
+    /// (CachingRequests.setIntent). 1: each page on its own.
+    var intentRegionPages: UInt64 = 256
 
     init(cache: CacheFile, bitmap: Bitmap, dirty: Bitmap?, imageSize: UInt64, pageSize: Int, stats: CacheStats,
          snapshot: @escaping () -> HTTPStats) {

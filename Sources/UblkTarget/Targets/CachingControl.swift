@@ -183,7 +183,7 @@ extension CachingHandler {
             startWriteback(queue)
             if wb.bits.hasChanged { startCycle(queue) }
             return controlJSON(WritebackStatus(writebackPages: wb.count, inFlight: writebackCopy.isCopying || cycle != nil,
-                                               unpersisted: wb.bits.hasChanged || !writebackCopy.copied.isEmpty))
+                                               unpersisted: wb.bits.hasChanged || writebackCopy.hasCopied))
         }
         guard let dirty else { return controlError("ublk\(queue.deviceID) does not track written pages") }
         // Clearing is the handler's: it keeps pages a failed data sync may have lost.

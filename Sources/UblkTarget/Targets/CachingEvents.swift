@@ -71,7 +71,7 @@ extension CachingHandler {
 
     /// Something only a full cycle persists is waiting.
     var presentNeedsCycle: Bool {
-        bitmap.bits.hasChanged || !writebackCopy.copied.isEmpty || !eviction.cleared.isEmpty || (settled?.count ?? 0) > 0
+        bitmap.bits.hasChanged || writebackCopy.hasCopied || !eviction.cleared.isEmpty || (settled?.count ?? 0) > 0
     }
 
     func drain(queue: IOQueue) {
@@ -90,7 +90,7 @@ extension CachingHandler {
         if context.publishStats { context.snapshot().saveAtomically(device: queue.deviceID) }
         // The loop ended with no target I/O outstanding: no cycle is in flight. Blocking is allowed here.
         do {
-            if let wb = writeback, !writebackCopy.copied.isEmpty, context.backingFD >= 0, fdatasync(context.backingFD) == 0 {
+            if let wb = writeback, writebackCopy.hasCopied, context.backingFD >= 0, fdatasync(context.backingFD) == 0 {
                 for r in writebackCopy.takeCopied() { wb.markAbsent(r) }
             }
             if let u = unsettled, let st = settled, st.count > 0, context.backingFD >= 0, fdatasync(context.backingFD) == 0 {

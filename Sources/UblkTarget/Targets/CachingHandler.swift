@@ -80,7 +80,10 @@
 //   1. A write's local/dirty/writeback bits reach the disk BEFORE its data is
 //      issued (an "intent" cycle: write the bitmap words, fdatasync them). So
 //      after any crash a page that holds new data is local, dirty and pending
-//      write-back; a bit without new data only costs a copy.
+//      write-back; a bit without new data only costs a copy. So a write that
+//      waits for such a cycle sets the write-back (unsettled) bits of its
+//      region's present pages in it too (write-ahead by region: setAhead in
+//      CachingRequests.swift), and the next writes there need no cycle.
 //   2. A present bit reaches the disk only AFTER its data: a "full" cycle
 //      stages the bits, fdatasyncs the cache file (and the backing store),
 //      then writes and fdatasyncs the bitmap words. FLUSH and FUA complete
@@ -222,7 +225,7 @@ final class CachingHandler: QueueHandler {
     }
 
     /// Write-back's copy to the backing store (CachingWriteback.swift).
-    var writebackCopy = WritebackCopy()
+    var writebackCopy: WritebackCopy
     /// Write-through: pages written to both, whose unsettled bits the next full
     /// cycle clears (a bitset: one entry per write would cost per write).
     var settled: PageBits?
@@ -288,6 +291,7 @@ final class CachingHandler: QueueHandler {
         self.local = context.local
         self.writeback = context.writeback
         self.unsettled = context.unsettled
+        writebackCopy = WritebackCopy(pageCount: context.writeback?.pageCount ?? 0)
         // Unsettled bits matter to write-through only; in other modes the
         // bitmap is opened so that a crash of an earlier write-through run is settled.
         intentBitmaps = [context.local, context.dirty, context.writeback,

@@ -66,6 +66,7 @@ extension CachingHandler {
 
     /// Sets a write's intent bits (local, dirty, write-back); true when some of
     /// them are not durable yet, so its data must wait for an intent cycle.
+    /// A write that waits sets its region's bits ahead in the same cycle.
     func setIntent(_ pages: Range<UInt64>) -> Bool {
         writebackCopy.written(pages)
         if let st = settled, st.count > 0 { st.clear(pages) }
@@ -75,7 +76,40 @@ extension CachingHandler {
             if b.hasUnstaged(pages) { wait = true }
             if let c = cycle, c.carries(b, pages) { wait = true }
         }
+        if wait { setAhead(around: pages) }
         return wait
+    }
+
+    /// Write-ahead by region (`CacheContext.intentRegionPages`): the write-back
+    /// or unsettled bits of the present pages in the regions around `pages`
+    /// that lack them are set too, and those pages are recorded as holding the
+    /// backing store's data (`WritebackCopy.setAhead`, `settled`): they are not
+    /// copied, and the next full cycle clears their bits unless a write comes
+    /// first. Such a write finds its bit durable and does not wait. A bit set
+    /// ahead is only ever more than needed: after a crash it costs a copy to
+    /// the backing store (write-back) or a page read again from it
+    /// (write-through), never data.
+    func setAhead(around pages: Range<UInt64>) {
+        let r = context.intentRegionPages
+        guard r > 1, !pages.isEmpty else { return }
+        let region = pages.lowerBound / r * r..<min((pages.upperBound + r - 1) / r * r, bitmap.pageCount)
+        func ahead(_ b: Bitmap, _ record: (Range<UInt64>) -> Void) {
+            var p = region.lowerBound
+            while p < region.upperBound, let a = bitmap.bits.nextSet(in: p..<region.upperBound) {
+                let e = bitmap.bits.nextClear(in: a..<region.upperBound) ?? region.upperBound
+                var q = a
+                while q < e, let s = b.bits.nextClear(in: q..<e) {
+                    let t = b.bits.nextSet(in: s..<e) ?? e
+                    b.markPresent(s..<t)
+                    record(s..<t)
+                    context.stats.pagesSetAhead += t - s
+                    q = t
+                }
+                p = e
+            }
+        }
+        if let wb = writeback { ahead(wb) { writebackCopy.setAhead($0) } }
+        if let u = unsettled, let st = settled { ahead(u) { _ = st.set($0) } }
     }
 
     func startWrite(_ r: Request, queue: IOQueue) {

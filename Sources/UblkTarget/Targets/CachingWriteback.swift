@@ -24,12 +24,17 @@ struct WritebackCopy {
     }
     private var run: Run?
     private var cursor: UInt64 = 0
-    /// Copied to the backing store; bits to clear at the next full cycle.
-    private(set) var copied: [Range<UInt64>] = []
+    /// Pages whose backing store copy is current (copied, or set ahead by
+    /// region and never written): bits to clear at the next full cycle.
+    let copied: PageBits
+
+    init(pageCount: UInt64) { copied = PageBits(pageCount: pageCount) }
 
     /// The pages of the copy in flight.
     var pages: Range<UInt64>? { run?.pages }
     var isCopying: Bool { run != nil }
+    /// Copied pages wait for a full cycle to clear their bits.
+    var hasCopied: Bool { copied.count > 0 }
 
     /// The next run to copy: write-back pages (at most `runPages`) not copied
     /// yet, from the cursor on (wrapping once), that the cache file holds
@@ -42,7 +47,7 @@ struct WritebackCopy {
         for _ in 0..<2 {
             var p = from
             while p < all.upperBound, let s = writeback.nextSet(in: p..<all.upperBound) {
-                if let c = copied.first(where: { $0.contains(s) }) { p = c.upperBound; continue }
+                if copied.test(s) { p = copied.nextClear(in: s..<all.upperBound) ?? all.upperBound; continue }
                 first = s
                 break
             }
@@ -52,7 +57,7 @@ struct WritebackCopy {
         guard let first else { return nil }
         let limit = min(first + WritebackCopy.runPages, all.upperBound)
         var end = writeback.nextClear(in: first..<limit) ?? limit
-        if let c = copied.first(where: { $0.lowerBound > first && $0.lowerBound < end }) { end = c.lowerBound }
+        end = copied.nextSet(in: first..<end) ?? end
         // Only what the cache file holds, and no page a write is still filling:
         // the backing store never gets bytes that are not the data.
         end = present.nextClear(in: first..<end) ?? end
@@ -69,8 +74,13 @@ struct WritebackCopy {
     /// A write into `pages` begins: a copy of them in flight or done is stale.
     mutating func written(_ pages: Range<UInt64>) {
         if let r = run, r.pages.overlaps(pages) { run!.dirtied = true }
-        if copied.contains(where: { $0.overlaps(pages) }) { copied = copied.flatMap { $0.subtracting(pages) } }
+        if copied.count > 0 { _ = copied.clear(pages) }
     }
+
+    /// `pages`' write-back bits were set ahead of any write (by region): the
+    /// backing store holds their data, so they are not copied, and their bits
+    /// go at the next full cycle unless a write comes first.
+    func setAhead(_ pages: Range<UInt64>) { _ = copied.set(pages) }
 
     /// What the handler does next for the copy in flight.
     enum Step: Equatable {
@@ -101,15 +111,26 @@ struct WritebackCopy {
             return .write(buffer: r.buffer + r.done, offset: r.offset + UInt64(r.done), length: r.length - r.done)
         }
         // On the backing store now; the bits are cleared by the next full cycle, after its fdatasync.
-        if !r.dirtied && !busy(r.pages) { copied.append(r.pages) }
+        if !r.dirtied && !busy(r.pages) { _ = copied.set(r.pages) }
         _ = end()
         return .copied
     }
 
-    /// The copied runs, for a cycle that clears their bits.
-    mutating func takeCopied() -> [Range<UInt64>] {
-        defer { copied = [] }
-        return copied
+    /// The copied runs, for a cycle that clears their bits (none are left).
+    func takeCopied() -> [Range<UInt64>] {
+        var out: [Range<UInt64>] = []
+        for w in copied.takeChanged() where copied.word(w) != 0 {
+            let first = UInt64(w) << 6, end = min(first + 64, copied.pageCount)
+            var p = first
+            while p < end, let a = copied.nextSet(in: p..<end) {
+                let b = copied.nextClear(in: a..<end) ?? end
+                if let last = out.last, last.upperBound == a { out[out.count - 1] = last.lowerBound..<b } else { out.append(a..<b) }
+                p = b
+            }
+        }
+        for r in out { _ = copied.clear(r) }
+        _ = copied.takeChanged()
+        return out
     }
 
     private mutating func end() -> Step {
