@@ -60,6 +60,9 @@ public final class CacheStats {
     /// Pages whose write-back or unsettled bits a waiting write set ahead of
     /// any write to them (write-ahead by region: CachingRequests.setAhead).
     public var pagesSetAhead: UInt64 = 0
+    /// Read misses served from the source without a place in the cache
+    /// (admission by reuse turned them away; counted in `misses` too).
+    public var readsThrough: UInt64 = 0
     /// From a read's miss to its pages being present.
     public var missLatency = LatencySamples()
     /// From a fetch's first request to its completion.

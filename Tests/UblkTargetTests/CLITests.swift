@@ -70,6 +70,8 @@ final class CLITests: XCTestCase {
             (["add", "-t", "cache", "--cache", "/c", "--bitmap", "/b"], "needs --backing"),
             (["add", "-t", "cache", "--backing", "/x"], "needs --cache FILE and --bitmap FILE"),
             (["add", "-t", "cache", "--backing", "/x", "--cache", "/c", "--bitmap", "/b", "--write-mode", "x"], "--write-mode must be through or back"),
+            (["add", "-t", "cache", "--backing", "/x", "--cache", "/c", "--bitmap", "/b", "--admit", "some"], "--admit must be reuse or all"),
+            (["add", "-t", "http", "--url", "http://h/x", "--admit", "all"], "--admit applies to the cache target only"),
             (["add", "-t", "cache", "--backing", "/x", "--cache", "/c", "--bitmap", "/b", "--url", "http://h/x"], "apply to the http target only"),
             (["add", "-t", "loop", "-f", "/x", "--backing", "/y"], "apply to the cache target only"),
             (["add", "-t", "loop", "-f", "/x", "--cache-max-size", "1G"], "--cache-max-size applies to the http and cache targets only"),

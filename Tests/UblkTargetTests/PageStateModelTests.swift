@@ -138,12 +138,17 @@ final class PageStateModelTests: XCTestCase {
         /// seed without drawing from `rng` (so earlier seeds replay): 1 (page by page),
         /// 4, 16, or 64 (more than the image).
         var intentRegion: UInt64 { [1, 4, 16, 64][Int((seed / 12) % 4)] }
+        /// Admission by reuse (CacheContext.admitOnReuse) in half the seeds; it acts
+        /// in the cache modes with an eviction bound.
+        var admitOnReuse: Bool { (seed &* 0x9E37_79B9_7F4A_7C15) >> 63 == 1 }
         var persistInterval: UInt64 = 0
         var crashes = 0, reads = 0, writes = 0, flushes = 0, syncs = 0, remoteChanges = 0, remoteRefusals = 0
         /// Reads other queues served by themselves (-q N), over the handlers' lives.
         var peerHits: UInt64 = 0
         /// Pages whose bits writes set ahead (write-ahead by region), over every server run.
         var pagesSetAhead: UInt64 = 0
+        /// Read misses served through, not admitted (admission by reuse), over every server run.
+        var readsThrough: UInt64 = 0
         /// The machine's boot: a power loss starts another (live bits on /run die with it).
         var boots = 0
 
@@ -255,6 +260,7 @@ final class PageStateModelTests: XCTestCase {
             context.publishStats = false
             context.maxCacheBytes = evictBound
             context.intentRegionPages = intentRegion
+            context.admitOnReuse = admitOnReuse
             mesh = queueCount > 1 ? CachingMesh(queues: queueCount) : nil
             try mesh?.check(depth: depth)
             queues = (0..<queueCount).map { FakeQueue(depth: depth, files: files, id: UInt16($0)) }
@@ -514,6 +520,7 @@ final class PageStateModelTests: XCTestCase {
             }
             peerHits += peers.reduce(0) { $0 + $1.peerHits }
             pagesSetAhead += handler?.context.stats.pagesSetAhead ?? 0
+            readsThrough += handler?.context.stats.readsThrough ?? 0
             handler = nil
             handlers = []
             mesh = nil
@@ -677,7 +684,7 @@ final class PageStateModelTests: XCTestCase {
     }
 
     /// What the seeds did, summed (printed at the end: a run that exercised nothing shows).
-    var totals = (crashes: 0, reads: 0, writes: 0, flushes: 0, syncs: 0, remoteChanges: 0, remoteRefusals: 0, peerHits: UInt64(0), pagesSetAhead: UInt64(0))
+    var totals = (crashes: 0, reads: 0, writes: 0, flushes: 0, syncs: 0, remoteChanges: 0, remoteRefusals: 0, peerHits: UInt64(0), pagesSetAhead: UInt64(0), readsThrough: UInt64(0))
 
     func runSeed(_ seed: UInt64, steps: Int, mode: Mode? = nil) -> String? {
         let world: World
@@ -686,7 +693,7 @@ final class PageStateModelTests: XCTestCase {
             do { try world.step() } catch {
                 return """
                     seed \(seed) failed at step \(i): \(error)
-                    (faulty \(world.faulty), evict bound \(world.evictBound), persist interval \(world.persistInterval), write-ahead region \(world.intentRegion))
+                    (faulty \(world.faulty), evict bound \(world.evictBound), persist interval \(world.persistInterval), write-ahead region \(world.intentRegion), admit on reuse \(world.admitOnReuse))
                     target: \(world.mode.rawValue)
                     queues: \(world.queueCount)
                     replay: MODEL_SEED=\(seed) MODEL_STEPS=\(i + 1) swift test --filter PageStateModelTests
@@ -711,6 +718,7 @@ final class PageStateModelTests: XCTestCase {
         totals.remoteRefusals += world.remoteRefusals
         totals.peerHits += world.peerHits
         totals.pagesSetAhead += world.pagesSetAhead
+        totals.readsThrough += world.readsThrough
         return nil
     }
 
@@ -733,8 +741,15 @@ final class PageStateModelTests: XCTestCase {
         if seeds.count > 20 {
             XCTAssertGreaterThan(totals.crashes, ran, "crashes were exercised")
             XCTAssertGreaterThan(totals.syncs, 0)
-            XCTAssertGreaterThan(totals.remoteChanges + totals.remoteRefusals, 0, "remote changes were exercised")
-            XCTAssertGreaterThan(totals.pagesSetAhead, 0, "write-ahead regions were exercised")
+            // A remote changes only under an overlay; the cache modes have write-ahead regions and admission.
+            let modes = env["MODEL_MODE"].map { [$0] } ?? [Mode.overlay.rawValue, Mode.cacheBack.rawValue]
+            if modes.contains(Mode.overlay.rawValue) {
+                XCTAssertGreaterThan(totals.remoteChanges + totals.remoteRefusals, 0, "remote changes were exercised")
+            }
+            if modes.contains(Mode.cacheBack.rawValue) || modes.contains(Mode.cacheThrough.rawValue) {
+                XCTAssertGreaterThan(totals.pagesSetAhead, 0, "write-ahead regions were exercised")
+                XCTAssertGreaterThan(totals.readsThrough, 0, "misses not admitted were exercised")
+            }
         }
     }
 }

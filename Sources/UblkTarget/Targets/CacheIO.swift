@@ -14,6 +14,8 @@ import PageCache
 struct Transfer {
     /// Bytes moved so far (a read; a write to the cache file).
     var done: UInt32 = 0
+    /// A read that reads through: absent runs from `CacheIO.sourceFD`.
+    var through = false
     /// Write-through: parts of the write still outstanding (cache, backing),
     /// the backing's progress, and the first part's failure.
     var parts: UInt8 = 0
@@ -23,8 +25,11 @@ struct Transfer {
 
 final class CacheIO {
     let cacheFD: Int32
-    /// Read-through: absent pages are read from here (-1: every page read is present).
-    let readThroughFD: Int32
+    /// Every read reads through (an overlay): absent pages from its lower device.
+    let alwaysThrough: Bool
+    /// Where a read that reads through takes its absent pages: the overlay's
+    /// lower device, or the `cache` target's backing store (-1: none).
+    let sourceFD: Int32
     /// Write-through: writes go to this backing store too (-1: they do not).
     let throughFD: Int32
     let imageSize: UInt64
@@ -43,7 +48,8 @@ final class CacheIO {
 
     init(context: CacheContext) {
         cacheFD = context.dataFD >= 0 ? context.dataFD : context.cache.fd
-        readThroughFD = context.readThroughFD
+        alwaysThrough = context.readThroughFD >= 0
+        sourceFD = context.readThroughFD >= 0 ? context.readThroughFD : context.backingFD
         throughFD = context.writeThrough ? context.backingFD : -1
         imageSize = context.imageSize
         pageSize = UInt64(context.pageSize)
@@ -81,7 +87,7 @@ final class CacheIO {
     /// `r.tag`, `Sub.read`; `readCompleted` goes on), else the final result.
     func startRead(_ r: Request, _ t: inout Transfer, queue: IOQueue) -> Int32? {
         t.done = 0
-        if readThroughFD >= 0 { readNextRun(r, t, queue: queue); return nil }
+        if alwaysThrough || t.through { readNextRun(r, t, queue: queue); return nil }
         if let m = mapping { return copyMapped(r, queue: queue, mapping: m) }
         if r.offset >= imageSize {
             let z = queue.zeroFill(r, at: 0, length: r.length)
@@ -105,7 +111,7 @@ final class CacheIO {
     func readCompleted(_ r: Request, _ result: Int32, _ t: inout Transfer, queue: IOQueue) -> Int32? {
         // Past the end of the object (the device is rounded up to 512 bytes): zeros.
         if let final = queue.readProgress(r, result, done: &t.done) { return final }
-        if readThroughFD >= 0 { readNextRun(r, t, queue: queue); return nil }
+        if alwaysThrough || t.through { readNextRun(r, t, queue: queue); return nil }
         queue.readIntoRequest(r, at: t.done, length: r.length - t.done, fd: cacheFD, offset: r.offset + UInt64(t.done),
                               tag: r.tag, sub: CachingHandler.Sub.read.rawValue, data: 0)
         return nil
@@ -124,7 +130,7 @@ final class CacheIO {
         var stop = (first + 1) * pageSize
         while stop < end && CachingMesh.allSet(presentWords, stop / pageSize..<stop / pageSize + 1) == present { stop += pageSize }
         stop = min(stop, end)
-        queue.readIntoRequest(r, at: t.done, length: UInt32(stop - start), fd: present ? cacheFD : readThroughFD,
+        queue.readIntoRequest(r, at: t.done, length: UInt32(stop - start), fd: present ? cacheFD : sourceFD,
                               offset: start, tag: r.tag, sub: CachingHandler.Sub.read.rawValue, data: 0)
     }
 

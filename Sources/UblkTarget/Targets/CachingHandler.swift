@@ -115,6 +115,10 @@
 //                              body; `cache`: READ of the backing store into a run buffer,
 //                              then pwrite), the pages become present, and the read is then
 //                              served as a hit, by the path above.
+//   read miss not admitted     (`cache --admit reuse`, AdmissionFilter: a page's first miss)
+//                              read through: absent runs from the backing store straight into
+//                              the request (READ_FIXED), present runs from the cache file;
+//                              nothing is kept. An overlay reads every miss this way.
 //   write                      request -> cache file by WRITE_FIXED (zero copy), or WRITE of
 //                              the tag's buffer after a pread on /dev/ublkcN (user-copy) or
 //                              the driver's copy; inline: one copy request -> mapping.
@@ -253,6 +257,8 @@ final class CachingHandler: QueueHandler {
     let io: CacheIO
     var presentWords: UnsafePointer<UInt64> { io.presentWords }
 
+    /// Which read misses are copied into the cache (`CacheContext.admitOnReuse`; nil: all).
+    var admission: AdmissionFilter?
     /// The statistics file (StatsFile.swift), when it publishes.
     var statsFile: StatsFile?
 
@@ -292,6 +298,9 @@ final class CachingHandler: QueueHandler {
         self.writeback = context.writeback
         self.unsettled = context.unsettled
         writebackCopy = WritebackCopy(pageCount: context.writeback?.pageCount ?? 0)
+        if context.admitOnReuse && context.maxCacheBytes > 0 && context.backingFD >= 0 {
+            admission = AdmissionFilter(window: context.maxCacheBytes / UInt64(context.pageSize))
+        }
         // Unsettled bits matter to write-through only; in other modes the
         // bitmap is opened so that a crash of an earlier write-through run is settled.
         intentBitmaps = [context.local, context.dirty, context.writeback,

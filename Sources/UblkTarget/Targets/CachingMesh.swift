@@ -62,6 +62,10 @@ enum MeshMessage {
     /// Every page of the tag's read is present and kept so (not evicted)
     /// until `readDone`: read it from the cache file, complete.
     case read(tag: UInt16)
+    /// Read the tag's request through: present runs (kept until `readDone`,
+    /// as for `read`) from the cache file, the rest from the backing store;
+    /// complete. A miss the home did not admit (AdmissionFilter).
+    case readThrough(tag: UInt16)
     /// The write's intent bits are durable: move its data, answer `written`.
     case write(tag: UInt16)
     /// Complete the tag's request with this result.
@@ -279,7 +283,7 @@ extension CachingHandler {
                     slots[Int(slot)].request = nil
                     slots[Int(slot)].stage = .idle
                 }
-            case .read, .write, .complete:
+            case .read, .readThrough, .write, .complete:
                 preconditionFailure("\(message) is a message to another queue")
             }
         }

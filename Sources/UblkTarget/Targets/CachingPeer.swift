@@ -76,7 +76,7 @@ final class CachingPeer: QueueHandler {
             lastReadEnd = r.offset + UInt64(r.length)
             let parity = mesh.enter(queueID)
             let all = CachingMesh.allSet(io.presentWords, io.pages(offset: r.offset, length: Int(r.length)))
-            guard all || io.readThroughFD >= 0 else {
+            guard all || io.alwaysThrough else {
                 if mesh.exit(queueID, parity) { send(.graceDrained) }
                 return forward(r)
             }
@@ -154,8 +154,9 @@ final class CachingPeer: QueueHandler {
     func received(_ messages: [MeshMessage], queue: IOQueue) {
         for message in messages {
             switch message {
-            case .read(let tag):
+            case .read(let tag), .readThrough(let tag):
                 guard let r = slots[Int(tag)].request else { continue }
+                if case .readThrough = message { slots[Int(tag)].transfer.through = true }
                 // The home keeps the pages till `readDone`; the gate is entered all the same (`finish` leaves it).
                 read(r, parity: mesh.enter(queueID), queue: queue)
             case .write(let tag):

@@ -29,6 +29,15 @@ extension CachingHandler {
                 }
                 return readFromCache(r, queue: queue)
             }
+            // A miss not admitted (reused too little, AdmissionFilter) reads through and is not kept.
+            if r.op == Op.read && admission != nil {
+                let pages = planner.pages(offset: r.offset, length: Int(r.length))
+                if !CachingMesh.allSet(presentWords, pages) && !admission!.admit(pages) {
+                    context.stats.misses += 1
+                    context.stats.readsThrough += 1
+                    return readFromCache(r, through: true, queue: queue)
+                }
+            }
             // A write needs every page it touches present first (see the header),
             // except pages it covers whole: those it claims (reads of them wait).
             if r.op != Op.read,
@@ -216,16 +225,19 @@ extension CachingHandler {
         }
     }
 
-    func readFromCache(_ r: Request, queue: IOQueue) {
+    /// `through`: a miss read through (absent runs from the backing store), not admitted.
+    func readFromCache(_ r: Request, through: Bool = false, queue: IOQueue) {
         if mesh != nil && Int(r.tag) >= depth {
             // Another queue's read: its pages are present, that queue reads them;
             // they stay pinned here (`requests`: not evicted) until it says `readDone`.
             slots[Int(r.tag)].request = r
             slots[Int(r.tag)].stage = .reading
-            return send(.read(tag: r.tag % UInt16(depth)), to: r.tag / UInt16(depth))
+            let tag = r.tag % UInt16(depth)
+            return send(through ? .readThrough(tag: tag) : .read(tag: tag), to: r.tag / UInt16(depth))
         }
         slots[Int(r.tag)].request = r
         slots[Int(r.tag)].stage = .reading
+        slots[Int(r.tag)].transfer.through = through
         // Read-through: the pages under the read stay pinned (`requests`) while it runs, as for a hit.
         if let final = io.startRead(r, &slots[Int(r.tag)].transfer, queue: queue) { finish(r.tag, final, queue) }
     }
