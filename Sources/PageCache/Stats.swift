@@ -63,6 +63,9 @@ public final class CacheStats {
     /// Read misses served from the source without a place in the cache
     /// (admission by reuse turned them away; counted in `misses` too).
     public var readsThrough: UInt64 = 0
+    /// Write-through writes that stood on the backing store alone: the cache
+    /// file's copy failed (full, or failing), the cache dropped the pages.
+    public var cacheCopiesLost: UInt64 = 0
     /// From a read's miss to its pages being present.
     public var missLatency = LatencySamples()
     /// From a fetch's first request to its completion.

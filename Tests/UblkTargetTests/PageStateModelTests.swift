@@ -149,6 +149,8 @@ final class PageStateModelTests: XCTestCase {
         var pagesSetAhead: UInt64 = 0
         /// Read misses served through, not admitted (admission by reuse), over every server run.
         var readsThrough: UInt64 = 0
+        /// Write-through writes that stood on the backing store alone (the cache file's copy failed).
+        var cacheCopiesLost: UInt64 = 0
         /// The machine's boot: a power loss starts another (live bits on /run die with it).
         var boots = 0
 
@@ -521,6 +523,7 @@ final class PageStateModelTests: XCTestCase {
             peerHits += peers.reduce(0) { $0 + $1.peerHits }
             pagesSetAhead += handler?.context.stats.pagesSetAhead ?? 0
             readsThrough += handler?.context.stats.readsThrough ?? 0
+            cacheCopiesLost += handler?.context.stats.cacheCopiesLost ?? 0
             handler = nil
             handlers = []
             mesh = nil
@@ -684,7 +687,7 @@ final class PageStateModelTests: XCTestCase {
     }
 
     /// What the seeds did, summed (printed at the end: a run that exercised nothing shows).
-    var totals = (crashes: 0, reads: 0, writes: 0, flushes: 0, syncs: 0, remoteChanges: 0, remoteRefusals: 0, peerHits: UInt64(0), pagesSetAhead: UInt64(0), readsThrough: UInt64(0))
+    var totals = (crashes: 0, reads: 0, writes: 0, flushes: 0, syncs: 0, remoteChanges: 0, remoteRefusals: 0, peerHits: UInt64(0), pagesSetAhead: UInt64(0), readsThrough: UInt64(0), cacheCopiesLost: UInt64(0))
 
     func runSeed(_ seed: UInt64, steps: Int, mode: Mode? = nil) -> String? {
         let world: World
@@ -719,6 +722,7 @@ final class PageStateModelTests: XCTestCase {
         totals.peerHits += world.peerHits
         totals.pagesSetAhead += world.pagesSetAhead
         totals.readsThrough += world.readsThrough
+        totals.cacheCopiesLost += world.cacheCopiesLost
         return nil
     }
 
@@ -749,6 +753,9 @@ final class PageStateModelTests: XCTestCase {
             if modes.contains(Mode.cacheBack.rawValue) || modes.contains(Mode.cacheThrough.rawValue) {
                 XCTAssertGreaterThan(totals.pagesSetAhead, 0, "write-ahead regions were exercised")
                 XCTAssertGreaterThan(totals.readsThrough, 0, "misses not admitted were exercised")
+            }
+            if modes.contains(Mode.cacheThrough.rawValue) || env["MODEL_MODE"] == nil {
+                XCTAssertGreaterThan(totals.cacheCopiesLost, 0, "write-through writes whose cache copy failed were exercised")
             }
         }
     }

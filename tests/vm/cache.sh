@@ -232,6 +232,24 @@ A=($(scan_then_hot all)); echo "# --admit all: bytes the hot set's re-read fetch
 check "--admit all: the scan evicted the hot set (half of it or more is fetched again)" test "${A[0]:-0}" -ge $((2 << 20))
 eq "--admit all: the device reads as the backing store" 1 "${A[2]}"
 expect_error "--admit of another target" "applies to the cache target only" "$UBLK" add -t null --admit all
+section "write-through onto a full cache file system: the writes stand on the backing store"
+# ext4 of 8 MiB on a loop device for the cache file (a full file system, not a
+# mapping that would fault), 24 MiB written through it.
+truncate -s 8M /tmp/wtfs.img; truncate -s 64M /tmp/back4.img
+dd if=/dev/urandom of=/tmp/src4 bs=1M count=24 status=none
+mkdir -p /mnt/wt
+if L=$(losetup --find --show /tmp/wtfs.img) && check "ext4 of 8 MiB for the cache ($L)" bash -c "mkfs.ext4 -q -F $L && mount -t ext4 $L /mnt/wt"; then
+    if add -t cache --backing /tmp/back4.img --cache /mnt/wt/c --bitmap $C/w4.bitmap --write-mode through; then
+        check "24 MiB written through: every write succeeds" dd if=/tmp/src4 of=$DEV_B bs=1M oflag=direct,sync status=none
+        check "the backing store holds them" cmp -n $((24 << 20)) /tmp/src4 /tmp/back4.img
+        sleep 1.2
+        check "the writes whose cache copy failed are counted" bash -c "$UBLK stats -n $DEV_ID --json | jq -e '.cache_copies_lost > 0'"
+        check "del" del $DEV_ID
+    else
+        fail "add -t cache --write-mode through on a small file system" "$DEV_JSON"
+    fi
+    umount /mnt/wt; losetup -d $L
+fi
 expect_error "bad write mode" "write-mode must be" "$UBLK" add -t cache --backing /tmp/back1.img --cache $C/x --bitmap $C/y --write-mode sideways
 expect_error "missing backing" "No such file" "$UBLK" add -t cache --backing /nope --cache $C/x --bitmap $C/y
 expect_error "flush of a missing device" "no running server" "$UBLK" flush -n 7

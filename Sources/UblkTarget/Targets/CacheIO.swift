@@ -17,13 +17,20 @@ struct Transfer {
     /// A read that reads through: absent runs from `CacheIO.sourceFD`.
     var through = false
     /// Write-through: parts of the write still outstanding (cache, backing),
-    /// the backing's progress, and the first part's failure.
+    /// the backing's progress, and each side's first failure.
     var parts: UInt8 = 0
     var backingDone: UInt32 = 0
-    var failed: Int32 = 0
+    var cacheFailed: Int32 = 0
+    var backingFailed: Int32 = 0
 }
 
 final class CacheIO {
+    /// Write-through: the cache file's part of a write (or discard) failed and
+    /// the backing store's did not. The write stands, its data being on the
+    /// backing store; the cache drops the pages (CachingRequests.writeDone).
+    /// Not an errno: no -errno is this small.
+    static let cacheCopyLost: Int32 = .min
+
     let cacheFD: Int32
     /// Every read reads through (an overlay): absent pages from its lower device.
     let alwaysThrough: Bool
@@ -149,32 +156,40 @@ final class CacheIO {
                                    tag: r.tag, sub: CachingHandler.Sub.write.rawValue, data: 0)
         }
         if through { writeBacking(r, at: 0, queue: queue) }
-        return mapping != nil ? partDone(0, &t) : nil
+        return mapping != nil ? partDone(0, &t, backing: false) : nil
     }
 
     /// A write's I/O (`.write` to the cache file, `.backingWrite`) completed:
     /// the write's result once every part is done, else nil.
     func writeCompleted(_ r: Request, _ sub: CachingHandler.Sub, _ result: Int32, _ t: inout Transfer,
                         queue: IOQueue) -> Int32? {
-        if result <= 0 { return partDone(result < 0 ? result : -EIO, &t) }
+        if result <= 0 { return partDone(result < 0 ? result : -EIO, &t, backing: sub == .backingWrite) }
         if sub == .write {
             t.done += UInt32(result)
-            if t.done >= r.length { return partDone(0, &t) }
+            if t.done >= r.length { return partDone(0, &t, backing: false) }
             queue.writeFromRequest(r, at: t.done, length: r.length - t.done, fd: cacheFD, offset: r.offset + UInt64(t.done),
                                    flags: 0, tag: r.tag, sub: CachingHandler.Sub.write.rawValue, data: 0)
         } else {
             t.backingDone += UInt32(result)
-            if t.backingDone >= r.length { return partDone(0, &t) }
+            if t.backingDone >= r.length { return partDone(0, &t, backing: true) }
             writeBacking(r, at: t.backingDone, queue: queue)
         }
         return nil
     }
 
-    /// One part of a write is done (or failed): the first failure (or 0) once all are, else nil.
-    func partDone(_ result: Int32, _ t: inout Transfer) -> Int32? {
-        if result < 0 && t.failed == 0 { t.failed = result }
+    /// One part of a write is done (or failed), on the backing store or the
+    /// cache file: once all are, the write's result (else nil): 0, the
+    /// failure of the copy the device's data depends on (the backing store's
+    /// in write-through, else the cache file's), or `cacheCopyLost`.
+    func partDone(_ result: Int32, _ t: inout Transfer, backing: Bool) -> Int32? {
+        if result < 0 {
+            if backing { if t.backingFailed == 0 { t.backingFailed = result } } else if t.cacheFailed == 0 { t.cacheFailed = result }
+        }
         t.parts -= 1
-        return t.parts == 0 ? t.failed : nil
+        guard t.parts == 0 else { return nil }
+        if !through { return t.cacheFailed }
+        if t.backingFailed < 0 { return t.backingFailed }
+        return t.cacheFailed < 0 ? CacheIO.cacheCopyLost : 0
     }
 
     /// Write-through: `r`'s data from byte `at` to the backing store; inline, from

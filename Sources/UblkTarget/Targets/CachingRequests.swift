@@ -162,16 +162,19 @@ extension CachingHandler {
         }
     }
 
-    /// Every part of a write is done: `result` is 0 or the first failure.
+    /// Every part of a write is done: `result` is 0, the failure, or
+    /// `CacheIO.cacheCopyLost` (write-through: the backing store has the data,
+    /// the cache file's copy failed: the write stands, the cache drops the pages).
     func writeDone(_ r: Request, _ result: Int32, queue: IOQueue) {
         let t = Int(r.tag)
-        let failed = result < 0
+        let cacheLost = result == CacheIO.cacheCopyLost
+        let failed = result < 0 && !cacheLost
         let pages = planner.pages(offset: r.offset, length: Int(r.length))
         if !slots[t].claimed.isEmpty {
             // Pages the write covered whole: present now that their data is in the cache.
             let claims = slots[t].claimed
             slots[t].claimed = []
-            if !failed {
+            if !failed && !cacheLost {
                 markPresent(pages)
             } else {
                 // Never present, and no data of it counts: the page is still the remote's.
@@ -179,7 +182,18 @@ extension CachingHandler {
                     for p in pages where !bitmap.test(p) { b.markAbsent(p..<p + 1) }
                 }
             }
-            for id in claims { serve(planner.complete(run: id, success: !failed), queue) }
+            for id in claims { serve(planner.complete(run: id, success: !failed && !cacheLost), queue) }
+        }
+        if cacheLost {
+            // The cache file is full or failing, the backing store has the data:
+            // the pages are read from it from now on; their unsettled bits stay
+            // (a crash drops them from the cache) until a write of them succeeds.
+            context.stats.cacheCopiesLost += 1
+            if context.stats.cacheCopiesLost == 1 {
+                log("ublk-http: a write to the cache file failed; write-through writes stand on the backing store, and the cache drops their pages (stats: cache_copies_lost)")
+            }
+            for p in pages where bitmap.test(p) { bitmap.markAbsent(p..<p + 1); eviction.clearedBits(p..<p + 1) }
+            return written(r, pages, cacheCopy: false, queue: queue)
         }
         if failed {
             // Write-through: one copy may have it and the other not. The cache's
@@ -196,10 +210,11 @@ extension CachingHandler {
     /// A write's data is in the cache file. Its intent bits were set before it
     /// was issued; a `dirty --clear` meanwhile may have cleared them, so they
     /// are set again, and the write is acknowledged once they are durable.
-    func written(_ r: Request, _ pages: Range<UInt64>, queue: IOQueue) {
+    /// `cacheCopy` false: write-through whose cache file part failed (its pages stay unsettled).
+    func written(_ r: Request, _ pages: Range<UInt64>, cacheCopy: Bool = true, queue: IOQueue) {
         syncs.written(pages)
         unsyncedWrites.append(pages)
-        settled?.set(pages)
+        if cacheCopy { settled?.set(pages) }
         var newly = false
         for b in intentBitmaps where b.markPresent(pages) > 0 { newly = true }
         let t = Int(r.tag)
@@ -281,7 +296,7 @@ extension CachingHandler {
         switch sub {
         case .punch, .backingPunch:
             let part = result == -EOPNOTSUPP && r.op == Op.discard ? 0 : min(result, 0)
-            if let final = io.partDone(part, &slots[t].transfer) { writeDone(r, final, queue: queue) }
+            if let final = io.partDone(part, &slots[t].transfer, backing: sub == .backingPunch) { writeDone(r, final, queue: queue) }
         case .write, .backingWrite:
             if let final = io.writeCompleted(r, sub, result, &slots[t].transfer, queue: queue) { writeDone(r, final, queue: queue) }
         case .read:
