@@ -173,7 +173,8 @@ fc_counters() {
     case $d in
         ublk-*)
             s=$("$UBLK" stats -n "$DEV_ID" --json 2>/dev/null) || { echo null; return; }
-            jq -c '{rh: .hits, rm: .misses, wh: null, wm: null, writes: .writes, pages: .pages_present}' <<<"$s" ;;
+            jq -c '{rh: .hits, rm: .misses, wh: null, wm: null, writes: .writes, pages: .pages_present, page_size: .page_size,
+                    writes_held_for_intent: .writes_held_for_intent, intent_cycles: .intent_cycles, full_cycles: .full_cycles}' <<<"$s" ;;
         dmcache-*)
             s=$(dms status fc-dev 2>/dev/null) || { echo null; return; }
             # start len cache mdbs used/total cbs used/total rh rm wh wm demotions promotions dirty ...
@@ -199,6 +200,8 @@ fc_counters() {
         *) echo null ;;
     esac
 }
+# fc_has_counters DEVICE: whether the device is a cache with hit counters of its own.
+fc_has_counters() { [[ $1 == ublk-* || $1 == dmcache-* || $1 == dmwritecache || $1 == bcache-* ]]; }
 # fc_settle DEVICE: bcache folds its counters into stats_total on a timer
 # (about every 13.6 s): wait for the next fold (at most 15 s) so that what
 # came before is counted.  ublk-http publishes its counters once a second.
@@ -303,12 +306,23 @@ fc_run() {
         --size="$FC_SIZE" "${timed[@]}" --randrepeat=0 --eta=never --disk_util=0 \
         --percentile_list=50:99:99.9 --output-format=json --output="$out" \
         $FC_ARGS >/tmp/fio.stderr 2>&1 &
-    local fpid=$!
+    local fpid=$! spid=""
+    # The cache file's file system, sampled twice a second: its peak use (the
+    # cache file may outgrow --cache-max-size before eviction catches up).
+    if [[ $d == ublk-* ]]; then
+        ( while :; do stat -f -c '%b %f %S' /mnt/fc-flash; sleep 0.5; done ) > /tmp/fc-df 2>/dev/null &
+        spid=$!
+    fi
     if [[ $FC_TIMED == 1 ]]; then
         sleep "$WIN_START"; fc_snap A "$DEV_PID"; sleep "$WIN_LEN"; fc_snap B "$DEV_PID"
         wait "$fpid"; rc=$?
     else
         fc_snap A "$DEV_PID"; wait "$fpid"; rc=$?; fc_snap B "$DEV_PID"
+    fi
+    local fs_peak=null
+    if [[ -n $spid ]]; then
+        kill "$spid" 2>/dev/null; wait "$spid" 2>/dev/null
+        fs_peak=$(awk '{ u = ($1 - $2) * $3 / 1048576; if (u > m) m = u } END { printf "%.0f", m }' /tmp/fc-df)
     fi
     fc_settle "$d"
     k1=$(fc_counters "$d")
@@ -321,7 +335,8 @@ fc_run() {
     local extra=null
     [[ $d == bcache-* ]] && extra=$(jq -cn --arg s "$(cat "/sys/block/${DEV_PATH#/dev/}/bcache/state" 2>/dev/null)" '{bcache_state: $s}')
     "fc_dev_$(fn "$d")_teardown"
-    [[ $d == ublk-* ]] && extra=$(jq -cn --argjson kb "${FC_UBLK_CACHE_KB:-null}" '{cache_file_kb_at_end: $kb}')
+    [[ $d == ublk-* ]] && extra=$(jq -cn --argjson kb "${FC_UBLK_CACHE_KB:-null}" --argjson peak "${fs_peak:-null}" --argjson fs "$FC_UBLKFS_MB" \
+        '{cache_file_kb_at_end: $kb, flash_fs_peak_used_mb: $peak, flash_fs_mb: $fs}')
     local meta res
     meta=$(jq -cn --arg case "$c" --arg device "$d" --argjson rep "$rep" --argjson attempt "$attempt" --arg dir "$FC_DIR" \
         --arg args "$FC_ARGS" --arg size "$FC_SIZE" --argjson timed "$FC_TIMED" \
@@ -348,8 +363,10 @@ fc_run() {
                   clat_mean_ns: (if $m.dir == "write" then $j.write.clat_ns.mean else $j.read.clat_ns.mean end),
                   sync_p99_ns: ($j.sync.lat_ns.percentile["99.000000"] // null), sync_mean_ns: ($j.sync.lat_ns.mean // null),
                   runtime_ms: ([$j.read.runtime, $j.write.runtime] | max),
-                  fio_errors: $j.error}' "$out" 2>/dev/null) || [[ $(jq -r .fio_errors <<<"$res") != 0 ]]; then
+                  fio_errors: $j.error}' "$out" 2>/dev/null) || [[ $(jq -r .fio_errors <<<"$res") != 0 ]] \
+            || { fc_has_counters "$d" && [[ ${k1:-null} == null || ${k0:-null} == null ]]; }; then
         local msg; msg=$(tail -n 3 /tmp/fio.stderr | tr '\n"' ' \047')
+        [[ $rc -eq 0 && -n ${res:-} ]] && msg="no counters from the cache ($d): before ${k0:-null}, after ${k1:-null}"
         res=$(jq -c --arg e "fio exit $rc: $msg" '. + {error: $e}' <<<"$meta")
         log "rep $rep $c $d: FAILED ($msg)"
         FC_FAILED=$((FC_FAILED + 1))
@@ -372,6 +389,18 @@ flashcache_main() {
     WIN_START=$((RAMP + 1))
     WIN_LEN=$(awk -v t="$RUNTIME" 'BEGIN { w = t - 1.5; if (w < 0.5) w = 0.5; print w }')
     flash_file() { :; }    # kublk_add's file is the ceiling file, made by fc_media
+    # The plan, CASE@DEVICE cells: every case on every device; the smoke test
+    # (--quick): every case on ublk-wb (BENCH_FC_SMOKE_ALL), and every other
+    # device set up for one case, the cases taken in turn.
+    FC_PLAN=()
+    local ci di j=0
+    for d in "${DEVICES[@]}"; do
+        if [[ ${BENCH_FC_PLAN:-full} == smoke && " ${BENCH_FC_SMOKE_ALL:-ublk-wb} " != *" $d "* ]]; then
+            FC_PLAN+=("${CASES[$((j % ${#CASES[@]}))]}@$d"); j=$((j + 1))
+        else
+            for c in "${CASES[@]}"; do FC_PLAN+=("$c@$d"); done
+        fi
+    done
     fc_media
     jq -cn --arg kernel "$(uname -r)" --arg fio "$(fio --version)" --argjson reps "$REPS" --argjson runtime "$RUNTIME" \
         --argjson ramp "$RAMP" --arg wqmask "$(cat "$WQ_MASK" 2>/dev/null)" --argjson fio_cpu "$FIO_CPU" --argjson server_cpu "$SERVER_CPU" \
@@ -379,11 +408,11 @@ flashcache_main() {
         --arg cases "${CASES[*]}" --arg devices "${DEVICES[*]}" --arg kublk "$(cat /etc/kublk-version 2>/dev/null | paste -sd';')" \
         --argjson slow "$FC_SLOW_MB" --argjson cache "$FC_CACHE_MB" --argjson hot "$FC_HOT_MB" --argjson ufs "$FC_UBLKFS_MB" \
         --argjson rms "$FC_READ_MS" --argjson wms "$FC_WRITE_MS" --arg dmsetup "$("$DMSETUP" --version 2>&1 | paste -sd' ')" \
-        --arg hz "$(getconf CLK_TCK 2>/dev/null || echo 100)" \
+        --arg hz "$(getconf CLK_TCK 2>/dev/null || echo 100)" --arg plan "${FC_PLAN[*]}" \
         '{suite: "flashcache", kernel: $kernel, fio: $fio, reps: $reps, runtime_s: $runtime, ramp_s: $ramp, unbound_wq_cpumask: $wqmask,
           fio_cpu: $fio_cpu, server_cpu: $server_cpu, guest_cpus: $ncpu, guest_mem_mb: $mem_mb, kublk: $kublk, dmsetup: $dmsetup,
           slow_mb: $slow, cache_mb: $cache, hot_mb: $hot, ublk_fs_mb: $ufs, slow_read_ms: $rms, slow_write_ms: $wms, clk_tck: ($hz | tonumber),
-          cases: ($cases | split(" ")), devices: ($devices | split(" "))}' | sed 's/^/@@META /; s/$/@@/'
+          cases: ($cases | split(" ")), devices: ($devices | split(" ")), plan: ($plan | split(" ") | map(split("@")))}' | sed 's/^/@@META /; s/$/@@/'
     chan_open
     declare -gA FC_DEV_SEEN=()
     FC_FAILED=0
@@ -392,6 +421,7 @@ flashcache_main() {
     for rep in $(seq 1 "$REPS"); do
         for c in "${CASES[@]}"; do
             for d in "${DEVICES[@]}"; do
+                [[ " ${FC_PLAN[*]} " == *" $c@$d "* ]] || continue
                 attempt=0
                 while :; do
                     fc_run "$rep" "$c" "$d" "$attempt"

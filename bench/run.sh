@@ -28,7 +28,9 @@
 #     --kernel L    the kernels to boot, one VM run each: 7 (trixie-backports'
 #                   newest) and/or 6.12 (default: "7 6.12" for cache, else
 #                   UBLK_VM_KERNEL or 7)
-#     --quick       1 rep of 3 s runs (ramp 1 s): a smoke test
+#     --quick       1 rep of 3 s runs (ramp 1 s): a smoke test (flashcache:
+#                   a quarter of the sizes, every case on ublk-wb and one case
+#                   on each other device, no waiting for a quiet host)
 #     --reps N      interleaved repetitions of every case x device (default 3)
 #     --runtime S   seconds measured per fio run (default 10), --ramp S (2);
 #                   http: seconds of each cold random run
@@ -46,7 +48,8 @@
 #     --no-wq-pin   let the kernel's unbound workqueues (the loop driver's
 #                   workers) run on any vCPU; by default they are confined to
 #                   the server vCPU, like the ublk-http server
-#     --mem MIB     guest memory (default 2048; cache: 6144 on ext4, 4096 on tmpfs)
+#     --mem MIB     guest memory (default 2048; cache: 6144 on ext4, 4096 on
+#                   tmpfs; flashcache: 5120)
 #     --flash F     cache suite: ext4 (default: kloop's file and the cache
 #                   files on ext4 on a brd RAM disk) or tmpfs (in memory)
 #     --alternate   every other rep runs the devices in reverse order
@@ -110,7 +113,7 @@ case "$SUITE" in
            CASES=${CASES:-randread-4k-qd32 randwrite-4k-qd32 seqread-1m-qd8 randread-4k-qd32-2j}
            OUT=${OUT:-$ROOT/bench/results-cache$([[ $FLASH == tmpfs ]] && echo -tmpfs)}; KERNELS=${KERNELS:-7 6.12} ;;
     http) MEM=${MEM:-2048}; OUT=${OUT:-$ROOT/bench/results-http}; FLASH=tmpfs; KERNELS=${KERNELS:-${UBLK_VM_KERNEL:-7}} ;;
-    flashcache) MEM=${MEM:-4096}; OUT=${OUT:-$ROOT/bench/results-flashcache}; FLASH=tmpfs; KERNELS=${KERNELS:-7}
+    flashcache) MEM=${MEM:-5120}; OUT=${OUT:-$ROOT/bench/results-flashcache}; FLASH=tmpfs; KERNELS=${KERNELS:-7}
           [[ $KERNELS == 7 ]] || { echo "bench/run.sh: --suite flashcache runs on the 7.x guest only (--kernel 7)" >&2; exit 2; }
           DEVICES=${DEVICES:-slow flash-kloop flash-kublk-zc ublk-wt ublk-wb dmcache-wt dmcache-wb dmwritecache bcache-wt bcache-wb}
           [[ $KUBLK == 1 ]] || DEVICES=$(tr ' ' '\n' <<<"$DEVICES" | grep -v 'kublk' | paste -sd' ')
@@ -128,6 +131,8 @@ if [[ $QUICK == 1 ]]; then
 else
     REPS=${REPS:-3} RUNTIME=${RUNTIME:-10} RAMP=${RAMP:-2} WRUNTIME=${WRUNTIME:-10} WARMUP=2 WAITB=150 RETRYB=8
 fi
+# The flashcache smoke test runs whatever the host does: no waiting, no repeats.
+[[ $SUITE == flashcache && $QUICK == 1 ]] && WAITB=0 RETRYB=0
 for v in REPS RUNTIME RAMP WRUNTIME; do
     [[ "${!v}" =~ ^[0-9]+$ && "${!v}" -ge 1 ]] || { echo "bench/run.sh: bad ${v,,} '${!v}'" >&2; exit 2; }
 done
@@ -243,7 +248,9 @@ boot() {
     local ncase ndev TIMEOUT
     if [[ $SUITE == flashcache ]]; then
         # Every run sets its device up afresh and warms or scans it first; plus the media (filling the slow disk).
+        # The smoke test (--quick) runs every case on one device and one case on each other device.
         ncase=$(wc -w <<<"$CASES") ndev=$(wc -w <<<"$DEVICES")
+        [[ $QUICK == 1 ]] && ndev=$(( (ncase + ndev - 1 + ncase - 1) / ncase ))
         TIMEOUT=$(( 600 + WAITB + (REPS * ncase * ndev + RETRYB) * (RUNTIME + RAMP + 75) ))
     elif [[ $SUITE == http ]]; then
         TIMEOUT=$(( 420 + WAITB + REPS * (100 + 2 * RUNTIME + 6 * (WRUNTIME + RAMP + 3)) ))
@@ -263,7 +270,7 @@ boot() {
     [[ -n "$CASES" ]] && ENVS+=(--env "BENCH_CASES=$CASES")
     [[ $SUITE == http ]] && ENVS+=(--env "BENCH_BOOT_RTT_MS=$BOOT_RTT")
     # The quick flashcache run: a quarter of the sizes, no waiting for bcache's accounting timer.
-    [[ $SUITE == flashcache && $QUICK == 1 ]] && ENVS+=(--env BENCH_FC_SLOW_MB=256 --env BENCH_FC_CACHE_MB=64 --env BENCH_FC_SETTLE=0)
+    [[ $SUITE == flashcache && $QUICK == 1 ]] && ENVS+=(--env BENCH_FC_SLOW_MB=256 --env BENCH_FC_CACHE_MB=64 --env BENCH_FC_SETTLE=0 --env BENCH_FC_PLAN=smoke)
     [[ -n "$DEVICES" && $SUITE != http ]] && ENVS+=(--env "BENCH_DEVICES=$DEVICES")
     blog "booting the VM (kernel $KVER, suite $SUITE): $REPS rep(s) x ${CASES:-all cases} x ${DEVICES:-all devices}, ${RUNTIME}s + ${RAMP}s ramp per run (timeout ${TIMEOUT}s); host load $HOST_BEFORE"
     # Disturbance check: host CPU time used by processes other than this run (the
