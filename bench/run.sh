@@ -29,7 +29,7 @@
 #                   newest) and/or 6.12 (default: "7 6.12" for cache, else
 #                   UBLK_VM_KERNEL or 7)
 #     --quick       1 rep of 3 s runs (ramp 1 s): a smoke test (flashcache:
-#                   a quarter of the sizes, every case on ublk-wb and one case
+#                   2 s runs, an eighth of the sizes, every case on ublk-wb and one case
 #                   on each other device, no waiting for a quiet host)
 #     --reps N      interleaved repetitions of every case x device (default 3)
 #     --runtime S   seconds measured per fio run (default 10), --ramp S (2);
@@ -118,7 +118,7 @@ case "$SUITE" in
           DEVICES=${DEVICES:-slow flash-kloop flash-kublk-zc ublk-wt ublk-wb dmcache-wt dmcache-wb dmwritecache bcache-wt bcache-wb}
           [[ $KUBLK == 1 ]] || DEVICES=$(tr ' ' '\n' <<<"$DEVICES" | grep -v 'kublk' | paste -sd' ')
           CASES=${CASES:-hit-randread-4k-qd32 randwrite-4k-qd32 zipf-7030 scan fsync-write-4k-qd1 seqread-1m-qd8 seqwrite-1m-qd8}
-          REPS=${REPS:-1} ;;
+          REPS=${REPS:-1}; [[ $QUICK == 1 ]] && RUNTIME=${RUNTIME:-2} ;;
     *) echo "bench/run.sh: --suite is loop, cache, http or flashcache, not '$SUITE'" >&2; exit 2 ;;
 esac
 [[ $FLASH == tmpfs || $FLASH == ext4 ]] || { echo "bench/run.sh: --flash is tmpfs or ext4, not '$FLASH'" >&2; exit 2; }
@@ -269,8 +269,8 @@ boot() {
           --env "BENCH_WARM_RUNTIME=$WRUNTIME" --env "BENCH_NBD=$NBD")
     [[ -n "$CASES" ]] && ENVS+=(--env "BENCH_CASES=$CASES")
     [[ $SUITE == http ]] && ENVS+=(--env "BENCH_BOOT_RTT_MS=$BOOT_RTT")
-    # The quick flashcache run: a quarter of the sizes, no waiting for bcache's accounting timer.
-    [[ $SUITE == flashcache && $QUICK == 1 ]] && ENVS+=(--env BENCH_FC_SLOW_MB=256 --env BENCH_FC_CACHE_MB=64 --env BENCH_FC_SETTLE=0 --env BENCH_FC_PLAN=smoke)
+    # The quick flashcache run: an eighth of the sizes, no waiting for bcache's accounting timer.
+    [[ $SUITE == flashcache && $QUICK == 1 ]] && ENVS+=(--env BENCH_FC_SLOW_MB=128 --env BENCH_FC_CACHE_MB=32 --env BENCH_FC_SETTLE=0 --env BENCH_FC_PLAN=smoke)
     [[ -n "$DEVICES" && $SUITE != http ]] && ENVS+=(--env "BENCH_DEVICES=$DEVICES")
     blog "booting the VM (kernel $KVER, suite $SUITE): $REPS rep(s) x ${CASES:-all cases} x ${DEVICES:-all devices}, ${RUNTIME}s + ${RAMP}s ramp per run (timeout ${TIMEOUT}s); host load $HOST_BEFORE"
     # Disturbance check: host CPU time used by processes other than this run (the
