@@ -89,6 +89,7 @@ fc_dev_flash_kloop_setup() {
 fc_dev_flash_kloop_teardown() { "$LOSETUP" -d "$DEV_PATH"; }
 fc_dev_flash_kublk_zc_setup() {
     FLASH_FILE=$FC_CEIL_FILE DEV_REFUSED=""
+    local FLASH="ext4 on brd ($FC_CEIL_FILE)"    # for kublk_add's note
     kublk_add kublk-zc --auto_zc
     [[ -z $DEV_REFUSED ]] || die "flash-kublk-zc: $DEV_REFUSED"
 }
