@@ -98,12 +98,15 @@ fc_dev_flash_kublk_zc_teardown() { timeout 60 "$KUBLK" del -n "$DEV_ID" >/dev/nu
 fc_ublk_setup() { # MODE
     fc_slice fc-ufs 0 "$FC_UBLKFS_MB" || die "cannot make the flash slice for ublk-http"
     mkfs.ext4 -q -F /dev/mapper/fc-ufs && mount -t ext4 /dev/mapper/fc-ufs /mnt/fc-flash || die "cannot make ext4 on the flash"
+    rm -f /run/ublk-http/ublk*.log    # the server's own log, shown at teardown (no device is up now)
     ublk_add -t cache --backing /dev/mapper/fc-slow --cache /mnt/fc-flash/cache --bitmap /mnt/fc-flash/bitmap \
         --write-mode "$1" --cache-max-size "${FC_CACHE_MB}M" || die "ublk-http add -t cache --write-mode $1 failed: $UBLK_ERR"
     DEV_NOTE="ublk-http cache, write-$1, --cache-max-size ${FC_CACHE_MB}M, cache file on ext4 on a ${FC_UBLKFS_MB} MiB flash slice, data path $("$UBLK" list -n "$DEV_ID" | jq -r '.[0].data_path // .[0].target_options.cache_io // "?"')"
 }
 fc_ublk_teardown() {
     FC_UBLK_CACHE_KB=$(du -k /mnt/fc-flash/cache 2>/dev/null | cut -f1)
+    local l=/run/ublk-http/ublk$DEV_ID.log
+    [[ -s $l ]] && log "server log of $FC_CUR_DEV ($(wc -l < "$l") lines), the last ones: $(tail -n 4 "$l" | tr '\n' '|')"
     timeout 120 "$UBLK" del -n "$DEV_ID" >/dev/null 2>&1 || { log "ublk-http del -n $DEV_ID failed or timed out; killing $DEV_PID"; kill -9 "$DEV_PID" 2>/dev/null; sleep 1; timeout 60 "$UBLK" del -n "$DEV_ID" >/dev/null 2>&1; }
     umount /mnt/fc-flash || log "cannot unmount /mnt/fc-flash"
 }
