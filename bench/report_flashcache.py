@@ -265,6 +265,14 @@ def main():
     g = goals(summary)
     host = {"git": o.git, "host_load_before": o.host_load_before, "host_load_after": o.host_load_after,
             "elapsed_s": o.elapsed, "host_other_cpu_pct": o.host_other_cpu, "vm_status": o.vm_status, "quick": o.quick}
+    # Re-rendered (bench/run.sh --report DIR): the run's host figures from the last report.
+    old = os.path.join(o.dir, "results.json")
+    if all(v is None for v in host.values()) and os.path.exists(old):
+        try:
+            host = json.load(open(old)).get("host") or host
+        except ValueError:
+            pass
+    o.git, o.host_load_before, o.host_load_after, o.host_other_cpu = (host.get(k) for k in ("git", "host_load_before", "host_load_after", "host_other_cpu_pct"))
     disturbed = sum(1 for r in runs if r.get("disturbed"))
     head = (f"flashcache suite: kernel {meta.get('kernel')}, {meta.get('fio')}, guest {meta.get('guest_cpus')} vCPUs / {meta.get('guest_mem_mb')} MiB; "
             f"slow disk {meta.get('slow_mb')} MiB dm-delay (reads +{meta.get('slow_read_ms')} ms, writes and flushes +{meta.get('slow_write_ms')} ms) over brd; "
