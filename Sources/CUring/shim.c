@@ -1,7 +1,7 @@
-/* Most of CUring is `static inline` in the header. This file holds the few
- * things that need _GNU_SOURCE, which the header must not define (it would
- * make its view of glibc differ from Swift's Glibc module), and it makes a
- * real C compile check the header's _Static_asserts. */
+/* Most of CUring is `static inline` in its headers. This file holds the few
+ * things that need _GNU_SOURCE, which the headers must not define (it would
+ * make their view of glibc differ from Swift's Glibc module), and it makes a
+ * real C compile check the headers' _Static_asserts. */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <spawn.h>

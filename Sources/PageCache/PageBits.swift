@@ -4,8 +4,9 @@
 // - `test` is one word load and one mask: the warm-read path.
 // - Range operations (`set`, `clear`, `allSet`, `nextSet`, `nextClear`) work a
 //   64-page word at a time and never allocate.
-// - Every word whose value changes is recorded once in a dirty list (the
-//   words a persistent owner must write next); `takeDirty()` hands the list
+// - Every word whose value changes is recorded once in a list of changed
+//   words (those a persistent owner must write next: not "dirty", which
+//   names a page written since the last sync); `takeChanged()` hands the list
 //   over and starts a new one. Bits past `pageCount` are never set.
 // - Single-threaded: one owner (a queue's thread) changes an instance; other
 //   threads may only load words through `sharedWords` (atomically).
@@ -18,10 +19,10 @@ public final class PageBits {
     public let wordCount: Int
     /// Bit `p % 64` of word `p / 64` is page `p`.
     let words: UnsafeMutablePointer<UInt64>
-    /// One bit per word: already in `dirtyList`.
-    private let dirtyMarks: UnsafeMutablePointer<UInt64>
-    private let dirtyMarkCount: Int
-    private var dirtyList: [Int] = []
+    /// One bit per word: already in `changedList`.
+    private let changedMarks: UnsafeMutablePointer<UInt64>
+    private let changedMarkCount: Int
+    private var changedList: [Int] = []
     /// Pages set.
     public private(set) var count: UInt64 = 0
     /// Set when the words are a caller's mapping: called once, at deinit.
@@ -32,29 +33,29 @@ public final class PageBits {
         wordCount = Int((pageCount + 63) / 64)
         words = .allocate(capacity: max(wordCount, 1))
         words.initialize(repeating: 0, count: max(wordCount, 1))
-        dirtyMarkCount = max((wordCount + 63) / 64, 1)
-        dirtyMarks = .allocate(capacity: dirtyMarkCount)
-        dirtyMarks.initialize(repeating: 0, count: dirtyMarkCount)
+        changedMarkCount = max((wordCount + 63) / 64, 1)
+        changedMarks = .allocate(capacity: changedMarkCount)
+        changedMarks.initialize(repeating: 0, count: changedMarkCount)
         release = nil
     }
 
     /// Bits whose words are `mapping` (at least `(pageCount + 63) / 64` words,
     /// kept as they are: call `recount()` after filling them). `release` runs
-    /// at deinit (unmap). No word is marked dirty.
+    /// at deinit (unmap). No word is marked changed.
     public init(pageCount: UInt64, mapping: UnsafeMutablePointer<UInt64>, release: @escaping () -> Void) {
         self.pageCount = pageCount
         wordCount = Int((pageCount + 63) / 64)
         words = mapping
-        dirtyMarkCount = max((wordCount + 63) / 64, 1)
-        dirtyMarks = .allocate(capacity: dirtyMarkCount)
-        dirtyMarks.initialize(repeating: 0, count: dirtyMarkCount)
+        changedMarkCount = max((wordCount + 63) / 64, 1)
+        changedMarks = .allocate(capacity: changedMarkCount)
+        changedMarks.initialize(repeating: 0, count: changedMarkCount)
         self.release = release
         recount()
     }
 
     deinit {
         if let release { release() } else { words.deallocate() }
-        dirtyMarks.deallocate()
+        changedMarks.deallocate()
     }
 
     /// Drops bits past `pageCount` and counts the set pages again (after the
@@ -76,7 +77,7 @@ public final class PageBits {
             if new != old {
                 words[w] = new
                 added &+= UInt64((new ^ old).nonzeroBitCount)
-                markDirty(w)
+                markChanged(w)
             }
         }
         count &+= added
@@ -96,7 +97,7 @@ public final class PageBits {
             if new != old {
                 words[w] = new
                 removed &+= UInt64((new ^ old).nonzeroBitCount)
-                markDirty(w)
+                markChanged(w)
             }
         }
         count &-= removed
@@ -130,21 +131,21 @@ public final class PageBits {
     }
 
     /// The words changed since the last call, in the order they first changed.
-    public func takeDirty() -> [Int] {
-        let list = dirtyList
-        dirtyList = []
-        dirtyList.reserveCapacity(list.count)
-        for w in list { dirtyMarks[w >> 6] &= ~(1 &<< UInt64(w & 63)) }
+    public func takeChanged() -> [Int] {
+        let list = changedList
+        changedList = []
+        changedList.reserveCapacity(list.count)
+        for w in list { changedMarks[w >> 6] &= ~(1 &<< UInt64(w & 63)) }
         return list
     }
 
-    public var hasDirty: Bool { !dirtyList.isEmpty }
+    public var hasChanged: Bool { !changedList.isEmpty }
 
-    /// Whether a word overlapping `pages` is in the dirty list (changed and not taken yet).
+    /// Whether a word overlapping `pages` is in the changed list (not taken yet).
     public func hasPendingWords(_ pages: Range<UInt64>) -> Bool {
         var found = false
         forEachWord(pages) { w, _ in
-            if dirtyMarks[w >> 6] & (1 &<< UInt64(w & 63)) != 0 { found = true }
+            if changedMarks[w >> 6] & (1 &<< UInt64(w & 63)) != 0 { found = true }
         }
         return found
     }
@@ -160,7 +161,7 @@ public final class PageBits {
 
     // MARK: Internals
 
-    /// Replaces all words (loading from disk); recounts; does not mark dirty.
+    /// Replaces all words (loading from disk); recounts; marks nothing changed.
     func load(_ body: (UnsafeMutableRawBufferPointer) -> Void) {
         body(UnsafeMutableRawBufferPointer(start: words, count: wordCount * 8))
         // Bits past pageCount are invalid on disk; drop them.
@@ -173,11 +174,11 @@ public final class PageBits {
     }
 
     @inline(__always)
-    func markDirty(_ w: Int) {
+    func markChanged(_ w: Int) {
         let bit: UInt64 = 1 &<< UInt64(w & 63)
-        if dirtyMarks[w >> 6] & bit == 0 {
-            dirtyMarks[w >> 6] |= bit
-            dirtyList.append(w)
+        if changedMarks[w >> 6] & bit == 0 {
+            changedMarks[w >> 6] |= bit
+            changedList.append(w)
         }
     }
 

@@ -57,6 +57,12 @@ public final class CacheStats {
     /// full ones (the cache file's fdatasync, then every bitmap's).
     public var intentCycles: UInt64 = 0
     public var fullCycles: UInt64 = 0
+    /// Pages whose write-back or unsettled bits a waiting write set ahead of
+    /// any write to them (write-ahead by region: CachingRequests.setAhead).
+    public var pagesSetAhead: UInt64 = 0
+    /// Read misses served from the source without a place in the cache
+    /// (admission by reuse turned them away; counted in `misses` too).
+    public var readsThrough: UInt64 = 0
     /// From a read's miss to its pages being present.
     public var missLatency = LatencySamples()
     /// From a fetch's first request to its completion.

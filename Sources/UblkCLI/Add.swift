@@ -92,6 +92,9 @@ struct Add: ParsableCommand {
     @Option(name: .customLong("write-mode"), help: "cache: through (writes reach both before completing) or back (cache first, written back in the background).")
     var writeMode: String = "through"
 
+    @Option(name: .customLong("admit"), help: "cache, with --cache-max-size: which read misses are copied into the cache. reuse (the default): a page that missed before, within about the cache's size of misses; a first miss is read from the backing store straight into the request and not kept, so a scan or a backup read once leaves the cache's hot pages where they are. all: every miss. Writes are always cached.")
+    var admit: String?
+
     @Flag(name: .customLong("no-dirty-tracking"), help: "cache: do not track written pages (no `dirty`/`sync`; for measuring what tracking costs).")
     var noDirtyTracking = false
 
@@ -157,6 +160,7 @@ struct Add: ParsableCommand {
         if type != "null" && size != nil { throw Failure("--size applies to the null target only") }
         if let s = size { _ = try Add.nullSize(s) }
         if type != "loop" && (file != nil || buffered) { throw Failure("-f/--file and --buffered apply to the loop target only") }
+        if admit != nil && type != "cache" { throw Failure("--admit applies to the cache target only") }
         if type == "loop" && file == nil { throw Failure("the loop target needs a backing file: -f FILE") }
         if type == "http" {
             try http.check()
@@ -164,6 +168,7 @@ struct Add: ParsableCommand {
             guard backing != nil else { throw Failure("the cache target needs --backing FILE_OR_DEVICE") }
             guard http.cache != nil, http.bitmap != nil else { throw Failure("the cache target needs --cache FILE and --bitmap FILE") }
             guard ["through", "back"].contains(writeMode) else { throw Failure("--write-mode must be through or back, not '\(writeMode)'") }
+            if let a = admit, !["reuse", "all"].contains(a) { throw Failure("--admit must be reuse or all, not '\(a)'") }
             try http.checkPageSize()
             if http.httpOnlyGiven { throw Failure("--url and the other http options apply to the http target only") }
         } else if http.given {
@@ -206,6 +211,7 @@ struct Add: ParsableCommand {
             o.readOnly = readOnly
             o.maxCacheBytes = cacheMaxSize.flatMap { Size.parse($0) } ?? 0
             o.trackDirty = !noDirtyTracking
+            o.admitOnReuse = (admit ?? "reuse") == "reuse"
             o.queues = queues
             do { return try CacheTarget(o) } catch { throw Failure(error) }
         case "overlay":

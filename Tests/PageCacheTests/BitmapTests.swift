@@ -43,10 +43,10 @@ final class PageBitsTests: XCTestCase {
         bits.set(0..<1)
         bits.set(129..<200) // word 2 again, word 3
         bits.set(0..<1) // no change
-        XCTAssertEqual(bits.takeDirty(), [2, 0, 3])
-        XCTAssertEqual(bits.takeDirty(), [])
+        XCTAssertEqual(bits.takeChanged(), [2, 0, 3])
+        XCTAssertEqual(bits.takeChanged(), [])
         bits.clear(0..<1)
-        XCTAssertEqual(bits.takeDirty(), [0])
+        XCTAssertEqual(bits.takeChanged(), [0])
     }
 }
 
@@ -326,7 +326,7 @@ final class BitmapTests: XCTestCase {
             XCTAssertFalse(bits.test(66))
             bits.set(0..<2)
             XCTAssertEqual(words[0], 0b11, "writes go to the mapping")
-            XCTAssertEqual(bits.takeDirty(), [0])
+            XCTAssertEqual(bits.takeChanged(), [0])
         }
         XCTAssertTrue(released)
         words.deallocate()

@@ -453,7 +453,7 @@ final class CacheStoreTests: XCTestCase {
         let bits = s.present.bits
         bits.set(5..<70)
         XCTAssertEqual(bits.count, 65)
-        XCTAssertEqual(bits.takeDirty(), [0, 1])
+        XCTAssertEqual(bits.takeChanged(), [0, 1])
         XCTAssertEqual(bits.nextClear(in: 5..<100), 70)
         bits.clear(5..<6)
         XCTAssertEqual(bits.count(in: 0..<256), 64)

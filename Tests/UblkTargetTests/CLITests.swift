@@ -37,7 +37,7 @@ final class CLITests: XCTestCase {
 
     func testLoopTargetOpensFileAndSizesIt() throws {
         let path = NSTemporaryDirectory() + "/ublk-cli-test-\(getpid()).img"
-        FileManager.default.createFile(atPath: path, contents: Data(count: 1 << 20 + 100))
+        XCTAssertTrue(FileManager.default.createFile(atPath: path, contents: Data(count: 1 << 20 + 100)), "cannot create \(path)")
         defer { unlink(path) }
         let a = try parseAdd(["-t", "loop", "-f", path, "--buffered"])
         let t = try a.makeTarget()
@@ -70,6 +70,8 @@ final class CLITests: XCTestCase {
             (["add", "-t", "cache", "--cache", "/c", "--bitmap", "/b"], "needs --backing"),
             (["add", "-t", "cache", "--backing", "/x"], "needs --cache FILE and --bitmap FILE"),
             (["add", "-t", "cache", "--backing", "/x", "--cache", "/c", "--bitmap", "/b", "--write-mode", "x"], "--write-mode must be through or back"),
+            (["add", "-t", "cache", "--backing", "/x", "--cache", "/c", "--bitmap", "/b", "--admit", "some"], "--admit must be reuse or all"),
+            (["add", "-t", "http", "--url", "http://h/x", "--admit", "all"], "--admit applies to the cache target only"),
             (["add", "-t", "cache", "--backing", "/x", "--cache", "/c", "--bitmap", "/b", "--url", "http://h/x"], "apply to the http target only"),
             (["add", "-t", "loop", "-f", "/x", "--backing", "/y"], "apply to the cache target only"),
             (["add", "-t", "loop", "-f", "/x", "--cache-max-size", "1G"], "--cache-max-size applies to the http and cache targets only"),
@@ -118,7 +120,7 @@ final class CLITests: XCTestCase {
 
     func testPasswordComesFromAFile() throws {
         let path = NSTemporaryDirectory() + "/ublk-pw-\(getpid())"
-        FileManager.default.createFile(atPath: path, contents: Data("s3cret\n".utf8))
+        XCTAssertTrue(FileManager.default.createFile(atPath: path, contents: Data("s3cret\n".utf8)), "cannot create \(path)")
         chmod(path, 0o600)  // a file of secrets must not be readable by others
         defer { unlink(path) }
         let a = try parseAdd(["-t", "http", "--url", "http://h/x", "--user", "me", "--password-file", path])
@@ -230,7 +232,7 @@ final class CLITests: XCTestCase {
 
     func secretFile(_ text: String, mode: mode_t = 0o600) -> String {
         let path = NSTemporaryDirectory() + "/ublk-secret-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        FileManager.default.createFile(atPath: path, contents: Data(text.utf8))
+        XCTAssertTrue(FileManager.default.createFile(atPath: path, contents: Data(text.utf8)), "cannot create \(path)")
         chmod(path, mode)
         addTeardownBlock { unlink(path) }
         return path

@@ -8,7 +8,7 @@ import XCTest
 final class HTTPCredentialOptionTests: XCTestCase {
     func secretFile(_ text: String, mode: mode_t) -> String {
         let path = NSTemporaryDirectory() + "/ublk-secret-mode-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        FileManager.default.createFile(atPath: path, contents: Data(text.utf8))
+        XCTAssertTrue(FileManager.default.createFile(atPath: path, contents: Data(text.utf8)), "cannot create \(path)")
         chmod(path, mode)
         addTeardownBlock { unlink(path) }
         return path

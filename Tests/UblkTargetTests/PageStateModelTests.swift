@@ -101,7 +101,8 @@ final class PageStateModelTests: XCTestCase {
         var handler: CachingHandler!
         let queueCount: Int
         var queues: [FakeQueue] = []
-        var handlers: [CachingHandler] = []
+        var handlers: [QueueHandler] = []
+        var peers: [CachingPeer] { handlers.dropFirst().map { $0 as! CachingPeer } }
         var mesh: CachingMesh?
         var bitmaps: [Bitmap] = []
         let depth = 8
@@ -129,12 +130,25 @@ final class PageStateModelTests: XCTestCase {
         var flushesSent = 0
         var latestFlushDone = -1
         var faulty = false
+        /// Some writes are sent with FUA (off: none, for tests that count cycles).
+        var fuaWrites = true
         var readMostly = false
         var evictBound: UInt64 = 0
+        /// Write-ahead regions of the cache modes (CacheContext.intentRegionPages), by the
+        /// seed without drawing from `rng` (so earlier seeds replay): 1 (page by page),
+        /// 4, 16, or 64 (more than the image).
+        var intentRegion: UInt64 { [1, 4, 16, 64][Int((seed / 12) % 4)] }
+        /// Admission by reuse (CacheContext.admitOnReuse) in half the seeds; it acts
+        /// in the cache modes with an eviction bound.
+        var admitOnReuse: Bool { (seed &* 0x9E37_79B9_7F4A_7C15) >> 63 == 1 }
         var persistInterval: UInt64 = 0
         var crashes = 0, reads = 0, writes = 0, flushes = 0, syncs = 0, remoteChanges = 0, remoteRefusals = 0
         /// Reads other queues served by themselves (-q N), over the handlers' lives.
         var peerHits: UInt64 = 0
+        /// Pages whose bits writes set ahead (write-ahead by region), over every server run.
+        var pagesSetAhead: UInt64 = 0
+        /// Read misses served through, not admitted (admission by reuse), over every server run.
+        var readsThrough: UInt64 = 0
         /// The machine's boot: a power loss starts another (live bits on /run die with it).
         var boots = 0
 
@@ -245,6 +259,8 @@ final class PageStateModelTests: XCTestCase {
             context.writeThrough = mode == .cacheThrough
             context.publishStats = false
             context.maxCacheBytes = evictBound
+            context.intentRegionPages = intentRegion
+            context.admitOnReuse = admitOnReuse
             mesh = queueCount > 1 ? CachingMesh(queues: queueCount) : nil
             try mesh?.check(depth: depth)
             queues = (0..<queueCount).map { FakeQueue(depth: depth, files: files, id: UInt16($0)) }
@@ -273,13 +289,14 @@ final class PageStateModelTests: XCTestCase {
             let planner = FetchPlanner(imageSize: UInt64(PageStateModelTests.imageSize), pageSize: PageStateModelTests.page,
                                        maxRunBytes: 16 << 10, initialReadaheadBytes: 8 << 10, maxReadaheadBytes: 16 << 10,
                                        maxActiveRuns: 3)
-            handler = CachingHandler(context: context, fetcher: fetcher, planner: planner, depth: depth, mesh: mesh, queueID: 0)
+            handler = CachingHandler(context: context, fetcher: fetcher, planner: planner, depth: depth, mesh: mesh)
+            handler.persistInterval = persistInterval
+            handler.trace = { [unowned self] in self.note("  handler 0: " + $0) }
             handlers = [handler] + (1..<queueCount).map {
-                CachingHandler(context: context, fetcher: NoFetcher(), planner: planner, depth: depth, mesh: mesh, queueID: UInt16($0))
+                CachingPeer(context: context, mesh: mesh!, queueID: UInt16($0), depth: depth)
             }
+            for p in peers { p.wakeInterval = persistInterval }
             for (q, h) in handlers.enumerated() {
-                h.persistInterval = persistInterval
-                h.trace = { [unowned self] in self.note("  handler \(q): " + $0) }
                 queues[q].handler = h
                 if let m = mesh { queues[q].poll(fd: m.inboxes[q].fd, data: CachingHandler.Event.mesh.rawValue) }
             }
@@ -340,7 +357,7 @@ final class PageStateModelTests: XCTestCase {
             queues[q].open.insert(tag)
             note("submit queue \(q) tag \(tag) op \(op) sectors \(sector)+\(count) id \(id)")
             // Some writes are FUA: acknowledged only after a full cycle, with their byte count.
-            let fua = op == Op.write && rng.next() % 5 == 0
+            let fua = op == Op.write && fuaWrites && rng.next() % 5 == 0
             let r = Request(tag: tag, op: op, flags: fua ? UInt32(UBLK_IO_F_FUA) : 0, offset: UInt64(sector * PageStateModelTests.sector),
                             length: UInt32(op == Op.flush ? 0 : count * PageStateModelTests.sector), buffer: buf)
             handlers[q].handle(r, queue: queues[q])
@@ -427,8 +444,8 @@ final class PageStateModelTests: XCTestCase {
         /// Work left between the queues: I/O, inbox deliveries, posts, punches awaiting a grace period.
         var queuesBusy: Bool {
             if queueCount == 1 { return !queue.pending.isEmpty }
-            return queues.contains { !$0.pending.isEmpty || !$0.readyPolls().isEmpty } || handlers.contains { $0.outboxPending }
-                || (mesh?.gracePending ?? false) || !handler.graceNext.isEmpty
+            return queues.contains { !$0.pending.isEmpty || !$0.readyPolls().isEmpty } || handler.outboxPending || peers.contains { $0.outboxPending }
+                || (mesh.map { handler.eviction.graceWaiting($0) } ?? false)
         }
 
         /// Runs until nothing is in flight (bounded).
@@ -501,7 +518,9 @@ final class PageStateModelTests: XCTestCase {
                 if processOnly { q.processDied() } else { q.pending = []; q.armed = [] }
                 q.handler = nil
             }
-            peerHits += handlers.dropFirst().reduce(0) { $0 + $1.peerHits }
+            peerHits += peers.reduce(0) { $0 + $1.peerHits }
+            pagesSetAhead += handler?.context.stats.pagesSetAhead ?? 0
+            readsThrough += handler?.context.stats.readsThrough ?? 0
             handler = nil
             handlers = []
             mesh = nil
@@ -609,7 +628,7 @@ final class PageStateModelTests: XCTestCase {
                 try quiesce()
                 let st = try JSONDecoder().decode(WritebackStatus.self, from: Data(reply.utf8))
                 if st.writebackPages == 0 && !st.inFlight && !st.unpersisted && handler.cycle == nil
-                    && handler.writebackCopied.isEmpty { break }
+                    && !handler.writebackCopy.hasCopied { break }
                 handler.idle(queue: queue)
                 try quiesce()
                 rounds += 1
@@ -665,7 +684,7 @@ final class PageStateModelTests: XCTestCase {
     }
 
     /// What the seeds did, summed (printed at the end: a run that exercised nothing shows).
-    var totals = (crashes: 0, reads: 0, writes: 0, flushes: 0, syncs: 0, remoteChanges: 0, remoteRefusals: 0, peerHits: UInt64(0))
+    var totals = (crashes: 0, reads: 0, writes: 0, flushes: 0, syncs: 0, remoteChanges: 0, remoteRefusals: 0, peerHits: UInt64(0), pagesSetAhead: UInt64(0), readsThrough: UInt64(0))
 
     func runSeed(_ seed: UInt64, steps: Int, mode: Mode? = nil) -> String? {
         let world: World
@@ -674,7 +693,7 @@ final class PageStateModelTests: XCTestCase {
             do { try world.step() } catch {
                 return """
                     seed \(seed) failed at step \(i): \(error)
-                    (faulty \(world.faulty), evict bound \(world.evictBound), persist interval \(world.persistInterval))
+                    (faulty \(world.faulty), evict bound \(world.evictBound), persist interval \(world.persistInterval), write-ahead region \(world.intentRegion), admit on reuse \(world.admitOnReuse))
                     target: \(world.mode.rawValue)
                     queues: \(world.queueCount)
                     replay: MODEL_SEED=\(seed) MODEL_STEPS=\(i + 1) swift test --filter PageStateModelTests
@@ -698,6 +717,8 @@ final class PageStateModelTests: XCTestCase {
         totals.remoteChanges += world.remoteChanges
         totals.remoteRefusals += world.remoteRefusals
         totals.peerHits += world.peerHits
+        totals.pagesSetAhead += world.pagesSetAhead
+        totals.readsThrough += world.readsThrough
         return nil
     }
 
@@ -720,7 +741,15 @@ final class PageStateModelTests: XCTestCase {
         if seeds.count > 20 {
             XCTAssertGreaterThan(totals.crashes, ran, "crashes were exercised")
             XCTAssertGreaterThan(totals.syncs, 0)
-            XCTAssertGreaterThan(totals.remoteChanges + totals.remoteRefusals, 0, "remote changes were exercised")
+            // A remote changes only under an overlay; the cache modes have write-ahead regions and admission.
+            let modes = env["MODEL_MODE"].map { [$0] } ?? [Mode.overlay.rawValue, Mode.cacheBack.rawValue]
+            if modes.contains(Mode.overlay.rawValue) {
+                XCTAssertGreaterThan(totals.remoteChanges + totals.remoteRefusals, 0, "remote changes were exercised")
+            }
+            if modes.contains(Mode.cacheBack.rawValue) || modes.contains(Mode.cacheThrough.rawValue) {
+                XCTAssertGreaterThan(totals.pagesSetAhead, 0, "write-ahead regions were exercised")
+                XCTAssertGreaterThan(totals.readsThrough, 0, "misses not admitted were exercised")
+            }
         }
     }
 }

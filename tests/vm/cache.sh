@@ -203,6 +203,30 @@ fi
 section "bad inputs"
 expect_error "cache needs --backing" "needs --backing" "$UBLK" add -t cache --cache $C/x --bitmap $C/y
 expect_error "cache needs --cache" "needs --cache FILE and --bitmap" "$UBLK" add -t cache --backing /tmp/back1.img
+section "a scan read once leaves the hot pages cached: --admit reuse keeps them, --admit all loses them"
+# 64 MiB of backing store behind an 8 MiB cache: the hot set is the first 4 MiB,
+# read three times; the scan reads the other 60 MiB once; then the hot set again.
+truncate -s 64M /tmp/back3.img
+dd if=/dev/urandom of=/tmp/back3.img bs=1M count=64 conv=notrunc status=none
+scan_then_hot() {  # $1: --admit mode. Prints "misses-of-the-hot-reread reads-through" or "failed".
+    rm -f $C/s.cache $C/s.bitmap*
+    add -t cache --backing /tmp/back3.img --cache $C/s.cache --bitmap $C/s.bitmap --cache-max-size 8M --admit $1 \
+        || { echo "failed: $DEV_JSON"; return; }
+    for i in 1 2 3; do dd if=$DEV_B of=/dev/null bs=64k count=64 iflag=direct status=none; done
+    dd if=$DEV_B of=/dev/null bs=1M skip=4 iflag=direct status=none
+    sleep 2.2  # eviction and the statistics run once the device is idle
+    local m0; m0=$("$UBLK" stats -n $DEV_ID --json | jq -r .misses)
+    cmp -n $((4 << 20)) $DEV_B /tmp/back3.img || echo "hot set differs"
+    sleep 1.2
+    echo "$(( $("$UBLK" stats -n $DEV_ID --json | jq -r .misses) - m0 )) $("$UBLK" stats -n $DEV_ID --json | jq -r .reads_through)"
+    del $DEV_ID >/dev/null
+}
+R=$(scan_then_hot reuse); echo "# --admit reuse: misses of the hot set after the scan, reads through: $R"
+eq "--admit reuse: the hot set is all hits after the scan" 0 "${R%% *}"
+check "--admit reuse: the scan was read through, not cached" test "${R##* }" -ge 60
+A=$(scan_then_hot all); echo "# --admit all: misses of the hot set after the scan, reads through: $A"
+check "--admit all: the scan evicted the hot set (it misses again)" test "${A%% *}" -ge 32
+expect_error "--admit of another target" "applies to the cache target only" "$UBLK" add -t null --admit all
 expect_error "bad write mode" "write-mode must be" "$UBLK" add -t cache --backing /tmp/back1.img --cache $C/x --bitmap $C/y --write-mode sideways
 expect_error "missing backing" "No such file" "$UBLK" add -t cache --backing /nope --cache $C/x --bitmap $C/y
 expect_error "flush of a missing device" "no running server" "$UBLK" flush -n 7

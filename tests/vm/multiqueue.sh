@@ -98,7 +98,7 @@ done
 section "cache back -q 4 with eviction: hits on one queue race punches from the other"
 cp $WWW/disk.img /var/tmp/back-evict.img
 if add -t cache --backing /var/tmp/back-evict.img --cache $C/e.cache --bitmap $C/e.bitmap --write-mode back \
-    --cache-max-size 8M -q 4; then
+    --cache-max-size 8M --admit all -q 4; then
     check "4 readers of the whole device, far above the bound, read the backing's bytes" cold4 $DEV_B $WWW/disk.img $((32 << 20))
     check "fio randrw verify under eviction" $FIO4 --name=e --filename=$DEV_B --output=/tmp/fio-e.txt
     grep -q 'err= 0' /tmp/fio-e.txt || tail -n 20 /tmp/fio-e.txt

@@ -77,7 +77,11 @@ for n in 1 2 3 4; do
 done
 FOUR=$(served)
 echo "# four devices: nginx served $FOUR bytes (one alone: $ONE)"
-check "nginx served at most 1.1x what one device needed" test $((FOUR * 10)) -le $((ONE * 11))
+# Once, not once per device: a base per device would serve 2x or more. Four
+# readers interleaved on the base's queue trigger its readahead differently
+# from one reader (measured 0.96x to 1.14x over seven runs), so the bound is
+# 1.5x; that no page is fetched twice is the exact check just below.
+check "nginx served at most 1.5x what one device needed" test $((FOUR * 10)) -le $((ONE * 15))
 sleep 1.5  # statistics are published once a second
 check "the base fetched each page once (bytes fetched = pages present)" bash -c "$UBLK list -n $BASE | jq -e '.[0].stats | .bytes_fetched <= .pages_present * .page_size'"
 BASEKB=$(du -k $C/base.cache | cut -f1)

@@ -52,6 +52,18 @@ final class CacheContext {
     /// partial pages are fetched into the cache file (-1: every read miss is
     /// fetched into the cache first, as for `http` and `cache`).
     var readThroughFD: Int32 = -1
+    /// Admission by reuse (`cache` target with a size bound, `--admit reuse`):
+    /// a read miss is copied into the cache only when one of its pages missed
+    /// before within about the cache's size of misses (AdmissionFilter); a
+    /// first miss reads through from the backing store, run by run, and
+    /// leaves the cache as it was. Off: every read miss is fetched into the cache.
+    var admitOnReuse = false
+    /// Write-ahead by region (`cache` target): a write's write-back or
+    /// unsettled bits are set, in the same intent cycle, for every present
+    /// page of the aligned region of this many pages around it, so that the
+    /// next writes there find their bits durable and do not wait for a cycle
+    /// (CachingRequests.setIntent). 1: each page on its own.
+    var intentRegionPages: UInt64 = 256
 
     init(cache: CacheFile, bitmap: Bitmap, dirty: Bitmap?, imageSize: UInt64, pageSize: Int, stats: CacheStats,
          snapshot: @escaping () -> HTTPStats) {

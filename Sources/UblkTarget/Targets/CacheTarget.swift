@@ -25,6 +25,9 @@ public struct CacheTargetOptions {
     public var maxCacheBytes: UInt64 = 0
     /// Track written pages for `dirty` and `sync` (off: measure what tracking costs).
     public var trackDirty = true
+    /// With `maxCacheBytes`: read misses are cached only once reused (`--admit reuse`,
+    /// CacheContext.admitOnReuse); off: every miss (`--admit all`).
+    public var admitOnReuse = true
     /// Where the bitmaps' words live so that they survive the server (nil: private memory).
     public var liveState: LiveConfig? = LiveConfig.system(required: true)
     /// The device's queues (-q): one thread and ring each.
@@ -53,7 +56,8 @@ public final class CacheTarget: Target {
         ["backing": settings.backing, "cache": settings.cachePath, "bitmap": settings.bitmapPath,
          "write_mode": settings.writeBack ? "back" : "through", "page_size": String(settings.pageSize),
          "cache_state": cacheState, "dirty_bitmap": settings.trackDirty ? settings.bitmapPath + ".dirty" : "",
-         "cache_io": cacheIO.description, "backing_io": backingIO.description]
+         "cache_io": cacheIO.description, "backing_io": backingIO.description,
+         "admit": settings.maxCacheBytes > 0 && settings.admitOnReuse ? "reuse" : "all"]
     }
 
     public init(_ o: CacheTargetOptions) throws(UblkError) {
@@ -140,6 +144,7 @@ public final class CacheTarget: Target {
             context.backingFD = backingFD
             context.writeThrough = !settings.writeBack
             context.writable = !settings.readOnly
+            context.admitOnReuse = settings.admitOnReuse
         }
     }
 }

@@ -181,9 +181,9 @@ extension CachingHandler {
         if request.op == .flush {
             guard let wb = context.writeback else { return controlJSON(WritebackStatus(writebackPages: 0, inFlight: false, unpersisted: false)) }
             startWriteback(queue)
-            if wb.bits.hasDirty { startCycle(queue) }
-            return controlJSON(WritebackStatus(writebackPages: wb.count, inFlight: writebackRun != nil || cycle != nil,
-                                               unpersisted: wb.bits.hasDirty || !writebackCopied.isEmpty))
+            if wb.bits.hasChanged { startCycle(queue) }
+            return controlJSON(WritebackStatus(writebackPages: wb.count, inFlight: writebackCopy.isCopying || cycle != nil,
+                                               unpersisted: wb.bits.hasChanged || writebackCopy.hasCopied))
         }
         guard let dirty else { return controlError("ublk\(queue.deviceID) does not track written pages") }
         // Clearing is the handler's: it keeps pages a failed data sync may have lost.

@@ -45,8 +45,9 @@ final class CachingDevice {
     func snapshot() -> HTTPStats { stats.snapshot(mesh: mesh, present: store.present, pageSize: pageSize) }
 
     /// The handler of `queue`: the context filled as every caching target
-    /// fills it, `configure` adding the target's policy. Queues other than 0
-    /// never fetch (their misses go to queue 0): only queue 0 gets `fetcher`.
+    /// fills it, `configure` adding the target's policy. Queue 0 gets the
+    /// home (CachingHandler, with `fetcher`); the others a CachingPeer, which
+    /// never fetches (its misses go to the home).
     func makeHandler(for queue: Queue, deviceSize: UInt64, planner: FetchPlanner, fetcher: () throws(UblkError) -> RunFetcher,
                      configure: (CacheContext) -> Void) throws(UblkError) -> QueueHandler {
         let context = CacheContext(cache: store.cache, bitmap: store.present, dirty: store.dirty, imageSize: imageSize,
@@ -59,7 +60,10 @@ final class CachingDevice {
         context.maxCacheBytes = maxCacheBytes
         context.chunks = chunks
         configure(context)
-        return try CachingHandler.make(context: context, fetcher: queue.id == 0 ? try fetcher() : NoFetcher(),
-                                       planner: planner, queue: queue, deviceSize: deviceSize, mesh: mesh)
+        if queue.id != 0, let mesh {
+            return try CachingPeer.make(context: context, queue: queue, deviceSize: deviceSize, mesh: mesh)
+        }
+        return try CachingHandler.make(context: context, fetcher: try fetcher(), planner: planner, queue: queue,
+                                       deviceSize: deviceSize, mesh: mesh)
     }
 }

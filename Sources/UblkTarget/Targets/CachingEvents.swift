@@ -29,20 +29,19 @@ extension CachingHandler {
         case .fillTimer:
             fillTimerFired()
         case .mesh:
-            received(mesh!.inboxes[Int(queueID)].take(), queue: queue)
-            queue.poll(fd: mesh!.inboxes[Int(queueID)].fd, data: Event.mesh.rawValue)
+            received(mesh!.inboxes[0].take(), queue: queue)
+            queue.poll(fd: mesh!.inboxes[0].fd, data: Event.mesh.rawValue)
         }
     }
 
     func idle(queue: IOQueue) {
-        if mesh != nil && !isHome { return otherQueueIdle() }
         defer { if mesh != nil { flushOutbox() } }
-        if let m = mesh, !graceNext.isEmpty || m.gracePending { advanceGrace(queue) }
+        if let m = mesh, eviction.graceWaiting(m) { advanceGrace(queue) }
         if !fetcher.isIdle { armPoll(queue) }
         let statsDirty = statsFile?.changed(statsSignature) ?? false
         if writeback != nil && !draining { startWriteback(queue) }
         if filling.job != nil { fillStep(queue) }
-        if context.maxCacheBytes > 0 && cycle == nil && punchesInFlight == 0 && !presentFrozen { evictIfNeeded(queue) }
+        if context.maxCacheBytes > 0 && cycle == nil && !eviction.isPunching && !presentFrozen { evictIfNeeded(queue) }
         let now = monotonicNanos()
         if statsDirty && now &- lastStats >= persistInterval {
             lastStats = now
@@ -52,7 +51,7 @@ extension CachingHandler {
         // in a full cycle; intent bits left over go out at once.
         let presentDirty = presentNeedsCycle
         let fullDue = presentDirty && now &- lastPersist >= persistInterval
-        let intentLeft = intentBitmaps.contains(where: { $0.bits.hasDirty })
+        let intentLeft = intentBitmaps.contains(where: { $0.bits.hasChanged })
         if cycle == nil {
             if fullDue {
                 startCycle(queue, full: true)
@@ -72,12 +71,11 @@ extension CachingHandler {
 
     /// Something only a full cycle persists is waiting.
     var presentNeedsCycle: Bool {
-        bitmap.bits.hasDirty || !writebackCopied.isEmpty || !evicting.isEmpty || (settled?.count ?? 0) > 0
+        bitmap.bits.hasChanged || writebackCopy.hasCopied || !eviction.cleared.isEmpty || (settled?.count ?? 0) > 0
     }
 
     func drain(queue: IOQueue) {
-        // Another queue's requests are the home's to end (it answers each).
-        guard isHome else { return }
+        // Another queue's requests are the home's to end too (it answers each).
         if !flushWaiters.isEmpty { startCycle(queue, full: true) }
         draining = true
         fillDrain()
@@ -85,21 +83,15 @@ extension CachingHandler {
         for t in slots.indices where slots[t].stage == .waitingFetch {
             finish(UInt16(t), -EIO, queue)
         }
-        if punchesInFlight == 0 {
-            let waiting = deferred
-            deferred = []
-            for r in waiting { completeSlot(r.tag, -EIO, queue) }
-        }
+        for r in eviction.takeWaiting() { completeSlot(r.tag, -EIO, queue) }
     }
 
     func shutdown(queue: IOQueue) {
-        guard isHome else { return }
         if context.publishStats { context.snapshot().saveAtomically(device: queue.deviceID) }
         // The loop ended with no target I/O outstanding: no cycle is in flight. Blocking is allowed here.
         do {
-            if let wb = writeback, !writebackCopied.isEmpty, context.backingFD >= 0, fdatasync(context.backingFD) == 0 {
-                for r in writebackCopied { wb.markAbsent(r) }
-                writebackCopied = []
+            if let wb = writeback, writebackCopy.hasCopied, context.backingFD >= 0, fdatasync(context.backingFD) == 0 {
+                for r in writebackCopy.takeCopied() { wb.markAbsent(r) }
             }
             if let u = unsettled, let st = settled, st.count > 0, context.backingFD >= 0, fdatasync(context.backingFD) == 0 {
                 try context.cache.sync()

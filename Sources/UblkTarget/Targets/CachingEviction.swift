@@ -2,19 +2,123 @@
 // the cache holds a clean copy of go (never local or write-back ones, nor
 // pages under I/O); their bits are cleared and made durable by a full cycle
 // first, and only then punched, while new requests wait (CachingHandler.swift).
+// `Eviction` owns that state and the choice of pages; the handler runs its
+// I/O on the ring.
 import CUring
 import Glibc
 import PageCache
 
+/// Evicted pages on their way out. A range moves through: `cleared` (bits
+/// cleared in memory; the next full cycle carries it, `takeCleared`), then,
+/// once that cycle made the bits durable, `durable`: with one queue it is
+/// punched at once; with several it waits for a grace period (CachingMesh.swift)
+/// in `graceNext` (cleared after the running period's flip) and `graceRanges`
+/// (before it). While punches are in flight, new requests wait in `deferred`.
+struct Eviction {
+    private(set) var cleared: [Range<UInt64>] = []
+    private var graceRanges: [Range<UInt64>] = []
+    private var graceNext: [Range<UInt64>] = []
+    private(set) var punchesInFlight = 0
+    private var deferred: [Request] = []
+
+    /// Punches are in flight: nothing may touch the cache file's holes meanwhile.
+    var isPunching: Bool { punchesInFlight > 0 }
+
+    /// `pages`' present bits were cleared: they go out once that is durable.
+    mutating func clearedBits(_ pages: Range<UInt64>) { cleared.append(pages) }
+
+    /// What a full cycle persists and then hands back to `durable`.
+    mutating func takeCleared() -> [Range<UInt64>] {
+        defer { cleared = [] }
+        return cleared
+    }
+
+    /// The least recently used chunks first (`uses`: each chunk's last use),
+    /// clears present pages that `mustKeep` allows until at most `target`
+    /// bytes are present; returns the bytes present after it.
+    mutating func choose(_ bitmap: Bitmap, uses: [UInt32], pagesPerChunk: UInt64, pageSize: UInt64,
+                         present start: UInt64, target: UInt64, mustKeep: (UInt64) -> Bool,
+                         trace: ((String) -> Void)?) -> UInt64 {
+        var present = start
+        for c in uses.indices.sorted(by: { uses[$0] < uses[$1] }) where present > target {
+            let chunk = UInt64(c) * pagesPerChunk..<min(UInt64(c + 1) * pagesPerChunk, bitmap.pageCount)
+            if chunk.isEmpty || bitmap.bits.count(in: chunk) == 0 { continue }
+            var p = chunk.lowerBound
+            while p < chunk.upperBound, let s = bitmap.bits.nextSet(in: p..<chunk.upperBound) {
+                let e = bitmap.bits.nextClear(in: s..<chunk.upperBound) ?? chunk.upperBound
+                var q = s
+                while q < e {
+                    if mustKeep(q) { q += 1; continue }
+                    var r = q
+                    while r < e && !mustKeep(r) { r += 1 }
+                    bitmap.markAbsent(q..<r)
+                    trace?("evict \(q..<r)")
+                    cleared.append(q..<r)
+                    present -= UInt64(r - q) * pageSize
+                    q = r
+                }
+                p = e
+            }
+        }
+        return present
+    }
+
+    /// The cleared bits of `ranges` are durable: what to punch now (one
+    /// queue), or nothing yet (several: after a grace period, `advance`).
+    mutating func durable(_ ranges: [Range<UInt64>], mesh: CachingMesh?) -> [Range<UInt64>] {
+        guard mesh != nil else { return ranges }
+        graceNext += ranges
+        return []
+    }
+
+    /// Whether a grace period runs or ranges wait for one.
+    func graceWaiting(_ mesh: CachingMesh) -> Bool { !graceNext.isEmpty || mesh.gracePending }
+
+    /// The ranges whose grace period has ended (punch them); starts the next
+    /// period for what waits.
+    mutating func advance(_ mesh: CachingMesh) -> [Range<UInt64>] {
+        var out: [Range<UInt64>] = []
+        while true {
+            if mesh.gracePending {
+                guard mesh.graceEnded() else { return out }
+                out += graceRanges
+                graceRanges = []
+            }
+            guard !graceNext.isEmpty else { return out }
+            // These bits were cleared before this flip (and persisted): see the proof in CachingMesh.swift.
+            graceRanges = graceNext
+            graceNext = []
+            _ = mesh.flip()
+        }
+    }
+
+    /// A request waits for the punches in flight.
+    mutating func wait(_ r: Request) { deferred.append(r) }
+
+    mutating func punchIssued() { punchesInFlight += 1 }
+
+    /// A punch completed: the requests that waited, once it was the last.
+    mutating func punchCompleted() -> [Request] {
+        punchesInFlight -= 1
+        return punchesInFlight == 0 ? takeWaiting() : []
+    }
+
+    /// The requests waiting (none while punches are in flight: they end them).
+    mutating func takeWaiting() -> [Request] {
+        guard punchesInFlight == 0 else { return [] }
+        defer { deferred = [] }
+        return deferred
+    }
+}
+
 extension CachingHandler {
     // MARK: Eviction
-
 
     /// Pages some I/O in flight covers: requests on the cache file, the write-back copy.
     func pinnedRanges() -> [Range<UInt64>] {
         var out: [Range<UInt64>] = []
         for case let r? in slots.map(\.request) { out.append(planner.pages(offset: r.offset, length: max(Int(r.length), 1))) }
-        if let run = writebackRun { out.append(run.pages) }
+        if let run = writebackCopy.pages { out.append(run) }
         return out
     }
 
@@ -29,66 +133,32 @@ extension CachingHandler {
     /// that through a full cycle, and only then punch the pages out.
     func evictIfNeeded(_ queue: IOQueue) {
         let ps = UInt64(context.pageSize)
-        var present = bitmap.count * ps
-        guard present > context.maxCacheBytes else { return }
-        let target = context.maxCacheBytes - context.maxCacheBytes / 8  // some slack
-        let perChunk = UInt64(1) << CachingHandler.chunkShift / ps
-        guard let chunks = context.chunks else { return }
-        let uses = (0..<chunks.count).map { chunks.use($0) }
-        let order = uses.indices.sorted { uses[$0] < uses[$1] }
+        let present = bitmap.count * ps
+        guard present > context.maxCacheBytes, let chunks = context.chunks else { return }
         let pinned = pinnedRanges()
-        for c in order where present > target {
-            let chunk = UInt64(c) * perChunk..<min(UInt64(c + 1) * perChunk, bitmap.pageCount)
-            if chunk.isEmpty || bitmap.bits.count(in: chunk) == 0 { continue }
-            var p = chunk.lowerBound
-            while p < chunk.upperBound, let s = bitmap.bits.nextSet(in: p..<chunk.upperBound) {
-                let e = bitmap.bits.nextClear(in: s..<chunk.upperBound) ?? chunk.upperBound
-                var q = s
-                while q < e {
-                    if mustKeep(q, pinned: pinned) { q += 1; continue }
-                    var r = q
-                    while r < e && !mustKeep(r, pinned: pinned) { r += 1 }
-                    bitmap.markAbsent(q..<r)
-                    trace?("evict \(q..<r)")
-                    evicting.append(q..<r)
-                    present -= UInt64(r - q) * ps
-                    q = r
-                }
-                p = e
-            }
-        }
-        if !evicting.isEmpty { startCycle(queue, full: true) }
+        _ = eviction.choose(bitmap, uses: (0..<chunks.count).map { chunks.use($0) },
+                            pagesPerChunk: UInt64(1) << CachingHandler.chunkShift / ps, pageSize: ps,
+                            present: present, target: context.maxCacheBytes - context.maxCacheBytes / 8,  // some slack
+                            mustKeep: { self.mustKeep($0, pinned: pinned) }, trace: trace)
+        if !eviction.cleared.isEmpty { startCycle(queue, full: true) }
     }
 
-    /// The cleared bits are durable. With one queue: punch now. With several,
-    /// after a grace period (CachingMesh.swift): another queue may have tested
-    /// a bit before it was cleared and still be reading the page.
+    /// The cleared bits are durable: punch now, or after a grace period.
     func punchAfterGrace(_ ranges: [Range<UInt64>], queue: IOQueue) {
-        guard mesh != nil else { return punchEvicted(ranges, queue: queue) }
-        graceNext += ranges
+        let now = eviction.durable(ranges, mesh: mesh)
+        if !now.isEmpty { punchEvicted(now, queue: queue) }
         advanceGrace(queue)
     }
 
-    /// Punches what the ended grace period covered; starts the next one for what waits.
+    /// Punches what an ended grace period covered; starts the next one for what waits.
     func advanceGrace(_ queue: IOQueue) {
         guard let m = mesh else { return }
-        while true {
-            if m.gracePending {
-                guard m.graceEnded() else { return }
-                let ranges = graceRanges
-                graceRanges = []
-                if !ranges.isEmpty { punchEvicted(ranges, queue: queue) }
-            }
-            guard !graceNext.isEmpty else { return }
-            // These bits were cleared before this flip (and persisted): see the proof in CachingMesh.swift.
-            graceRanges = graceNext
-            graceNext = []
-            _ = m.flip()
-        }
+        let ranges = eviction.advance(m)
+        if !ranges.isEmpty { punchEvicted(ranges, queue: queue) }
     }
 
     /// The cleared bits are durable: punch out what is still absent and not
-    /// under I/O. Requests wait until the punches are done (`deferred`).
+    /// under I/O. Requests wait until the punches are done.
     func punchEvicted(_ ranges: [Range<UInt64>], queue: IOQueue) {
         let ps = UInt64(context.pageSize)
         let pinned = pinnedRanges()
@@ -99,7 +169,7 @@ extension CachingHandler {
                 if !gone(p) { p += 1; continue }
                 var e = p
                 while e < range.upperBound && gone(e) { e += 1 }
-                punchesInFlight += 1
+                eviction.punchIssued()
                 trace?("punch \(p..<e)")
                 queue.fallocate(fd: cacheFD, mode: cu_falloc_punch, offset: p * ps, length: min(e * ps, imageSize) - p * ps,
                                 tag: Queue.internalTag, sub: Sub.evictPunch.rawValue)
@@ -110,14 +180,9 @@ extension CachingHandler {
 
     func punched(_ result: Int32, queue: IOQueue) {
         if result < 0 { log("ublk-http: punching evicted pages failed: \(Errno(returned: result))") }
-        punchesInFlight -= 1
-        guard punchesInFlight == 0 else { return }
-        let waiting = deferred
-        deferred = []
-        for r in waiting { handle(r, queue: queue) }
+        for r in eviction.punchCompleted() { handle(r, queue: queue) }
     }
 }
-
 /// When each 1 MiB chunk of the image was last used (a clock shared by the
 /// device's queues, each of which stamps what its requests touch). Relaxed
 /// atomics: an LRU order that is off by a few concurrent requests is fine.

@@ -328,7 +328,7 @@ extension CachingHandler {
 
     func fillStatus() -> FillStatus {
         let present = bitmap.count, total = bitmap.pageCount
-        let persisted = unsyncedPresent.isEmpty && !bitmap.bits.hasDirty && cycle?.full != true && !presentFrozen
+        let persisted = unsyncedPresent.isEmpty && !bitmap.bits.hasChanged && cycle?.full != true && !presentFrozen
         guard let job = filling.job else {
             return FillStatus(kind: nil, state: .idle, pagesPresent: present, pagesTotal: total,
                               percent: FillStatus.percent(present, of: total), fillPages: 0, fillPagesPresent: 0,
@@ -382,7 +382,7 @@ extension CachingHandler {
 
     /// Adds the job's next gaps to the planner while the rules of the header allow.
     func fillStep(_ queue: IOQueue) {
-        guard let job = filling.job, job.state == .running, isHome else { return }
+        guard let job = filling.job, job.state == .running else { return }
         if draining { return fillDrain() }
         if presentFrozen {
             return job.end(.failed, now: monotonicNanos(),
@@ -391,7 +391,7 @@ extension CachingHandler {
         // One slot stays free for the device's own misses (with one slot: it must be idle).
         let slots = planner.maxActiveRuns > 1 ? planner.maxActiveRuns - 1 : 1
         while job.inFlight.count < job.spec.maxInFlight {
-            if planner.plannedRunCount > 0 || planner.activeRunCount >= slots || punchesInFlight > 0 { break }
+            if planner.plannedRunCount > 0 || planner.activeRunCount >= slots || eviction.isPunching { break }
             if job.rate > 0 {
                 let wait = job.refill(now: monotonicNanos())
                 if wait > 0 {

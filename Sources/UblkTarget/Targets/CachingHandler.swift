@@ -8,9 +8,10 @@
 // exception is `writeNow`, the pwrite of fetched bytes into the cache file.
 //
 // QUEUES (-q N; with one queue there is only the home and none of this runs).
-// Queue 0's handler is the HOME: it alone owns the mutable state (planner,
-// fetcher, page states, persistence cycles, eviction, write-back, control
-// socket, statistics file). Every other queue's handler is a thin one:
+// Queue 0's handler is the HOME, this class: it alone owns the mutable state
+// (planner, fetcher, page states, persistence cycles, eviction, write-back,
+// control socket, statistics file). Every other queue's handler is a
+// CachingPeer (CachingPeer.swift), chosen once when the queue starts:
 //   - a READ whose pages are all present is a hit, served there and then:
 //     the present bits are tested with atomic loads inside the grace gate
 //     (CachingMesh.swift), the cache file is read into the request on that
@@ -40,7 +41,8 @@
 // (CachingMesh.swift proves it). Queue threads block only in io_uring_enter.
 // It talks to an `IOQueue`, so the whole state machine runs on the host with
 // a fake queue and fault-injecting files (Tests/UblkTargetTests/PageStateModelTests).
-// The handler's state lives here (one `Slot` per request); the request path
+// The handler's state lives here (one `Slot` per request); how a request's
+// data moves (for the home and the peers alike) in CacheIO.swift; the request path
 // in CachingRequests.swift, fetched bytes in CachingFetch.swift, ring events,
 // idle work and shutdown in CachingEvents.swift, persistence cycles in
 // CachingPersistence.swift, eviction in CachingEviction.swift, write-back in
@@ -71,14 +73,17 @@
 //   fetching              in a planner run (FetchPlanner): reads wait for it, never fetched twice
 //   reading / writing     a request in flight on the cache file covers it (`requests`)
 //   intent                a write waits for its intent bits to be durable (`heldWrites`)
-//   evicting              bits cleared, persisted, punch in flight: new requests wait (`deferred`)
+//   evicting              bits cleared, persisted, punch in flight: new requests wait (`Eviction`)
 //   syncing               handed to `sync`: stays dirty until the copy is confirmed (CachingControl)
 //
-// ORDER ON DISK (the crash-safety argument; `Cycle` issues it):
+// ORDER ON DISK (the crash-safety argument; PersistenceCycle.swift orders each cycle's I/O):
 //   1. A write's local/dirty/writeback bits reach the disk BEFORE its data is
 //      issued (an "intent" cycle: write the bitmap words, fdatasync them). So
 //      after any crash a page that holds new data is local, dirty and pending
-//      write-back; a bit without new data only costs a copy.
+//      write-back; a bit without new data only costs a copy. So a write that
+//      waits for such a cycle sets the write-back (unsettled) bits of its
+//      region's present pages in it too (write-ahead by region: setAhead in
+//      CachingRequests.swift), and the next writes there need no cycle.
 //   2. A present bit reaches the disk only AFTER its data: a "full" cycle
 //      stages the bits, fdatasyncs the cache file (and the backing store),
 //      then writes and fdatasyncs the bitmap words. FLUSH and FUA complete
@@ -110,6 +115,10 @@
 //                              body; `cache`: READ of the backing store into a run buffer,
 //                              then pwrite), the pages become present, and the read is then
 //                              served as a hit, by the path above.
+//   read miss not admitted     (`cache --admit reuse`, AdmissionFilter: a page's first miss)
+//                              read through: absent runs from the backing store straight into
+//                              the request (READ_FIXED), present runs from the cache file;
+//                              nothing is kept. An overlay reads every miss this way.
 //   write                      request -> cache file by WRITE_FIXED (zero copy), or WRITE of
 //                              the tag's buffer after a pread on /dev/ublkcN (user-copy) or
 //                              the driver's copy; inline: one copy request -> mapping.
@@ -143,25 +152,16 @@ final class CachingHandler: QueueHandler {
     enum Stage: UInt8 {
         case idle, waitingFetch, waitingIntent, waitingAck, reading, writing
     }
-    /// One request slot's state, all of it (the home: slot = queue × depth + tag; elsewhere the tag).
+    /// One request slot's state, all of it (slot = queue × depth + tag).
     struct Slot {
         var request: Request?
         var stage = Stage.idle
         /// When its read missed (the miss latency).
         var missStart: UInt64 = 0
-        /// Bytes of the request moved so far (a read; a write to the cache file).
-        var done: UInt32 = 0
-        /// Write-through: parts of the write still outstanding (cache, backing),
-        /// the backing's progress, and the first part's failure.
-        var parts: UInt8 = 0
-        var backingDone: UInt32 = 0
-        var partFailed: Int32 = 0
+        /// How far its data moved (its own queue's requests; another queue moves its own).
+        var transfer = Transfer()
         /// Pages the write covers whole and claimed instead of fetching (FetchPlanner.claimForWrite).
         var claimed: [RunID] = []
-        /// Another queue's: the grace parity its read registered with (CachingMesh), and
-        /// whether the request went to the home (which then awaits `readDone` of a read it handed back).
-        var hitParity: UInt64 = 0
-        var viaHome = false
         /// Waiting in `flushWaiters`: what the request completes with once a full
         /// cycle made it durable (a FUA write: its byte count; a FLUSH: 0).
         var durableResult: Int32 = 0
@@ -182,38 +182,10 @@ final class CachingHandler: QueueHandler {
 
     // MARK: Persistence state
 
-    /// One persistence cycle (ORDER ON DISK): `full` syncs the data first and
-    /// carries the present bitmap; an intent cycle carries only the bitmaps a
-    /// write sets before its data.
-    struct Cycle {
-        let full: Bool
-        var commits: [(bitmap: Bitmap, commit: BitmapCommit, write: Int?)] = []
-        /// The non-empty commits, laid out for writing (index = `data` of their I/O).
-        var writes: [Bitmap.PendingWrite] = []
-        /// Writes held for a second phase, issued once the others are durable:
-        /// the dirty bitmap's words when they carry cleared bits, since a clear
-        /// may reach the disk only after the present bits it relies on.
-        var later: Set<Int> = []
-        var phase = 1
-        var failedWrites: Set<Int> = []
-        var outstanding = 0
-        var dataFailure: Int32 = 0
-        /// FLUSH (and FUA) tags completed when the cycle ends.
-        var flushes: [UInt16] = []
-        /// Writes whose intent bits this cycle persists (then issued, or acknowledged).
-        var held: [UInt16] = []
-        /// Present pages whose data this cycle's fdatasync covers.
-        var unsynced: [Range<UInt64>] = []
-        /// Evicted pages, punched once the cleared bits are durable.
-        var punch: [Range<UInt64>] = []
-        /// Write-back bits cleared by this cycle (set again if the backing's fdatasync fails).
-        var writebackCleared: [Range<UInt64>] = []
-        /// Pages written before this cycle's fdatasync.
-        var writtenPages: [Range<UInt64>] = []
-        /// Unsettled bits cleared by this cycle (set again if a data sync fails).
-        var settledCleared: [Range<UInt64>] = []
-    }
-    var cycle: Cycle?
+    /// The persistence cycle running, if any (PersistenceCycle.swift: a full
+    /// one syncs the data first and carries the present bitmap; an intent
+    /// cycle carries only the bitmaps a write sets before its data).
+    var cycle: PersistenceCycle?
     var flushWaiters: [UInt16] = []
     var heldWrites: [UInt16] = []
     var unsyncedPresent: [Range<UInt64>] = []
@@ -256,63 +228,39 @@ final class CachingHandler: QueueHandler {
         case writebackRead, writebackWrite, metaWrite, metaSync, evictPunch, stats
     }
 
-    /// Write-back: the one run being copied to the backing store (the throttle), and
-    /// whether a write touched it meanwhile (then its bits stay set).
-    var writebackRun: (pages: Range<UInt64>, buffer: UnsafeMutableRawPointer, done: Int, dirtied: Bool)?
-    var writebackCursor: UInt64 = 0
-    /// Copied to the backing store, bits to clear at the next full cycle (after the backing's fdatasync).
-    var writebackCopied: [Range<UInt64>] = []
+    /// Write-back's copy to the backing store (CachingWriteback.swift).
+    var writebackCopy: WritebackCopy
     /// Write-through: pages written to both, whose unsettled bits the next full
     /// cycle clears (a bitset: one entry per write would cost per write).
     var settled: PageBits?
-    static let writebackRunPages: UInt64 = 256
 
-    /// Eviction: the ranges whose bits were cleared and go out (punched) once
-    /// that is durable (the last use of each chunk is in `context.chunks`).
-    var evicting: [Range<UInt64>] = []
-    /// Punches in flight; requests arriving meanwhile wait in `deferred`.
-    var punchesInFlight = 0
-    var deferred: [Request] = []
+    /// Evicted pages on their way out: cleared, persisted, after a grace
+    /// period punched, while requests wait (CachingEviction.swift; the last
+    /// use of each chunk is in `context.chunks`).
+    var eviction = Eviction()
     static let chunkShift: UInt64 = 20
     /// What each poll or timer of the handler is (its `data`): decoded once, in `eventFired`.
     enum Event: UInt32 { case source = 1, timer, mesh, fillTimer }
 
-    // MARK: Queues (-q N; CachingMesh.swift)
+    // MARK: Queues (-q N; CachingMesh.swift, CachingPeer.swift)
 
     /// The device's queues when there are several (nil: one queue, the home alone).
     let mesh: CachingMesh?
-    /// This handler's queue; queue 0 is the home.
-    let queueID: UInt16
-    /// Tags per queue. The home's per-request arrays have a slot per tag of
-    /// every queue: slot = queue × depth + tag (its own tags: slot = tag), and
+    /// Tags per queue. The per-request arrays have a slot per tag of every
+    /// queue: slot = queue × depth + tag (the home's own tags: slot = tag), and
     /// a request handed over by another queue carries its slot as its tag here.
     let depth: Int
-    @inline(__always) var isHome: Bool { queueID == 0 }
     /// Messages for each queue, posted in `idle`.
     var outbox: [[MeshMessage]] = []
     var outboxPending = false
-    /// Another queue's: hits served.
-    var peerHits: UInt64 = 0
-    var publishedHits: UInt64 = 0
-    /// Another queue's last read (hit or not), to tell the home of sequential hits (readahead).
-    var lastReadStart: UInt64 = .max
-    var lastReadEnd: UInt64 = .max
-    let presentWords: UnsafePointer<UInt64>
-    /// The home's: evicted ranges whose punch waits for the running grace
-    /// period (cleared before its flip), and for the next one (cleared after).
-    var graceRanges: [Range<UInt64>] = []
-    var graceNext: [Range<UInt64>] = []
+    /// The home's request data moves (CacheIO.swift).
+    let io: CacheIO
+    var presentWords: UnsafePointer<UInt64> { io.presentWords }
 
-    /// The home's statistics file (StatsFile.swift), when it publishes.
+    /// Which read misses are copied into the cache (`CacheContext.admitOnReuse`; nil: all).
+    var admission: AdmissionFilter?
+    /// The statistics file (StatsFile.swift), when it publishes.
     var statsFile: StatsFile?
-
-    /// User-copy mode (the cache file lives in memory and the device has
-    /// UBLK_F_USER_COPY): the cache file mapped.
-    /// Request data then moves with one copy between the cache's pages and the
-    /// kernel's request pages (pwrite/pread on /dev/ublkcN), like the loop
-    /// target's; the tag buffers are unused.
-    var mapping: UnsafeMutableRawPointer?
-    var mappingSize = 0
 
     /// The data paths a caching target over `cacheFD` can run, best first. A cache
     /// file in memory: zero copy where the driver has it (measured faster than the
@@ -324,34 +272,23 @@ final class CachingHandler: QueueHandler {
     }
     static let memoryFS: [Int64] = [0x0102_1994 /* tmpfs */, 0x8584_58f6 /* ramfs */]
 
-    /// A handler for `queue`; maps the cache file when the queue copies data itself.
+    /// The handler of queue 0 (`queue`); maps the cache file when the queue copies data itself.
     static func make(context: CacheContext, fetcher: RunFetcher, planner: FetchPlanner, queue: IOQueue,
                      deviceSize: UInt64, mesh: CachingMesh? = nil) throws(UblkError) -> CachingHandler {
+        precondition(queue.id == 0, "the home is queue 0; the others get a CachingPeer")
         if let m = mesh { try m.check(depth: queue.depth) }
-        let h = CachingHandler(context: context, fetcher: fetcher, planner: planner, depth: queue.depth,
-                               mesh: mesh, queueID: queue.id)
-        if queue.dataPath == .inlineUserCopy {
-            // The mapping covers the device (the image rounded up to 512 bytes,
-            // so never past the cache file's last page): bytes past the end read as zeros.
-            guard deviceSize > 0, let m = mmap(nil, Int(deviceSize), PROT_READ | PROT_WRITE, MAP_SHARED, context.cache.fd, 0),
-                  m != MAP_FAILED else {
-                throw UblkError("cannot map the cache file \(context.cache.path)", errno: .current)
-            }
-            h.mapping = m
-            h.mappingSize = Int(deviceSize)
-        }
+        let h = CachingHandler(context: context, fetcher: fetcher, planner: planner, depth: queue.depth, mesh: mesh)
+        if queue.dataPath == .inlineUserCopy { try h.io.map(context.cache, deviceSize: deviceSize) }
         if let m = mesh { queue.poll(fd: m.inboxes[Int(queue.id)].fd, data: Event.mesh.rawValue) }
-        if h.isHome, let spec = context.startFill { h.scheduleFill(spec, queue: queue) }
-        if context.publishStats && h.isHome { h.statsFile = StatsFile(device: queue.deviceID) }
+        if let spec = context.startFill { h.scheduleFill(spec, queue: queue) }
+        if context.publishStats { h.statsFile = StatsFile(device: queue.deviceID) }
         return h
     }
 
-    init(context: CacheContext, fetcher: RunFetcher, planner: FetchPlanner, depth: Int,
-         mesh: CachingMesh? = nil, queueID: UInt16 = 0) {
+    init(context: CacheContext, fetcher: RunFetcher, planner: FetchPlanner, depth: Int, mesh: CachingMesh? = nil) {
         self.mesh = mesh
-        self.queueID = queueID
         self.depth = depth
-        self.presentWords = context.bitmap.bits.sharedWords
+        self.io = CacheIO(context: context)
         self.context = context
         self.fetcher = fetcher
         self.planner = planner
@@ -360,25 +297,27 @@ final class CachingHandler: QueueHandler {
         self.local = context.local
         self.writeback = context.writeback
         self.unsettled = context.unsettled
+        writebackCopy = WritebackCopy(pageCount: context.writeback?.pageCount ?? 0)
+        if context.admitOnReuse && context.maxCacheBytes > 0 && context.backingFD >= 0 {
+            admission = AdmissionFilter(window: context.maxCacheBytes / UInt64(context.pageSize))
+        }
         // Unsettled bits matter to write-through only; in other modes the
         // bitmap is opened so that a crash of an earlier write-through run is settled.
         intentBitmaps = [context.local, context.dirty, context.writeback,
                          context.writeThrough && context.backingFD >= 0 ? context.unsettled : nil].compactMap { $0 }
-        if context.writeThrough && context.backingFD >= 0 && context.unsettled != nil && queueID == 0 {
+        if context.writeThrough && context.backingFD >= 0 && context.unsettled != nil {
             settled = PageBits(pageCount: context.bitmap.pageCount)
         }
         self.cacheFD = context.dataFD >= 0 ? context.dataFD : context.cache.fd
         self.imageSize = context.imageSize
         self.pageSize = UInt64(context.pageSize)
-        slots = Array(repeating: Slot(), count: queueID == 0 ? depth * (mesh?.queueCount ?? 1) : depth)
+        slots = Array(repeating: Slot(), count: depth * (mesh?.queueCount ?? 1))
         if context.maxCacheBytes > 0 && context.chunks == nil {
             context.chunks = ChunkUse(chunks: Int((context.imageSize >> CachingHandler.chunkShift) + 1))
         }
         if let m = mesh { outbox = Array(repeating: [], count: m.queueCount) }
-        // The other queues only serve hits and move data: what follows is the home's.
-        timerFD = queueID == 0 ? cu_timerfd() : -1
+        timerFD = cu_timerfd()
         lastPersist = monotonicNanos()
-        if queueID != 0 { return }
         settleAfterCrash()
         // A local or write-back bit without a present one is a write whose data
         // never became durable (its present bit comes after the data): the page
@@ -409,7 +348,7 @@ final class CachingHandler: QueueHandler {
         while p < u.pageCount, let s = u.bits.nextSet(in: p..<u.pageCount) {
             let e = u.bits.nextClear(in: s..<u.pageCount) ?? u.pageCount
             bitmap.markAbsent(s..<e)
-            evicting.append(s..<e)
+            eviction.clearedBits(s..<e)
             u.markAbsent(s..<e)
             p = e
         }
@@ -417,12 +356,8 @@ final class CachingHandler: QueueHandler {
 
     deinit {
         if timerFD >= 0 { close(timerFD) }
-        if let m = mapping { munmap(m, mappingSize) }
         for s in staging.values { free(s.buffer) }
     }
-
-    /// The cache file lives in memory (tmpfs, ramfs).
-    lazy var cacheInMemory: Bool = CachingHandler.memoryFS.contains(cu_fs_type(cacheFD))
 }
 
 extension Range where Bound == UInt64 {

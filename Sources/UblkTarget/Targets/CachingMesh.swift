@@ -62,6 +62,10 @@ enum MeshMessage {
     /// Every page of the tag's read is present and kept so (not evicted)
     /// until `readDone`: read it from the cache file, complete.
     case read(tag: UInt16)
+    /// Read the tag's request through: present runs (kept until `readDone`,
+    /// as for `read`) from the cache file, the rest from the backing store;
+    /// complete. A miss the home did not admit (AdmissionFilter).
+    case readThrough(tag: UInt16)
     /// The write's intent bits are durable: move its data, answer `written`.
     case write(tag: UInt16)
     /// Complete the tag's request with this result.
@@ -234,7 +238,7 @@ final class CachingMesh {
 }
 
 extension CachingHandler {
-    // MARK: Between queues (-q N)
+    // MARK: Between queues (-q N): the home's side (CachingPeer.swift has the others')
 
     @inline(__always)
     func send(_ message: MeshMessage, to queue: UInt16) {
@@ -252,80 +256,6 @@ extension CachingHandler {
         }
     }
 
-    /// A queue other than the home: a read whose pages are all present is
-    /// served here (bits tested with atomic loads, inside the grace gate);
-    /// everything else goes to the home.
-    func handleOnOtherQueue(_ r: Request, queue: IOQueue) {
-        switch r.op {
-        case Op.read:
-            if let c = context.chunks { c.touch(offset: r.offset, length: r.length) }
-            let sequential = r.offset >= lastReadStart && r.offset <= lastReadEnd
-            lastReadStart = r.offset
-            lastReadEnd = r.offset + UInt64(r.length)
-            switch readHere(r, queue: queue) {
-            case .hit:
-                peerHits &+= 1
-                if mesh!.recordingProfile { send(.touched(offset: r.offset, length: r.length), to: 0) }
-                if sequential { send(.hint(offset: r.offset, length: r.length, queue: queueID), to: 0) }
-            case .readThrough:
-                if mesh!.recordingProfile { send(.touched(offset: r.offset, length: r.length), to: 0) }
-            case .notHere:
-                forward(r)
-            }
-        case Op.write, Op.discard, Op.writeZeroes:
-            if !context.writable { return queue.complete(tag: r.tag, result: -EROFS) }
-            forward(r)
-        case Op.flush:
-            if !context.writable { return queue.complete(tag: r.tag, result: 0) }
-            forward(r)
-        default:
-            queue.complete(tag: r.tag, result: -EOPNOTSUPP)
-        }
-    }
-
-    enum LocalRead { case hit, readThrough, notHere }
-
-    /// Reads `r` on this queue when it can: from the cache file if every page
-    /// of it is present (`hit`), or on a read-through target whatever is
-    /// present from the cache file and the rest from the source
-    /// (`readThrough`); else nothing is done (`notHere`: the home fetches).
-    @inline(__always)
-    func readHere(_ r: Request, queue: IOQueue) -> LocalRead {
-        let m = mesh!
-        let parity = m.enter(queueID)
-        let all = CachingMesh.allSet(presentWords, planner.pages(offset: r.offset, length: Int(r.length)))
-        if all || context.readThroughFD >= 0 {
-            slots[Int(r.tag)].hitParity = parity
-            readFromCache(r, queue: queue)  // `finish` leaves the gate
-            return all ? .hit : .readThrough
-        }
-        if m.exit(queueID, parity) { send(.graceDrained, to: 0) }
-        return .notHere
-    }
-
-    /// Hands `r` to the home queue; it answers with `read`, `write` or `complete`.
-    func forward(_ r: Request) {
-        slots[Int(r.tag)].viaHome = true
-        slots[Int(r.tag)].request = r
-        slots[Int(r.tag)].stage = .waitingFetch
-        send(.request(r, queue: queueID), to: 0)
-    }
-
-    func otherQueueIdle() {
-        flushOutbox()
-        if peerHits != publishedHits {
-            publishedHits = peerHits
-            mesh!.publishHits(queueID, peerHits)
-            // The home may sleep while only this queue works: wake it now and then to publish.
-            let now = monotonicNanos()
-            if now &- lastStats >= persistInterval {
-                lastStats = now
-                send(.hitsChanged, to: 0)
-                flushOutbox()
-            }
-        }
-    }
-
     /// Messages from other queues, in the order they were posted.
     func received(_ messages: [MeshMessage], queue: IOQueue) {
         for message in messages {
@@ -335,7 +265,7 @@ extension CachingHandler {
                 handle(r, queue: queue)
             case .written(let slot, let result):
                 guard let r = slots[Int(slot)].request, slots[Int(slot)].stage == .writing else { continue }
-                partDone(r, result, queue: queue)
+                writeDone(r, result, queue: queue)
             case .graceDrained:
                 advanceGrace(queue)
             case .touched(let offset, let length):
@@ -345,7 +275,7 @@ extension CachingHandler {
             case .hint(let offset, let length, let q):
                 // Only readahead: dropped while evicted pages are being punched
                 // (a run planned now could land before a punch of its pages).
-                if draining || punchesInFlight > 0 { continue }
+                if draining || eviction.isPunching { continue }
                 _ = planner.hint(offset: offset, length: Int(length), stream: Int(q), present: bitmap.bits)
                 if planner.plannedRunCount > 0 { startRuns(queue) }
             case .readDone(let slot):
@@ -353,16 +283,8 @@ extension CachingHandler {
                     slots[Int(slot)].request = nil
                     slots[Int(slot)].stage = .idle
                 }
-            case .read(let tag):
-                guard let r = slots[Int(tag)].request else { continue }
-                // The home keeps the pages till `readDone`; the gate is entered all the same (`finish` leaves it).
-                slots[Int(tag)].hitParity = mesh!.enter(queueID)
-                readFromCache(r, queue: queue)
-            case .write(let tag):
-                guard let r = slots[Int(tag)].request else { continue }
-                issueWrite(r, queue: queue)
-            case .complete(let tag, let result):
-                finish(tag, result, queue)
+            case .read, .readThrough, .write, .complete:
+                preconditionFailure("\(message) is a message to another queue")
             }
         }
     }

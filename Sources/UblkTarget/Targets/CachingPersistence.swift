@@ -1,9 +1,10 @@
-// CachingPersistence: the caching handler's persistence cycles, which carry
-// out the ORDER ON DISK stated in CachingHandler.swift's header: intent
-// cycles (a write's local/dirty/write-back/unsettled bits before its data)
-// and full cycles (the data's fdatasync, then present bits, cleared bits,
-// FLUSH completions, punches of evicted pages). One at a time; every write
-// and fdatasync goes through the queue's ring.
+// CachingPersistence: what the caching handler's persistence cycles carry
+// (ORDER ON DISK in CachingHandler.swift's header): intent cycles (a write's
+// local/dirty/write-back/unsettled bits before its data) and full cycles (the
+// data's fdatasync, then present bits, cleared bits, FLUSH completions,
+// punches of evicted pages), and what their end means. The order of a
+// cycle's I/O is PersistenceCycle's; here it is submitted on the queue's
+// ring, one cycle at a time.
 import CUring
 import Glibc
 import PageCache
@@ -18,27 +19,26 @@ extension CachingHandler {
         guard cycle == nil else { return }
         let now = monotonicNanos()
         // A full cycle due (the interval passed) is not put off by a stream of intent cycles.
-        let full = wantFull || !flushWaiters.isEmpty || !evicting.isEmpty || dirtyCleared
+        let full = wantFull || !flushWaiters.isEmpty || !eviction.cleared.isEmpty || dirtyCleared
             || (presentNeedsCycle && now &- lastPersist >= persistInterval)
         let clears = full && dirtyCleared
         if full {
             dirtyCleared = false
             lastPersist = now
         }
-        var c = Cycle(full: full)
+        var c = PersistenceCycle(full: full)
         if full { context.stats.fullCycles += 1 } else { context.stats.intentCycles += 1 }
         if full {
             // Copied pages: the backing's fdatasync below covers them, so their bits may go.
             if let wb = writeback {
-                for r in writebackCopied { wb.markAbsent(r) }
-                c.writebackCleared = writebackCopied
-                writebackCopied = []
+                c.writebackCleared = writebackCopy.takeCopied()
+                for r in c.writebackCleared { wb.markAbsent(r) }
             }
             // Written to both: the fdatasyncs below make both copies durable. Not
             // where another write is still in flight (it keeps its bit).
             if let u = unsettled, let st = settled, st.count > 0 {
                 let busy = writesInFlight()
-                for w in st.takeDirty() where st.word(w) != 0 {
+                for w in st.takeChanged() where st.word(w) != 0 {
                     let first = UInt64(w) << 6
                     var p = first
                     let end = min(first + 64, st.pageCount)
@@ -59,93 +59,54 @@ extension CachingHandler {
             unsyncedPresent = []
             c.writtenPages = unsyncedWrites
             unsyncedWrites = []
-            c.punch = evicting
-            evicting = []
+            c.punch = eviction.takeCleared()
             c.flushes = flushWaiters
             flushWaiters = []
         }
         for b in (full && !presentFrozen ? [bitmap] : []) + intentBitmaps {
-            let staged = b.stage()
-            if staged.isEmpty {
-                c.commits.append((b, staged, nil))
-            } else {
-                if clears && b === dirty { c.later.insert(c.writes.count) }
-                c.commits.append((b, staged, c.writes.count))
-                c.writes.append(b.pendingWrite(staged))
-            }
+            // Cleared dirty bits go after the present bits they rely on are durable.
+            c.add(b, holdForPhase2: clears && b === dirty)
         }
         c.held = heldWrites
         heldWrites = []
         cycle = c
-        if full {
-            cycle!.outstanding = 1
-            queue.fsync(fd: cacheFD, tag: Queue.internalTag, sub: Sub.sync.rawValue)
-            // The backing store too: a FLUSH covers written-through data, and a cleared
-            // write-back bit may reach the disk only after the data it stood for.
-            if context.backingFD >= 0 {
-                cycle!.outstanding += 1
-                queue.fsync(fd: context.backingFD, tag: Queue.internalTag, sub: Sub.backingSync.rawValue)
-            }
-        } else {
-            writeBitmaps(queue)
-        }
+        // The backing store too: a FLUSH covers written-through data, and a cleared
+        // write-back bit may reach the disk only after the data it stood for.
+        submit(cycle!.begin(backing: context.backingFD >= 0), queue)
     }
 
-    /// Writes the staged commits' words of the cycle's current phase; their
-    /// fdatasyncs follow, then the next phase's.
-    func writeBitmaps(_ queue: IOQueue) {
-        guard var c = cycle else { return }
-        c.outstanding = 0
-        for (i, w) in c.writes.enumerated() where c.later.contains(i) == (c.phase == 2) {
-            // The data is not known to be durable: no bits of this cycle go to the disk.
-            if c.dataFailure < 0 { continue }
-            // A word of the first phase failed: the held ones wait for a later cycle.
-            if c.phase == 2 && !c.failedWrites.isEmpty { c.failedWrites.insert(i); continue }
-            for (k, run) in w.runs.enumerated() {
-                c.outstanding += 1
+    /// Issues the cycle's next I/O on the ring; ends the cycle once it is over.
+    func submit(_ ios: [CycleIO], _ queue: IOQueue) {
+        for io in ios {
+            switch io {
+            case .syncData:
+                queue.fsync(fd: cacheFD, tag: Queue.internalTag, sub: Sub.sync.rawValue)
+            case .syncBacking:
+                queue.fsync(fd: context.backingFD, tag: Queue.internalTag, sub: Sub.backingSync.rawValue)
+            case .writeWords(let i, let k):
+                let w = cycle!.writes[i], run = w.runs[k]
                 queue.write(fd: w.fd, from: w.buffer + run.bufferOffset, length: UInt32(run.count), offset: run.fileOffset,
                             tag: Queue.internalTag, sub: Sub.metaWrite.rawValue,
                             data: UInt32(i) << CachingHandler.metaRunShift | UInt32(k))
+            case .syncBitmap(let i):
+                queue.fsync(fd: cycle!.writes[i].fd, tag: Queue.internalTag, sub: Sub.metaSync.rawValue, data: UInt32(i))
             }
         }
-        cycle = c
-        if c.outstanding == 0 { endPhase(queue) }
+        if cycle!.isOver { endCycle(queue) }
     }
 
+    /// A cycle's I/O completed (decoded from its sub and data).
     func cycleIO(_ sub: Sub, data: UInt32, result: Int32, queue: IOQueue) {
         guard cycle != nil else { return }
-        cycle!.outstanding -= 1
+        let io: CycleIO
         switch sub {
-        case .sync, .backingSync:
-            if result < 0 && cycle!.dataFailure == 0 { cycle!.dataFailure = result }
-            if cycle!.outstanding == 0 { writeBitmaps(queue) }
+        case .sync: io = .syncData
+        case .backingSync: io = .syncBacking
         case .metaWrite:
-            let i = Int(data >> CachingHandler.metaRunShift), k = Int(data & (1 << CachingHandler.metaRunShift - 1))
-            if result != Int32(cycle!.writes[i].runs[k].count) { cycle!.failedWrites.insert(i) }
-            if cycle!.outstanding == 0 {
-                // Every word of the phase is written: make each bitmap file durable.
-                for (j, w) in cycle!.writes.enumerated()
-                    where !cycle!.failedWrites.contains(j) && cycle!.later.contains(j) == (cycle!.phase == 2) {
-                    if cycle!.dataFailure < 0 { continue }
-                    cycle!.outstanding += 1
-                    queue.fsync(fd: w.fd, tag: Queue.internalTag, sub: Sub.metaSync.rawValue, data: UInt32(j))
-                }
-                if cycle!.outstanding == 0 { endPhase(queue) }
-            }
-        default:  // .metaSync
-            if result < 0 { cycle!.failedWrites.insert(Int(data)) }
-            if cycle!.outstanding == 0 { endPhase(queue) }
+            io = .writeWords(write: Int(data >> CachingHandler.metaRunShift), run: Int(data & (1 << CachingHandler.metaRunShift - 1)))
+        default: io = .syncBitmap(write: Int(data))
         }
-    }
-
-    /// The phase's words are durable (or failed): the held words follow, or the cycle ends.
-    func endPhase(_ queue: IOQueue) {
-        if cycle!.phase == 1 && !cycle!.later.isEmpty {
-            cycle!.phase = 2
-            writeBitmaps(queue)
-        } else {
-            endCycle(queue)
-        }
+        submit(cycle!.completed(io, result: result), queue)
     }
 
     /// Clears dirty bits (`dirty --clear`, `sync`); a full cycle persists the clear.
@@ -164,7 +125,7 @@ extension CachingHandler {
         cycle = nil
         var metaFailed = false
         for (b, staged, i) in c.commits {
-            let failed = i.map { c.failedWrites.contains($0) } ?? false
+            let failed = c.failed(i)
             if failed { metaFailed = true }
             // A failed data sync: nothing of this cycle may go (a cleared dirty bit
             // would claim a copy of data that may be lost).
@@ -205,7 +166,7 @@ extension CachingHandler {
     /// fdatasync will not say so. Fetched pages among them are dropped
     /// (fetched again); written ones cannot be: they are lost until written
     /// again, stay dirty (a `sync` meanwhile copies them again), and FLUSH fails.
-    func dataSyncFailed(_ c: Cycle, queue: IOQueue) {
+    func dataSyncFailed(_ c: PersistenceCycle, queue: IOQueue) {
         log("ublk-http: fdatasync failed: \(Errno(returned: c.dataFailure)); pages written since the last good one may be lost")
         var lost = c.writtenPages + unsyncedWrites
         for (t, s) in slots.map(\.stage).enumerated() where s == .writing || s == .waitingAck {

@@ -22,12 +22,15 @@ public struct HTTPStats: Codable, Sendable {
     public var writesHeldForIntent: UInt64?
     public var intentCycles: UInt64?
     public var fullCycles: UInt64?
+    public var pagesSetAhead: UInt64?
+    public var readsThrough: UInt64?
 
     enum CodingKeys: String, CodingKey {
         case hits, misses, bytesFetched = "bytes_fetched", requests, retries, errors
         case missLatencyP50Ms = "miss_latency_p50_ms", missLatencyP99Ms = "miss_latency_p99_ms"
         case pagesPresent = "pages_present", pagesTotal = "pages_total", pageSize = "page_size"
         case writes, writesHeldForIntent = "writes_held_for_intent", intentCycles = "intent_cycles", fullCycles = "full_cycles"
+        case pagesSetAhead = "pages_set_ahead", readsThrough = "reads_through"
     }
 
     public static func path(_ id: UInt32) -> String { "\(DeviceState.directory)/ublk\(id).stats.json" }
@@ -76,6 +79,8 @@ public struct HTTPStats: Codable, Sendable {
         }
         if let c = intentCycles { metric("intent_cycles_total", "counter", "Persistence cycles for write intent bits (bitmap words, fdatasync).", "\(c)") }
         if let c = fullCycles { metric("full_cycles_total", "counter", "Full persistence cycles (cache file fdatasync, then the bitmaps).", "\(c)") }
+        if let r = readsThrough { metric("reads_through_total", "counter", "Read misses served from the backing store without being cached (not reused enough to be admitted).", "\(r)") }
+        if let p = pagesSetAhead { metric("pages_set_ahead_total", "counter", "Pages whose write-back or unsettled bits were set ahead of a write, with a neighbour's.", "\(p)") }
         if let p = missLatencyP50Ms { metric("miss_latency_p50_seconds", "gauge", "Median miss latency.", "\(p / 1000)") }
         if let p = missLatencyP99Ms { metric("miss_latency_p99_seconds", "gauge", "99th percentile miss latency.", "\(p / 1000)") }
         return out
@@ -92,6 +97,6 @@ extension CacheStats {
                   missLatencyP99Ms: missLatency.percentile(99).map { Double($0) / 1e6 },
                   pagesPresent: present.count, pagesTotal: present.pageCount, pageSize: pageSize,
                   writes: writes, writesHeldForIntent: writesHeldForIntent,
-                  intentCycles: intentCycles, fullCycles: fullCycles)
+                  intentCycles: intentCycles, fullCycles: fullCycles, pagesSetAhead: pagesSetAhead, readsThrough: readsThrough)
     }
 }

@@ -20,18 +20,6 @@ protocol RunFetcher: AnyObject {
     func cancelAll(handler: CachingHandler, queue: IOQueue)
 }
 
-/// The fetcher of a queue other than the home: it never fetches (misses go to the home).
-final class NoFetcher: RunFetcher {
-    func start(_ run: FetchRun, handler: CachingHandler, queue: IOQueue) {
-        handler.runEnded(run, error: "not the home queue", queue: queue)
-    }
-    var isIdle: Bool { true }
-    var pollFD: Int32? { nil }
-    func perform() {}
-    func ioCompleted(data: UInt32, result: Int32, handler: CachingHandler, queue: IOQueue) {}
-    func cancelAll(handler: CachingHandler, queue: IOQueue) {}
-}
-
 /// Runs as HTTP Range GETs through libcurl multi.
 final class HTTPFetcher: RunFetcher {
     let source: HTTPSource

@@ -1,0 +1,78 @@
+// Write-ahead by region on the `cache` target: a write that waits for its
+// intent bits sets the write-back (write-back mode) or unsettled
+// (write-through) bits of the present pages of its region in the same cycle,
+// so that the next writes into the region find theirs durable and go ahead
+// at once. Correctness under crashes is the seeded model's
+// (PageStateModelTests draws the region size per seed); this counts waits.
+import Foundation
+import XCTest
+@testable import UblkTarget
+
+final class WriteAheadTests: XCTestCase {
+    typealias World = PageStateModelTests.World
+    static let pageSectors = PageStateModelTests.page / PageStateModelTests.sector
+
+    /// A cache device whose pages are all present, listed dirty (as after
+    /// earlier writes: a dirty bit stays until `sync`) and written back or
+    /// settled, all of it persisted; without faults, FUA or timed full cycles
+    /// (only FLUSH runs one).
+    func warmWorld(_ mode: PageStateModelTests.Mode, region: UInt64) throws -> World {
+        let w = try World(seed: 2, queues: 1, mode: mode)
+        w.faulty = false
+        w.setFaults(fsync: 0, write: 0)
+        w.fake?.failPermille = 0
+        w.fuaWrites = false
+        w.handler.context.maxCacheBytes = 0
+        w.handler.persistInterval = .max / 2
+        _ = try w.readAll()
+        w.handler.context.intentRegionPages = 1
+        _ = try writesHeld(w, pages: Array(0..<PageStateModelTests.pages))
+        try w.backingMatches()  // FLUSHes until every write-back bit is cleared
+        XCTAssertEqual(w.handler.writeback?.count ?? 0, 0)
+        XCTAssertEqual(w.handler.unsettled?.count ?? 0, 0)
+        XCTAssertEqual(w.handler.dirty?.count, UInt64(PageStateModelTests.pages))
+        w.handler.context.intentRegionPages = region
+        w.handler.context.stats.pagesSetAhead = 0
+        return w
+    }
+
+    /// Writes each page alone, one after the other; returns how many waited for an intent cycle.
+    func writesHeld(_ w: World, pages: [Int]) throws -> UInt64 {
+        let before = w.handler.context.stats.writesHeldForIntent
+        for p in pages {
+            w.submit(op: Op.write, sector: p * WriteAheadTests.pageSectors, count: WriteAheadTests.pageSectors)
+            try w.quiesce()
+        }
+        return w.handler.context.stats.writesHeldForIntent - before
+    }
+
+    func testAWaitingWriteSetsItsRegionAheadSoTheNextWritesThereDoNotWait() throws {
+        for mode in [PageStateModelTests.Mode.cacheBack, .cacheThrough] {
+            let w = try warmWorld(mode, region: 16)
+            XCTAssertEqual(try writesHeld(w, pages: [0]), 1, "\(mode): the first write into a region waits")
+            XCTAssertEqual(w.handler.context.stats.pagesSetAhead, 15, "\(mode): the region's other 15 pages were set ahead")
+            XCTAssertEqual(try writesHeld(w, pages: [3, 9, 15]), 0, "\(mode): pages of page 0's region go ahead at once")
+            XCTAssertEqual(try writesHeld(w, pages: [16]), 1, "\(mode): page 16 is in the next region")
+            try w.backingMatches()
+        }
+    }
+
+    func testPageByPageEveryFirstWriteWaits() throws {
+        for mode in [PageStateModelTests.Mode.cacheBack, .cacheThrough] {
+            let w = try warmWorld(mode, region: 1)
+            XCTAssertEqual(try writesHeld(w, pages: [0, 3, 9, 15]), 4, "\(mode)")
+            XCTAssertEqual(w.handler.context.stats.pagesSetAhead, 0)
+        }
+    }
+
+    func testAFullCycleClearsTheBitsSetAheadOfWritesThatNeverCame() throws {
+        let w = try warmWorld(.cacheBack, region: 16)
+        XCTAssertEqual(try writesHeld(w, pages: [0]), 1)
+        w.submit(op: Op.flush, sector: 0, count: 0)
+        try w.quiesce()
+        // Page 0 itself is pending write-back until copied; the 15 set ahead are not.
+        let wb = w.handler.writeback!
+        XCTAssertEqual(wb.bits.count(in: 1..<16), 0, "the bits set ahead are cleared by the full cycle")
+        XCTAssertEqual(try writesHeld(w, pages: [5]), 1, "and a write there waits again")
+    }
+}
