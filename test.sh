@@ -4,6 +4,9 @@
 #   ./test.sh            everything
 #   ./test.sh --host     host tests only (no VM)
 #   ./test.sh --vm [SUITE...]   VM suites only
+# With no SUITE named, the VM part ends with the flashcache benchmark's smoke
+# test (bench/run.sh --suite flashcache --quick: every cache set up, every
+# case run; it fails when one does not).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 source scripts/deps.sh
@@ -30,6 +33,12 @@ fi
 if [[ $mode != host ]]; then
     echo "== VM tests on the real ublk driver"
     tests/vm.sh "$@" || rc=1
+    if [[ $# -eq 0 ]]; then
+        echo "== flashcache benchmark smoke test (bench/run.sh --suite flashcache --quick)"
+        out=$(mktemp -d /tmp/ublk-http-flashcache-quick.XXXXXX)
+        bench/run.sh --suite flashcache --quick --no-kublk --out "$out" >"$out/run.log" 2>&1 \
+            && echo "flashcache smoke test passed ($out)" || { tail -n 40 "$out/run.log"; echo "flashcache smoke test FAILED ($out/run.log)"; rc=1; }
+    fi
 fi
 if [[ $rc -eq 0 ]]; then echo "== all tests passed"; else echo "== SOME TESTS FAILED"; fi
 exit $rc

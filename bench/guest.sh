@@ -477,6 +477,12 @@ if [[ $SUITE == http ]]; then
     http_main
     exit $?
 fi
+if [[ $SUITE == flashcache ]]; then
+    # The flashcache suite: the cache target vs the kernel's flash caches.
+    source /opt/bench/guest-flashcache.sh || die "cannot source /opt/bench/guest-flashcache.sh"
+    flashcache_main
+    exit $?
+fi
 [[ $SUITE == loop || $SUITE == cache ]] || die "unknown suite $SUITE"
 for c in "${CASES[@]}"; do declare -F "case_$(fn "$c")" >/dev/null || die "unknown case $c"; done
 for d in "${DEVICES[@]}"; do declare -F "dev_$(fn "$d")_setup" >/dev/null || die "unknown device $d"; done

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Usage: bench/run.sh [--suite loop|cache|http] [--kernel "7 6.12"] [--quick]
+# Usage: bench/run.sh [--suite loop|cache|http|flashcache] [--kernel "7 6.12"] [--quick]
 #                     [--reps N] [--runtime S] [--ramp S] [--out DIR]
 #                     [--cases "C1 C2..."] [--devices "D1 D2..."] [--sched NAME|keep]
 #                     [--bin PATH] [--no-build] [--label TEXT] [--wait-idle MIN]
@@ -22,11 +22,15 @@
 #                   -q 2, kublk --auto_zc and copy) on ext4 on a RAM disk, on
 #                   7.x and 6.12 (BENCH.md "The flash path"); http: the http
 #                   target cold and warm vs curl, the loop device and nbdkit
-#                   (bench/HTTP.md)
+#                   (bench/HTTP.md); flashcache: the cache target vs dm-cache,
+#                   dm-writecache and bcache over a dm-delay slow disk, 7.x
+#                   only, one rep by default (bench/FLASHCACHE.md)
 #     --kernel L    the kernels to boot, one VM run each: 7 (trixie-backports'
 #                   newest) and/or 6.12 (default: "7 6.12" for cache, else
 #                   UBLK_VM_KERNEL or 7)
-#     --quick       1 rep of 3 s runs (ramp 1 s): a smoke test
+#     --quick       1 rep of 3 s runs (ramp 1 s): a smoke test (flashcache:
+#                   2 s runs, an eighth of the sizes, every case on ublk-wb and one case
+#                   on each other device, no waiting for a quiet host)
 #     --reps N      interleaved repetitions of every case x device (default 3)
 #     --runtime S   seconds measured per fio run (default 10), --ramp S (2);
 #                   http: seconds of each cold random run
@@ -44,7 +48,8 @@
 #     --no-wq-pin   let the kernel's unbound workqueues (the loop driver's
 #                   workers) run on any vCPU; by default they are confined to
 #                   the server vCPU, like the ublk-http server
-#     --mem MIB     guest memory (default 2048; cache: 6144 on ext4, 4096 on tmpfs)
+#     --mem MIB     guest memory (default 2048; cache: 6144 on ext4, 4096 on
+#                   tmpfs; flashcache: 5120)
 #     --flash F     cache suite: ext4 (default: kloop's file and the cache
 #                   files on ext4 on a brd RAM disk) or tmpfs (in memory)
 #     --alternate   every other rep runs the devices in reverse order
@@ -94,6 +99,7 @@ done
 PY=$(command -v python3 || true)
 if [[ -n "$REPORT_ONLY" ]]; then
     [[ -n "$PY" ]] || { echo "bench/run.sh: python3 missing" >&2; exit 1; }
+    grep -aq '"suite": *"flashcache"' "$REPORT_ONLY/bench-console.log" 2>/dev/null && exec "$PY" "$ROOT/bench/report_flashcache.py" "$REPORT_ONLY"
     exec "$PY" "$ROOT/bench/report.py" "$REPORT_ONLY"
 fi
 CACHE_DEVICES="kloop ublk-loop kublk-zc kublk ublk-cache-through ublk-cache-through-notrack ublk-cache-back ublk-cache-back-notrack ublk-cache-q2"
@@ -107,7 +113,13 @@ case "$SUITE" in
            CASES=${CASES:-randread-4k-qd32 randwrite-4k-qd32 seqread-1m-qd8 randread-4k-qd32-2j}
            OUT=${OUT:-$ROOT/bench/results-cache$([[ $FLASH == tmpfs ]] && echo -tmpfs)}; KERNELS=${KERNELS:-7 6.12} ;;
     http) MEM=${MEM:-2048}; OUT=${OUT:-$ROOT/bench/results-http}; FLASH=tmpfs; KERNELS=${KERNELS:-${UBLK_VM_KERNEL:-7}} ;;
-    *) echo "bench/run.sh: --suite is loop, cache or http, not '$SUITE'" >&2; exit 2 ;;
+    flashcache) MEM=${MEM:-5120}; OUT=${OUT:-$ROOT/bench/results-flashcache}; FLASH=tmpfs; KERNELS=${KERNELS:-7}
+          [[ $KERNELS == 7 ]] || { echo "bench/run.sh: --suite flashcache runs on the 7.x guest only (--kernel 7)" >&2; exit 2; }
+          DEVICES=${DEVICES:-slow flash-kloop flash-kublk-zc ublk-wt ublk-wb dmcache-wt dmcache-wb dmwritecache bcache-wt bcache-wb}
+          [[ $KUBLK == 1 ]] || DEVICES=$(tr ' ' '\n' <<<"$DEVICES" | grep -v 'kublk' | paste -sd' ')
+          CASES=${CASES:-hit-randread-4k-qd32 randwrite-4k-qd32 zipf-7030 scan fsync-write-4k-qd1 seqread-1m-qd8 seqwrite-1m-qd8}
+          REPS=${REPS:-1}; [[ $QUICK == 1 ]] && RUNTIME=${RUNTIME:-2} ;;
+    *) echo "bench/run.sh: --suite is loop, cache, http or flashcache, not '$SUITE'" >&2; exit 2 ;;
 esac
 [[ $FLASH == tmpfs || $FLASH == ext4 ]] || { echo "bench/run.sh: --flash is tmpfs or ext4, not '$FLASH'" >&2; exit 2; }
 [[ $FLASH == tmpfs || $SUITE == cache ]] || { echo "bench/run.sh: --flash applies to --suite cache only" >&2; exit 2; }
@@ -119,6 +131,8 @@ if [[ $QUICK == 1 ]]; then
 else
     REPS=${REPS:-3} RUNTIME=${RUNTIME:-10} RAMP=${RAMP:-2} WRUNTIME=${WRUNTIME:-10} WARMUP=2 WAITB=150 RETRYB=8
 fi
+# The flashcache smoke test runs whatever the host does: no waiting, no repeats.
+[[ $SUITE == flashcache && $QUICK == 1 ]] && WAITB=0 RETRYB=0
 for v in REPS RUNTIME RAMP WRUNTIME; do
     [[ "${!v}" =~ ^[0-9]+$ && "${!v}" -ge 1 ]] || { echo "bench/run.sh: bad ${v,,} '${!v}'" >&2; exit 2; }
 done
@@ -152,7 +166,7 @@ if [[ -z "$BIN" ]]; then
 fi
 [[ -x "$BIN" ]] || { echo "bench/run.sh: no binary $BIN" >&2; exit 1; }
 KUBLK_BIN=""
-if [[ " $DEVICES " == *" kublk"* ]]; then
+if [[ " $DEVICES " == *" kublk"* || " $DEVICES " == *"-kublk"* ]]; then
     KUBLK_BIN=$(bench/kublk.sh) || { echo "bench/run.sh: bench/kublk.sh failed" >&2; exit 1; }
 fi
 mkdir -p "$VM_CACHE"
@@ -203,6 +217,16 @@ boot() {
                 --bin "$NBDKIT_DIR/plugins/nbdkit-curl-plugin.so:$NBDKIT_DIR/plugins/nbdkit-curl-plugin.so"
                 --bin "$NBDKIT_DIR/filters/nbdkit-cache-filter.so:$NBDKIT_DIR/filters/nbdkit-cache-filter.so")
     fi
+    # The flashcache suite: dmsetup and make-bcache (bench/flashtools.sh), the
+    # device-mapper targets and bcache; ldd finds libdevmapper in the extracted tree.
+    local LDPATH=${LD_LIBRARY_PATH:-}
+    if [[ $SUITE == flashcache ]]; then
+        kind=flashcache
+        local FT; FT=$(bench/flashtools.sh) || { blog "bench/flashtools.sh failed"; return 1; }
+        EXTRA+=(--bin "$FT/sbin/dmsetup:/usr/sbin/dmsetup" --bin "$FT/usr/sbin/make-bcache:/usr/sbin/make-bcache")
+        for m in dm_mod dm_delay dm_cache dm_cache_smq dm_writecache dm_bufio dm_persistent_data dm_bio_prison bcache; do EXTRA+=(--module "$m"); done
+        LDPATH="$FT/lib/x86_64-linux-gnu${LDPATH:+:$LDPATH}"
+    fi
     # tc and netem: the http suite's boot case gives nginx a round trip.
     EXTRA+=(--bin /usr/sbin/tc:/usr/sbin/tc --module sch_netem)
     INITRD="$VM_CACHE/initramfs-bench-$kind-$KVER.cpio"
@@ -212,17 +236,23 @@ boot() {
        || [[ -n "$(find "$VM_DIR" -type f -newer "$INITRD" -print -quit)" ]]; then
         blog "packing $INITRD with $BIN"
         rm -f "$INITRD.bin"
-        vm/initramfs.sh "$INITRD" --bin "$BIN:/usr/local/bin/ublk-http" --bin /usr/bin/jq "${EXTRA[@]}" >/dev/null
+        LD_LIBRARY_PATH="$LDPATH" vm/initramfs.sh "$INITRD" --bin "$BIN:/usr/local/bin/ublk-http" --bin /usr/bin/jq "${EXTRA[@]}" >/dev/null
         echo "$STAMP" > "$INITRD.bin"
     fi
     # Per run: the http suite's guest script and kublk (static) with its versions.
-    RUNF=(--file "$ROOT/bench/guest-http.sh:/opt/bench/guest-http.sh")
+    RUNF=(--file "$ROOT/bench/guest-http.sh:/opt/bench/guest-http.sh" --file "$ROOT/bench/guest-flashcache.sh:/opt/bench/guest-flashcache.sh")
     if [[ -n "$KUBLK_BIN" ]]; then
         RUNF+=(--bin "$KUBLK_BIN:/usr/local/bin/kublk" --file "$(dirname "$KUBLK_BIN")/versions:/etc/kublk-version")
     fi
     mkdir -p "$D"
     local ncase ndev TIMEOUT
-    if [[ $SUITE == http ]]; then
+    if [[ $SUITE == flashcache ]]; then
+        # Every run sets its device up afresh and warms or scans it first; plus the media (filling the slow disk).
+        # The smoke test (--quick) runs every case on one device and one case on each other device.
+        ncase=$(wc -w <<<"$CASES") ndev=$(wc -w <<<"$DEVICES")
+        [[ $QUICK == 1 ]] && ndev=$(( (ncase + ndev - 1 + ncase - 1) / ncase ))
+        TIMEOUT=$(( 600 + WAITB + (REPS * ncase * ndev + RETRYB) * (RUNTIME + RAMP + 75) ))
+    elif [[ $SUITE == http ]]; then
         TIMEOUT=$(( 420 + WAITB + REPS * (100 + 2 * RUNTIME + 6 * (WRUNTIME + RAMP + 3)) ))
     else
         ncase=$(wc -w <<<"${CASES:-x x x x}") ndev=$(wc -w <<<"${DEVICES:-x x x}")
@@ -239,6 +269,8 @@ boot() {
           --env "BENCH_WARM_RUNTIME=$WRUNTIME" --env "BENCH_NBD=$NBD")
     [[ -n "$CASES" ]] && ENVS+=(--env "BENCH_CASES=$CASES")
     [[ $SUITE == http ]] && ENVS+=(--env "BENCH_BOOT_RTT_MS=$BOOT_RTT")
+    # The quick flashcache run: an eighth of the sizes, no waiting for bcache's accounting timer.
+    [[ $SUITE == flashcache && $QUICK == 1 ]] && ENVS+=(--env BENCH_FC_SLOW_MB=128 --env BENCH_FC_CACHE_MB=32 --env BENCH_FC_SETTLE=0 --env BENCH_FC_PLAN=smoke)
     [[ -n "$DEVICES" && $SUITE != http ]] && ENVS+=(--env "BENCH_DEVICES=$DEVICES")
     blog "booting the VM (kernel $KVER, suite $SUITE): $REPS rep(s) x ${CASES:-all cases} x ${DEVICES:-all devices}, ${RUNTIME}s + ${RAMP}s ramp per run (timeout ${TIMEOUT}s); host load $HOST_BEFORE"
     # Disturbance check: host CPU time used by processes other than this run (the
@@ -275,7 +307,9 @@ boot() {
     top -b -n1 -w 200 2>/dev/null | head -n 15 > "$D/bench-host-top-after.txt" || true
     [[ $VRC == 0 ]] || blog "WARNING: the VM run ended with status $VRC"
     [[ -f "$D/bench-console.log" ]] || { blog "no console log"; return 1; }
-    "$PY" "$ROOT/bench/report.py" "$D" --host-load-before "$HOST_BEFORE" --host-load-after "$HOST_AFTER" \
+    local REPORT=report.py
+    [[ $SUITE == flashcache ]] && REPORT=report_flashcache.py
+    "$PY" "$ROOT/bench/$REPORT" "$D" --host-load-before "$HOST_BEFORE" --host-load-after "$HOST_AFTER" \
         --elapsed "$ELAPSED" --host-other-cpu "$OTHER" --git "$GIT_REV" --vm-status "$VRC" --quick "$QUICK" \
         --kernel-flavour "$K"
 }
