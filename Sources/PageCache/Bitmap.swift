@@ -46,6 +46,9 @@ public final class Bitmap {
     /// Sequence numbers of the next commit staged and the next one persisted (BitmapPersistence.swift).
     var nextSequence: UInt64 = 0
     var nextToPersist: UInt64 = 0
+    /// Per word, the bits that may be set in the file (`trackDiskBits`): its
+    /// words as last persisted, with those of a commit staged since OR'd in.
+    var diskMaySet: [UInt64]?
 
     public var pageSize: Int { identity.pageSize }
     public var pageCount: UInt64 { bits.pageCount }
@@ -136,6 +139,7 @@ public final class Bitmap {
         _ = bits.takeChanged()
         bits.load { $0.initializeMemory(as: UInt8.self, repeating: 0) }
         nextToPersist = nextSequence
+        if diskMaySet != nil { diskMaySet = [UInt64](repeating: 0, count: diskMaySet!.count) }
         let size = Bitmap.fileSize(pageCount: bits.pageCount)
         if case .failure(let e) = retryingEINTR({ ftruncate(fd, off_t(Bitmap.headerSize)) }) {
             throw .io(FileError("ftruncate", path: path, errno: e))

@@ -26,6 +26,8 @@ extension Bitmap {
         var values = [UInt64]()
         values.reserveCapacity(changed.count)
         for w in changed { values.append(bits.word(w)) }
+        // From now on these words may be on the disk.
+        if diskMaySet != nil { for (k, w) in changed.enumerated() { diskMaySet![w] |= values[k] } }
         defer { nextSequence += 1 }
         return BitmapCommit(sequence: nextSequence, indices: changed, values: values)
     }
@@ -37,28 +39,12 @@ extension Bitmap {
         precondition(commit.sequence >= nextToPersist, "bitmap commits must be persisted in the order staged")
         nextToPersist = commit.sequence + 1
         if commit.isEmpty { return }
-        var failure: FileError?
-        var i = 0
-        let n = commit.indices.count
-        var run = [UInt64]()
-        while i < n && failure == nil {
-            var j = i + 1
-            while j < n && commit.indices[j] == commit.indices[j - 1] + 1 { j += 1 }
-            run.removeAll(keepingCapacity: true)
-            for k in i..<j { run.append(commit.values[k].littleEndian) }
-            let offset = UInt64(Bitmap.headerSize) + UInt64(commit.indices[i]) * 8
-            let r = run.withUnsafeBytes { pwriteFully(fd, $0.baseAddress!, $0.count, offset) }
-            if case .failure(let e) = r { failure = FileError("pwrite", path: path, errno: e) }
-            i = j
-        }
-        if failure == nil, case .failure(let e) = retryingEINTR({ fdatasync(fd) }) {
-            failure = FileError("fdatasync", path: path, errno: e)
-        }
-        if let failure {
+        if let failure = writeWords(commit.indices, commit.values) {
             // The words are not known to be on disk: write them again next time.
             markChangedAgain(commit.indices)
             throw .io(failure)
         }
+        onDisk(commit)
     }
 
     /// A staged commit laid out for writing through someone else's I/O (the
@@ -104,6 +90,40 @@ extension Bitmap {
     public func persisted(_ commit: BitmapCommit) {
         precondition(commit.sequence >= nextToPersist, "bitmap commits must be persisted in the order staged")
         nextToPersist = commit.sequence + 1
+        onDisk(commit)
+    }
+
+    /// Keeps, from now on, which bits may be set in the file (read from it
+    /// now; nothing staged may be in flight): `mayBeSetOnDisk` then answers
+    /// per page, where a changed word says nothing about the page's own bit.
+    public func trackDiskBits() throws(BitmapError) {
+        let n = Int((bits.pageCount + 63) / 64)
+        var words = [UInt64](repeating: 0, count: n)
+        if n > 0 {
+            let r = words.withUnsafeMutableBytes { preadFully(fd, $0.baseAddress!, n * 8, UInt64(Bitmap.headerSize)) }
+            if case .failure(let e) = r { throw .io(FileError("pread", path: path, errno: e)) }
+        }
+        for i in 0..<n { words[i] = UInt64(littleEndian: words[i]) }
+        diskMaySet = words
+    }
+
+    /// Whether one of `pages` may have its bit set in the file (a staged
+    /// commit counts as on the disk). Always true without `trackDiskBits`.
+    public func mayBeSetOnDisk(_ pages: Range<UInt64>) -> Bool {
+        guard let d = diskMaySet else { return true }
+        var p = pages.lowerBound
+        while p < pages.upperBound {
+            let w = Int(p >> 6), lo = p & 63, hi = min(64, lo + (pages.upperBound - p))
+            let mask: UInt64 = hi - lo == 64 ? ~0 : ((1 << (hi - lo)) - 1) << lo
+            if d[w] & mask != 0 { return true }
+            p += hi - lo
+        }
+        return false
+    }
+
+    private func onDisk(_ commit: BitmapCommit) {
+        guard diskMaySet != nil else { return }
+        for (k, w) in commit.indices.enumerated() { diskMaySet![w] = commit.values[k] }
     }
 
     /// Whether any word holding `pages` changed since the last `stage()`
@@ -128,6 +148,49 @@ extension Bitmap {
             throw .io(error)
         }
         try persist(c)
+    }
+
+    /// Blocking: writes every changed word as the union of its value in
+    /// memory and on the disk, then fdatasyncs; the words stay changed (the
+    /// caller persists their true values later, `commit`). So the bits set
+    /// since the last persist reach the disk before anything that must follow
+    /// them, while bits cleared since then stay set on the disk until their
+    /// own turn (the dirty bitmap at open and at shutdown: its sets before
+    /// present bits, its clears after them; CachingHandler.swift's ORDER ON DISK).
+    public func persistSetsFirst() throws(BitmapError) {
+        let changed = bits.changedWords()
+        if changed.isEmpty { return }
+        var values = [UInt64](repeating: 0, count: changed.count)
+        for (k, w) in changed.enumerated() {
+            var disk: UInt64 = 0
+            let offset = UInt64(Bitmap.headerSize) + UInt64(w) * 8
+            switch withUnsafeMutableBytes(of: &disk, { preadFully(fd, $0.baseAddress!, 8, offset) }) {
+            case .failure(let e): throw .io(FileError("pread", path: path, errno: e))
+            case .success(let n) where n < 8: disk = 0
+            case .success: break
+            }
+            values[k] = UInt64(littleEndian: disk) | bits.word(w)
+        }
+        if let failure = writeWords(changed, values) { throw .io(failure) }
+    }
+
+    /// pwrites `values` at the words `indices` (sorted; contiguous words in one pwrite), then fdatasync.
+    private func writeWords(_ indices: [Int], _ values: [UInt64]) -> FileError? {
+        var i = 0
+        let n = indices.count
+        var run = [UInt64]()
+        while i < n {
+            var j = i + 1
+            while j < n && indices[j] == indices[j - 1] + 1 { j += 1 }
+            run.removeAll(keepingCapacity: true)
+            for k in i..<j { run.append(values[k].littleEndian) }
+            let offset = UInt64(Bitmap.headerSize) + UInt64(indices[i]) * 8
+            let r = run.withUnsafeBytes { pwriteFully(fd, $0.baseAddress!, $0.count, offset) }
+            if case .failure(let e) = r { return FileError("pwrite", path: path, errno: e) }
+            i = j
+        }
+        if case .failure(let e) = retryingEINTR({ fdatasync(fd) }) { return FileError("fdatasync", path: path, errno: e) }
+        return nil
     }
 
     private func markChangedAgain(_ indices: [Int]) {

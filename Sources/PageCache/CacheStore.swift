@@ -312,11 +312,17 @@ public final class CacheStore {
         if adopted { notes.append("\(spec.bitmapPath): took over the page states a server of this boot left in \(spec.live?.directory ?? "")") }
 
         // Bring the disk up to date (adopted live words, local pages taken
-        // over): the cache file's data first, then the bits.
+        // over): the cache file's data first, then the bits in the handler's
+        // order (its ORDER ON DISK): what a write sets before present bits
+        // (a write may have issued its data before them), cleared dirty bits
+        // after them.
         let all = [p, dirty?.bitmap, local?.bitmap, writeback?.bitmap, unsettled?.bitmap].compactMap { $0 }
         if all.contains(where: { $0.bits.hasChanged }) {
             try file.sync()
-            for b in all where b.bits.hasChanged { try b.persist(b.stage()) }
+            try dirty?.bitmap.persistSetsFirst()
+            for b in [local?.bitmap, writeback?.bitmap, unsettled?.bitmap, p, dirty?.bitmap].compactMap({ $0 }) where b.bits.hasChanged {
+                try b.persist(b.stage())
+            }
         }
         return CacheStore(cache: file, present: p, dirty: dirty?.bitmap, local: local?.bitmap, writeback: writeback?.bitmap,
                           unsettled: unsettled?.bitmap, state: state, notes: notes, adoptedLive: adopted)

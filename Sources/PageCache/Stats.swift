@@ -53,6 +53,9 @@ public final class CacheStats {
     /// Writes whose data waited for an intent cycle (their pages' local/dirty
     /// bits written and fdatasynced first: the write-ahead rule).
     public var writesHeldForIntent: UInt64 = 0
+    /// Writes of absent pages issued before their intent bits were durable
+    /// (write-ahead deferred: CachingRequests.mayDeferIntent).
+    public var writesDeferred: UInt64 = 0
     /// Persistence cycles: intent ones (bitmap words + their fdatasync) and
     /// full ones (the cache file's fdatasync, then every bitmap's).
     public var intentCycles: UInt64 = 0

@@ -4,6 +4,9 @@
 // so that the next writes into the region find theirs durable and go ahead
 // at once. Correctness under crashes is the seeded model's
 // (PageStateModelTests draws the region size per seed); this counts waits.
+// Writes of absent pages do not wait at all where the backing store does not
+// see them at once: their intent bits only have to reach the disk before
+// their present bits (write-ahead deferred, CachingRequests.mayDeferIntent).
 import Foundation
 import XCTest
 @testable import UblkTarget
@@ -74,5 +77,45 @@ final class WriteAheadTests: XCTestCase {
         let wb = w.handler.writeback!
         XCTAssertEqual(wb.bits.count(in: 1..<16), 0, "the bits set ahead are cleared by the full cycle")
         XCTAssertEqual(try writesHeld(w, pages: [5]), 1, "and a write there waits again")
+    }
+
+    /// A cache device with nothing present and nothing persisted but its empty bitmaps.
+    func coldWorld(_ mode: PageStateModelTests.Mode) throws -> World {
+        let w = try World(seed: 2, queues: 1, mode: mode)
+        w.faulty = false
+        w.setFaults(fsync: 0, write: 0)
+        w.fake?.failPermille = 0
+        w.fuaWrites = false
+        w.handler.context.maxCacheBytes = 0
+        w.handler.persistInterval = .max / 2
+        w.handler.context.intentRegionPages = 1
+        return w
+    }
+
+    func testWritesOfAbsentPagesDoNotWaitInWriteBack() throws {
+        let w = try coldWorld(.cacheBack)
+        XCTAssertEqual(try writesHeld(w, pages: [0, 3, 9, 15]), 0, "absent pages: the data goes first")
+        XCTAssertEqual(w.handler.context.stats.writesDeferred, 4)
+        XCTAssertEqual(w.handler.context.stats.intentCycles, 0, "no intent cycle ran")
+        // A FLUSH makes their present bits durable: a page written again then waits for its
+        // write-back bit (cleared by the copy) before its data replaces the copy the disk vouches for.
+        w.submit(op: Op.flush, sector: 0, count: 0)
+        try w.quiesce()
+        XCTAssertEqual(try writesHeld(w, pages: [21]), 0, "an absent page beside the present ones still goes first")
+        try w.backingMatches()
+        XCTAssertEqual(try writesHeld(w, pages: [3]), 1, "a present page written again waits")
+        // A FLUSH (an ordered full cycle) then a power loss: every write reads back.
+        w.submit(op: Op.flush, sector: 0, count: 0)
+        try w.quiesce()
+        try w.powerLoss()
+        _ = try w.readAll()  // checks every sector against what the FLUSH made durable
+        try w.backingMatches()
+    }
+
+    func testWritesOfAbsentPagesWaitInWriteThroughWithDirtyTracking() throws {
+        let w = try coldWorld(.cacheThrough)
+        XCTAssertNotNil(w.handler.dirty, "the model's write-through device tracks dirty pages")
+        XCTAssertEqual(try writesHeld(w, pages: [0, 3]), 2, "the backing store sees the data at once: its dirty bit goes first")
+        XCTAssertEqual(w.handler.context.stats.writesDeferred, 0)
     }
 }

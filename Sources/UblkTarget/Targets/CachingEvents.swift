@@ -48,14 +48,15 @@ extension CachingHandler {
             statsFile?.publish(context.snapshot(), signature: statsSignature, queue: queue, sub: Sub.stats.rawValue)
         }
         // Present bits (and what rides with them) go out once per interval,
-        // in a full cycle; intent bits left over go out at once.
+        // in a full cycle; intent bits left over go out at once, but for
+        // those of deferred writes: those ride the next full cycle (ordered).
         let presentDirty = presentNeedsCycle
         let fullDue = presentDirty && now &- lastPersist >= persistInterval
         let intentLeft = intentBitmaps.contains(where: { $0.bits.hasChanged })
         if cycle == nil {
             if fullDue {
                 startCycle(queue, full: true)
-            } else if intentLeft && now >= retryAfter {
+            } else if intentLeft && now >= retryAfter && !intentDeferred {
                 startCycle(queue, full: false)
             }
         }
@@ -97,8 +98,12 @@ extension CachingHandler {
                 try context.cache.sync()
                 for r in DirtyExtents.runs(st) { u.markAbsent(r) }
             }
+            // ORDER ON DISK: the bits writes set, then present bits, then cleared dirty bits.
+            try context.cache.sync()
+            try dirty?.persistSetsFirst()
+            for b in intentBitmaps where b !== dirty { try b.commit(syncing: context.cache) }
             if !durabilityLost { try bitmap.commit(syncing: context.cache) }
-            for b in intentBitmaps { try b.commit(syncing: context.cache) }
+            try dirty?.commit(syncing: context.cache)
         } catch {
             log("ublk-http: cannot persist the bitmaps at shutdown: \(error)")
         }

@@ -27,6 +27,12 @@ extension CachingHandler {
             lastPersist = now
         }
         var c = PersistenceCycle(full: full)
+        // Deferred intent bits (mayDeferIntent) are staged now: present bits follow them.
+        let ordered = full && intentDeferred && !presentFrozen
+        intentDeferred = false
+        c.ordered = ordered
+        c.deferred = deferredPages
+        deferredPages = []
         if full { context.stats.fullCycles += 1 } else { context.stats.intentCycles += 1 }
         if full {
             // Copied pages: the backing's fdatasync below covers them, so their bits may go.
@@ -63,9 +69,17 @@ extension CachingHandler {
             c.flushes = flushWaiters
             flushWaiters = []
         }
-        for b in (full && !presentFrozen ? [bitmap] : []) + intentBitmaps {
-            // Cleared dirty bits go after the present bits they rely on are durable.
-            c.add(b, holdForPhase2: clears && b === dirty)
+        if full && !presentFrozen { c.add(bitmap, phase: ordered ? 2 : 1) }
+        for b in intentBitmaps {
+            if clears && b === dirty {
+                // Cleared dirty bits go after the present bits they rely on are
+                // durable; its sets (of deferred writes) before them.
+                c.clearedDirty = clearedDirty
+                clearedDirty = []
+                c.add(b, phase: 3, setsFirst: ordered ? c.clearedDirty : nil)
+            } else {
+                c.add(b)
+            }
         }
         c.held = heldWrites
         heldWrites = []
@@ -115,7 +129,9 @@ extension CachingHandler {
         // (present bits no longer go out): every listed page stays listed.
         guard let d = dirty, !presentFrozen else { return }
         // Pages whose data a failed fdatasync may have lost stay listed.
-        for r in ranges { for keep in subtract(lostPages, from: r) { d.markAbsent(keep) } }
+        for r in ranges {
+            for keep in subtract(lostPages, from: r) where d.markAbsent(keep) > 0 { clearedDirty.append(keep) }
+        }
         dirtyCleared = true
         startCycle(queue, full: true)
     }
@@ -131,9 +147,16 @@ extension CachingHandler {
             // would claim a copy of data that may be lost).
             if failed || c.dataFailure < 0 {
                 b.abandon(staged)
+                // Not on the disk: those clears are still to come, deferred bits still to be ordered.
+                if b === dirty { clearedDirty = c.clearedDirty + clearedDirty }
             } else {
                 b.persisted(staged)
             }
+        }
+        if metaFailed || c.dataFailure < 0 {
+            // The deferred writes' bits are not known to be durable: still pending, and still to be ordered.
+            deferredPages = c.deferred + deferredPages
+            intentDeferred = true
         }
         if metaFailed {
             log("ublk-http: cannot persist the bitmaps (write or fdatasync failed); will retry")

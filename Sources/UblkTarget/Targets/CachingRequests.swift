@@ -75,7 +75,8 @@ extension CachingHandler {
 
     /// Sets a write's intent bits (local, dirty, write-back); true when some of
     /// them are not durable yet, so its data must wait for an intent cycle.
-    /// A write that waits sets its region's bits ahead in the same cycle.
+    /// A write that waits sets its region's bits ahead in the same cycle; a
+    /// write of absent pages need not wait (`mayDeferIntent`).
     func setIntent(_ pages: Range<UInt64>) -> Bool {
         writebackCopy.written(pages)
         if let st = settled, st.count > 0 { st.clear(pages) }
@@ -85,8 +86,30 @@ extension CachingHandler {
             if b.hasUnstaged(pages) { wait = true }
             if let c = cycle, c.carries(b, pages) { wait = true }
         }
+        if wait && mayDeferIntent(pages) {
+            intentDeferred = true
+            deferredPages.append(pages)
+            context.stats.writesDeferred += 1
+            return false
+        }
         if wait { setAhead(around: pages) }
         return wait
+    }
+
+    /// Write-ahead deferred: a write whose pages are absent, in memory and on
+    /// the disk (`Bitmap.mayBeSetOnDisk`: not even in a commit in flight), issues its
+    /// data at once. Their intent bits then only have to reach the disk
+    /// before their present bits: the next full cycle is `ordered` (present
+    /// bits in a phase after the others, PersistenceCycle.swift), and until a
+    /// present bit lands a crash finds the page absent, reading the source's
+    /// bytes as before the write (which no FLUSH covered). Not in
+    /// write-through with dirty tracking: the backing store gets the data at
+    /// once, so the dirty bit must be durable before it; for the same reason
+    /// write-back copies no page while its deferred bits are not durable
+    /// (`deferredPages`).
+    func mayDeferIntent(_ pages: Range<UInt64>) -> Bool {
+        guard !(through && dirty != nil), !presentFrozen else { return false }
+        return bitmap.bits.nextSet(in: pages) == nil && !bitmap.mayBeSetOnDisk(pages)
     }
 
     /// Write-ahead by region (`CacheContext.intentRegionPages`): the write-back

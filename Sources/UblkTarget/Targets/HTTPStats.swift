@@ -20,6 +20,7 @@ public struct HTTPStats: Codable, Sendable {
     /// Writes and what they cost in persistence (caching targets; nil from older servers).
     public var writes: UInt64?
     public var writesHeldForIntent: UInt64?
+    public var writesDeferred: UInt64?
     public var intentCycles: UInt64?
     public var fullCycles: UInt64?
     public var pagesSetAhead: UInt64?
@@ -30,7 +31,7 @@ public struct HTTPStats: Codable, Sendable {
         case hits, misses, bytesFetched = "bytes_fetched", requests, retries, errors
         case missLatencyP50Ms = "miss_latency_p50_ms", missLatencyP99Ms = "miss_latency_p99_ms"
         case pagesPresent = "pages_present", pagesTotal = "pages_total", pageSize = "page_size"
-        case writes, writesHeldForIntent = "writes_held_for_intent", intentCycles = "intent_cycles", fullCycles = "full_cycles"
+        case writes, writesHeldForIntent = "writes_held_for_intent", writesDeferred = "writes_deferred", intentCycles = "intent_cycles", fullCycles = "full_cycles"
         case pagesSetAhead = "pages_set_ahead", readsThrough = "reads_through"
         case cacheCopiesLost = "cache_copies_lost"
     }
@@ -79,6 +80,9 @@ public struct HTTPStats: Codable, Sendable {
         if let w = writesHeldForIntent {
             metric("writes_held_for_intent_total", "counter", "Writes whose data waited for their pages' bits to be persisted first.", "\(w)")
         }
+        if let w = writesDeferred {
+            metric("writes_deferred_total", "counter", "Writes of absent pages issued before their pages' bits were persisted (the bits then go before the present bits).", "\(w)")
+        }
         if let c = intentCycles { metric("intent_cycles_total", "counter", "Persistence cycles for write intent bits (bitmap words, fdatasync).", "\(c)") }
         if let c = fullCycles { metric("full_cycles_total", "counter", "Full persistence cycles (cache file fdatasync, then the bitmaps).", "\(c)") }
         if let c = cacheCopiesLost { metric("cache_copies_lost_total", "counter", "Write-through writes whose cache file copy failed: they stand on the backing store.", "\(c)") }
@@ -99,7 +103,7 @@ extension CacheStats {
                   missLatencyP50Ms: missLatency.percentile(50).map { Double($0) / 1e6 },
                   missLatencyP99Ms: missLatency.percentile(99).map { Double($0) / 1e6 },
                   pagesPresent: present.count, pagesTotal: present.pageCount, pageSize: pageSize,
-                  writes: writes, writesHeldForIntent: writesHeldForIntent,
+                  writes: writes, writesHeldForIntent: writesHeldForIntent, writesDeferred: writesDeferred,
                   intentCycles: intentCycles, fullCycles: fullCycles, pagesSetAhead: pagesSetAhead, readsThrough: readsThrough, cacheCopiesLost: cacheCopiesLost)
     }
 }

@@ -4,17 +4,23 @@
 // each completion back (CachingPersistence.swift). It does no I/O itself.
 //
 //   full cycle:    fdatasync the cache file (and the backing store)
-//                  -> phase 1: write the staged words of every bitmap but
-//                     those held for phase 2, then fdatasync each file
-//                  -> phase 2 (only if words are held): the held words, fdatasync
+//                  -> phase 1: write the staged words of the bitmaps of
+//                     phase 1, then fdatasync each file
+//                  -> phase 2, phase 3 (those that have words): the same
 //                  -> over: each commit persisted, or abandoned if its write
 //                     or fdatasync failed, or the data's fdatasync failed
 //   intent cycle:  phase 1 only (the bitmaps a write sets before its data).
-// Held for phase 2: the dirty bitmap's words when they carry cleared bits (a
-// clear may reach the disk only after the present bits it relies on: a page
-// whose present bit did not land is dropped at open and reads the source
-// again, so it must still be listed dirty). A failed data fdatasync writes
-// no words at all; a failed word of phase 1 writes none of phase 2.
+// The handler puts in phase 1 the bits a write sets (local, dirty,
+// write-back, unsettled) and, unless it must follow them, the present
+// bitmap; in phase 2 the present bitmap when a write this cycle covers
+// issued its data before its bits were durable (`ordered`: write-ahead
+// deferred, CachingRequests.swift); in phase 3 the dirty bitmap's words
+// when they carry cleared bits (a clear may reach the disk only after the
+// present bits it relies on: a page whose present bit did not land is
+// dropped at open and reads the source again, so it must still be listed
+// dirty). Then the dirty bitmap's sets go in phase 1 too, as words that only
+// add bits to the disk's (`addSetsFirst`). A failed data fdatasync writes no
+// words at all; a failed word of a phase writes none of the later phases.
 import PageCache
 
 /// One I/O of a cycle. `write`/`run` index `PersistenceCycle.writes` and their runs.
@@ -30,8 +36,8 @@ struct PersistenceCycle {
     var commits: [(bitmap: Bitmap, commit: BitmapCommit, write: Int?)] = []
     /// The non-empty commits, laid out for writing.
     var writes: [Bitmap.PendingWrite] = []
-    /// Writes held for phase 2 (see the header).
-    var later: Set<Int> = []
+    /// Each write's phase, 1...3 (see the header).
+    private(set) var phaseOf: [Int] = []
     private(set) var phase = 1
     private(set) var failedWrites: Set<Int> = []
     private(set) var outstanding = 0
@@ -56,17 +62,33 @@ struct PersistenceCycle {
     /// Unsettled bits cleared by this cycle (set again if a data sync fails).
     var settledCleared: [Range<UInt64>] = []
 
+    /// Present bits in phase 2, after the deferred intent bits (see the header).
+    var ordered = false
+    /// Pages of deferred writes whose intent bits this cycle carries.
+    var deferred: [Range<UInt64>] = []
+    /// Dirty bits cleared since the dirty bitmap's last commit, carried by this one.
+    var clearedDirty: [Range<UInt64>] = []
+
     init(full: Bool) { self.full = full }
 
-    /// Stages `bitmap`'s changes into the cycle; `holdForPhase2`: its words go
-    /// only after the others are durable.
-    mutating func add(_ bitmap: Bitmap, holdForPhase2: Bool = false) {
+    /// Stages `bitmap`'s changes into the cycle, written in `phase` (its
+    /// words go only after those of the phases before are durable).
+    /// `setsFirst`: bits cleared since its last persisted commit, still set on
+    /// the disk; with them its words go in phase 1 as well, with those bits
+    /// still set (only adding bits), and with their true values in `phase`.
+    mutating func add(_ bitmap: Bitmap, phase: Int = 1, setsFirst cleared: [Range<UInt64>]? = nil) {
+        precondition((1...3).contains(phase))
         let staged = bitmap.stage()
         if staged.isEmpty {
             commits.append((bitmap, staged, nil))
         } else {
-            if holdForPhase2 { later.insert(writes.count) }
+            if let cleared, phase > 1 {
+                // No commit of its own: a failure here fails the later phases, so the real one too.
+                phaseOf.append(1)
+                writes.append(bitmap.pendingWrite(staged.widened(by: cleared)))
+            }
             commits.append((bitmap, staged, writes.count))
+            phaseOf.append(phase)
             writes.append(bitmap.pendingWrite(staged))
         }
     }
@@ -107,15 +129,15 @@ struct PersistenceCycle {
     /// Whether commit `write` failed (its bits go out again in a later cycle).
     func failed(_ write: Int?) -> Bool { write.map { failedWrites.contains($0) } ?? false }
 
-    private var phaseWrites: [Int] { writes.indices.filter { later.contains($0) == (phase == 2) } }
+    private var phaseWrites: [Int] { writes.indices.filter { phaseOf[$0] == phase } }
 
     private mutating func startPhase() -> [CycleIO] {
         var ios: [CycleIO] = []
         for i in phaseWrites {
             // The data is not known to be durable: no bits of this cycle go to the disk.
             if dataFailure < 0 { continue }
-            // A word of phase 1 failed: the held ones wait for a later cycle.
-            if phase == 2 && !failedWrites.isEmpty { failedWrites.insert(i); continue }
+            // A word of an earlier phase failed: these wait for a later cycle.
+            if phase > 1 && !failedWrites.isEmpty { failedWrites.insert(i); continue }
             for k in writes[i].runs.indices { ios.append(.writeWords(write: i, run: k)) }
         }
         outstanding = ios.count
@@ -123,8 +145,8 @@ struct PersistenceCycle {
     }
 
     private mutating func endPhase() -> [CycleIO] {
-        if phase == 1 && !later.isEmpty {
-            phase = 2
+        if let next = phaseOf.filter({ $0 > phase }).min() {
+            phase = next
             return startPhase()
         }
         isOver = true
