@@ -182,11 +182,12 @@ section "a slow disk under the bitmaps stalls no read (the queue blocks only in 
 kmod-load dm_delay
 if check "ext4 for the bitmaps" bash -c "dmsetup --noudevsync create slow --table '0 $SECTORS linear /dev/ram1 0' && dmsetup mknodes && mkfs.ext4 -q -F /dev/mapper/slow && mkdir -p /mnt/s && mount /dev/mapper/slow /mnt/s"; then
     if add -t http --url $URL --cache /var/tmp/s.cache --bitmap /mnt/s/b --writable; then
-        check "read 4 MiB (cached from now on)" same $DEV_B 0 4 $WWW/disk.img
+        check "read 5 MiB (cached from now on)" same $DEV_B 0 5 $WWW/disk.img
         sleep 1.5  # their bits persisted
         check "the bitmaps' disk now takes 4 s for every write and flush" swap slow "0 $SECTORS delay /dev/ram1 0 0 /dev/ram1 0 4000 /dev/ram1 0 4000"
-        # A writer of new pages: each write's bits go to the slow disk first.
-        ( for i in 0 1; do dd if=/dev/urandom of=$DEV_B bs=4k seek=$((8192 + i * 16)) count=1 oflag=direct 2>/dev/null; done ) &
+        # A writer of cached pages (MiB 4, beside the 4 MiB read below): each write's bits go to the slow disk first
+        # (a write of an absent page would not wait: its bits need only precede its present bit).
+        ( for i in 0 1; do dd if=/dev/urandom of=$DEV_B bs=4k seek=$((1024 + i * 16)) count=1 oflag=direct 2>/dev/null; done ) &
         W=$!
         sleep 1
         fio --name=r --filename=$DEV_B --rw=read --bs=4k --size=4M --direct=1 --ioengine=psync \
