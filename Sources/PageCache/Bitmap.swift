@@ -81,6 +81,9 @@ public final class Bitmap {
         }
         do {
             let stored = try readHeader(fd: fd, path: path, expected: identity)
+            // Its blocks reserved now: a full file system later must not fail a
+            // word's write into a hole (every write then waits on the bitmaps).
+            try reserve(fd: fd, path: path, pageCount: stored.pageCount)
             let bitmap = Bitmap(path: path, fd: fd, identity: stored, requested: identity)
             bitmap.binding = try readBinding(fd: fd, path: path)
             try readWords(fd: fd, path: path, into: bitmap.bits)
@@ -147,10 +150,19 @@ public final class Bitmap {
         if case .failure(let e) = retryingEINTR({ ftruncate(fd, off_t(size)) }) {
             throw .io(FileError("ftruncate", path: path, errno: e))
         }
+        try Bitmap.reserve(fd: fd, path: path, pageCount: bits.pageCount)
         if case .failure(let e) = retryingEINTR({ fdatasync(fd) }) {
             throw .io(FileError("fdatasync", path: path, errno: e))
         }
         try writeHeader(requested)
+    }
+
+    /// Allocates the file's blocks (posix_fallocate; where the file system has
+    /// no fallocate, glibc writes a zero into each hole, keeping what is there).
+    static func reserve(fd: Int32, path: String, pageCount: UInt64) throws(BitmapError) {
+        var e: Int32
+        repeat { e = posix_fallocate(fd, 0, off_t(fileSize(pageCount: pageCount))) } while e == EINTR
+        if e != 0 && e != EOPNOTSUPP && e != ENOSYS { throw .io(FileError("fallocate", path: path, errno: e)) }
     }
 
     /// Keeps the bits and records `requested` as the identity (the caller

@@ -88,6 +88,28 @@ final class BitmapTests: XCTestCase {
         XCTAssertEqual(bm.identity, identity)
     }
 
+    func testABitmapFileHasItsBlocksReservedSoAFullFileSystemCannotFailAWordWrite() throws {
+        // A large image: its words span many blocks, which a sparse file would allocate only when written.
+        let big = BitmapIdentity(pageSize: 4096, imageSize: 4 << 30, url: "http://example/image", etag: "\"abc\"")
+        let path = dir.file("bm")
+        let size = Bitmap.fileSize(pageCount: big.imageSize / 4096)
+        func allocated() -> UInt64 {
+            var st = stat()
+            XCTAssertEqual(stat(path, &st), 0)
+            return UInt64(st.st_blocks) * 512
+        }
+        do { _ = try Bitmap.open(path: path, identity: big) }
+        XCTAssertGreaterThanOrEqual(allocated(), size, "created with every block allocated")
+        // A file made sparse (by an older version) is filled in when opened.
+        XCTAssertEqual(truncate(path, off_t(Bitmap.headerSize)), 0)
+        XCTAssertEqual(truncate(path, off_t(size)), 0)
+        XCTAssertLessThan(allocated(), size)
+        let (bm, _) = try Bitmap.open(path: path, identity: big)
+        XCTAssertGreaterThanOrEqual(allocated(), size)
+        try bm.startAfresh()
+        XCTAssertGreaterThanOrEqual(allocated(), size, "and again after starting afresh")
+    }
+
     func testMismatchedGeometryIsATypedErrorNeverReused() throws {
         let path = dir.file("bm")
         _ = try Bitmap.open(path: path, identity: identity)

@@ -181,7 +181,8 @@ extension CachingHandler {
         if request.op == .flush {
             guard let wb = context.writeback else { return controlJSON(WritebackStatus(writebackPages: 0, inFlight: false, unpersisted: false)) }
             startWriteback(queue)
-            if wb.bits.hasChanged { startCycle(queue) }
+            // (copied pages too: their bits go with the next full cycle)
+            if wb.bits.hasChanged || writebackCopy.hasCopied { startCycle(queue) }
             return controlJSON(WritebackStatus(writebackPages: wb.count, inFlight: writebackCopy.isCopying || cycle != nil,
                                                unpersisted: wb.bits.hasChanged || writebackCopy.hasCopied))
         }

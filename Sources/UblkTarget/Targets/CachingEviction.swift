@@ -20,6 +20,9 @@ struct Eviction {
     private var graceNext: [Range<UInt64>] = []
     private(set) var punchesInFlight = 0
     private var deferred: [Request] = []
+    /// What made the last choice fall short of its target (every page left
+    /// was one to keep): nothing is chosen again until it changes.
+    var futile: [UInt64]?
 
     /// Punches are in flight: nothing may touch the cache file's holes meanwhile.
     var isPunching: Bool { punchesInFlight > 0 }
@@ -135,11 +138,19 @@ extension CachingHandler {
         let ps = UInt64(context.pageSize)
         let present = bitmap.count * ps
         guard present > context.maxCacheBytes, let chunks = context.chunks else { return }
+        // A cache full of pages to keep (write-back pending, local, under I/O)
+        // is not scanned again, page by page, on every turn of the loop: only
+        // once one of those counts moved.
         let pinned = pinnedRanges()
-        _ = eviction.choose(bitmap, uses: (0..<chunks.count).map { chunks.use($0) },
-                            pagesPerChunk: UInt64(1) << CachingHandler.chunkShift / ps, pageSize: ps,
-                            present: present, target: context.maxCacheBytes - context.maxCacheBytes / 8,  // some slack
-                            mustKeep: { self.mustKeep($0, pinned: pinned) }, trace: trace)
+        let state = [bitmap.count, writeback?.count ?? 0, local?.count ?? 0, UInt64(pinned.count),
+                     UInt64(planner.plannedRunCount), writebackCopy.hasCopied ? 1 : 0]
+        if eviction.futile == state { return }
+        let target = context.maxCacheBytes - context.maxCacheBytes / 8  // some slack
+        let after = eviction.choose(bitmap, uses: (0..<chunks.count).map { chunks.use($0) },
+                                    pagesPerChunk: UInt64(1) << CachingHandler.chunkShift / ps, pageSize: ps,
+                                    present: present, target: target,
+                                    mustKeep: { self.mustKeep($0, pinned: pinned) }, trace: trace)
+        eviction.futile = after > target && eviction.cleared.isEmpty ? state : nil
         if !eviction.cleared.isEmpty { startCycle(queue, full: true) }
     }
 
