@@ -150,30 +150,6 @@ extension Bitmap {
         try persist(c)
     }
 
-    /// Blocking: writes every changed word as the union of its value in
-    /// memory and on the disk, then fdatasyncs; the words stay changed (the
-    /// caller persists their true values later, `commit`). So the bits set
-    /// since the last persist reach the disk before anything that must follow
-    /// them, while bits cleared since then stay set on the disk until their
-    /// own turn (the dirty bitmap at open and at shutdown: its sets before
-    /// present bits, its clears after them; CachingHandler.swift's ORDER ON DISK).
-    public func persistSetsFirst() throws(BitmapError) {
-        let changed = bits.changedWords()
-        if changed.isEmpty { return }
-        var values = [UInt64](repeating: 0, count: changed.count)
-        for (k, w) in changed.enumerated() {
-            var disk: UInt64 = 0
-            let offset = UInt64(Bitmap.headerSize) + UInt64(w) * 8
-            switch withUnsafeMutableBytes(of: &disk, { preadFully(fd, $0.baseAddress!, 8, offset) }) {
-            case .failure(let e): throw .io(FileError("pread", path: path, errno: e))
-            case .success(let n) where n < 8: disk = 0
-            case .success: break
-            }
-            values[k] = UInt64(littleEndian: disk) | bits.word(w)
-        }
-        if let failure = writeWords(changed, values) { throw .io(failure) }
-    }
-
     /// pwrites `values` at the words `indices` (sorted; contiguous words in one pwrite), then fdatasync.
     private func writeWords(_ indices: [Int], _ values: [UInt64]) -> FileError? {
         var i = 0

@@ -151,23 +151,6 @@ public struct BitmapCommit: Sendable {
         }
         return a < indices.count && indices[a] <= hi
     }
-
-    /// The same words with every bit of `ranges` set too: what may go to the
-    /// disk before this commit when its clears must wait but its sets may not
-    /// (a clear recorded in `ranges` is still set on the disk, so a word
-    /// written this way only adds bits to what the disk holds).
-    public func widened(by ranges: [Range<UInt64>]) -> BitmapCommit {
-        guard !ranges.isEmpty, !indices.isEmpty else { return self }
-        var out = values
-        for (k, w) in indices.enumerated() {
-            let lo = UInt64(w) << 6, hi = lo + 64
-            for r in ranges where r.lowerBound < hi && r.upperBound > lo {
-                let a = max(r.lowerBound, lo) - lo, b = min(r.upperBound, hi) - lo
-                out[k] |= (b - a == 64 ? ~0 : ((1 << (b - a)) - 1) << a)
-            }
-        }
-        return BitmapCommit(sequence: sequence, indices: indices, values: out)
-    }
 }
 
 /// A bitmap file's header and how many pages it marks (`Bitmap.inspect`).

@@ -313,13 +313,12 @@ public final class CacheStore {
 
         // Bring the disk up to date (adopted live words, local pages taken
         // over): the cache file's data first, then the bits in the handler's
-        // order (its ORDER ON DISK): what a write sets before present bits
-        // (a write may have issued its data before them), cleared dirty bits
-        // after them.
+        // order (its ORDER ON DISK): what a write sets before present bits (a
+        // write may have issued its data before them, without dirty
+        // tracking), cleared dirty bits after them.
         let all = [p, dirty?.bitmap, local?.bitmap, writeback?.bitmap, unsettled?.bitmap].compactMap { $0 }
         if all.contains(where: { $0.bits.hasChanged }) {
             try file.sync()
-            try dirty?.bitmap.persistSetsFirst()
             for b in [local?.bitmap, writeback?.bitmap, unsettled?.bitmap, p, dirty?.bitmap].compactMap({ $0 }) where b.bits.hasChanged {
                 try b.persist(b.stage())
             }

@@ -141,9 +141,6 @@ public final class PageBits {
 
     public var hasChanged: Bool { !changedList.isEmpty }
 
-    /// The words changed and not taken yet, sorted (they stay changed).
-    public func changedWords() -> [Int] { changedList.sorted() }
-
     /// Whether a word overlapping `pages` is in the changed list (not taken yet).
     public func hasPendingWords(_ pages: Range<UInt64>) -> Bool {
         var found = false

@@ -185,8 +185,7 @@ if check "ext4 for the bitmaps" bash -c "dmsetup --noudevsync create slow --tabl
         check "read 5 MiB (cached from now on)" same $DEV_B 0 5 $WWW/disk.img
         sleep 1.5  # their bits persisted
         check "the bitmaps' disk now takes 4 s for every write and flush" swap slow "0 $SECTORS delay /dev/ram1 0 0 /dev/ram1 0 4000 /dev/ram1 0 4000"
-        # A writer of cached pages (MiB 4, beside the 4 MiB read below): each write's bits go to the slow disk first
-        # (a write of an absent page would not wait: its bits need only precede its present bit).
+        # A writer of cached pages (MiB 4, beside the 4 MiB read below): each write's bits go to the slow disk first.
         ( for i in 0 1; do dd if=/dev/urandom of=$DEV_B bs=4k seek=$((1024 + i * 16)) count=1 oflag=direct 2>/dev/null; done ) &
         W=$!
         sleep 1

@@ -98,9 +98,9 @@ extension CachingHandler {
                 try context.cache.sync()
                 for r in DirtyExtents.runs(st) { u.markAbsent(r) }
             }
-            // ORDER ON DISK: the bits writes set, then present bits, then cleared dirty bits.
+            // ORDER ON DISK: the bits writes set (deferred ones before their present
+            // bits), then present bits, then the dirty bits (their clears after those).
             try context.cache.sync()
-            try dirty?.persistSetsFirst()
             for b in intentBitmaps where b !== dirty { try b.commit(syncing: context.cache) }
             if !durabilityLost { try bitmap.commit(syncing: context.cache) }
             try dirty?.commit(syncing: context.cache)

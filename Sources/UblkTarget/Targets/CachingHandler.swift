@@ -84,12 +84,12 @@
 //      waits for such a cycle sets the write-back (unsettled) bits of its
 //      region's present pages in it too (write-ahead by region: setAhead in
 //      CachingRequests.swift), and the next writes there need no cycle.
-//      Except a write of pages absent in memory and on the disk (write-ahead
-//      deferred: mayDeferIntent there): its data goes at once, and its bits
-//      need only reach the disk before its present bits. The next full cycle
-//      is then ordered (PersistenceCycle.swift: intent bits, present bits,
-//      cleared dirty bits, each phase durable before the next); until it
-//      lands a crash finds the page absent, as it was before the write.
+//      Except, without dirty tracking, a write of pages absent in memory and
+//      on the disk (write-ahead deferred: mayDeferIntent there): its data
+//      goes at once, and its bits need only reach the disk before its present
+//      bits. The next full cycle is then ordered (PersistenceCycle.swift:
+//      intent bits, then present bits, each phase durable before the next);
+//      until it lands a crash finds the page absent, as before the write.
 //   2. A present bit reaches the disk only AFTER its data: a "full" cycle
 //      stages the bits, fdatasyncs the cache file (and the backing store),
 //      then writes and fdatasyncs the bitmap words. FLUSH and FUA complete
@@ -199,16 +199,10 @@ final class CachingHandler: QueueHandler {
     /// the disk only after the data it was taken from (the copy `sync` made
     /// may be newer than what a power loss would leave), so never in an intent cycle.
     var dirtyCleared = false
-    /// Dirty bits cleared in memory since the dirty bitmap's last commit (still set on the disk).
-    var clearedDirty: [Range<UInt64>] = []
     /// A write's intent bits were set after the last stage without its data
     /// waiting for them (mayDeferIntent): the next full cycle is ordered.
     /// True at start: words adopted from a server killed may hold such bits.
     var intentDeferred = true
-    /// The pages of those writes, until a cycle makes their bits durable
-    /// (write-back copies none of them before: the backing store would hold
-    /// data a crash could leave unlisted by `dirty`).
-    var deferredPages: [Range<UInt64>] = []
     /// Pages written since the last good data sync (the next full cycle's fdatasync covers them).
     var unsyncedWrites: [Range<UInt64>] = []
     /// Pages whose written data a failed fdatasync may have lost and that were

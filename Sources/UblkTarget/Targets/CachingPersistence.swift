@@ -31,8 +31,6 @@ extension CachingHandler {
         let ordered = full && intentDeferred && !presentFrozen
         intentDeferred = false
         c.ordered = ordered
-        c.deferred = deferredPages
-        deferredPages = []
         if full { context.stats.fullCycles += 1 } else { context.stats.intentCycles += 1 }
         if full {
             // Copied pages: the backing's fdatasync below covers them, so their bits may go.
@@ -71,15 +69,8 @@ extension CachingHandler {
         }
         if full && !presentFrozen { c.add(bitmap, phase: ordered ? 2 : 1) }
         for b in intentBitmaps {
-            if clears && b === dirty {
-                // Cleared dirty bits go after the present bits they rely on are
-                // durable; its sets (of deferred writes) before them.
-                c.clearedDirty = clearedDirty
-                clearedDirty = []
-                c.add(b, phase: 3, setsFirst: ordered ? c.clearedDirty : nil)
-            } else {
-                c.add(b)
-            }
+            // Cleared dirty bits go after the present bits they rely on are durable.
+            c.add(b, phase: clears && b === dirty ? 3 : 1)
         }
         c.held = heldWrites
         heldWrites = []
@@ -129,9 +120,7 @@ extension CachingHandler {
         // (present bits no longer go out): every listed page stays listed.
         guard let d = dirty, !presentFrozen else { return }
         // Pages whose data a failed fdatasync may have lost stay listed.
-        for r in ranges {
-            for keep in subtract(lostPages, from: r) where d.markAbsent(keep) > 0 { clearedDirty.append(keep) }
-        }
+        for r in ranges { for keep in subtract(lostPages, from: r) { d.markAbsent(keep) } }
         dirtyCleared = true
         startCycle(queue, full: true)
     }
@@ -147,15 +136,12 @@ extension CachingHandler {
             // would claim a copy of data that may be lost).
             if failed || c.dataFailure < 0 {
                 b.abandon(staged)
-                // Not on the disk: those clears are still to come, deferred bits still to be ordered.
-                if b === dirty { clearedDirty = c.clearedDirty + clearedDirty }
             } else {
                 b.persisted(staged)
             }
         }
         if metaFailed || c.dataFailure < 0 {
-            // The deferred writes' bits are not known to be durable: still pending, and still to be ordered.
-            deferredPages = c.deferred + deferredPages
+            // The deferred writes' bits are not known to be durable: the next full cycle is ordered too.
             intentDeferred = true
         }
         if metaFailed {

@@ -88,7 +88,6 @@ extension CachingHandler {
         }
         if wait && mayDeferIntent(pages) {
             intentDeferred = true
-            deferredPages.append(pages)
             context.stats.writesDeferred += 1
             return false
         }
@@ -102,13 +101,15 @@ extension CachingHandler {
     /// before their present bits: the next full cycle is `ordered` (present
     /// bits in a phase after the others, PersistenceCycle.swift), and until a
     /// present bit lands a crash finds the page absent, reading the source's
-    /// bytes as before the write (which no FLUSH covered). Not in
-    /// write-through with dirty tracking: the backing store gets the data at
-    /// once, so the dirty bit must be durable before it; for the same reason
-    /// write-back copies no page while its deferred bits are not durable
-    /// (`deferredPages`).
+    /// bytes as before the write (which no FLUSH covered).
+    /// Only without dirty tracking: anyone may read the new bytes (a `sync`
+    /// copying them to a replica) before the dirty bit is durable, and a
+    /// power loss that then undoes the write would leave the page unlisted
+    /// though it differs from the replica. (A write-back copy of such a page
+    /// may reach the backing store first: a crash then finds the page absent
+    /// and reads the new bytes from there, as a write that survived.)
     func mayDeferIntent(_ pages: Range<UInt64>) -> Bool {
-        guard !(through && dirty != nil), !presentFrozen else { return false }
+        guard dirty == nil, !presentFrozen else { return false }
         return bitmap.bits.nextSet(in: pages) == nil && !bitmap.mayBeSetOnDisk(pages)
     }
 

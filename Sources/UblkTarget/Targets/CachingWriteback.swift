@@ -188,11 +188,8 @@ extension CachingHandler {
         return out
     }
 
-    /// Whether a write (or discard) in flight, or waiting for its intent bits,
-    /// or deferred with its bits not durable yet, covers one of `pages`.
+    /// Whether a write (or discard) in flight, or waiting for its intent bits, covers one of `pages`.
     func writeInFlight(overlapping pages: Range<UInt64>) -> Bool {
-        if deferredPages.contains(where: { $0.overlaps(pages) }) { return true }
-        if let c = cycle, c.deferred.contains(where: { $0.overlaps(pages) }) { return true }
         for (t, s) in slots.map(\.stage).enumerated() where s == .writing || s == .waitingIntent || s == .waitingAck {
             if let r = slots[t].request, planner.pages(offset: r.offset, length: Int(r.length)).overlaps(pages) { return true }
         }

@@ -6,8 +6,7 @@
 // its source and the overlay's files as its cache (OverlayStore.swift), run
 // by the same handler (CachingHandler.swift) and so by the same persistence
 // engine: a write's local and dirty bits are durable before its data is
-// issued (an intent cycle; for a page absent until then, before its present
-// bit: write-ahead deferred), a present bit reaches the disk only after its
+// issued (an intent cycle), a present bit reaches the disk only after its
 // data (a full cycle: FLUSH and FUA), the bits live in /run/ublk-http/live
 // so that a server killed (kill -9) loses no acknowledged write, and the
 // files are bound by one identity. What differs is admission: nothing a read

@@ -18,9 +18,8 @@
 // when they carry cleared bits (a clear may reach the disk only after the
 // present bits it relies on: a page whose present bit did not land is
 // dropped at open and reads the source again, so it must still be listed
-// dirty). Then the dirty bitmap's sets go in phase 1 too, as words that only
-// add bits to the disk's (`addSetsFirst`). A failed data fdatasync writes no
-// words at all; a failed word of a phase writes none of the later phases.
+// dirty). A failed data fdatasync writes no words at all; a failed word of a
+// phase writes none of the later phases.
 import PageCache
 
 /// One I/O of a cycle. `write`/`run` index `PersistenceCycle.writes` and their runs.
@@ -64,29 +63,17 @@ struct PersistenceCycle {
 
     /// Present bits in phase 2, after the deferred intent bits (see the header).
     var ordered = false
-    /// Pages of deferred writes whose intent bits this cycle carries.
-    var deferred: [Range<UInt64>] = []
-    /// Dirty bits cleared since the dirty bitmap's last commit, carried by this one.
-    var clearedDirty: [Range<UInt64>] = []
 
     init(full: Bool) { self.full = full }
 
     /// Stages `bitmap`'s changes into the cycle, written in `phase` (its
     /// words go only after those of the phases before are durable).
-    /// `setsFirst`: bits cleared since its last persisted commit, still set on
-    /// the disk; with them its words go in phase 1 as well, with those bits
-    /// still set (only adding bits), and with their true values in `phase`.
-    mutating func add(_ bitmap: Bitmap, phase: Int = 1, setsFirst cleared: [Range<UInt64>]? = nil) {
+    mutating func add(_ bitmap: Bitmap, phase: Int = 1) {
         precondition((1...3).contains(phase))
         let staged = bitmap.stage()
         if staged.isEmpty {
             commits.append((bitmap, staged, nil))
         } else {
-            if let cleared, phase > 1 {
-                // No commit of its own: a failure here fails the later phases, so the real one too.
-                phaseOf.append(1)
-                writes.append(bitmap.pendingWrite(staged.widened(by: cleared)))
-            }
             commits.append((bitmap, staged, writes.count))
             phaseOf.append(phase)
             writes.append(bitmap.pendingWrite(staged))
