@@ -157,11 +157,9 @@ public final class Bitmap {
         try writeHeader(requested)
     }
 
-    /// Allocates the file's blocks (posix_fallocate; where the file system has
-    /// no fallocate, glibc writes a zero into each hole, keeping what is there).
+    /// Allocates the file's blocks, as a live file's are (LiveFile.reserveBlocks).
     static func reserve(fd: Int32, path: String, pageCount: UInt64) throws(BitmapError) {
-        var e: Int32
-        repeat { e = posix_fallocate(fd, 0, off_t(fileSize(pageCount: pageCount))) } while e == EINTR
+        let e = LiveFile.reserveBlocks(fd, Int(fileSize(pageCount: pageCount)))
         if e != 0 && e != EOPNOTSUPP && e != ENOSYS { throw .io(FileError("fallocate", path: path, errno: e)) }
     }
 

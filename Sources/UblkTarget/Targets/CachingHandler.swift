@@ -347,9 +347,9 @@ final class CachingHandler: QueueHandler {
                 p = e
             }
         }
-        // Write-ahead deferred (mayDeferIntent) asks which present bits may be on
-        // the disk; without the answer (the read failed) no write is deferred.
-        if context.writable { try? bitmap.trackDiskBits() }
+        // Write-ahead deferred (mayDeferIntent: writable, no dirty tracking) asks which
+        // present bits may be on the disk; without the answer (the read failed) no write is deferred.
+        if context.writable && dirty == nil { try? bitmap.trackDiskBits() }
     }
 
     /// Write-through after a crash: a page whose write may have reached only
