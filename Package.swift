@@ -26,8 +26,14 @@ let package = Package(
             name: "UblkCLI",
             dependencies: [
                 "UblkTarget",
+                "UblkService",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
+        ),
+        // The host service: the device table, systemd's units and notifications, metrics files.
+        .target(
+            name: "UblkService",
+            dependencies: ["UblkTarget"]
         ),
         .executableTarget(
             name: "ublk-http",
@@ -55,7 +61,7 @@ let package = Package(
         ),
         .testTarget(
             name: "UblkTargetTests",
-            dependencies: ["UblkTarget", "UblkCLI", "CUring", "PageCache"]
+            dependencies: ["UblkTarget", "UblkCLI", "UblkService", "CUring", "PageCache"]
         ),
     ],
     swiftLanguageModes: [.v5]

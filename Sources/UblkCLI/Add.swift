@@ -2,6 +2,7 @@ import ArgumentParser
 import FoundationEssentials
 import Glibc
 import PageCache
+import UblkService
 import UblkTarget
 
 struct Add: ParsableCommand {
@@ -118,7 +119,10 @@ struct Add: ParsableCommand {
     @Flag(name: .customLong("recovery"), help: "If the server dies, keep the device and hold its I/O until `ublk-http recover -n ID`.")
     var recovery = false
 
-    @Flag(name: .customLong("foreground"), help: "Serve in this process; print the JSON and block until stopped.")
+    @Option(name: .customLong("name"), help: "A name for the device (letters, digits, . - _): udev links /dev/ublk-http/NAME to it whatever its number (with the rule the package installs), `list` shows it, and `up`/`down` and the device table find it by it. Refused while another device has it.")
+    var name: String?
+
+    @Flag(name: .customLong("foreground"), help: "Serve in this process; print the JSON and block until stopped. Under systemd (Type=notify) the server tells systemd when the device is live.")
     var foreground = false
 
     @Option(name: .customLong("recover-id"), parsing: .unconditional, help: .hidden)
@@ -136,6 +140,7 @@ struct Add: ParsableCommand {
         guard ["null", "loop", "http", "cache", "overlay"].contains(type) else {
             throw Failure("unknown target type '\(type)' (known: null, loop, http, cache, overlay)")
         }
+        if let name, let problem = DeviceTable.nameProblem(name) { throw Failure("--name: \(problem)") }
         if type == "overlay" {
             guard overlay.lower != nil else { throw Failure("the overlay target needs --lower DEVICE (a read-only base)") }
         } else if overlay.lower != nil {
@@ -245,6 +250,7 @@ struct Add: ParsableCommand {
         o.dataPath = dataPath.flatMap(DataPath.init(rawValue:))
         o.recoverID = recoverID.map { UInt32(clamping: $0) }
         o.arguments = Add.savedArguments(arguments)
+        o.name = name
         return o
     }
 
@@ -317,6 +323,9 @@ struct Add: ParsableCommand {
     /// The server: bring the device up, report, serve until stopped.
     func serve(report: ReadyPipe?, arguments: [String]) throws {
         do {
+            if let name, recoverID == nil, let other = Devices.holding(name: name) {
+                throw Failure("the name '\(name)' is taken by ublk\(other)")
+            }
             let target = try makeTarget()
             try requireRoot()
             let server: Server
@@ -330,7 +339,9 @@ struct Add: ParsableCommand {
                 print(jsonLine(state.redacted))
                 fflush(stdout)
             }
+            SystemdNotify.send("READY=1\nSTATUS=serving \(state.blockDevice)\(name.map { " as /dev/ublk-http/\($0)" } ?? "")")
             server.wait()
+            SystemdNotify.send("STOPPING=1")
             server.shutdown()
         } catch {
             if let r = report {

@@ -83,6 +83,15 @@ enum Devices {
         return info.state == UInt16(UBLK_S_DEV_QUIESCED) || info.state == UInt16(UBLK_S_DEV_FAIL_IO)
     }
 
+    /// The device that holds `name`: its server runs, or it waits for `recover`.
+    static func holding(name: String) -> UInt32? {
+        guard let control = try? Control() else { return nil }
+        return DeviceState.ids(named: name).first { id in
+            guard let info = try? control.info(id) else { return false }
+            return processAlive(info.ublksrv_pid) || awaitsRecovery(id, control: control)
+        }
+    }
+
     static func waitGone(_ pid: Int32, seconds: Double) -> Bool {
         let deadline = Date().addingTimeInterval(seconds)
         while processAlive(pid) {

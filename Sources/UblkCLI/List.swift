@@ -28,10 +28,15 @@ struct List: ParsableCommand {
         var dataPath: String?
         /// Caching targets: the pages present, in percent (`hydrate` brings it to 100).
         var hydratedPercent: Double?
+        /// `add --name` / the device table's NAME.
+        var name: String?
+        /// Servers that died under the device and were replaced by `recover`.
+        var restarts: Int?
         enum CodingKeys: String, CodingKey {
             case devID = "dev_id", state, queues, depth, size, target, targetOptions = "target_options", pid
             case serverRunning = "server_running", blockDevice = "block_device", charDevice = "char_device"
             case readOnly = "read_only", stats, dataPath = "data_path", hydratedPercent = "hydrated_percent"
+            case name, restarts
         }
     }
 
@@ -48,13 +53,15 @@ struct List: ParsableCommand {
     func run() throws {
         let only = try number.map(deviceID)
         let control = try openControl()
-        let ids = only.map { [$0] } ?? Devices.existing()
+        if let id = only, (try? control.info(id)) == nil { throw Failure("no such device: ublk\(id)") }
+        print(jsonLine(List.entries(only.map { [$0] } ?? Devices.existing(), control: control)))
+    }
+
+    /// What `list` shows of the devices `ids` the kernel knows (others are left out).
+    static func entries(_ ids: [UInt32], control: Control) -> [Entry] {
         var out: [Entry] = []
         for id in ids {
-            guard let info = try? control.info(id) else {
-                if number != nil { throw Failure("no such device: ublk\(id)") }
-                continue
-            }
+            guard let info = try? control.info(id) else { continue }
             let saved = DeviceState.load(id)
             let stats = HTTPStats.load(id)
             let size = (try? control.params(id)).map { $0.basic.dev_sectors << 9 } ?? saved?.size ?? 0
@@ -66,9 +73,10 @@ struct List: ParsableCommand {
                              stats: stats, dataPath: saved?.dataPath,
                              // An overlay holds only its written pages: its base is what hydrates.
                              hydratedPercent: saved?.target == "overlay" ? nil
-                                 : stats.map { FillStatus.percent($0.pagesPresent, of: $0.pagesTotal) }))
+                                 : stats.map { FillStatus.percent($0.pagesPresent, of: $0.pagesTotal) },
+                             name: saved?.name, restarts: saved?.restarts))
         }
-        print(jsonLine(out))
+        return out
     }
 }
 

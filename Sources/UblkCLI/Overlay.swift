@@ -99,7 +99,7 @@ enum OverlayBase {
     /// nor those of how this process serves (--foreground: the base always
     /// runs in the background, as without it).
     static func baseArguments(_ args: [String]) -> [String] {
-        let dropWithValue: Set<String> = ["--overlay", "--overlay-dir", "--lower", "-n", "--number",
+        let dropWithValue: Set<String> = ["--overlay", "--overlay-dir", "--lower", "-n", "--number", "--name",
                                           "--ready-fd", "--arguments-fd", "--recover-id"]
         let dropFlags: Set<String> = ["--writable", "--foreground"]
         var out: [String] = []
@@ -119,6 +119,7 @@ enum OverlayBase {
         var args = ["add", "-t", "overlay", "--lower", lower, "--overlay", add.overlay.name!,
                     "--overlay-dir", add.overlay.directory, "-q", String(add.queues), "-d", String(add.depth)]
         if let n = add.number { args += ["-n", String(n)] }
+        if let name = add.name { args += ["--name", name] }
         if add.recovery { args.append("--recovery") }
         return args
     }

@@ -25,12 +25,15 @@ public struct UblkHTTP: ParsableCommand {
               ublk-http hydrate -n 0 [--rate 4M/s]     fetch every missing page (then the source may go)
               ublk-http profile record -n 0 --out F    record what a boot reads first (profile --help)
               ublk-http features                       what the kernel's driver supports
+              ublk-http up [NAME...]                   bring up what /etc/ublk-http/ublktab declares (check --help)
+              ublk-http metrics --textfile F           every device's counters for Prometheus
 
             `add` returns once /dev/ublkbN is live and prints one JSON object; the server
             keeps running in the background until `del`, SIGTERM or SIGINT.
             Needs root and the ublk_drv module (modprobe ublk_drv).
             """,
-        subcommands: [Add.self, Del.self, List.self, Recover.self, Stats.self, Prefetch.self, Status.self, Dirty.self, Sync.self, Flush.self, Hydrate.self, Features.self, Profile.self]
+        subcommands: [Add.self, Del.self, List.self, Recover.self, Stats.self, Prefetch.self, Status.self, Dirty.self, Sync.self, Flush.self, Hydrate.self, Features.self, Profile.self,
+                      Up.self, Down.self, Check.self, Serve.self, MetricsCommand.self, GenerateUnits.self]
     )
     public init() {}
 

@@ -28,11 +28,16 @@ public struct DeviceState: Codable, Sendable {
     /// The `add` arguments that started the server (for `recover`). Never written to
     /// ublkN.json (see `save`); read from there only as left by older versions.
     public var arguments: [String]?
+    /// `add --name` (the device table's NAME); nil when none was given.
+    public var name: String?
+    /// How many times a new server recovered this device after its server died.
+    public var restarts: Int?
 
     enum CodingKeys: String, CodingKey {
         case devID = "dev_id", pid, target, targetOptions = "target_options", queues, depth
         case bufferSize = "buffer_size", size, readOnly = "read_only", recovery
         case blockDevice = "block_device", charDevice = "char_device", arguments, dataPath = "data_path"
+        case name, restarts
     }
 
     public init(id: UInt32, pid: Int32, target: String, options: [String: String], queues: Int, depth: Int,
@@ -80,6 +85,10 @@ public struct DeviceState: Codable, Sendable {
     }
 
     /// A temporary file of exactly `mode` (whatever the umask), renamed over `path`.
+    public static func writeFile(_ bytes: [UInt8], to path: String, mode: mode_t) throws(Errno) {
+        try writeAtomically(bytes, to: path, mode: mode)
+    }
+
     static func writeAtomically(_ bytes: [UInt8], to path: String, mode: mode_t) throws(Errno) {
         let tmp = path + ".tmp"
         unlink(tmp)
@@ -113,7 +122,22 @@ public struct DeviceState: Codable, Sendable {
         return load(id)?.arguments
     }
 
+    /// `UBLK_HTTP_NAME=NAME` for the udev rule (IMPORT{file}), named after the
+    /// block device's kernel name. Written before the block device appears.
+    public static func udevPath(_ id: UInt32) -> String { "\(directory)/ublkb\(id).udev" }
+
+    public static func saveUdevName(_ name: String, id: UInt32) throws(Errno) {
+        mkdir(directory, 0o755)
+        try writeAtomically(Array("UBLK_HTTP_NAME=\(name)\n".utf8), to: udevPath(id), mode: 0o644)
+    }
+
+    /// The devices with a state file whose name is `name`.
+    public static func ids(named name: String) -> [UInt32] {
+        knownIDs().filter { load($0)?.name == name }
+    }
+
     public static func remove(_ id: UInt32) {
+        unlink(udevPath(id))
         unlink(argumentsPath(id))
         unlink(path(id))
         unlink("\(directory)/ublk\(id).stats.json")

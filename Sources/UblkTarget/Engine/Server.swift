@@ -32,6 +32,9 @@ public struct ServerOptions: Sendable {
     public var recoverID: UInt32?
     /// The `add` arguments, saved in the state file so that `recover` can start the same server.
     public var arguments: [String] = []
+    /// The device's name (`add --name`, the device table): udev links
+    /// /dev/ublk-http/NAME to it, `list` shows it.
+    public var name: String?
     public init() {}
 }
 
@@ -95,6 +98,12 @@ public final class Server {
             info = try create(params, features: features)
         }
         flags = info.flags
+        // Before START_DEV: the block device's udev event reads the name from here.
+        if let name = options.name {
+            do { try DeviceState.saveUdevName(name, id: deviceID) } catch {
+                throw UblkError("cannot write \(DeviceState.udevPath(deviceID))", errno: error)
+            }
+        }
         // User copy with a target that prefers the inline copy to plain user copy.
         let inline = params.dataPaths.firstIndex(of: .inlineUserCopy).map { i in
             params.dataPaths.firstIndex(of: .userCopy).map { i < $0 } ?? true } ?? false
@@ -131,6 +140,9 @@ public final class Server {
                                 readOnly: params.readOnly, recovery: info.flags & UBLK_F_USER_RECOVERY != 0)
         state.dataPath = dataPath.rawValue
         state.arguments = options.arguments
+        state.name = options.name
+        // A recovered device keeps its count of servers that died under it.
+        if options.recoverID != nil { state.restarts = (DeviceState.load(deviceID)?.restarts ?? 0) + 1 }
         do { try state.save() } catch {
             throw UblkError("cannot write \(DeviceState.path(deviceID))", errno: error)
         }

@@ -63,10 +63,24 @@ public struct HTTPStats: Codable, Sendable {
     /// Prometheus text exposition format.
     public func prometheus(device id: UInt32) -> String {
         let l = "{device=\"ublkb\(id)\"}"
-        var out = ""
+        return samples().map { s in
+            "# HELP ublk_http_\(s.name) \(s.help)\n# TYPE ublk_http_\(s.name) \(s.type)\nublk_http_\(s.name)\(l) \(s.value)\n"
+        }.joined()
+    }
+
+    /// One counter or gauge: `name` without the ublk_http_ prefix.
+    public struct Sample: Sendable {
+        public var name: String
+        public var type: String
+        public var help: String
+        public var value: String
+    }
+
+    /// The counters as Prometheus samples, in a fixed order (absent ones left out).
+    public func samples() -> [Sample] {
+        var out: [Sample] = []
         func metric(_ name: String, _ type: String, _ help: String, _ value: String) {
-            out += "# HELP ublk_http_\(name) \(help)\n# TYPE ublk_http_\(name) \(type)\n"
-            out += "ublk_http_\(name)\(l) \(value)\n"
+            out.append(Sample(name: name, type: type, help: help, value: value))
         }
         metric("cache_hits_total", "counter", "Reads served entirely from the cache file.", "\(hits)")
         metric("cache_misses_total", "counter", "Reads that waited for a fetch.", "\(misses)")
