@@ -11,14 +11,15 @@ struct TableOption: ParsableArguments {
     @Option(name: .customLong("table"), help: "The device table (default /etc/ublk-http/ublktab; `ublk-http check --help` shows its format).")
     var path: String = DeviceTable.defaultPath
 
-    /// The table, or one line per error.
-    func load(strict: Bool = true) throws -> DeviceTable {
+    /// The table's good lines; each bad one is a warning on stderr (`check`
+    /// says the same), so that one broken line keeps no other device down.
+    func load() throws -> DeviceTable {
         let text: String
         do { text = try String(contentsOfFile: path, encoding: .utf8) } catch {
             throw Failure("cannot read the device table \(path): \(Errno(rawValue: errno == 0 ? ENOENT : errno))")
         }
         let (table, errors) = DeviceTable.parse(text, path: path)
-        if strict && !errors.isEmpty { throw Failure(errors.map(\.description).joined(separator: "; ")) }
+        for e in errors { fputs("warning: \(e) (line skipped)\n", stderr) }
         return table
     }
 
@@ -322,10 +323,8 @@ struct GenerateUnits: ParsableCommand {
     func run() throws {
         guard let dir = directories.first else { throw Failure("give the output directory") }
         guard access(table.path, F_OK) == 0 else { return }  // nothing declared
-        let t = try table.load(strict: false)
         // The good lines still come up; the bad ones are logged (the journal has the generator's stderr).
-        let (_, errors) = DeviceTable.parse((try? String(contentsOfFile: table.path, encoding: .utf8)) ?? "", path: table.path)
-        for e in errors { fputs("ublk-http-generator: \(e)\n", stderr) }
+        let t = try table.load()
         for item in UnitGenerator.items(for: t, templatePath: template) {
             switch item {
             case .file(let path, let contents):
