@@ -130,4 +130,22 @@ final class WriteAheadTests: XCTestCase {
         _ = try w.readAll()
         try w.backingMatches()
     }
+
+    /// A cache file that takes no writes (its file system full): read misses are
+    /// served from the backing store, not failed, and nothing becomes present.
+    func testAReadMissTheCacheFileCannotTakeReadsThrough() throws {
+        for mode in [PageStateModelTests.Mode.cacheBack, .cacheThrough] {
+            let w = try coldWorld(mode, trackDirty: true)
+            XCTAssertNil(w.handler.admission, "every miss would be admitted")
+            w.setFaults(fsync: 0, write: 1000)
+            for page in [0, 5, 17] {
+                w.submit(op: Op.read, sector: page * WriteAheadTests.pageSectors, count: WriteAheadTests.pageSectors)
+                let tag = try XCTUnwrap(w.inFlight.first { $0.value.op == Op.read }?.key)
+                try w.quiesce()  // checks the bytes read against the backing store's
+                XCTAssertGreaterThanOrEqual(w.queues[0].lastResult(tag), 0, "\(mode): page \(page) read")
+            }
+            XCTAssertEqual(w.handler.context.stats.readsThrough, 3, "\(mode)")
+            XCTAssertEqual(w.handler.bitmap.bits.count(in: 0..<UInt64(PageStateModelTests.pages)), 0, "\(mode): nothing present")
+        }
+    }
 }

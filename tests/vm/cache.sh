@@ -244,6 +244,10 @@ if L=$(losetup --find --show /tmp/wtfs.img) && check "ext4 of 8 MiB for the cach
         check "the backing store holds them" cmp -n $((24 << 20)) /tmp/src4 /tmp/back4.img
         sleep 1.2
         check "the writes whose cache copy failed are counted" bash -c "$UBLK stats -n $DEV_ID --json | jq -e '.cache_copies_lost > 0'"
+        # Their pages are not cached, and the full file system takes no fetch: the reads go through.
+        check "read misses the full cache cannot take are served from the backing store" \
+            bash -c "cmp <(dd if=$DEV_B bs=1M count=24 iflag=direct status=none) /tmp/src4"
+        check "and counted as reads through" bash -c "$UBLK stats -n $DEV_ID --json | jq -e '.reads_through > 0'"
         check "del" del $DEV_ID
     else
         fail "add -t cache --write-mode through on a small file system" "$DEV_JSON"

@@ -135,7 +135,16 @@ extension CachingHandler {
         for ctx in outcome.failed {
             if ctx >= FillJob.contextBase { fillOutcome(ctx, ok: false); continue }
             let tag = UInt16(ctx)
-            if slots[Int(tag)].stage == .waitingFetch { finish(tag, -EIO, queue) }
+            guard slots[Int(tag)].stage == .waitingFetch else { continue }
+            // A read over a local backing store (the `cache` target) whose pages the cache
+            // file could not take (full, EIO) reads them through, as a miss not admitted
+            // does: the backing store is the data. A backing store that failed fails it again.
+            if let r = slots[Int(tag)].request, r.op == Op.read, io.sourceFD >= 0 {
+                context.stats.readsThrough += 1
+                readFromCache(r, through: true, queue: queue)
+            } else {
+                finish(tag, -EIO, queue)
+            }
         }
     }
 }

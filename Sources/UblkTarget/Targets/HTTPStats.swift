@@ -100,7 +100,7 @@ public struct HTTPStats: Codable, Sendable {
         if let c = intentCycles { metric("intent_cycles_total", "counter", "Persistence cycles for write intent bits (bitmap words, fdatasync).", "\(c)") }
         if let c = fullCycles { metric("full_cycles_total", "counter", "Full persistence cycles (cache file fdatasync, then the bitmaps).", "\(c)") }
         if let c = cacheCopiesLost { metric("cache_copies_lost_total", "counter", "Write-through writes whose cache file copy failed: they stand on the backing store.", "\(c)") }
-        if let r = readsThrough { metric("reads_through_total", "counter", "Read misses served from the backing store without being cached (not reused enough to be admitted).", "\(r)") }
+        if let r = readsThrough { metric("reads_through_total", "counter", "Read misses served from the backing store without being cached (not reused enough to be admitted, or the cache file could not take them).", "\(r)") }
         if let p = pagesSetAhead { metric("pages_set_ahead_total", "counter", "Pages whose write-back or unsettled bits were set ahead of a write, with a neighbour's.", "\(p)") }
         if let p = missLatencyP50Ms { metric("miss_latency_p50_seconds", "gauge", "Median miss latency.", "\(p / 1000)") }
         if let p = missLatencyP99Ms { metric("miss_latency_p99_seconds", "gauge", "99th percentile miss latency.", "\(p / 1000)") }
