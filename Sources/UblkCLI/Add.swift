@@ -96,7 +96,7 @@ struct Add: ParsableCommand {
     @Option(name: .customLong("admit"), help: "cache, with --cache-max-size: which read misses are copied into the cache. reuse (the default): a page that missed before, within about the cache's size of misses; a first miss is read from the backing store straight into the request and not kept, so a scan or a backup read once leaves the cache's hot pages where they are. all: every miss. Writes are always cached.")
     var admit: String?
 
-    @Flag(name: .customLong("no-dirty-tracking"), help: "cache: do not track written pages (no `dirty`/`sync`; for measuring what tracking costs).")
+    @Flag(name: .customLong("no-dirty-tracking"), help: "cache: do not track written pages (no `dirty`/`sync`). Writes of pages the cache does not hold then go to the flash at once, without waiting for their bits to be synced first (their bits go before the pages' present bits).")
     var noDirtyTracking = false
 
     @Option(name: .customLong("cache-max-size"), help: "http, cache: keep the cache file under SIZE (K/M/G/T) by evicting clean pages, least recently used first. Pages written here (an overlay's, or not yet written back) are never evicted, and fetches in flight (up to the readahead window and 4 MiB per connection) come on top: leave the file system that much room.")
