@@ -18,4 +18,7 @@ if [[ -z "$DEB" ]]; then
     out="$(mktemp -d /tmp/ublk-http-deb.XXXXXX)"
     DEB="$(scripts/build-deb.sh --out "$out")"
 fi
-exec vm/run-systemd.sh --timeout 1200 --deb "$DEB" --file tests/vm/lib.sh:/test/lib.sh tests/vm-systemd/service.sh
+# The guest has no network: its rootfs carries the package's dependencies.
+deps="$(dpkg-deb -f "$DEB" Depends | tr ',' '\n' | sed 's/(.*)//; s/|.*//; s/ //g' | grep -v '^$' | sort -u | tr '\n' ' ')"
+export UBLK_VM_ROOTFS_EXTRA="${UBLK_VM_ROOTFS_EXTRA:-} $deps"
+exec vm/run-systemd.sh --timeout 1200 --deb "$DEB" --file tests/vm/lib.sh:/opt/ublk-test/lib.sh tests/vm-systemd/service.sh

@@ -10,7 +10,7 @@
 #           recovers, one restart counted); metrics; systemctl stop, down and up
 #           by name; a broken table line; the udev name across a re-add with
 #           another number; purge.
-source /test/lib.sh
+source /opt/ublk-test/lib.sh
 UBLK=/usr/sbin/ublk-http
 S=$UBLK_TEST_STATE
 TAB=/etc/ublk-http/ublktab
@@ -34,7 +34,9 @@ if [ "$UBLK_TEST_BOOT" = 1 ]; then
     done
     check "ublk_drv loaded at install" test -e /dev/ublk-control
     check "the metrics timer is enabled" systemctl is-enabled ublk-http-metrics.timer
-    out=$(systemd-analyze verify /usr/lib/systemd/system/ublk-http@.service /usr/lib/systemd/system/ublk-http.target \
+    check "installed: the man page" bash -c "dpkg -L ublk-http | grep -qx /usr/share/man/man8/ublk-http.8.gz"
+    # --man=no: the guest has no man(1) to look the page up with.
+    out=$(systemd-analyze verify --man=no /usr/lib/systemd/system/ublk-http@.service /usr/lib/systemd/system/ublk-http.target \
           /usr/lib/systemd/system/ublk-http-metrics.service /usr/lib/systemd/system/ublk-http-metrics.timer 2>&1 | grep -v '^$')
     eq "systemd-analyze verify is clean" "" "$out"
 
@@ -43,14 +45,33 @@ if [ "$UBLK_TEST_BOOT" = 1 ]; then
     head -c 3M /dev/urandom > /srv/img/tree/data.bin
     seq 1 20000 > /srv/img/tree/numbers.txt
     /usr/sbin/mkfs.ext4 -q -F -d /srv/img/tree -L root /srv/img/root.img 48M
-    cat > /etc/nginx/sites-enabled/ublk-test <<'EOF'
-server { listen 127.0.0.1:8080; root /srv/img; }
+    # The image server, in a unit of its own: Debian's nginx.service is ordered after
+    # remote-fs.target, which waits for the mount on the device, which waits for it.
+    systemctl disable --now nginx.service >/dev/null 2>&1
+    mkdir -p /etc/ublk-test
+    cat > /etc/ublk-test/nginx.conf <<'EOF'
+events {}
+pid /run/ublk-test-nginx.pid;
+http { access_log off; server { listen 127.0.0.1:8080; root /srv/img; } }
 EOF
-    systemctl restart nginx
+    cat > /etc/systemd/system/image-server.service <<'EOF'
+[Unit]
+Description=the test's image server
+DefaultDependencies=no
+After=network.target
+[Service]
+ExecStart=/usr/sbin/nginx -g 'daemon off;' -c /etc/ublk-test/nginx.conf
+[Install]
+WantedBy=multi-user.target
+EOF
+    systemctl daemon-reload
+    systemctl enable --now image-server.service >/dev/null 2>&1
+    # The previous boot's journal, for boot 2 to read.
+    mkdir -p /var/log/journal && systemctl restart systemd-journald && journalctl --flush
     check "nginx serves the image" curl -sfI "$IMG_URL"
     # The image server runs here: order the device after it.
     mkdir -p /etc/systemd/system/ublk-http@root.service.d
-    printf '[Unit]\nWants=nginx.service\nAfter=nginx.service\n' > /etc/systemd/system/ublk-http@root.service.d/nginx.conf
+    printf '[Unit]\nWants=image-server.service\nAfter=image-server.service\n' > /etc/systemd/system/ublk-http@root.service.d/image-server.conf
     cat >> "$TAB" <<EOF
 root  http     $IMG_URL  connections=4
 vm1   overlay  root      -
@@ -87,6 +108,10 @@ check "ublk-http.target was enabled" grep -qx enabled "$S/target-enabled"
 check "ublk-http@root came back" unit_active ublk-http@root.service
 check "ublk-http@vm1 came back" unit_active ublk-http@vm1.service
 check "the fstab mount is there" findmnt -n /mnt/root
+# The reboot stopped the mount before its device: the kernel never shut the file system down.
+eq "the last shutdown unmounted before removing the device" 0 "$(journalctl -k -b -1 | grep -c 'shut down requested')"
+journalctl -b -1 -o short-monotonic --no-pager -u ublk-http@root.service -u mnt-root.mount -u ublk-http@vm1.service \
+    | tail -n 25 | sed 's/^/    /'
 check "the mounted image is right" cmp /mnt/root/data.bin /srv/img/tree/data.bin
 cat /dev/ublk-http/root > /dev/null
 eq "nothing fetched twice (bytes fetched this boot)" 0 "$(stat_of root bytes_fetched)"
@@ -98,7 +123,8 @@ fio "${FIO_V[@]}" --randseed=8 --do_verify=1 > /tmp/fio.log 2>&1 &
 fio_pid=$!
 sleep 3
 kill -9 "$pid0"
-check "fio ends with no error" wait "$fio_pid"
+wait "$fio_pid"
+eq "fio ends with no error" 0 "$?"
 grep -E "err=|verify" /tmp/fio.log | head -n 3 | sed 's/^/    /'
 check "systemd restarted the unit" wait_for 30 unit_active ublk-http@vm1.service
 eq "systemd counts one restart" NRestarts=1 "$(systemctl show -p NRestarts ublk-http@vm1.service)"
