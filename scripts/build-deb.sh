@@ -108,6 +108,7 @@ if grep -qv '^[[:space:]]*\(#.*\)\{0,1\}$' dist/ublktab.example; then
 fi
 install -D -m 644 dist/ublktab.example "$ROOT/etc/ublk-http/ublktab"
 install -D -m 644 dist/ublktab.example "$DOC/examples/ublktab"
+install -D -m 644 dist/grafana/ublk-http.json "$DOC/examples/grafana-dashboard.json"
 
 # The man page: swift-argument-parser's generate-manual, the tool its
 # `generate-manual` plugin runs on each executable. The plugin itself first

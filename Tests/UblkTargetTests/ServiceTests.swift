@@ -195,4 +195,29 @@ final class ServiceTests: XCTestCase {
         XCTAssertTrue(failure(["add", "-t", "null", "--name", ".x"]).contains("bad name"))
         XCTAssertEqual(failure(["add", "-t", "null", "--name", "ok-1.x_y"]), "parsed")
     }
+
+    /// The example Grafana dashboard (dist/grafana) asks only for metrics `metrics` writes.
+    func testTheDashboardQueriesOnlyMetricsThatExist() throws {
+        let path = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("dist/grafana/ublk-http.json").path
+        let data = try XCTUnwrap(FileManager.default.contents(atPath: path), path)
+        let json = try XCTUnwrap(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+        let panels = try XCTUnwrap(json["panels"] as? [[String: Any]])
+        let exprs = panels.flatMap { ($0["targets"] as? [[String: Any]] ?? []).compactMap { $0["expr"] as? String } }
+        XCTAssertGreaterThan(exprs.count, 5)
+        var stats = HTTPStats(hits: 1, misses: 1, bytesFetched: 1, requests: 1, retries: 0, errors: 0,
+                              missLatencyP50Ms: 1, missLatencyP99Ms: 2, pagesPresent: 1, pagesTotal: 2, pageSize: 4096)
+        stats.writes = 1
+        stats.writesHeldForIntent = 0
+        let text = Metrics.render([.init(id: 0, name: "a", target: "http", state: "LIVE", queues: 1, dataPath: "user-copy",
+                                         serverRunning: true, restarts: 0, hydratedPercent: 50, stats: stats)])
+        let known = Set(text.split(separator: "\n").filter { !$0.hasPrefix("#") }.map { String($0.prefix { $0 != "{" }) })
+        let regex = try NSRegularExpression(pattern: "ublk_http_[a-z0-9_]+")
+        for e in exprs {
+            for m in regex.matches(in: e, range: NSRange(e.startIndex..., in: e)) {
+                let name = String(e[Range(m.range, in: e)!])
+                XCTAssertTrue(known.contains(name), "the dashboard asks for \(name), which `metrics` does not write")
+            }
+        }
+    }
 }

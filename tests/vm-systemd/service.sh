@@ -189,11 +189,15 @@ del "$n1"
 eq "root kept its name" "$old" "$(readlink -f /dev/ublk-http/root)"
 cp /tmp/ublktab.good "$TAB"
 
-section "boot 2: purge"
+section "boot 2: remove, then purge"
 umount /mnt/root
 sed -i '\|/dev/ublk-http/root|d' /etc/fstab
+check "apt-get remove" apt-get remove -y -q ublk-http
+check "removed: no ublk device left" test -z "$(ls /dev | grep '^ublkb')"
+check "removed: the units are gone" gone /usr/lib/systemd/system/ublk-http@.service
+check "removed: the caches are kept" test -s /var/cache/ublk-http/root.bitmap
+check "removed: the table is kept" grep -q '^root ' "$TAB"
 check "apt-get purge" apt-get purge -y -q ublk-http
-check "no ublk device left" test -z "$(ls /dev | grep '^ublkb')"
 for f in /usr/lib/systemd/system/ublk-http@.service /usr/lib/udev/rules.d/60-ublk-http.rules /usr/sbin/ublk-http \
          /etc/ublk-http /var/cache/ublk-http; do
     check "purged: $f" gone "$f"
