@@ -4,11 +4,11 @@
 #   ./test.sh            everything
 #   ./test.sh --host     host tests only (no VM)
 #   ./test.sh --vm [SUITE...]   VM suites only
-# With no SUITE named, the VM part goes on with the host service (the Debian
-# package, checked and lintian-clean, then tests/vm-systemd.sh: the package in a
-# Debian guest with systemd as PID 1) and ends with the flashcache benchmark's
-# smoke test (bench/run.sh --suite flashcache --quick: every cache set up,
-# every case run; it fails when one does not).
+# The VM part includes the host service (tests/vm.sh's suite `systemd`: the
+# Debian package, checked and lintian-clean, in a Debian guest with systemd as
+# PID 1). With no SUITE named, it ends with the flashcache benchmark's smoke
+# test (bench/run.sh --suite flashcache --quick: every cache set up, every
+# case run; it fails when one does not).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 source scripts/deps.sh
@@ -34,28 +34,8 @@ if [[ $mode != vm ]]; then
 fi
 if [[ $mode != host ]]; then
     echo "== VM tests on the real ublk driver"
-    if [[ $# -eq 0 ]]; then
-        # The systemd guest's root file system (debootstrap: mostly download and
-        # unpack) is built beside the busybox suites; a cached one is reused at once.
-        rootfs_log=$(mktemp /tmp/ublk-http-rootfs.XXXXXX.log)
-        ( vm/kernel.sh 7 >/dev/null && vm/rootfs.sh >/dev/null ) >"$rootfs_log" 2>&1 &
-        rootfs=$!
-    fi
     tests/vm.sh "$@" || rc=1
     if [[ $# -eq 0 ]]; then
-        echo "== the host service: the Debian package, then its suite under systemd (tests/vm-systemd.sh)"
-        debdir=$(mktemp -d /tmp/ublk-http-deb.XXXXXX)
-        if deb=$(scripts/build-deb.sh --out "$debdir" 2>"$debdir/build.log"); then
-            tests/host/deb.sh --deb "$deb" || rc=1
-            if ! wait "$rootfs"; then tail -n 30 "$rootfs_log"; echo "building the systemd guest's rootfs FAILED"; rc=1
-            elif tests/vm-systemd.sh --deb "$deb" >"$debdir/vm.log" 2>&1; then
-                grep -E "^(not )?ok - |passed, " "$debdir/vm.log" | tail -n 1; echo "systemd guest suite passed ($debdir/vm.log)"
-            else
-                grep -E "^not ok|^    |passed, |@@" "$debdir/vm.log" | tail -n 60; echo "systemd guest suite FAILED ($debdir/vm.log)"; rc=1
-            fi
-        else
-            tail -n 30 "$debdir/build.log"; echo "scripts/build-deb.sh FAILED"; rc=1
-        fi
         echo "== flashcache benchmark smoke test (bench/run.sh --suite flashcache --quick)"
         out=$(mktemp -d /tmp/ublk-http-flashcache-quick.XXXXXX)
         bench/run.sh --suite flashcache --quick --no-kublk --out "$out" >"$out/run.log" 2>&1 \

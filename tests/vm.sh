@@ -11,6 +11,9 @@
 #   (UBLK_VM_SMP overrides both). UBLK_VM_JOBS (2) boots run at once, each
 #   boot's output printed whole when it ends. Exits non-zero if any suite
 #   fails or the guest kernel logged an oops, a BUG or a hung task.
+#   The suite `systemd` is the host service's (tests/vm-systemd.sh: the Debian
+#   package, checked by tests/host/deb.sh, in a Debian guest with systemd as
+#   PID 1, on 7.x); it runs as one more boot of the pool, in every full run.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -24,8 +27,13 @@ if [[ $# -eq 0 ]]; then
     if [[ "$DEFAULT_KERNEL" != 6.12 ]]; then
         while read -r s; do [[ -n "$s" && "$s" != \#* ]] && SUITES+=("$s@6.12"); done < tests/vm/on-6.12
     fi
+    SUITES+=("systemd@7")
 fi
 for s in "${SUITES[@]}"; do
+    if [[ "${s%@*}" == systemd ]]; then
+        [[ "${s#*@}" == 7 ]] || { echo "[tests] the systemd suite runs on 7 only" >&2; exit 2; }
+        continue
+    fi
     [[ -f "tests/vm/${s%@*}.sh" ]] || { echo "[tests] no suite tests/vm/${s%@*}.sh" >&2; exit 2; }
     case "${s#*@}" in 7|6.12) ;; *) echo "[tests] unknown kernel in $s (7 or 6.12)" >&2; exit 2 ;; esac
 done
@@ -62,6 +70,7 @@ smp_of() { # SUITE -> its vCPUs
 boots=()
 declare -A open_boot=()
 for spec in "${SUITES[@]}"; do
+    if [[ $spec == systemd@* ]]; then boots+=("$spec"); continue; fi  # a guest of its own kind
     key="${spec#*@}/$(smp_of "${spec%@*}")"
     i=${open_boot[$key]:-}
     if [[ -n $i && $(wc -w <<<"${boots[$i]}") -lt $GROUP ]]; then boots[$i]+=" $spec"
@@ -74,7 +83,23 @@ done
 JOBS="${UBLK_VM_JOBS:-2}"
 [[ "$JOBS" =~ ^[1-9][0-9]*$ ]] || { echo "[tests] UBLK_VM_JOBS must be a positive number" >&2; exit 2; }
 OUT=$(mktemp -d /tmp/ublk-http-vm-boots.XXXXXX)
-for boot in "${boots[@]}"; do k="${boot%% *}"; initrd_for "${k#*@}"; done
+for boot in "${boots[@]}"; do [[ $boot == systemd@* ]] && continue; k="${boot%% *}"; initrd_for "${k#*@}"; done
+# run_systemd I: the host service's suite; the same result lines as run_boot.
+run_systemd() {
+    local i=$1 started=$SECONDS rc=0 dir deb
+    dir=$(mktemp -d "$OUT/deb.XXXXXX")
+    {
+        echo "[tests] suite systemd: the Debian package, then tests/vm-systemd.sh (Debian guest, systemd as PID 1, kernel 7)"
+        if ! deb=$(scripts/build-deb.sh --out "$dir" 2>"$dir/build.log"); then
+            tail -n 30 "$dir/build.log"; echo "[tests] scripts/build-deb.sh failed"; rc=1
+        else
+            tests/host/deb.sh --deb "$deb" || rc=1
+            tests/vm-systemd.sh --deb "$deb" || rc=1
+        fi
+    } >"$OUT/$i.out" 2>&1
+    { [[ $rc -eq 0 ]] || echo "fail systemd@7"; echo "time systemd@7 $((SECONDS - started))s"; } >"$OUT/$i.res"
+    echo "time [boot $((SECONDS - started))s]" >>"$OUT/$i.res"
+}
 # run_boot I: boots[I] in one VM; its output in $OUT/I.out, one "fail ..." or
 # "time ..." line per suite in $OUT/I.res.
 run_boot() {
@@ -112,7 +137,11 @@ run_boot() {
     echo "time [boot $((SECONDS - started))s]" >>"$OUT/$i.res"
 }
 # Boots of more suites first, so that the short ones fill in at the end.
-mapfile -t order < <(for i in "${!boots[@]}"; do echo "$(wc -w <<<"${boots[$i]}") $i"; done | sort -s -k1,1nr | cut -d' ' -f2)
+# The systemd suite, one but long (a package build, two boots of a Debian
+# guest), counts as five.
+mapfile -t order < <(for i in "${!boots[@]}"; do
+    if [[ ${boots[$i]} == systemd@* ]]; then echo "5 $i"; else echo "$(wc -w <<<"${boots[$i]}") $i"; fi
+done | sort -s -k1,1nr | cut -d' ' -f2)
 set -m  # each boot in a process group of its own, stopped whole on exit
 declare -A running=()
 stop_boots() { local p; for p in "${!running[@]}"; do kill -TERM -- "-$p" 2>/dev/null; done; }
@@ -121,7 +150,7 @@ failed=() times=() next=0 T_ALL=$SECONDS
 while [[ $next -lt ${#order[@]} || ${#running[@]} -gt 0 ]]; do
     while [[ ${#running[@]} -lt $JOBS && $next -lt ${#order[@]} ]]; do
         i=${order[$next]}; next=$((next + 1))
-        run_boot "$i" &
+        if [[ ${boots[$i]} == systemd@* ]]; then run_systemd "$i" & else run_boot "$i" & fi
         running[$!]=$i
         echo "[tests] boot $((i + 1)) of ${#boots[@]} started: ${boots[$i]}"
     done
