@@ -330,7 +330,7 @@ struct GenerateUnits: ParsableCommand {
             case .file(let path, let contents):
                 let full = "\(dir)/\(path)"
                 mkdirs(String(full[..<full.lastIndex(of: "/")!]))
-                do { try DeviceState.writeFile(Array(contents.utf8), to: full, mode: 0o644) } catch {
+                do { try DeviceState.writeAtomically(Array(contents.utf8), to: full, mode: 0o644) } catch {
                     throw Failure("cannot write \(full): \(error)")
                 }
             case .symlink(let path, let target):

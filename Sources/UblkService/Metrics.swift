@@ -90,6 +90,6 @@ public enum Metrics {
     /// Writes `text` to `path` through a temporary file renamed over it
     /// (node_exporter never reads half a file), mode 0644.
     public static func write(_ text: String, to path: String) throws(Errno) {
-        try DeviceState.writeFile(Array(text.utf8), to: path, mode: 0o644)
+        try DeviceState.writeAtomically(Array(text.utf8), to: path, mode: 0o644)
     }
 }

@@ -85,11 +85,7 @@ public struct DeviceState: Codable, Sendable {
     }
 
     /// A temporary file of exactly `mode` (whatever the umask), renamed over `path`.
-    public static func writeFile(_ bytes: [UInt8], to path: String, mode: mode_t) throws(Errno) {
-        try writeAtomically(bytes, to: path, mode: mode)
-    }
-
-    static func writeAtomically(_ bytes: [UInt8], to path: String, mode: mode_t) throws(Errno) {
+    public static func writeAtomically(_ bytes: [UInt8], to path: String, mode: mode_t) throws(Errno) {
         let tmp = path + ".tmp"
         unlink(tmp)
         let fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode)
