@@ -69,6 +69,11 @@ public final class CacheStats {
     /// Write-through writes that stood on the backing store alone: the cache
     /// file's copy failed (full, or failing), the cache dropped the pages.
     public var cacheCopiesLost: UInt64 = 0
+    /// Verified images (`--verity-root`): data blocks that did not match the
+    /// hash tree (at every fetch, every first read of a reused page, every
+    /// scrub), and pages checked good (fetched or reused).
+    public var verifyFailures: UInt64 = 0
+    public var pagesVerified: UInt64 = 0
     /// From a read's miss to its pages being present.
     public var missLatency = LatencySamples()
     /// From a fetch's first request to its completion.

@@ -81,11 +81,26 @@ struct HTTPOptions: ParsableArguments {
     @Option(name: .customLong("region"), help: "S3 region.")
     var region: String?
 
+    @Option(name: .customLong("verity-root"), help: ArgumentHelp(
+        "A verified image: the root hash `veritysetup format` printed for it (hex).",
+        discussion: "Every page fetched is checked against the image's dm-verity hash tree before it is kept, and every page the cache held before is checked again on its first read; a page that does not match is never served (the read fails with EIO). Get this value from a channel you trust: it is the only one trusted."))
+    var verityRoot: String?
+
+    @Option(name: .customLong("verity-tree"), help: ArgumentHelp(
+        "The hash tree `veritysetup format IMAGE TREE` wrote: a URL (downloaded at add, kept beside the cache as CACHE.verity) or a local file.",
+        valueName: "url-or-file"))
+    var verityTree: String?
+
+    @Option(name: .customLong("verity-offset"), help: ArgumentHelp(
+        "Where the tree's superblock is, in bytes (veritysetup's --hash-offset). Without --verity-tree: the tree is appended to the image there, and the device is the data before it.",
+        valueName: "bytes"))
+    var verityOffset: String?
+
     /// Options only the http target takes (--cache, --bitmap and --page-size serve `cache` too).
     var httpOnlyGiven: Bool {
         url != nil || !headers.isEmpty || headerFile != nil || user != nil || passwordFile != nil
             || cacert != nil || insecure || s3Endpoint != nil || region != nil || writable
-            || redirectCredentials != .drop
+            || redirectCredentials != .drop || verityRoot != nil || verityTree != nil || verityOffset != nil
     }
 
     var given: Bool {
@@ -132,6 +147,33 @@ struct HTTPOptions: ParsableArguments {
         _ = try readHeaderFile()
         _ = try readPassword()
         if let c = cacert, access(c, R_OK) != 0 { throw Failure("cannot read --cacert \(c): \(Errno.current)") }
+        _ = try veritySpec()
+    }
+
+    /// `--verity-*`, checked (nil: not a verified image).
+    func veritySpec() throws -> VeritySpec? {
+        guard let root = verityRoot else {
+            if verityTree != nil || verityOffset != nil { throw Failure("--verity-tree and --verity-offset need --verity-root (the root hash)") }
+            return nil
+        }
+        guard let bytes = VerityTree.hex(root), bytes.count >= 16 else {
+            throw Failure("bad --verity-root '\(Redact.printable(root))': expected the hex digits of the root hash veritysetup printed")
+        }
+        var offset: UInt64?
+        if let o = verityOffset {
+            guard let v = Size.parse(o), v % 512 == 0 else {
+                throw Failure("bad --verity-offset '\(Redact.printable(o))': expected a byte offset, a multiple of 512")
+            }
+            offset = v
+        }
+        if verityTree == nil && offset == nil {
+            throw Failure("--verity-root needs --verity-tree (a URL or a file), or --verity-offset for a tree appended to the image")
+        }
+        if let t = verityTree, !t.lowercased().hasPrefix("http://"), !t.lowercased().hasPrefix("https://"),
+           !t.lowercased().hasPrefix("s3://"), access(t, R_OK) != 0 {
+            throw Failure("cannot read --verity-tree \(t): \(Errno.current)")
+        }
+        return VeritySpec(rootHex: root, tree: verityTree, offset: offset)
     }
 
     /// --page-size: a power of two from 512 to 1M, and never above the fetch size.
@@ -238,6 +280,7 @@ struct HTTPOptions: ParsableArguments {
         o.pageSize = pageSize
         o.readaheadBytes = Int(Size.parse(readahead) ?? 0)  // at most 1G: check()
         o.writable = writable
+        o.verity = try veritySpec()
         return o
     }
 }

@@ -129,7 +129,19 @@ enum OverlayBase {
     /// one started in the background. `started`: this call started it.
     static func base(for add: Add, arguments: [String], control: Control) throws -> (state: DeviceState, started: Bool) {
         let url = add.http.url!
-        switch findBase(url: url, control: control) {
+        let found = findBase(url: url, control: control)
+        if let want = add.http.verityRoot?.lowercased() {
+            // A verified overlay reads through a base that verifies with this root, never through one that does not.
+            switch found {
+            case .running(let b)?, .awaitingRecovery(let b)?:
+                guard b.targetOptions["verity_root"] == want else {
+                    throw Failure("the base ublk\(b.devID) of \(Redact.url(url)) serves " + (b.targetOptions["verity_root"] == nil
+                        ? "unverified" : "with another --verity-root") + ": `del` it first, or add the overlay as that base is")
+                }
+            case nil: break
+            }
+        }
+        switch found {
         case .running(let b)?:
             try replayProfile(add, on: b)
             return (b, false)

@@ -39,6 +39,10 @@ struct Prefetch: ParsableCommand {
 
     func run() throws {
         let o = try http.targetOptions()
+        // Offline fills are not checked against a hash tree: a verified image is filled by its device.
+        if o.verity != nil {
+            throw Failure("prefetch does not verify pages: add the device with --verity-root, then `ublk-http hydrate` (or --prefetch-profile) fills it, every page checked")
+        }
         // A bad profile is refused before the network or the cache is touched.
         let bootProfile = try profile.map(loadProfile)
         let source: HTTPSource

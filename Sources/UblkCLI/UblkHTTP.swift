@@ -24,6 +24,9 @@ public struct UblkHTTP: ParsableCommand {
               ublk-http sync -n 0 --to replica.img     copy just those to a replica
               ublk-http hydrate -n 0 [--rate 4M/s]     fetch every missing page (then the source may go)
               ublk-http profile record -n 0 --out F    record what a boot reads first (profile --help)
+              ublk-http add -t http --url URL --verity-root HEX --verity-tree URL
+                                                       a verified image: every page checked (dm-verity's tree)
+              ublk-http verify -n 0                    check every cached page against the tree again
               ublk-http features                       what the kernel's driver supports
               ublk-http up [NAME...]                   bring up what /etc/ublk-http/ublktab declares (check --help)
               ublk-http metrics --textfile F           every device's counters for Prometheus
@@ -32,7 +35,7 @@ public struct UblkHTTP: ParsableCommand {
             keeps running in the background until `del`, SIGTERM or SIGINT.
             Needs root and the ublk_drv module (modprobe ublk_drv).
             """,
-        subcommands: [Add.self, Del.self, List.self, Recover.self, Stats.self, Prefetch.self, Status.self, Dirty.self, Sync.self, Flush.self, Hydrate.self, Features.self, Profile.self,
+        subcommands: [Add.self, Del.self, List.self, Recover.self, Stats.self, Prefetch.self, Status.self, Dirty.self, Sync.self, Flush.self, Hydrate.self, Verify.self, Features.self, Profile.self,
                       Up.self, Down.self, Check.self, Serve.self, MetricsCommand.self, GenerateUnits.self]
     )
     public init() {}

@@ -322,6 +322,9 @@ final class FakeFetcher: RunFetcher {
     init(remote: [UInt8]) { self.remote = remote }
 
     func start(_ run: FetchRun, handler: CachingHandler, queue: IOQueue) { active.append((run, 0)) }
+    func resume(_ run: FetchRun, from: UInt64, handler: CachingHandler, queue: IOQueue) {
+        active.append((run, Int(from - run.offset)))
+    }
     var isIdle: Bool { active.isEmpty }
     var pollFD: Int32? { nil }
     func perform() {}

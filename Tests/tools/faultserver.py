@@ -2,9 +2,10 @@
 """Fault-injecting HTTP range server for the PageCache tests (stdlib only).
 
 Usage: faultserver.py --file IMAGE --log LOG.jsonl [--port 0] [--host 127.0.0.1]
-                      [--tls-cert CERT.pem --tls-key KEY.pem]
+                      [--tls-cert CERT.pem --tls-key KEY.pem] [--serve NAME=FILE]...
 Prints "PORT <n>" on stdout once listening (on --host, a loopback address;
-with --tls-cert, HTTPS).
+with --tls-cert, HTTPS). Every path serves IMAGE, but /NAME (with --serve
+NAME=FILE) serves FILE.
 
 Every request is logged as one JSON line {"method", "path", "range", "status",
 "host", "secret", "auth"} (the Host, X-Secret and Authorization request
@@ -28,6 +29,8 @@ each test (with its own id=) has its own. Modes:
             (a percent-encoded URL, absolute or relative)
   novalidators  GET answers 206 without ETag and Last-Modified; HEAD has the
             ETag "fixed-1", or "fixed-2" after the first `changeafter` HEADs
+  flip      GET bodies carry the byte at offset `at` of the file inverted
+            (the first n GETs; n=0: every GET), headers as ok
 """
 import argparse, json, os, socket, ssl, struct, sys, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,6 +39,7 @@ from urllib.parse import urlsplit, parse_qs
 LOCK = threading.Lock()
 COUNTERS = {}
 IMAGE = b""
+FILES = {}
 LOG = None
 
 
@@ -59,6 +63,11 @@ class Handler(BaseHTTPRequestHandler):
         with LOCK:
             LOG.write(json.dumps(entry) + "\n")
             LOG.flush()
+
+    def body(self):
+        """The file this request's path names (IMAGE unless --serve gave its name)."""
+        name = urlsplit(self.path).path.strip("/")
+        return FILES.get(name, IMAGE)
 
     def params(self):
         q = parse_qs(urlsplit(self.path).query)
@@ -102,7 +111,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         for k, v in self.common_headers(mode, count, p, key):
             self.send_header(k, v)
-        self.send_header("Content-Length", str(len(IMAGE)))
+        self.send_header("Content-Length", str(len(self.body())))
         self.end_headers()
 
     def do_GET(self):
@@ -119,12 +128,13 @@ class Handler(BaseHTTPRequestHandler):
             return self.send(int(p.get("status", "302")), [("Location", p.get("to", "/"))], b"moved\n")
         headers = self.common_headers(mode, count, p, key)
         rng = self.headers.get("Range")
+        data = self.body()
         if mode == "norange" or rng is None:
-            return self.send(200, headers, IMAGE)
+            return self.send(200, headers, data)
         if not rng.startswith("bytes=") or "," in rng:
             return self.send(416, [], b"")
         a, _, b = rng[6:].partition("-")
-        size = len(IMAGE)
+        size = len(data)
         if a == "":
             first, last = max(0, size - int(b)), size - 1
         else:
@@ -134,7 +144,10 @@ class Handler(BaseHTTPRequestHandler):
             return self.send(416, [("Content-Range", "bytes */%d" % size)], b"")
         if mode == "badrange":
             first, last = first + 1, min(last + 1, size - 1)
-        body = IMAGE[first:last + 1]
+        body = data[first:last + 1]
+        at = int(p.get("at", "-1"))
+        if mode == "flip" and (n == 0 or gets <= n) and first <= at <= last:
+            body = body[:at - first] + bytes([body[at - first] ^ 0xFF]) + body[at - first + 1:]
         headers.append(("Content-Range", "bytes %d-%d/%d" % (first, last, size)))
         fault = mode in ("reset", "truncate", "slow") and gets <= n
         if not fault:
@@ -175,9 +188,14 @@ def main():
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--tls-cert")
     ap.add_argument("--tls-key")
+    ap.add_argument("--serve", action="append", default=[])
     args = ap.parse_args()
     with open(args.file, "rb") as f:
         IMAGE = f.read()
+    for spec in args.serve:
+        name, _, path = spec.partition("=")
+        with open(path, "rb") as f:
+            FILES[name] = f.read()
     LOG = open(args.log, "a")
     ThreadingHTTPServer.daemon_threads = True
     ThreadingHTTPServer.allow_reuse_address = True

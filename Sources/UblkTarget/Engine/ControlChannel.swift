@@ -54,6 +54,11 @@ public enum ControlOp: String, Codable, Sendable {
     case fillStatus = "fill-status"
     /// Stop the background fill (`FillStatus`).
     case fillStop = "fill-stop"
+    /// A verified image: check every present remote page against the hash tree
+    /// again, in the background, dropping those that fail (`ScrubStatus`).
+    case verify
+    /// The check's progress (`ScrubStatus`).
+    case verifyStatus = "verify-status"
 }
 
 /// The reply to `flush`.

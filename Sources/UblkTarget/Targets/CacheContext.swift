@@ -64,6 +64,11 @@ final class CacheContext {
     /// next writes there find their bits durable and do not wait for a cycle
     /// (CachingRequests.setIntent). 1: each page on its own.
     var intentRegionPages: UInt64 = 256
+    /// A verified image (`http --verity-root`): its hash tree, and the pages
+    /// checked in this run (shared by the queues: set by the home only, read
+    /// by the peers; CachingVerify.swift).
+    var verity: VerityTree?
+    var verified: PageBits?
 
     init(cache: CacheFile, bitmap: Bitmap, dirty: Bitmap?, imageSize: UInt64, pageSize: Int, stats: CacheStats,
          snapshot: @escaping () -> HTTPStats) {

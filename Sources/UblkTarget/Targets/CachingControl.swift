@@ -168,6 +168,8 @@ enum DirtyControl {
             return controlError("not a dirty-tracking operation")
         case .hydrate, .fillStatus, .fillStop:
             return controlError("\(request.op.rawValue) is a fill operation (CachingFill.swift)")
+        case .verify, .verifyStatus:
+            return controlError("\(request.op.rawValue) is a verified image's operation (CachingVerify.swift)")
         }
     }
 }
@@ -178,6 +180,7 @@ extension CachingHandler {
     func control(_ request: ControlRequest, queue: IOQueue) -> String {
         if let reply = profileControl(request, queue: queue) { return reply }
         if let reply = fillControl(request, queue: queue) { return reply }
+        if let reply = verifyControl(request, queue: queue) { return reply }
         if request.op == .flush {
             guard let wb = context.writeback else { return controlJSON(WritebackStatus(writebackPages: 0, inFlight: false, unpersisted: false)) }
             startWriteback(queue)

@@ -22,6 +22,9 @@ final class CachingDevice {
     /// Eviction's chunk clock, shared by the queues (nil: no bound).
     let chunks: ChunkUse?
     let maxCacheBytes: UInt64
+    /// A verified image: its tree, and the pages checked in this run (CachingVerify.swift).
+    var verity: VerityTree?
+    var verified: PageBits?
 
     /// `padsTail`: fetched bytes at the image's end are written padded to the
     /// alignment (the source may end off a block; CachingHandler.receivedDirect).
@@ -42,7 +45,7 @@ final class CachingDevice {
     deinit { if dataFD >= 0 { close(dataFD) } }
 
     /// Counters for `list` and `stats`.
-    func snapshot() -> HTTPStats { stats.snapshot(mesh: mesh, present: store.present, pageSize: pageSize) }
+    func snapshot() -> HTTPStats { stats.snapshot(mesh: mesh, present: store.present, pageSize: pageSize, verified: verity != nil) }
 
     /// The handler of `queue`: the context filled as every caching target
     /// fills it, `configure` adding the target's policy. Queue 0 gets the
@@ -59,6 +62,8 @@ final class CachingDevice {
         context.directAlignment = dataIO.isDirect ? dataIO.offsetAlignment : 0
         context.maxCacheBytes = maxCacheBytes
         context.chunks = chunks
+        context.verity = verity
+        context.verified = verified
         configure(context)
         if queue.id != 0, let mesh {
             return try CachingPeer.make(context: context, queue: queue, deviceSize: deviceSize, mesh: mesh)

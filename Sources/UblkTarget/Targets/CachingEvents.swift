@@ -41,6 +41,15 @@ extension CachingHandler {
         let statsDirty = statsFile?.changed(statsSignature) ?? false
         if writeback != nil && !draining { startWriteback(queue) }
         if filling.job != nil { fillStep(queue) }
+        if scrubRunning {
+            scrubStep()
+            // The loop comes back for the next batch, whether or not I/O arrives.
+            if scrubRunning && !timerArmed {
+                _ = cu_timerfd_arm(timerFD, 1_000_000)
+                timerArmed = true
+                queue.poll(fd: timerFD, data: Event.timer.rawValue)
+            }
+        }
         if context.maxCacheBytes > 0 && cycle == nil && !eviction.isPunching && !presentFrozen { evictIfNeeded(queue) }
         let now = monotonicNanos()
         if statsDirty && now &- lastStats >= persistInterval {

@@ -27,6 +27,18 @@ extension CachingHandler {
 
     /// Body bytes of `run` at `offset`: into the cache file; completed pages become present.
     func received(_ run: FetchRun, offset: UInt64, bytes: UnsafeRawBufferPointer, queue: IOQueue) -> Bool {
+        guard bytes.baseAddress != nil else { return true }
+        // A verified image: the bytes are checked before any of them is written (CachingVerify.swift);
+        // of a chunk with a block that does not match, only the blocks before it are.
+        if verifier != nil, let good = verifyReceived(run, offset: offset, bytes: bytes) {
+            if good > 0 { _ = writeFetched(run, offset: offset, bytes: UnsafeRawBufferPointer(rebasing: bytes[0..<good]), queue: queue) }
+            return false
+        }
+        return writeFetched(run, offset: offset, bytes: bytes, queue: queue)
+    }
+
+    /// Body bytes, checked: into the cache file; completed pages become present.
+    func writeFetched(_ run: FetchRun, offset: UInt64, bytes: UnsafeRawBufferPointer, queue: IOQueue) -> Bool {
         guard let base = bytes.baseAddress else { return true }
         if context.directAlignment > 0 { return receivedDirect(run, offset: offset, bytes: bytes, queue: queue) }
         let w = queue.writeNow(fd: cacheFD, from: base, length: bytes.count, offset: offset)
@@ -101,13 +113,23 @@ extension CachingHandler {
         if after == UInt64(run.length) { pagesAfter = run.pageCount }
         if pagesAfter > pagesBefore {
             markPresent(run.firstPage + pagesBefore..<run.firstPage + pagesAfter)
+            verifiedFetched(run.firstPage + pagesBefore..<run.firstPage + pagesAfter)
             serve(planner.progress(run: run.id, pagesDone: pagesAfter), queue)
         }
         return true
     }
 
     /// `error`: nil on success, else what failed (logged).
-    func runEnded(_ run: FetchRun, error: String?, queue: IOQueue) {
+    func runEnded(_ run: FetchRun, error fetchError: String?, queue: IOQueue) {
+        var error = fetchError
+        // A verified image's first mismatch in a run fetches the rest of the run once more.
+        if verifier != nil {
+            switch verifyRunEnded(run, queue: queue) {
+            case .asIs: break
+            case .fetchedAgain: return
+            case .failed(let why): error = why
+            }
+        }
         let got = runBytes.removeValue(forKey: run.id) ?? 0
         if let s = staging.removeValue(forKey: run.id), let b = s.buffer { free(b) }
         if let e = error {
@@ -120,6 +142,7 @@ extension CachingHandler {
         } else {
             serve(planner.complete(run: run.id, success: true), queue)
         }
+        verifier?.failingPage = nil
         if planner.plannedRunCount > 0 && !draining { startRuns(queue) }
     }
 
@@ -136,6 +159,17 @@ extension CachingHandler {
             if ctx >= FillJob.contextBase { fillOutcome(ctx, ok: false); continue }
             let tag = UInt16(ctx)
             guard slots[Int(tag)].stage == .waitingFetch else { continue }
+            // A verified image's run that failed its check: a request that does not
+            // need the page that did not match is planned again (CachingVerify.swift).
+            // Once: a request is never planned again and again.
+            if let bad = verifier?.failingPage, let r = slots[Int(tag)].request, !slots[Int(tag)].replanned,
+               !planner.pages(offset: r.offset, length: Int(r.length)).contains(bad) {
+                slots[Int(tag)].stage = .idle
+                slots[Int(tag)].request = nil
+                slots[Int(tag)].replanned = true
+                handle(r, queue: queue)
+                continue
+            }
             // A read over a local backing store (the `cache` target) whose pages the cache
             // file could not take (full, EIO) reads them through, as a miss not admitted
             // does: the backing store is the data. A backing store that failed fails it again.

@@ -168,6 +168,9 @@ final class CachingHandler: QueueHandler {
         var transfer = Transfer()
         /// Pages the write covers whole and claimed instead of fetching (FetchPlanner.claimForWrite).
         var claimed: [RunID] = []
+        /// A verified image: the request was planned again once, after a run it
+        /// waited on failed its check for another page (CachingFetch.serve).
+        var replanned = false
         /// Waiting in `flushWaiters`: what the request completes with once a full
         /// cycle made it durable (a FUA write: its byte count; a FLUSH: 0).
         var durableResult: Int32 = 0
@@ -269,6 +272,8 @@ final class CachingHandler: QueueHandler {
 
     /// Which read misses are copied into the cache (`CacheContext.admitOnReuse`; nil: all).
     var admission: AdmissionFilter?
+    /// A verified image's checks (CachingVerify.swift; nil: no --verity-root).
+    var verifier: VerifyState?
     /// The statistics file (StatsFile.swift), when it publishes.
     var statsFile: StatsFile?
 
@@ -326,6 +331,9 @@ final class CachingHandler: QueueHandler {
             context.chunks = ChunkUse(chunks: Int((context.imageSize >> CachingHandler.chunkShift) + 1))
         }
         if let m = mesh { outbox = Array(repeating: [], count: m.queueCount) }
+        if let tree = context.verity, let verified = context.verified {
+            verifier = VerifyState(tree: tree, verified: verified, pageSize: context.pageSize)
+        }
         timerFD = cu_timerfd()
         lastPersist = monotonicNanos()
         settleAfterCrash()

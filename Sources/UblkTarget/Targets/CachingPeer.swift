@@ -75,7 +75,10 @@ final class CachingPeer: QueueHandler {
             lastReadStart = r.offset
             lastReadEnd = r.offset + UInt64(r.length)
             let parity = mesh.enter(queueID)
-            let all = CachingMesh.allSet(io.presentWords, io.pages(offset: r.offset, length: Int(r.length)))
+            let pages = io.pages(offset: r.offset, length: Int(r.length))
+            // A verified image: a page not checked yet in this run is the home's to check.
+            let all = CachingMesh.allSet(io.presentWords, pages)
+                && (context.verified.map { CachingMesh.allSet($0.sharedWords, pages) } ?? true)
             guard all || io.alwaysThrough else {
                 if mesh.exit(queueID, parity) { send(.graceDrained) }
                 return forward(r)

@@ -20,6 +20,8 @@ extension CachingHandler {
             // Evicted pages are being punched: nothing may touch the cache file's holes meanwhile.
             if eviction.isPunching { return eviction.wait(r) }
             if let c = context.chunks { c.touch(offset: r.offset, length: r.length) }
+            // A verified image: pages present from before this run are checked on first use.
+            if verifier != nil { verifyReused(planner.pages(offset: r.offset, length: Int(r.length))) }
             if r.op == Op.read && context.readThroughFD >= 0 {
                 // Nothing is fetched for a read: present runs come from the cache file, the rest from the source.
                 if CachingMesh.allSet(presentWords, planner.pages(offset: r.offset, length: Int(r.length))) {
@@ -292,6 +294,7 @@ extension CachingHandler {
     /// request) by that queue, from its own thread.
     @inline(__always)
     func completeSlot(_ slot: UInt16, _ result: Int32, _ queue: IOQueue) {
+        slots[Int(slot)].replanned = false
         if mesh != nil && Int(slot) >= depth {
             return send(.complete(tag: slot % UInt16(depth), result: result), to: slot / UInt16(depth))
         }

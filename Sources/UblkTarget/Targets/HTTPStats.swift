@@ -26,6 +26,9 @@ public struct HTTPStats: Codable, Sendable {
     public var pagesSetAhead: UInt64?
     public var readsThrough: UInt64?
     public var cacheCopiesLost: UInt64?
+    /// Verified images only (nil without `--verity-root`).
+    public var verifyFailures: UInt64?
+    public var pagesVerified: UInt64?
 
     enum CodingKeys: String, CodingKey {
         case hits, misses, bytesFetched = "bytes_fetched", requests, retries, errors
@@ -34,6 +37,7 @@ public struct HTTPStats: Codable, Sendable {
         case writes, writesHeldForIntent = "writes_held_for_intent", writesDeferred = "writes_deferred", intentCycles = "intent_cycles", fullCycles = "full_cycles"
         case pagesSetAhead = "pages_set_ahead", readsThrough = "reads_through"
         case cacheCopiesLost = "cache_copies_lost"
+        case verifyFailures = "verify_failures", pagesVerified = "pages_verified"
     }
 
     public static func path(_ id: UInt32) -> String { "\(DeviceState.directory)/ublk\(id).stats.json" }
@@ -101,6 +105,10 @@ public struct HTTPStats: Codable, Sendable {
         if let c = fullCycles { metric("full_cycles_total", "counter", "Full persistence cycles (cache file fdatasync, then the bitmaps).", "\(c)") }
         if let c = cacheCopiesLost { metric("cache_copies_lost_total", "counter", "Write-through writes whose cache file copy failed: they stand on the backing store.", "\(c)") }
         if let r = readsThrough { metric("reads_through_total", "counter", "Read misses served from the backing store without being cached (not reused enough to be admitted, or the cache file could not take them).", "\(r)") }
+        if let v = verifyFailures {
+            metric("verify_failures_total", "counter", "Data blocks that did not match the image's hash tree (fetched, reused or scrubbed); never served.", "\(v)")
+        }
+        if let v = pagesVerified { metric("pages_verified_total", "counter", "Pages checked good against the image's hash tree.", "\(v)") }
         if let p = pagesSetAhead { metric("pages_set_ahead_total", "counter", "Pages whose write-back or unsettled bits were set ahead of a write, with a neighbour's.", "\(p)") }
         if let p = missLatencyP50Ms { metric("miss_latency_p50_seconds", "gauge", "Median miss latency.", "\(p / 1000)") }
         if let p = missLatencyP99Ms { metric("miss_latency_p99_seconds", "gauge", "99th percentile miss latency.", "\(p / 1000)") }
@@ -111,13 +119,18 @@ public struct HTTPStats: Codable, Sendable {
 extension CacheStats {
     /// What a caching target reports (`list`, `stats`): these counters, the
     /// other queues' hits (`mesh`), and what the present bitmap holds.
-    func snapshot(mesh: CachingMesh?, present: Bitmap, pageSize: Int) -> HTTPStats {
-        HTTPStats(hits: hits &+ (mesh?.peerHits ?? 0), misses: misses, bytesFetched: bytesFetched, requests: requests,
+    func snapshot(mesh: CachingMesh?, present: Bitmap, pageSize: Int, verified: Bool = false) -> HTTPStats {
+        var s = HTTPStats(hits: hits &+ (mesh?.peerHits ?? 0), misses: misses, bytesFetched: bytesFetched, requests: requests,
                   retries: retries, errors: errors,
                   missLatencyP50Ms: missLatency.percentile(50).map { Double($0) / 1e6 },
                   missLatencyP99Ms: missLatency.percentile(99).map { Double($0) / 1e6 },
                   pagesPresent: present.count, pagesTotal: present.pageCount, pageSize: pageSize,
                   writes: writes, writesHeldForIntent: writesHeldForIntent, writesDeferred: writesDeferred,
                   intentCycles: intentCycles, fullCycles: fullCycles, pagesSetAhead: pagesSetAhead, readsThrough: readsThrough, cacheCopiesLost: cacheCopiesLost)
+        if verified {
+            s.verifyFailures = verifyFailures
+            s.pagesVerified = pagesVerified
+        }
+        return s
     }
 }

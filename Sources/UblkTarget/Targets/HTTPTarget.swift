@@ -53,6 +53,8 @@ public struct HTTPTargetOptions {
     public var queues = 1
     /// A boot profile to replay in the background once the device serves (and the file it came from).
     public var prefetchProfile: (path: String, profile: BootProfile)?
+    /// A verified image: every remote page checked against this hash tree (HTTPVerity.swift).
+    public var verity: VeritySpec?
 
     public init(http: HTTPConfig, cachePath: String, bitmapPath: String) {
         self.http = http
@@ -76,6 +78,12 @@ public final class HTTPTarget: Target {
 
     /// nil: the probe answered; else why the device serves without the remote.
     public let remoteState: String?
+    /// A verified image's hash tree (nil: not verified).
+    let verity: VerityTree?
+    /// The object as the probe found it (its size and validators, which every
+    /// fetch checks): `remote` but for a tree appended to the image, where the
+    /// device (`remote`) is the data before the tree.
+    let object: RemoteImage
 
     public var options: [String: String] {
         [
@@ -85,6 +93,10 @@ public final class HTTPTarget: Target {
             "writable": settings.writable ? "true" : "false", "cache_io": cacheIO.description,
         ].merging(settings.writable ? ["dirty_bitmap": settings.dirtyPath, "local_bitmap": settings.localPath] : [:]) { a, _ in a }
             .merging(remoteState.map { ["remote": $0] } ?? [:]) { a, _ in a }
+            .merging(settings.verity.map { v in
+                ["verity_root": v.rootHex.lowercased(),
+                 "verity_tree": v.tree.map { v.treeIsURL ? Redact.url($0) : $0 } ?? "appended at \(v.offset ?? 0)"]
+            } ?? [:]) { a, _ in a }
     }
 
     /// A probe that reached no answer: refused, unreachable, timed out, a
@@ -104,7 +116,7 @@ public final class HTTPTarget: Target {
     static func completeCache(_ o: HTTPTargetOptions) -> RemoteImage? {
         guard let info = try? CacheStore.inspect(bitmapPath: o.bitmapPath, cachePath: o.cachePath, live: o.liveState) else { return nil }
         let id = info.present.identity
-        guard id.kind == .present, id.url == identityURL(o.http.url), id.pageSize == o.pageSize, id.imageSize > 0,
+        guard id.kind == .present, id.url == cacheIdentity(o), id.pageSize == o.pageSize, id.imageSize > 0,
               info.present.present == id.pageCount,
               info.cacheFile == "ok" || info.cacheFile == "ok (unbound)" else { return nil }
         return RemoteImage(effectiveURL: o.http.url, size: id.imageSize, etag: id.etag, lastModified: id.lastModified)
@@ -122,16 +134,30 @@ public final class HTTPTarget: Target {
         // A remote that answers with another identity is handled below, as
         // always (afresh, or refused when local writes are at stake).
         var unreachable: HTTPError?
+        var probed: RemoteImage
         do {
             let probe = try HTTPSource(config: o.http)
-            remote = try probe.probeBlocking()
+            probed = try probe.probeBlocking()
         } catch {
             guard HTTPTarget.isUnreachable(error), let cached = HTTPTarget.completeCache(o) else {
                 throw UblkError(error.description)
             }
-            remote = cached
+            probed = cached
             unreachable = error
         }
+        // A verified image: its tree, checked against the root before anything is served.
+        if let v = o.verity {
+            let (tree, dataBytes) = try HTTPVerity.load(v, http: o.http, remote: unreachable == nil ? probed : nil,
+                                                        cachePath: o.cachePath, pageSize: o.pageSize)
+            // A tree appended to the image: the device is the data before it.
+            object = probed
+            if v.tree == nil { probed.size = dataBytes }
+            verity = tree
+        } else {
+            object = probed
+            verity = nil
+        }
+        remote = probed
         remoteState = unreachable == nil ? nil : "unreachable, serving the complete cache"
         guard remote.size > 0 else { throw UblkError("\(o.http.url) is empty: nothing to serve") }
         if let (path, p) = o.prefetchProfile, let why = p.mismatch(url: HTTPTarget.identityURL(o.http.url), imageSize: remote.size,
@@ -139,7 +165,7 @@ public final class HTTPTarget: Target {
             throw UblkError("the profile \(path) does not fit \(Redact.url(o.http.url)): \(why)")
         }
         let identity = BitmapIdentity(kind: .present, pageSize: o.pageSize, imageSize: remote.size,
-                                      url: HTTPTarget.identityURL(o.http.url), etag: remote.etag, lastModified: remote.lastModified)
+                                      url: HTTPTarget.cacheIdentity(o), etag: remote.etag, lastModified: remote.lastModified)
         // CacheStore opens, validates and binds the files, and decides what a
         // changed remote or a mismatched cache file means (afresh, or refusal
         // when locally written pages would be lost).
@@ -168,6 +194,10 @@ public final class HTTPTarget: Target {
         // image's last one padded (CachingHandler.receivedDirect).
         device = CachingDevice(store: opened, pageSize: o.pageSize, imageSize: remote.size, queues: o.queues,
                                maxCacheBytes: o.maxCacheBytes, padsTail: true)
+        if let tree = verity {
+            device.verity = tree
+            device.verified = PageBits(pageCount: opened.present.pageCount)
+        }
         let cacheIO = device.dataIO
         // The device: the image rounded up to whole logical blocks, at least
         // the cache file's direct I/O alignment (never past the trailer, which
@@ -190,6 +220,12 @@ public final class HTTPTarget: Target {
     /// images; a URL signed again finds its cache, and whether the object is
     /// the same is what its ETag and Last-Modified say.
     public static func identityURL(_ url: String) -> String { ImageIdentity.of(url) }
+
+    /// What the cache's bitmap records: the image's identity, and a verified
+    /// image's root hash (another root is another cache: it starts afresh).
+    static func cacheIdentity(_ o: HTTPTargetOptions) -> String {
+        identityURL(o.http.url) + (o.verity?.identitySuffix ?? "")
+    }
 
     static func describe(_ why: InvalidationReason) -> String {
         switch why {
@@ -219,7 +255,7 @@ public final class HTTPTarget: Target {
             config.maxAttempts = max(1, config.maxAttempts)
             let source: HTTPSource
             do { source = try HTTPSource(config: config, stats: stats) } catch { throw UblkError("\(error)") }
-            source.expected = remote
+            source.expected = object
             return HTTPFetcher(source)
         }) { context in
             context.writable = settings.writable

@@ -10,6 +10,8 @@ import PageCache
 protocol RunFetcher: AnyObject {
     /// Starts `run`; the fetcher calls `handler.received` for its bytes and `handler.runEnded` once.
     func start(_ run: FetchRun, handler: CachingHandler, queue: IOQueue)
+    /// Starts `run` again from the image's byte `from` (a page boundary inside it) to its end.
+    func resume(_ run: FetchRun, from: UInt64, handler: CachingHandler, queue: IOQueue)
     var isIdle: Bool { get }
     /// An fd the queue polls for the fetcher's progress (then `perform()`), if it has one.
     var pollFD: Int32? { get }
@@ -26,7 +28,10 @@ final class HTTPFetcher: RunFetcher {
     init(_ source: HTTPSource) { self.source = source }
 
     func start(_ run: FetchRun, handler: CachingHandler, queue: IOQueue) {
-        source.fetch(offset: run.offset, length: run.length, onData: { [unowned handler] offset, bytes in
+        resume(run, from: run.offset, handler: handler, queue: queue)
+    }
+    func resume(_ run: FetchRun, from: UInt64, handler: CachingHandler, queue: IOQueue) {
+        source.fetch(offset: from, length: run.length - Int(from - run.offset), onData: { [unowned handler] offset, bytes in
             handler.received(run, offset: offset, bytes: bytes, queue: queue)
         }, completion: { [unowned handler] result in
             switch result {
@@ -57,15 +62,19 @@ final class FileFetcher: RunFetcher {
     deinit { for s in slots.values { free(s.buffer) } }
 
     func start(_ run: FetchRun, handler: CachingHandler, queue: IOQueue) {
+        resume(run, from: run.offset, handler: handler, queue: queue)
+    }
+    func resume(_ run: FetchRun, from: UInt64, handler: CachingHandler, queue: IOQueue) {
         var raw: UnsafeMutableRawPointer?
         guard posix_memalign(&raw, 4096, (run.length + 4095) & ~4095) == 0, let buf = raw else {
             return handler.runEnded(run, error: "out of memory", queue: queue)
         }
         let slot = nextSlot
         nextSlot = nextSlot == Queue.reservedData - 1 ? 1 : nextSlot + 1
-        slots[slot] = (run, buf, 0)
+        let done = Int(from - run.offset)
+        slots[slot] = (run, buf, done)
         handler.context.stats.requests += 1
-        queue.read(fd: fd, into: buf, length: UInt32(run.length), offset: run.offset,
+        queue.read(fd: fd, into: buf + done, length: UInt32(run.length - done), offset: from,
                    tag: Queue.internalTag, sub: CachingHandler.Sub.fetch.rawValue, data: slot)
     }
 
