@@ -52,9 +52,11 @@ initrd_for() { # KERNEL -> builds INITRDS[KERNEL] once
         UBLK_VM_KERNEL="$k" vm/kernel.sh >/dev/null
         INITRDS[$k]="$(mktemp "$VM_CACHE/initramfs-tests.XXXXXX.cpio.gz")"
         echo "[tests] building ${INITRDS[$k]} for kernel $k"
-        # Device mapper (dm-flakey, dm-delay) for the suites that make a disk fail under the cache.
+        # Device mapper (dm-flakey, dm-delay) for the suites that make a disk fail under the cache;
+        # veritysetup and dm-verity for the verity suite's trees and the kernel's reading of them.
         UBLK_VM_KERNEL="$k" vm/initramfs.sh "${INITRDS[$k]}" --bin "$BIN:/usr/local/bin/ublk-http" --bin /usr/bin/jq \
-            --bin /usr/bin/setpriv --bin /usr/sbin/dmsetup --module dm_mod --module dm_flakey --module dm_delay >/dev/null
+            --bin /usr/bin/setpriv --bin /usr/sbin/dmsetup --bin /usr/sbin/veritysetup \
+            --module dm_mod --module dm_flakey --module dm_delay --module dm_verity >/dev/null
     fi
 }
 # Boots: consecutive suites with the same kernel and vCPU count share one,
