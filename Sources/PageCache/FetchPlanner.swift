@@ -119,6 +119,24 @@ public final class FetchPlanner {
     /// Stream 0's readahead window.
     public var readaheadWindowPages: UInt64 { streams[0].window }
 
+    /// Pages readahead stops before, sorted (a verified image's pages whose
+    /// fetch failed its check): only a read of such a page fetches it again, so
+    /// a sequential reader short of it does not fetch it (and fail) at every step.
+    public private(set) var readaheadStops: [UInt64] = []
+    public static let maxReadaheadStops = 1024
+
+    /// Readahead stops before `page` from now on (the oldest stop goes past the bound).
+    public func stopReadahead(before page: UInt64) {
+        guard !readaheadStops.contains(page) else { return }
+        if readaheadStops.count >= FetchPlanner.maxReadaheadStops { readaheadStops.removeFirst() }
+        readaheadStops.insert(page, at: readaheadStops.firstIndex { $0 > page } ?? readaheadStops.count)
+    }
+
+    /// `pages` are present again: readahead goes through them.
+    public func resumeReadahead(_ pages: Range<UInt64>) {
+        if !readaheadStops.isEmpty { readaheadStops.removeAll { pages.contains($0) } }
+    }
+
     public init(imageSize: UInt64, pageSize: Int, maxRunBytes: Int = 4 << 20,
                 initialReadaheadBytes: Int = 128 << 10, maxReadaheadBytes: Int = 4 << 20,
                 maxActiveRuns: Int = 8) {
@@ -341,7 +359,8 @@ public final class FetchPlanner {
     }
 
     private func readahead(after start: UInt64, window readaheadWindowPages: UInt64, present: PageBits, plan: inout ReadPlan) {
-        let limit = min(start + readaheadWindowPages, pageCount)
+        let stop = readaheadStops.first { $0 >= start } ?? pageCount
+        let limit = min(start + readaheadWindowPages, pageCount, stop)
         guard start < limit else { return }
         // The first page that is neither present nor covered by a run.
         var p = start
@@ -360,7 +379,7 @@ public final class FetchPlanner {
         // would otherwise leave a small request behind every large one.
         var want = start + readaheadWindowPages - first
         if want >= maxRunPages { want = want / maxRunPages * maxRunPages }
-        let end = min(first + want, pageCount)
+        let end = min(first + want, limit)
         p = first
         while p < end, let m = present.nextClear(in: p..<end) {
             let e = present.nextSet(in: m..<end) ?? end

@@ -209,6 +209,26 @@ final class FetchPlannerTests: XCTestCase {
         XCTAssertEqual(runs[0].offset + UInt64(runs[0].length), off(100))
     }
 
+    func testReadaheadStopsBeforeAPageWhoseFetchFailedItsCheck() {
+        let (p, bits) = planner(pages: 100, initialRA: 1 << 20, maxRA: 4 << 20)
+        p.stopReadahead(before: 90)
+        _ = p.plan(offset: off(80), length: len(4), context: 1, present: bits)
+        let plan = p.plan(offset: off(84), length: len(4), context: 2, present: bits)
+        XCTAssertEqual(plan.readaheadPages, 2, "88 and 89: not 90 nor after it")
+        XCTAssertEqual(p.startableRuns().map { [$0.firstPage, $0.pageCount] }, [[80, 10]])
+        // A read of the page itself still fetches it.
+        let own = p.plan(offset: off(90), length: len(1), context: 3, present: bits)
+        XCTAssertEqual(own.newPages, 1)
+        // Once present again, readahead goes through.
+        p.resumeReadahead(90..<91)
+        XCTAssertEqual(p.readaheadStops, [])
+        let (q, qb) = planner(pages: 100, initialRA: 1 << 20, maxRA: 4 << 20)
+        for page in [UInt64(10), 20, 30] { q.stopReadahead(before: page) }
+        q.resumeReadahead(15..<25)
+        XCTAssertEqual(q.readaheadStops, [10, 30])
+        _ = qb
+    }
+
     func testPartialLastPageLength() {
         let p = FetchPlanner(imageSize: 10_000, pageSize: 4096)
         let bits = PageBits(pageCount: p.pageCount)

@@ -107,6 +107,7 @@ extension CachingHandler {
     func verifiedFetched(_ pages: Range<UInt64>) {
         guard let v = verifier else { return }
         context.stats.pagesVerified += v.verified.set(pages)
+        planner.resumeReadahead(pages)
     }
 
     /// What a run's end means to verification.
@@ -129,6 +130,7 @@ extension CachingHandler {
         if v.retried.contains(run.id) || draining {
             v.retried.remove(run.id)
             v.failingPage = block * UInt64(v.tree.dataBlockSize) / pageSize
+            planner.stopReadahead(before: v.failingPage!)
             return .failed("data block \(block) does not match the image's verity tree")
         }
         v.retried.insert(run.id)
