@@ -34,6 +34,12 @@
 #                profile, the reads at once, as a boot would), ublk-http-
 #                profile-wait (the same, the reads after `profile status
 #                --wait`); each request waits a round trip of BENCH_BOOT_RTT_MS.
+#   verity       a verified image (`add --verity-root --verity-tree URL`, the
+#                tree made by veritysetup in the guest) against the same image
+#                unverified, each device in turn: verity-cold-seq (whole-image
+#                sequential read, fio 1 MiB QD8, fresh cache, MiB/s), then on
+#                the same device verity-warm-rand4k (4k random reads QD32 of
+#                the pages just fetched, IOPS): ublk-http-verity vs ublk-http.
 # The server RSS (VmRSS/VmHWM) is taken right after each cold-seq run.
 #
 # Pinning: this script, fio and nginx run on vCPU 0 (FIO_CPU); every "server"
@@ -44,7 +50,7 @@
 # Settings (environment, from bench/run.sh --suite http through vm/run.sh --env):
 #   BENCH_REPS (3)  BENCH_RUNTIME (10 s: cold random)  BENCH_WARM_RUNTIME (10 s)
 #   BENCH_RAMP (2 s: warm runs)  BENCH_IMG_MB (256)  BENCH_REQ_MB (64)  BENCH_WQ_PIN (1)
-#   BENCH_CASES ("cold-seq cold-rand4k reqcount warm-rand4k warm-seq1m shared boot")  BENCH_SHARED_N (4)
+#   BENCH_CASES ("cold-seq cold-rand4k reqcount warm-rand4k warm-seq1m shared boot verity")  BENCH_SHARED_N (4)
 #   BENCH_BOOT_RTT_MS (50: the boot case's round trip to nginx, netem on lo; 0: none)
 #   BENCH_NBD (1: include the nbdkit devices)
 
@@ -53,7 +59,7 @@ WRAMP=$RAMP
 IMG_MB=${BENCH_IMG_MB:-256}
 REQ_MB=${BENCH_REQ_MB:-64}
 NBD=${BENCH_NBD:-1}
-read -r -a CASES <<<"${BENCH_CASES:-cold-seq cold-rand4k reqcount warm-rand4k warm-seq1m shared boot}"
+read -r -a CASES <<<"${BENCH_CASES:-cold-seq cold-rand4k reqcount warm-rand4k warm-seq1m shared boot verity}"
 SRV_CPU=$SERVER_CPU
 WWW=/tmp/www IMG=/tmp/www/img URL=http://127.0.0.1:8080/img
 CDIR=/tmp/ublk-cache COPY=/tmp/copy.img
@@ -290,6 +296,41 @@ case_cold_seq() {
     curl_download "$rep"
     curl_download "$rep" curl-file "$CDIR/download.img"
     store_only "$rep"
+}
+# ---- verity: the same image, verified and not ----
+VERITY_ROOT=""
+verity_tree() {
+    [[ -n $VERITY_ROOT ]] && return 0
+    VERITY_ROOT=$(veritysetup format "$IMG" "$WWW/img.tree" 2>/dev/null | sed -n 's/^Root hash:[[:space:]]*//p')
+    [[ -n $VERITY_ROOT ]] && log "verity tree: $(stat -c %s "$WWW/img.tree") bytes, root $VERITY_ROOT"
+}
+case_verity() {
+    local rep=$1 dev out st
+    verity_tree || { err verity-cold-seq ublk-http-verity "$rep" "veritysetup format failed"; return; }
+    for dev in ublk-http ublk-http-verity; do
+        local args=()
+        [[ $dev == ublk-http-verity ]] && args=(--verity-root "$VERITY_ROOT" --verity-tree "http://127.0.0.1:8080/img.tree")
+        rm -f "$CDIR"/ver.*
+        start_mark verity-cold-seq "$dev" "$rep"
+        http_add "$CDIR/ver" "${args[@]}" || { err verity-cold-seq "$dev" "$rep" "add: $U_ERR"; continue; }
+        out=/tmp/fio-vcs-$dev-$rep.json
+        if fio_dev "$out" "$U_DEV" "$U_PID" "${SEQ_ARGS[@]}"; then
+            st=$(ublk_stats "$U_ID")
+            record verity-cold-seq "$dev" "$rep" MiB/s "$out" \
+                "$(jq -cn --argjson st "$st" --argjson rss "$(rss_json "$U_PID")" '{stats: $st, rss_kb: $rss}')"
+            start_mark verity-warm-rand4k "$dev" "$rep"
+            out=/tmp/fio-vwr-$dev-$rep.json
+            if fio_dev "$out" "$U_DEV" "$U_PID" "${WRAND_ARGS[@]}"; then
+                record verity-warm-rand4k "$dev" "$rep" IOPS "$out" "$(jq -cn --argjson st "$(ublk_stats "$U_ID")" '{stats: $st}')"
+            else
+                err verity-warm-rand4k "$dev" "$rep" "fio: $(tail -n 3 /tmp/fio.stderr | tr '\n' ' ')"
+            fi
+        else
+            err verity-cold-seq "$dev" "$rep" "fio: $(tail -n 3 /tmp/fio.stderr | tr '\n' ' ')"
+        fi
+        ublk_del "$U_ID"
+    done
+    rm -f "$CDIR"/ver.*
 }
 case_cold_rand4k() {
     local rep=$1

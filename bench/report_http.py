@@ -58,8 +58,10 @@ def report(out_dir, host):
         ("cold-rand4k", "IOPS", "nbdkit-curl", ["ublk-http", "nbdkit-curl"], "nbdkit-curl"),
         ("warm-rand4k", "IOPS", "kloop", ["ublk-http", "nbdkit-cache", "kloop"], "nbdkit-cache"),
         ("warm-seq1m", "MiB/s", "kloop", ["ublk-http", "nbdkit-cache", "kloop"], "nbdkit-cache"),
+        ("verity-cold-seq", "MiB/s", "ublk-http", ["ublk-http-verity", "ublk-http"], "-"),
+        ("verity-warm-rand4k", "IOPS", "ublk-http", ["ublk-http-verity", "ublk-http"], "-"),
     ]
-    BASELINE_NOTE = {"curl": "curl download", "nbdkit-curl": "nbdkit-curl", "kloop": "kernel loop"}
+    BASELINE_NOTE = {"curl": "curl download", "nbdkit-curl": "nbdkit-curl", "kloop": "kernel loop", "ublk-http": "unverified"}
 
     def usable(cell):
         ok = [r for r in cell if "error" not in r and r.get("value") is not None]
@@ -94,7 +96,8 @@ def report(out_dir, host):
                 st = [r.get("stats") for r in ok if r.get("stats")]
                 if st:
                     s["server_stats_median"] = {k: med([x.get(k) for x in st]) for k in
-                                                ("hits", "misses", "bytes_fetched", "requests", "retries", "errors")
+                                                ("hits", "misses", "bytes_fetched", "requests", "retries", "errors",
+                                                 "verify_failures", "pages_verified")
                                                 if any(isinstance(x.get(k), (int, float)) for x in st)}
                 rss = [r.get("rss_kb") for r in ok if r.get("rss_kb")]
                 if rss:
@@ -138,6 +141,8 @@ def report(out_dir, host):
         g("cold sequential vs raw curl download", ratio("cold-seq", "ublk-http"), 0.9, ">=", "median MiB/s ratio"),
         g("warm 4k random QD32 vs kernel loop", ratio("warm-rand4k", "ublk-http"), 0.8, ">=", "median IOPS ratio"),
         g("warm 1 MiB sequential QD8 vs kernel loop", ratio("warm-seq1m", "ublk-http"), 0.8, ">=", "median MiB/s ratio"),
+        g("verified cold sequential vs the same read unverified", ratio("verity-cold-seq", "ublk-http-verity"), 0.9, ">=", "median MiB/s ratio"),
+        g("verified warm 4k random QD32 vs unverified (hits unchanged)", ratio("verity-warm-rand4k", "ublk-http-verity"), 0.95, ">=", "median IOPS ratio"),
         g(f"Range requests for a cold {reqcount['read_mib'] or 64} MiB sequential read",
           max(reqcount["values"]) if reqcount["values"] else None, reqcount["goal_max"] or 20, "<=", "worst rep"),
         g("server RSS after the cold sequential read, without its mapping of the cache file (VmRSS - CacheMapRss, KiB)",
@@ -214,7 +219,8 @@ def report(out_dir, host):
     # ---- chart: medians relative to each case's baseline, min–max whiskers, goals -----------
     chart = os.path.join(out_dir, "chart.png")
     if shutil.which("gnuplot"):
-        colors = {"ublk-http": "#1f77b4", "nbdkit-curl": "#ff7f0e", "nbdkit-cache": "#ff7f0e", "curl": "#7f7f7f", "curl-file": "#bbbbbb", "store": "#dddddd", "kloop": "#7f7f7f"}
+        colors = {"ublk-http": "#1f77b4", "nbdkit-curl": "#ff7f0e", "nbdkit-cache": "#ff7f0e", "curl": "#7f7f7f", "curl-file": "#bbbbbb", "store": "#dddddd", "kloop": "#7f7f7f",
+                  "ublk-http-verity": "#2ca02c"}
         import math
         dat, x, xt, groups, goal_lines, ymax, ymin = [], 0, [], [], [], 1.0, 1.0
         for c, unit, base, devs, nbd in CASES:
@@ -237,6 +243,8 @@ def report(out_dir, host):
                             goal_lines.append((x, 2 * n, "2× nbdkit"))
                     elif c.startswith("warm"):
                         goal_lines.append((x, 0.8, "0.8× loop"))
+                elif d == "ublk-http-verity":
+                    goal_lines.append((x, 0.9 if c == "verity-cold-seq" else 0.95, "goal"))
             groups.append(((x0 + 1 + x) / 2, f"{c}\\nvs {BASELINE_NOTE[base]}"))
             x += 1
         with open(os.path.join(out_dir, "chart.dat"), "w") as f:
