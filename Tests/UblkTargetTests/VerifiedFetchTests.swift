@@ -179,6 +179,64 @@ final class VerifiedFetchTests: XCTestCase {
         }
     }
 
+    /// Seeded: bad bytes on the server (a few pages, for good), edits of the
+    /// cache file between server runs, reads of random ranges four at a time
+    /// (chunks of random sizes), scrubs. A read that touches a bad page fails
+    /// with EIO; every other read completes once, with the image's bytes.
+    func testSeededRandomReadsNeverReturnAByteThatIsNotTheImages() throws {
+        let seeds = UInt64(ProcessInfo.processInfo.environment["VERIFY_SEEDS"] ?? "") ?? 12
+        for seed in 1...seeds {
+            try? FileManager.default.removeItem(atPath: dir + "/c")
+            try? FileManager.default.removeItem(atPath: dir + "/b")
+            var rng = SplitMix(seed: seed &* 7919)
+            var remote = image
+            var bad: Set<Int> = []
+            for _ in 0..<(1 + Int(rng.next() % 3)) {
+                let p = Int(rng.next() % UInt64(pages))
+                bad.insert(p)
+                remote[p * page + Int(rng.next() % UInt64(page))] ^= UInt8(1 + rng.next() % 255)
+            }
+            for run in 0..<3 {
+                let s = try Server(dir: dir, remote: remote, root: root)
+                s.rng = SplitMix(seed: seed &* 31 &+ UInt64(run))
+                for _ in 0..<12 {
+                    var asked: [UInt16: Range<Int>] = [:]
+                    s.queue.completed = []
+                    for tag in UInt16(0)..<UInt16(1 + rng.next() % 4) {
+                        let first = Int(rng.next() % UInt64(pages))
+                        let r = first..<min(pages, first + 1 + Int(rng.next() % 6))
+                        asked[tag] = r
+                        s.handler.handle(Request(tag: tag, op: Op.read, flags: 0, offset: UInt64(r.lowerBound * page),
+                                                 length: UInt32(r.count * page), buffer: s.buffer + Int(tag) * 8 * page), queue: s.queue)
+                    }
+                    s.settle()
+                    XCTAssertEqual(s.queue.completed.count, asked.count, "seed \(seed): each read completed once")
+                    for (tag, r) in asked {
+                        let result = s.queue.completed.first { $0.tag == tag }?.result
+                        if r.contains(where: bad.contains) {
+                            XCTAssertEqual(result, -EIO, "seed \(seed): a read of a bad page fails")
+                        } else {
+                            XCTAssertEqual(result, Int32(r.count * page), "seed \(seed): \(r)")
+                            let got = Array(UnsafeRawBufferPointer(start: s.buffer + Int(tag) * 8 * page, count: r.count * page))
+                            XCTAssertTrue(got == Array(image[r.lowerBound * page..<r.upperBound * page]), "seed \(seed): \(r) reads the image")
+                        }
+                    }
+                    if rng.next() % 5 == 0 {
+                        _ = s.handler.control(ControlRequest(op: .verify), queue: s.queue)
+                        for _ in 0..<1000 where s.handler.scrubRunning { s.handler.idle(queue: s.queue) }
+                        s.settle()
+                    }
+                }
+                XCTAssertFalse(bad.contains { s.store.present.test(UInt64($0)) }, "seed \(seed): a bad page is never kept")
+                s.handler.shutdown(queue: s.queue)
+                // Between runs: a few present pages edited behind the server's back.
+                for _ in 0..<Int(rng.next() % 3) {
+                    editCache(page: Int(rng.next() % UInt64(pages)), dir)
+                }
+            }
+        }
+    }
+
     func testAServerThatMendsItselfIsBelievedOnTheSecondFetch() throws {
         var bad = image
         bad[5 * page] ^= 1

@@ -161,12 +161,12 @@ extension CachingHandler {
             guard slots[Int(tag)].stage == .waitingFetch else { continue }
             // A verified image's run that failed its check: a request that does not
             // need the page that did not match is planned again (CachingVerify.swift).
-            // Once: a request is never planned again and again.
-            if let bad = verifier?.failingPage, let r = slots[Int(tag)].request, !slots[Int(tag)].replanned,
+            // A few times at most (runs shared with other readers may fail for other pages): never a loop.
+            if let bad = verifier?.failingPage, let r = slots[Int(tag)].request, slots[Int(tag)].replans < 8,
                !planner.pages(offset: r.offset, length: Int(r.length)).contains(bad) {
                 slots[Int(tag)].stage = .idle
                 slots[Int(tag)].request = nil
-                slots[Int(tag)].replanned = true
+                slots[Int(tag)].replans += 1
                 handle(r, queue: queue)
                 continue
             }

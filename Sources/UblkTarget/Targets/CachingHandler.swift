@@ -168,9 +168,9 @@ final class CachingHandler: QueueHandler {
         var transfer = Transfer()
         /// Pages the write covers whole and claimed instead of fetching (FetchPlanner.claimForWrite).
         var claimed: [RunID] = []
-        /// A verified image: the request was planned again once, after a run it
-        /// waited on failed its check for another page (CachingFetch.serve).
-        var replanned = false
+        /// A verified image: how often the request was planned again after a run
+        /// it waited on failed its check for another page (CachingFetch.serve).
+        var replans: UInt8 = 0
         /// Waiting in `flushWaiters`: what the request completes with once a full
         /// cycle made it durable (a FUA write: its byte count; a FLUSH: 0).
         var durableResult: Int32 = 0

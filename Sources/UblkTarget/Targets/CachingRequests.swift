@@ -294,7 +294,7 @@ extension CachingHandler {
     /// request) by that queue, from its own thread.
     @inline(__always)
     func completeSlot(_ slot: UInt16, _ result: Int32, _ queue: IOQueue) {
-        slots[Int(slot)].replanned = false
+        slots[Int(slot)].replans = 0
         if mesh != nil && Int(slot) >= depth {
             return send(.complete(tag: slot % UInt16(depth), result: result), to: slot / UInt16(depth))
         }
