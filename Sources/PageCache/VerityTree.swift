@@ -306,6 +306,36 @@ public final class VerityTree {
         return nil
     }
 
+    // MARK: A tree fetched on demand
+
+    /// The hash blocks (absolute numbers, ascending) that data blocks `blocks`
+    /// need and that do not verify now: on each path to the root, the blocks
+    /// from the highest one that does not verify down to level 0. Empty: every
+    /// one of those data blocks can be checked. (A tree whose file is filled on
+    /// demand: a block not fetched yet reads as zeros, and does not verify.)
+    public func missing(forData blocks: Range<UInt64>) -> [UInt64] {
+        guard levels > 0, !blocks.isEmpty else { return [] }
+        let bits = UInt64(hashPerBlockBits)
+        var out = Set<UInt64>()
+        var leaf = blocks.lowerBound >> bits
+        let lastLeaf = (min(blocks.upperBound, params.dataBlocks) - 1) >> bits
+        while leaf <= lastLeaf {
+            if verifiedHashBlock(level: 0, index: leaf) == nil {
+                var l = levels - 1
+                while l > 0 && verifiedHashBlock(level: l, index: leaf >> (bits * UInt64(l))) != nil { l -= 1 }
+                for k in 0...l { out.insert(levelStart[k] + (leaf >> (bits * UInt64(k)))) }
+            }
+            leaf += 1
+        }
+        return out.sorted()
+    }
+
+    /// Where hash block `abs` is in the tree's file: its byte offset (its length is `params.hashBlockSize`).
+    public func offset(ofHashBlock abs: UInt64) -> UInt64 { params.treeStart + abs * UInt64(params.hashBlockSize) }
+
+    /// The top hash block's number (what `add` fetches with the superblock).
+    public static func topBlockOffset(_ p: VerityParams) -> UInt64 { p.treeStart }
+
     /// A stream of one fetch's bytes, checked block by block as they arrive.
     public func stream(from offset: UInt64) -> VerityStream { VerityStream(tree: self, offset: offset) }
 }

@@ -193,6 +193,103 @@ final class VerifiedImageTargetTests: XCTestCase {
         XCTAssertTrue(try HTTPTarget(plain).cacheState.contains("afresh"), "unverified is another cache too")
     }
 
+    /// A handler over a fresh cache whose tree comes on demand from the fault
+    /// server (`treeQuery` on the tree's URL), the data from a fake fetcher.
+    func onDemand(_ root: String, treeQuery: String = "") throws -> (CachingHandler, FakeQueue, FakeFetcher, CacheContext, CacheStore) {
+        let size = UInt64(image.count)
+        let spec = VeritySpec(rootHex: root, tree: url("tree") + treeQuery, offset: nil)
+        let tree = try HTTPVerity.downloaded(spec, http: HTTPConfig(url: url("img")), remote: nil, cachePath: path("c"))
+        let id = BitmapIdentity(kind: .present, pageSize: page, imageSize: size, url: "test://on-demand", etag: "e")
+        let store = try CacheStore.open(CacheStoreSpec(cachePath: path("c"), bitmapPath: path("c.bitmap"), identity: id))
+        let context = CacheContext(cache: store.cache, bitmap: store.present, dirty: nil, imageSize: size, pageSize: page,
+                                   stats: CacheStats()) {
+            HTTPStats(hits: 0, misses: 0, bytesFetched: 0, requests: 0, retries: 0, errors: 0, missLatencyP50Ms: nil,
+                      missLatencyP99Ms: nil, pagesPresent: 0, pagesTotal: 0, pageSize: 4096)
+        }
+        context.publishStats = false
+        context.verity = tree
+        context.verified = PageBits(pageCount: store.present.pageCount)
+        context.treeFetcher = try XCTUnwrap(HTTPVerity.fetcher(spec, http: HTTPConfig(url: url("img")), cachePath: path("c"),
+                                                               tree: tree, stats: context.stats))
+        let queue = FakeQueue(depth: 8, files: FaultFiles())
+        queue.fireable = [context.treeFetcher!.pollFD]
+        let fetcher = FakeFetcher(remote: image)
+        let planner = FetchPlanner(imageSize: size, pageSize: page, maxRunBytes: 64 << 10,
+                                   initialReadaheadBytes: 0, maxReadaheadBytes: 0, maxActiveRuns: 2)
+        let handler = try CachingHandler.make(context: context, fetcher: fetcher, planner: planner, queue: queue, deviceSize: size)
+        queue.handler = handler
+        return (handler, queue, fetcher, context, store)
+    }
+
+    /// Reads `pages` in one request, driving the fake fetcher and the tree's real transfers; its result.
+    func read(_ pages: Range<Int>, _ h: CachingHandler, _ q: FakeQueue, _ f: FakeFetcher, into buffer: UnsafeMutableRawPointer) -> Int32? {
+        var rng = SplitMix(seed: 3)
+        q.completed = []
+        h.handle(Request(tag: 0, op: Op.read, flags: 0, offset: UInt64(pages.lowerBound * page), length: UInt32(pages.count * page),
+                         buffer: buffer + pages.lowerBound * page), queue: q)
+        let deadline = monotonicNanos() + 20_000_000_000
+        while q.completed.isEmpty && monotonicNanos() < deadline {
+            if !(f.step(&rng, handler: h, queue: q) || q.runOne()) { usleep(1000) }
+            h.idle(queue: q)
+        }
+        return q.completed.first?.result
+    }
+
+    func testATreeURLIsFetchedOnDemandOneHashBlockAtATime() throws {
+        let root = try format([path("img"), path("tree")])   // 48 blocks: one hash block, the top
+        // A bigger image: 600 blocks, two levels (the top and 5 blocks under it).
+        var s: UInt64 = 77
+        image = (0..<600 * page).map { _ -> UInt8 in s ^= s << 13; s ^= s >> 7; s ^= s << 17; return UInt8(truncatingIfNeeded: s) }
+        FileManager.default.createFile(atPath: path("img"), contents: Data(image))
+        let root600 = try format([path("img"), path("tree")])
+        XCTAssertNotEqual(root, root600)
+        try serve(["tree"])
+        let (h, q, f, context, store) = try onDemand(root600)
+        let copy = path("c.verity")
+        XCTAssertEqual(FaultFiles.contents(copy).count, FaultFiles.contents(path("tree")).count, "as large as the tree")
+        let getsAfterAdd = gets("tree")
+        XCTAssertEqual(getsAfterAdd, 2, "add fetched the superblock and the top block")
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: image.count, alignment: 4096)
+        defer { buffer.deallocate() }
+        // The last pages: their hash block alone (nothing after it to read ahead).
+        XCTAssertEqual(read(598..<600, h, q, f, into: buffer), Int32(2 * page))
+        XCTAssertTrue(memcmp(buffer + 598 * page, Array(image[598 * page..<600 * page]), 2 * page) == 0)
+        XCTAssertEqual(gets("tree"), getsAfterAdd + 1, "one hash block fetched for the first read")
+        XCTAssertEqual(FaultFiles.contents(copy).filter { $0 != 0 }.count > 3 * 4096, false, "the copy holds 3 blocks at most")
+        // The first pages: their hash block, and those after it read ahead (blocks 1-3), in one more request.
+        XCTAssertEqual(read(0..<4, h, q, f, into: buffer), Int32(4 * page))
+        XCTAssertTrue(memcmp(buffer, image, 4 * page) == 0)
+        XCTAssertLessThanOrEqual(gets("tree"), getsAfterAdd + 3)
+        let getsBefore = gets("tree")
+        XCTAssertEqual(read(300..<302, h, q, f, into: buffer), Int32(2 * page))
+        XCTAssertEqual(gets("tree"), getsBefore, "read ahead: nothing more to fetch for the middle")
+        XCTAssertEqual(read(0..<600, h, q, f, into: buffer), Int32(600 * page))
+        XCTAssertTrue(memcmp(buffer, image, image.count) == 0)
+        XCTAssertEqual(FaultFiles.contents(copy), FaultFiles.contents(path("tree")), "every hash block now in the copy")
+        XCTAssertEqual(context.stats.verifyFailures, 0)
+        XCTAssertEqual(store.present.count, 600)
+        h.shutdown(queue: q)
+    }
+
+    func testAHashBlockThatDoesNotVerifyFailsOnlyThePagesUnderIt() throws {
+        var s: UInt64 = 77
+        image = (0..<600 * page).map { _ -> UInt8 in s ^= s << 13; s ^= s >> 7; s ^= s << 17; return UInt8(truncatingIfNeeded: s) }
+        FileManager.default.createFile(atPath: path("img"), contents: Data(image))
+        let root = try format([path("img"), path("tree")])
+        try serve(["tree"])
+        // The tree: superblock (4096), top (4096), then level 0: block 1 covers data blocks 128-255.
+        let (h, q, f, context, store) = try onDemand(root, treeQuery: "?mode=flip&id=h1&at=\(4096 * 3 + 100)")
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: image.count, alignment: 4096)
+        defer { buffer.deallocate() }
+        XCTAssertEqual(read(130..<131, h, q, f, into: buffer), -EIO, "its hash block does not verify")
+        XCTAssertEqual(read(10..<12, h, q, f, into: buffer), Int32(2 * page))
+        XCTAssertEqual(read(300..<301, h, q, f, into: buffer), Int32(page))
+        XCTAssertTrue(memcmp(buffer + 300 * page, Array(image[300 * page..<301 * page]), page) == 0)
+        XCTAssertFalse(store.present.test(130), "nothing fetched for a page whose hash block does not verify")
+        _ = context
+        h.shutdown(queue: q)
+    }
+
     func testAFlippedByteInTheBodyFailsItsBlock() throws {
         let root = try format([path("img"), path("tree")])
         try serve([])

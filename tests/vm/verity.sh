@@ -117,6 +117,22 @@ else
     fail "add --verity-root --verity-tree URL" "$DEV_JSON"
 fi
 
+section "the tree URL is fetched on demand: a small read fetches a few hash blocks, not the tree"
+TREE_BYTES=$(stat -c %s $WWW/disk.tree)
+if add -t http --url $H/disk.img --cache $C/od.cache --bitmap $C/od.bitmap --verity-root $ROOT --verity-tree $H/disk.tree; then
+    # The image's last 64 KiB: no hash block after it to read ahead.
+    check "read the last 64 KiB" same_blocks $DEV_B $WWW/disk.img $((PAGES - 16)) 16
+    ALLOC=$(( $(stat -c %b $C/od.cache.verity) * 512 ))
+    echo "# tree $TREE_BYTES bytes; its copy holds $ALLOC bytes after the read"
+    # add's partition scan read the first and last pages: their hash blocks, and 8 MiB's after the first, came too.
+    check "the copy holds at most half the tree ($ALLOC of $TREE_BYTES bytes)" test $((2 * ALLOC)) -le $TREE_BYTES
+    check "cmp of the whole device against the image" cmp $DEV_B $WWW/disk.img
+    check "the copy now holds the whole tree" cmp $C/od.cache.verity $WWW/disk.tree
+    check "del" del $DEV_ID
+else
+    fail "add --verity-tree URL (on demand)" "$DEV_JSON"
+fi
+
 section "--verity-tree PATH (a local tree)"
 if add -t http --url $H/disk.img --cache $C/l.cache --bitmap $C/l.bitmap --verity-root $ROOT --verity-tree $T/disk.tree; then
     check "cmp of the whole device against the image" cmp $DEV_B $WWW/disk.img

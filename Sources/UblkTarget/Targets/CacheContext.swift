@@ -69,6 +69,8 @@ final class CacheContext {
     /// by the peers; CachingVerify.swift).
     var verity: VerityTree?
     var verified: PageBits?
+    /// The home's: fetches the tree's hash blocks on demand (nil: the tree is all local).
+    var treeFetcher: TreeFetcher?
 
     init(cache: CacheFile, bitmap: Bitmap, dirty: Bitmap?, imageSize: UInt64, pageSize: Int, stats: CacheStats,
          snapshot: @escaping () -> HTTPStats) {

@@ -28,6 +28,8 @@ extension CachingHandler {
             _ = read(timerFD, &v, 8)
         case .fillTimer:
             fillTimerFired()
+        case .tree:
+            treePollFired(queue)
         case .mesh:
             received(mesh!.inboxes[0].take(), queue: queue)
             queue.poll(fd: mesh!.inboxes[0].fd, data: Event.mesh.rawValue)
@@ -42,7 +44,7 @@ extension CachingHandler {
         if writeback != nil && !draining { startWriteback(queue) }
         if filling.job != nil { fillStep(queue) }
         if scrubRunning {
-            scrubStep()
+            scrubStep(queue)
             // The loop comes back for the next batch, whether or not I/O arrives.
             if scrubRunning && !timerArmed {
                 _ = cu_timerfd_arm(timerFD, 1_000_000)
@@ -89,6 +91,7 @@ extension CachingHandler {
         if !flushWaiters.isEmpty { startCycle(queue, full: true) }
         draining = true
         fillDrain()
+        verifyDrain()
         fetcher.cancelAll(handler: self, queue: queue)
         for t in slots.indices where slots[t].stage == .waitingFetch {
             finish(UInt16(t), -EIO, queue)

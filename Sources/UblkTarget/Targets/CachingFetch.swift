@@ -13,6 +13,8 @@ extension CachingHandler {
         for run in planner.startableRuns() {
             trace?("fetch \(run.firstPage)+\(run.pageCount)")
             runBytes[run.id] = 0
+            // A verified image whose tree is fetched on demand: its hash blocks first.
+            if verifier != nil && !runMayStart(run, queue: queue) { continue }
             fetcher.start(run, handler: self, queue: queue)
         }
         armPoll(queue)

@@ -253,7 +253,7 @@ final class CachingHandler: QueueHandler {
     var eviction = Eviction()
     static let chunkShift: UInt64 = 20
     /// What each poll or timer of the handler is (its `data`): decoded once, in `eventFired`.
-    enum Event: UInt32 { case source = 1, timer, mesh, fillTimer }
+    enum Event: UInt32 { case source = 1, timer, mesh, fillTimer, tree }
 
     // MARK: Queues (-q N; CachingMesh.swift, CachingPeer.swift)
 
@@ -296,6 +296,7 @@ final class CachingHandler: QueueHandler {
         if queue.dataPath == .inlineUserCopy { try h.io.map(context.cache, deviceSize: deviceSize) }
         if let m = mesh { queue.poll(fd: m.inboxes[Int(queue.id)].fd, data: Event.mesh.rawValue) }
         if let spec = context.startFill { h.scheduleFill(spec, queue: queue) }
+        if let tf = context.treeFetcher { tf.arrived = { [unowned h] _ in h.treeArrived(queue) } }
         if context.publishStats { h.statsFile = StatsFile(device: queue.deviceID) }
         return h
     }
@@ -332,7 +333,7 @@ final class CachingHandler: QueueHandler {
         }
         if let m = mesh { outbox = Array(repeating: [], count: m.queueCount) }
         if let tree = context.verity, let verified = context.verified {
-            verifier = VerifyState(tree: tree, verified: verified, pageSize: context.pageSize)
+            verifier = VerifyState(tree: tree, verified: verified, pageSize: context.pageSize, treeFetcher: context.treeFetcher)
         }
         timerFD = cu_timerfd()
         lastPersist = monotonicNanos()

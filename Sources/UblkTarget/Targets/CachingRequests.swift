@@ -21,7 +21,10 @@ extension CachingHandler {
             if eviction.isPunching { return eviction.wait(r) }
             if let c = context.chunks { c.touch(offset: r.offset, length: r.length) }
             // A verified image: pages present from before this run are checked on first use.
-            if verifier != nil { verifyReused(planner.pages(offset: r.offset, length: Int(r.length))) }
+            if verifier != nil && !verifyReused(planner.pages(offset: r.offset, length: Int(r.length)), queue: queue) {
+                verifier!.requestsWaiting.append(r)
+                return
+            }
             if r.op == Op.read && context.readThroughFD >= 0 {
                 // Nothing is fetched for a read: present runs come from the cache file, the rest from the source.
                 if CachingMesh.allSet(presentWords, planner.pages(offset: r.offset, length: Int(r.length))) {

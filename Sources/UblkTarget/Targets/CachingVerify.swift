@@ -21,6 +21,12 @@
 //   - SCRUB (`ublk-http verify`). Every present remote page is read and
 //     checked again, verified or not (`scrubStep`, a bounded batch per turn
 //     of the loop); bad ones are dropped as above.
+//   - THE TREE ON DEMAND (a tree URL, or a tree in the image): the hash blocks
+//     a use needs are fetched first (TreeFetcher.swift): a run starts, a
+//     request is handled, a scrub batch is checked only once every hash
+//     block its pages need verifies; until then the run waits in
+//     `runsWaiting`, the request in `requestsWaiting`. A hash block that
+//     cannot be fetched, or does not verify once fetched, fails them (EIO).
 // Local pages (http --writable) are the user's data, not the image's: they
 // are never checked (they count as verified). Peers (-q N) serve a hit only
 // when its pages are present AND verified; the rest comes to the home.
@@ -47,14 +53,21 @@ final class VerifyState {
     /// A page-aligned buffer for reads of the cache file (`batchPages` pages).
     let buffer: UnsafeMutableRawPointer
     static let batchPages: UInt64 = 64
+    /// How far past a run the tree is read ahead (`runMayStart`): 8 MiB of 4 KiB pages.
+    static let treeAheadPages: UInt64 = 2048
+    /// The tree's fetcher (nil: the whole tree is local), and what waits for it.
+    let treeFetcher: TreeFetcher?
+    var runsWaiting: [FetchRun] = []
+    var requestsWaiting: [Request] = []
     /// The scrub (`verify`), when one ran in this server.
     var scrub: ScrubStatus?
     var scrubCursor: UInt64 = 0
     var scrubStarted: UInt64 = 0
 
-    init(tree: VerityTree, verified: PageBits, pageSize: Int) {
+    init(tree: VerityTree, verified: PageBits, pageSize: Int, treeFetcher: TreeFetcher?) {
         self.tree = tree
         self.verified = verified
+        self.treeFetcher = treeFetcher
         var raw: UnsafeMutableRawPointer?
         precondition(posix_memalign(&raw, 4096, Int(VerifyState.batchPages) * pageSize) == 0, "out of memory")
         buffer = raw!
@@ -144,9 +157,13 @@ extension CachingHandler {
 
     /// Before `pages` are used: those present from before this run (not
     /// fetched in it, not local, not checked yet) are read and checked; bad
-    /// ones are dropped (absent: the request fetches them).
-    func verifyReused(_ pages: Range<UInt64>) {
-        guard let v = verifier else { return }
+    /// ones are dropped (absent: the request fetches them). False: their hash
+    /// blocks are being fetched first (the request waits: `requestsWaiting`).
+    func verifyReused(_ pages: Range<UInt64>, queue: IOQueue) -> Bool {
+        guard let v = verifier else { return true }
+        if v.treeFetcher != nil, let unchecked = reusedSpan(pages, v), !treeReady(unchecked, v, queue: queue) {
+            return false
+        }
         var p = pages.lowerBound
         while p < pages.upperBound, let a = v.verified.nextClear(in: p..<pages.upperBound) {
             guard bitmap.test(a) else { p = a + 1; continue }
@@ -161,6 +178,19 @@ extension CachingHandler {
             checkPresent(a..<e, v, scrub: false)
             p = e
         }
+        return true
+    }
+
+    /// From the first page of `pages` present and not checked yet to their end
+    /// (what `verifyReused` needs the tree for), or nil.
+    func reusedSpan(_ pages: Range<UInt64>, _ v: VerifyState) -> Range<UInt64>? {
+        var p = pages.lowerBound
+        while p < pages.upperBound, let a = v.verified.nextClear(in: p..<pages.upperBound) {
+            guard let b = bitmap.bits.nextSet(in: a..<pages.upperBound) else { return nil }
+            if !v.verified.test(b) { return b..<pages.upperBound }
+            p = b + 1
+        }
+        return nil
     }
 
     /// Reads present pages `range` from the cache file and checks them; marks
@@ -194,6 +224,96 @@ extension CachingHandler {
             eviction.clearedBits(q..<q + 1)
         }
         return dropped
+    }
+
+    // MARK: The tree on demand
+
+    /// The data blocks of `pages` (the image's last page may be short).
+    func dataBlocks(_ pages: Range<UInt64>, _ v: VerifyState) -> Range<UInt64> {
+        let dbs = UInt64(v.tree.dataBlockSize)
+        let end = min(pages.upperBound * pageSize, imageSize)
+        return pages.lowerBound * pageSize / dbs..<(end + dbs - 1) / dbs
+    }
+
+    /// Whether every hash block `pages` need verifies; if not, those missing are asked for.
+    func treeReady(_ pages: Range<UInt64>, _ v: VerifyState, queue: IOQueue) -> Bool {
+        guard let tf = v.treeFetcher else { return true }
+        let need = v.tree.missing(forData: dataBlocks(pages, v))
+        if need.isEmpty { return true }
+        tf.request(need)
+        armTreePoll(queue)
+        return false
+    }
+
+    /// A run may start: its hash blocks verify, or it waits for them. The
+    /// tree is read ahead too: when the hash block after the run's is missing,
+    /// those of the next `VerifyState.treeAheadPages` pages are asked for, so
+    /// that a sequential reader's next runs do not wait a round trip each.
+    func runMayStart(_ run: FetchRun, queue: IOQueue) -> Bool {
+        guard let v = verifier, let tf = v.treeFetcher else { return true }
+        let pages = run.firstPage..<run.firstPage + run.pageCount
+        let ready = treeReady(pages, v, queue: queue)
+        let next = pages.upperBound..<min(pages.upperBound + 1, bitmap.pageCount)
+        if !next.isEmpty, !v.tree.missing(forData: dataBlocks(next, v)).isEmpty {
+            let ahead = pages.upperBound..<min(pages.upperBound + VerifyState.treeAheadPages, bitmap.pageCount)
+            tf.request(v.tree.missing(forData: dataBlocks(ahead, v)))
+            armTreePoll(queue)
+        }
+        if ready { return true }
+        v.runsWaiting.append(run)
+        return false
+    }
+
+    func armTreePoll(_ queue: IOQueue) {
+        guard let tf = verifier?.treeFetcher, !tf.pollArmed, !tf.isIdle else { return }
+        tf.pollArmed = true
+        queue.poll(fd: tf.pollFD, data: Event.tree.rawValue)
+    }
+
+    func treePollFired(_ queue: IOQueue) {
+        guard let tf = verifier?.treeFetcher else { return }
+        tf.pollArmed = false
+        tf.perform()
+        armTreePoll(queue)
+    }
+
+    /// A transfer of hash blocks ended: what waited for them goes on, or
+    /// fails when a block it needs is neither there (verified) nor on its way.
+    func treeArrived(_ queue: IOQueue) {
+        guard let v = verifier, let tf = v.treeFetcher else { return }
+        func state(_ pages: Range<UInt64>) -> Bool? {
+            let need = v.tree.missing(forData: dataBlocks(pages, v))
+            if need.isEmpty { return true }
+            return need.allSatisfy { tf.inFlight.contains($0) } ? nil : false
+        }
+        let why = "the image's verity tree: " + (tf.lastError ?? "hash blocks that do not verify")
+        let runs = v.runsWaiting
+        v.runsWaiting = []
+        for run in runs {
+            switch draining ? false : state(run.firstPage..<run.firstPage + run.pageCount) {
+            case true?: fetcher.start(run, handler: self, queue: queue)
+            case nil: v.runsWaiting.append(run)
+            case false?: runEnded(run, error: why, queue: queue)
+            }
+        }
+        let requests = v.requestsWaiting
+        v.requestsWaiting = []
+        for r in requests {
+            let span = reusedSpan(planner.pages(offset: r.offset, length: Int(r.length)), v)
+            switch draining ? false : span.map(state) ?? true {
+            case true?: handle(r, queue: queue)
+            case nil: v.requestsWaiting.append(r)
+            case false?:
+                log("ublk-http: a request at byte \(r.offset) fails: \(why)")
+                completeSlot(r.tag, -EIO, queue)
+            }
+        }
+        armPoll(queue)
+    }
+
+    /// The device stops: what waits for the tree ends (EIO, failed runs).
+    func verifyDrain() {
+        verifier?.treeFetcher?.cancelAll()
     }
 
     // MARK: The scrub (`ublk-http verify`)
@@ -232,7 +352,7 @@ extension CachingHandler {
 
     /// One batch of the scrub (from `idle`): the next present remote pages,
     /// checked whether verified or not. Pages under I/O wait for a later turn.
-    func scrubStep() {
+    func scrubStep(_ queue: IOQueue) {
         guard let v = verifier, var s = v.scrub, s.state == "running" else { return }
         if draining {
             s.state = "stopped"
@@ -249,6 +369,7 @@ extension CachingHandler {
             var e = a + 1
             while e < n && e - a < min(VerifyState.batchPages, budget) && bitmap.test(e) && !(local?.test(e) ?? false)
                     && planner.run(covering: e) == nil && !pinned.contains(where: { $0.contains(e) }) { e += 1 }
+            if !treeReady(a..<e, v, queue: queue) { break }
             s.pagesDropped += checkPresent(a..<e, v, scrub: true)
             s.pagesChecked += e - a
             budget -= e - a

@@ -248,6 +248,11 @@ public final class HTTPTarget: Target {
 
     public func makeHandler(for queue: Queue) throws(UblkError) -> QueueHandler {
         guard Int(queue.id) < settings.queues else { throw UblkError("queue \(queue.id) of \(settings.queues)?") }
+        // The home fetches a remote tree's hash blocks on demand (HTTPVerity.swift).
+        var treeFetcher: TreeFetcher?
+        if queue.id == 0, let v = settings.verity, let tree = verity {
+            treeFetcher = try HTTPVerity.fetcher(v, http: settings.http, cachePath: settings.cachePath, tree: tree, stats: stats)
+        }
         return try device.makeHandler(for: queue, deviceSize: params.size,
                                       planner: HTTPTarget.makePlanner(settings, imageSize: remote.size),
                                       fetcher: { () throws(UblkError) -> RunFetcher in
@@ -259,6 +264,7 @@ public final class HTTPTarget: Target {
             return HTTPFetcher(source)
         }) { context in
             context.writable = settings.writable
+            context.treeFetcher = treeFetcher
             if queue.id == 0, let p = settings.prefetchProfile?.profile {
                 // In recorded order, coalesced (BootProfile's REPLAY); what is present is skipped.
                 var spec = FillJobSpec(kind: .profile, ranges: p.replayRanges(targetPageSize: settings.pageSize,

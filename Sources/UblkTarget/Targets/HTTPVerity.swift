@@ -5,14 +5,16 @@
 //
 // SOURCES.
 //   - a local FILE: read in place, the superblock at --verity-offset (0);
-//   - a URL: downloaded whole at `add` (from --verity-offset to the object's
-//     end) to `<cache>.verity`, beside the cache; a copy there whose top
-//     verifies against the root is used again without a download (the
-//     device then also starts with the remote down, as a complete cache does);
+//   - a URL: fetched on demand into `<cache>.verity`, beside the cache: a
+//     sparse file laid out as the tree's object. `add` fetches its superblock
+//     and top hash block; the home queue fetches the other hash blocks when a
+//     run, a reused page or the scrub first needs them (TreeFetcher.swift).
+//     A copy whose superblock and top block verify against the root is used
+//     again, with what it holds;
 //   - neither: the tree is appended to the image at --verity-offset
-//     (`veritysetup format IMG IMG --hash-offset N --data-blocks K`): the
-//     image's bytes from there are downloaded as above, and the device is
-//     the data part only (K blocks).
+//     (`veritysetup format IMG IMG --hash-offset N --data-blocks K`): fetched
+//     on demand from the image's URL as above, and the device is the data
+//     part only (K blocks).
 // Whatever the source, nothing of it is trusted but through the root.
 import Glibc
 import PageCache
@@ -83,76 +85,95 @@ enum HTTPVerity {
         return (tree, p.dataBytes)
     }
 
-    /// The tree from the local copy when it verifies, else downloaded anew.
+    /// The local copy of a remote tree (a URL, or the image's own bytes from
+    /// --verity-offset): the copy beside the cache when its superblock and top
+    /// block verify, else a new one, sparse, as large as the tree's object,
+    /// holding the superblock and the top block (fetched now); the other hash
+    /// blocks are fetched when first needed (TreeFetcher). Returns the tree
+    /// and how to fetch the rest.
     static func downloaded(_ spec: VeritySpec, http: HTTPConfig, remote: RemoteImage?, cachePath: String) throws(UblkError) -> VerityTree {
         let copy = VeritySpec.localCopy(cachePath: cachePath)
+        let base = spec.offset ?? 0
         let fd = open(copy, O_RDONLY | O_CLOEXEC)
         if fd >= 0 {
-            if let t = try? VerityTree(fd: fd, owns: true, hashOffset: 0, rootHex: spec.rootHex) { return t }
+            if let t = try? VerityTree(fd: fd, owns: true, hashOffset: base, rootHex: spec.rootHex) { return t }
             close(fd)
         }
-        var config = http
-        let what: String
-        var from = spec.offset ?? 0
-        let end: UInt64
-        if let url = spec.tree {
-            config.url = url
-            what = "--verity-tree \(Redact.url(url))"
-            let probe: RemoteImage
-            do { probe = try HTTPSource(config: config).probeBlocking() } catch {
-                throw UblkError("\(what): \(error.description)")
-            }
-            end = probe.size
+        let config = treeConfig(spec, http: http)
+        let what = spec.tree.map { "--verity-tree \(Redact.url($0))" } ?? "the verity tree in the image at \(base)"
+        let size: UInt64
+        if spec.tree != nil {
+            do { size = try HTTPSource(config: config).probeBlocking().size } catch { throw UblkError("\(what): \(error.description)") }
         } else {
             guard let r = remote else { throw UblkError("the image's verity tree cannot be fetched: the remote is unreachable") }
-            what = "the verity tree in the image at \(from)"
-            end = r.size
+            size = r.size
         }
-        guard from < end else { throw UblkError("\(what): nothing at offset \(from) (the object has \(end) bytes)") }
+        guard base + UInt64(VerityParams.superblockSize) <= size else {
+            throw UblkError("\(what): no verity superblock at offset \(base) (the object has \(size) bytes)")
+        }
         let tmp = copy + ".tmp"
         let out = open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         guard out >= 0 else { throw UblkError("cannot create \(tmp): \(Errno.current)") }
+        func fail(_ m: String) -> UblkError {
+            close(out)
+            unlink(tmp)
+            return UblkError(m)
+        }
+        guard ftruncate(out, off_t(size)) == 0 else { throw fail("cannot size \(tmp): \(Errno.current)") }
         let source: HTTPSource
-        do { source = try HTTPSource(config: config) } catch {
-            close(out)
+        do { source = try HTTPSource(config: config) } catch { throw fail("\(what): \(error.description)") }
+        // The superblock, then (once its block size is known) the top hash block.
+        if let e = fetch(source, into: out, offset: base, length: VerityParams.superblockSize) { throw fail("\(what): \(e)") }
+        var sb = [UInt8](repeating: 0, count: VerityParams.superblockSize)
+        _ = sb.withUnsafeMutableBytes { pread(out, $0.baseAddress, $0.count, off_t(base)) }
+        let params: VerityParams
+        do { params = try VerityParams.parse(superblock: sb, hashOffset: base) } catch { throw fail("\(what): \(error.description)") }
+        let top = VerityTree.topBlockOffset(params)
+        if top + UInt64(params.hashBlockSize) <= size,
+           let e = fetch(source, into: out, offset: top, length: params.hashBlockSize) {
+            throw fail("\(what): \(e)")
+        }
+        guard fsync(out) == 0, rename(tmp, copy) == 0 else { throw fail("cannot keep the verity tree in \(copy): \(Errno.current)") }
+        do { return try VerityTree(fd: out, owns: true, hashOffset: base, rootHex: spec.rootHex) } catch {
             throw UblkError("\(what): \(error.description)")
         }
+    }
+
+    /// How the tree's object is fetched: the image's config, at the tree's URL when it has one.
+    static func treeConfig(_ spec: VeritySpec, http: HTTPConfig) -> HTTPConfig {
+        var config = http
+        if let url = spec.tree, spec.treeIsURL { config.url = url }
+        return config
+    }
+
+    /// One Range GET into `fd` at the same offset, blocking (at `add`); the error, or nil.
+    static func fetch(_ source: HTTPSource, into fd: Int32, offset: UInt64, length: Int) -> String? {
         var failure: String?
-        var writeFailed = false
         var done = false
-        while from < end && failure == nil {
-            // In pieces of at most 64 MiB (one Range GET each).
-            let length = Int(min(end - from, 64 << 20))
-            let base = spec.offset ?? 0
-            done = false
-            source.fetch(offset: from, length: length, onData: { offset, bytes in
-                var o = 0
-                while o < bytes.count {
-                    let n = pwrite(out, bytes.baseAddress! + o, bytes.count - o, off_t(offset - base) + off_t(o))
-                    if n <= 0 { writeFailed = true; return false }
-                    o += n
-                }
-                return true
-            }, completion: { result in
-                if case .failure(let e) = result { failure = writeFailed ? "writing \(tmp) failed" : e.description }
-                done = true
-            })
-            while !done { _ = source.runUntilIdle(timeout: 600) }
-            from += UInt64(length)
-        }
-        if let f = failure {
-            close(out)
-            unlink(tmp)
-            throw UblkError("\(what): \(f)")
-        }
-        guard fsync(out) == 0, rename(tmp, copy) == 0 else {
-            let e = Errno.current
-            close(out)
-            unlink(tmp)
-            throw UblkError("cannot keep the verity tree in \(copy): \(e)")
-        }
-        do { return try VerityTree(fd: out, owns: true, hashOffset: 0, rootHex: spec.rootHex) } catch {
-            throw UblkError("\(what): \(error.description)")
-        }
+        source.fetch(offset: offset, length: length, onData: { at, bytes in
+            var o = 0
+            while o < bytes.count {
+                let n = pwrite(fd, bytes.baseAddress! + o, bytes.count - o, off_t(at) + off_t(o))
+                if n <= 0 { failure = "writing the verity tree's copy: \(Errno.current)"; return false }
+                o += n
+            }
+            return true
+        }, completion: { result in
+            if case .failure(let e) = result, failure == nil { failure = e.description }
+            done = true
+        })
+        while !done { _ = source.runUntilIdle(timeout: 600) }
+        return failure
+    }
+
+    /// The home's fetcher of the tree's other hash blocks (nil: a local tree file, complete).
+    static func fetcher(_ spec: VeritySpec, http: HTTPConfig, cachePath: String, tree: VerityTree,
+                        stats: CacheStats) throws(UblkError) -> TreeFetcher? {
+        if let t = spec.tree, !spec.treeIsURL { _ = t; return nil }
+        var config = treeConfig(spec, http: http)
+        config.maxAttempts = max(1, config.maxAttempts)
+        let source: HTTPSource
+        do { source = try HTTPSource(config: config, stats: stats) } catch { throw UblkError("the verity tree: \(error)") }
+        return try TreeFetcher(source: source, path: VeritySpec.localCopy(cachePath: cachePath), tree: tree)
     }
 }
