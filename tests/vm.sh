@@ -14,6 +14,9 @@
 #   The suite `systemd` is the host service's (tests/vm-systemd.sh: the Debian
 #   package, checked by tests/host/deb.sh, in a Debian guest with systemd as
 #   PID 1, on 7.x); it runs as one more boot of the pool, in every full run.
+#   So does `flashcache`: the flash-cache benchmark's smoke test (bench/run.sh
+#   --suite flashcache --quick --no-kublk: every device set up, every case run,
+#   the caches' counters read; no ratio is judged).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -27,11 +30,11 @@ if [[ $# -eq 0 ]]; then
     if [[ "$DEFAULT_KERNEL" != 6.12 ]]; then
         while read -r s; do [[ -n "$s" && "$s" != \#* ]] && SUITES+=("$s@6.12"); done < tests/vm/on-6.12
     fi
-    SUITES+=("systemd@7")
+    SUITES+=("systemd@7" "flashcache@7")
 fi
 for s in "${SUITES[@]}"; do
-    if [[ "${s%@*}" == systemd ]]; then
-        [[ "${s#*@}" == 7 ]] || { echo "[tests] the systemd suite runs on 7 only" >&2; exit 2; }
+    if [[ "${s%@*}" == systemd || "${s%@*}" == flashcache ]]; then
+        [[ "${s#*@}" == 7 ]] || { echo "[tests] the ${s%@*} suite runs on 7 only" >&2; exit 2; }
         continue
     fi
     [[ -f "tests/vm/${s%@*}.sh" ]] || { echo "[tests] no suite tests/vm/${s%@*}.sh" >&2; exit 2; }
@@ -72,7 +75,7 @@ smp_of() { # SUITE -> its vCPUs
 boots=()
 declare -A open_boot=()
 for spec in "${SUITES[@]}"; do
-    if [[ $spec == systemd@* ]]; then boots+=("$spec"); continue; fi  # a guest of its own kind
+    if [[ $spec == systemd@* || $spec == flashcache@* ]]; then boots+=("$spec"); continue; fi  # a guest of its own kind
     key="${spec#*@}/$(smp_of "${spec%@*}")"
     i=${open_boot[$key]:-}
     if [[ -n $i && $(wc -w <<<"${boots[$i]}") -lt $GROUP ]]; then boots[$i]+=" $spec"
@@ -85,7 +88,7 @@ done
 JOBS="${UBLK_VM_JOBS:-2}"
 [[ "$JOBS" =~ ^[1-9][0-9]*$ ]] || { echo "[tests] UBLK_VM_JOBS must be a positive number" >&2; exit 2; }
 OUT=$(mktemp -d /tmp/ublk-http-vm-boots.XXXXXX)
-for boot in "${boots[@]}"; do [[ $boot == systemd@* ]] && continue; k="${boot%% *}"; initrd_for "${k#*@}"; done
+for boot in "${boots[@]}"; do [[ $boot == systemd@* || $boot == flashcache@* ]] && continue; k="${boot%% *}"; initrd_for "${k#*@}"; done
 # run_systemd I: the host service's suite; the same result lines as run_boot.
 run_systemd() {
     local i=$1 started=$SECONDS rc=0 dir deb
@@ -100,6 +103,21 @@ run_systemd() {
         fi
     } >"$OUT/$i.out" 2>&1
     { [[ $rc -eq 0 ]] || echo "fail systemd@7"; echo "time systemd@7 $((SECONDS - started))s"; } >"$OUT/$i.res"
+    echo "time [boot $((SECONDS - started))s]" >>"$OUT/$i.res"
+}
+# run_flashcache I: the flash-cache benchmark's smoke test; the same result lines.
+run_flashcache() {
+    local i=$1 started=$SECONDS rc=0 dir
+    dir=$(mktemp -d /tmp/ublk-http-flashcache-quick.XXXXXX)
+    {
+        echo "[tests] suite flashcache: bench/run.sh --suite flashcache --quick --no-kublk --out $dir"
+        if bench/run.sh --suite flashcache --quick --no-kublk --bin "$BIN" --out "$dir" >"$dir/run.log" 2>&1; then
+            echo "flashcache smoke test passed ($dir)"
+        else
+            tail -n 40 "$dir/run.log"; echo "flashcache smoke test FAILED ($dir/run.log)"; rc=1
+        fi
+    } >"$OUT/$i.out" 2>&1
+    { [[ $rc -eq 0 ]] || echo "fail flashcache@7"; echo "time flashcache@7 $((SECONDS - started))s"; } >"$OUT/$i.res"
     echo "time [boot $((SECONDS - started))s]" >>"$OUT/$i.res"
 }
 # run_boot I: boots[I] in one VM; its output in $OUT/I.out, one "fail ..." or
@@ -140,9 +158,11 @@ run_boot() {
 }
 # Boots of more suites first, so that the short ones fill in at the end.
 # The systemd suite, one but long (a package build, two boots of a Debian
-# guest), counts as five.
+# guest), counts as five; the flashcache smoke test (one boot, 15 short runs) as three.
 mapfile -t order < <(for i in "${!boots[@]}"; do
-    if [[ ${boots[$i]} == systemd@* ]]; then echo "5 $i"; else echo "$(wc -w <<<"${boots[$i]}") $i"; fi
+    if [[ ${boots[$i]} == systemd@* ]]; then echo "5 $i"
+    elif [[ ${boots[$i]} == flashcache@* ]]; then echo "3 $i"
+    else echo "$(wc -w <<<"${boots[$i]}") $i"; fi
 done | sort -s -k1,1nr | cut -d' ' -f2)
 set -m  # each boot in a process group of its own, stopped whole on exit
 declare -A running=()
@@ -152,7 +172,11 @@ failed=() times=() next=0 T_ALL=$SECONDS
 while [[ $next -lt ${#order[@]} || ${#running[@]} -gt 0 ]]; do
     while [[ ${#running[@]} -lt $JOBS && $next -lt ${#order[@]} ]]; do
         i=${order[$next]}; next=$((next + 1))
-        if [[ ${boots[$i]} == systemd@* ]]; then run_systemd "$i" & else run_boot "$i" & fi
+        case ${boots[$i]} in
+            systemd@*) run_systemd "$i" & ;;
+            flashcache@*) run_flashcache "$i" & ;;
+            *) run_boot "$i" & ;;
+        esac
         running[$!]=$i
         echo "[tests] boot $((i + 1)) of ${#boots[@]} started: ${boots[$i]}"
     done
