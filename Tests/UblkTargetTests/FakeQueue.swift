@@ -155,6 +155,8 @@ final class FakeQueue: IOQueue {
     var doubleCompletions: [UInt16] = []
     let files: FaultFiles
     weak var handler: QueueHandler?
+    /// What owns the handler as a real Queue does (strongly), for tests of what keeps a queue alive.
+    var owned: AnyObject?
     /// Fault rates, in 1/1000: fdatasync fails; a cache file write fails with ENOSPC.
     var fsyncFailPermille = 0
     var writeFailPermille = 0

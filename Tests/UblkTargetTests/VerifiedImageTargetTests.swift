@@ -271,6 +271,28 @@ final class VerifiedImageTargetTests: XCTestCase {
         h.shutdown(queue: q)
     }
 
+    func testAHandlerThatFetchesATreeIsFreedWithItsQueue() throws {
+        // On the driver, DEL_DEV waits until the queue's mapping of /dev/ublkcN
+        // is gone: nothing may keep a stopped queue alive.
+        let root = try format([path("img"), path("tree")])
+        try serve(["tree"])
+        weak var queue: FakeQueue?
+        weak var handler: CachingHandler?
+        do {
+            let (h, q, f, _, _) = try onDemand(root)
+            q.owned = h  // as a real Queue holds its handler
+            let buffer = UnsafeMutableRawPointer.allocate(byteCount: image.count, alignment: 4096)
+            defer { buffer.deallocate() }
+            XCTAssertEqual(read(0..<8, h, q, f, into: buffer), Int32(8 * page))
+            h.drain(queue: q)
+            h.shutdown(queue: q)
+            queue = q
+            handler = h
+        }
+        XCTAssertNil(queue, "the queue is freed")
+        XCTAssertNil(handler, "and its handler")
+    }
+
     func testAHashBlockThatDoesNotVerifyFailsOnlyThePagesUnderIt() throws {
         var s: UInt64 = 77
         image = (0..<600 * page).map { _ -> UInt8 in s ^= s << 13; s ^= s >> 7; s ^= s << 17; return UInt8(truncatingIfNeeded: s) }

@@ -296,7 +296,13 @@ final class CachingHandler: QueueHandler {
         if queue.dataPath == .inlineUserCopy { try h.io.map(context.cache, deviceSize: deviceSize) }
         if let m = mesh { queue.poll(fd: m.inboxes[Int(queue.id)].fd, data: Event.mesh.rawValue) }
         if let spec = context.startFill { h.scheduleFill(spec, queue: queue) }
-        if let tf = context.treeFetcher { tf.arrived = { [unowned h] _ in h.treeArrived(queue) } }
+        // Weak: the queue owns its handler; a strong reference back would keep the
+        // queue, and its mapping of /dev/ublkcN, alive after the device stops (DEL_DEV then waits).
+        if let tf = context.treeFetcher {
+            tf.arrived = { [unowned h, weak queue] _ in
+                if let queue { h.treeArrived(queue) }
+            }
+        }
         if context.publishStats { h.statsFile = StatsFile(device: queue.deviceID) }
         return h
     }

@@ -54,10 +54,10 @@ enum HTTPVerity {
         if spec.tree == nil && spec.offset == nil {
             throw UblkError("--verity-root needs --verity-tree (a URL or a file), or --verity-offset for a tree appended to the image")
         }
+        // (Its exact length, the tree's digest's, is VerityTree's to check.)
         guard let root = VerityTree.hex(spec.rootHex), root.count >= 16 else {
             throw UblkError("--verity-root must be the root hash veritysetup printed (hex digits), not '\(Redact.printable(spec.rootHex))'")
         }
-        _ = root  // its length is checked against the tree's algorithm by VerityTree
         let tree: VerityTree
         if let path = spec.tree, !spec.treeIsURL {
             let fd = open(path, O_RDONLY | O_CLOEXEC)
@@ -169,7 +169,7 @@ enum HTTPVerity {
     /// The home's fetcher of the tree's other hash blocks (nil: a local tree file, complete).
     static func fetcher(_ spec: VeritySpec, http: HTTPConfig, cachePath: String, tree: VerityTree,
                         stats: CacheStats) throws(UblkError) -> TreeFetcher? {
-        if let t = spec.tree, !spec.treeIsURL { _ = t; return nil }
+        if spec.tree != nil && !spec.treeIsURL { return nil }
         var config = treeConfig(spec, http: http)
         config.maxAttempts = max(1, config.maxAttempts)
         let source: HTTPSource
