@@ -446,17 +446,7 @@ public final class Queue: IOQueue {
     }
 
     public func writeNow(fd: Int32, from buf: UnsafeRawPointer, length: Int, offset: UInt64) -> Int32 {
-        var written = 0
-        while written < length {
-            let n = pwrite(fd, buf + written, length - written, off_t(offset) + off_t(written))
-            if n < 0 {
-                if errno == EINTR { continue }
-                return -errno
-            }
-            if n == 0 { return -EIO }
-            written += n
-        }
-        return 0
+        pwriteAll(fd, buf, length, offset)
     }
 
     /// Arms a one-shot poll for readability of `fd`; `eventFired(data:)` follows.
@@ -475,4 +465,20 @@ public func log(_ message: String) {
     var line = message
     line += "\n"
     _ = line.withCString { Glibc.write(2, $0, strlen($0)) }
+}
+
+/// `length` bytes at `buf` written at `offset` of `fd`, whole (short writes
+/// continued, EINTR retried): 0, or -errno (-EIO when the file takes nothing).
+func pwriteAll(_ fd: Int32, _ buf: UnsafeRawPointer, _ length: Int, _ offset: UInt64) -> Int32 {
+    var written = 0
+    while written < length {
+        let n = pwrite(fd, buf + written, length - written, off_t(offset) + off_t(written))
+        if n < 0 {
+            if errno == EINTR { continue }
+            return -errno
+        }
+        if n == 0 { return -EIO }
+        written += n
+    }
+    return 0
 }

@@ -151,12 +151,8 @@ enum HTTPVerity {
         var failure: String?
         var done = false
         source.fetch(offset: offset, length: length, onData: { at, bytes in
-            var o = 0
-            while o < bytes.count {
-                let n = pwrite(fd, bytes.baseAddress! + o, bytes.count - o, off_t(at) + off_t(o))
-                if n <= 0 { failure = "writing the verity tree's copy: \(Errno.current)"; return false }
-                o += n
-            }
+            let w = pwriteAll(fd, bytes.baseAddress!, bytes.count, at)
+            if w < 0 { failure = "writing the verity tree's copy: \(Errno(returned: w))"; return false }
             return true
         }, completion: { result in
             if case .failure(let e) = result, failure == nil { failure = e.description }

@@ -51,12 +51,7 @@ final class TreeFetcher {
             let fd = self.fd
             var writeFailed = false
             source.fetch(offset: tree.offset(ofHashBlock: stretch.lowerBound), length: stretch.count * hbs, onData: { offset, bytes in
-                var o = 0
-                while o < bytes.count {
-                    let n = pwrite(fd, bytes.baseAddress! + o, bytes.count - o, off_t(offset) + off_t(o))
-                    if n <= 0 { writeFailed = true; return false }
-                    o += n
-                }
+                if pwriteAll(fd, bytes.baseAddress!, bytes.count, offset) < 0 { writeFailed = true; return false }
                 return true
             }, completion: { [weak self] result in
                 guard let self else { return }
