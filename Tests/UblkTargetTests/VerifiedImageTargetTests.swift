@@ -116,7 +116,9 @@ final class VerifiedImageTargetTests: XCTestCase {
         XCTAssertEqual(gets("tree"), fetched, "a copy that verifies is used again")
         // A copy that does not verify (edited) is fetched anew.
         let fd = open(path("c.verity"), O_RDWR)
-        var b: UInt8 = 1
+        var b: UInt8 = 0
+        XCTAssertEqual(pread(fd, &b, 1, 4096 + 5), 1)
+        b ^= 0xFF  // flipped, never written as it was (a fixed value matched 1 time in 256)
         XCTAssertEqual(pwrite(fd, &b, 1, 4096 + 5), 1)
         close(fd)
         _ = try HTTPTarget(options("img", VeritySpec(rootHex: root, tree: url("tree"), offset: nil)))
