@@ -8,6 +8,13 @@ import Glibc
 public struct HTTPConfig: Sendable {
     /// http://, https://, or s3://BUCKET/KEY (needs `s3`).
     public var url: String
+    /// Other http(s) URLs of the same image (mirrors), after `url` in order
+    /// of preference; each must serve the same size and validators
+    /// (HTTPSourceMirrors.swift). The credentials go to each one's origin.
+    public var mirrors: [String] = []
+    /// With mirrors: seconds a mirror with requests in flight may send no
+    /// byte before they move to another.
+    public var stallTimeout: Double = 0.5
     /// Extra request headers, "Name: value".
     public var headers: [String] = []
     public var username: String?
@@ -53,7 +60,7 @@ public struct HTTPConfig: Sendable {
     /// Why this configuration cannot be used, or nil. Keeps every number within
     /// what libcurl's options and the retry timer take (no trap converting them).
     public var problem: String? {
-        for (name, u) in [("URL", url), ("S3 endpoint", s3?.endpoint ?? "")] {
+        for (name, u) in [("URL", url), ("S3 endpoint", s3?.endpoint ?? "")] + mirrors.map({ ("mirror URL", $0) }) {
             for b in u.utf8 where b <= 0x20 || b == 0x7F {
                 return b == 0x0D || b == 0x0A ? "the \(name) contains a line break (CR or LF)"
                     : "the \(name) contains a space or a control character (percent-encode it)"
@@ -68,7 +75,12 @@ public struct HTTPConfig: Sendable {
                 : "\(name) must be \(zeroAllowed ? "0 or " : "")between 0.001 and 1000000 seconds, not \(v)"
         }
         if let why = seconds(requestTimeout, "the request timeout", zeroAllowed: true)
-            ?? seconds(connectTimeout, "the connect timeout", zeroAllowed: false) { return why }
+            ?? seconds(connectTimeout, "the connect timeout", zeroAllowed: false)
+            ?? seconds(stallTimeout, "the mirror stall time", zeroAllowed: false) { return why }
+        for m in mirrors where !(m.lowercased().hasPrefix("http://") || m.lowercased().hasPrefix("https://")) {
+            return "a mirror must be an http:// or https:// URL, not \(Redact.url(m))"
+        }
+        if !mirrors.isEmpty && s3 != nil { return "mirrors are http(s) URLs of one object; an s3:// URL takes none" }
         if !(retryBaseDelay.isFinite && retryBaseDelay >= 0 && retryBaseDelay <= 1e6
              && retryMaxDelay.isFinite && retryMaxDelay >= 0 && retryMaxDelay <= 1e6) {
             return "retry delays must be between 0 and 1000000 seconds"
@@ -148,6 +160,8 @@ public struct HTTPError: Error, Equatable, CustomStringConvertible, Sendable {
         case transport(code: Int32)
         /// The image is larger than `HTTPConfig.maxImageSize`.
         case imageTooLarge(size: UInt64, limit: UInt64)
+        /// A mirror serves another size or validators than the URL before it (`other`).
+        case mirrorDisagrees(other: String, String)
         /// The configuration cannot be used: a line break in a header or the URL, a
         /// timeout that is not a finite number of seconds... (see `HTTPConfig.problem`).
         case invalidConfig(String)
@@ -178,7 +192,10 @@ public struct HTTPError: Error, Equatable, CustomStringConvertible, Sendable {
         }
     }
 
-    public var description: String {
+    public var description: String { "\(Redact.url(url)): \(reasonText)" }
+
+    /// What went wrong, without the URL.
+    public var reasonText: String {
         var s: String
         switch reason {
         case .status(let c): s = "HTTP \(c)"
@@ -199,10 +216,11 @@ public struct HTTPError: Error, Equatable, CustomStringConvertible, Sendable {
         case .imageTooLarge(let size, let limit):
             s = "the image has \(size) bytes, more than the \(limit) a cache of this page size can address (use a larger --page-size)"
         case .invalidConfig(let why): s = why
+        case .mirrorDisagrees(let other, let why): s = "serves another object than \(other) (\(why)): mirrors must serve the same size and validators"
         }
         if status != 0, case .status = reason {} else if status != 0 { s += " (HTTP \(status))" }
         if !detail.isEmpty { s += ": \(Redact.text(detail))" }
         if attempts > 1 { s += " after \(attempts) attempts" }
-        return "\(Redact.url(url)): \(s)"
+        return s
     }
 }

@@ -51,6 +51,13 @@ public final class HTTPSource {
     var awaitingCheck: [Transfer] = []
     var checking: [Transfer] = []
     var checkInFlight = false
+    /// The URL and the mirrors after it (HTTPSourceMirrors.swift), and the
+    /// timer that looks for a mirror gone silent.
+    var mirrors: [Mirror]
+    let stallTimerFD: Int32
+    var stallTimerArmed = false
+    /// One line per change of a mirror's state (down, answering again, no longer used).
+    public var onMirrorEvent: ((String) -> Void)?
 
     private static let globalInit: Bool = {
         curl_global_init(ccurl_global_default) == CURLE_OK
@@ -65,9 +72,10 @@ public final class HTTPSource {
         let ep = epoll_create1(Int32(EPOLL_CLOEXEC))
         let t1 = timerfd_create(CLOCK_MONOTONIC, Int32(TFD_CLOEXEC | TFD_NONBLOCK))
         let t2 = timerfd_create(CLOCK_MONOTONIC, Int32(TFD_CLOEXEC | TFD_NONBLOCK))
-        if ep < 0 || t1 < 0 || t2 < 0 {
+        let t3 = timerfd_create(CLOCK_MONOTONIC, Int32(TFD_CLOEXEC | TFD_NONBLOCK))
+        if ep < 0 || t1 < 0 || t2 < 0 || t3 < 0 {
             let e = errno
-            for f in [ep, t1, t2] where f >= 0 { close(f) }
+            for f in [ep, t1, t2, t3] where f >= 0 { close(f) }
             curl_multi_cleanup(m)
             throw HTTPError(.transport(code: Int32(CURLE_FAILED_INIT.rawValue)), url: url,
                             detail: "epoll/timerfd: \(String(cString: strerror(e)))")
@@ -81,7 +89,9 @@ public final class HTTPSource {
         self.fd = ep
         self.curlTimerFD = t1
         self.retryTimerFD = t2
-        for t in [t1, t2] {
+        self.stallTimerFD = t3
+        self.mirrors = ([url] + config.mirrors).map { Mirror(url: $0) }
+        for t in [t1, t2, t3] {
             var ev = epoll_event()
             ev.events = EPOLLIN.rawValue
             ev.data.u64 = UInt64(UInt32(bitPattern: t))
@@ -108,6 +118,7 @@ public final class HTTPSource {
         close(fd)
         close(curlTimerFD)
         close(retryTimerFD)
+        close(stallTimerFD)
     }
 
     /// No request is running, waiting for a retry, or waiting to report.
@@ -199,6 +210,9 @@ public final class HTTPSource {
                 } else if f == retryTimerFD {
                     drainTimer(f)
                     startDueRetries()
+                } else if f == stallTimerFD {
+                    drainTimer(f)
+                    checkStalls()
                 } else {
                     var flags: Int32 = 0
                     if ev.events & EPOLLIN.rawValue != 0 { flags |= ccurl_cselect_in }
@@ -304,9 +318,11 @@ public final class HTTPSource {
     func start(_ t: Transfer, hop: Bool = false) {
         if !hop {
             t.attempt += 1
-            t.target = url
+            t.mirror = chooseMirror(for: t)
+            t.target = mirrors[t.mirror].url
             t.hops = 0
             t.credentials = true
+            t.attemptStartedAt = monotonicNanos()
         }
         t.resetAttempt()
         let easy: UnsafeMutableRawPointer
@@ -324,6 +340,7 @@ public final class HTTPSource {
         t.source = self
         configure(easy, for: t)
         active[t.id] = t
+        attemptStarted(t)
         stats.requests += 1
         let r = curl_multi_add_handle(multi, easy)
         if r != CURLM_OK {
@@ -333,6 +350,9 @@ public final class HTTPSource {
             arm(retryTimerFD, nanosFromNow: 0)
         }
     }
+
+    /// The attempts in flight (a copy: detaching one does not disturb it).
+    var activeTransfers: [Transfer] { Array(active.values) }
 
     private func collectFinished() {
         var left: Int32 = 0
@@ -350,6 +370,7 @@ public final class HTTPSource {
     /// Takes an attempt's easy handle back into the pool.
     func detach(_ t: Transfer) {
         active.removeValue(forKey: t.id)
+        attemptLeft(t)
         guard let e = t.easy else { return }
         curl_multi_remove_handle(multi, e)
         t.easy = nil

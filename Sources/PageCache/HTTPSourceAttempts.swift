@@ -41,6 +41,7 @@ extension HTTPSource {
         detach(t)
 
         func fail(_ reason: HTTPError.Reason, retryable: Bool) {
+            if failOver(t, reason, status: status, retryable: retryable) { return }
             if retryable && t.attempt < config.maxAttempts {
                 scheduleRetry(t)
             } else {
@@ -93,6 +94,7 @@ extension HTTPSource {
             if t.delivered + t.held.count < t.length {
                 return fail(.shortBody(expected: t.length, got: t.delivered + t.held.count), retryable: true)
             }
+            succeeded(t)
             if t.hold { return revalidate(t) }
             stats.fetchLatency.record(nanoseconds: monotonicNanos() - t.startedAt)
             finish(t, .success(()))
@@ -133,7 +135,7 @@ extension HTTPSource {
         }
     }
 
-    private func scheduleRetry(_ t: Transfer) {
+    func scheduleRetry(_ t: Transfer) {
         stats.retries += 1
         let delay = min(config.retryBaseDelay * Double(1 << min(t.attempt - 1, 20)), config.retryMaxDelay)
         t.retryAt = monotonicNanos() + UInt64(delay * 1e9)

@@ -26,7 +26,7 @@ extension HTTPSource {
         guard let to = HTTPSource.origin(next), to.scheme == "http" || to.scheme == "https" else {
             return .redirectRefused("\(Redact.url(next)) is not an http(s) URL")
         }
-        if t.credentials && credentialed && to != HTTPSource.origin(url) {
+        if t.credentials && credentialed && to != HTTPSource.origin(mirrors[t.mirror].url) {
             switch config.redirectCredentials {
             case .refuse:
                 return .redirectRefused("\(Redact.url(next)) is another origin than the URL's (scheme, host or port) "

@@ -105,6 +105,13 @@ final class Transfer {
     var target = ""
     var hops = 0
     var credentials = true
+    /// The mirror this attempt went to (HTTPSourceMirrors.swift); `pinned`:
+    /// every attempt goes to that one. Whether it counts in the mirror's
+    /// attempts in flight, and when the attempt started.
+    var mirror = 0
+    var pinned: Int?
+    var onMirror = false
+    var attemptStartedAt: UInt64 = 0
     /// Body bytes not yet the caller's: the 206 lacked the image's validator.
     var held: [UInt8] = []
 
@@ -115,6 +122,7 @@ final class Transfer {
     var bodyOK = false
     var failure: HTTPError.Reason?
     var hold = false
+    var bodySeen = false
     let errorBuffer: UnsafeMutablePointer<CChar>
     private var slist: UnsafeMutablePointer<curl_slist>?
 
@@ -146,6 +154,7 @@ final class Transfer {
         bodyOK = false
         failure = nil
         hold = false
+        bodySeen = false
         held = []
         errorBuffer[0] = 0
     }

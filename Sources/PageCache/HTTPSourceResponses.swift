@@ -28,6 +28,8 @@ extension HTTPSource {
         if t.failure != nil { return ccurl_writefunc_error }
         guard t.bodyOK else { return n } // an error page we will retry or report: swallow it
         stats.bytesFetched += UInt64(n)
+        progressed(t, first: !t.bodySeen)
+        t.bodySeen = true
         switch t.kind {
         case .fetch:
             let remaining = t.length - t.delivered - t.held.count
@@ -123,14 +125,16 @@ extension HTTPSource {
     }
 
     private func startCheck() {
-        guard !checkInFlight, !awaitingCheck.isEmpty else { return }
-        let batch = awaitingCheck
-        awaitingCheck = []
+        guard !checkInFlight, let first = awaitingCheck.first else { return }
+        // The HEAD goes to the mirror that sent the bodies it decides.
+        let batch = awaitingCheck.filter { $0.mirror == first.mirror }
+        awaitingCheck.removeAll { $0.mirror == first.mirror }
         checkInFlight = true
         checking = batch
         let h = Transfer(id: nextID, kind: .head, offset: 0, length: 0)
         nextID += 1
         h.startedAt = monotonicNanos()
+        h.pinned = first.mirror
         h.completion = { [unowned h, weak self] result in
             guard let self else { return }
             self.checkInFlight = false

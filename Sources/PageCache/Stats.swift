@@ -46,6 +46,9 @@ public final class CacheStats {
     public var requests: UInt64 = 0
     /// Attempts that were retried.
     public var retries: UInt64 = 0
+    /// Attempts sent to another mirror (the one they went to failed, was
+    /// refused or went silent).
+    public var failovers: UInt64 = 0
     /// Fetches or probes that finally failed.
     public var errors: UInt64 = 0
     /// Writes, discards and write-zeroes (caching targets with writes).

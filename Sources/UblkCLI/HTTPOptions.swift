@@ -9,8 +9,16 @@ extension RedirectCredentials: ExpressibleByArgument {}
 
 struct HTTPOptions: ParsableArguments {
     @Option(name: .customLong("url"), help: ArgumentHelp(
-        "http(s)://HOST/PATH or s3://BUCKET/KEY of the disk image.",
+        "http(s)://HOST/PATH or s3://BUCKET/KEY of the disk image; again for each mirror.",
         discussion: """
+            Given more than once (http(s) URLs only), the URLs are mirrors of one image, in order of \
+            preference: each must serve the same size and ETag/Last-Modified (else `add` is refused; a mirror \
+            that does not answer at `add` is used once it does), and every answer is checked against them. \
+            A request goes to the first mirror that is up and not more than twice as slow as the fastest; a \
+            mirror that fails (5xx, reset, refused), serves something else (404, another object) or sends \
+            nothing for --mirror-stall seconds while requests wait on it is left at once, and the requests move \
+            on, asking only for the bytes not yet received. The first URL names the image and its cache; the \
+            credentials go to every mirror's origin. `stats` counts the moves as failovers.
             The image is the whole URL (every query parameter with its value, in the order given) minus what signs or expires it: \
             URLs that differ in a query value are different images, with their own caches; a presigned URL \
             signed again finds its cache (an ETag or Last-Modified that changed still starts it afresh). \
@@ -22,7 +30,15 @@ struct HTTPOptions: ParsableArguments {
             REDACTED plus a SHA-256 digest (e.g. https://h/download?id=REDACTED#sha256=...).
             """,
         valueName: "url"))
-    var url: String?
+    var urls: [String] = []
+    /// The image's URL (the first --url) and its mirrors (the others).
+    var url: String? { urls.first }
+    var mirrors: [String] { Array(urls.dropFirst()) }
+
+    @Option(name: .customLong("mirror-stall"), help: ArgumentHelp(
+        "With mirrors: seconds a mirror may send nothing while requests wait on it before they move to another.",
+        valueName: "seconds"))
+    var mirrorStall: Double = 0.5
 
     @Option(name: .customLong("cache"), help: "The cache file (default: under /var/cache/ublk-http/, keyed by URL).")
     var cache: String?
@@ -50,7 +66,7 @@ struct HTTPOptions: ParsableArguments {
 
     @Option(name: .customLong("redirect-credentials"), help: ArgumentHelp(
         "What a redirect to another host does with the credentials: drop (default) or refuse.",
-        discussion: "Credentials are the --header and --header-file headers, --user/--password-file and S3 signing. They go only to the scheme, host and port of --url. A redirect elsewhere, or from https to http, is followed without them with drop (so an API that redirects to a presigned or CDN URL works), or fails the request with refuse. Every request starts again at --url.",
+        discussion: "Credentials are the --header and --header-file headers, --user/--password-file and S3 signing. They go only to the scheme, host and port of each --url (the image's and its mirrors'). A redirect elsewhere, or from https to http, is followed without them with drop (so an API that redirects to a presigned or CDN URL works), or fails the request with refuse. Every request starts again at --url.",
         valueName: "drop|refuse"))
     var redirectCredentials: RedirectCredentials = .drop
 
@@ -100,14 +116,11 @@ struct HTTPOptions: ParsableArguments {
     var httpOnlyGiven: Bool {
         url != nil || !headers.isEmpty || headerFile != nil || user != nil || passwordFile != nil
             || cacert != nil || insecure || s3Endpoint != nil || region != nil || writable
-            || redirectCredentials != .drop || verityRoot != nil || verityTree != nil || verityOffset != nil
+            || redirectCredentials != .drop || verityRoot != nil || verityTree != nil || verityOffset != nil || mirrorStall != 0.5
     }
 
-    var given: Bool {
-        url != nil || cache != nil || bitmap != nil || !headers.isEmpty || headerFile != nil || user != nil || passwordFile != nil
-            || cacert != nil || insecure || s3Endpoint != nil || region != nil || writable
-            || redirectCredentials != .drop
-    }
+    /// Any http or caching option (the null and loop targets take none).
+    var given: Bool { cache != nil || bitmap != nil || httpOnlyGiven }
 
     /// The fetch size (largest Range GET): a page must fit in one.
     static let maxRunBytes = HTTPTargetOptions(http: HTTPConfig(url: ""), cachePath: "", bitmapPath: "").maxRunBytes
@@ -123,7 +136,14 @@ struct HTTPOptions: ParsableArguments {
         guard lower.hasPrefix("http://") || lower.hasPrefix("https://") || lower.hasPrefix("s3://") else {
             throw Failure("bad --url '\(Redact.printable(Redact.url(url)))': expected http://, https:// or s3://")
         }
-        for (name, u) in [("--url", url), ("--s3-endpoint", s3Endpoint ?? "")] {
+        if !mirrors.isEmpty, let bad = urls.first(where: { u in !["http://", "https://"].contains(where: { u.lowercased().hasPrefix($0) }) }) {
+            throw Failure("bad --url '\(Redact.printable(Redact.url(bad)))': mirrors (--url given more than once) are http:// or https:// URLs")
+        }
+        if Set(urls).count < urls.count { throw Failure("a --url is given twice: each mirror once") }
+        guard mirrorStall.isFinite, (0.05...3600).contains(mirrorStall) else {
+            throw Failure("--mirror-stall must be between 0.05 and 3600 seconds, not \(mirrorStall)")
+        }
+        for (name, u) in urls.map({ ("--url", $0) }) + [("--s3-endpoint", s3Endpoint ?? "")] {
             for b in u.utf8 where b <= 0x20 || b == 0x7F {
                 throw Failure(b == 0x0D || b == 0x0A ? "bad \(name): it contains a line break (CR or LF)"
                                                      : "bad \(name): it contains a space or a control character (percent-encode it)")
@@ -247,6 +267,8 @@ struct HTTPOptions: ParsableArguments {
     func targetOptions() throws -> HTTPTargetOptions {
         guard let url else { throw Failure("the http target needs --url URL") }
         var config = HTTPConfig(url: url)
+        config.mirrors = mirrors
+        config.stallTimeout = mirrorStall
         config.headers = headers.map { h in
             let colon = h.firstIndex(of: ":")!  // check() made sure
             return String(h[..<colon]) + ": " + h[h.index(after: colon)...].trimmed

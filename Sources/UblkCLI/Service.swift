@@ -188,7 +188,8 @@ struct Check: ParsableCommand {
                        overlay: a read-only http device's NAME in this table (or a
                        device path); null: -
               OPTIONS  - or `add`'s long options without dashes, comma-separated:
-                       key=value or a flag (cache-max-size=4G,connections=8)
+                       key=value or a flag (cache-max-size=4G,connections=8);
+                       http: mirror=URL, once per mirror of the image (--url)
 
             Example:
               # NAME  TARGET   SOURCE                           OPTIONS

@@ -12,6 +12,7 @@
 //          null: '-'.
 // OPTIONS  '-' or comma-separated `add` long options without their dashes:
 //          `key=value` or a flag `key` (cache-max-size=4G,write-mode=back).
+//          http: `mirror=URL` (repeatable) adds a mirror of the image (--url).
 //
 // '#' starts a comment line. Secrets only by file reference: `header=` is
 // refused (header-file= and password-file= are the way), so the table may be
@@ -176,7 +177,7 @@ public struct DeviceTable: Sendable {
         default: break
         }
         for (key, value) in entry.options {
-            args.append("--" + key)
+            args.append(key == "mirror" ? "--url" : "--" + key)
             if let value { args.append(value) }
         }
         return args

@@ -20,7 +20,7 @@ final class ServiceTests: XCTestCase {
 
     let sample = """
         # NAME  TARGET   SOURCE                        OPTIONS
-        root    http     https://img.example/root.img  cache-max-size=4G,connections=8,header-file=\(ServiceTests.headerFile)
+        root    http     https://img.example/root.img  cache-max-size=4G,connections=8,header-file=\(ServiceTests.headerFile),mirror=https://b.example/root.img
 
         vm1     overlay  root                          -
         data    cache    /dev/sdb                      cache=/srv/flash/data.cache,bitmap=/srv/flash/data.bitmap,write-mode=back
@@ -35,7 +35,8 @@ final class ServiceTests: XCTestCase {
         XCTAssertEqual(DeviceTable.addArguments(t.entry(named: "root")!),
                        ["add", "-t", "http", "--name", "root", "--recovery", "--url", "https://img.example/root.img",
                         "--cache", "/var/cache/ublk-http/root.cache", "--bitmap", "/var/cache/ublk-http/root.bitmap",
-                        "--cache-max-size", "4G", "--connections", "8", "--header-file", ServiceTests.headerFile])
+                        "--cache-max-size", "4G", "--connections", "8", "--header-file", ServiceTests.headerFile,
+                        "--url", "https://b.example/root.img"])
         XCTAssertEqual(DeviceTable.addArguments(t.entry(named: "vm1")!, lowerDevice: "/dev/ublkb3"),
                        ["add", "-t", "overlay", "--name", "vm1", "--recovery", "--lower", "/dev/ublkb3", "--overlay", "vm1"])
         XCTAssertEqual(DeviceTable.addArguments(t.entry(named: "data")!),

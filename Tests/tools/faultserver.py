@@ -31,6 +31,7 @@ each test (with its own id=) has its own. Modes:
             ETag "fixed-1", or "fixed-2" after the first `changeafter` HEADs
   flip      GET bodies carry the byte at offset `at` of the file inverted
             (the first n GETs; n=0: every GET), headers as ok
+Any mode takes lag=S: every GET waits S seconds before it answers.
 """
 import argparse, json, os, socket, ssl, struct, sys, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -120,6 +121,7 @@ class Handler(BaseHTTPRequestHandler):
         n = int(p.get("n", "0"))
         count = bump(key)
         gets = bump(key + "#get")
+        time.sleep(float(p.get("lag", "0")))
         if mode == "missing":
             return self.send(404, [], b"not found\n")
         if mode == "5xx" and gets <= n:

@@ -263,4 +263,100 @@ fi
 eq "nothing left" "[]" "$("$UBLK" list)"
 /usr/sbin/nginx -c /run/nginx/id.conf -s stop 2>/dev/null
 
+section "mirrors: --url twice; one killed, one stopped mid-read; one that serves another object"
+# Two nginx of their own (one process each, so kill -9 and SIGSTOP take a
+# mirror whole) serving the same file: the same size, ETag and Last-Modified.
+mirror_up() { # PORT ROOT
+    cat > /run/nginx/m$1.conf <<NGINX
+user root;
+master_process off;
+pid /run/nginx/m$1.pid;
+error_log /var/log/nginx/m$1-error.log warn;
+events { worker_connections 256; }
+http {
+    default_type application/octet-stream;
+    log_format ublk '\$remote_addr "\$request" \$status \$body_bytes_sent "\$http_range"';
+    access_log /var/log/nginx/m$1.log ublk;
+    keepalive_requests 1000000;
+    server { listen 127.0.0.1:$1; root $2; }
+}
+NGINX
+    /usr/sbin/nginx -c /run/nginx/m$1.conf && wait_for 10 /usr/bin/curl -s -o /dev/null http://127.0.0.1:$1/
+}
+mirror_pid() { cat /run/nginx/m$1.pid; }
+served_by() { grep -c '" 206 ' /var/log/nginx/m$1.log || true; }
+MA=http://127.0.0.1:8082/disk.img; MB=http://127.0.0.1:8083/disk.img
+check "mirror A (8082)" mirror_up 8082 $WWW
+check "mirror B (8083)" mirror_up 8083 $WWW
+# read_timed DEV: reads DEV in 1 MiB O_DIRECT blocks into /tmp/mread.img,
+# noting the longest wait for one block (ms) in /tmp/mread.gap.
+read_timed() {
+    local n=$(( $(blockdev --getsize64 $1) >> 20 )) i t0 t1 gap=0
+    : > /tmp/mread.img
+    for i in $(seq 0 $((n - 1))); do
+        t0=$(date +%s%N)
+        dd if=$1 bs=1M skip=$i count=1 iflag=direct status=none >> /tmp/mread.img || return 1
+        t1=$(date +%s%N)
+        [ $(( (t1 - t0) / 1000000 )) -gt $gap ] && gap=$(( (t1 - t0) / 1000000 ))
+    done
+    echo $gap > /tmp/mread.gap
+}
+rm -f $CACHE/m.*
+MOPTS="--cache $CACHE/m.cache --bitmap $CACHE/m.bitmap --readahead 0 --connections 2"
+if add -t http --url $MA --url $MB $MOPTS; then
+    eq "list shows the mirror" "$MB" "$(echo "$DEV_JSON" | jq -r .target_options.mirrors)"
+    read_timed $DEV_B & R=$!
+    wait_for 30 bash -c "[ \$(stat -c %s /tmp/mread.img) -ge $((24 << 20)) ]"
+    kill -9 $(mirror_pid 8082)
+    echo "# mirror A killed at $(( $(stat -c %s /tmp/mread.img) >> 20 )) MiB"
+    wait $R; eq "the read goes on and ends (A killed)" 0 $?
+    check "what it read is the image" cmp /tmp/mread.img $WWW/disk.img
+    echo "# longest wait for a block: $(cat /tmp/mread.gap) ms"
+    sleep 1.5
+    S=$("$UBLK" list -n $DEV_ID)
+    check "stats count the failover, no error" bash -c "echo '$S' | jq -e '.[0].stats.failovers >= 1 and .[0].stats.errors == 0'"
+    check "B served the rest" test "$(served_by 8083)" -gt 0
+    check "the server logged A going down" grep -q "mirror http://127.0.0.1:8082/disk.img is down" /run/ublk-http/ublk$DEV_ID.log
+    del $DEV_ID >/dev/null
+else
+    fail "add with two mirrors" "$DEV_JSON"
+fi
+# Stopped (SIGSTOP): connections open, nothing answered. The reads move on
+# within --mirror-stall (0.5 s), not after curl's 20 s low-speed limit.
+check "mirror A again" mirror_up 8082 $WWW
+rm -f $CACHE/m.*
+if add -t http --url $MA --url $MB $MOPTS; then
+    read_timed $DEV_B & R=$!
+    wait_for 30 bash -c "[ \$(stat -c %s /tmp/mread.img) -ge $((24 << 20)) ]"
+    kill -STOP $(mirror_pid 8082)
+    wait $R; eq "the read goes on and ends (A stopped)" 0 $?
+    check "what it read is the image" cmp /tmp/mread.img $WWW/disk.img
+    G=$(cat /tmp/mread.gap)
+    echo "# longest wait for a block: $G ms"
+    check "no block waited 3 s (the stall is left within 0.5 s; emulation is slow)" test "$G" -lt 3000
+    kill -CONT $(mirror_pid 8082)
+    del $DEV_ID >/dev/null
+else
+    fail "add with two mirrors (stall)" "$DEV_JSON"
+fi
+# A mirror down at add: the device comes up from the other.
+kill -9 $(mirror_pid 8082)
+rm -f $CACHE/m.*
+if add -t http --url $MA --url $MB $MOPTS; then
+    check "A down at add: the device reads the image from B" cmp $DEV_B $WWW/disk.img
+    del $DEV_ID >/dev/null
+else
+    fail "add with the first mirror down" "$DEV_JSON"
+fi
+mkdir -p /srv/other && head -c $((96 << 20)) /dev/urandom > /srv/other/disk.img
+check "mirror C (8084): another object at the same path" mirror_up 8084 /srv/other
+rm -f $CACHE/m.*
+expect_error "mirrors that disagree are refused" "serves another object than http://127.0.0.1:8083/disk.img" \
+    "$UBLK" add -t http --url $MB --url http://127.0.0.1:8084/disk.img $MOPTS
+expect_error "an s3:// mirror is refused" "are http:// or https:// URLs" "$UBLK" add -t http --url $MB --url s3://b/k $MOPTS
+expect_error "a URL given twice is refused" "given twice" "$UBLK" add -t http --url $MB --url $MB $MOPTS
+expect_error "--mirror-stall 0 is refused" "mirror-stall must be between" "$UBLK" add -t http --url $MB --mirror-stall 0 $MOPTS
+eq "nothing left" "[]" "$("$UBLK" list)"
+for p in 8083 8084; do kill -9 $(mirror_pid $p); done
+
 finish

@@ -29,6 +29,8 @@ public struct HTTPStats: Codable, Sendable {
     /// Verified images only (nil without `--verity-root`).
     public var verifyFailures: UInt64?
     public var pagesVerified: UInt64?
+    /// Attempts moved to another mirror (nil from older servers).
+    public var failovers: UInt64?
 
     enum CodingKeys: String, CodingKey {
         case hits, misses, bytesFetched = "bytes_fetched", requests, retries, errors
@@ -38,6 +40,7 @@ public struct HTTPStats: Codable, Sendable {
         case pagesSetAhead = "pages_set_ahead", readsThrough = "reads_through"
         case cacheCopiesLost = "cache_copies_lost"
         case verifyFailures = "verify_failures", pagesVerified = "pages_verified"
+        case failovers
     }
 
     public static func path(_ id: UInt32) -> String { "\(DeviceState.directory)/ublk\(id).stats.json" }
@@ -92,6 +95,7 @@ public struct HTTPStats: Codable, Sendable {
         metric("requests_total", "counter", "HTTP requests sent, retries included.", "\(requests)")
         metric("retries_total", "counter", "Requests retried.", "\(retries)")
         metric("errors_total", "counter", "Fetches that finally failed.", "\(errors)")
+        if let f = failovers { metric("failovers_total", "counter", "Requests moved to another mirror (theirs failed, went silent or served another object).", "\(f)") }
         metric("cache_pages_present", "gauge", "Pages held by the cache file.", "\(pagesPresent)")
         metric("cache_pages_total", "gauge", "Pages in the image.", "\(pagesTotal)")
         if let w = writes { metric("writes_total", "counter", "Writes, discards and write-zeroes.", "\(w)") }
@@ -127,6 +131,7 @@ extension CacheStats {
                   pagesPresent: present.count, pagesTotal: present.pageCount, pageSize: pageSize,
                   writes: writes, writesHeldForIntent: writesHeldForIntent, writesDeferred: writesDeferred,
                   intentCycles: intentCycles, fullCycles: fullCycles, pagesSetAhead: pagesSetAhead, readsThrough: readsThrough, cacheCopiesLost: cacheCopiesLost)
+        s.failovers = failovers
         if verified {
             s.verifyFailures = verifyFailures
             s.pagesVerified = pagesVerified

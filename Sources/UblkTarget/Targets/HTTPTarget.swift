@@ -93,6 +93,7 @@ public final class HTTPTarget: Target {
             "writable": settings.writable ? "true" : "false", "cache_io": cacheIO.description,
         ].merging(settings.writable ? ["dirty_bitmap": settings.dirtyPath, "local_bitmap": settings.localPath] : [:]) { a, _ in a }
             .merging(remoteState.map { ["remote": $0] } ?? [:]) { a, _ in a }
+            .merging(settings.http.mirrors.isEmpty ? [:] : ["mirrors": settings.http.mirrors.map { Redact.url($0) }.joined(separator: " ")]) { a, _ in a }
             .merging(settings.verity.map { v in
                 ["verity_root": v.rootHex.lowercased(),
                  "verity_tree": v.tree.map { v.treeIsURL ? Redact.url($0) : $0 } ?? "appended at \(v.offset ?? 0)"]
@@ -136,8 +137,9 @@ public final class HTTPTarget: Target {
         var unreachable: HTTPError?
         var probed: RemoteImage
         do {
-            let probe = try HTTPSource(config: o.http)
-            probed = try probe.probeBlocking()
+            let (image, notes) = try HTTPSource.probeAll(o.http)
+            for note in notes { log(Redact.text("ublk-http: \(note)")) }
+            probed = image
         } catch {
             guard HTTPTarget.isUnreachable(error), let cached = HTTPTarget.completeCache(o) else {
                 throw UblkError(error.description)
@@ -261,6 +263,8 @@ public final class HTTPTarget: Target {
             let source: HTTPSource
             do { source = try HTTPSource(config: config, stats: stats) } catch { throw UblkError("\(error)") }
             source.expected = object
+            let q = queue.id
+            source.onMirrorEvent = { log(Redact.text("ublk-http: queue \(q): \($0)")) }
             return HTTPFetcher(source)
         }) { context in
             context.writable = settings.writable

@@ -142,7 +142,10 @@ enum HTTPVerity {
     /// How the tree's object is fetched: the image's config, at the tree's URL when it has one.
     static func treeConfig(_ spec: VeritySpec, http: HTTPConfig) -> HTTPConfig {
         var config = http
-        if let url = spec.tree, spec.treeIsURL { config.url = url }
+        if let url = spec.tree, spec.treeIsURL {
+            config.url = url
+            config.mirrors = []  // the image's mirrors, not the tree's
+        }
         return config
     }
 
