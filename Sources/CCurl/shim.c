@@ -33,6 +33,7 @@ const long ccurl_global_default = CURL_GLOBAL_DEFAULT;
 const long ccurl_pipe_multiplex = CURLPIPE_MULTIPLEX;
 const long ccurl_http_version_2tls = CURL_HTTP_VERSION_2TLS;
 const long ccurl_http_version_1_1 = CURL_HTTP_VERSION_1_1;
+const long ccurl_http_version_2_0 = CURL_HTTP_VERSION_2_0, ccurl_http_version_3 = CURL_HTTP_VERSION_3;
 const long ccurl_proto_http_https = CURLPROTO_HTTP | CURLPROTO_HTTPS;
 const long ccurl_sslversion_tlsv1_2 = CURL_SSLVERSION_TLSv1_2;
 const size_t ccurl_error_size = CURL_ERROR_SIZE;

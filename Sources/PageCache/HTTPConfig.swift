@@ -35,6 +35,9 @@ public struct HTTPConfig: Sendable {
     public var lowSpeedLimit = 1024
     public var lowSpeedTime = 20
     public var maxConnections = 8
+    /// Requests in flight at once when the server multiplexes them (HTTP/2
+    /// streams over the connections); over HTTP/1.1, one per connection.
+    public var maxStreams = 32
     public var maxRedirects = 5
     /// What a redirect to another origin (scheme, host or port differ from the
     /// URL's) or from https to http does with the credentials: the headers,
@@ -87,6 +90,7 @@ public struct HTTPConfig: Sendable {
         }
         if !(0...86400).contains(dnsCacheSeconds) { return "the DNS cache time must be between 0 and 86400 seconds, not \(dnsCacheSeconds)" }
         if !(1...1024).contains(maxConnections) { return "connections must be between 1 and 1024, not \(maxConnections)" }
+        if !(1...1024).contains(maxStreams) { return "streams must be between 1 and 1024, not \(maxStreams)" }
         if !(1...100).contains(maxAttempts) { return "attempts must be between 1 and 100, not \(maxAttempts)" }
         if !(0...100).contains(maxRedirects) || lowSpeedLimit < 0 || !(0...1_000_000).contains(lowSpeedTime) {
             return "redirects, low-speed limit or low-speed time out of range"
@@ -118,6 +122,17 @@ public struct RemoteImage: Equatable, Sendable {
     public var lastModified: String?
     /// Whether the probe's answer came from HEAD (else from a 1-byte Range GET).
     public var fromHead: Bool
+    /// Whether the server answered the probe over HTTP/2 or 3, which multiplex
+    /// requests on a connection (not part of the image: left out of ==).
+    public var multiplexed = false
+
+    /// Requests a source of `config` keeps in flight against this server.
+    public func requestsInFlight(_ config: HTTPConfig) -> Int { multiplexed ? config.maxStreams : config.maxConnections }
+
+    public static func == (a: RemoteImage, b: RemoteImage) -> Bool {
+        a.effectiveURL == b.effectiveURL && a.size == b.size && a.etag == b.etag
+            && a.lastModified == b.lastModified && a.fromHead == b.fromHead
+    }
 
     public init(effectiveURL: String, size: UInt64, etag: String? = nil, lastModified: String? = nil, fromHead: Bool = true) {
         self.effectiveURL = effectiveURL

@@ -18,7 +18,11 @@
 //   source. `completion` runs after curl's callbacks have returned (from
 //   `perform()`), and may start new fetches.
 // - Connections: at most `maxConnections`, kept alive and shared by all
-//   requests; easy handles are pooled. HTTP/2 when TLS offers it.
+//   requests; easy handles are pooled. HTTP/2 when TLS offers it: requests
+//   wait to share a connection (PIPEWAIT) as streams rather than open more;
+//   how many the caller keeps in flight is its choice
+//   (`RemoteImage.requestsInFlight`: `maxStreams` over HTTP/2, else one per
+//   connection).
 import CCurl
 import Glibc
 
@@ -375,7 +379,7 @@ public final class HTTPSource {
         curl_multi_remove_handle(multi, e)
         t.easy = nil
         t.freeHeaders()
-        if pool.count < config.maxConnections * 2 { pool.append(e) } else { curl_easy_cleanup(e) }
+        if pool.count < max(config.maxConnections, config.maxStreams) * 2 { pool.append(e) } else { curl_easy_cleanup(e) }
     }
 
     func finish(_ t: Transfer, _ result: Result<Void, HTTPError>) {

@@ -29,7 +29,9 @@ extension HTTPSource {
         let detail = t.errorMessage
         var effective: String?
         var location: String?
+        var version = 0
         if let e = t.easy {
+            ccurl_easy_getinfo_long(e, CURLINFO_HTTP_VERSION, &version)
             var p: UnsafePointer<CChar>?
             ccurl_easy_getinfo_string(e, CURLINFO_EFFECTIVE_URL, &p)
             effective = p.map { String(cString: $0) }
@@ -79,6 +81,7 @@ extension HTTPSource {
             if size > config.maxImageSize { return fail(.imageTooLarge(size: size, limit: config.maxImageSize), retryable: false) }
             t.image = RemoteImage(effectiveURL: effective ?? url, size: size, etag: t.headers.etag,
                                   lastModified: t.headers.lastModified, fromHead: true)
+            t.image!.multiplexed = version == ccurl_http_version_2_0 || version == ccurl_http_version_3
             finish(t, .success(()))
         case .rangeProbe:
             if !t.bodyOK { return fail(.status(status), retryable: false) }
@@ -88,6 +91,7 @@ extension HTTPSource {
             if total > config.maxImageSize { return fail(.imageTooLarge(size: total, limit: config.maxImageSize), retryable: false) }
             t.image = RemoteImage(effectiveURL: effective ?? url, size: total, etag: t.headers.etag,
                                   lastModified: t.headers.lastModified, fromHead: false)
+            t.image!.multiplexed = version == ccurl_http_version_2_0 || version == ccurl_http_version_3
             finish(t, .success(()))
         case .fetch:
             if !t.bodyOK { return fail(.status(status), retryable: false) }

@@ -82,8 +82,13 @@ struct HTTPOptions: ParsableArguments {
     @Option(name: .customLong("dns-cache"), parsing: .unconditional, help: "Seconds a resolved host name is reused before it is looked up again (0-86400; 0: every request looks it up). Lower it when the name's address changes for failover.")
     var dnsCache: Int = 60
 
-    @Option(name: .customLong("connections"), parsing: .unconditional, help: "Connections (and fetches in flight) at most (1-64).")
+    @Option(name: .customLong("connections"), parsing: .unconditional, help: "Connections at most (1-64); over HTTP/1.1 also the fetches in flight.")
     var connections: Int = 8
+
+    @Option(name: .customLong("streams"), parsing: .unconditional, help: ArgumentHelp(
+        "Fetches in flight at once where the server multiplexes them: HTTP/2 streams over the connections (1-256).",
+        discussion: "HTTP/2 is asked for over https (ALPN); a server that answers the probe over HTTP/1.1 gets one fetch per connection (--connections) instead. `list` shows which: requests_in_flight."))
+    var streams: Int = 32
 
     @Option(name: .customLong("readahead"), help: "Largest readahead window on sequential reads (K/M suffixes, at most 1G; 0 disables).")
     var readahead: String = "8M"
@@ -116,7 +121,7 @@ struct HTTPOptions: ParsableArguments {
     var httpOnlyGiven: Bool {
         url != nil || !headers.isEmpty || headerFile != nil || user != nil || passwordFile != nil
             || cacert != nil || insecure || s3Endpoint != nil || region != nil || writable
-            || redirectCredentials != .drop || verityRoot != nil || verityTree != nil || verityOffset != nil || mirrorStall != 0.5
+            || redirectCredentials != .drop || verityRoot != nil || verityTree != nil || verityOffset != nil || mirrorStall != 0.5 || streams != 32
     }
 
     /// Any http or caching option (the null and loop targets take none).
@@ -152,6 +157,7 @@ struct HTTPOptions: ParsableArguments {
         if cacert != nil && insecure { throw Failure("--cacert and --insecure contradict each other") }
         if (user == nil) != (passwordFile == nil) { throw Failure("--user and --password-file go together") }
         guard (1...64).contains(connections) else { throw Failure("--connections must be between 1 and 64, not \(connections)") }
+        guard (1...256).contains(streams) else { throw Failure("--streams must be between 1 and 256, not \(streams)") }
         guard HTTPOptions.timeoutRange.contains(timeout) else {
             throw Failure("--timeout must be between \(HTTPOptions.timeoutRange.lowerBound) and \(Int(HTTPOptions.timeoutRange.upperBound)) seconds, not \(timeout)")
         }
@@ -278,6 +284,7 @@ struct HTTPOptions: ParsableArguments {
         config.requestTimeout = timeout
         config.dnsCacheSeconds = dnsCache
         config.maxConnections = connections
+        config.maxStreams = streams
         config.redirectCredentials = redirectCredentials
         // One bit per page in memory: 2^32 pages (512 MiB of bitmap) at most.
         config.maxImageSize = UInt64(pageSize) << 32

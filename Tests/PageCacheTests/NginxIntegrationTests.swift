@@ -98,6 +98,7 @@ final class NginxIntegrationTests: XCTestCase {
         let info = try src.probeBlocking()
         XCTAssertEqual(info.size, UInt64(image.count))
         XCTAssertTrue(info.fromHead)
+        XCTAssertFalse(info.multiplexed, "plain http: HTTP/1.1, one request per connection")
         XCTAssertNotNil(info.etag)
         XCTAssertNotNil(info.lastModified)
         let sink = src.fetchBlocking(offset: 5 << 20, length: 3 << 20)
@@ -225,7 +226,9 @@ final class NginxTLSTests: XCTestCase {
         var config = HTTPConfig(url: nginx.url)
         config.caCertPath = nginx.certificate
         let trusted = try HTTPSource(config: config)
-        XCTAssertEqual(try trusted.probeBlocking().size, 1 << 20)
+        let probed = try trusted.probeBlocking()
+        XCTAssertEqual(probed.size, 1 << 20)
+        XCTAssertTrue(probed.multiplexed, "h2 offered over TLS: requests are streams")
         let sink = trusted.fetchBlocking(offset: 1000, length: 300_000)
         XCTAssertNil(failure(sink.result))
         assertBytes(sink.data, image[1000..<301_000])
@@ -234,6 +237,33 @@ final class NginxTLSTests: XCTestCase {
         var loose = HTTPConfig(url: nginx.url)
         loose.insecure = true
         XCTAssertEqual(try HTTPSource(config: loose).probeBlocking().size, 1 << 20)
+    }
+
+    /// Over HTTP/2, many fetches in flight share few connections as streams.
+    func testFetchesInFlightOverHTTP2AreStreamsOnOneConnection() throws {
+        let image = makeImage(size: 4 << 20, seed: 5)
+        let nginx = try NginxServer(image: image, tls: true)
+        defer { nginx.stop() }
+        var config = HTTPConfig(url: nginx.url)
+        config.caCertPath = nginx.certificate
+        config.maxConnections = 2
+        let src = try HTTPSource(config: config)
+        XCTAssertTrue(try src.probeBlocking().multiplexed)
+        var sinks: [Sink] = []
+        for i in 0..<32 {
+            let sink = Sink(offset: UInt64(i) * 100_000, length: 4096)
+            src.fetch(offset: UInt64(i) * 100_000, length: 4096, onData: sink.handler) { sink.result = $0 }
+            sinks.append(sink)
+        }
+        XCTAssertTrue(src.runUntilIdle(timeout: 20))
+        for (i, s) in sinks.enumerated() {
+            XCTAssertNil(failure(s.result))
+            assertBytes(s.data, image[(i * 100_000)..<(i * 100_000 + 4096)])
+        }
+        let gets = nginx.requests().filter { $0.method == "GET" }
+        XCTAssertEqual(gets.count, 32)
+        XCTAssertTrue(gets.allSatisfy { $0.proto == "HTTP/2.0" })
+        XCTAssertLessThanOrEqual(Set(gets.map(\.connection)).count, 2, "32 in flight over at most 2 connections")
     }
 }
 

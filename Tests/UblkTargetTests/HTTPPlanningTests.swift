@@ -7,7 +7,7 @@ import XCTest
 final class HTTPPlanningTests: XCTestCase {
     func runsForSequentialRead(total: Int, readSize: Int) -> Int {
         let o = HTTPTargetOptions(http: .init(url: "http://x/y"), cachePath: "/c", bitmapPath: "/b")
-        let planner = HTTPTarget.makePlanner(o, imageSize: 1 << 30)
+        let planner = HTTPTarget.makePlanner(o, remote: RemoteImage(effectiveURL: "http://x/y", size: 1 << 30))
         let bits = PageBits(pageCount: (1 << 30) / 4096)
         var runs = 0
         var offset = 0
@@ -35,5 +35,26 @@ final class HTTPPlanningTests: XCTestCase {
     func testSmallSequentialReadsAlsoCoalesce() {
         let n = runsForSequentialRead(total: 64 << 20, readSize: 128 << 10)
         XCTAssertLessThanOrEqual(n, 64 / 4 + 6, "runs: \(n)")
+    }
+
+    /// Fetches in flight: --streams where the server multiplexes (HTTP/2), else one per connection.
+    func testRunsInFlightAreStreamsOverHTTP2AndConnectionsOverHTTP1() {
+        var o = HTTPTargetOptions(http: .init(url: "https://x/y"), cachePath: "/c", bitmapPath: "/b")
+        o.http.maxConnections = 4
+        o.http.maxStreams = 48
+        var remote = RemoteImage(effectiveURL: "https://x/y", size: 1 << 30)
+        XCTAssertEqual(HTTPTarget.makePlanner(o, remote: remote).maxActiveRuns, 4)
+        remote.multiplexed = true
+        XCTAssertEqual(HTTPTarget.makePlanner(o, remote: remote).maxActiveRuns, 48)
+        XCTAssertEqual(RemoteImage(effectiveURL: "u", size: 1), remote.withSize(1), "multiplexing is not part of the image")
+    }
+}
+
+private extension RemoteImage {
+    func withSize(_ s: UInt64) -> RemoteImage {
+        var r = self
+        r.size = s
+        r.effectiveURL = "u"
+        return r
     }
 }

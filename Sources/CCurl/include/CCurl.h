@@ -52,6 +52,7 @@ extern const long ccurl_global_default;               /* CURL_GLOBAL_DEFAULT */
 extern const long ccurl_pipe_multiplex;               /* CURLPIPE_MULTIPLEX */
 extern const long ccurl_http_version_2tls;            /* CURL_HTTP_VERSION_2TLS */
 extern const long ccurl_http_version_1_1;             /* CURL_HTTP_VERSION_1_1 */
+extern const long ccurl_http_version_2_0, ccurl_http_version_3;  /* CURL_HTTP_VERSION_2_0, _3 (CURLINFO_HTTP_VERSION) */
 extern const long ccurl_proto_http_https;             /* CURLPROTO_HTTP | CURLPROTO_HTTPS */
 extern const long ccurl_sslversion_tlsv1_2;           /* CURL_SSLVERSION_TLSv1_2 */
 extern const size_t ccurl_error_size;                 /* CURL_ERROR_SIZE */

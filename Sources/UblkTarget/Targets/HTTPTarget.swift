@@ -85,12 +85,19 @@ public final class HTTPTarget: Target {
     /// device (`remote`) is the data before the tree.
     let object: RemoteImage
 
+    /// How many fetches the device keeps in flight, and why (`list`).
+    var inFlightText: String {
+        let n = remote.requestsInFlight(settings.http)
+        return remote.multiplexed ? "\(n) (HTTP/2 streams)" : "\(n) (one per connection)"
+    }
+
     public var options: [String: String] {
         [
             "url": settings.http.url, "cache": settings.cachePath, "bitmap": settings.bitmapPath,
             "page_size": String(settings.pageSize), "image_size": String(remote.size),
             "etag": remote.etag ?? "", "last_modified": remote.lastModified ?? "", "cache_state": cacheState,
             "writable": settings.writable ? "true" : "false", "cache_io": cacheIO.description,
+            "requests_in_flight": inFlightText,
         ].merging(settings.writable ? ["dirty_bitmap": settings.dirtyPath, "local_bitmap": settings.localPath] : [:]) { a, _ in a }
             .merging(remoteState.map { ["remote": $0] } ?? [:]) { a, _ in a }
             .merging(settings.http.mirrors.isEmpty ? [:] : ["mirrors": settings.http.mirrors.map { Redact.url($0) }.joined(separator: " ")]) { a, _ in a }
@@ -242,10 +249,11 @@ public final class HTTPTarget: Target {
 
     /// Readahead starts at 1 MiB on the second sequential read and doubles up to
     /// `readaheadBytes`; runs are capped at `maxRunBytes`.
-    static func makePlanner(_ o: HTTPTargetOptions, imageSize: UInt64) -> FetchPlanner {
-        FetchPlanner(imageSize: imageSize, pageSize: o.pageSize, maxRunBytes: o.maxRunBytes,
+    /// Runs in flight: `--streams` where the server multiplexes (HTTP/2), else one per connection.
+    static func makePlanner(_ o: HTTPTargetOptions, remote: RemoteImage) -> FetchPlanner {
+        FetchPlanner(imageSize: remote.size, pageSize: o.pageSize, maxRunBytes: o.maxRunBytes,
                      initialReadaheadBytes: min(1 << 20, o.readaheadBytes), maxReadaheadBytes: o.readaheadBytes,
-                     maxActiveRuns: o.http.maxConnections)
+                     maxActiveRuns: remote.requestsInFlight(o.http))
     }
 
     public func makeHandler(for queue: Queue) throws(UblkError) -> QueueHandler {
@@ -256,7 +264,7 @@ public final class HTTPTarget: Target {
             treeFetcher = try HTTPVerity.fetcher(v, http: settings.http, cachePath: settings.cachePath, tree: tree, stats: stats)
         }
         return try device.makeHandler(for: queue, deviceSize: params.size,
-                                      planner: HTTPTarget.makePlanner(settings, imageSize: remote.size),
+                                      planner: HTTPTarget.makePlanner(settings, remote: remote),
                                       fetcher: { () throws(UblkError) -> RunFetcher in
             var config = settings.http
             config.maxAttempts = max(1, config.maxAttempts)
