@@ -40,6 +40,9 @@
 #                sequential read, fio 1 MiB QD8, fresh cache, MiB/s), then on
 #                the same device verity-warm-rand4k (4k random reads QD32 of
 #                the pages just fetched, IOPS): ublk-http-verity vs ublk-http.
+#   wan          a far object store (not in the default list): https with
+#                HTTP/2 and plain http behind netem, BENCH_WAN_RTTS (10 50 ms)
+#                at BENCH_WAN_RATE (400mbit); see case_wan.
 # The server RSS (VmRSS/VmHWM) is taken right after each cold-seq run.
 #
 # Pinning: this script, fio and nginx run on vCPU 0 (FIO_CPU); every "server"
@@ -53,6 +56,7 @@
 #   BENCH_CASES ("cold-seq cold-rand4k reqcount warm-rand4k warm-seq1m shared boot verity")  BENCH_SHARED_N (4)
 #   BENCH_BOOT_RTT_MS (50: the boot case's round trip to nginx, netem on lo; 0: none)
 #   BENCH_NBD (1: include the nbdkit devices)
+#   BENCH_WAN_RTTS ("10 50")  BENCH_WAN_RATE (400mbit): the wan case's links
 
 WRUNTIME=${BENCH_WARM_RUNTIME:-10}
 WRAMP=$RAMP
@@ -126,11 +130,11 @@ record() {
 }
 
 # ---- ublk-http -------------------------------------------------------------------------------------
-# http_add CACHEBASE ARGS...: `ublk-http add -t http` on the server vCPU; sets
+# http_add CACHEBASE ARGS...: `ublk-http add -t http` (of HTTP_URL, else URL) on the server vCPU; sets
 # U_ID, U_DEV, U_PID, U_JSON (or U_ERR and returns 1).
 http_add() {
     local base=$1; shift
-    U_JSON=$(taskset -c "$SRV_CPU" timeout 60 "$UBLK" add -t http --url "$URL" --cache "$base.cache" \
+    U_JSON=$(taskset -c "$SRV_CPU" timeout 60 "$UBLK" add -t http --url "${HTTP_URL:-$URL}" --cache "$base.cache" \
         --bitmap "$base.bitmap" "$@" 2>&1) || { U_ERR=$(echo "$U_JSON" | tail -n 3 | tr '\n' ' '); return 1; }
     U_ID=$(jq -r .dev_id <<<"$U_JSON") U_DEV=$(jq -r .block_device <<<"$U_JSON") U_PID=$(jq -r .pid <<<"$U_JSON")
 }
@@ -520,6 +524,111 @@ case_boot() {
     boot_latency off
 }
 
+# ---- wan: a far object store: nginx over https (h2) behind netem on lo ----
+# Each RTT in BENCH_WAN_RTTS (10 50 ms) at BENCH_WAN_RATE (400mbit): netem on
+# the loopback delays each packet by half the round trip and caps the rate.
+#   wanR-rand4k  fio 4k random reads QD32, fresh cache, IOPS: ublk-http-h2
+#                (https, HTTP/2 streams, --streams 32 by default) and
+#                ublk-http-h1 (plain http, one request per connection,
+#                --connections 8), against "bound", min(QD, 32 in flight)/RTT
+#   wanR-seq     whole-image sequential read, fio 1 MiB QD8, fresh cache,
+#                MiB/s: ublk-http-h2 against curl downloading the object over
+#                the same https link (HTTP/2, pinned like a server)
+WAN_RTTS=(${BENCH_WAN_RTTS:-10 50})
+WAN_RATE=${BENCH_WAN_RATE:-400mbit}
+TLS_DIR=/opt/bench/tls TLS_URL=https://127.0.0.1:8443/img
+WAN_UP=0
+wan_setup() {
+    [[ $WAN_UP == 1 ]] && return 0
+    [[ -s $TLS_DIR/cert.pem ]] || { log "no $TLS_DIR/cert.pem (bench/run.sh makes it)"; return 1; }
+    [[ -e /sys/module/sch_netem ]] || kmod-load sch_netem || return 1
+    mkdir -p /run/nginx /var/log/nginx
+    cat > /run/nginx/tls.conf <<NGINX
+user root;
+worker_processes 1;
+pid /run/nginx/tls.pid;
+error_log /var/log/nginx/tls-error.log warn;
+events { worker_connections 1024; }
+http {
+    default_type application/octet-stream;
+    access_log off;
+    sendfile on;
+    keepalive_timeout 300s;
+    keepalive_requests 1000000;
+    http2_max_concurrent_streams 256;
+    server {
+        listen 127.0.0.1:8443 ssl http2;
+        ssl_certificate $TLS_DIR/cert.pem;
+        ssl_certificate_key $TLS_DIR/key.pem;
+        root $WWW;
+    }
+}
+NGINX
+    taskset -c "$FIO_CPU" /usr/sbin/nginx -c /run/nginx/tls.conf || return 1
+    local i
+    for i in $(seq 50); do
+        curl -s -o /dev/null --cacert "$TLS_DIR/cert.pem" "$TLS_URL" && { WAN_UP=1; return 0; }
+        sleep 0.1
+    done
+    return 1
+}
+wan_link() { # RTT_MS | off
+    if [[ $1 == off ]]; then tc qdisc del dev lo root 2>/dev/null || true; return 0; fi
+    tc qdisc replace dev lo root netem delay "$(awk -v r="$1" 'BEGIN { printf "%.1f", r / 2 }')ms" rate "$WAN_RATE" limit 100000
+}
+# wan_ublk CASE DEVICE REP FIOARGS... (after --): a fresh cache, add with
+# WAN_ADD (its --url first), fio, stats, del.
+wan_ublk() {
+    local c=$1 d=$2 rep=$3 out st; shift 3
+    start_mark "$c" "$d" "$rep"
+    rm -f "$CDIR"/wan.*
+    HTTP_URL=${WAN_ADD[0]} http_add "$CDIR/wan" "${WAN_ADD[@]:1}" || { err "$c" "$d" "$rep" "add: $U_ERR"; return; }
+    [[ $rep == 1 ]] && log "$c $d: $(timeout 10 "$UBLK" list -n "$U_ID" | jq -r '.[0].target_options.requests_in_flight') in flight"
+    out=/tmp/fio-$c-$d-$rep.json
+    if fio_dev "$out" "$U_DEV" "$U_PID" "$@"; then
+        st=$(ublk_stats "$U_ID")
+        record "$c" "$d" "$rep" "$([[ $c == *seq ]] && echo MiB/s || echo IOPS)" "$out" "$(jq -cn --argjson st "$st" '{stats: $st}')"
+    else
+        err "$c" "$d" "$rep" "fio: $(tail -n 3 /tmp/fio.stderr | tr '\n' ' ')"
+    fi
+    ublk_del "$U_ID"
+    rm -f "$CDIR"/wan.*
+}
+wan_curl() { # CASE REP
+    local c=$1 rep=$2 o rc size t code res
+    start_mark "$c" curl "$rep"
+    snap A ""
+    o=$(taskset -c "$SRV_CPU" timeout 300 curl -s -S --http2 --cacert "$TLS_DIR/cert.pem" -o /dev/null \
+        -w '%{size_download} %{time_total} %{http_code}' "$TLS_URL" 2>&1)
+    rc=$?
+    snap B ""
+    read -r size t code <<<"$o"
+    if [[ $rc -ne 0 || $code != 200 || $size != "$IMG_BYTES" ]]; then err "$c" curl "$rep" "curl: rc $rc: $o"; return; fi
+    res=$(jq -cn --arg c "$c" --argjson r "$rep" --argjson size "$size" --argjson t "$t" --argjson cpu "$(cpu_json)" \
+        '{case: $c, device: "curl", rep: $r, metric: "MiB/s", value: ($size / 1048576 / $t), mib_s: ($size / 1048576 / $t),
+          bytes: $size, runtime_s: $t, cpu: $cpu}')
+    emit "$res"
+    jq -r '"[bench] rep \(.rep) \(.case) curl: \(.value * 10 | floor / 10) MiB/s (\(.runtime_s) s)"' <<<"$res"
+}
+case_wan() {
+    local rep=$1 rtt
+    wan_setup || { err wan-setup ublk-http-h2 "$rep" "https nginx or netem did not come up"; return; }
+    for rtt in "${WAN_RTTS[@]}"; do
+        wan_link "$rtt" || { err "wan$rtt-rand4k" ublk-http-h2 "$rep" "tc netem failed"; continue; }
+        [[ $rep == 1 ]] && log "wan: round trip ${rtt} ms at $WAN_RATE (netem on lo): $(ping -c 3 -q 127.0.0.1 2>/dev/null | tail -n 1)"
+        WAN_ADD=("$TLS_URL" --cacert "$TLS_DIR/cert.pem")
+        wan_ublk "wan$rtt-rand4k" ublk-http-h2 "$rep" "${RAND_ARGS[@]}"
+        WAN_ADD=("$URL")
+        wan_ublk "wan$rtt-rand4k" ublk-http-h1 "$rep" "${RAND_ARGS[@]}"
+        emit "$(jq -cn --arg c "wan$rtt-rand4k" --argjson r "$rep" --argjson rtt "$rtt" \
+            '{case: $c, device: "bound", rep: $r, metric: "IOPS", value: (32 * 1000 / $rtt), rtt_ms: $rtt, note: "min(QD 32, 32 in flight) / RTT"}')"
+        WAN_ADD=("$TLS_URL" --cacert "$TLS_DIR/cert.pem")
+        wan_ublk "wan$rtt-seq" ublk-http-h2 "$rep" "${SEQ_ARGS[@]}"
+        wan_curl "wan$rtt-seq" "$rep"
+    done
+    wan_link off
+}
+
 # ---- warm devices (set up once, before the first warm case) -------------------------------------
 WARM_UP=0
 declare -A W_DEV=() W_PID=()
@@ -680,7 +789,7 @@ if [[ $NBD == 1 ]]; then
 fi
 taskset -c "$SRV_CPU" curl -s -o /dev/null "$URL"
 
-trap 'warm_teardown; nginx-stop' EXIT
+trap 'warm_teardown; wan_link off; nginx-stop' EXIT
 t_start=$SECONDS
 for rep in $(seq 1 "$REPS"); do
     for c in "${CASES[@]}"; do
@@ -690,6 +799,7 @@ for rep in $(seq 1 "$REPS"); do
 done
 warm_teardown
 trap - EXIT
+[[ $WAN_UP == 1 ]] && /usr/sbin/nginx -c /run/nginx/tls.conf -s stop 2>/dev/null
 nginx-stop
 echo "@@DONE@@"
 }

@@ -61,7 +61,13 @@ def report(out_dir, host):
         ("verity-cold-seq", "MiB/s", "ublk-http", ["ublk-http-verity", "ublk-http"], "-"),
         ("verity-warm-rand4k", "IOPS", "ublk-http", ["ublk-http-verity", "ublk-http"], "-"),
     ]
-    BASELINE_NOTE = {"curl": "curl download", "nbdkit-curl": "nbdkit-curl", "kloop": "kernel loop", "ublk-http": "unverified"}
+    # The wan case's links (10 and 50 ms unless BENCH_WAN_RTTS said otherwise), as the runs name them.
+    WAN_RTTS = sorted({int(m.group(1)) for r in runs for m in [re.match(r"wan(\d+)-", r.get("case", ""))] if m})
+    for rtt in WAN_RTTS:
+        CASES.append((f"wan{rtt}-rand4k", "IOPS", "bound", ["ublk-http-h2", "ublk-http-h1", "bound"], "-"))
+        CASES.append((f"wan{rtt}-seq", "MiB/s", "curl", ["ublk-http-h2", "curl"], "-"))
+    BASELINE_NOTE = {"curl": "curl download", "nbdkit-curl": "nbdkit-curl", "kloop": "kernel loop", "ublk-http": "unverified",
+                     "bound": "QD/RTT bound"}
 
     def usable(cell):
         ok = [r for r in cell if "error" not in r and r.get("value") is not None]
@@ -151,6 +157,11 @@ def report(out_dir, host):
           f"{max(x.get('VmRSS', 0) for x in rss_runs) if rss_runs else '-'} KiB, VmHWM max "
           f"{max(x.get('VmHWM', 0) for x in rss_runs) if rss_runs else '-'} KiB"),
     ]
+    for rtt in WAN_RTTS:
+        goals.append(g(f"cold 4k random QD32 over https (HTTP/2), {rtt} ms RTT, vs min(QD, in flight)/RTT",
+                       ratio(f"wan{rtt}-rand4k", "ublk-http-h2"), 0.9, ">=", "median IOPS / bound"))
+        goals.append(g(f"cold 1 MiB sequential over https (HTTP/2), {rtt} ms RTT, vs curl downloading the object",
+                       ratio(f"wan{rtt}-seq", "ublk-http-h2"), 0.95, ">=", "median MiB/s ratio"))
 
     def fmt(v, unit):
         if v is None:
@@ -173,7 +184,7 @@ def report(out_dir, host):
             if d == nbd:
                 rn = "1.00"
             busy = f"{s['cpu0_busy_pct'] or 0:.0f}% / {s['cpu1_busy_pct'] or 0:.0f}%"
-            srv = "-" if d in ("kloop", "curl", "curl-file", "store") else f"{s['server_user_pct'] or 0:.0f}% / {s['server_sys_pct'] or 0:.0f}%"
+            srv = "-" if d in ("kloop", "curl", "curl-file", "store", "bound") else f"{s['server_user_pct'] or 0:.0f}% / {s['server_sys_pct'] or 0:.0f}%"
             used = f"{s['runs']}/{s['runs_total']}" + (f" ({s['disturbed_runs']} disturbed)" if s["disturbed_runs"] else "")
             rows.append([c, d, f"{fmt(s['median'], unit)} {unit}",
                          f"{fmt(s['min'], unit)}–{fmt(s['max'], unit)} ({100 * (s['rel_spread'] or 0):.0f}%)",
@@ -220,7 +231,7 @@ def report(out_dir, host):
     chart = os.path.join(out_dir, "chart.png")
     if shutil.which("gnuplot"):
         colors = {"ublk-http": "#1f77b4", "nbdkit-curl": "#ff7f0e", "nbdkit-cache": "#ff7f0e", "curl": "#7f7f7f", "curl-file": "#bbbbbb", "store": "#dddddd", "kloop": "#7f7f7f",
-                  "ublk-http-verity": "#2ca02c"}
+                  "ublk-http-verity": "#2ca02c", "ublk-http-h2": "#1f77b4", "ublk-http-h1": "#9467bd", "bound": "#7f7f7f"}
         import math
         dat, x, xt, groups, goal_lines, ymax, ymin = [], 0, [], [], [], 1.0, 1.0
         for c, unit, base, devs, nbd in CASES:

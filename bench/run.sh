@@ -243,6 +243,17 @@ boot() {
     fi
     # Per run: the http suite's guest script and kublk (static) with its versions.
     RUNF=(--file "$ROOT/bench/guest-http.sh:/opt/bench/guest-http.sh" --file "$ROOT/bench/guest-flashcache.sh:/opt/bench/guest-flashcache.sh")
+    # The http suite's wan case serves https: a self-signed certificate for 127.0.0.1, made once.
+    if [[ $SUITE == http ]]; then
+        local TLS="$VM_CACHE/bench-tls"
+        if [[ ! -s "$TLS/cert.pem" ]]; then
+            mkdir -p "$TLS"
+            openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 -subj /CN=127.0.0.1 \
+                -addext subjectAltName=IP:127.0.0.1 -keyout "$TLS/key.pem" -out "$TLS/cert.pem" 2>/dev/null \
+                || { blog "openssl could not make the wan case's certificate"; return 1; }
+        fi
+        RUNF+=(--file "$TLS/cert.pem:/opt/bench/tls/cert.pem" --file "$TLS/key.pem:/opt/bench/tls/key.pem")
+    fi
     if [[ -n "$KUBLK_BIN" ]]; then
         RUNF+=(--bin "$KUBLK_BIN:/usr/local/bin/kublk" --file "$(dirname "$KUBLK_BIN")/versions:/etc/kublk-version")
     fi

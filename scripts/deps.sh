@@ -3,7 +3,7 @@
 # Idempotent: `apt-get update` and `apt-get install` only run when something is missing.
 set -euo pipefail
 PKGS=(liburing-dev libcurl4-openssl-dev pkg-config qemu-system-x86 busybox-static fio nginx-light curl
-      cpio xz-utils gzip e2fsprogs util-linux jq python3 gnuplot-nox dmsetup cryptsetup-bin)
+      cpio xz-utils gzip e2fsprogs util-linux jq python3 gnuplot-nox dmsetup cryptsetup-bin openssl)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
