@@ -4,8 +4,14 @@
 // Contract (with one URL nothing here changes what a source does):
 // - Choice: each attempt goes to the first mirror, in the order given, that
 //   is up and whose time to a first body byte (a moving average) is within
-//   twice the best one's; a mirror not measured yet counts as fast, so a
-//   slow first URL sends the next attempt elsewhere and both get measured.
+//   twice the best one's; a mirror not measured yet counts as fast, and one
+//   not measured with nothing in flight is chosen first, so the first
+//   requests measure every mirror.
+// - Slow: an attempt that has had no body byte for twice the time the
+//   fastest other mirror takes (and twice its own mirror's usual time) moves
+//   there, once per request, and its mirror counts as that slow: a burst
+//   sent to a slow mirror before it was measured waits about twice the fast
+//   one's time, not the slow one's.
 // - Down: an attempt that fails as a fault in passing (what is retried with
 //   one URL: 5xx, resets, refused, timeouts, short bodies) puts its mirror
 //   down for a while (0.5 s, doubling per failure in a row up to 30 s) and
@@ -54,6 +60,7 @@ extension HTTPSource {
             return mirrors.indices.filter { mirrors[$0].refused == nil }
                 .min { mirrors[$0].downUntil < mirrors[$1].downUntil } ?? 0
         }
+        if let unmeasured = up.first(where: { mirrors[$0].latency == 0 && mirrors[$0].active == 0 }) { return unmeasured }
         return up.first { mirrors[$0].latency <= 2 * best + 1_000_000 }!
     }
 
@@ -120,7 +127,14 @@ extension HTTPSource {
         mirrors[m].lastProgress = now
         if first {
             let sample = now - t.attemptStartedAt
-            mirrors[m].latency = mirrors[m].latency == 0 ? sample : (mirrors[m].latency * 3 + sample) / 4
+            if mirrors[m].latency == 0 {
+                mirrors[m].latency = max(sample, 1)
+                // The first measure: the next check comes at its pace, not the stall timer's.
+                stallTimerArmed = true
+                arm(stallTimerFD, nanosFromNow: max(sample, 5_000_000))
+            } else {
+                mirrors[m].latency = (mirrors[m].latency * 3 + sample) / 4
+            }
         }
     }
 
@@ -150,10 +164,15 @@ extension HTTPSource {
         mirrors[t.mirror].active -= 1
     }
 
+    /// Ticks a quarter of the stall time apart, or as often as the fastest
+    /// mirror answers (5 ms at least) once one is measured, to move slow
+    /// attempts in time.
     func armStallTimer() {
         guard !stallTimerArmed else { return }
         stallTimerArmed = true
-        arm(stallTimerFD, nanosFromNow: UInt64(config.stallTimeout * 1e9 / 4))
+        var tick = UInt64(config.stallTimeout * 1e9 / 4)
+        if let fastest = mirrors.map(\.latency).filter({ $0 > 0 }).min() { tick = min(tick, max(fastest, 5_000_000)) }
+        arm(stallTimerFD, nanosFromNow: tick)
     }
 
     /// The stall timer fired: mirrors silent for `stallTimeout` with requests
@@ -172,7 +191,28 @@ extension HTTPSource {
                 start(t)
             }
         }
+        moveSlowAttempts(now: now)
         if mirrors.contains(where: { $0.active > 0 }) { armStallTimer() }
+    }
+
+    /// Attempts with no body byte for twice what the fastest other mirror up
+    /// takes, and twice what their own usually takes, move there (once per
+    /// request); their mirror counts as that slow.
+    private func moveSlowAttempts(now: UInt64) {
+        for t in activeTransfers where t.kind == .fetch && t.pinned == nil && !t.bodySeen && !t.movedForSpeed {
+            let m = t.mirror
+            let others = mirrors.indices.filter {
+                $0 != m && mirrors[$0].refused == nil && mirrors[$0].downUntil <= now && mirrors[$0].latency > 0
+            }
+            guard let fastest = others.map({ mirrors[$0].latency }).min(), now > t.attemptStartedAt else { continue }
+            let waited = now - t.attemptStartedAt
+            guard waited > max(2 * fastest, 10_000_000), waited > 2 * mirrors[m].latency else { continue }
+            mirrors[m].latency = max(mirrors[m].latency, waited)
+            t.movedForSpeed = true
+            detach(t)
+            stats.failovers += 1
+            start(t)
+        }
     }
 }
 

@@ -111,6 +111,8 @@ final class Transfer {
     var mirror = 0
     var pinned: Int?
     var onMirror = false
+    /// Moved once to a faster mirror (HTTPSourceMirrors.swift): not again.
+    var movedForSpeed = false
     var attemptStartedAt: UInt64 = 0
     /// Body bytes not yet the caller's: the 206 lacked the image's validator.
     var held: [UInt8] = []

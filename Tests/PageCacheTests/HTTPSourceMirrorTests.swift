@@ -138,6 +138,42 @@ final class HTTPSourceMirrorTests: XCTestCase {
         XCTAssertEqual(gets(b).count, 11)
     }
 
+    /// A burst sent before any mirror was measured mostly goes to the first,
+    /// slow one; once the other answered, the waiting attempts move to it.
+    func testABurstOnASlowMirrorMovesToTheFastOne() throws {
+        let src = try mirrored("lag=1.5")
+        var sinks: [Sink] = []
+        let start = Date()
+        for i in 0..<32 {
+            let sink = Sink(offset: UInt64(i) * 65536, length: 4096)
+            src.fetch(offset: UInt64(i) * 65536, length: 4096, onData: sink.handler) { sink.result = $0 }
+            sinks.append(sink)
+        }
+        XCTAssertTrue(src.runUntilIdle(timeout: 10))
+        let took = Date().timeIntervalSince(start)
+        for (i, s) in sinks.enumerated() {
+            XCTAssertNil(failure(s.result))
+            assertBytes(s.data, image[(i * 65536)..<(i * 65536 + 4096)])
+        }
+        XCTAssertLessThan(took, 1.0, "not the slow mirror's 1.5 s")
+        XCTAssertGreaterThanOrEqual(src.stats.failovers, 20)
+        XCTAssertEqual(gets(b).count, 32, "every request ends on the fast one")
+    }
+
+    /// Each request moves for speed once: two slow mirrors do not bounce it.
+    func testARequestMovesForSpeedOnce() throws {
+        let src = try mirrored("lag=0.4", "lag=0.4")
+        var sinks: [Sink] = []
+        for i in 0..<8 {
+            let sink = Sink(offset: UInt64(i) * 65536, length: 4096)
+            src.fetch(offset: UInt64(i) * 65536, length: 4096, onData: sink.handler) { sink.result = $0 }
+            sinks.append(sink)
+        }
+        XCTAssertTrue(src.runUntilIdle(timeout: 10))
+        for s in sinks { XCTAssertNil(failure(s.result)) }
+        XCTAssertLessThanOrEqual(gets(a).count + gets(b).count, 16)
+    }
+
     func testMirrorsThatDisagreeAreRefusedAtProbeInOneLine() throws {
         let other = try FaultServer(image: makeImage(size: (3 << 20) + 4096, seed: 77))
         defer { other.stop() }
