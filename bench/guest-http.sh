@@ -40,6 +40,8 @@
 #                sequential read, fio 1 MiB QD8, fresh cache, MiB/s), then on
 #                the same device verity-warm-rand4k (4k random reads QD32 of
 #                the pages just fetched, IOPS): ublk-http-verity vs ublk-http.
+#   mirrors      one image from two nginx (not in the default list): one slow
+#                (netem on its port), or one stopped mid-run; see case_mirrors.
 #   wan          a far object store (not in the default list): https with
 #                HTTP/2 and plain http behind netem, BENCH_WAN_RTTS (10 50 ms)
 #                at BENCH_WAN_RATE (400mbit); see case_wan.
@@ -56,7 +58,8 @@
 #   BENCH_CASES ("cold-seq cold-rand4k reqcount warm-rand4k warm-seq1m shared boot verity")  BENCH_SHARED_N (4)
 #   BENCH_BOOT_RTT_MS (50: the boot case's round trip to nginx, netem on lo; 0: none)
 #   BENCH_NBD (1: include the nbdkit devices)
-#   BENCH_WAN_RTTS ("10 50")  BENCH_WAN_RATE (400mbit): the wan case's links
+#   BENCH_WAN_RTTS ("10 50")  BENCH_WAN_RATE (none): the wan case's links
+#   BENCH_MIRROR_SLOW_MS (100): how much later the mirrors case's slow mirror answers
 
 WRUNTIME=${BENCH_WARM_RUNTIME:-10}
 WRAMP=$RAMP
@@ -114,7 +117,7 @@ fio_json() {
     jq -c '.jobs[0] as $j | $j.read as $s |
         {iops: $s.iops, mib_s: ($s.bw_bytes / 1048576), lat_mean_us: ($s.lat_ns.mean / 1000),
          lat_p50_us: (($s.lat_ns.percentile["50.000000"] // 0) / 1000),
-         lat_p99_us: (($s.lat_ns.percentile["99.000000"] // 0) / 1000),
+         lat_p99_us: (($s.lat_ns.percentile["99.000000"] // 0) / 1000), lat_max_us: ($s.lat_ns.max / 1000),
          ios: $s.total_ios, bytes: $s.io_bytes, runtime_s: ($s.runtime / 1000), fio_errors: $j.error}' "$1"
 }
 # record CASE DEVICE REP METRIC FIOOUT EXTRA_JSON: a result line from a fio run.
@@ -525,8 +528,12 @@ case_boot() {
 }
 
 # ---- wan: a far object store: nginx over https (h2) behind netem on lo ----
-# Each RTT in BENCH_WAN_RTTS (10 50 ms) at BENCH_WAN_RATE (400mbit): netem on
-# the loopback delays each packet by half the round trip and caps the rate.
+# Each RTT in BENCH_WAN_RTTS (10 50 ms): netem on the loopback delays each
+# packet by half the round trip. BENCH_WAN_RATE (none) caps the rate too:
+# netem's rate on the loopback's 64 KiB packets stalled bulk transfers under
+# emulation (curl itself at 2-5 MiB/s, 100 s for 256 MiB, in two runs of
+# three at 50 ms and 400mbit), and the emulated guest moves far less than
+# 400 Mbit/s anyway (about 15 MiB/s over https).
 #   wanR-rand4k  fio 4k random reads QD32, fresh cache, IOPS: ublk-http-h2
 #                (https, HTTP/2 streams, --streams 32 by default) and
 #                ublk-http-h1 (plain http, one request per connection,
@@ -535,7 +542,7 @@ case_boot() {
 #                MiB/s: ublk-http-h2 against curl downloading the object over
 #                the same https link (HTTP/2, pinned like a server)
 WAN_RTTS=(${BENCH_WAN_RTTS:-10 50})
-WAN_RATE=${BENCH_WAN_RATE:-400mbit}
+WAN_RATE=${BENCH_WAN_RATE:-}
 TLS_DIR=/opt/bench/tls TLS_URL=https://127.0.0.1:8443/img
 WAN_UP=0
 wan_setup() {
@@ -574,7 +581,7 @@ NGINX
 }
 wan_link() { # RTT_MS | off
     if [[ $1 == off ]]; then tc qdisc del dev lo root 2>/dev/null || true; return 0; fi
-    tc qdisc replace dev lo root netem delay "$(awk -v r="$1" 'BEGIN { printf "%.1f", r / 2 }')ms" rate "$WAN_RATE" limit 100000
+    tc qdisc replace dev lo root netem delay "$(awk -v r="$1" 'BEGIN { printf "%.1f", r / 2 }')ms" ${WAN_RATE:+rate "$WAN_RATE"} limit 100000
 }
 # wan_ublk CASE DEVICE REP FIOARGS... (after --): a fresh cache, add with
 # WAN_ADD (its --url first), fio, stats, del.
@@ -615,7 +622,7 @@ case_wan() {
     wan_setup || { err wan-setup ublk-http-h2 "$rep" "https nginx or netem did not come up"; return; }
     for rtt in "${WAN_RTTS[@]}"; do
         wan_link "$rtt" || { err "wan$rtt-rand4k" ublk-http-h2 "$rep" "tc netem failed"; continue; }
-        [[ $rep == 1 ]] && log "wan: round trip ${rtt} ms at $WAN_RATE (netem on lo): $(ping -c 3 -q 127.0.0.1 2>/dev/null | tail -n 1)"
+        [[ $rep == 1 ]] && log "wan: round trip ${rtt} ms${WAN_RATE:+ at $WAN_RATE} (netem on lo): $(ping -c 3 -q 127.0.0.1 2>/dev/null | tail -n 1)"
         WAN_ADD=("$TLS_URL" --cacert "$TLS_DIR/cert.pem")
         wan_ublk "wan$rtt-rand4k" ublk-http-h2 "$rep" "${RAND_ARGS[@]}"
         WAN_ADD=("$URL")
@@ -627,6 +634,92 @@ case_wan() {
         wan_curl "wan$rtt-seq" "$rep"
     done
     wan_link off
+}
+
+# ---- mirrors: one image from two nginx, one slow or stopped ---------------------------------------
+#   mirror-slow  cold 4k random reads QD32, fresh cache, the p99 latency (ms):
+#                "fast" (--url of the fast mirror alone) and "slow-first"
+#                (--url SLOW --url FAST: the slow one first, as a user who
+#                lists a far mirror first would); the slow mirror answers
+#                BENCH_MIRROR_SLOW_MS (100) later (netem on its port), every
+#                other packet waits 5 ms (a 10 ms round trip)
+#   mirror-stop  the same reads from two fast mirrors; "stopped" has the first
+#                one SIGSTOPped 3 s into the run (its connections open, nothing
+#                answered); "both-up" does not: the longest wait for one read
+#                (ms) and fio's errors
+MIRROR_SLOW_MS=${BENCH_MIRROR_SLOW_MS:-100}
+MA=http://127.0.0.1:8091/img MB=http://127.0.0.1:8092/img
+MIRRORS_UP=0
+mirrors_setup() {
+    [[ $MIRRORS_UP == 1 ]] && return 0
+    local p
+    for m in sch_netem sch_prio cls_u32; do [[ -e /sys/module/$m ]] || kmod-load "$m" || return 1; done
+    mkdir -p /run/nginx /var/log/nginx
+    for p in 8091 8092; do
+        cat > /run/nginx/m$p.conf <<NGINX
+user root;
+master_process off;
+pid /run/nginx/m$p.pid;
+error_log /var/log/nginx/m$p-error.log warn;
+events { worker_connections 1024; }
+http {
+    default_type application/octet-stream;
+    access_log off;
+    sendfile on;
+    keepalive_timeout 300s;
+    keepalive_requests 1000000;
+    server { listen 127.0.0.1:$p; root $WWW; }
+}
+NGINX
+        taskset -c "$FIO_CPU" /usr/sbin/nginx -c /run/nginx/m$p.conf || return 1
+    done
+    MIRRORS_UP=1
+}
+mirrors_down() { local p; for p in 8091 8092; do kill -9 "$(cat /run/nginx/m$p.pid 2>/dev/null)" 2>/dev/null; done; }
+# mirror_link on|off: every packet waits 5 ms, the slow mirror's (source port 8092) MIRROR_SLOW_MS.
+mirror_link() {
+    tc qdisc del dev lo root 2>/dev/null
+    [[ $1 == on ]] || return 0
+    tc qdisc add dev lo root handle 1: prio bands 3 priomap 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 &&
+    tc qdisc add dev lo parent 1:1 handle 10: netem delay "${MIRROR_SLOW_MS}ms" limit 100000 &&
+    tc qdisc add dev lo parent 1:2 handle 20: netem delay 5ms limit 100000 &&
+    tc filter add dev lo parent 1: protocol ip prio 1 u32 match ip sport 8092 0xffff flowid 1:1
+}
+# mirror_run CASE DEVICE REP VALUE STOP ADD-ARGS...: fresh cache, add, fio
+# random reads (STOP=1: SIGSTOP of the first mirror 3 s in), a result whose
+# value is fio's VALUE (p99 or max latency, ms).
+mirror_run() {
+    local c=$1 d=$2 rep=$3 what=$4 stop=$5 out st f stopper=""; shift 5
+    start_mark "$c" "$d" "$rep"
+    rm -f "$CDIR"/mir.*
+    HTTP_URL=$1 http_add "$CDIR/mir" "${@:2}" || { err "$c" "$d" "$rep" "add: $U_ERR"; return; }
+    out=/tmp/fio-$c-$d-$rep.json
+    if [[ $stop == 1 ]]; then (sleep 3; kill -STOP "$(cat /run/nginx/m8091.pid)") & stopper=$!; fi
+    if fio_dev "$out" "$U_DEV" "$U_PID" "${RAND_ARGS[@]}"; then
+        st=$(ublk_stats "$U_ID")
+        f=$(fio_json "$out")
+        emit "$(jq -cn --arg c "$c" --arg d "$d" --argjson r "$rep" --arg what "$what" --argjson f "$f" --argjson st "$st" \
+            --argjson cpu "$(cpu_json)" \
+            '{case: $c, device: $d, rep: $r, metric: "ms", value: ((if $what == "p99" then $f.lat_p99_us else $f.lat_max_us end) / 1000),
+              what: $what} + $f + {cpu: $cpu, stats: $st}')"
+        log "rep $rep $c $d: p99 $(jq -r '.lat_p99_us / 1000' <<<"$f") ms, max $(jq -r '.lat_max_us / 1000' <<<"$f") ms, $(jq -r '.iops | floor' <<<"$f") IOPS, fio errors $(jq -r .fio_errors <<<"$f"); failovers $(jq -r '.failovers // "-"' <<<"$st")"
+    else
+        err "$c" "$d" "$rep" "fio: $(tail -n 3 /tmp/fio.stderr | tr '\n' ' ')"
+    fi
+    [[ -n $stopper ]] && { wait "$stopper"; kill -CONT "$(cat /run/nginx/m8091.pid)"; }
+    ublk_del "$U_ID"
+    rm -f "$CDIR"/mir.*
+}
+case_mirrors() {
+    local rep=$1
+    mirrors_setup || { err mirror-slow fast "$rep" "the mirrors' nginx or tc did not come up"; return; }
+    mirror_link on || { err mirror-slow fast "$rep" "tc prio/netem/u32 on lo failed"; mirror_link off; return; }
+    [[ $rep == 1 ]] && log "mirrors: 8091 answers in about 10 ms, 8092 in about $((MIRROR_SLOW_MS + 5)) ms (netem on lo)"
+    mirror_run mirror-slow fast "$rep" p99 0 "$MA"
+    mirror_run mirror-slow slow-first "$rep" p99 0 "$MB" --url "$MA"
+    mirror_link off
+    mirror_run mirror-stop both-up "$rep" max 0 "$MA" --url "$MB"
+    mirror_run mirror-stop stopped "$rep" max 1 "$MA" --url "$MB"
 }
 
 # ---- warm devices (set up once, before the first warm case) -------------------------------------
@@ -789,7 +882,7 @@ if [[ $NBD == 1 ]]; then
 fi
 taskset -c "$SRV_CPU" curl -s -o /dev/null "$URL"
 
-trap 'warm_teardown; wan_link off; nginx-stop' EXIT
+trap 'warm_teardown; wan_link off; mirrors_down; nginx-stop' EXIT
 t_start=$SECONDS
 for rep in $(seq 1 "$REPS"); do
     for c in "${CASES[@]}"; do
@@ -800,6 +893,7 @@ done
 warm_teardown
 trap - EXIT
 [[ $WAN_UP == 1 ]] && /usr/sbin/nginx -c /run/nginx/tls.conf -s stop 2>/dev/null
+[[ $MIRRORS_UP == 1 ]] && mirrors_down
 nginx-stop
 echo "@@DONE@@"
 }

@@ -63,11 +63,14 @@ def report(out_dir, host):
     ]
     # The wan case's links (10 and 50 ms unless BENCH_WAN_RTTS said otherwise), as the runs name them.
     WAN_RTTS = sorted({int(m.group(1)) for r in runs for m in [re.match(r"wan(\d+)-", r.get("case", ""))] if m})
+    if any(r.get("case", "").startswith("mirror-") for r in runs):
+        CASES.append(("mirror-slow", "ms", "fast", ["slow-first", "fast"], "-"))
+        CASES.append(("mirror-stop", "ms", "both-up", ["stopped", "both-up"], "-"))
     for rtt in WAN_RTTS:
         CASES.append((f"wan{rtt}-rand4k", "IOPS", "bound", ["ublk-http-h2", "ublk-http-h1", "bound"], "-"))
         CASES.append((f"wan{rtt}-seq", "MiB/s", "curl", ["ublk-http-h2", "curl"], "-"))
     BASELINE_NOTE = {"curl": "curl download", "nbdkit-curl": "nbdkit-curl", "kloop": "kernel loop", "ublk-http": "unverified",
-                     "bound": "QD/RTT bound"}
+                     "bound": "QD/RTT bound", "fast": "the fast mirror alone", "both-up": "both mirrors up"}
 
     def usable(cell):
         ok = [r for r in cell if "error" not in r and r.get("value") is not None]
@@ -157,6 +160,13 @@ def report(out_dir, host):
           f"{max(x.get('VmRSS', 0) for x in rss_runs) if rss_runs else '-'} KiB, VmHWM max "
           f"{max(x.get('VmHWM', 0) for x in rss_runs) if rss_runs else '-'} KiB"),
     ]
+    if ("mirror-slow", "slow-first") in summary:
+        goals.append(g("p99 of cold 4k random reads, a slow mirror listed first, vs the fast mirror alone",
+                       ratio("mirror-slow", "slow-first"), 2.0, "<=", "median p99 ratio"))
+        st = summary.get(("mirror-stop", "stopped"), {})
+        goals.append(g("the longest wait for one read with a mirror stopped mid-run (ms)", st.get("max"), 1000, "<", "worst rep"))
+        errs = [r.get("fio_errors") for r in runs if r.get("case") == "mirror-stop" and r.get("device") == "stopped" and "error" not in r]
+        goals.append(g("fio errors with a mirror stopped mid-run", max(errs) if errs else None, 0, "<=", "worst rep"))
     for rtt in WAN_RTTS:
         goals.append(g(f"cold 4k random QD32 over https (HTTP/2), {rtt} ms RTT, vs min(QD, in flight)/RTT",
                        ratio(f"wan{rtt}-rand4k", "ublk-http-h2"), 0.9, ">=", "median IOPS / bound"))
@@ -231,7 +241,8 @@ def report(out_dir, host):
     chart = os.path.join(out_dir, "chart.png")
     if shutil.which("gnuplot"):
         colors = {"ublk-http": "#1f77b4", "nbdkit-curl": "#ff7f0e", "nbdkit-cache": "#ff7f0e", "curl": "#7f7f7f", "curl-file": "#bbbbbb", "store": "#dddddd", "kloop": "#7f7f7f",
-                  "ublk-http-verity": "#2ca02c", "ublk-http-h2": "#1f77b4", "ublk-http-h1": "#9467bd", "bound": "#7f7f7f"}
+                  "ublk-http-verity": "#2ca02c", "ublk-http-h2": "#1f77b4", "ublk-http-h1": "#9467bd", "bound": "#7f7f7f",
+                  "fast": "#7f7f7f", "slow-first": "#1f77b4", "both-up": "#7f7f7f", "stopped": "#1f77b4"}
         import math
         dat, x, xt, groups, goal_lines, ymax, ymin = [], 0, [], [], [], 1.0, 1.0
         for c, unit, base, devs, nbd in CASES:

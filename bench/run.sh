@@ -227,9 +227,10 @@ boot() {
         for m in dm_mod dm_delay dm_cache dm_cache_smq dm_writecache dm_bufio dm_persistent_data dm_bio_prison bcache; do EXTRA+=(--module "$m"); done
         LDPATH="$FT/lib/x86_64-linux-gnu${LDPATH:+:$LDPATH}"
     fi
-    # tc and netem: the http suite's boot case gives nginx a round trip;
+    # tc and netem: the http suite's boot and wan cases give nginx a round
+    # trip, its mirrors case one mirror more (prio and u32 pick its port);
     # veritysetup: its verity case makes the image's hash tree in the guest.
-    EXTRA+=(--bin /usr/sbin/tc:/usr/sbin/tc --module sch_netem)
+    EXTRA+=(--bin /usr/sbin/tc:/usr/sbin/tc --module sch_netem --module sch_prio --module cls_u32)
     [[ $SUITE == http ]] && EXTRA+=(--bin /usr/sbin/veritysetup:/usr/sbin/veritysetup)
     INITRD="$VM_CACHE/initramfs-bench-$kind-$KVER.cpio"
     # Repacked when the binary (path, size, mtime), the kernel, anything under vm/ or the extras changed.
