@@ -85,23 +85,28 @@ extension HTTPSource {
         guard hasMirrors, t.pinned == nil, t.kind == .fetch else { return false }
         let m = t.mirror
         if retryable {
-            markDown(m, because: HTTPError(reason, url: mirrors[m].url, status: status).description)
+            markDown(m, because: HTTPError(reason, url: mirrors[m].url, status: status).reasonText)
         } else if HTTPSource.mirrorSpecific(reason) {
             refuse(m, HTTPError(reason, url: mirrors[m].url, status: status))
         } else {
             return false
         }
-        guard anotherUp(than: m), t.attempt < config.maxAttempts + mirrors.count - 1 else {
+        let attemptsLeft = t.attempt < config.maxAttempts + mirrors.count - 1
+        guard anotherUp(than: m), attemptsLeft else {
             // None other is up: a fault in passing takes the usual backoff; a
             // refusal does too while some mirror is not refused (it is down).
-            guard !retryable, mirrors.contains(where: { $0.refused == nil }),
-                  t.attempt < config.maxAttempts + mirrors.count - 1 else { return false }
+            guard !retryable, mirrors.contains(where: { $0.refused == nil }), attemptsLeft else { return false }
             scheduleRetry(t)
             return true
         }
+        moveToAnotherMirror(t)
+        return true
+    }
+
+    /// Starts `t`'s next attempt (its last one detached), on the mirror chosen now.
+    private func moveToAnotherMirror(_ t: Transfer) {
         stats.failovers += 1
         start(t)
-        return true
     }
 
     func markDown(_ m: Int, because why: String) {
@@ -116,7 +121,7 @@ extension HTTPSource {
     func refuse(_ m: Int, _ e: HTTPError) {
         guard mirrors[m].refused == nil else { return }
         mirrors[m].refused = e
-        onMirrorEvent?("mirror \(Redact.url(mirrors[m].url)) is no longer used: \(e.description)")
+        onMirrorEvent?("mirror \(Redact.url(mirrors[m].url)) is no longer used: \(e.reasonText)")
     }
 
     /// Bytes arrived on `t`'s attempt (`first`: its first body bytes).
@@ -187,8 +192,7 @@ extension HTTPSource {
             mirrors[m].latency = max(mirrors[m].latency, limit)  // slow, whatever its first bytes took
             for t in activeTransfers where t.mirror == m && t.kind == .fetch && t.pinned == nil {
                 detach(t)
-                stats.failovers += 1
-                start(t)
+                moveToAnotherMirror(t)
             }
         }
         moveSlowAttempts(now: now)
@@ -210,8 +214,7 @@ extension HTTPSource {
             mirrors[m].latency = max(mirrors[m].latency, waited)
             t.movedForSpeed = true
             detach(t)
-            stats.failovers += 1
-            start(t)
+            moveToAnotherMirror(t)
         }
     }
 }

@@ -14,8 +14,8 @@ struct HTTPOptions: ParsableArguments {
             Given more than once (http(s) URLs only), the URLs are mirrors of one image, in order of \
             preference: each must serve the same size and ETag/Last-Modified (else `add` is refused; a mirror \
             that does not answer at `add` is used once it does), and every answer is checked against them. \
-            A request goes to the first mirror that is up and not more than twice as slow as the fastest; a \
-            mirror that fails (5xx, reset, refused), serves something else (404, another object) or sends \
+            A request goes to the first mirror that is up and not more than twice as slow as the fastest, and \
+            moves once to a faster one after waiting twice that mirror's time; a mirror that fails (5xx, reset, refused), serves something else (404, another object) or sends \
             nothing for --mirror-stall seconds while requests wait on it is left at once, and the requests move \
             on, asking only for the bytes not yet received. The first URL names the image and its cache; the \
             credentials go to every mirror's origin. `stats` counts the moves as failovers.
@@ -38,7 +38,7 @@ struct HTTPOptions: ParsableArguments {
     @Option(name: .customLong("mirror-stall"), help: ArgumentHelp(
         "With mirrors: seconds a mirror may send nothing while requests wait on it before they move to another.",
         valueName: "seconds"))
-    var mirrorStall: Double = 0.5
+    var mirrorStall = HTTPConfig(url: "").stallTimeout
 
     @Option(name: .customLong("cache"), help: "The cache file (default: under /var/cache/ublk-http/, keyed by URL).")
     var cache: String?
@@ -88,7 +88,7 @@ struct HTTPOptions: ParsableArguments {
     @Option(name: .customLong("streams"), parsing: .unconditional, help: ArgumentHelp(
         "Fetches in flight at once where the server multiplexes them: HTTP/2 streams over the connections (1-256).",
         discussion: "HTTP/2 is asked for over https (ALPN); a server that answers the probe over HTTP/1.1 gets one fetch per connection (--connections) instead. `list` shows which: requests_in_flight."))
-    var streams: Int = 32
+    var streams = HTTPConfig(url: "").maxStreams
 
     @Option(name: .customLong("readahead"), help: "Largest readahead window on sequential reads (K/M suffixes, at most 1G; 0 disables).")
     var readahead: String = "8M"
@@ -121,7 +121,7 @@ struct HTTPOptions: ParsableArguments {
     var httpOnlyGiven: Bool {
         url != nil || !headers.isEmpty || headerFile != nil || user != nil || passwordFile != nil
             || cacert != nil || insecure || s3Endpoint != nil || region != nil || writable
-            || redirectCredentials != .drop || verityRoot != nil || verityTree != nil || verityOffset != nil || mirrorStall != 0.5 || streams != 32
+            || redirectCredentials != .drop || verityRoot != nil || verityTree != nil || verityOffset != nil || mirrorStall != HTTPConfig(url: "").stallTimeout || streams != HTTPConfig(url: "").maxStreams
     }
 
     /// Any http or caching option (the null and loop targets take none).

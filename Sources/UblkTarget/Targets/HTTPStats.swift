@@ -95,7 +95,7 @@ public struct HTTPStats: Codable, Sendable {
         metric("requests_total", "counter", "HTTP requests sent, retries included.", "\(requests)")
         metric("retries_total", "counter", "Requests retried.", "\(retries)")
         metric("errors_total", "counter", "Fetches that finally failed.", "\(errors)")
-        if let f = failovers { metric("failovers_total", "counter", "Requests moved to another mirror (theirs failed, went silent or served another object).", "\(f)") }
+        if let f = failovers { metric("failovers_total", "counter", "Requests moved to another mirror (theirs failed, went silent, was slow or served another object).", "\(f)") }
         metric("cache_pages_present", "gauge", "Pages held by the cache file.", "\(pagesPresent)")
         metric("cache_pages_total", "gauge", "Pages in the image.", "\(pagesTotal)")
         if let w = writes { metric("writes_total", "counter", "Writes, discards and write-zeroes.", "\(w)") }
