@@ -40,6 +40,8 @@
 #                sequential read, fio 1 MiB QD8, fresh cache, MiB/s), then on
 #                the same device verity-warm-rand4k (4k random reads QD32 of
 #                the pages just fetched, IOPS): ublk-http-verity vs ublk-http.
+#   fleet        BENCH_FLEET_N (60) overlays of one image on one host (not in
+#                the default list): add times, PSS, del -a; see case_fleet.
 #   mirrors      one image from two nginx (not in the default list): one slow
 #                (netem on its port), or one stopped mid-run; see case_mirrors.
 #   wan          a far object store (not in the default list): https with
@@ -441,6 +443,56 @@ case_shared() {
     for i in "${ids[@]}"; do ublk_del "$i"; done
     [[ -n $base && $base != null ]] && ublk_del "$base"
     rm -rf "$CDIR"/sh.* "$CDIR/ov"
+}
+
+# ---- fleet: a host full of overlays --------------------------------------------------------------
+#   fleet   BENCH_FLEET_N (60) overlay devices of one image (add --overlay: one
+#           shared base), added one after another (each add's time), then each
+#           mounted, two of the image's files compared and a file of its own
+#           written and read back; the servers' summed PSS (smaps_rollup: pages
+#           shared between the servers count once in the sum) and `del -a`'s time.
+#           The driver allows 64 devices unless ublk_drv's ublks_max says more.
+FLEET_N=${BENCH_FLEET_N:-60}
+pss_kb() { awk '/^Pss:/ { print $2; exit }' "/proc/$1/smaps_rollup" 2>/dev/null || echo 0; }
+case_fleet() {
+    local rep=$1 i t0 t1 adds=() ids=() ok=0 pss=0 base_pss=0 base="" pid id dt
+    shared_image
+    start_mark fleet ublk-http "$rep"
+    rm -rf "$CDIR"/fl.* "$CDIR/flov"; mkdir -p "$CDIR/flov" /mnt/fl
+    local opts=(--url "$SHARED_URL" --cache "$CDIR/fl.cache" --bitmap "$CDIR/fl.bitmap" --overlay-dir "$CDIR/flov")
+    for i in $(seq 1 "$FLEET_N"); do
+        t0=$(now_us)
+        U_JSON=$(taskset -c "$SRV_CPU" timeout 60 "$UBLK" add -t http "${opts[@]}" --overlay "f$i" 2>&1) \
+            || { err fleet ublk-http "$rep" "add $i: $(tail -n 2 <<<"$U_JSON" | tr '\n' ' ')"; break; }
+        t1=$(now_us)
+        adds+=($(( (t1 - t0) / 1000 )))
+        ids+=("$(jq -r .dev_id <<<"$U_JSON")")
+        base=$(jq -r .target_options.lower <<<"$U_JSON"); base=${base#/dev/ublkb}
+    done
+    for id in "${ids[@]}"; do
+        if mount -t ext4 "/dev/ublkb$id" /mnt/fl 2>/dev/null; then
+            cmp -s "$SHARED_SRC/lib/f7" /mnt/fl/lib/f7 && cmp -s "$SHARED_SRC/etc/c9" /mnt/fl/etc/c9 \
+                && echo "device $id" > /mnt/fl/own && sync -f /mnt/fl/own && [[ "$(cat /mnt/fl/own)" == "device $id" ]] && ok=$((ok + 1))
+            umount /mnt/fl
+        fi
+    done
+    for id in "${ids[@]}"; do
+        pid=$(timeout 10 "$UBLK" list -n "$id" | jq -r '.[0].pid')
+        pss=$((pss + $(pss_kb "$pid")))
+    done
+    [[ -n $base && $base != null ]] && base_pss=$(pss_kb "$(timeout 10 "$UBLK" list -n "$base" | jq -r '.[0].pid')")
+    t0=$(now_us)
+    timeout 120 "$UBLK" del -a >/dev/null 2>&1 || log "fleet: del -a failed"
+    t1=$(now_us)
+    dt=$(( (t1 - t0) / 1000 ))
+    rm -rf "$CDIR"/fl.* "$CDIR/flov"
+    [[ ${#ids[@]} -gt 0 ]] || return
+    emit "$(jq -cn --argjson r "$rep" --argjson n "${#ids[@]}" --argjson want "$FLEET_N" --argjson ok "$ok" \
+        --argjson adds "[$(IFS=,; echo "${adds[*]}")]" --argjson pss "$pss" --argjson bpss "$base_pss" --argjson del "$dt" \
+        '($adds | sort) as $s | {case: "fleet", device: "ublk-http", rep: $r, metric: "KiB PSS per overlay server", value: ($pss / $n),
+          devices: $n, wanted: $want, verified: $ok, pss_overlays_kb: $pss, pss_base_kb: $bpss,
+          add_ms_median: $s[($n / 2 | floor)], add_ms_max: $s[-1], add_ms: $adds, del_all_ms: $del}')"
+    log "rep $rep fleet: ${#ids[@]}/$FLEET_N added, $ok verified; add median $(tr ' ' '\n' <<<"${adds[*]}" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}') ms; PSS $((pss / 1024)) MiB over ${#ids[@]} overlay servers (+ base $((base_pss / 1024)) MiB); del -a ${dt} ms"
 }
 
 # ---- boot: a boot-like read set with and without a profile ------------------------------------------

@@ -213,6 +213,19 @@ def report(out_dir, host):
                      f"{min(v):.2f}–{max(v):.2f}", "vs one device alone", "", "", "", str(len(sh))])
     goals.append(g(f"bytes fetched by {shared['devices'] or 4} devices from one URL at once vs one device alone",
                    max(shared["values"]) if shared["values"] else None, 1.1, "<=", "worst rep"))
+    # fleet: many overlays of one image on one host.
+    fl = [r for r in runs if r["case"] == "fleet" and "error" not in r]
+    fleet = {"runs": fl}
+    if fl:
+        worst = max(fl, key=lambda r: r["value"])
+        rows.append(["fleet", f"{worst['devices']}/{worst['wanted']} overlays, {min(r['verified'] for r in fl)} verified",
+                     f"{statistics.median([r['value'] for r in fl]) / 1024:.1f} MiB PSS each",
+                     f"add {statistics.median([r['add_ms_median'] for r in fl]):.0f} ms median, {max(r['add_ms_max'] for r in fl)} max",
+                     f"del -a {max(r['del_all_ms'] for r in fl) / 1000:.1f} s", "", "", "", str(len(fl))])
+        goals.append(g("overlays added and verified (of the wanted)", min(r["verified"] for r in fl) / max(r["wanted"] for r in fl), 1.0, ">=", "worst rep"))
+        goals.append(g("summed PSS per overlay server (MiB)", max(r["value"] for r in fl) / 1024, 5, "<=", "worst rep; the base's own PSS apart"))
+        goals.append(g("add --overlay, median time (s)", max(r["add_ms_median"] for r in fl) / 1000, 0.5, "<=", "worst rep's median"))
+        goals.append(g("del -a of every device (s)", max(r["del_all_ms"] for r in fl) / 1000, 5, "<=", "worst rep"))
     # boot: a boot-like read set, seconds from add to the reads' end and Range
     # requests, cold with and without a profile, relative to the warm cache.
     boot = {}
@@ -233,7 +246,7 @@ def report(out_dir, host):
     table = [line(hdr), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
 
     res = {"host": host, "meta": meta, "complete": done, "summary": list(summary.values()), "goals": goals,
-           "reqcount": reqcount, "shared": shared, "boot": boot, "rss_kb_cold_seq": rss_runs, "rss_limit_kib": rss_limit_kib,
+           "reqcount": reqcount, "shared": shared, "boot": boot, "fleet": fleet, "rss_kb_cold_seq": rss_runs, "rss_limit_kib": rss_limit_kib,
            "info": infos, "setup_errors": errors, "runs": runs}
     json.dump(res, open(os.path.join(out_dir, "results.json"), "w"), indent=1)
 
@@ -343,6 +356,6 @@ def report(out_dir, host):
               + (f"; storing {image_mib} MiB alone (dd from /dev/zero, no network) runs at {so:.1f} MiB/s" if so else ""))
     for e in errors:
         print(f"setup error: {e.get('error')}")
-    nfail = sum(len(s["failed"]) for s in summary.values()) + sum(1 for r in runs if r["case"] in ("reqcount", "shared") and "error" in r)
+    nfail = sum(len(s["failed"]) for s in summary.values()) + sum(1 for r in runs if r["case"] in ("reqcount", "shared", "fleet") and "error" in r)
     print(f"\nresults: {os.path.join(out_dir, 'results.json')}, chart: {chart}" + ("" if done else "  (INCOMPLETE: no @@DONE)"))
     return 0 if done and nfail == 0 and not errors else 1

@@ -267,7 +267,12 @@ boot() {
         [[ $QUICK == 1 ]] && ndev=$(( (ncase + ndev - 1 + ncase - 1) / ncase ))
         TIMEOUT=$(( 600 + WAITB + (REPS * ncase * ndev + RETRYB) * (RUNTIME + RAMP + 75) ))
     elif [[ $SUITE == http ]]; then
-        TIMEOUT=$(( 420 + WAITB + REPS * (100 + 2 * RUNTIME + 6 * (WRUNTIME + RAMP + 3)) ))
+        # Plus, per rep, the cases not in the default list: fleet, wan, mirrors.
+        local more=0
+        [[ " $CASES " == *" fleet "* ]] && more=$((more + 400))
+        [[ " $CASES " == *" wan "* ]] && more=$((more + 300))
+        [[ " $CASES " == *" mirrors "* ]] && more=$((more + 120))
+        TIMEOUT=$(( 420 + WAITB + REPS * (100 + 2 * RUNTIME + 6 * (WRUNTIME + RAMP + 3) + more) ))
     else
         ncase=$(wc -w <<<"${CASES:-x x x x}") ndev=$(wc -w <<<"${DEVICES:-x x x}")
         # Plus WAITB s of waiting for a quiet host and RETRYB repeats of disturbed runs at most (guest.sh).
