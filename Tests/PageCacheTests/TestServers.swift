@@ -274,9 +274,17 @@ final class NginxServer {
         var proto: String
     }
 
-    /// Requests in the order nginx finished them.
+    /// Requests in the order nginx finished them. nginx logs a request after
+    /// its last byte left, so a client can see the whole body before the line
+    /// is written: the log is read once it has not grown for 50 ms (2 s at most).
     func requests() -> [Request] {
-        guard let text = try? String(contentsOfFile: accessLog, encoding: .utf8) else { return [] }
+        var text = (try? String(contentsOfFile: accessLog, encoding: .utf8)) ?? ""
+        for _ in 0..<40 {
+            usleep(50_000)
+            let again = (try? String(contentsOfFile: accessLog, encoding: .utf8)) ?? ""
+            if again == text { break }
+            text = again
+        }
         return text.split(separator: "\n").compactMap { line in
             // GET "bytes=0-4095" 206 3 HTTP/1.1
             let parts = line.split(separator: "\"")
